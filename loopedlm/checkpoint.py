@@ -1,0 +1,94 @@
+"""Saving and loading model weights: safetensors for tensors, JSON for everything else.
+
+A *model folder* holds `model.safetensors` and `config.json` (`{"model": {...}, ...}`).
+A run folder (see `loopedlm.train`) holds `checkpoints/step_XXXXXX/` model folders,
+a `tokenizer/` folder and the resolved `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loopedlm.config import ModelConfig
+from loopedlm.model import LoopedGPT
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON so that a crash mid-write never leaves a truncated file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_model(folder: str | Path, model: LoopedGPT, meta: dict[str, Any] | None = None) -> Path:
+    """Write `model.safetensors` and `config.json` into `folder` (created if needed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = folder / (MODEL_FILE + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / MODEL_FILE)
+    atomic_write_json(folder / CONFIG_FILE, {"model": model.config.to_dict(), **(meta or {})})
+    return folder
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoints/step_*` folder of a run, or None."""
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    complete = [c for c in ckpts if (c / MODEL_FILE).exists() and (c / CONFIG_FILE).exists()]
+    return complete[-1] if complete else None
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """A model folder, or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / MODEL_FILE).exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"{path} is not a loopedlm run or checkpoint: it has no {MODEL_FILE} "
+                         f"and no checkpoints/step_*/{MODEL_FILE}")
+    return latest
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[LoopedGPT, dict[str, Any]]:
+    """Load a model from a model folder or a run folder; returns (model, config.json dict)."""
+    folder = resolve_model_folder(path)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if "model" not in meta:
+        raise ValueError(f"{folder / CONFIG_FILE} has no 'model' section: not a loopedlm checkpoint")
+    config = ModelConfig.from_dict(meta["model"])
+    with torch.device("meta"):
+        model = LoopedGPT(config)
+    state = load_file(str(folder / MODEL_FILE), device=str(device))
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_rotary()
+    model.eval()
+    return model, meta
+
+
+def find_tokenizer_dir(path: str | Path) -> Path | None:
+    """The `tokenizer/` folder saved with a run (searched upwards from a checkpoint)."""
+    path = Path(path).resolve()
+    for candidate in [path, *path.parents][:4]:
+        if (candidate / "tokenizer").is_dir():
+            return candidate / "tokenizer"
+    return None

@@ -1,0 +1,181 @@
+"""Model configuration (SPEC 1-4): a validated dataclass and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+LOOP_MODES = ("lt", "lti", "ltai", "flt_res", "flt")
+LOSS_LOOPS = ("last", "all", "last_third")
+ATTN_TYPES = ("full", "mla")
+RESIDUAL_SCALES = ("none", "inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_depth")
+
+QWEN3_VOCAB_SIZE = 151_669
+
+
+class ConfigError(ValueError):
+    """A configuration field holds a value that is not allowed."""
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{name}={value!r} is not allowed: choose one of {list(choices)}{extra}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a looped GPT's architecture.
+
+    `d_model`, `n_head` and `n_kv_head` default to the nanochat rule
+    (`64 * depth`, `ceil(d_model / 128)`, `n_head`) and are resolved on construction,
+    so the stored config is always explicit.
+    """
+
+    vocab_size: int = QWEN3_VOCAB_SIZE
+    sequence_len: int = 1024
+    depth: int = 6  # unique blocks L
+    d_model: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    loop_mode: str = "flt"
+    n_loops: int = 3
+    loss_loops: str = "last"
+    attn_type: str = "full"
+    kv_rank: int = 128
+    window_pattern: str = "L"
+    residual_scale: str = "none"
+    residual_lambda: float = 1.0
+    pad_vocab_to: int = 64
+    rope_base: float = 10000.0
+    softcap: float = 15.0
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.depth) and self.depth >= 1, "depth", self.depth, "an integer >= 1")
+        if self.d_model is None:
+            self.d_model = 64 * self.depth
+        if self.n_head is None:
+            self.n_head = max(1, math.ceil(self.d_model / 128))
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value is not allowed."""
+        _check(_is_int(self.vocab_size) and self.vocab_size >= 2, "vocab_size", self.vocab_size,
+               "an integer >= 2")
+        _check(_is_int(self.sequence_len) and self.sequence_len >= 1, "sequence_len",
+               self.sequence_len, "an integer >= 1")
+        _check(_is_int(self.d_model) and self.d_model >= 2, "d_model", self.d_model,
+               "an integer >= 2")
+        _check(_is_int(self.n_head) and self.n_head >= 1, "n_head", self.n_head, "an integer >= 1")
+        _check(self.d_model % self.n_head == 0, "n_head", self.n_head,
+               f"must divide d_model={self.d_model}")
+        _check(self.head_dim % 2 == 0, "n_head", self.n_head,
+               f"head dim d_model/n_head={self.head_dim} must be even for RoPE")
+        _check(_is_int(self.n_kv_head) and self.n_kv_head >= 1, "n_kv_head", self.n_kv_head,
+               "an integer >= 1")
+        _check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head,
+               f"must divide n_head={self.n_head}")
+        _check_choice("loop_mode", self.loop_mode, LOOP_MODES)
+        _check(_is_int(self.n_loops) and self.n_loops >= 1, "n_loops", self.n_loops,
+               "an integer >= 1")
+        _check_choice("loss_loops", self.loss_loops, LOSS_LOOPS)
+        _check_choice("attn_type", self.attn_type, ATTN_TYPES)
+        _check(_is_int(self.kv_rank) and self.kv_rank >= 1, "kv_rank", self.kv_rank,
+               "an integer >= 1")
+        _check(isinstance(self.window_pattern, str) and len(self.window_pattern) > 0
+               and set(self.window_pattern.upper()) <= {"L", "S"},
+               "window_pattern", self.window_pattern, "a non-empty string of 'L' and 'S'")
+        _check_choice("residual_scale", self.residual_scale, RESIDUAL_SCALES)
+        _check(isinstance(self.residual_lambda, int | float) and self.residual_lambda > 0,
+               "residual_lambda", self.residual_lambda, "a number > 0")
+        _check(_is_int(self.pad_vocab_to) and self.pad_vocab_to >= 1, "pad_vocab_to",
+               self.pad_vocab_to, "an integer >= 1")
+        _check(isinstance(self.rope_base, int | float) and self.rope_base > 1, "rope_base",
+               self.rope_base, "a number > 1")
+        _check(isinstance(self.softcap, int | float) and self.softcap > 0, "softcap",
+               self.softcap, "a number > 0")
+
+    # ---- derived quantities -------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def short_window(self) -> int:
+        """SPEC 3: an 'S' layer sees the last `sequence_len // 4` keys."""
+        return max(self.sequence_len // 4, 1)
+
+    def window_sizes(self) -> list[int | None]:
+        """Per-layer sliding window (None = full context); the last layer is always full."""
+        pattern = self.window_pattern.upper()
+        sizes = [self.short_window if pattern[i % len(pattern)] == "S" else None
+                 for i in range(self.depth)]
+        sizes[-1] = None
+        return sizes
+
+    def residual_eps(self) -> float:
+        """SPEC 4: the scale on every residual branch, fixed by the trained loop count."""
+        n, depth = self.n_loops, self.depth
+        return {
+            "none": 1.0,
+            "inv_sqrt_loops": 1.0 / math.sqrt(n),
+            "inv_loops": 1.0 / n,
+            "lambda_loops_sqrt_depth": self.residual_lambda / (n * math.sqrt(depth)),
+        }[self.residual_scale]
+
+    # ---- (de)serialisation --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
+                            for k, h in hints.items())
+            raise ConfigError(f"unknown ModelConfig field(s): {msg}")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (`tiny`, `small`, `base`), with field overrides."""
+        _check_choice("preset", name, tuple(PRESETS))
+        data = dict(PRESETS[name])
+        data.update(overrides)
+        return cls.from_dict(data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's sizes (A.3): Qwen3 vocabulary, nanochat width rule.
+    "small": dict(depth=6, vocab_size=QWEN3_VOCAB_SIZE, sequence_len=1024),
+    "base": dict(depth=12, vocab_size=QWEN3_VOCAB_SIZE, sequence_len=1024),
+    # Trains on 2 CPU cores in minutes with a small trained BPE vocabulary.
+    "tiny": dict(depth=2, d_model=128, n_head=2, vocab_size=4096, sequence_len=256, n_loops=3),
+}
+
+
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "LOOP_MODES", "LOSS_LOOPS", "ATTN_TYPES",
+           "RESIDUAL_SCALES",
+           "QWEN3_VOCAB_SIZE"]

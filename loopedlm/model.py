@@ -1,0 +1,280 @@
+"""The looped GPT (SPEC 1-2, 4): a nanochat-style backbone whose `depth` blocks run
+`n_loops` times, in one of five loop modes.
+
+A loop mode is data (`LoopMode`): where loop t > 1 starts its stream, and which layers
+receive the previous loop's state `h^{t-1}` and how. One loop (`_run_loop`) runs every
+mode. Adding a mode is one line in `LOOP_MODES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from loopedlm.attention import MLP, CausalSelfAttention, KVCache, build_plan, norm, rotary_tables
+from loopedlm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class LoopMode:
+    """How loop t > 1 differs from loop 1 (which is a plain transformer pass in every mode).
+
+    start:      "embedding" (e = norm(wte(idx))), "previous" (h^{t-1}) or
+                "embedding_plus_previous" (norm(wte(idx) + h^{t-1})).
+    injection:  "none"; "attention" (Attention Injection: h^{t-1} is the query source);
+                "residual" (x = norm(x + h^{t-1}) before the block).
+    layers:     "all" or "first": the layers that inject.
+    """
+
+    start: str
+    injection: str = "none"
+    layers: str = "all"
+
+    def injects_at(self, layer: int) -> bool:
+        return self.injection != "none" and (self.layers == "all" or layer == 0)
+
+
+LOOP_MODES: dict[str, LoopMode] = {
+    "lt": LoopMode(start="previous"),
+    "lti": LoopMode(start="embedding_plus_previous"),
+    "ltai": LoopMode(start="embedding", injection="attention", layers="first"),
+    "flt_res": LoopMode(start="embedding", injection="residual", layers="all"),
+    "flt": LoopMode(start="embedding", injection="attention", layers="all"),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm block. With a query source `s` (Attention Injection, SPEC 2) the queries
+    read norm(s) while keys and values read the stream; `s` never enters the stream."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, query_source, plan, loop: int, eps: float):
+        x_normed = norm(x)
+        q_in = x_normed if query_source is None else norm(query_source)
+        x = _residual(x, self.attn(q_in, x_normed, plan, loop), eps)
+        return _residual(x, self.mlp(norm(x)), eps)
+
+
+def _residual(x: torch.Tensor, branch: torch.Tensor, eps: float) -> torch.Tensor:
+    # SPEC 4; eps == 1 is kept multiplication-free so the default is bit-identical to nanochat
+    return x + branch if eps == 1.0 else x + eps * branch
+
+
+def _residual_norm(x: torch.Tensor) -> torch.Tensor:
+    """SPEC 6: sqrt(mean(x**2)) over batch, sequence and features."""
+    return x.detach().float().pow(2).mean().sqrt()
+
+
+class LoopedGPT(nn.Module):
+    """A looped nanochat GPT. State-dict keys follow nanochat (and the FLT authors' fork).
+
+    `forward(idx)` returns logits (B, T, vocab_size); `forward(idx, targets)` the mean
+    cross-entropy (targets == -1 are ignored). `n_loops=` runs the same weights at any
+    loop count.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.mode = LOOP_MODES[config.loop_mode]
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.padded_vocab_size, config.d_model),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.depth)]),
+        })
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        cos, sin = rotary_tables(config.sequence_len, config.head_dim, config.rope_base,
+                                 device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        # The loop body; activation checkpointing wraps it from outside (loopedlm.parallel).
+        self.loop_fn = self._run_loop
+
+    # ---- initialisation (SPEC 1) --------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """wte ~ N(0,1); lm_head ~ N(0, 0.001); q,k,v,c_fc ~ U(-a,a) with a = sqrt(3/d);
+        MLA up-projections ~ U(-b,b) with b = sqrt(3/kv_rank); output projections = 0."""
+        cfg = self.config
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        a = 3**0.5 * cfg.d_model**-0.5
+        b = 3**0.5 * cfg.kv_rank**-0.5
+        for block in self.transformer.h:
+            attn = block.attn
+            if attn.is_mla:
+                inputs = [(attn.c_q, a), (attn.c_kv_down, a), (attn.c_k_up, b), (attn.c_v_up, b)]
+            else:
+                inputs = [(attn.c_q, a), (attn.c_k, a), (attn.c_v, a)]
+            for linear, bound in [*inputs, (block.mlp.c_fc, a)]:
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.reset_rotary()
+
+    def reset_rotary(self) -> None:
+        """Recompute the RoPE tables (needed after building on the meta device)."""
+        cos, sin = rotary_tables(self.config.sequence_len, self.config.head_dim,
+                                 self.config.rope_base, device=self.lm_head.weight.device)
+        self.cos, self.sin = cos, sin
+
+    # ---- bookkeeping ---------------------------------------------------------
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wte.weight.numel() if exclude_embedding else n
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """SPEC 5: 2-D block matrices (Muon), the embedding and the LM head (AdamW)."""
+        return {
+            "matrix": list(self.transformer.h.parameters()),
+            "embedding": list(self.transformer.wte.parameters()),
+            "lm_head": list(self.lm_head.parameters()),
+        }
+
+    def estimate_flops(self, n_loops: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), counting every loop (SPEC 2)."""
+        cfg = self.config
+        n_loops = cfg.n_loops if n_loops is None else n_loops
+        block_params = sum(p.numel() for p in self.transformer.h.parameters())
+        head_evals = len(self._loss_loops(n_loops))
+        matmul = 6 * (block_params * n_loops + self.lm_head.weight.numel() * head_evals)
+        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w or cfg.sequence_len, cfg.sequence_len)
+                   for w in cfg.window_sizes()) * n_loops
+        return float(matmul + attn)
+
+    def _loss_loops(self, n_loops: int) -> range:
+        """0-based loops whose output is supervised (SPEC 2, `loss_loops`)."""
+        return {
+            "last": range(n_loops - 1, n_loops),
+            "all": range(n_loops),
+            "last_third": range(2 * n_loops // 3, n_loops),
+        }[self.config.loss_loops]
+
+    # ---- forward -------------------------------------------------------------
+    def _run_loop(self, x, previous, loop: int, plan):
+        """Run the `depth` blocks once. `previous` is h^{t-1} (None in loop 1)."""
+        eps = self.config.residual_eps()
+        for layer, block in enumerate(self.transformer.h):
+            query_source = None
+            if previous is not None and self.mode.injects_at(layer):
+                if self.mode.injection == "residual":
+                    x = norm(x + previous)
+                else:
+                    query_source = previous
+            x = block(x, query_source, plan, loop, eps)
+        return x
+
+    def _stream_start(self, x0, embedded, previous):
+        if previous is None or self.mode.start == "embedding":
+            return embedded
+        if self.mode.start == "previous":
+            return previous
+        return norm(x0 + previous)  # embedding_plus_previous
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        cap = self.config.softcap
+        logits = self.lm_head(h)[..., : self.config.vocab_size].float()
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                n_loops: int | None = None, kv_cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None,
+                return_residual_norms: bool = False):
+        """Logits (B, T, vocab_size), or the mean loss when `targets` is given.
+
+        n_loops:        loop count for this call (default: the config's).
+        kv_cache:       a `KVCache`; the new tokens are appended after its contents.
+        attention_mask: (B, T) bool, False marks padding (left padding for ragged prompts).
+        return_residual_norms: also return a (n_loops,) tensor of each loop's residual
+                        state norm before its final norm (SPEC 6).
+        """
+        n_loops = self._check_inputs(idx, targets, n_loops, kv_cache, attention_mask)
+        B, T = idx.shape
+        plan = build_plan(self.config, self.cos, self.sin, B, T, cache=kv_cache,
+                          attention_mask=attention_mask, device=idx.device)
+        x0 = self.transformer.wte(idx)
+        embedded = norm(x0)
+        supervised = self._loss_loops(n_loops) if targets is not None else [n_loops - 1]
+        previous, outputs, norms = None, [], []
+        for loop in range(n_loops):
+            x = self.loop_fn(self._stream_start(x0, embedded, previous), previous, loop, plan)
+            if return_residual_norms:
+                norms.append(_residual_norm(x))
+            previous = norm(x)  # h^t
+            if loop in supervised:
+                outputs.append(previous)
+        if kv_cache is not None:
+            real = attention_mask if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+            kv_cache.advance(T, real)
+
+        if targets is None:
+            result = self._logits(outputs[-1])
+        else:
+            losses = [F.cross_entropy(self._logits(h).flatten(0, 1), targets.flatten(),
+                                      ignore_index=-1) for h in outputs]
+            result = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        if return_residual_norms:
+            return result, torch.stack(norms)
+        return result
+
+    def _check_inputs(self, idx, targets, n_loops, kv_cache, attention_mask) -> int:
+        cfg = self.config
+        if n_loops is None:
+            n_loops = cfg.n_loops
+        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+            raise ValueError(f"n_loops={n_loops!r} is not allowed: an integer >= 1")
+        if not isinstance(idx, torch.Tensor):
+            raise ValueError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx has dtype {idx.dtype}; token ids must be torch.long or int32")
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx has shape {tuple(idx.shape)}; expected (batch, time) with time >= 1")
+        past = 0 if kv_cache is None else kv_cache.pos
+        if past + idx.size(1) > cfg.sequence_len:
+            raise ValueError(f"sequence of {past + idx.size(1)} tokens"
+                             f"{f' ({past} cached)' if past else ''} is longer than "
+                             f"sequence_len={cfg.sequence_len}")
+        if kv_cache is not None:
+            if kv_cache.batch_size != idx.size(0):
+                raise ValueError(f"kv_cache holds batch {kv_cache.batch_size}, idx has {idx.size(0)}")
+            if kv_cache.n_loops != n_loops:
+                raise ValueError(f"kv_cache was built for {kv_cache.n_loops} loops, forward asked "
+                                 f"for n_loops={n_loops}")
+            if past + idx.size(1) > kv_cache.max_len:
+                raise ValueError(f"kv_cache holds {kv_cache.max_len} tokens; {past + idx.size(1)} needed")
+        if attention_mask is not None and (attention_mask.shape != idx.shape
+                                           or attention_mask.dtype != torch.bool):
+            raise ValueError(f"attention_mask must be a bool tensor of shape {tuple(idx.shape)}, "
+                             f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+            if targets is not None:
+                if targets.shape != idx.shape:
+                    raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape "
+                                     f"{tuple(idx.shape)}")
+                tlo, thi = int(targets.min()), int(targets.max())
+                if tlo < -1 or thi >= cfg.vocab_size:
+                    raise ValueError(f"target id {tlo if tlo < -1 else thi} is outside "
+                                     f"[0, {cfg.vocab_size}) (or -1 = ignore)")
+        return n_loops
+
+    # ---- construction helpers -----------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, device="cpu", seed: int | None = None) -> LoopedGPT:
+        """Build on the meta device, materialise on `device`, and initialise (SPEC 1)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.init_weights()
+        return model
