@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from loopedlm import LoopedGPT, ModelConfig
+
+
+def randomize_(model: LoopedGPT, seed: int = 0, std: float = 0.3) -> LoopedGPT:
+    """Random non-zero weights everywhere: init_weights() zeroes the output projections,
+    which would make every loop mode look alike."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(depth=2, d_model=32, n_head=2, vocab_size=61, sequence_len=24, n_loops=3)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def tiny_model(seed: int = 0, **overrides) -> LoopedGPT:
+    model = LoopedGPT.from_config(tiny_config(**overrides), seed=seed)
+    return randomize_(model, seed=seed).eval()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

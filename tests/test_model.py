@@ -1,0 +1,294 @@
+"""SPEC 1-4 invariants of LoopedGPT."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_, tiny_config, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference_model import Reference
+
+from loopedlm import LOOP_MODES, LoopedGPT, ModelConfig
+
+MODES = list(LOOP_MODES)
+VARIANTS = {
+    "mha": {},
+    "gqa": dict(n_head=4, n_kv_head=2, d_model=32),
+    "mqa": dict(n_head=4, n_kv_head=1, d_model=32),
+    "mla": dict(attn_type="mla", kv_rank=8),
+    "swa": dict(window_pattern="SL", depth=3, sequence_len=16),
+    "mla_swa": dict(attn_type="mla", kv_rank=8, window_pattern="S", depth=2, sequence_len=16),
+}
+
+
+def idx_for(cfg, batch=2, seq=None, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, seq or cfg.sequence_len), generator=gen)
+
+
+# ---- the paper's sizes -------------------------------------------------------------
+@pytest.mark.parametrize("preset,expected", [("small", 127_107_072), ("base", 317_915_136)])
+def test_paper_parameter_counts(preset, expected):
+    cfg = ModelConfig.preset(preset)
+    with torch.device("meta"):
+        model = LoopedGPT(cfg)
+    assert model.num_params() == expected
+    # eq. 6 of the paper (MHA): 2 * V_pad * d + L * 12 * d^2
+    assert expected == 2 * cfg.padded_vocab_size * cfg.d_model + cfg.depth * 12 * cfg.d_model**2
+    assert cfg.padded_vocab_size == 151_680 and cfg.head_dim == 128
+
+
+def test_width_rule():
+    cfg = ModelConfig(depth=12)
+    assert (cfg.d_model, cfg.n_head, cfg.n_kv_head) == (768, 6, 6)
+
+
+# ---- parameter-free modes ----------------------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_modes_are_parameter_free(variant):
+    shapes = {}
+    for mode in MODES:
+        model = LoopedGPT(tiny_config(loop_mode=mode, **VARIANTS[variant]))
+        shapes[mode] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    first = shapes[MODES[0]]
+    assert all(s == first for s in shapes.values())
+
+
+def test_nanochat_state_dict_names():
+    keys = set(LoopedGPT(tiny_config()).state_dict())
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.h.0.attn.c_q.weight",
+            "transformer.h.0.attn.c_k.weight", "transformer.h.0.attn.c_v.weight",
+            "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight",
+            "transformer.h.0.mlp.c_proj.weight"} <= keys
+    mla = set(LoopedGPT(tiny_config(attn_type="mla", kv_rank=8)).state_dict())
+    assert {"transformer.h.1.attn.c_kv_down.weight", "transformer.h.1.attn.c_k_up.weight",
+            "transformer.h.1.attn.c_v_up.weight"} <= mla
+
+
+# ---- exactness against the reference -----------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", MODES)
+def test_one_loop_equals_plain_gpt_bit_for_bit(mode, variant):
+    model = tiny_model(loop_mode=mode, n_loops=1, **VARIANTS[variant])
+    idx = idx_for(model.config)
+    ref = Reference(model.config, model.state_dict())
+    plain = ref.logits_of(rms_plain(ref, idx))
+    with torch.no_grad():
+        assert torch.equal(model(idx), plain)
+        assert torch.equal(model(idx, n_loops=1), plain)
+
+
+def rms_plain(ref, idx):
+    x0 = ref.w["transformer.wte.weight"][idx]
+    return F.rms_norm(ref.plain_pass(F.rms_norm(x0, (x0.size(-1),))), (x0.size(-1),))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_matches_reference(mode, variant):
+    model = tiny_model(loop_mode=mode, n_loops=4, **VARIANTS[variant])
+    idx = idx_for(model.config)
+    ref = Reference(model.config, model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref.logits(idx), rtol=0, atol=1e-6)
+
+
+def test_modes_differ_with_random_weights():
+    """Guards the equivalence tests: with non-zero weights the five modes really differ."""
+    outs = {}
+    for mode in MODES:
+        model = tiny_model(loop_mode=mode, n_loops=3)
+        outs[mode] = model(idx_for(model.config)).detach()
+    for a in MODES:
+        for b in MODES:
+            if a < b:
+                assert not torch.allclose(outs[a], outs[b], atol=1e-4), (a, b)
+
+
+@pytest.mark.parametrize("loss_loops", ["last", "all", "last_third"])
+@pytest.mark.parametrize("mode", ["lt", "flt"])
+def test_loss_loops_match_reference(mode, loss_loops):
+    model = tiny_model(loop_mode=mode, n_loops=5, loss_loops=loss_loops)
+    idx = idx_for(model.config)
+    targets = idx_for(model.config, seed=2)
+    targets[0, :5] = -1
+    ref = Reference(model.config, model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets), ref.loss(idx, targets), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", ["inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_depth"])
+def test_residual_scaling_matches_reference(scale):
+    model = tiny_model(loop_mode="flt", n_loops=3, residual_scale=scale, residual_lambda=2.0)
+    expected = {"inv_sqrt_loops": 3**-0.5, "inv_loops": 1 / 3,
+                "lambda_loops_sqrt_depth": 2.0 / (3 * math.sqrt(2))}[scale]
+    assert model.config.residual_eps() == pytest.approx(expected)
+    idx = idx_for(model.config)
+    ref = Reference(model.config, model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref.logits(idx), rtol=0, atol=1e-6)
+
+
+# ---- loss, overrides ---------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_is_cross_entropy_of_logits(mode):
+    model = tiny_model(loop_mode=mode)
+    idx, targets = idx_for(model.config), idx_for(model.config, seed=3)
+    targets[1, ::3] = -1
+    with torch.no_grad():
+        logits = model(idx)
+        loss = model(idx, targets)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    assert logits.shape == (2, model.config.sequence_len, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_n_loops_override_equals_model_built_with_that_count(mode, n):
+    model = tiny_model(loop_mode=mode, n_loops=3)
+    other = LoopedGPT(tiny_config(loop_mode=mode, n_loops=n))
+    other.load_state_dict(model.state_dict())
+    idx = idx_for(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(idx, n_loops=n), other(idx))
+
+
+def test_residual_norms_per_loop():
+    model = tiny_model(loop_mode="lt", n_loops=4)
+    idx = idx_for(model.config)
+    _, norms = model(idx, return_residual_norms=True)
+    assert norms.shape == (4,)
+    # loop 1's norm recomputed by hand: the residual stream after the blocks, before norm
+    ref = Reference(model.config, model.state_dict())
+    x0 = ref.w["transformer.wte.weight"][idx]
+    x = ref.plain_pass(F.rms_norm(x0, (x0.size(-1),)))
+    torch.testing.assert_close(norms[0], x.pow(2).mean().sqrt(), rtol=1e-6, atol=0)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny_model(loop_mode="flt").train()
+    idx = idx_for(model.config)
+    model(idx, idx).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# ---- causality ---------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(mode=st.sampled_from(MODES), variant=st.sampled_from(list(VARIANTS)),
+       n_loops=st.integers(1, 6), position=st.integers(0, 15), seed=st.integers(0, 10**6))
+def test_causality(mode, variant, n_loops, position, seed):
+    model = tiny_model(seed=seed % 7, loop_mode=mode, n_loops=n_loops, **VARIANTS[variant])
+    idx = idx_for(model.config, batch=1, seq=16, seed=seed)
+    changed = idx.clone()
+    changed[0, position] = (idx[0, position] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :position], b[:, :position], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, position:], b[:, position:])
+
+
+# ---- initialisation ----------------------------------------------------------------
+def test_init_weights_follow_spec():
+    cfg = ModelConfig(depth=2, d_model=256, n_head=2, vocab_size=5000, sequence_len=32,
+                      attn_type="mla", kv_rank=64)
+    model = LoopedGPT.from_config(cfg, seed=0)
+    wte, head = model.transformer.wte.weight, model.lm_head.weight
+    assert wte.std().item() == pytest.approx(1.0, rel=0.02)
+    assert head.std().item() == pytest.approx(0.001, rel=0.02)
+    a, b = math.sqrt(3 / 256), math.sqrt(3 / 64)
+    for block in model.transformer.h:
+        for w, bound in [(block.attn.c_q.weight, a), (block.attn.c_kv_down.weight, a),
+                         (block.attn.c_k_up.weight, b), (block.attn.c_v_up.weight, b),
+                         (block.mlp.c_fc.weight, a)]:
+            assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+    # every block starts as the identity, so all modes agree at initialisation
+    idx = idx_for(cfg)
+    outs = [LoopedGPT(ModelConfig(**{**cfg.to_dict(), "loop_mode": m})) for m in MODES]
+    for o in outs:
+        o.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = outs[0](idx)
+        assert all(torch.allclose(o(idx), ref) for o in outs[1:])
+
+
+def test_meta_device_build_then_materialise():
+    cfg = tiny_config()
+    model = LoopedGPT.from_config(cfg, seed=3)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert torch.isfinite(model(idx_for(cfg))).all()
+    assert model.cos.dtype == torch.bfloat16 and model.cos.shape == (cfg.sequence_len, 8)
+
+
+def test_flops_count_every_loop():
+    model = LoopedGPT(tiny_config())
+    f1, f6 = model.estimate_flops(1), model.estimate_flops(6)
+    block = sum(p.numel() for p in model.transformer.h.parameters())
+    assert f6 - f1 > 5 * 6 * block  # each extra loop adds at least its matmul FLOPs
+
+
+# ---- bad input ---------------------------------------------------------------------
+@pytest.mark.parametrize("bad,field", [
+    (dict(loop_mode="flt2"), "loop_mode"),
+    (dict(n_loops=0), "n_loops"),
+    (dict(d_model=30, n_head=4), "n_head"),
+    (dict(n_head=4, n_kv_head=3), "n_kv_head"),
+    (dict(window_pattern="LX"), "window_pattern"),
+    (dict(window_pattern=""), "window_pattern"),
+    (dict(kv_rank=0), "kv_rank"),
+    (dict(loss_loops="first"), "loss_loops"),
+    (dict(attn_type="linear"), "attn_type"),
+    (dict(residual_scale="sqrt"), "residual_scale"),
+    (dict(residual_lambda=-1.0), "residual_lambda"),
+    (dict(vocab_size=1), "vocab_size"),
+    (dict(depth=0), "depth"),
+])
+def test_config_rejects_bad_values(bad, field):
+    with pytest.raises(ValueError, match=field) as err:
+        tiny_config(**bad)
+    assert repr(list(bad.values())[0]) in str(err.value)
+
+
+def test_config_suggests_close_mode():
+    with pytest.raises(ValueError, match="did you mean 'flt'"):
+        tiny_config(loop_mode="fl")
+
+
+def test_config_round_trip_and_unknown_field():
+    cfg = tiny_config(attn_type="mla", kv_rank=4)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="n_layer"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda c: torch.zeros(1, c.sequence_len + 1, dtype=torch.long), "longer than sequence_len"),
+    (lambda c: torch.full((1, 4), c.vocab_size), "outside the vocabulary"),
+    (lambda c: torch.full((1, 4), -2), "outside the vocabulary"),
+    (lambda c: torch.zeros(1, 4), "dtype"),
+    (lambda c: torch.zeros(4, dtype=torch.long), "shape"),
+    (lambda c: torch.zeros(1, 0, dtype=torch.long), "shape"),
+    (lambda c: [[1, 2, 3]], "torch.Tensor"),
+])
+def test_forward_rejects_bad_idx(make, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        model(make(model.config))
+
+
+def test_forward_rejects_bad_targets_and_loops():
+    model = tiny_model()
+    idx = idx_for(model.config)
+    with pytest.raises(ValueError, match="target id"):
+        model(idx, torch.full_like(idx, model.config.vocab_size))
+    with pytest.raises(ValueError, match="n_loops=0"):
+        model(idx, n_loops=0)
+
+
+def test_randomize_helper_changes_weights():
+    model = LoopedGPT.from_config(tiny_config(), seed=0)
+    randomize_(model)
+    assert model.transformer.h[0].attn.c_proj.weight.abs().sum() > 0
