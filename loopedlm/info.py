@@ -1,0 +1,75 @@
+"""`loopedlm info` (what a preset or run is: sizes, FLOPs per loop) and
+`loopedlm import-nanochat` (convert an FLT-authors checkpoint into a loopedlm model folder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from loopedlm.config import PRESETS, ModelConfig
+from loopedlm.model import LoopedGPT
+
+
+def describe(config: ModelConfig) -> dict:
+    """Sizes and per-token training FLOPs of a config at several loop counts."""
+    with torch.device("meta"):
+        model = LoopedGPT(config)
+    return {
+        "config": config.to_dict(),
+        "params": model.num_params(),
+        "params_non_embedding": model.num_params(exclude_embedding=True),
+        "train_flops_per_token": {n: model.estimate_flops(n) for n in (1, 3, 6, 9, 12)},
+    }
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"override {pair!r} must look like key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _info(args: argparse.Namespace) -> int:
+    if args.target in PRESETS:
+        config = ModelConfig.preset(args.target, **_parse_overrides(args.set))
+    else:
+        from loopedlm.checkpoint import CONFIG_FILE, resolve_model_folder
+
+        folder = resolve_model_folder(args.target)
+        config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text())["model"])
+    print(json.dumps(describe(config), indent=2))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from loopedlm.checkpoint import save_model
+    from loopedlm.interop import import_nanochat_checkpoint
+
+    model, meta = import_nanochat_checkpoint(args.source, step=args.step)
+    out = save_model(args.out, model, {"imported_from": str(Path(args.source).resolve()),
+                                       "nanochat_meta": meta})
+    print(f"wrote {out} ({model.config.loop_mode}, {model.num_params():,} parameters)")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="sizes and FLOPs of a preset or a run")
+    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a run/checkpoint folder")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override ModelConfig fields of a preset, e.g. --set loop_mode=lt n_loops=6")
+    p.set_defaults(func=_info)
+    p = subparsers.add_parser("import-nanochat",
+                              help="convert an FLT-authors (nanochat fork) checkpoint")
+    p.add_argument("source", help="folder with model_<step>.pt + meta_<step>.json, or the .pt file")
+    p.add_argument("out", help="output model folder (model.safetensors + config.json)")
+    p.add_argument("--step", type=int, default=None, help="step to import (default: the latest)")
+    p.set_defaults(func=_import)

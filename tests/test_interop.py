@@ -1,0 +1,91 @@
+"""The importer for the FLT authors' checkpoint format."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from loopedlm.interop import (
+    MODEL_TYPES,
+    config_from_nanochat,
+    export_nanochat_checkpoint,
+    import_nanochat_checkpoint,
+)
+
+
+@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
+def test_round_trip_gives_identical_logits(tmp_path, model_type):
+    model = tiny_model(loop_mode=MODEL_TYPES[model_type], n_loops=3, n_head=4, n_kv_head=2,
+                       window_pattern="SL")
+    export_nanochat_checkpoint(model, tmp_path, step=1200)
+    meta = json.loads((tmp_path / "meta_001200.json").read_text())
+    assert meta["model_config"]["model_type"] == model_type and meta["model_config"]["K"] == 3
+    loaded, _ = import_nanochat_checkpoint(tmp_path)
+    assert loaded.config == model.config
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_authors_layout_with_compile_prefix_and_bf16(tmp_path):
+    """A file as their training writes it: `_orig_mod.` keys, bf16 embedding, extra config keys."""
+    model = tiny_model(loop_mode="flt", attn_type="mla", kv_rank=8)
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    state["_orig_mod.transformer.wte.weight"] = state["_orig_mod.transformer.wte.weight"].bfloat16()
+    torch.save(state, tmp_path / "model_000010.pt")
+    cfg = model.config
+    (tmp_path / "meta_000010.json").write_text(json.dumps({"step": 10, "model_config": {
+        "model_type": "FLT", "dropout": 0.01, "K": cfg.n_loops, "sequence_len": cfg.sequence_len,
+        "vocab_size": cfg.vocab_size, "n_layer": cfg.depth, "n_head": cfg.n_head,
+        "n_kv_head": cfg.n_kv_head, "n_embd": cfg.d_model, "activation_offload": False,
+        "activation_offload_keep_last": 1, "loss_type": "FEW", "attn_type": "mla",
+        "kv_lora_rank": 8, "window_pattern": "L"}}))
+    loaded, meta = import_nanochat_checkpoint(tmp_path / "model_000010.pt")
+    assert loaded.config.loss_loops == "last_third" and meta["step"] == 10
+    assert loaded.transformer.wte.weight.dtype == torch.float32
+    ref = model.transformer.wte.weight.bfloat16().float()
+    assert torch.equal(loaded.transformer.wte.weight, ref)
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        import_nanochat_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no model_"):
+        import_nanochat_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="model_type='GPT2'"):
+        config_from_nanochat({"model_type": "GPT2", "n_layer": 1, "n_head": 1, "n_embd": 8,
+                              "vocab_size": 10})
+    model = tiny_model()
+    export_nanochat_checkpoint(model, tmp_path, step=5)
+    meta = json.loads((tmp_path / "meta_000005.json").read_text())
+    meta["model_config"]["n_embd"] = 64
+    meta["model_config"]["n_head"] = 4
+    (tmp_path / "meta_000005.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match its model_config"):
+        import_nanochat_checkpoint(tmp_path)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    """weights_only=True: a checkpoint that carries a pickled object does not run it."""
+    model = tiny_model()
+    export_nanochat_checkpoint(model, tmp_path, step=1)
+    torch.save({"evil": print}, tmp_path / "model_000001.pt")
+    with pytest.raises(ValueError, match="refused to unpickle"):
+        import_nanochat_checkpoint(tmp_path)
+
+
+def test_cli_import_and_info(tmp_path, capsys):
+    from loopedlm.checkpoint import load_model
+    from loopedlm.cli import main
+
+    model = tiny_model(loop_mode="ltai")
+    export_nanochat_checkpoint(model, tmp_path / "theirs", step=3)
+    assert main(["import-nanochat", str(tmp_path / "theirs"), str(tmp_path / "ours")]) == 0
+    loaded, meta = load_model(tmp_path / "ours")
+    assert loaded.config == model.config and meta["nanochat_meta"]["step"] == 3
+    assert main(["info", str(tmp_path / "ours")]) == 0
+    assert main(["info", "small"]) == 0
+    assert '"params": 127107072' in capsys.readouterr().out
+    assert main(["info", "nonsense_preset_or_path"]) == 2
+    assert "does not exist" in capsys.readouterr().err
