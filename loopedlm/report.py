@@ -1,0 +1,405 @@
+"""`loopedlm report SWEEP_DIR`: the paper's tables and figures from a finished sweep.
+
+Reads SWEEP_DIR/sweep.json (written by `loopedlm sweep`), each run's summary.json and
+log.jsonl, and each run's eval/results.json when present, and writes
+SWEEP_DIR/report.md with PNG figures beside it. Every figure is titled with what it
+shows and captioned with the exact commands that made it. Seeds are aggregated as
+mean +- standard deviation (and min..max bands in figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+EXPERIMENTS = ("loop_scaling", "stability", "attention", "test_time", "residual_scaling",
+               "custom")
+
+
+# ---- reading a sweep -----------------------------------------------------------
+def load_runs(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    manifest_path = sweep_dir / "sweep.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{manifest_path} does not exist: run `loopedlm sweep` first")
+    manifest = json.loads(manifest_path.read_text())
+    runs = []
+    for row in manifest["runs"]:
+        run_dir = sweep_dir / row["name"]
+        run = {"name": row["name"], "settings": row["settings"], "dir": run_dir,
+               "summary": _read_json(run_dir / "summary.json"),
+               "eval": _read_json(run_dir / "eval" / "results.json"), "log": []}
+        if (run_dir / "log.jsonl").exists():
+            run["log"] = [json.loads(line) for line in
+                          (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        runs.append(run)
+    return manifest, runs
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def setting(run: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A run's value for `key` (e.g. 'model.n_loops'), falling back to its saved config."""
+    if key in run["settings"]:
+        return run["settings"][key]
+    config = _read_json(run["dir"] / "config.json") or {}
+    section, _, leaf = key.rpartition(".")
+    node = config.get("train", config)
+    if section:
+        node = node.get(section, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict) and leaf in node:
+        return node[leaf]
+    if section == "model":
+        model = config.get("model", {})
+        return model.get(leaf, default)
+    return default
+
+
+def group_key(run: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, json.dumps(v)) for k, v in run["settings"].items() if k != "seed"))
+
+
+def label(run: dict[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{k.rpartition('.')[2]}={setting(run, k)}" for k in keys)
+
+
+def varying_keys(runs: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for r in runs for k in r["settings"] if k != "seed"})
+    return [k for k in keys if len({json.dumps(r["settings"].get(k)) for r in runs}) > 1]
+
+
+def val_bpb(run: dict[str, Any]) -> float | None:
+    s = run["summary"]
+    if s and s.get("status") == "completed" and s.get("val_bpb") is not None:
+        return float(s["val_bpb"])
+    return None
+
+
+def collapsed(run: dict[str, Any]) -> bool:
+    s = run["summary"] or {}
+    return s.get("status") == "collapsed" or (s.get("collapse") or {}).get("status") not in (
+        None, "ok", "stable")
+
+
+def mean_std(values: list[float]) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.4f}"
+    return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+
+
+def eval_metric(run: dict[str, Any], n_loops: int, metric: str) -> float | None:
+    """A metric from eval/results.json at a loop count (None if absent)."""
+    results = run["eval"]
+    if not results:
+        return None
+    per_loop = results.get("loops") or results.get("results") or {}
+    entry = per_loop.get(str(n_loops)) if isinstance(per_loop, dict) else None
+    if entry is None and isinstance(per_loop, list):
+        entry = next((e for e in per_loop if e.get("n_loops") == n_loops), None)
+    if not entry:
+        return None
+    value = entry.get(metric)
+    if isinstance(value, dict):
+        value = value.get("value", value.get("accuracy"))
+    return float(value) if isinstance(value, int | float) else None
+
+
+def eval_loops(run: dict[str, Any]) -> list[int]:
+    results = run["eval"] or {}
+    per_loop = results.get("loops") or results.get("results") or {}
+    if isinstance(per_loop, dict):
+        return sorted(int(k) for k in per_loop if str(k).isdigit())
+    return sorted(e["n_loops"] for e in per_loop if "n_loops" in e)
+
+
+def eval_metric_names(runs: list[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for run in runs:
+        for n in eval_loops(run):
+            for metric in (run["eval"].get("loops") or run["eval"].get("results"))[str(n)]:
+                if metric not in names and eval_metric(run, n, metric) is not None:
+                    names.append(metric)
+    return names
+
+
+# ---- figures ---------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(run: dict[str, Any], key: str, index: int | None = None):
+    steps, values = [], []
+    for rec in run["log"]:
+        if key not in rec or rec.get("step") is None:
+            continue
+        value = rec[key]
+        if isinstance(value, list):
+            if not value:
+                continue
+            value = value[index if index is not None else -1] if (
+                index is None or index < len(value)) else None
+        if isinstance(value, int | float) and value is not None:
+            steps.append(rec["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def figure_curves(runs, keys, path: Path, title: str, caption: str,
+                  panels: list[tuple[str, str, int | None, bool]]) -> str:
+    """One panel per (log key, y label, loop index, log-scale); one line per group of seeds
+    (mean), with the min..max band over seeds."""
+    plt = _plt()
+    groups: dict[tuple, list] = defaultdict(list)
+    for run in runs:
+        groups[group_key(run)].append(run)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (key, ylabel, index, log_y) in zip(axes[0], panels, strict=True):
+        for members in groups.values():
+            curves = [_series(r, key, index) for r in members]
+            curves = [c for c in curves if c[0]]
+            if not curves:
+                continue
+            length = min(len(c[0]) for c in curves)
+            steps = curves[0][0][:length]
+            stack = [[c[1][i] for c in curves] for i in range(length)]
+            finite = [[v for v in col if math.isfinite(v)] or [float("nan")] for col in stack]
+            mean = [statistics.mean(col) for col in finite]
+            line, = ax.plot(steps, mean, label=label(members[0], keys) or members[0]["name"])
+            if len(curves) > 1:
+                ax.fill_between(steps, [min(c) for c in finite], [max(c) for c in finite],
+                                color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![{title}]({path.name})\n\n*{title}.* {caption}\n"
+
+
+def figure_xy(lines: dict[str, tuple[list[float], list[float]]], path: Path, title: str,
+              xlabel: str, ylabel: str, caption: str, log_x: bool = False) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in lines.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_x:
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![{title}]({path.name})\n\n*{title}.* {caption}\n"
+
+
+# ---- sections ----------------------------------------------------------------------
+def runs_table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| run | status | steps | final loss | val BPB | collapse check | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s = run["summary"] or {}
+        col = (s.get("collapse") or {}).get("status", "-")
+        loss = s.get("final_loss")
+        lines.append(f"| {run['name']} | {s.get('status', 'not run')} | {s.get('step', '-')} | "
+                     f"{_fmt(loss)} | {_fmt(s.get('val_bpb'))} | {col} | "
+                     f"{_fmt(s.get('total_wall_time_s'), 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, int | float) and value is not None:
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return "-"
+
+
+def grouped_table(runs, row_key: str, col_key: str, value_fn, title: str) -> str:
+    rows = sorted({json.dumps(setting(r, row_key)) for r in runs})
+    cols = sorted({setting(r, col_key) for r in runs}, key=lambda v: (str(type(v)), v))
+    head = f"| {row_key.rpartition('.')[2]} \\ {col_key.rpartition('.')[2]} | " + " | ".join(
+        str(c) for c in cols) + " |"
+    out = [f"**{title}** (mean ± std over seeds; '-' = collapsed or missing)\n", head,
+           "|---" * (len(cols) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for col in cols:
+            members = [r for r in runs if json.dumps(setting(r, row_key)) == row
+                       and setting(r, col_key) == col]
+            cells.append(mean_std([value_fn(r) for r in members]) if members else "")
+        out.append(f"| {json.loads(row)} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def section_loop_scaling(runs, out: Path, cmd: str) -> list[str]:
+    parts = [grouped_table(runs, "model.loop_mode", "model.n_loops", val_bpb,
+                           "Validation bits-per-byte (Table 1's val BPB column)")]
+    for metric in eval_metric_names(runs):
+        parts.append(grouped_table(
+            runs, "model.loop_mode", "model.n_loops",
+            lambda r, m=metric: eval_metric(r, setting(r, "model.n_loops"), m),
+            f"{metric} at the trained loop count"))
+    lines = defaultdict(lambda: ([], []))
+    for run in sorted(runs, key=lambda r: setting(r, "model.n_loops") or 0):
+        bpb = val_bpb(run)
+        if bpb is not None:
+            xs, ys = lines[str(setting(run, "model.loop_mode"))]
+            xs.append(setting(run, "model.n_loops"))
+            ys.append(bpb)
+    parts.append(figure_xy(dict(lines), out / "loop_scaling_bpb.png",
+                           "Validation BPB against loop count, per loop mode",
+                           "loops N (train = eval)", "val BPB", cmd))
+    return parts
+
+
+def section_stability(runs, out: Path, cmd: str) -> list[str]:
+    keys = varying_keys(runs)
+    parts = [figure_curves(runs, keys, out / "stability_curves.png",
+                           "Training loss, last-loop residual-state norm and first-MLP gradient "
+                           "norm against step", cmd,
+                           [("loss", "training loss", None, False),
+                            ("residual_norm", "residual norm (last loop)", None, True),
+                            ("grad_norm/first_mlp", "grad norm, first block MLP", None, True)]),
+             figure_curves(runs, keys, out / "stability_residual_loop1.png",
+                           "Residual-state norm of loop 1 against step", cmd,
+                           [("residual_norm", "residual norm (loop 1)", 0, True)])]
+    table = ["| configuration | seeds | collapsed (detector) | flagged | val BPB |",
+             "|---|---|---|---|---|"]
+    groups: dict[tuple, list] = defaultdict(list)
+    for run in runs:
+        groups[group_key(run)].append(run)
+    for members in groups.values():
+        n_collapsed = sum((r["summary"] or {}).get("status") == "collapsed" for r in members)
+        n_flagged = sum(collapsed(r) for r in members)
+        table.append(f"| {label(members[0], keys)} | {len(members)} | {n_collapsed} | "
+                     f"{n_flagged} | {mean_std([val_bpb(r) for r in members])} |")
+    parts.append("**Collapse by configuration** (collapsed = the run stopped on a non-finite "
+                 "loss; flagged = plateau or severe swings reported by the detector)\n\n"
+                 + "\n".join(table) + "\n")
+    return parts
+
+
+def section_attention(runs, out: Path, cmd: str) -> list[str]:
+    keys = varying_keys(runs)
+    table = ["| variant | params | val BPB |", "|---|---|---|"]
+    groups: dict[tuple, list] = defaultdict(list)
+    for run in runs:
+        groups[group_key(run)].append(run)
+    for members in groups.values():
+        params = (members[0]["summary"] or {}).get("params", "-")
+        table.append(f"| {label(members[0], keys) or 'full'} | {params} | "
+                     f"{mean_std([val_bpb(r) for r in members])} |")
+    return ["**Attention variants with FLT (Table 2)**\n\n" + "\n".join(table) + "\n",
+            figure_curves(runs, keys, out / "attention_loss.png",
+                          "Training loss of FLT with each attention variant", cmd,
+                          [("loss", "training loss", None, False)])]
+
+
+def section_test_time(runs, out: Path, cmd: str) -> list[str]:
+    parts = []
+    metrics = eval_metric_names(runs) or []
+    for metric in metrics:
+        lines = {}
+        for run in sorted(runs, key=lambda r: setting(r, "model.n_loops") or 0):
+            xs = [n for n in eval_loops(run) if eval_metric(run, n, metric) is not None]
+            if xs:
+                name = f"{setting(run, 'model.loop_mode')} trained N={setting(run, 'model.n_loops')}"
+                lines[name + f" seed={run['settings'].get('seed', 0)}"] = (
+                    xs, [eval_metric(run, n, metric) for n in xs])
+        safe = "".join(c if c.isalnum() else "_" for c in metric)
+        parts.append(figure_xy(lines, out / f"test_time_{safe}.png",
+                               f"{metric} against test-time loops, per trained loop count",
+                               "test-time loops N", metric, cmd))
+    if not metrics:
+        parts.append("No evaluation results found (eval/results.json) in this sweep.\n")
+    return parts
+
+
+def section_residual_scaling(runs, out: Path, cmd: str) -> list[str]:
+    parts = []
+    best_rows = ["| residual_scale | loops | best lr_scale | val BPB at best |", "|---|---|---|---|"]
+    scales = sorted({str(setting(r, "model.residual_scale")) for r in runs})
+    for scale in scales:
+        lines = {}
+        members = [r for r in runs if str(setting(r, "model.residual_scale")) == scale]
+        for n in sorted({setting(r, "model.n_loops") for r in members}):
+            by_lr: dict[float, list[float]] = defaultdict(list)
+            for r in members:
+                if setting(r, "model.n_loops") == n and val_bpb(r) is not None:
+                    by_lr[float(setting(r, "optim.lr_scale", 1.0))].append(val_bpb(r))
+            if not by_lr:
+                continue
+            xs = sorted(by_lr)
+            ys = [statistics.mean(by_lr[x]) for x in xs]
+            lines[f"N={n}"] = (xs, ys)
+            best = xs[ys.index(min(ys))]
+            best_rows.append(f"| {scale} | {n} | {best:g} | {min(ys):.4f} |")
+        safe = "".join(c if c.isalnum() else "_" for c in scale)
+        parts.append(figure_xy(lines, out / f"residual_scaling_{safe}.png",
+                               f"Validation BPB against learning-rate multiplier, "
+                               f"residual_scale={scale}", "lr_scale (x all base rates)",
+                               "val BPB", cmd, log_x=True))
+    parts.insert(0, "**Best learning rate per loop count** (the claim: with "
+                 "lambda_loops_sqrt_depth it does not move as N grows)\n\n"
+                 + "\n".join(best_rows) + "\n")
+    return parts
+
+
+SECTIONS = {"loop_scaling": section_loop_scaling, "stability": section_stability,
+            "attention": section_attention, "test_time": section_test_time,
+            "residual_scaling": section_residual_scaling}
+
+
+def write_report(sweep_dir: str | Path) -> Path:
+    """Write SWEEP_DIR/report.md and its figures; returns the report's path."""
+    sweep_dir = Path(sweep_dir)
+    manifest, runs = load_runs(sweep_dir)
+    experiment = manifest.get("experiment", "custom")
+    cmd = (f"Made by `{manifest.get('command', 'loopedlm sweep')}` then "
+           f"`loopedlm report {sweep_dir}`.")
+    parts = [f"# Sweep report: {sweep_dir.name} ({experiment})\n"]
+    if manifest.get("description"):
+        parts.append(manifest["description"].strip() + "\n")
+    done = [r for r in runs if r["summary"]]
+    parts.append(f"{len(done)} of {len(runs)} runs have a summary. {cmd}\n")
+    if experiment in SECTIONS and done:
+        parts += SECTIONS[experiment](done, sweep_dir, cmd)
+    parts.append("## All runs\n\n" + runs_table(runs))
+    report = sweep_dir / "report.md"
+    report.write_text("\n".join(parts))
+    return report
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    for folder in args.sweep_dirs:
+        print(f"wrote {write_report(folder)}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("report", help="tables and figures of finished sweeps")
+    p.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR")
+    p.set_defaults(func=_cmd_report)

@@ -1,0 +1,248 @@
+"""`loopedlm sweep SWEEP.toml`: run a grid of training runs (and their evaluations), resumably.
+
+A sweep file names a base training recipe, settings shared by every run, a grid
+(Cartesian product) and/or an explicit list of runs, and seeds:
+
+    [sweep]
+    experiment = "loop_scaling"     # which report section draws it (see loopedlm.report)
+    recipe = "tiny"                 # base training recipe (recipes/NAME.toml or a path)
+    seeds = [0]
+    [train]                         # settings for every run (same keys as `loopedlm train`)
+    steps = 200
+    [grid]                          # every combination becomes a run
+    "model.loop_mode" = ["lt", "lti", "ltai", "flt"]
+    "model.n_loops" = [3, 6, 9]
+    [[runs]]                        # and/or explicit runs
+    "model.loop_mode" = "flt_res"
+    [eval]                          # optional: evaluate each finished run
+    loops = [1, 3, 6]               # or "trained" (the run's own loop count)
+    args = ["--tasks", "none"]      # extra `loopedlm eval` arguments
+
+Each run lives in SWEEP_DIR/<name>/ and is skipped when it has finished; an interrupted
+run resumes from its last checkpoint. Runs execute as subprocesses so that one failure
+does not stop the sweep: it is recorded in SWEEP_DIR/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECTIONS = {"sweep", "train", "grid", "runs", "eval"}
+SWEEP_KEYS = {"experiment", "recipe", "seeds", "name", "description"}
+EVAL_KEYS = {"loops", "args"}
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class RunSpec:
+    """One training run of a sweep: its folder name and its `--key=value` settings."""
+
+    name: str
+    settings: dict[str, Any]
+
+    def train_args(self) -> list[str]:
+        return [f"--{k}={_format(v)}" for k, v in self.settings.items()]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # TOML basic string: the train parser reads it back exactly
+    return json.dumps(value)
+
+
+def _short(key: str) -> str:
+    return key.rpartition(".")[2]
+
+
+@dataclass
+class Sweep:
+    path: Path
+    experiment: str = "custom"
+    recipe: str = "tiny"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    eval: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sweep:
+        path = _find_sweep(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        unknown = set(data) - SWEEP_SECTIONS
+        if unknown:
+            raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: "
+                             f"{sorted(SWEEP_SECTIONS)}")
+        head = data.get("sweep", {})
+        if set(head) - SWEEP_KEYS:
+            raise ValueError(f"{path}: unknown [sweep] key(s) {sorted(set(head) - SWEEP_KEYS)}; "
+                             f"allowed: {sorted(SWEEP_KEYS)}")
+        if set(data.get("eval", {})) - EVAL_KEYS:
+            raise ValueError(f"{path}: unknown [eval] key(s) "
+                             f"{sorted(set(data['eval']) - EVAL_KEYS)}; allowed: {sorted(EVAL_KEYS)}")
+        for key, values in data.get("grid", {}).items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{path}: grid[{key!r}]={values!r} must be a non-empty list")
+        seeds = head.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"{path}: seeds={seeds!r} must be a non-empty list of integers")
+        recipe = head.get("recipe", "tiny")
+        if not Path(recipe).is_absolute() and (path.parent / recipe).is_file():
+            recipe = str((path.parent / recipe).resolve())
+        return cls(path=path, experiment=head.get("experiment", "custom"), recipe=recipe,
+                   seeds=seeds, train=data.get("train", {}), grid=data.get("grid", {}),
+                   runs=data.get("runs", []), eval=data.get("eval", {}),
+                   description=head.get("description", ""))
+
+    def expand(self) -> list[RunSpec]:
+        """Every run: (grid product + explicit runs) x seeds, in a stable order."""
+        variants: list[dict[str, Any]] = []
+        if self.grid:
+            keys = list(self.grid)
+            variants += [dict(zip(keys, combo, strict=True))
+                         for combo in itertools.product(*self.grid.values())]
+        variants += [dict(run) for run in self.runs]
+        if not variants:
+            variants = [{}]
+        specs, seen = [], set()
+        for variant in variants:
+            for seed in self.seeds:
+                parts = [f"{_short(k)}={v}" for k, v in variant.items()]
+                name = ",".join(parts + [f"seed={seed}"])
+                if name in seen:
+                    continue
+                seen.add(name)
+                specs.append(RunSpec(name, {**self.train, **variant, "seed": seed}))
+        return specs
+
+
+def _find_sweep(path: str | Path) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    named = RECIPE_DIR / "sweeps" / f"{path}.toml"
+    if named.is_file():
+        return named
+    raise FileNotFoundError(f"sweep file {path} does not exist (nor recipes/sweeps/{path}.toml)")
+
+
+def run_finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return False
+    try:
+        return json.loads(summary.read_text()).get("status") in ("completed", "collapsed")
+    except json.JSONDecodeError:
+        return False
+
+
+def _run(cmd: list[str], log_file: Path) -> int:
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_sweep(sweep: Sweep, out_dir: str | Path, *, dry_run: bool = False,
+              only: str | None = None) -> list[dict[str, Any]]:
+    """Run every not-yet-finished run of the sweep; returns a status row per run."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    specs = [s for s in sweep.expand() if only is None or only in s.name]
+    for i, spec in enumerate(specs, 1):
+        run_dir = out_dir / spec.name
+        train_cmd = [sys.executable, "-m", "loopedlm", "train", sweep.recipe,
+                     f"--run_dir={_format(str(run_dir))}", "--progress=false", *spec.train_args()]
+        if (run_dir / "config.json").exists():
+            train_cmd.append("--resume=true")
+        eval_cmd = _eval_command(sweep, spec, run_dir)
+        row = {"name": spec.name, "settings": spec.settings, "train_cmd": train_cmd,
+               "eval_cmd": eval_cmd}
+        if dry_run:
+            rows.append({**row, "status": "planned"})
+            continue
+        t0 = time.time()
+        if run_finished(run_dir):
+            row["status"] = "skipped (finished)"
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log.info("[%d/%d] training %s", i, len(specs), spec.name)
+            code = _run(train_cmd, out_dir / f"{spec.name}.log")
+            summary = run_dir / "summary.json"
+            # a collapse is a result of the experiment, not a failure of the sweep
+            row["status"] = (json.loads(summary.read_text())["status"] if run_finished(run_dir)
+                             else f"failed ({code})")
+        if eval_cmd and run_finished(run_dir) and not (run_dir / "eval" / "results.json").exists():
+            log.info("[%d/%d] evaluating %s", i, len(specs), spec.name)
+            code = _run(eval_cmd, out_dir / f"{spec.name}.log")
+            row["eval_status"] = "evaluated" if code == 0 else f"eval failed ({code})"
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        _write_manifest(sweep, out_dir, rows)
+    return rows
+
+
+def _eval_command(sweep: Sweep, spec: RunSpec, run_dir: Path) -> list[str] | None:
+    if not sweep.eval:
+        return None
+    loops = sweep.eval.get("loops", "trained")
+    if loops == "trained":
+        trained = spec.settings.get("model.n_loops")
+        loops = [trained] if trained is not None else None
+    cmd = [sys.executable, "-m", "loopedlm", "eval", str(run_dir), "--out", str(run_dir / "eval")]
+    if loops:
+        cmd += ["--loops", ",".join(str(n) for n in loops)]
+    return cmd + [str(a) for a in sweep.eval.get("args", [])]
+
+
+def _write_manifest(sweep: Sweep, out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    manifest = {"sweep_file": str(sweep.path.resolve()), "experiment": sweep.experiment,
+                "description": sweep.description, "recipe": sweep.recipe,
+                "command": f"loopedlm sweep {sweep.path} --out {out_dir}", "runs": rows}
+    tmp = out_dir / "sweep.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out_dir / "sweep.json")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    sweep = Sweep.load(args.sweep)
+    out = Path(args.out or Path("sweeps") / sweep.path.stem)
+    rows = run_sweep(sweep, out, dry_run=args.dry_run, only=args.only)
+    for row in rows:
+        print(f"{row['status']:<22} {row.get('eval_status', ''):<14} {row['name']}")
+        if args.dry_run:
+            print("    " + " ".join(row["train_cmd"][1:]))
+    failed = [r for r in rows if "failed" in r["status"] or "failed" in r.get("eval_status", "")]
+    print(f"{len(rows)} runs, {len(failed)} failed; results in {out}")
+    return 1 if failed else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="run a grid of training runs (resumable)")
+    p.add_argument("sweep", help="a sweep TOML file, or a name under recipes/sweeps/")
+    p.add_argument("--out", default=None, help="sweep folder (default sweeps/<file stem>)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and commands only")
+    p.add_argument("--only", default=None, help="run only runs whose name contains this text")
+    p.set_defaults(func=_cmd_sweep)
+    from loopedlm.report import register as register_report
+
+    register_report(subparsers)

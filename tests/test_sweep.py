@@ -1,0 +1,129 @@
+"""Sweep files, run expansion and the report (on synthetic run folders)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from loopedlm.report import write_report
+from loopedlm.sweep import Sweep, run_sweep
+
+SWEEP = """
+[sweep]
+experiment = "loop_scaling"
+recipe = "tiny"
+seeds = [0, 1]
+[train]
+steps = 3
+[grid]
+"model.loop_mode" = ["lt", "flt"]
+"model.n_loops" = [2, 3]
+[[runs]]
+"model.loop_mode" = "flt_res"
+"model.n_loops" = 3
+[eval]
+loops = [1, 3]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return path
+
+
+def test_expand_grid_runs_and_seeds(tmp_path):
+    sweep = Sweep.load(write(tmp_path, SWEEP))
+    specs = sweep.expand()
+    assert len(specs) == (4 + 1) * 2
+    names = [s.name for s in specs]
+    assert len(set(names)) == len(names)
+    assert "loop_mode=lt,n_loops=2,seed=1" in names
+    flt_res = [s for s in specs if "flt_res" in s.name][0]
+    assert flt_res.settings == {"steps": 3, "model.loop_mode": "flt_res", "model.n_loops": 3,
+                                "seed": 0}
+    assert '--model.loop_mode="flt_res"' in flt_res.train_args()
+
+
+def test_dry_run_lists_commands(tmp_path):
+    sweep = Sweep.load(write(tmp_path, SWEEP))
+    rows = run_sweep(sweep, tmp_path / "out", dry_run=True)
+    assert len(rows) == 10 and all(r["status"] == "planned" for r in rows)
+    cmd = rows[0]["train_cmd"]
+    assert cmd[1:4] == ["-m", "loopedlm", "train"] and "--steps=3" in cmd
+    assert rows[0]["eval_cmd"][-2:] == ["--loops", "1,3"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[sweeps]\nx=1\n", "unknown section"),
+    ("[sweep]\nexperment='x'\n", "unknown \\[sweep\\] key"),
+    ("[grid]\n'model.n_loops' = []\n", "non-empty list"),
+    ("[sweep]\nseeds = 3\n", "seeds=3"),
+    ("[eval]\nloop = [1]\n", "unknown \\[eval\\] key"),
+    ("[sweep\n", "not valid TOML"),
+])
+def test_bad_sweep_files(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        Sweep.load(write(tmp_path, text))
+
+
+def test_missing_sweep_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Sweep.load(tmp_path / "nope.toml")
+
+
+def fake_run(sweep_dir: Path, name: str, settings: dict, *, bpb: float, status="completed",
+             steps=5, eval_loops=(1, 3)):
+    run = sweep_dir / name
+    run.mkdir(parents=True)
+    records = []
+    for step in range(1, steps + 1):
+        loss = bpb * 3 + 1 / step
+        records.append({"step": step, "loss": loss if status == "completed" or step < steps
+                        else math.inf, "residual_norm": [1.0 + step, 2.0 * step],
+                        "grad_norm/first_mlp": 0.5 / step})
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "summary.json").write_text(json.dumps({
+        "status": status, "step": steps, "final_loss": records[-1]["loss"],
+        "val_bpb": bpb if status == "completed" else None, "total_wall_time_s": 1.0,
+        "params": 1000, "collapse": {"status": "ok" if status == "completed" else "collapsed"}}))
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps({"loops": {
+        str(n): {"val_bpb": bpb + 0.1 / n, "hellaswag": 0.25 + 0.01 * n} for n in eval_loops}}))
+    return {"name": name, "settings": settings, "status": status}
+
+
+@pytest.mark.parametrize("experiment", ["loop_scaling", "stability", "attention", "test_time",
+                                        "residual_scaling", "custom"])
+def test_report_writes_tables_and_figures(tmp_path, experiment):
+    rows = []
+    for mode in ["lt", "flt"]:
+        for n in [2, 3]:
+            for seed in [0, 1]:
+                for lr in [0.5, 1.0]:
+                    settings = {"model.loop_mode": mode, "model.n_loops": n, "seed": seed,
+                                "optim.lr_scale": lr, "model.residual_scale": "inv_loops"}
+                    name = f"{mode}-{n}-{seed}-{lr}"
+                    status = "collapsed" if (mode == "lt" and n == 3) else "completed"
+                    rows.append(fake_run(tmp_path, name, settings, bpb=2.0 - 0.1 * n * lr,
+                                         status=status))
+    (tmp_path / "sweep.json").write_text(json.dumps({"experiment": experiment, "runs": rows,
+                                                     "command": "loopedlm sweep x"}))
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert "## All runs" in text and text.count("| lt-3-0-0.5 | collapsed |") == 1
+    for image in [line.split("(")[1].rstrip(")") for line in text.splitlines()
+                  if line.startswith("![")]:
+        assert (tmp_path / image).stat().st_size > 1000
+    if experiment == "loop_scaling":
+        assert "Validation bits-per-byte" in text and "hellaswag" in text
+    if experiment == "stability":
+        assert "Collapse by configuration" in text
+    if experiment == "residual_scaling":
+        assert "| inv_loops | 2 | 1 |" in text  # lower bpb at lr 1.0 in the fake data
+
+
+def test_report_needs_a_sweep(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sweep.json"):
+        write_report(tmp_path)
