@@ -9,6 +9,7 @@ unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 
 from loopedlm.config import ModelConfig
 from loopedlm.model import LoopedGPT
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPES = {"FLT": "flt", "FLT_res": "flt_res", "LT": "lt", "LT_i": "lti", "LT_ia": "ltai"}
 LOSS_TYPES = {"END": "last", "STEP": "all", "FEW": "last_third"}
@@ -33,6 +36,13 @@ def config_from_nanochat(model_config: dict[str, Any]) -> ModelConfig:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not supported: choose one of "
                          f"{sorted(LOSS_TYPES)}")
+    loss_loops = LOSS_TYPES[loss_type]
+    if model_type in ("LT_i", "LT_ia") and loss_loops != "last":
+        # Their LT_i/LT_ia branches supervise only the last loop whatever loss_type says;
+        # importing as "last" keeps a continued run identical to theirs.
+        log.warning("model_type=%s ignores loss_type=%s in the authors' code (only the last "
+                    "loop is supervised): importing with loss_loops='last'", model_type, loss_type)
+        loss_loops = "last"
     missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in model_config]
     if missing:
         raise ValueError(f"model_config lacks required field(s) {missing}")
@@ -45,7 +55,7 @@ def config_from_nanochat(model_config: dict[str, Any]) -> ModelConfig:
         n_kv_head=model_config.get("n_kv_head", model_config["n_head"]),
         loop_mode=MODEL_TYPES[model_type],
         n_loops=model_config.get("K", 1),
-        loss_loops=LOSS_TYPES[loss_type],
+        loss_loops=loss_loops,
         attn_type=model_config.get("attn_type", "full"),
         kv_rank=model_config.get("kv_lora_rank", 128),
         window_pattern=model_config.get("window_pattern", "L"),

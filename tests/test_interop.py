@@ -14,6 +14,16 @@ from loopedlm.interop import (
 )
 
 
+@pytest.mark.parametrize("model_type,loss_type,expected", [
+    ("FLT", "STEP", "all"), ("LT", "FEW", "last_third"), ("FLT_res", "END", "last"),
+    ("LT_i", "STEP", "last"), ("LT_ia", "FEW", "last")])
+def test_loss_type_mapping_follows_what_their_code_trains(model_type, loss_type, expected):
+    """Their LT_i / LT_ia branches supervise only the last loop, whatever loss_type says."""
+    cfg = config_from_nanochat({"model_type": model_type, "loss_type": loss_type, "K": 5,
+                                "n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 10})
+    assert cfg.loss_loops == expected
+
+
 @pytest.mark.parametrize("model_type", list(MODEL_TYPES))
 def test_round_trip_gives_identical_logits(tmp_path, model_type):
     model = tiny_model(loop_mode=MODEL_TYPES[model_type], n_loops=3, n_head=4, n_kv_head=2,
