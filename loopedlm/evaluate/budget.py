@@ -1,0 +1,225 @@
+"""Budget evaluation (SPEC 7): one checkpoint, every metric at every loop count, in one run.
+
+The same weights run at each `n_loops` (the forward pass takes the loop count as an
+argument). The results go to `results.json`, a Markdown table `results.md`, and
+`budget.png`, metric against loop count (the paper's Figure 5). A metric that fails at some
+loop count is recorded under `errors` and the others carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from loopedlm.evaluate.core import core_metric, evaluate_task
+from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, load_task
+
+logger = logging.getLogger(__name__)
+
+PAPER_LOOPS = (1, 3, 6, 9, 12)
+CORE_TASK_COUNT = len(CORE_TASKS)  # 22
+
+
+def parse_loops(text: str | Sequence[int]) -> list[int]:
+    """"1,3,6" -> [1, 3, 6]; every loop count must be an integer >= 1."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    loops = []
+    for part in parts:
+        try:
+            n = int(str(part).strip())
+        except ValueError:
+            raise ValueError(f"loop count {str(part).strip()!r} is not an integer; give a comma "
+                             f"list such as 1,3,6,9,12") from None
+        if n < 1:
+            raise ValueError(f"loop count {n} is not allowed: loop counts must be >= 1")
+        if n not in loops:
+            loops.append(n)
+    if not loops:
+        raise ValueError(f"no loop counts in {text!r}")
+    return loops
+
+
+def evaluate_budget(model: Any, tokenizer: Any, loops: Sequence[int], *,
+                    tasks: Sequence[str] = (), data_dir: str | Path | None = None,
+                    wikitext: str | Path | None = None, max_examples: int | None = 200,
+                    val_batches: int | None = 20, batch_size: int = 8,
+                    device: str = "cpu",
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate `model` at each loop count; returns the results dict written by
+    `write_budget_outputs` (metrics[name][str(n_loops)] = value)."""
+    loops = parse_loops(list(loops))
+    say = progress or logger.info
+    results: dict[str, Any] = {
+        "loops": loops, "metrics": {}, "tasks": {}, "errors": [], "wall_time_s": {},
+        "settings": {"tasks": list(tasks), "max_examples": max_examples,
+                     "val_batches": val_batches, "batch_size": batch_size,
+                     "data_dir": str(data_dir) if data_dir else None,
+                     "wikitext": str(wikitext) if wikitext else None},
+    }
+
+    def record(metric: str, n: int, value: float) -> None:
+        results["metrics"].setdefault(metric, {})[str(n)] = value
+
+    def error(metric: str, n: int | None, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {exc}"
+        logger.warning("%s%s failed: %s", metric, "" if n is None else f" at N={n}", msg)
+        results["errors"].append({"metric": metric, "n_loops": n, "error": msg})
+
+    loaded = {}
+    for name in tasks:  # load once, reuse at every loop count
+        try:
+            loaded[name] = load_task(name)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            error(f"task/{name}", None, exc)
+    text = None
+    if wikitext is not None:
+        try:
+            from loopedlm.evaluate.perplexity import read_wikitext
+            text = read_wikitext(wikitext)
+        except (ValueError, FileNotFoundError) as exc:
+            error("wikitext", None, exc)
+
+    start_all = time.perf_counter()
+    for n in loops:
+        start = time.perf_counter()
+        if data_dir is not None:
+            try:
+                from loopedlm.evaluate.perplexity import evaluate_val_shard
+                val = evaluate_val_shard(model, tokenizer, data_dir, n_loops=n,
+                                         batch_size=batch_size, max_batches=val_batches,
+                                         device=device)
+                record("val_bpb", n, val["bpb"])
+                record("val_ppl", n, val["ppl"])
+                say(f"N={n} val_bpb={val['bpb']:.4f} val_ppl={val['ppl']:.2f}")
+            except Exception as exc:  # noqa: BLE001 - one metric must not lose the others
+                error("val", n, exc)
+        if text is not None:
+            try:
+                from loopedlm.evaluate.perplexity import evaluate_text
+                wt = evaluate_text(model, tokenizer, text, n_loops=n, batch_size=batch_size,
+                                   device=device)
+                record("wikitext_ppl", n, wt["ppl"])
+                record("wikitext_bpb", n, wt["bpb"])
+                say(f"N={n} wikitext_ppl={wt['ppl']:.2f}")
+            except Exception as exc:  # noqa: BLE001
+                error("wikitext", n, exc)
+        task_results = {}
+        for name, (spec, items) in loaded.items():
+            try:
+                r = evaluate_task(model, tokenizer, spec, items, n_loops=n,
+                                  max_examples=max_examples, device=device)
+                task_results[name] = r
+                results["tasks"].setdefault(name, {})[str(n)] = r
+                record(f"acc/{name}", n, r["accuracy"])
+                say(f"N={n} {name}: acc={r['accuracy']:.4f} ({r['n']} examples)")
+            except Exception as exc:  # noqa: BLE001
+                error(f"task/{name}", n, exc)
+        core_results = {k: v for k, v in task_results.items() if k in CORE_TASKS}
+        if core_results:
+            record("core", n, core_metric(core_results))
+            results.setdefault("core_tasks", {})[str(n)] = sorted(core_results)
+        results["wall_time_s"][str(n)] = time.perf_counter() - start
+    results["total_wall_time_s"] = time.perf_counter() - start_all
+    results["core_missing"] = [t for t in CORE_TASKS if t not in
+                               {t for ts in results.get("core_tasks", {}).values() for t in ts}]
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def _label(metric: str, results: dict[str, Any]) -> str:
+    if metric == "core":
+        counts = {len(v) for v in results.get("core_tasks", {}).values()}
+        k = max(counts) if counts else 0
+        return f"CORE ({k}/{CORE_TASK_COUNT} tasks present)" if k < CORE_TASK_COUNT else "CORE"
+    if metric.startswith("acc/"):
+        name = metric[4:]
+        alias = next((a for a, t in DOWNSTREAM_TASKS.items() if t == name), None)
+        return f"{name} acc" + (f" (paper: {alias})" if alias and alias != name else "")
+    return metric
+
+
+def _ordered_metrics(results: dict[str, Any]) -> list[str]:
+    metrics = list(results["metrics"])
+    head = [m for m in ("val_bpb", "val_ppl", "wikitext_ppl", "wikitext_bpb", "core")
+            if m in metrics]
+    downstream = [f"acc/{t}" for t in DOWNSTREAM_TASKS.values() if f"acc/{t}" in metrics]
+    return head + downstream + [m for m in metrics if m not in head and m not in downstream]
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Metrics as rows, loop counts as columns."""
+    loops = results["loops"]
+    lines = ["| metric | " + " | ".join(f"N={n}" for n in loops) + " |",
+             "|---|" + "---:|" * len(loops)]
+    for metric in _ordered_metrics(results):
+        values = results["metrics"][metric]
+        lines.append(f"| {_label(metric, results)} | "
+                     + " | ".join(_fmt(values.get(str(n))) for n in loops) + " |")
+    out = "\n".join(lines) + "\n"
+    if results.get("core_missing"):
+        out += f"\nCORE tasks not evaluated: {', '.join(results['core_missing'])}\n"
+    if results.get("errors"):
+        out += "\nErrors:\n" + "".join(
+            f"- {e['metric']}" + (f" (N={e['n_loops']})" if e["n_loops"] is not None else "")
+            + f": {e['error']}\n" for e in results["errors"])
+    times = results.get("wall_time_s", {})
+    if times:
+        out += "\nWall time (s): " + ", ".join(f"N={n}: {t:.1f}" for n, t in times.items()) + "\n"
+    return out
+
+
+def plot_budget(results: dict[str, Any], path: str | Path) -> Path:
+    """One panel per metric, value against loop count (the paper's Figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = _ordered_metrics(results)
+    if not metrics:
+        raise ValueError("no metric to plot: every metric failed or none was asked for")
+    cols = min(4, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        values = results["metrics"][metric]
+        xs = [n for n in results["loops"] if str(n) in values]
+        ax.plot(xs, [values[str(n)] for n in xs], marker="o")
+        ax.set_title(_label(metric, results), fontsize=9)
+        ax.set_xlabel("loops N")
+        ax.set_xticks(results["loops"])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_budget_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write results.json, results.md and budget.png into `out_dir`."""
+    from loopedlm.checkpoint import atomic_write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md",
+             "png": out_dir / "budget.png"}
+    atomic_write_json(paths["json"], results)
+    paths["md"].write_text(markdown_table(results), encoding="utf-8")
+    try:
+        plot_budget(results, paths["png"])
+    except ValueError as exc:
+        logger.warning("no plot: %s", exc)
+        del paths["png"]
+    return paths

@@ -1,0 +1,95 @@
+"""Budget evaluation and `loopedlm eval`: every metric at every loop count, outputs, a failing
+task keeps the others, bad input gives one clear error line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_eval_support import ByteTokenizer, tiny_random_model
+
+from loopedlm.cli import main
+from loopedlm.evaluate import budget
+from loopedlm.evaluate.core import TaskSpec
+
+WIKI = " = Valkyria Chronicles = \n \n The game began development in 2010 . \n" * 4
+
+
+def synthetic_task(name):
+    items = [{"query": f"Q{i}:", "choices": ["yes", "no"], "gold": i % 2} for i in range(6)]
+    return TaskSpec(name, "multiple_choice", 1, " ", 0.5), items
+
+
+def test_budget_outputs_every_metric_at_every_loop_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "load_task", synthetic_task)
+    real = budget.evaluate_task
+
+    def flaky(model, tok, spec, items, **kw):
+        if spec.name == "bad":
+            raise RuntimeError("boom")
+        return real(model, tok, spec, items, **kw)
+
+    monkeypatch.setattr(budget, "evaluate_task", flaky)
+    wiki = tmp_path / "wiki.valid.raw"
+    wiki.write_text(WIKI)
+    model = tiny_random_model(sequence_len=64)
+    results = budget.evaluate_budget(model, ByteTokenizer(), [1, 3], tasks=["piqa", "bad"],
+                                     wikitext=wiki, max_examples=4)
+    assert set(results["metrics"]["wikitext_ppl"]) == {"1", "3"}
+    assert set(results["metrics"]["acc/piqa"]) == {"1", "3"}
+    assert results["metrics"]["core"]["1"] == pytest.approx(
+        results["tasks"]["piqa"]["1"]["centered"])
+    assert [e["metric"] for e in results["errors"]] == ["task/bad", "task/bad"]
+    paths = budget.write_budget_outputs(results, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["loops"] == [1, 3]
+    md = paths["md"].read_text()
+    assert "| metric | N=1 | N=3 |" in md and "CORE (1/22 tasks present)" in md and "boom" in md
+    assert paths["png"].stat().st_size > 1000
+
+
+def test_parse_loops():
+    assert budget.parse_loops("1,3, 6,3") == [1, 3, 6]
+    for bad, msg in [("0,3", "must be >= 1"), ("1,x", "'x' is not an integer"), ("", "not an integer")]:
+        with pytest.raises(ValueError, match=msg):
+            budget.parse_loops(bad)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tokmod = pytest.importorskip("loopedlm.tokenizer")
+    from loopedlm.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("run")
+    tok = tokmod.train_tokenizer([WIKI, "The quick brown fox jumps over the lazy dog. " * 20], 300)
+    tok.save(root / "tokenizer")
+    model = tiny_random_model(vocab_size=tok.vocab_size, sequence_len=64)
+    save_model(root / "checkpoints" / "step_000010", model, {"step": 10})
+    (root / "wiki.valid.raw").write_text(WIKI)
+    return root
+
+
+def test_cli_eval_writes_the_budget_table(run_dir, tmp_path, capsys):
+    rc = main(["eval", str(run_dir), "--loops", "1,2", "--tasks", "none", "--wikitext",
+               str(run_dir / "wiki.valid.raw"), "--out", str(tmp_path / "ev")])
+    assert rc == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(results["metrics"]["wikitext_ppl"]) == {"1", "2"}
+    assert (tmp_path / "ev" / "budget.png").exists()
+    assert "| wikitext_ppl |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loops", "0"], "loop count 0 is not allowed"),
+    (["--tasks", "arc_easyy"], "did you mean 'arc_easy'"),
+    (["--wikitext", "/nonexistent/wiki.raw"], "does not exist"),
+])
+def test_cli_bad_input(run_dir, capsys, args, message):
+    assert main(["eval", str(run_dir), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_not_a_run(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--tasks", "none"]) == 2
+    assert "is not a loopedlm run or checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
