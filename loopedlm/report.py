@@ -100,37 +100,21 @@ def mean_std(values: list[float]) -> str:
 
 
 def eval_metric(run: dict[str, Any], n_loops: int, metric: str) -> float | None:
-    """A metric from eval/results.json at a loop count (None if absent)."""
-    results = run["eval"]
-    if not results:
-        return None
-    per_loop = results.get("loops") or results.get("results") or {}
-    entry = per_loop.get(str(n_loops)) if isinstance(per_loop, dict) else None
-    if entry is None and isinstance(per_loop, list):
-        entry = next((e for e in per_loop if e.get("n_loops") == n_loops), None)
-    if not entry:
-        return None
-    value = entry.get(metric)
-    if isinstance(value, dict):
-        value = value.get("value", value.get("accuracy"))
+    """A metric of eval/results.json (`metrics[name][str(n_loops)]`) or None if absent."""
+    value = ((run["eval"] or {}).get("metrics", {}).get(metric) or {}).get(str(n_loops))
     return float(value) if isinstance(value, int | float) else None
 
 
 def eval_loops(run: dict[str, Any]) -> list[int]:
-    results = run["eval"] or {}
-    per_loop = results.get("loops") or results.get("results") or {}
-    if isinstance(per_loop, dict):
-        return sorted(int(k) for k in per_loop if str(k).isdigit())
-    return sorted(e["n_loops"] for e in per_loop if "n_loops" in e)
+    return sorted((run["eval"] or {}).get("loops", []))
 
 
 def eval_metric_names(runs: list[dict[str, Any]]) -> list[str]:
     names: list[str] = []
     for run in runs:
-        for n in eval_loops(run):
-            for metric in (run["eval"].get("loops") or run["eval"].get("results"))[str(n)]:
-                if metric not in names and eval_metric(run, n, metric) is not None:
-                    names.append(metric)
+        for metric in (run["eval"] or {}).get("metrics", {}):
+            if metric not in names:
+                names.append(metric)
     return names
 
 

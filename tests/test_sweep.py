@@ -89,8 +89,9 @@ def fake_run(sweep_dir: Path, name: str, settings: dict, *, bpb: float, status="
         "val_bpb": bpb if status == "completed" else None, "total_wall_time_s": 1.0,
         "params": 1000, "collapse": {"status": "ok" if status == "completed" else "collapsed"}}))
     (run / "eval").mkdir()
-    (run / "eval" / "results.json").write_text(json.dumps({"loops": {
-        str(n): {"val_bpb": bpb + 0.1 / n, "hellaswag": 0.25 + 0.01 * n} for n in eval_loops}}))
+    (run / "eval" / "results.json").write_text(json.dumps({"loops": list(eval_loops), "metrics": {
+        "val_bpb": {str(n): bpb + 0.1 / n for n in eval_loops},
+        "hellaswag": {str(n): 0.25 + 0.01 * n for n in eval_loops}}}))
     return {"name": name, "settings": settings, "status": status}
 
 
