@@ -1,0 +1,311 @@
+"""Generation (issue 6): sampling, streaming, stop tokens, ragged batches, adaptive loops,
+shared cache slots, bad input and the `loopedlm sample` command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_kv_cache import make_model as cache_test_model
+
+from loopedlm import KVCache, LoopedGPT
+from loopedlm.generate import (
+    AdaptiveLoops,
+    decode_nll,
+    decode_step,
+    generate,
+    loop_slot_map,
+    sample_next,
+    stream,
+)
+
+
+def make_model(mode: str = "flt", seed: int = 0, std: float = 0.1, **overrides) -> LoopedGPT:
+    """Tiny model with random non-zero weights, full attention, a 32-token context."""
+    return cache_test_model(mode, "mha", seed, std, **{"sequence_len": 32, **overrides})
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer: one token per byte, BOS = 256 (the shared contract's API)."""
+
+    vocab_size, bos_id = 257, 256
+    special_ids = {256}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+# ---- sampling ---------------------------------------------------------------------------
+@torch.no_grad()
+def test_greedy_generation_equals_argmax_of_full_recomputation():
+    model = make_model("lti")
+    prompt = [3, 14, 15, 9, 2]
+    out = generate(model, prompt, max_tokens=8, temperature=0, n_loops=4)
+    seq = list(prompt)
+    for tok in out.tokens[0]:
+        expected = model(torch.tensor([seq]), n_loops=4)[0, -1].argmax().item()
+        assert tok == expected
+        seq.append(tok)
+    assert out.finish_reasons == ["length"] and out.loops == [[4] * 8]
+
+
+def test_same_seed_same_text_and_different_seed_differs():
+    model = make_model(std=0.02)  # flat distributions: sampling really varies
+    a = generate(model, [1, 2, 3], max_tokens=12, seed=7)
+    b = generate(model, [1, 2, 3], max_tokens=12, seed=7)
+    c = generate(model, [1, 2, 3], max_tokens=12, seed=8)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 10), p=st.floats(0.01, 1.0), seed=st.integers(0, 1000))
+def test_top_k_and_top_p_only_sample_inside_their_sets(k, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 20, generator=gen) * 3
+    tokens = torch.stack([sample_next(logits, top_k=k, top_p=p, generator=gen)
+                          for _ in range(20)], 1)
+    probs = logits.softmax(-1)
+    for row in range(4):
+        top = set(torch.topk(logits[row], k).indices.tolist())
+        order = probs[row].argsort(descending=True)
+        before = probs[row][order].cumsum(0) - probs[row][order]
+        nucleus = set(order[before < p].tolist())
+        assert set(tokens[row].tolist()) <= top
+        # (top-k then renormalised nucleus is a subset of the plain nucleus of the top-k)
+        kept = top if k < 20 else set(range(20))
+        assert set(tokens[row].tolist()) <= kept
+        if k >= 20:
+            assert set(tokens[row].tolist()) <= nucleus
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(3, 30)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, top_k=1), greedy)
+    assert torch.equal(sample_next(logits, top_p=1e-9), greedy)
+    assert torch.equal(sample_next(logits, temperature=0), greedy)
+
+
+# ---- batching, stopping, streaming -------------------------------------------------------
+@torch.no_grad()
+def test_ragged_batch_generates_what_each_prompt_generates_alone():
+    model = make_model("ltai", window_pattern="SL", sequence_len=32)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [4], [20, 21, 22]]
+    batch = generate(model, prompts, max_tokens=6, temperature=0)
+    for r, prompt in enumerate(prompts):
+        alone = generate(model, prompt, max_tokens=6, temperature=0)
+        assert batch.tokens[r] == alone.tokens[0]
+
+
+def test_stop_token_ends_the_row_and_is_not_emitted():
+    model = make_model("flt")
+    free = generate(model, [1, 2], max_tokens=10, temperature=0).tokens[0]
+    stop = free[3]
+    cut = free.index(stop)
+    out = generate(model, [1, 2], max_tokens=10, temperature=0, stop=[stop])
+    assert out.tokens[0] == free[:cut]
+    assert out.finish_reasons == ["stop"]
+
+
+def test_stream_yields_the_tokens_generate_returns():
+    model = make_model("lt")
+    opts = dict(max_tokens=7, seed=3)
+    events = list(stream(model, [[1, 2], [3]], **opts))
+    result = generate(model, [[1, 2], [3]], **opts)
+    assert len(events) == 7
+    streamed = [[e.tokens[r] for e in events if e.tokens[r] is not None] for r in range(2)]
+    assert streamed == result.tokens
+    assert all(events[-1].done)
+
+
+def test_text_prompts_stop_strings_and_context_limit():
+    tok = ByteTokenizer()
+    model = make_model("flt", vocab_size=257, sequence_len=16)
+    out = generate(model, ["hi there"], tokenizer=tok, max_tokens=50, temperature=0)
+    # 9 prompt tokens (BOS + 8 bytes): 16 - 9 + 1 tokens fit in the context
+    assert len(out.tokens[0]) == 8 and out.finish_reasons == ["context"]
+    assert out.texts == [tok.decode(out.tokens[0])]
+    first = out.tokens[0][0]
+    if first < 128:  # a one-byte character is a single token, so it works as a stop string
+        stopped = generate(model, "hi there", tokenizer=tok, max_tokens=5, temperature=0,
+                           stop=chr(first))
+        assert stopped.tokens == [[]] and stopped.finish_reasons == ["stop"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[list(range(1, 40))]), "longer than the model's context"),
+    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[]), "empty"),
+    (dict(prompts=[[1, 99]]), "token id 99"),
+    (dict(n_loops=0), "n_loops=0"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(top_k=0), "top_k=0"),
+    (dict(max_tokens=0), "max_tokens=0"),
+    (dict(stop=[999]), "unknown stop token 999"),
+    (dict(stop="x"), "stop='x'"),
+    (dict(adaptive_threshold=-0.1), "adaptive_threshold=-0.1"),
+    (dict(adaptive_threshold=0.1, adaptive_criterion="entropy"), "entropy"),
+    (dict(cache_slots=0), "cache_slots=0"),
+    (dict(cache_slots=1, slot_policy="random"), "random"),
+])
+def test_bad_input_is_a_value_error_naming_the_value(kwargs, match):
+    model = make_model()
+    kwargs = {"prompts": [[1, 2]], **kwargs}
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompts, **kwargs)
+
+
+def test_multi_token_stop_string_is_rejected():
+    model = make_model(vocab_size=257)
+    with pytest.raises(ValueError, match="'ab' is not a single token"):
+        generate(model, "x", tokenizer=ByteTokenizer(), stop="ab")
+
+
+# ---- adaptive loops -----------------------------------------------------------------------
+def _prefilled(model, prompt, n_loops, **cache_kw):
+    cache = KVCache.for_model(model.config, prompt.size(0), n_loops=n_loops, **cache_kw)
+    model(prompt, n_loops=n_loops, kv_cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("mode", ["lt", "lti", "ltai", "flt_res", "flt"])
+@torch.no_grad()
+def test_adaptive_with_zero_threshold_is_the_exact_fixed_decode(mode):
+    model = make_model(mode)
+    idx = torch.randint(0, 53, (2, 12))
+    fixed = decode_nll(model, idx, n_loops=4)
+    adaptive = decode_nll(model, idx, n_loops=4, adaptive=AdaptiveLoops(0.0))
+    full = model(idx[:, :-1], idx[:, 1:], n_loops=4)
+    torch.testing.assert_close(fixed.nll.mean(), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(adaptive.nll, fixed.nll, atol=1e-5, rtol=0)
+    assert (adaptive.loops == 4).all()
+
+
+@pytest.mark.parametrize("mode", ["lt", "flt"])
+@torch.no_grad()
+def test_converged_token_skips_loops_and_fills_their_cache_entries(mode):
+    """With an infinite threshold every token stops after min_loops: its logits are those
+    of the model run at that loop count (loop t depends on loops <= t only), the blocks ran
+    only min_loops times, and the skipped loops' entries hold the last computed loop's."""
+    model = make_model(mode)
+    n_loops, min_loops = 5, 2
+    idx = torch.randint(0, 53, (2, 9))
+    cache = _prefilled(model, idx[:, :8], n_loops)
+    rows_run = []
+    hook = model.transformer.h[0].register_forward_hook(
+        lambda m, inp, out: rows_run.append(inp[0].size(0)))
+    logits, spent = decode_step(model, idx[:, 8:], cache,
+                                adaptive=AdaptiveLoops(float("inf"), min_loops=min_loops))
+    hook.remove()
+    assert spent.tolist() == [min_loops, min_loops]
+    assert rows_run == [2] * min_loops
+    expected = model(idx, n_loops=min_loops)[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    for loop in range(min_loops, n_loops):
+        assert torch.equal(cache.k[loop, :, :, :, 8], cache.k[min_loops - 1, :, :, :, 8])
+        assert torch.equal(cache.v[loop, :, :, :, 8], cache.v[min_loops - 1, :, :, :, 8])
+    assert cache.pos == 9
+
+
+@pytest.mark.parametrize("criterion", ["state", "kl"])
+@torch.no_grad()
+def test_adaptive_batch_rows_equal_single_rows(criterion):
+    """Rows that converge leave the batch; every row must get what it gets alone, and the
+    test needs a threshold at which the rows really stop at different loops."""
+    model = make_model("flt", std=0.3)
+    idx = torch.randint(0, 53, (4, 10), generator=torch.Generator().manual_seed(5))
+    mixed = None
+    for threshold in [10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4]:
+        score = decode_nll(model, idx, n_loops=6, adaptive=AdaptiveLoops(threshold, criterion))
+        if len(set(score.loops[:, 1:].flatten().tolist())) > 1:
+            mixed = threshold
+            break
+    assert mixed is not None, "no threshold gave rows different loop counts"
+    batched = decode_nll(model, idx, n_loops=6, adaptive=AdaptiveLoops(mixed, criterion))
+    for r in range(4):
+        alone = decode_nll(model, idx[r:r + 1], n_loops=6, adaptive=AdaptiveLoops(mixed, criterion))
+        torch.testing.assert_close(batched.nll[r], alone.nll[0], atol=1e-5, rtol=0)
+        assert torch.equal(batched.loops[r], alone.loops[0])
+
+
+@torch.no_grad()
+def test_adaptive_ragged_batch_generates_what_each_prompt_generates_alone():
+    """Left padding gives every row its own positions and masks; the rows still looping
+    must keep theirs when converged rows leave the batch."""
+    model = make_model("flt", std=0.3, window_pattern="SL", sequence_len=32)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [4], [20, 21, 22], [30, 31]]
+    opts = dict(max_tokens=8, temperature=0, n_loops=6)
+    for threshold in [1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3]:
+        batch = generate(model, prompts, adaptive_threshold=threshold, **opts)
+        if len({n for row in batch.loops for n in row[1:]}) > 1:
+            break
+    else:
+        pytest.fail("no threshold gave rows different loop counts")
+    for r, prompt in enumerate(prompts):
+        alone = generate(model, prompt, adaptive_threshold=threshold, **opts)
+        assert batch.tokens[r] == alone.tokens[0]
+        assert batch.loops[r] == alone.loops[0]
+
+
+def test_generate_reports_adaptive_loops():
+    model = make_model("flt")
+    out = generate(model, [1, 2, 3], max_tokens=6, n_loops=4, temperature=0,
+                   adaptive_threshold=float("inf"))
+    assert out.loops[0] == [4] + [2] * 5  # the first token comes from the full prefill
+    assert out.mean_loops == pytest.approx((4 + 10) / 6)
+
+
+# ---- shared cache slots -------------------------------------------------------------------
+@given(n_loops=st.integers(1, 12), slots=st.integers(1, 12),
+       policy=st.sampled_from(["block", "modulo"]))
+def test_loop_slot_map_uses_every_slot_and_keeps_order(n_loops, slots, policy):
+    mapping = loop_slot_map(n_loops, slots, policy)
+    assert len(mapping) == n_loops
+    assert set(mapping) == set(range(min(slots, n_loops)))
+    if policy == "block":
+        assert mapping == sorted(mapping)  # loops that share a slot are neighbours
+
+
+@torch.no_grad()
+def test_shared_slots_change_decoding_but_not_a_full_slot_count():
+    model = make_model("flt")
+    idx = torch.randint(0, 53, (1, 12))
+    exact = decode_nll(model, idx, n_loops=4)
+    same = decode_nll(model, idx, n_loops=4, cache_slots=4)
+    shared = decode_nll(model, idx, n_loops=4, cache_slots=2)
+    torch.testing.assert_close(same.nll, exact.nll, atol=0, rtol=0)
+    assert not torch.allclose(shared.nll, exact.nll, atol=1e-5)
+    # the first prediction comes from the prefill alone, which is exact
+    torch.testing.assert_close(shared.nll[:, 0], exact.nll[:, 0], atol=1e-6, rtol=0)
+
+
+# ---- the CLI ------------------------------------------------------------------------------
+def test_sample_command_streams_from_a_run(tmp_path, capsys):
+    from loopedlm.checkpoint import save_model
+    from loopedlm.cli import main
+    from loopedlm.tokenizer import train_tokenizer
+
+    texts = ["To be, or not to be, that is the question."] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    model = make_model("flt", vocab_size=tokenizer.vocab_size, sequence_len=64)
+    run = tmp_path / "run"
+    save_model(run / "checkpoints" / "step_000010", model)
+    tokenizer.save(run / "tokenizer")
+    args = [str(run), "--prompt", "To be", "--n-loops", "2", "--max-tokens", "5",
+            "--seed", "1", "--temperature", "0"]
+    assert main(["sample", *args]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("To be") and "tokens/s" in err
+    expected = generate(model, "To be", tokenizer=tokenizer, n_loops=2, max_tokens=5,
+                        temperature=0, stop=[tokenizer.bos_id])
+    assert out == "To be" + expected.texts[0] + "\n"
+    assert main(["sample", *args, "--top-p", "2"]) == 2
+    assert "top_p=2.0" in capsys.readouterr().err
