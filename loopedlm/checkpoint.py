@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,69 @@ def find_tokenizer_dir(path: str | Path) -> Path | None:
         if (candidate / "tokenizer").is_dir():
             return candidate / "tokenizer"
     return None
+
+
+# ---- training checkpoints (loopedlm.train) -------------------------------------------
+TRAIN_STATE_FILE = "train_state.pt"  # optimizer + RNG tensors (torch.save; weights_only load)
+TRAIN_META_FILE = "train_state.json"  # step, data-loader states, collapse detector
+# tests: "SECONDS" or "SECONDS@STEP": sleep mid-save (of that step) so a test can kill -9 it
+SAVE_SLEEP_ENV = "LOOPEDLM_TEST_SAVE_SLEEP"
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, model: LoopedGPT, *,
+                             meta: dict[str, Any], tensor_state: dict[str, Any],
+                             json_state: dict[str, Any], keep_last: int | None = None) -> Path:
+    """Write `RUN/checkpoints/step_XXXXXX/` atomically: everything goes into a hidden
+    temporary folder that is renamed into place only when complete, so a crash while
+    saving never damages the previous checkpoint. Then keep only the newest `keep_last`."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step_{step:06d}"
+    if final.exists():
+        return final
+    tmp = ckpt_dir / f".tmp_step_{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(tmp, model, meta)
+    torch.save(tensor_state, tmp / TRAIN_STATE_FILE)
+    seconds, _, at_step = os.environ.get(SAVE_SLEEP_ENV, "").partition("@")
+    if seconds and (not at_step or int(at_step) == step):
+        time.sleep(float(seconds))
+    atomic_write_json(tmp / TRAIN_META_FILE, json_state)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    if keep_last is not None and keep_last > 0:
+        for old in sorted(ckpt_dir.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def latest_training_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that holds the full training state, or None."""
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    complete = [c for c in ckpts if all((c / f).exists() for f in
+                                        (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE, TRAIN_META_FILE))]
+    return complete[-1] if complete else None
+
+
+def load_training_state(folder: str | Path, device: str | torch.device = "cpu"
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(model state dict, tensor state, JSON state) of a training checkpoint."""
+    folder = Path(folder)
+    state = load_file(str(folder / MODEL_FILE), device=str(device))
+    tensors = torch.load(folder / TRAIN_STATE_FILE, map_location=device, weights_only=True)
+    meta = json.loads((folder / TRAIN_META_FILE).read_text())
+    return state, tensors, meta

@@ -1,0 +1,296 @@
+"""Watching a run (SPEC 6): gradient norms, MFU, validation bits-per-byte, collapse
+detection, and the run's JSONL / TensorBoard logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
+PEAK_FLOPS_BF16: dict[str, float] = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "A10G": 70e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Peak bf16 FLOP/s of a known GPU, or None (CPU, unknown device)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    # longest key first so "GH200" wins over "H200"
+    for key in sorted(PEAK_FLOPS_BF16, key=len, reverse=True):
+        if key in name:
+            return PEAK_FLOPS_BF16[key]
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None,
+        world_size: int = 1) -> float | None:
+    """Model FLOPs utilisation; `flops_per_token` must count every loop (SPEC 2)."""
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_second / (peak * world_size)
+
+
+def watched_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """SPEC 6's gradient-norm probes: the first block's MLP, the LM head, the middle
+    block's MLP and the middle block's attention."""
+    blocks = model.transformer.h
+    middle = blocks[len(blocks) // 2]
+    return {
+        "first_mlp": list(blocks[0].mlp.parameters()),
+        "lm_head": list(model.lm_head.parameters()),
+        "middle_mlp": list(middle.mlp.parameters()),
+        "middle_attn": list(middle.attn.parameters()),
+    }
+
+
+@torch.no_grad()
+def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
+    """L2 norm of each group's gradients (call before clipping)."""
+    out = {}
+    for name, params in groups.items():
+        grads = [p.grad.detach().float() for p in params if p.grad is not None]
+        out[name] = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    return out
+
+
+@torch.no_grad()
+def evaluate_bpb(model: nn.Module, loader, token_bytes: torch.Tensor, steps: int | None,
+                 *, n_loops: int | None = None, autocast=None) -> float:
+    """SPEC 7 bits-per-byte of `model` over at most `steps` batches of `loader` (None: until
+    it stops), through `loopedlm.evaluate.bpb` (special tokens and ignored targets count in
+    neither sum; all-reduced under DDP, so every rank returns the same value)."""
+    from loopedlm.evaluate.bpb import evaluate_bpb as bpb_of_batches
+
+    with autocast if autocast is not None else contextlib.nullcontext():
+        result = bpb_of_batches(model, loader, token_bytes, n_loops=n_loops, max_batches=steps)
+    return result["bpb"]
+
+
+# ---- collapse detection (SPEC 6) -----------------------------------------------
+@dataclass
+class CollapseThresholds:
+    """When a loss curve counts as collapsing.
+
+    plateau: over the last `plateau_window` steps the windowed minimum improved by less
+      than `plateau_min_improvement` (relative) *and* the recent mean loss is more than
+      `plateau_gap` (relative) above the best smoothed loss seen so far: the run is
+      stuck far above where it has already been (a collapse, not a converged run).
+    swings: at least `swing_fraction` of the last `swing_window` losses lie more than
+      `swing_rel_dev` (relative) away from the window's median (sustained oscillation;
+      a lone spike does not count).
+    spike: one step's loss exceeds the median of the previous `swing_window` steps by
+      more than `spike_ratio` (relative).
+    Nothing is checked before `min_steps` (the initial descent is steep by nature).
+    """
+
+    min_steps: int = 50
+    ema_beta: float = 0.9
+    plateau_window: int = 100
+    plateau_min_improvement: float = 0.01
+    plateau_gap: float = 0.25
+    swing_window: int = 20
+    swing_rel_dev: float = 0.15
+    swing_fraction: float = 0.25
+    spike_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("min_steps", "plateau_window", "swing_window"):
+            value, minimum = getattr(self, name), 0 if name == "min_steps" else 2
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"collapse.{name}={value!r} is not allowed: an integer >= "
+                                 f"{minimum}")
+        for name in ("ema_beta", "plateau_min_improvement", "plateau_gap", "swing_rel_dev",
+                     "swing_fraction", "spike_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"collapse.{name}={value!r} is not allowed: a number >= 0")
+
+
+@dataclass
+class CollapseEvent:
+    step: int
+    kind: str  # "nonfinite" | "plateau" | "swings" | "spike"
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "kind": self.kind, "detail": self.detail}
+
+
+@dataclass
+class CollapseDetector:
+    """Feed it the training loss each step; it returns new events as they happen.
+    A flag of one kind is raised at most once per window to keep logs readable."""
+
+    thresholds: CollapseThresholds = field(default_factory=CollapseThresholds)
+    events: list[CollapseEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        t = self.thresholds
+        self._recent: deque[float] = deque(maxlen=max(t.plateau_window, t.swing_window) + 1)
+        self._ema: float | None = None
+        self._best_ema = math.inf
+        self._seen = 0
+        self._last_flag: dict[str, int] = {}
+
+    @property
+    def nonfinite(self) -> bool:
+        return any(e.kind == "nonfinite" for e in self.events)
+
+    def status(self) -> str:
+        """"ok", "collapsed" (non-finite loss) or "flagged" (plateau / swings)."""
+        if self.nonfinite:
+            return "collapsed"
+        return "flagged" if self.events else "ok"
+
+    def update(self, step: int, loss: float) -> list[CollapseEvent]:
+        t = self.thresholds
+        new: list[CollapseEvent] = []
+        if not math.isfinite(loss):
+            new.append(CollapseEvent(step, "nonfinite", f"loss is {loss} at step {step}"))
+            self.events.extend(new)
+            return new
+        self._seen += 1
+        self._ema = loss if self._ema is None else t.ema_beta * self._ema + (1 - t.ema_beta) * loss
+        self._best_ema = min(self._best_ema, self._ema)
+        history = list(self._recent)
+        self._recent.append(loss)
+        if self._seen <= t.min_steps:
+            return new
+
+        previous = history[-t.swing_window:]
+        if len(previous) >= t.swing_window:
+            median = statistics.median(previous)
+            if loss > median * (1 + t.spike_ratio):
+                new += self._flag(step, "spike", f"loss {loss:.4f} is {loss / median - 1:.0%} above "
+                                  f"the median {median:.4f} of the previous {t.swing_window} steps")
+            window = history[-t.swing_window + 1:] + [loss]
+            center = statistics.median(window)
+            off = sum(abs(x - center) > t.swing_rel_dev * center for x in window) / len(window)
+            if off >= t.swing_fraction:
+                new += self._flag(step, "swings", f"{off:.0%} of the last {t.swing_window} losses "
+                                  f"are more than {t.swing_rel_dev:.0%} away from their median "
+                                  f"{center:.4f}")
+        if len(history) >= t.plateau_window:
+            window = history[-t.plateau_window + 1:] + [loss]
+            half = len(window) // 2
+            early, late = min(window[:half]), min(window[half:])
+            recent_mean = statistics.fmean(window[half:])
+            improvement = (early - late) / early
+            gap = recent_mean / self._best_ema - 1
+            if improvement < t.plateau_min_improvement and gap > t.plateau_gap:
+                new += self._flag(step, "plateau", f"loss has not improved by "
+                                  f"{t.plateau_min_improvement:.0%} in {t.plateau_window} steps and "
+                                  f"sits {gap:.0%} above the best smoothed loss "
+                                  f"{self._best_ema:.4f}")
+        return new
+
+    def _flag(self, step: int, kind: str, detail: str) -> list[CollapseEvent]:
+        t = self.thresholds
+        gap = t.plateau_window if kind == "plateau" else t.swing_window
+        last = self._last_flag.get(kind)
+        if last is not None and step - last < gap:
+            return []
+        self._last_flag[kind] = step
+        event = CollapseEvent(step, kind, detail)
+        self.events.append(event)
+        return [event]
+
+    def summary(self) -> dict[str, Any]:
+        return {"status": self.status(), "events": [e.to_dict() for e in self.events],
+                "thresholds": self.thresholds.__dict__.copy()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self._recent), "ema": self._ema, "best_ema": self._best_ema,
+                "seen": self._seen, "last_flag": dict(self._last_flag),
+                "events": [e.to_dict() for e in self.events]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._recent.clear()
+        self._recent.extend(state["recent"])
+        self._ema, self._best_ema = state["ema"], state["best_ema"]
+        self._seen, self._last_flag = state["seen"], dict(state["last_flag"])
+        self.events = [CollapseEvent(**e) for e in state["events"]]
+
+
+# ---- run logs ------------------------------------------------------------------
+class RunLogger:
+    """RUN/log.jsonl (one JSON object per record) and TensorBoard events in RUN/tb.
+    Only rank 0 should own one."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(run_dir) / "log.jsonl"
+        if resume_step is not None and self.path.exists():
+            # drop records a crashed run wrote after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"),
+                                        purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:  # tensorboard is a declared dependency; tolerate its absence
+                log.warning("tensorboard is not installed: no TensorBoard events")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key == "step":
+                    continue
+                if isinstance(value, list):
+                    for i, v in enumerate(value):
+                        self.tb.add_scalar(f"{key}/loop_{i + 1}", v, record["step"])
+                elif isinstance(value, int | float) and not isinstance(value, bool):
+                    if value is not None and math.isfinite(value):
+                        self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of RUN/log.jsonl."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a loopedlm run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = ["PEAK_FLOPS_BF16", "peak_flops", "mfu", "watched_parameters", "grad_norms",
+           "evaluate_bpb", "CollapseThresholds", "CollapseEvent", "CollapseDetector",
+           "RunLogger", "read_log"]

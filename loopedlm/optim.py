@@ -1,0 +1,185 @@
+"""The paper's optimiser recipe (SPEC 5, nanochat's defaults): Muon for the 2-D block
+matrices, AdamW for the embedding and the LM head, a trapezoid learning-rate schedule
+and a Muon momentum warm-up.
+
+`torch.optim.Muon` does what SPEC 5 needs and matches nanochat's Muon step for step:
+the momentum buffer is `buf.lerp_(g, 1 - m)`, the Nesterov update `g.lerp(buf, m)`,
+5 Newton-Schulz steps in bf16 with Keller Jordan's coefficients, and
+`adjust_lr_fn="original"` scales the step by `sqrt(max(1, rows / cols))`, which is
+nanochat's `max(1, p.size(-2) / p.size(-1)) ** 0.5`. (`"match_rms_adamw"`,
+`0.2 * sqrt(max(rows, cols))`, is Moonshot's convention, not the paper's.) Its default
+weight decay is 0.1; the recipe has none, so we pass 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from loopedlm.config import ConfigError
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"optim.{name}={value!r} is not allowed: a number > 0")
+
+
+def _fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(f"optim.{name}={value!r} is not allowed: a number in [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    """Learning rates, momenta and the schedule (SPEC 5).
+
+    `lr_scale` multiplies every group's rate; `matrix_lr`, `embedding_lr` and
+    `lm_head_lr` are the per-group rates (set them to sweep one group). The AdamW rates
+    are further scaled by `(d_model / 768) ** -0.5` when `scale_adamw_by_width` is true.
+    """
+
+    matrix_lr: float = 0.02  # Muon, the block matrices
+    embedding_lr: float = 0.2  # AdamW, wte
+    lm_head_lr: float = 0.004  # AdamW, lm_head
+    lr_scale: float = 1.0
+    scale_adamw_by_width: bool = True
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85
+    muon_momentum_warmup_steps: int = 300
+    muon_ns_steps: int = 5
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("matrix_lr", "embedding_lr", "lm_head_lr", "lr_scale", "adam_eps"):
+            _positive(name, getattr(self, name))
+        for name in ("muon_momentum", "muon_momentum_start", "adam_beta1", "adam_beta2",
+                     "warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            _fraction(name, getattr(self, name))
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, int | float) \
+                or self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay!r} is not allowed: a number >= 0")
+        for name in ("muon_momentum_warmup_steps", "muon_ns_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"optim.{name}={value!r} is not allowed: an integer >= 0")
+        if self.warmup_ratio + self.warmdown_ratio > 1:
+            raise ConfigError(f"optim.warmup_ratio + optim.warmdown_ratio = "
+                              f"{self.warmup_ratio + self.warmdown_ratio} is not allowed: <= 1")
+        if not isinstance(self.scale_adamw_by_width, bool):
+            raise ConfigError(f"optim.scale_adamw_by_width={self.scale_adamw_by_width!r} is not "
+                              f"allowed: true or false")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """SPEC 5 trapezoid: (optional linear warm-up), constant, then linear to
+    `final_lr_frac` over the last `warmdown_ratio` of the steps (nanochat's formula)."""
+    warmup = round(cfg.warmup_ratio * total_steps)
+    warmdown = round(cfg.warmdown_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= total_steps - warmdown:
+        return 1.0
+    progress = (total_steps - step) / warmdown
+    return progress + (1 - progress) * cfg.final_lr_frac
+
+
+def muon_momentum(step: int, cfg: OptimConfig) -> float:
+    """SPEC 5: Muon momentum warmed up linearly from 0.85 to 0.95 over 300 steps."""
+    if cfg.muon_momentum_warmup_steps == 0:
+        return cfg.muon_momentum
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
+
+
+class LoopedOptimizer:
+    """Muon + AdamW behind one `step()`, with the schedule applied per step.
+
+    With `zero=True` (and torch.distributed initialised) the AdamW state is sharded
+    across ranks with `ZeroRedundancyOptimizer` (ZeRO-1/2 style, paper: ZeRO-2 AdamW);
+    Muon's single momentum buffer per matrix is kept on every rank (the gradients are
+    already all-reduced by DDP, so every rank computes the same update).
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, *, zero: bool = False):
+        self.cfg = cfg
+        groups = model.param_groups()
+        d_model = model.config.d_model
+        adam_scale = (d_model / 768) ** -0.5 if cfg.scale_adamw_by_width else 1.0
+        for p in groups["matrix"]:
+            if p.ndim != 2:
+                raise ValueError(f"Muon needs 2-D block parameters, got shape {tuple(p.shape)}")
+        s = cfg.lr_scale
+        self.muon = torch.optim.Muon(
+            [{"params": groups["matrix"], "initial_lr": cfg.matrix_lr * s, "name": "matrix"}],
+            lr=cfg.matrix_lr * s, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+            nesterov=True, ns_steps=cfg.muon_ns_steps, adjust_lr_fn="original")
+        adam_groups = [
+            {"params": groups["embedding"], "lr": cfg.embedding_lr * adam_scale * s,
+             "initial_lr": cfg.embedding_lr * adam_scale * s, "name": "embedding"},
+            {"params": groups["lm_head"], "lr": cfg.lm_head_lr * adam_scale * s,
+             "initial_lr": cfg.lm_head_lr * adam_scale * s, "name": "lm_head"},
+        ]
+        adam_kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                           weight_decay=cfg.weight_decay)
+        self.zero = zero and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.zero:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            self.adamw = ZeroRedundancyOptimizer(adam_groups[:1], optimizer_class=torch.optim.AdamW,
+                                                 lr=adam_groups[0]["lr"], **adam_kwargs)
+            self.adamw.add_param_group(adam_groups[1])
+        else:
+            self.adamw = torch.optim.AdamW(adam_groups, **adam_kwargs)
+        self.optimizers = [self.muon, self.adamw]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def set_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """Apply the schedule for `step` (0-based); returns the rates and Muon momentum."""
+        lrm = lr_multiplier(step, total_steps, self.cfg)
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        momentum = muon_momentum(step, self.cfg)
+        for group in self.muon.param_groups:
+            group["momentum"] = momentum
+        rates = {f"lr/{g['name']}": g["lr"] for g in self.param_groups}
+        rates["muon_momentum"] = momentum
+        return rates
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def consolidate(self) -> None:
+        """Gather the sharded AdamW state to rank 0 (collective: call on every rank)."""
+        if self.zero:
+            self.adamw.consolidate_state_dict(to=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Full state (after `consolidate()` on every rank when sharded; rank 0 only)."""
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+__all__ = ["OptimConfig", "LoopedOptimizer", "lr_multiplier", "muon_momentum"]

@@ -1,0 +1,108 @@
+"""Parallelism and memory, applied to a model from outside its math (CONVENTIONS:
+torchtitan's separation): torchrun/DDP set-up and per-loop activation checkpointing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available, else cpu; anything else is checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device={name!r} is not allowed: 'auto', 'cpu', 'cuda' or "
+                         f"'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was asked for but CUDA is not available")
+    return device
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1):
+    NCCL on GPUs, gloo on CPUs; each rank takes cuda:LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world_size <= 1:
+        return DistInfo(device=dev)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP around the model when running distributed (the model itself otherwise)."""
+    if not info.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (a no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda"
+                        else dist.ReduceOp.SUM)
+        if value.device.type != "cuda":  # gloo has no AVG
+            value /= dist.get_world_size()
+    return value
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each loop's activations in the backward pass instead of storing them:
+    the loop body becomes a checkpointed call, so peak memory no longer grows with the
+    loop count's activations (only the stream between loops is kept)."""
+    model.loop_fn = partial(checkpoint, model._run_loop, use_reentrant=False)
+    return model
+
+
+def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
+    model.loop_fn = model._run_loop
+    return model
+
+
+__all__ = ["DistInfo", "resolve_device", "setup_distributed", "cleanup_distributed", "wrap_ddp",
+           "all_reduce_mean", "apply_activation_checkpointing",
+           "remove_activation_checkpointing"]

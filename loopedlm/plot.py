@@ -1,0 +1,108 @@
+"""`loopedlm plot RUN... [--out DIR]`: the paper's diagnostic figures (section 3) from
+runs' `log.jsonl`, several runs overlaid: training loss (and validation bits-per-byte),
+the residual-state norm of each loop, and the gradient norms, against step."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from loopedlm.diagnostics import read_log
+
+GRAD_KEYS = ("grad_norm/first_mlp", "grad_norm/lm_head", "grad_norm/middle_mlp",
+             "grad_norm/middle_attn")
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[Any]]:
+    rows = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def _label(run: Path) -> str:
+    return run.name if run.name not in ("", ".") else str(run.resolve().name)
+
+
+def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Write loss.png, residual_norm.png and grad_norm.png into `out_dir`; returns paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = {Path(r): read_log(r) for r in runs}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (run, records) in enumerate(logs.items()):
+        c = colors[i % len(colors)]
+        ax_loss.plot(*_series(records, "loss"), color=c, lw=1, label=_label(run))
+        ax_bpb.plot(*_series(records, "val_bpb"), color=c, marker="o", ms=3, label=_label(run))
+        for event_step in (e["step"] for r in records for e in r.get("collapse_flags", [])):
+            ax_loss.axvline(event_step, color=c, alpha=0.3, ls=":")
+    ax_loss.set(xlabel="step", ylabel="training loss (nats)", title="Training loss")
+    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="Validation BPB")
+    for ax in (ax_loss, ax_bpb):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    written.append(_save(fig, out / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    styles = ["-", "--", "-.", ":"]
+    for i, (run, records) in enumerate(logs.items()):
+        steps, norms = _series(records, "residual_norm")
+        if not norms:
+            continue
+        n_loops = len(norms[0])
+        for loop in range(n_loops):
+            ax.plot(steps, [n[loop] for n in norms], color=colors[i % len(colors)], lw=1,
+                    ls=styles[loop % len(styles)], alpha=0.5 + 0.5 * (loop + 1) / n_loops,
+                    label=f"{_label(run)} loop {loop + 1}")
+    ax.set(xlabel="step", ylabel="rms of x_L^t", title="Residual-state norm per loop",
+           yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    written.append(_save(fig, out / "residual_norm.png"))
+
+    fig, axes = plt.subplots(1, len(GRAD_KEYS), figsize=(16, 3.8), sharex=True)
+    for i, (run, records) in enumerate(logs.items()):
+        for ax, key in zip(axes, GRAD_KEYS, strict=True):
+            ax.plot(*_series(records, key), color=colors[i % len(colors)], lw=1,
+                    label=_label(run))
+    for ax, key in zip(axes, GRAD_KEYS, strict=True):
+        ax.set(xlabel="step", title=key.split("/")[1].replace("_", " ") + " grad L2 norm",
+               yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    written.append(_save(fig, out / "grad_norm.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    out = args.out or (Path(args.runs[0]) / "plots")
+    for path in plot_runs(args.runs, out):
+        print(path)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("plot", help="draw loss / residual-norm / grad-norm figures",
+                                   description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run folders (each with a log.jsonl)")
+    parser.add_argument("--out", help="output folder (default: FIRST_RUN/plots)")
+    parser.set_defaults(func=_cmd_plot)
+
+
+__all__ = ["plot_runs"]

@@ -1,0 +1,87 @@
+"""Exact resume (issue 4): on CPU in fp32 a stopped-and-resumed run has the same losses as
+an uninterrupted one, step for step, also after a kill -9 in the middle of a save."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import losses, make_corpus, small_config
+
+from loopedlm.checkpoint import SAVE_SLEEP_ENV, latest_training_checkpoint, load_model
+from loopedlm.train import train
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    """An uninterrupted 8-step run, saving every 2 steps."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5))
+    return run
+
+
+def _truncate_to(src: Path, dst: Path, step: int) -> None:
+    """A copy of a finished run as if it had been stopped right after saving `step`."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").glob("step_*"):
+        if int(ckpt.name[5:]) > step:
+            shutil.rmtree(ckpt)
+    (dst / "summary.json").unlink()
+
+
+@pytest.mark.parametrize("stop_at", [2, 6])
+def test_resume_equals_uninterrupted(tmp_path, corpus, reference, stop_at):
+    run = tmp_path / "run"
+    _truncate_to(reference, run, stop_at)
+    summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5, resume=True))
+    assert summary["step"] == 8
+    assert losses(run) == losses(reference)  # exact, every step (the log keeps steps <= 2)
+    assert summary["val_bpb"] == json.loads((reference / "summary.json").read_text())["val_bpb"]
+
+
+def _cli(run: Path, corpus, steps: int, resume: bool = False) -> list[str]:
+    data_dir, tok_dir = corpus
+    args = [sys.executable, "-m", "loopedlm.train", f"--run_dir={run}", f"--data_dir={data_dir}",
+            f"--tokenizer={tok_dir}", "--model.depth=2", "--model.d_model=32", "--model.n_head=2",
+            "--model.sequence_len=32", "--model.n_loops=2", "--total_batch_tokens=256",
+            "--device_batch_size=4", f"--steps={steps}", "--eval_every=4", "--eval_tokens=256",
+            "--save_every=2", "--keep_last=5", "--device=cpu", "--progress=false",
+            "--sample_tokens=8", "--optim.muon_momentum_warmup_steps=300"]  # as small_config
+    return args + (["--resume"] if resume else [])
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus, reference):
+    run = tmp_path / "run"
+    env = {**os.environ, SAVE_SLEEP_ENV: "60@4"}
+    proc = subprocess.Popen(_cli(run, corpus, 8), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    tmp_ckpt = run / "checkpoints" / ".tmp_step_000004"
+    deadline = time.time() + 60
+    while not (tmp_ckpt / "train_state.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the save of step 4 never started"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)  # in the middle of writing step 4
+    proc.wait()
+    assert latest_training_checkpoint(run).name == "step_000002"
+    model, meta = load_model(run)
+    assert meta["step"] == 2
+    # resume: the half-written folder is replaced; the losses are the uninterrupted ones
+    done = subprocess.run(_cli(run, corpus, 8, resume=True), capture_output=True, text=True,
+                          env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert "final validation bits-per-byte" in done.stdout
+    assert not tmp_ckpt.exists()
+    assert losses(run) == losses(reference)

@@ -1,0 +1,323 @@
+"""The training loop (issue 4): configuration, an end-to-end run, horizons, collapse stop.
+
+Also holds the small helpers the other training tests import: a tiny Parquet corpus with
+a trained BPE, and an in-memory data source whose global batch does not depend on the
+number of ranks (for the DDP equivalence test).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from loopedlm.checkpoint import latest_training_checkpoint, load_model
+from loopedlm.train import (
+    TrainConfig,
+    TrainingCollapsed,
+    build_config,
+    check_batch,
+    horizon,
+    parse_overrides,
+    train,
+)
+
+MODEL = {"depth": 2, "d_model": 32, "n_head": 2, "sequence_len": 32, "n_loops": 2}
+
+
+# ---- helpers shared with test_resume.py / test_distributed.py ---------------------------
+def make_corpus(folder: Path) -> tuple[Path, Path]:
+    """A few hundred tiny pseudo-English documents as Parquet shards (last = val) and a
+    300-token BPE trained on them. Returns (data_dir, tokenizer_dir)."""
+    from loopedlm.data import write_shards
+    from loopedlm.tokenizer import train_tokenizer
+
+    data_dir, tok_dir = folder / "data", folder / "tok"
+    if (tok_dir / "tokenizer.json").exists():
+        return data_dir, tok_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = ("the a king queen said to of and my lord good night day love sweet fair death "
+             "life").split()
+    docs = []
+    for i in range(120):
+        sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))).capitalize()
+                     + "." for _ in range(rng.randint(3, 8))]
+        docs.append((f"w{i % 5}", " ".join(sentences)))
+    write_shards(docs, data_dir, 2, 0.1, 4)
+    train_tokenizer((t for _, t in docs), 300).save(tok_dir)
+    return data_dir, tok_dir
+
+
+def small_config(run_dir: Path, data_dir: Path, tok_dir: Path, **overrides) -> TrainConfig:
+    values = dict(run_dir=str(run_dir), data_dir=str(data_dir), tokenizer=str(tok_dir),
+                  model=dict(MODEL), total_batch_tokens=256, device_batch_size=4, steps=6,
+                  eval_every=3, eval_tokens=256, save_every=3, keep_last=2, device="cpu",
+                  progress=False, sample_tokens=8)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+class FakeTokenizer:
+    """Enough of the Tokenizer contract for the in-memory data source."""
+
+    vocab_size, bos_id, special_ids = 64, 0, {0}
+
+    def encode(self, text: str) -> list[int]:
+        return [1 + ord(c) % 63 for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+    def token_bytes(self) -> torch.Tensor:
+        table = torch.ones(self.vocab_size, dtype=torch.long)
+        table[0] = 0
+        return table
+
+
+class SyntheticLoader:
+    """Row k of the global stream is an arithmetic sequence mod V (learnable); rank r of W
+    with micro-batch B reads rows [pos + r*B, pos + (r+1)*B), so every world size sees the
+    same global batch per step."""
+
+    def __init__(self, batch_size, seq_len, rank, world_size, split, loop, vocab=64):
+        self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world_size
+        self.offset = 0 if split == "train" else 10**6
+        self.loop, self.vocab, self.pos = loop, vocab, 0
+
+    def _row(self, k: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.offset + k)
+        start, stride = torch.randint(1, self.vocab, (2,), generator=g).tolist()
+        return 1 + (start + (stride % 5 + 1) * torch.arange(self.T + 1)) % (self.vocab - 1)
+
+    def next_batch(self):
+        if not self.loop and self.pos >= 4 * self.B * self.world:
+            raise StopIteration
+        first = self.pos + self.rank * self.B
+        rows = torch.stack([self._row(first + i) for i in range(self.B)])
+        self.pos += self.B * self.world
+        return rows[:, :-1].clone(), rows[:, 1:].clone()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+class SyntheticData:
+    data_dir = "synthetic"
+
+    def loader(self, tokenizer, batch_size, seq_len, *, split, rank, world_size, device,
+               loop=True):
+        return SyntheticLoader(batch_size, seq_len, rank, world_size, split, loop)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# ---- configuration ---------------------------------------------------------------------
+def test_overrides_parse_types_and_sections():
+    recipe, over = parse_overrides(["tiny", "--steps=7", "--model.n_loops=4", "--resume",
+                                    "--optim.lr_scale=0.5", "--tokenizer=bpe:512",
+                                    "--flops_budget=1e15"])
+    assert recipe == "tiny"
+    assert over == {"steps": 7, "model": {"n_loops": 4}, "resume": True,
+                    "optim": {"lr_scale": 0.5}, "tokenizer": "bpe:512", "flops_budget": 1e15}
+    cfg = build_config("tiny", {"steps": 7, "model": {"n_loops": 4}, "optim": {"lr_scale": 2}})
+    assert cfg.steps == 7 and cfg.model["n_loops"] == 4 and cfg.model_config().n_loops == 4
+    assert cfg.optim.lr_scale == 2.0 and isinstance(cfg.optim.lr_scale, float)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"stpes": 3}, ["stpes", "did you mean steps"]),
+    ({"model": {"n_loop": 3}}, ["model.n_loop", "model.n_loops"]),
+    ({"optim": {"matrx_lr": 0.1}}, ["optim.matrx_lr", "optim.matrix_lr"]),
+    ({"dtype": "fp16"}, ["dtype", "fp16", "bfloat16"]),
+    ({"steps": 0}, ["steps=0", ">= 1"]),
+    ({"steps": 5, "flops_budget": 1e12}, ["steps=5", "flops_budget", "contradict"]),
+    ({"model": {"loop_mode": "flx"}}, ["loop_mode", "flx", "flt"]),
+    ({"tokenizer": "bpe:12"}, ["tokenizer", "bpe:12"]),
+    ({"preset": "tinny"}, ["preset", "tiny"]),
+])
+def test_config_errors_name_field_and_allowed(overrides, words):
+    with pytest.raises(ValueError) as info:
+        cfg = build_config("tiny", overrides)
+        cfg.model_config()
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_unknown_recipe_and_section():
+    with pytest.raises(FileNotFoundError, match="tiny"):
+        build_config("tinyy")
+    with pytest.raises(ValueError, match="sections"):
+        parse_overrides(["--modle.depth=3"])
+
+
+def test_batch_must_divide():
+    cfg = TrainConfig(total_batch_tokens=1000, device_batch_size=4)
+    with pytest.raises(ValueError, match="not divisible.*4 x 32 x 2"):
+        check_batch(cfg, 32, 2)
+    assert check_batch(TrainConfig(total_batch_tokens=1024, device_batch_size=4), 32, 2) == 4
+
+
+def test_errors_before_compute(tmp_path, corpus):
+    data_dir, tok_dir = corpus
+    with pytest.raises(ValueError, match="sequence_len=64 is longer"):
+        train(small_config(tmp_path / "a", data_dir, tok_dir, sequence_len=64))
+    with pytest.raises(ValueError, match="not divisible"):
+        train(small_config(tmp_path / "b", data_dir, tok_dir, total_batch_tokens=100))
+    with pytest.raises(FileNotFoundError, match="no complete training checkpoint"):
+        train(small_config(tmp_path / "c", data_dir, tok_dir, resume=True))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_horizons():
+    from loopedlm import LoopedGPT
+    cfg = TrainConfig(model=dict(MODEL, vocab_size=300), total_batch_tokens=256)
+    model = LoopedGPT.from_config(cfg.model_config(), seed=0)
+    n_all, n_ne = model.num_params(), model.num_params(exclude_embedding=True)
+    assert horizon(cfg, model) == round(20 * n_all / 256)
+    cfg.param_basis = "non_embedding"
+    assert horizon(cfg, model) == round(20 * n_ne / 256)
+    cfg.flops_budget = 1e12
+    assert horizon(cfg, model) == round(1e12 / model.estimate_flops() / 256)
+    # the FLOPs horizon counts every loop: twice the loops, about half the steps
+    cfg2 = TrainConfig(model=dict(MODEL, vocab_size=300, n_loops=4), total_batch_tokens=256,
+                       flops_budget=1e12)
+    model2 = LoopedGPT.from_config(cfg2.model_config(), seed=0)
+    assert horizon(cfg2, model2) < horizon(cfg, model)
+
+
+# ---- end to end ------------------------------------------------------------------------
+def test_end_to_end_writes_everything(tmp_path, corpus):
+    data_dir, tok_dir = corpus
+    run = tmp_path / "run"
+    summary = train(small_config(run, data_dir, tok_dir, steps=6, save_every=2, keep_last=2))
+    assert summary["status"] == "completed" and summary["step"] == 6
+    assert summary["val_bpb"] > 0 and isinstance(summary["sample"], str)
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    first = steps[0]
+    for key in ("lr/matrix", "lr/embedding", "lr/lm_head", "muon_momentum", "tokens_per_s",
+                "grad_norm/first_mlp", "grad_norm/lm_head", "grad_norm/middle_mlp",
+                "grad_norm/middle_attn"):
+        assert key in first and first[key] is not None
+    assert len(first["residual_norm"]) == MODEL["n_loops"]
+    assert first["mfu"] is None  # CPU: peak FLOPs unknown
+    assert [r["step"] for r in records if "val_bpb" in r] == [3, 6]
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004",
+                                                                        "step_000006"]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["steps"] == 6 and saved["model"]["depth"] == 2
+    assert json.loads((run / "summary.json").read_text())["collapse"]["status"] == "ok"
+    model, meta = load_model(run)
+    assert meta["step"] == 6 and model.config.vocab_size == 300
+    assert (run / "tokenizer").is_dir()
+    from loopedlm.plot import plot_runs
+    pngs = plot_runs([run, run], tmp_path / "plots")
+    assert [p.name for p in pngs] == ["loss.png", "residual_norm.png", "grad_norm.png"]
+    assert all(p.stat().st_size > 1000 for p in pngs)
+    # the trapezoid: constant for the first 80%, never increasing
+    lrs = [r["lr/matrix"] for r in steps]
+    assert lrs[0] == lrs[3] == pytest.approx(0.02)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_existing_run_needs_resume_and_same_model(tmp_path, corpus):
+    data_dir, tok_dir = corpus
+    run = tmp_path / "run"
+    train(small_config(run, data_dir, tok_dir, steps=3))
+    with pytest.raises(ValueError, match="--resume"):
+        train(small_config(run, data_dir, tok_dir, steps=3))
+    other = dict(MODEL, n_loops=3)
+    with pytest.raises(ValueError, match="n_loops: checkpoint 2 != config 3"):
+        train(small_config(run, data_dir, tok_dir, steps=6, resume=True, model=other))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    from loopedlm.model import LoopedGPT
+    data_dir, tok_dir = corpus
+    calls = {"n": 0}
+    forward = LoopedGPT.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 4:  # 2 micro-batches per step: step 5 goes NaN
+                loss, norms = out
+                return loss * float("nan"), norms
+        return out
+
+    monkeypatch.setattr(LoopedGPT, "forward", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingCollapsed, match="non-finite.*step 5.*step_000003"):
+        train(small_config(run, data_dir, tok_dir, steps=6, save_every=3))
+    assert latest_training_checkpoint(run).name == "step_000003"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "collapsed" and summary["collapse"]["status"] == "collapsed"
+    assert summary["collapse"]["events"][0]["kind"] == "nonfinite"
+
+
+def test_synthetic_source_learns(tmp_path):
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), model=dict(MODEL), total_batch_tokens=512,
+                      device_batch_size=8, steps=12, eval_every=0, eval_tokens=256,
+                      save_every=0, device="cpu", progress=False, sample_tokens=4)
+    summary = train(cfg, data=SyntheticData(), tokenizer=FakeTokenizer())
+    curve = losses(tmp_path / "run")
+    assert curve[12] < curve[1] - 0.5
+    assert summary["val_bpb"] < 6.0  # uniform over 63 tokens is log2(63) = 5.98 bits/byte
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    from conftest import tiny_model
+
+    from loopedlm.parallel import apply_activation_checkpointing, remove_activation_checkpointing
+    model = tiny_model()
+    x = torch.randint(0, model.config.vocab_size, (2, 12))
+    loss, norms = model(x, x, return_residual_norms=True)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    apply_activation_checkpointing(model)
+    loss2, norms2 = model(x, x, return_residual_norms=True)
+    loss2.backward()
+    assert torch.equal(loss, loss2) and torch.equal(norms, norms2)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-5)
+    assert remove_activation_checkpointing(model).loop_fn == model._run_loop
+
+
+def test_run_with_activation_checkpointing(tmp_path):
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), model=dict(MODEL), total_batch_tokens=256,
+                      device_batch_size=8, steps=3, eval_every=0, eval_tokens=256,
+                      save_every=0, device="cpu", progress=False, sample_tokens=4,
+                      activation_checkpointing=True)
+    plain = TrainConfig(**{**cfg.to_dict(), "run_dir": str(tmp_path / "plain"),
+                           "activation_checkpointing": False})
+    train(cfg, data=SyntheticData(), tokenizer=FakeTokenizer())
+    train(plain, data=SyntheticData(), tokenizer=FakeTokenizer())
+    a, b = losses(tmp_path / "run"), losses(tmp_path / "plain")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5)
