@@ -128,3 +128,41 @@ def test_report_writes_tables_and_figures(tmp_path, experiment):
 def test_report_needs_a_sweep(tmp_path):
     with pytest.raises(FileNotFoundError, match="sweep.json"):
         write_report(tmp_path)
+
+
+def test_sweep_end_to_end_then_report(tmp_path):
+    """Two real (tiny) runs through `loopedlm sweep`, resumed as finished, then the report."""
+    from test_train import make_corpus
+
+    data_dir, tok_dir = make_corpus(tmp_path / "corpus")
+    path = write(tmp_path, f"""
+[sweep]
+experiment = "loop_scaling"
+recipe = "micro"
+[train]
+data_dir = "{data_dir}"
+tokenizer = "{tok_dir}"
+steps = 2
+eval_tokens = 512
+total_batch_tokens = 256
+device_batch_size = 4
+sequence_len = 32
+sample_tokens = 2
+"model.sequence_len" = 32
+"model.d_model" = 32
+[grid]
+"model.loop_mode" = ["lt", "flt"]
+"model.n_loops" = [2]
+[eval]
+loops = [1, 2]
+args = ["--tasks", "none", "--val-batches", "1"]
+""")
+    sweep = Sweep.load(path)
+    rows = run_sweep(sweep, tmp_path / "out")
+    assert [r["status"] for r in rows] == ["completed", "completed"], rows
+    assert all(r["eval_status"] == "evaluated" for r in rows)
+    again = run_sweep(sweep, tmp_path / "out")  # resumable: finished runs are skipped
+    assert [r["status"] for r in again] == ["skipped (finished)"] * 2
+    text = write_report(tmp_path / "out").read_text()
+    assert "| loop_mode=flt,n_loops=2,seed=0 | completed | 2 |" in text
+    assert "val_bpb at the trained loop count" in text
