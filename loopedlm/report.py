@@ -313,6 +313,15 @@ def section_test_time(runs, out: Path, cmd: str) -> list[str]:
                 name = f"{setting(run, 'model.loop_mode')} trained N={setting(run, 'model.n_loops')}"
                 lines[name + f" seed={run['settings'].get('seed', 0)}"] = (
                     xs, [eval_metric(run, n, metric) for n in xs])
+        all_loops = sorted({n for xs, _ in lines.values() for n in xs})
+        table = [f"**{metric}** by trained (rows) and test-time (columns) loop count\n",
+                 "| trained \\ test-time | " + " | ".join(str(n) for n in all_loops) + " |",
+                 "|---" * (len(all_loops) + 1) + "|"]
+        for name, (xs, ys) in lines.items():
+            values = dict(zip(xs, ys, strict=True))
+            table.append(f"| {name} | " + " | ".join(_fmt(values.get(n)) for n in all_loops)
+                         + " |")
+        parts.append("\n".join(table) + "\n")
         safe = "".join(c if c.isalnum() else "_" for c in metric)
         parts.append(figure_xy(lines, out / f"test_time_{safe}.png",
                                f"{metric} against test-time loops, per trained loop count",
