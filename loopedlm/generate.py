@@ -27,6 +27,7 @@ or memory:
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import sys
@@ -487,9 +488,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     outputs: list[list[int]] = [[] for _ in prompts]
     spent: list[int] = []
     shown = ""
+    events = stream(model, prompts, tokenizer=tokenizer, **options)
+    first = next(events, None)  # validates every option before anything is printed
     if len(prompts) == 1:
         sys.stdout.write(prompts[0])
-    for event in stream(model, prompts, tokenizer=tokenizer, **options):
+    for event in itertools.chain([first] if first is not None else [], events):
         for r, tok in enumerate(event.tokens):
             if tok is not None:
                 outputs[r].append(tok)

@@ -308,4 +308,5 @@ def test_sample_command_streams_from_a_run(tmp_path, capsys):
                         temperature=0, stop=[tokenizer.bos_id])
     assert out == "To be" + expected.texts[0] + "\n"
     assert main(["sample", *args, "--top-p", "2"]) == 2
-    assert "top_p=2.0" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "top_p=2.0" in err and out == ""  # bad input: an error, and no half-printed prompt
