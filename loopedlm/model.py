@@ -47,17 +47,18 @@ LOOP_MODES: dict[str, LoopMode] = {
 
 
 class Block(nn.Module):
-    """Pre-norm block. With a query source `s` (Attention Injection, SPEC 2) the queries
-    read norm(s) while keys and values read the stream; `s` never enters the stream."""
+    """Pre-norm block. With a normalised query source norm(s) (Attention Injection,
+    SPEC 2) the queries read it while keys and values read the stream; `s` never
+    enters the stream."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, query_source, plan, loop: int, eps: float):
+    def forward(self, x, query_normed, plan, loop: int, eps: float):
         x_normed = norm(x)
-        q_in = x_normed if query_source is None else norm(query_source)
+        q_in = x_normed if query_normed is None else query_normed
         x = _residual(x, self.attn(q_in, x_normed, plan, loop), eps)
         return _residual(x, self.mlp(norm(x)), eps)
 
@@ -160,14 +161,18 @@ class LoopedGPT(nn.Module):
     def _run_loop(self, x, previous, loop: int, plan):
         """Run the `depth` blocks once. `previous` is h^{t-1} (None in loop 1)."""
         eps = self.config.residual_eps()
+        # AI's query input is norm(h^{t-1}) (h is already normalised; nanochat normalises
+        # it again, and so do we, for identical bits), computed once per loop
+        query = norm(previous) if previous is not None and self.mode.injection == "attention" \
+            else None
         for layer, block in enumerate(self.transformer.h):
-            query_source = None
+            query_normed = None
             if previous is not None and self.mode.injects_at(layer):
                 if self.mode.injection == "residual":
                     x = norm(x + previous)
                 else:
-                    query_source = previous
-            x = block(x, query_source, plan, loop, eps)
+                    query_normed = query
+            x = block(x, query_normed, plan, loop, eps)
         return x
 
     def _stream_start(self, x0, embedded, previous):
