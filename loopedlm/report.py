@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from loopedlm.diagnostics import read_log
+
 EXPERIMENTS = ("loop_scaling", "stability", "attention", "test_time", "residual_scaling",
                "custom")
 
@@ -34,8 +36,7 @@ def load_runs(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                "summary": _read_json(run_dir / "summary.json"),
                "eval": _read_json(run_dir / "eval" / "results.json"), "log": []}
         if (run_dir / "log.jsonl").exists():
-            run["log"] = [json.loads(line) for line in
-                          (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+            run["log"] = read_log(run_dir)
         runs.append(run)
     return manifest, runs
 

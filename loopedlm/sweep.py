@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopedlm.checkpoint import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 SWEEP_SECTIONS = {"sweep", "train", "grid", "runs", "eval"}
@@ -218,9 +220,7 @@ def _write_manifest(sweep: Sweep, out_dir: Path, rows: list[dict[str, Any]]) -> 
     manifest = {"sweep_file": str(sweep.path.resolve()), "experiment": sweep.experiment,
                 "description": sweep.description, "recipe": sweep.recipe,
                 "command": f"loopedlm sweep {sweep.path} --out {out_dir}", "runs": rows}
-    tmp = out_dir / "sweep.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out_dir / "sweep.json")
+    atomic_write_json(out_dir / "sweep.json", manifest)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
