@@ -98,6 +98,21 @@ class KVCache:
         self.v[slot, layer, :, :, t0:t1] = v
         return self.k[slot, layer, :, :, :t1], self.v[slot, layer, :, :, :t1]
 
+    def rows(self, rows: torch.Tensor) -> _CacheRows:
+        """A view of this cache restricted to batch `rows` (adaptive decoding: the rows
+        still looping); its `insert` writes into this cache."""
+        return _CacheRows(self, rows)
+
+    def fill_loops_from(self, last_loop: int, rows: torch.Tensor) -> None:
+        """Give the loops after `last_loop` the keys/values that `last_loop` wrote at the
+        current position, for batch `rows` (the loops an adaptive row skipped)."""
+        src = self.loop_slots[last_loop]
+        for loop in range(last_loop + 1, self.n_loops):
+            dst = self.loop_slots[loop]
+            if dst != src:
+                self.k[dst, :, rows, :, self.pos] = self.k[src, :, rows, :, self.pos]
+                self.v[dst, :, rows, :, self.pos] = self.v[src, :, rows, :, self.pos]
+
     def reserve(self, real: torch.Tensor) -> torch.Tensor:
         """Record which new tokens are real (B, T); return their RoPE positions (B, T)."""
         t0, t1 = self.pos, self.pos + real.size(1)
@@ -111,6 +126,20 @@ class KVCache:
         self.n_real += real.long().sum(1)
 
 
+class _CacheRows:
+    """`KVCache.rows`: the cache as seen by a subset of the batch rows."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor):
+        self.cache, self.rows = cache, rows
+
+    def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor):
+        c, slot = self.cache, self.cache.loop_slots[loop]
+        t0, t1 = c.pos, c.pos + k.size(2)
+        c.k[slot, layer, self.rows, :, t0:t1] = k
+        c.v[slot, layer, self.rows, :, t0:t1] = v
+        return c.k[slot, layer, self.rows, :, :t1], c.v[slot, layer, self.rows, :, :t1]
+
+
 @dataclass
 class AttentionPlan:
     """What every layer needs for one forward: RoPE tables and, per window size, the mask.
@@ -121,7 +150,16 @@ class AttentionPlan:
     cos: torch.Tensor
     sin: torch.Tensor
     masks: dict  # window (None = full) -> (attn_mask or None, is_causal)
-    cache: KVCache | None = None
+    cache: KVCache | _CacheRows | None = None
+
+    def select_rows(self, rows: torch.Tensor, batch: int) -> AttentionPlan:
+        """This plan for batch `rows` only (per-row RoPE slices, (B, 1, Tq, Tk) masks and
+        the cache rows)."""
+        def pick(t):
+            return t[rows] if t is not None and t.dim() == 4 and t.size(0) == batch else t
+        masks = {w: (pick(m), causal) for w, (m, causal) in self.masks.items()}
+        cache = self.cache.rows(rows) if isinstance(self.cache, KVCache) else self.cache
+        return AttentionPlan(cos=pick(self.cos), sin=pick(self.sin), masks=masks, cache=cache)
 
 
 def build_plan(config: ModelConfig, cos_table: torch.Tensor, sin_table: torch.Tensor,
@@ -198,16 +236,24 @@ class CausalSelfAttention(nn.Module):
             return self.c_k_up(latent), self.c_v_up(latent)
         return self.c_k(kv_in), self.c_v(kv_in)
 
-    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor, plan: AttentionPlan,
-                loop: int) -> torch.Tensor:
-        B, T, _ = q_in.shape
+    def keys_values(self, kv_in: torch.Tensor, plan: AttentionPlan
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (RoPE + QK-norm) and values of `kv_in` (B, T, d), as (B, H_kv, T, D)."""
+        B, T, _ = kv_in.shape
         k, v = self._keys_values(kv_in)
-        q = self.c_q(q_in).view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, plan.cos, plan.sin), apply_rotary_emb(k, plan.cos, plan.sin)
-        q, k = norm(q), norm(k)  # QK-norm after RoPE, as nanochat
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k = norm(apply_rotary_emb(k, plan.cos, plan.sin))  # QK-norm after RoPE, as nanochat
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor | None, plan: AttentionPlan,
+                loop: int, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Attend from queries of `q_in` to keys/values of `kv_in`, or to the precomputed
+        `kv` (`keys_values` output: the loop-invariant first layer of `flt`/`ltai`)."""
+        B, T, _ = q_in.shape
+        k, v = self.keys_values(kv_in, plan) if kv is None else kv
+        q = self.c_q(q_in).view(B, T, self.n_head, self.head_dim)
+        q = norm(apply_rotary_emb(q, plan.cos, plan.sin)).transpose(1, 2)
         if plan.cache is not None:
             k, v = plan.cache.insert(loop, self.layer_idx, k, v)
         attn_mask, is_causal = plan.masks[self.window]

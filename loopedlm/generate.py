@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loopedlm.attention import AttentionPlan, KVCache, build_plan, norm
+from loopedlm.attention import KVCache, norm
 from loopedlm.model import LoopedGPT
 
 log = logging.getLogger(__name__)
@@ -96,40 +96,6 @@ def loop_slot_map(n_loops: int, cache_slots: int | None = None,
 
 
 # ---- one decode step with adaptive loops ------------------------------------------------
-class _RowsCache:
-    """The cache seen by a subset of the batch rows (those still looping)."""
-
-    def __init__(self, cache: KVCache, rows: torch.Tensor):
-        self.cache, self.rows = cache, rows
-
-    def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor):
-        c, slot = self.cache, self.cache.loop_slots[loop]
-        t0, t1 = c.pos, c.pos + k.size(2)
-        c.k[slot, layer, self.rows, :, t0:t1] = k
-        c.v[slot, layer, self.rows, :, t0:t1] = v
-        return c.k[slot, layer, self.rows, :, :t1], c.v[slot, layer, self.rows, :, :t1]
-
-
-def _rows_plan(plan: AttentionPlan, rows: torch.Tensor, batch: int) -> AttentionPlan:
-    """Restrict a plan's per-row tensors (RoPE slices, (B, 1, Tq, Tk) masks) to `rows`."""
-    def pick(t):
-        return t[rows] if t is not None and t.dim() == 4 and t.size(0) == batch else t
-    masks = {w: (pick(m), causal) for w, (m, causal) in plan.masks.items()}
-    return AttentionPlan(cos=pick(plan.cos), sin=pick(plan.sin), masks=masks,
-                         cache=_RowsCache(plan.cache, rows))
-
-
-def _fill_skipped_loops(cache: KVCache, rows: torch.Tensor, last_loop: int) -> None:
-    """Give the loops after `last_loop` the keys/values of `last_loop` at the current
-    position for `rows` (see the module docstring for why)."""
-    src = cache.loop_slots[last_loop]
-    for loop in range(last_loop + 1, cache.n_loops):
-        dst = cache.loop_slots[loop]
-        if dst != src:
-            cache.k[dst, :, rows, :, cache.pos] = cache.k[src, :, rows, :, cache.pos]
-            cache.v[dst, :, rows, :, cache.pos] = cache.v[src, :, rows, :, cache.pos]
-
-
 @torch.no_grad()
 def decode_step(model: LoopedGPT, tokens: torch.Tensor, cache: KVCache, *,
                 adaptive: AdaptiveLoops | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,21 +110,14 @@ def decode_step(model: LoopedGPT, tokens: torch.Tensor, cache: KVCache, *,
     if adaptive is None:
         logits = model(tokens, n_loops=n_loops, kv_cache=cache)[:, -1]
         return logits, torch.full((batch,), n_loops, dtype=torch.long)
-    plan = build_plan(model.config, model.cos, model.sin, batch, tokens.size(1), cache=cache,
-                      attention_mask=None, device=tokens.device)
-    x0 = model.transformer.wte(tokens)
-    embedded = norm(x0)
-    final = torch.empty_like(embedded)
+    inputs = model.prepare(tokens, kv_cache=cache)
+    final = torch.empty_like(inputs.embedded)
     spent = torch.zeros(batch, dtype=torch.long)
     active = torch.arange(batch, device=tokens.device)
     previous = previous_logp = None  # of the active rows
     for loop in range(n_loops):
         full = active.numel() == batch
-        x0_a = x0 if full else x0[active]
-        embedded_a = embedded if full else embedded[active]
-        loop_plan = plan if full else _rows_plan(plan, active, batch)
-        x = model._run_loop(model._stream_start(x0_a, embedded_a, previous), previous, loop,
-                            loop_plan)
+        x = model.loop(inputs if full else inputs.select_rows(active), previous, loop)
         h = norm(x)
         if full:  # (the common case kept free of indexing: it is per loop and per token)
             spent += 1
@@ -172,7 +131,7 @@ def decode_step(model: LoopedGPT, tokens: torch.Tensor, cache: KVCache, *,
             break
         logp = None
         if adaptive.criterion == "kl":
-            logp = F.log_softmax(model._logits(h[:, -1]), dim=-1)
+            logp = F.log_softmax(model.logits(h[:, -1]), dim=-1)
         if loop + 1 < adaptive.min_loops:
             previous, previous_logp = h, logp
             continue
@@ -185,7 +144,7 @@ def decode_step(model: LoopedGPT, tokens: torch.Tensor, cache: KVCache, *,
         if bool(converged.any()):
             done = active[converged]
             final[done] = h[converged]
-            _fill_skipped_loops(cache, done, loop)
+            cache.fill_loops_from(loop, done)
             keep = ~converged
             active, h = active[keep], h[keep]
             logp = None if logp is None else logp[keep]
@@ -193,7 +152,7 @@ def decode_step(model: LoopedGPT, tokens: torch.Tensor, cache: KVCache, *,
                 break
         previous, previous_logp = h, logp
     cache.advance(tokens.size(1), torch.ones_like(tokens, dtype=torch.bool))
-    return model._logits(final)[:, -1], spent
+    return model.logits(final)[:, -1], spent
 
 
 # ---- sampling --------------------------------------------------------------------------

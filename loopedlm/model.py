@@ -8,13 +8,22 @@ mode. Adding a mode is one line in `LOOP_MODES`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loopedlm.attention import MLP, CausalSelfAttention, KVCache, build_plan, norm, rotary_tables
+from loopedlm.attention import (
+    MLP,
+    AttentionPlan,
+    CausalSelfAttention,
+    KVCache,
+    build_plan,
+    norm,
+    rotary_tables,
+)
 from loopedlm.config import ModelConfig
 
 
@@ -36,6 +45,14 @@ class LoopMode:
     def injects_at(self, layer: int) -> bool:
         return self.injection != "none" and (self.layers == "all" or layer == 0)
 
+    @property
+    def first_layer_kv_invariant(self) -> bool:
+        """Whether the first layer's keys and values are the same in every loop: every
+        loop restarts from e and nothing is added to the stream before layer 1 (`flt`,
+        `ltai`), so they can be computed once per forward (exact: same inputs, same ops)."""
+        return self.start == "embedding" and not (self.injection == "residual"
+                                                  and self.injects_at(0))
+
 
 LOOP_MODES: dict[str, LoopMode] = {
     "lt": LoopMode(start="previous"),
@@ -44,6 +61,43 @@ LOOP_MODES: dict[str, LoopMode] = {
     "flt_res": LoopMode(start="embedding", injection="residual", layers="all"),
     "flt": LoopMode(start="embedding", injection="attention", layers="all"),
 }
+
+
+@dataclass
+class LoopInputs:
+    """What the loops of one forward share (`LoopedGPT.prepare`).
+
+    x0: raw embedding wte(idx); embedded: e = norm(x0); plan: positions, RoPE, masks and
+    cache; first_kv: the first layer's keys and values when they are loop-invariant.
+    """
+
+    x0: torch.Tensor
+    embedded: torch.Tensor
+    plan: AttentionPlan
+    first_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def select_rows(self, rows: torch.Tensor) -> LoopInputs:
+        """These inputs for batch `rows` only (adaptive decoding drops converged rows)."""
+        batch = self.x0.size(0)
+        first_kv = None if self.first_kv is None else (self.first_kv[0][rows],
+                                                       self.first_kv[1][rows])
+        return LoopInputs(self.x0[rows], self.embedded[rows],
+                          self.plan.select_rows(rows, batch), first_kv)
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int, targets: torch.Tensor | None = None
+                    ) -> None:
+    """Raise ValueError naming the first id outside [0, vocab_size) (targets may be -1 =
+    ignore). Reads the values: call it where data enters, before moving it to a device."""
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if targets is not None:
+        tlo, thi = int(targets.min()), int(targets.max())
+        if tlo < -1 or thi >= vocab_size:
+            raise ValueError(f"target id {tlo if tlo < -1 else thi} is outside "
+                             f"[0, {vocab_size}) (or -1 = ignore)")
 
 
 class Block(nn.Module):
@@ -56,10 +110,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, query_normed, plan, loop: int, eps: float):
-        x_normed = norm(x)
+    def forward(self, x, query_normed, plan, loop: int, eps: float, kv=None):
+        x_normed = norm(x) if query_normed is None or kv is None else None
         q_in = x_normed if query_normed is None else query_normed
-        x = _residual(x, self.attn(q_in, x_normed, plan, loop), eps)
+        x = _residual(x, self.attn(q_in, x_normed, plan, loop, kv=kv), eps)
         return _residual(x, self.mlp(norm(x)), eps)
 
 
@@ -94,8 +148,8 @@ class LoopedGPT(nn.Module):
                                  device=self.lm_head.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        # The loop body; activation checkpointing wraps it from outside (loopedlm.parallel).
-        self.loop_fn = self._run_loop
+        # set by wrap_loops (activation checkpointing, from outside: loopedlm.parallel)
+        self._loop_wrapper: Callable | None = None
 
     # ---- initialisation (SPEC 1) --------------------------------------------
     @torch.no_grad()
@@ -143,13 +197,13 @@ class LoopedGPT(nn.Module):
         cfg = self.config
         n_loops = cfg.n_loops if n_loops is None else n_loops
         block_params = sum(p.numel() for p in self.transformer.h.parameters())
-        head_evals = len(self._loss_loops(n_loops))
+        head_evals = len(self.loss_loops(n_loops))
         matmul = 6 * (block_params * n_loops + self.lm_head.weight.numel() * head_evals)
         attn = sum(12 * cfg.n_head * cfg.head_dim * min(w or cfg.sequence_len, cfg.sequence_len)
                    for w in cfg.window_sizes()) * n_loops
         return float(matmul + attn)
 
-    def _loss_loops(self, n_loops: int) -> range:
+    def loss_loops(self, n_loops: int) -> range:
         """0-based loops whose output is supervised (SPEC 2, `loss_loops`)."""
         return {
             "last": range(n_loops - 1, n_loops),
@@ -157,9 +211,34 @@ class LoopedGPT(nn.Module):
             "last_third": range(2 * n_loops // 3, n_loops),
         }[self.config.loss_loops]
 
-    # ---- forward -------------------------------------------------------------
-    def _run_loop(self, x, previous, loop: int, plan):
-        """Run the `depth` blocks once. `previous` is h^{t-1} (None in loop 1)."""
+    # ---- the per-loop API (forward, decoding and checkpointing all use it) -------
+    def prepare(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> LoopInputs:
+        """What every loop of one forward shares: the embedding, the attention plan
+        (positions, RoPE, masks, cache) and, where loop-invariant, the first layer's
+        keys and values."""
+        B, T = idx.shape
+        plan = build_plan(self.config, self.cos, self.sin, B, T, cache=kv_cache,
+                          attention_mask=attention_mask, device=idx.device)
+        x0 = self.transformer.wte(idx)
+        embedded = norm(x0)
+        first_kv = None
+        if self.mode.first_layer_kv_invariant:
+            first_kv = self.transformer.h[0].attn.keys_values(norm(embedded), plan)
+        return LoopInputs(x0=x0, embedded=embedded, plan=plan, first_kv=first_kv)
+
+    def start_stream(self, inputs: LoopInputs, previous: torch.Tensor | None) -> torch.Tensor:
+        """x_0^t: where loop t starts (SPEC 2 table); loop 1 always starts at e."""
+        if previous is None or self.mode.start == "embedding":
+            return inputs.embedded
+        if self.mode.start == "previous":
+            return previous
+        return norm(inputs.x0 + previous)  # embedding_plus_previous
+
+    def run_loop(self, x: torch.Tensor, previous: torch.Tensor | None, loop: int,
+                 inputs: LoopInputs) -> torch.Tensor:
+        """Run the `depth` blocks once on stream `x`; `previous` is h^{t-1} (None in loop
+        1). Returns x_L^t, before the loop's final norm."""
         eps = self.config.residual_eps()
         # AI's query input is norm(h^{t-1}) (h is already normalised; nanochat normalises
         # it again, and so do we, for identical bits), computed once per loop
@@ -172,21 +251,36 @@ class LoopedGPT(nn.Module):
                     x = norm(x + previous)
                 else:
                     query_normed = query
-            x = block(x, query_normed, plan, loop, eps)
+            kv = inputs.first_kv if layer == 0 else None
+            x = block(x, query_normed, inputs.plan, loop, eps, kv=kv)
         return x
 
-    def _stream_start(self, x0, embedded, previous):
-        if previous is None or self.mode.start == "embedding":
-            return embedded
-        if self.mode.start == "previous":
-            return previous
-        return norm(x0 + previous)  # embedding_plus_previous
+    def loop(self, inputs: LoopInputs, previous: torch.Tensor | None, loop: int
+             ) -> torch.Tensor:
+        """One whole loop, x_0^t -> x_L^t, through the loop wrapper if one is set
+        (activation checkpointing: `wrap_loops`)."""
+        body = self._loop_body if self._loop_wrapper is None else self._loop_wrapper
+        return body(inputs, previous, loop)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _loop_body(self, inputs: LoopInputs, previous: torch.Tensor | None, loop: int):
+        return self.run_loop(self.start_stream(inputs, previous), previous, loop, inputs)
+
+    def wrap_loops(self, wrapper: Callable[[Callable], Callable] | None) -> None:
+        """Run every loop through `wrapper(loop_fn)` (e.g. activation checkpointing, applied
+        from outside the model's math: loopedlm.parallel); None removes it."""
+        self._loop_wrapper = None if wrapper is None else wrapper(self._loop_body)
+
+    @property
+    def loops_wrapped(self) -> bool:
+        return self._loop_wrapper is not None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Soft-capped logits (SPEC 1) of loop outputs h, cropped to the real vocabulary."""
         cap = self.config.softcap
         logits = self.lm_head(h)[..., : self.config.vocab_size].float()
         return cap * torch.tanh(logits / cap)
 
+    # ---- forward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 n_loops: int | None = None, kv_cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
@@ -200,15 +294,11 @@ class LoopedGPT(nn.Module):
                         state norm before its final norm (SPEC 6).
         """
         n_loops = self._check_inputs(idx, targets, n_loops, kv_cache, attention_mask)
-        B, T = idx.shape
-        plan = build_plan(self.config, self.cos, self.sin, B, T, cache=kv_cache,
-                          attention_mask=attention_mask, device=idx.device)
-        x0 = self.transformer.wte(idx)
-        embedded = norm(x0)
-        supervised = self._loss_loops(n_loops) if targets is not None else [n_loops - 1]
+        inputs = self.prepare(idx, kv_cache=kv_cache, attention_mask=attention_mask)
+        supervised = self.loss_loops(n_loops) if targets is not None else [n_loops - 1]
         previous, outputs, norms = None, [], []
         for loop in range(n_loops):
-            x = self.loop_fn(self._stream_start(x0, embedded, previous), previous, loop, plan)
+            x = self.loop(inputs, previous, loop)
             if return_residual_norms:
                 norms.append(_residual_norm(x))
             previous = norm(x)  # h^t
@@ -216,12 +306,12 @@ class LoopedGPT(nn.Module):
                 outputs.append(previous)
         if kv_cache is not None:
             real = attention_mask if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
-            kv_cache.advance(T, real)
+            kv_cache.advance(idx.size(1), real)
 
         if targets is None:
-            result = self._logits(outputs[-1])
+            result = self.logits(outputs[-1])
         else:
-            losses = [F.cross_entropy(self._logits(h).flatten(0, 1), targets.flatten(),
+            losses = [F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(),
                                       ignore_index=-1) for h in outputs]
             result = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         if return_residual_norms:
@@ -229,6 +319,9 @@ class LoopedGPT(nn.Module):
         return result
 
     def _check_inputs(self, idx, targets, n_loops, kv_cache, attention_mask) -> int:
+        """Shapes and types always; token-id ranges only where they cost no host-device
+        sync (CPU tensors, eager): on an accelerator, ids are checked where they enter
+        (the loader, prompt handling, the evaluators) before the transfer."""
         cfg = self.config
         if n_loops is None:
             n_loops = cfg.n_loops
@@ -257,19 +350,11 @@ class LoopedGPT(nn.Module):
                                            or attention_mask.dtype != torch.bool):
             raise ValueError(f"attention_mask must be a bool tensor of shape {tuple(idx.shape)}, "
                              f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
-        if not torch.compiler.is_compiling():
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= cfg.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-            if targets is not None:
-                if targets.shape != idx.shape:
-                    raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape "
-                                     f"{tuple(idx.shape)}")
-                tlo, thi = int(targets.min()), int(targets.max())
-                if tlo < -1 or thi >= cfg.vocab_size:
-                    raise ValueError(f"target id {tlo if tlo < -1 else thi} is outside "
-                                     f"[0, {cfg.vocab_size}) (or -1 = ignore)")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape "
+                             f"{tuple(idx.shape)}")
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_token_ids(idx, cfg.vocab_size, targets)
         return n_loops
 
     # ---- construction helpers -----------------------------------------------

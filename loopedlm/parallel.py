@@ -92,14 +92,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute each loop's activations in the backward pass instead of storing them:
-    the loop body becomes a checkpointed call, so peak memory no longer grows with the
-    loop count's activations (only the stream between loops is kept)."""
-    model.loop_fn = partial(checkpoint, model._run_loop, use_reentrant=False)
+    every loop runs as a checkpointed call (`LoopedGPT.wrap_loops`), so peak memory no
+    longer grows with the loop count's activations (only the stream between loops is
+    kept)."""
+    model.wrap_loops(lambda loop_fn: partial(checkpoint, loop_fn, use_reentrant=False))
     return model
 
 
 def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
-    model.loop_fn = model._run_loop
+    model.wrap_loops(None)
     return model
 
 

@@ -292,3 +292,56 @@ def test_randomize_helper_changes_weights():
     model = LoopedGPT.from_config(tiny_config(), seed=0)
     randomize_(model)
     assert model.transformer.h[0].attn.c_proj.weight.abs().sum() > 0
+
+
+# ---- the per-loop API and the loop-invariant first layer (issues 10, 16) -----------------
+def test_first_layer_kv_invariant_modes():
+    invariant = {name for name, mode in LOOP_MODES.items() if mode.first_layer_kv_invariant}
+    assert invariant == {"flt", "ltai"}
+
+
+def _without_first_kv(model):
+    prepare = model.prepare
+
+    def prepare_unshared(*args, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        inputs.first_kv = None
+        return inputs
+    model.prepare = prepare_unshared
+    return model
+
+
+@pytest.mark.parametrize("mode", ["flt", "ltai"])
+@pytest.mark.parametrize("variant", [dict(), dict(attn_type="mla", kv_rank=8), dict(n_kv_head=1)])
+def test_shared_first_layer_kv_is_exact(mode, variant):
+    """Computing the first layer's keys/values once per forward instead of once per loop
+    gives bit-identical logits and the same gradients (to float rounding: the gradient
+    contributions of the loops are summed in another order)."""
+    shared = tiny_model(loop_mode=mode, n_loops=4, **variant)
+    unshared = _without_first_kv(tiny_model(loop_mode=mode, n_loops=4, **variant))
+    idx = torch.randint(0, shared.config.vocab_size, (2, 11))
+    assert shared.prepare(idx).first_kv is not None
+    assert torch.equal(shared(idx), unshared(idx))
+    loss_a, loss_b = shared(idx, idx), unshared(idx, idx)
+    assert torch.equal(loss_a, loss_b)
+    loss_a.backward()
+    loss_b.backward()
+    for (name, a), b in zip(shared.named_parameters(), unshared.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_wrap_loops_runs_every_loop_through_the_wrapper():
+    model = tiny_model(n_loops=3)
+    seen = []
+
+    def wrapper(loop_fn):
+        def wrapped(inputs, previous, loop):
+            seen.append(loop)
+            return loop_fn(inputs, previous, loop)
+        return wrapped
+    idx = torch.randint(0, model.config.vocab_size, (1, 5))
+    expected = model(idx)
+    model.wrap_loops(wrapper)
+    assert torch.equal(model(idx), expected) and seen == [0, 1, 2]
+    model.wrap_loops(None)
+    assert not model.loops_wrapped
