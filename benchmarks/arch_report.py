@@ -1,0 +1,179 @@
+"""Print the architecture figures of issue 10 for the package (no third-party imports).
+
+    python benchmarks/arch_report.py            # the figures
+    python benchmarks/arch_report.py --list     # and every offending file/function/access
+
+Figures: files in loopedlm/ over 400 lines, functions over 60 lines, import cycles between
+loopedlm modules (function-local imports counted), accesses to another object's `_name`
+(anything but self/cls), and the share of the repository's non-test Python lines that lie
+in loopedlm/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "loopedlm"
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def package_files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def long_files(files: list[Path]) -> list[tuple[str, int]]:
+    out = []
+    for path in files:
+        n = len(path.read_text().splitlines())
+        if n > MAX_FILE_LINES:
+            out.append((str(path.relative_to(ROOT)), n))
+    return out
+
+
+def long_functions(files: list[Path]) -> list[tuple[str, int]]:
+    out = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    out.append((f"{path.relative_to(ROOT)}:{node.lineno} {node.name}", n))
+    return out
+
+
+def import_graph(files: list[Path]) -> dict[str, set[str]]:
+    """module -> loopedlm modules it imports anywhere (top level or inside functions)."""
+    modules = {module_name(p) for p in files}
+    graph: dict[str, set[str]] = {}
+    for path in files:
+        name = module_name(path)
+        targets: set[str] = set()
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{a.name}" for a in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def private_accesses(files: list[Path]) -> list[str]:
+    """`obj._name` where obj is not self/cls and not a module from outside loopedlm
+    (torch._dynamo and the like are other projects' business)."""
+    out = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        external = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                external.update((a.asname or a.name).split(".")[0] for a in node.names
+                                if not a.name.startswith("loopedlm"))
+            elif isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("loopedlm") \
+                    and not node.level:
+                external.update(a.asname or a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("loopedlm"):
+                out.extend(f"{path.relative_to(ROOT)}:{node.lineno} imports {a.name}"
+                           for a in node.names if a.name.startswith("_"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            attr = node.attr
+            if not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")):
+                continue
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and (base.id in ("self", "cls") or base.id in external):
+                continue
+            if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) \
+                    and base.func.id == "super":
+                continue
+            out.append(f"{path.relative_to(ROOT)}:{node.lineno} .{attr}")
+    return out
+
+
+def package_share() -> tuple[int, int]:
+    def lines(paths):
+        return sum(len(p.read_text().splitlines()) for p in paths)
+    everything = [p for p in ROOT.rglob("*.py")
+                  if not any(part.startswith(".") or part in ("tests", "build") or "venv" in part
+                             for part in p.relative_to(ROOT).parts)]
+    return lines(package_files()), lines(everything)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="list every offender")
+    args = parser.parse_args(argv)
+    files = package_files()
+    figures = {
+        f"files over {MAX_FILE_LINES} lines": long_files(files),
+        f"functions over {MAX_FUNCTION_LINES} lines": long_functions(files),
+        "import cycles": cycles(import_graph(files)),
+        "accesses to another object's _name": private_accesses(files),
+    }
+    for label, items in figures.items():
+        print(f"{label}: {len(items)}")
+        if args.list:
+            for item in items:
+                print(f"    {item}")
+    inside, total = package_share()
+    print(f"non-test Python lines in loopedlm/: {inside} of {total} ({100 * inside / total:.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
