@@ -2,7 +2,8 @@
 
 from loopedlm.attention import KVCache
 from loopedlm.config import ConfigError, ModelConfig
-from loopedlm.model import LOOP_MODES, LoopedGPT, LoopMode
+from loopedlm.loop_modes import LOOP_MODES, LoopMode
+from loopedlm.model import LoopedGPT
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-LOOP_MODES = ("lt", "lti", "ltai", "flt_res", "flt")
+from loopedlm.loop_modes import LOOP_MODES
+
 LOSS_LOOPS = ("last", "all", "last_third")
 ATTN_TYPES = ("full", "mla")
 RESIDUAL_SCALES = ("none", "inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_depth")
@@ -90,7 +91,7 @@ class ModelConfig:
                "an integer >= 1")
         _check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head,
                f"must divide n_head={self.n_head}")
-        _check_choice("loop_mode", self.loop_mode, LOOP_MODES)
+        _check_choice("loop_mode", self.loop_mode, tuple(LOOP_MODES))
         _check(_is_int(self.n_loops) and self.n_loops >= 1, "n_loops", self.n_loops,
                "an integer >= 1")
         _check_choice("loss_loops", self.loss_loops, LOSS_LOOPS)

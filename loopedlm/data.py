@@ -44,17 +44,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from loopedlm.paths import loopedlm_home
+
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMN = "text"
 SPLITS = ("train", "val")
 STATE_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-
-
-def loopedlm_home() -> Path:
-    """Root of loopedlm's caches: $LOOPEDLM_HOME, default ~/.cache/loopedlm."""
-    return Path(os.environ.get("LOOPEDLM_HOME") or Path.home() / ".cache" / "loopedlm")
 
 
 def default_data_dir() -> Path:

