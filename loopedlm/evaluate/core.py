@@ -233,8 +233,8 @@ def score_sequences(model: Any, sequences: Sequence[Sequence[int]], starts: Sequ
 
     Sequences are sorted by length and right-padded (padding never influences earlier
     positions in a causal model) into batches of at most `logits_budget` logits. The last
-    token is never an input (nothing is predicted from it), so a sequence may hold
-    `sequence_len + 1` tokens.
+    token is never an input (nothing is predicted from it), so a sequence may hold one token
+    more than the model takes (`config.rotary_len + 1` for a LoopedGPT).
     """
     n = len(sequences)
     if n == 0:
@@ -292,16 +292,18 @@ def evaluate_task(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[di
     """Accuracy and centered accuracy of one task. Under torch.distributed the examples are
     split across ranks and the counts summed.
 
-    `max_len` (tokens per scored sequence) defaults to the model's `config.sequence_len` + 1
-    (the last token is only a target).
+    `max_len` (tokens per scored sequence) defaults to what the model's RoPE table covers,
+    `config.rotary_len` (10 x sequence_len) + 1: the last token is only a target. Longer
+    sequences are cropped on the left; `truncated` counts the examples that were.
     """
     if len(items) == 0:
         raise ValueError(f"task {spec.name!r} has no items")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples={max_examples!r} must be >= 1 (or None for all)")
     if max_len is None:
-        seq_len = getattr(getattr(model, "config", None), "sequence_len", None)
-        max_len = None if seq_len is None else seq_len + 1
+        config = getattr(model, "config", None)
+        positions = getattr(config, "rotary_len", None) or getattr(config, "sequence_len", None)
+        max_len = None if positions is None else positions + 1
     rank, world = _rank_world()
     order = select_examples(len(items), max_examples)
     evaluated = [items[i] for i in order]  # shots are drawn from this list, by position
@@ -343,7 +345,7 @@ def evaluate_task(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[di
         "n": total, "n_available": len(items), "correct": correct_all, "accuracy": accuracy,
         "random_baseline": spec.random_baseline,
         "centered": centered_accuracy(accuracy, spec.random_baseline),
-        "truncated": truncated,
+        "truncated": truncated, "max_len": max_len,
     }
     if return_details:
         result["details"] = sorted(details, key=lambda d: d["index"])  # in the items' order
