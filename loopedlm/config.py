@@ -15,6 +15,8 @@ ATTN_TYPES = ("full", "mla")
 RESIDUAL_SCALES = ("none", "inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_depth")
 
 QWEN3_VOCAB_SIZE = 151_669
+# The authors' model precomputes RoPE for 10x sequence_len and never crops an evaluation prompt
+ROTARY_LENGTH_FACTOR = 10
 
 
 class ConfigError(ValueError):
@@ -120,6 +122,12 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_to
         return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def rotary_len(self) -> int:
+        """Positions the RoPE tables cover (10 x sequence_len, as the authors' model): the
+        longest input a forward without targets takes. Training stays at `sequence_len`."""
+        return ROTARY_LENGTH_FACTOR * self.sequence_len
 
     @property
     def short_window(self) -> int:

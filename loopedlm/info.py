@@ -52,12 +52,19 @@ def _info(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from loopedlm.checkpoint import save_model
-    from loopedlm.interop import import_nanochat_checkpoint
+    from loopedlm.interop import import_nanochat_checkpoint, nanochat_tokenizer
 
     model, meta = import_nanochat_checkpoint(args.source, step=args.step)
     out = save_model(args.out, model, {"imported_from": str(Path(args.source).resolve()),
                                        "nanochat_meta": meta})
     print(f"wrote {out} ({model.config.loop_mode}, {model.num_params():,} parameters)")
+    tokenizer = nanochat_tokenizer(model.config)
+    if tokenizer is not None:  # eval and sample then use their BOS, <|im_start|>
+        print(f"wrote {tokenizer.save(out / 'tokenizer')} ({tokenizer.name}, BOS id "
+              f"{tokenizer.bos_id})")
+    else:
+        print(f"no tokenizer saved: vocab_size={model.config.vocab_size} is not Qwen3's; pass "
+              f"--tokenizer to eval and sample")
     return 0
 
 

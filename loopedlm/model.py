@@ -109,7 +109,7 @@ class LoopedGPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.depth)]),
         })
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        cos, sin = rotary_tables(config.sequence_len, config.head_dim, config.rope_base,
+        cos, sin = rotary_tables(config.rotary_len, config.head_dim, config.rope_base,
                                  device=self.lm_head.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -140,7 +140,7 @@ class LoopedGPT(nn.Module):
 
     def reset_rotary(self) -> None:
         """Recompute the RoPE tables (needed after building on the meta device)."""
-        cos, sin = rotary_tables(self.config.sequence_len, self.config.head_dim,
+        cos, sin = rotary_tables(self.config.rotary_len, self.config.head_dim,
                                  self.config.rope_base, device=self.lm_head.weight.device)
         self.cos, self.sin = cos, sin
 
@@ -299,10 +299,12 @@ class LoopedGPT(nn.Module):
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx has shape {tuple(idx.shape)}; expected (batch, time) with time >= 1")
         past = 0 if kv_cache is None else kv_cache.pos
-        if past + idx.size(1) > cfg.sequence_len:
+        # training (targets) stays within sequence_len; inference reaches the RoPE table's end
+        limit, what = ((cfg.sequence_len, f"sequence_len={cfg.sequence_len}") if targets is not None
+                       else (cfg.rotary_len, f"the RoPE table ({cfg.rotary_len} positions)"))
+        if past + idx.size(1) > limit:
             raise ValueError(f"sequence of {past + idx.size(1)} tokens"
-                             f"{f' ({past} cached)' if past else ''} is longer than "
-                             f"sequence_len={cfg.sequence_len}")
+                             f"{f' ({past} cached)' if past else ''} is longer than {what}")
         if kv_cache is not None:
             if kv_cache.batch_size != idx.size(0):
                 raise ValueError(f"kv_cache holds batch {kv_cache.batch_size}, idx has {idx.size(0)}")

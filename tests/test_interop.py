@@ -99,3 +99,33 @@ def test_cli_import_and_info(tmp_path, capsys):
     assert '"params": 127107072' in capsys.readouterr().out
     assert main(["info", "nonsense_preset_or_path"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_imported_authors_checkpoint_is_scored_with_their_bos(tmp_path):
+    """The authors' tokenizer is Qwen3's with <|im_start|> (151644) as BOS: an imported
+    checkpoint of that vocabulary is evaluated with every prompt starting with it."""
+    from loopedlm.cli import main
+    from loopedlm.config import QWEN3_VOCAB_SIZE
+    from loopedlm.evaluate.cli import load_run
+    from loopedlm.evaluate.core import TaskSpec, evaluate_task
+
+    model = tiny_model(vocab_size=QWEN3_VOCAB_SIZE, depth=1, d_model=8, n_head=1)
+    export_nanochat_checkpoint(model, tmp_path / "theirs", step=7)
+    assert main(["import-nanochat", str(tmp_path / "theirs"), str(tmp_path / "ours")]) == 0
+    loaded, tok, _, _ = load_run(tmp_path / "ours")
+    assert tok.name == "qwen3" and tok.bos_id == 151_644
+    first_tokens = []
+    loaded.register_forward_pre_hook(lambda _m, args: first_tokens.extend(args[0][:, 0].tolist()))
+    items = [{"query": f"Question {i}?", "choices": ["yes", "no"], "gold": i % 2} for i in range(4)]
+    result = evaluate_task(loaded, tok, TaskSpec("mc", "multiple_choice", num_fewshot=1), items)
+    assert result["n"] == 4 and len(first_tokens) == 8
+    assert set(first_tokens) == {151_644}
+
+
+def test_import_of_another_vocabulary_saves_no_tokenizer(tmp_path, capsys):
+    from loopedlm.cli import main
+
+    export_nanochat_checkpoint(tiny_model(), tmp_path / "theirs", step=1)
+    assert main(["import-nanochat", str(tmp_path / "theirs"), str(tmp_path / "ours")]) == 0
+    assert not (tmp_path / "ours" / "tokenizer").exists()
+    assert "--tokenizer" in capsys.readouterr().out

@@ -220,7 +220,7 @@ def test_meta_device_build_then_materialise():
     model = LoopedGPT.from_config(cfg, seed=3)
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert torch.isfinite(model(idx_for(cfg))).all()
-    assert model.cos.dtype == torch.bfloat16 and model.cos.shape == (cfg.sequence_len, 8)
+    assert model.cos.dtype == torch.bfloat16 and model.cos.shape == (cfg.rotary_len, 8)
 
 
 def test_flops_count_every_loop():
@@ -265,7 +265,7 @@ def test_config_round_trip_and_unknown_field():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda c: torch.zeros(1, c.sequence_len + 1, dtype=torch.long), "longer than sequence_len"),
+    (lambda c: torch.zeros(1, c.rotary_len + 1, dtype=torch.long), "longer than the RoPE table"),
     (lambda c: torch.full((1, 4), c.vocab_size), "outside the vocabulary"),
     (lambda c: torch.full((1, 4), -2), "outside the vocabulary"),
     (lambda c: torch.zeros(1, 4), "dtype"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def test_batch_encoding_matches_single(request, which):
 
 def test_qwen3_is_the_real_vocabulary(qwen3):
     assert qwen3.vocab_size == QWEN3_VOCAB_SIZE
-    assert qwen3.decode([qwen3.bos_id]) == "<|endoftext|>"
+    # SPEC 5: BOS is <|im_start|> (151644), as the FLT authors' get_bos_token_id
+    assert qwen3.bos_id == 151_644 and qwen3.decode([qwen3.bos_id]) == "<|im_start|>"
     assert len(qwen3.special_ids) == QWEN3_VOCAB_SIZE - 151_643
     # Qwen's published ids for this string (the vocabulary is the real one, not a look-alike)
     assert qwen3.encode("Hello, world!") == [9707, 11, 1879, 0]
@@ -178,6 +180,33 @@ def test_save_and_load(request, which, tmp_path):
     # a run folder holding tokenizer/ is accepted too
     tok.save(tmp_path / "run" / "tokenizer")
     assert load_tokenizer(tmp_path / "run").vocab_size == tok.vocab_size
+
+
+def test_qwen3_folder_keeps_the_bos_it_was_saved_with(qwen3, tmp_path):
+    """A run saved before the BOS became <|im_start|> keeps feeding its model <|endoftext|>."""
+    import json
+
+    from loopedlm.tokenizer import META_FILE, QWEN3_LEGACY_BOS_TOKEN, Qwen3Tokenizer
+
+    qwen3.save(tmp_path / "new")
+    assert load_tokenizer(tmp_path / "new").bos_id == 151_644
+    Qwen3Tokenizer(QWEN3_LEGACY_BOS_TOKEN).save(tmp_path / "old")
+    assert load_tokenizer(tmp_path / "old").bos_id == 151_643
+    # what an older loopedlm wrote: the recorded BOS is honoured ...
+    (tmp_path / "v0").mkdir()
+    meta = {"kind": "qwen3", "vocab_size": QWEN3_VOCAB_SIZE, "bos_token": "<|endoftext|>"}
+    (tmp_path / "v0" / META_FILE).write_text(json.dumps(meta))
+    old = load_tokenizer(tmp_path / "v0")
+    assert old.bos_id == 151_643
+    assert old.encode_documents(["a", "b"]).tolist() == [151_643, 64, 151_643, 65]
+    # ... and a folder with no record at all is read as the old BOS
+    del meta["bos_token"]
+    (tmp_path / "v0" / META_FILE).write_text(json.dumps(meta))
+    assert load_tokenizer(tmp_path / "v0").bos_id == 151_643
+    meta["bos_token"] = "<|bos|>"
+    (tmp_path / "v0" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape("bos_token='<|bos|>' is not a special")):
+        load_tokenizer(tmp_path / "v0")
 
 
 def test_trained_vocabulary_size_and_bos():

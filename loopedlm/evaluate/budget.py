@@ -54,7 +54,7 @@ def evaluate_budget(model: Any, tokenizer: Any, loops: Sequence[int], *,
     loops = parse_loops(list(loops))
     say = progress or logger.info
     results: dict[str, Any] = {
-        "loops": loops, "metrics": {}, "tasks": {}, "errors": [], "wall_time_s": {},
+        "loops": loops, "metrics": {}, "tasks": {}, "cropped": {}, "errors": [], "wall_time_s": {},
         "settings": {"tasks": list(tasks), "max_examples": max_examples,
                      "val_batches": val_batches, "batch_size": batch_size,
                      "data_dir": str(data_dir) if data_dir else None,
@@ -115,6 +115,9 @@ def evaluate_budget(model: Any, tokenizer: Any, loops: Sequence[int], *,
                 task_results[name] = r
                 results["tasks"].setdefault(name, {})[str(n)] = r
                 record(f"acc/{name}", n, r["accuracy"])
+                if r.get("truncated"):  # prompts longer than the RoPE table (the same at every N)
+                    results["cropped"][name] = {"examples": r["truncated"], "n": r["n"],
+                                                "max_len": r.get("max_len")}
                 say(f"N={n} {name}: acc={r['accuracy']:.4f} ({r['n']} examples)")
             except Exception as exc:  # noqa: BLE001
                 error(f"task/{name}", n, exc)
@@ -167,6 +170,11 @@ def markdown_table(results: dict[str, Any]) -> str:
     out = "\n".join(lines) + "\n"
     if results.get("core_missing"):
         out += f"\nCORE tasks not evaluated: {', '.join(results['core_missing'])}\n"
+    if results.get("tasks"):
+        cropped = results.get("cropped") or {}
+        out += ("\nPrompts cropped on the left (longer than the RoPE table): "
+                + (", ".join(f"{name} {c['examples']}/{c['n']} examples (> {c['max_len']} tokens)"
+                             for name, c in cropped.items()) or "none") + "\n")
     if results.get("errors"):
         out += "\nErrors:\n" + "".join(
             f"- {e['metric']}" + (f" (N={e['n_loops']})" if e["n_loops"] is not None else "")

@@ -1,7 +1,7 @@
 """`loopedlm eval`, `loopedlm eval-tasks` and `loopedlm lm-eval`.
 
     loopedlm eval RUN_OR_CHECKPOINT --loops 1,3,6,9,12 [--tasks core] [--wikitext PATH]
-                  [--data-dir DIR] [--max-examples 200] [--out DIR] [--device cpu]
+                  [--data-dir DIR] [--max-examples 200|all] [--out DIR] [--device cpu]
     loopedlm eval-tasks [--fetch-bigbench [--sdist PATH]]
     loopedlm lm-eval --model loopedlm --model_args path=RUN,n_loops=6 --tasks ...
 """
@@ -26,6 +26,11 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def _max_examples(text: str) -> int | None:
+    """`all` (every item, as nanochat's max_per_task=-1) or a positive integer."""
+    return None if text.strip().lower() == "all" else _positive_int(text)
 
 
 def _find_key(data: Any, key: str) -> Any:
@@ -94,7 +99,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         data_dir = None
     out = Path(args.out) if args.out else folder / "eval"
     print(f"evaluating {folder} at N={loops} on {len(tasks)} tasks "
-          f"(max {args.max_examples} examples each); results -> {out}", file=sys.stderr)
+          f"({'all' if args.max_examples is None else f'max {args.max_examples}'} examples "
+          f"each); results -> {out}", file=sys.stderr)
     results = evaluate_budget(model, tok, loops, tasks=tasks, data_dir=data_dir,
                               wikitext=args.wikitext, max_examples=args.max_examples,
                               val_batches=args.val_batches, batch_size=args.batch_size,
@@ -146,8 +152,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-dir", default=None,
                    help="Parquet data folder whose last shard is the validation split "
                         "(default: the run's)")
-    p.add_argument("--max-examples", type=_positive_int, default=200,
-                   help="examples per task (a fixed random subset)")
+    p.add_argument("--max-examples", type=_max_examples, default=200,
+                   help="examples per task: the first N of the task's items shuffled with "
+                        "seed 1337, as nanochat; 'all' for every item")
     p.add_argument("--val-batches", type=_positive_int, default=20,
                    help="validation batches for val_bpb")
     p.add_argument("--batch-size", type=_positive_int, default=8)

@@ -11,8 +11,11 @@ JSONL format):
 - `language_modeling`: `{"context", "continuation"}`. Correct when greedy decoding reproduces
   the continuation exactly (argmax at every continuation position).
 
-Few-shot examples are drawn without replacement from the task's other items with
-`random.Random(1234 + index)` (one seed per example, as DCLM/nanochat), joined by a blank line.
+Which examples run, and their shots, follow nanochat's `base_eval` (the FLT authors' CORE
+code): a task's items are shuffled with `random.Random(1337)` and cut to `max_examples` (all
+of them when None); the example at position `i` of that list draws its few-shot examples
+without replacement from the same list, never itself, with `random.Random(1234 + i)`. Shots
+are joined by a blank line.
 A task's accuracy becomes a *centered accuracy* `(acc - r) / (1 - r)` with `r` its random
 baseline; CORE is the mean centered accuracy over the tasks.
 
@@ -39,8 +42,8 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-FEWSHOT_SEED = 1234  # DCLM/nanochat: random.Random(1234 + index) picks an example's shots
-SUBSAMPLE_SEED = 1337  # which examples `max_examples` keeps (nanochat shuffles with 1337)
+FEWSHOT_SEED = 1234  # nanochat: random.Random(1234 + position) picks an example's shots
+SUBSAMPLE_SEED = 1337  # nanochat shuffles a task's items with 1337 before cutting them
 # Logits held at once by one batch (floats); 2**27 floats = 512 MB of fp32.
 DEFAULT_LOGITS_BUDGET = 2**27
 
@@ -79,6 +82,7 @@ class Prepared:
     ends: list[int]  # one past the last scored token
     gold: int = 0
     truncated: bool = False
+    fewshot: list[int] = field(default_factory=list)  # indices (into `items`) of the shots
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -143,8 +147,10 @@ def render_prompts(item: dict, spec: TaskSpec, fewshot: Sequence[dict] = ()) -> 
 
 
 def sample_fewshot(n_items: int, index: int, num_fewshot: int) -> list[int]:
-    """Indices of the few-shot examples of item `index`: a per-example seed, no replacement,
-    never the item itself."""
+    """Positions of the few-shot examples of the example at position `index` of the evaluated
+    list of `n_items` (nanochat: `Random(1234 + index).sample` of the other positions, no
+    replacement, never the example itself). A list too short for `num_fewshot` gives all
+    the others (nanochat would raise)."""
     k = min(num_fewshot, n_items - 1)
     if k <= 0:
         return []
@@ -168,12 +174,14 @@ def common_suffix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 def prepare_example(items: Sequence[dict], index: int, spec: TaskSpec, tokenizer: Any,
                     max_len: int | None = None) -> Prepared:
-    """Tokenize one example (BOS first) and find the scored span of each sequence.
+    """Tokenize example `index` of `items` (BOS first) and find the scored span of each
+    sequence. Its shots come from `items` (`sample_fewshot`): pass the evaluated list.
 
     Sequences longer than `max_len` are cropped on the left (the few-shot context goes first).
     """
     item = items[index]
-    fewshot = [items[i] for i in sample_fewshot(len(items), index, spec.num_fewshot)]
+    shot_indices = sample_fewshot(len(items), index, spec.num_fewshot)
+    fewshot = [items[i] for i in shot_indices]
     prompts = render_prompts(item, spec, fewshot)
     bos = tokenizer.bos_id
     encoded = [[bos, *ids] for ids in tokenizer.encode_batch(prompts)]
@@ -209,7 +217,7 @@ def prepare_example(items: Sequence[dict], index: int, spec: TaskSpec, tokenizer
             else:
                 cropped.append(seq)
         seqs = cropped
-    return Prepared(index, seqs, starts, ends, gold, truncated)
+    return Prepared(index, seqs, starts, ends, gold, truncated, shot_indices)
 
 
 # ---- scoring --------------------------------------------------------------------------------
@@ -225,8 +233,8 @@ def score_sequences(model: Any, sequences: Sequence[Sequence[int]], starts: Sequ
 
     Sequences are sorted by length and right-padded (padding never influences earlier
     positions in a causal model) into batches of at most `logits_budget` logits. The last
-    token is never an input (nothing is predicted from it), so a sequence may hold
-    `sequence_len + 1` tokens.
+    token is never an input (nothing is predicted from it), so a sequence may hold one token
+    more than the model takes (`config.rotary_len + 1` for a LoopedGPT).
     """
     n = len(sequences)
     if n == 0:
@@ -269,12 +277,11 @@ def _rank_world() -> tuple[int, int]:
 
 
 def select_examples(n_items: int, max_examples: int | None) -> list[int]:
-    """The items evaluated: all, or a fixed random subset of `max_examples` (seed 1337)."""
+    """Indices of the items evaluated, in nanochat's order: all items shuffled with
+    `random.Random(1337)`, then the first `max_examples` (all when None)."""
     indices = list(range(n_items))
-    if max_examples is not None and max_examples < n_items:
-        random.Random(SUBSAMPLE_SEED).shuffle(indices)
-        indices = sorted(indices[:max_examples])
-    return indices
+    random.Random(SUBSAMPLE_SEED).shuffle(indices)
+    return indices if max_examples is None else indices[:max_examples]
 
 
 def evaluate_task(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[dict], *,
@@ -285,20 +292,23 @@ def evaluate_task(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[di
     """Accuracy and centered accuracy of one task. Under torch.distributed the examples are
     split across ranks and the counts summed.
 
-    `max_len` (tokens per scored sequence) defaults to the model's `config.sequence_len` + 1
-    (the last token is only a target).
+    `max_len` (tokens per scored sequence) defaults to what the model's RoPE table covers,
+    `config.rotary_len` (10 x sequence_len) + 1: the last token is only a target. Longer
+    sequences are cropped on the left; `truncated` counts the examples that were.
     """
     if len(items) == 0:
         raise ValueError(f"task {spec.name!r} has no items")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples={max_examples!r} must be >= 1 (or None for all)")
     if max_len is None:
-        seq_len = getattr(getattr(model, "config", None), "sequence_len", None)
-        max_len = None if seq_len is None else seq_len + 1
+        config = getattr(model, "config", None)
+        positions = getattr(config, "rotary_len", None) or getattr(config, "sequence_len", None)
+        max_len = None if positions is None else positions + 1
     rank, world = _rank_world()
-    selected = select_examples(len(items), max_examples)
-    mine = selected[rank::world]
-    prepared = [prepare_example(items, i, spec, tokenizer, max_len) for i in mine]
+    order = select_examples(len(items), max_examples)
+    evaluated = [items[i] for i in order]  # shots are drawn from this list, by position
+    prepared = [prepare_example(evaluated, pos, spec, tokenizer, max_len)
+                for pos in range(rank, len(order), world)]
     flat_seqs, flat_starts, flat_ends = [], [], []
     for p in prepared:
         flat_seqs += p.sequences
@@ -319,7 +329,9 @@ def evaluate_task(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[di
         offset += k
         correct += int(ok)
         if return_details:
-            details.append({"index": p.index, "gold": p.gold, "pred": pred, "correct": bool(ok),
+            details.append({"index": order[p.index], "position": p.index,
+                            "fewshot": [order[i] for i in p.fewshot], "gold": p.gold,
+                            "pred": pred, "correct": bool(ok),
                             "scores": [round(s, 6) for s in scores],
                             "truncated": p.truncated})
     counts = torch.tensor([correct, len(prepared), sum(p.truncated for p in prepared)],
@@ -333,10 +345,10 @@ def evaluate_task(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[di
         "n": total, "n_available": len(items), "correct": correct_all, "accuracy": accuracy,
         "random_baseline": spec.random_baseline,
         "centered": centered_accuracy(accuracy, spec.random_baseline),
-        "truncated": truncated,
+        "truncated": truncated, "max_len": max_len,
     }
     if return_details:
-        result["details"] = details
+        result["details"] = sorted(details, key=lambda d: d["index"])  # in the items' order
     return result
 
 

@@ -67,7 +67,8 @@ class LoopedLMEval(LM):
         """(sum log-prob of `cont`, greedy?) for (context tokens, continuation tokens)."""
         seqs, starts, ends = [], [], []
         for ctx, cont in pairs:
-            whole = (ctx + cont)[-(self.max_length + 1):]  # the last token is only a target
+            # cropped only beyond the RoPE table; the last token is only a target
+            whole = (ctx + cont)[-(self.model.config.rotary_len + 1):]
             seqs.append(whole)
             starts.append(max(1, len(whole) - len(cont)))
             ends.append(len(whole))
