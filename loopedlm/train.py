@@ -49,8 +49,8 @@ from loopedlm.config import PRESETS, QWEN3_VOCAB_SIZE, ConfigError, ModelConfig
 from loopedlm.diagnostics import (
     CollapseDetector,
     CollapseThresholds,
-    RunLogger,
     PeakMemory,
+    RunLogger,
     evaluate_bpb,
     grad_norms,
     mfu,
@@ -582,6 +582,12 @@ class _Trainer:
         optimizer = LoopedOptimizer(model, cfg.optim, zero=cfg.zero)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
+        sampler = cfg.loop_sampler(self.model_cfg.n_loops)
+        if cfg.compile and sampler.variable:
+            # dynamo specialises on the loop count: one graph per N the sampler can draw
+            import torch._dynamo.config as dynamo_config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit,
+                                                sampler.max_loops + 1)
         train_model = torch.compile(model) if cfg.compile else model
         train_model = wrap_ddp(train_model, info)
         autocast = _autocast(device, cfg.dtype)
@@ -599,7 +605,6 @@ class _Trainer:
                 "grad_accum_steps": self.grad_accum})
         logger = RunLogger(self.run_dir, resume_step=start_step if self.resume_from else None) \
             if info.is_main else None
-        sampler = cfg.loop_sampler(self.model_cfg.n_loops)
         flops_per_token = expected_flops_per_token(cfg, model)
         peak = peak_flops(device)
         watched = watched_parameters(model)

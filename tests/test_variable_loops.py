@@ -233,3 +233,46 @@ def test_training_logs_the_sampled_n_and_resumes_with_the_same(tmp_path):
 
     from loopedlm.plot import plot_runs  # per-loop norms of varying length
     assert len(plot_runs([tmp_path / "run"], tmp_path / "plots")) == 3
+
+
+# ---- the report section ----------------------------------------------------------------
+def _fake_variable_run(sweep_dir, name, settings, bpb_at, seed):
+    run = sweep_dir / name
+    (run / "eval").mkdir(parents=True)
+    rows = [{"step": s, "loss": 5.0 / s, "dt": 0.5, "n_loops": 2 + s % 3,
+             "residual_norm": [1.0] * (2 + s % 3)} for s in range(1, 5)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({
+        "status": "completed", "step": 4, "final_loss": 1.25, "val_bpb": bpb_at(6),
+        "total_wall_time_s": 1.0, "peak_memory_bytes": 2**20 * (10 + seed),
+        "peak_memory_method": "test", "collapse": {"status": "ok"}}))
+    loops = [1, 3, 6, 12]
+    (run / "eval" / "results.json").write_text(json.dumps({"loops": loops, "metrics": {
+        "val_bpb": {str(n): bpb_at(n) + 0.001 * seed for n in loops}}}))
+    return {"name": name, "settings": {**settings, "seed": seed}, "status": "completed"}
+
+
+@pytest.mark.parametrize("variable_better_high", [True, False])
+def test_report_section_states_the_verdict_from_the_data(tmp_path, variable_better_high):
+    from loopedlm.report import write_report
+    sign = -1 if variable_better_high else 1
+    rows = []
+    for seed in range(3):
+        rows.append(_fake_variable_run(
+            tmp_path, f"fixed-{seed}", {"loop_sampling": "fixed", "model.n_loops": 6,
+                                        "total_batch_tokens": 100},
+            lambda n: 2.0, seed))
+        rows.append(_fake_variable_run(
+            tmp_path, f"var-{seed}", {"loop_sampling": "poisson_lognormal:6",
+                                      "model.n_loops": 6, "total_batch_tokens": 100},
+            lambda n: 2.0 + (0.05 if n < 6 else sign * 0.05 if n > 6 else 0), seed))
+    (tmp_path / "sweep.json").write_text(json.dumps({"experiment": "variable_loops",
+                                                     "runs": rows, "command": "x"}))
+    text = write_report(tmp_path).read_text()
+    assert "| fixed N=6 | 3 | 2.0010 ± 0.0010 |" in text
+    assert "| fixed N=6 | 200 ± 0 | 3.00 ± 0.00 | 11.0 ± 1.0 |" in text  # 100 tokens / 0.5 s
+    low = next(line for line in text.splitlines() if line.startswith("- **low"))
+    high = next(line for line in text.splitlines() if line.startswith("- **high"))
+    assert "loses to `fixed N=6` (lower BPB at 0 of 2" in low and "N=1: 2.0510 vs 2.0010" in low
+    assert ("beats" if variable_better_high else "loses to") in high
+    assert (tmp_path / "variable_loops_bpb.png").stat().st_size > 1000
