@@ -184,11 +184,13 @@ def figure_curves(runs, keys, path: Path, title: str, caption: str,
 
 
 def figure_xy(lines: dict[str, tuple[list[float], list[float]]], path: Path, title: str,
-              xlabel: str, ylabel: str, caption: str, log_x: bool = False) -> str:
+              xlabel: str, ylabel: str, caption: str, log_x: bool = False,
+              errors: dict[str, list[float]] | None = None) -> str:
+    """One line per name (optionally with error bars `errors[name]`)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (xs, ys) in lines.items():
-        ax.plot(xs, ys, marker="o", label=name)
+        ax.errorbar(xs, ys, yerr=(errors or {}).get(name), marker="o", capsize=3, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_x:
@@ -441,8 +443,16 @@ def section_variable_loops(runs, out: Path, cmd: str) -> list[str]:
             head.append(f"| {name} | {len(groups[name])} | " + " | ".join(
                 mean_std(table[name][n]) for n in loops) + " |")
         parts.append("\n".join(head) + "\n")
-        parts.append(_figure_variable_loops(table, names, loops, out / "variable_loops_bpb.png",
-                                            cmd))
+        lines, errors = {}, {}
+        for name in names:
+            xs = [n for n in loops if _mean_sd(table[name][n])]
+            stats = [_mean_sd(table[name][n]) for n in xs]
+            lines[name] = (xs, [st[0] for st in stats])
+            errors[name] = [st[1] for st in stats]
+        parts.append(figure_xy(lines, out / "variable_loops_bpb.png",
+                               "Validation BPB against evaluation loop count, by how N was "
+                               "trained (mean ± std over seeds)", "evaluation loops N",
+                               "val BPB", cmd, errors=errors))
     cost = ["**Training cost** (mean ± std over seeds): tokens/s over the training steps, "
             "the mean loop count actually run, and peak training memory (the summary's "
             "`peak_memory_method`)\n",
@@ -479,26 +489,6 @@ def _fmt_mean_std(values: list[float | None], digits: int) -> str:
     if stats is None:
         return "-"
     return f"{stats[0]:.{digits}f}" + (f" ± {stats[1]:.{digits}f}" if stats[2] > 1 else "")
-
-
-def _figure_variable_loops(table, names, loops, path: Path, cmd: str) -> str:
-    plt = _plt()
-    title = "Validation BPB against evaluation loop count, by how N was trained"
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in names:
-        xs = [n for n in loops if _mean_sd(table[name][n])]
-        stats = [_mean_sd(table[name][n]) for n in xs]
-        ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o",
-                    capsize=3, label=name)
-    ax.set(xlabel="evaluation loops N", ylabel="val BPB", xscale="log")
-    ax.set_xticks(loops, [str(n) for n in loops])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"![{title}]({path.name})\n\n*{title} (mean ± std over seeds).* {cmd}\n"
 
 
 SECTIONS = {"loop_scaling": section_loop_scaling, "stability": section_stability,
