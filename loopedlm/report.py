@@ -397,12 +397,14 @@ def _mean_sd(values: list[float | None]) -> tuple[float, float, int] | None:
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
 
 
-def _verdict(name: str, fixed_name: str, table: dict[str, dict[int, list[float]]],
+def _verdict(name: str, fixed_name: str, by_seed: dict[str, dict[int, dict[Any, float]]],
              loops: list[int], where: str) -> str:
-    """One plain sentence: does `name` beat `fixed_name` at these evaluation loops?"""
+    """One plain sentence: does `name` beat `fixed_name` at these evaluation loops? Also
+    the difference paired by seed (same initialisation and data order)."""
     wins, diffs, details = 0, [], []
     for n in loops:
-        a, b = _mean_sd(table[name].get(n, [])), _mean_sd(table[fixed_name].get(n, []))
+        mine, fixed = by_seed[name].get(n, {}), by_seed[fixed_name].get(n, {})
+        a, b = _mean_sd(list(mine.values())), _mean_sd(list(fixed.values()))
         if a is None or b is None:
             continue
         diff = a[0] - b[0]
@@ -410,14 +412,26 @@ def _verdict(name: str, fixed_name: str, table: dict[str, dict[int, list[float]]
         noise = 2 * math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
         wins += diff < 0
         diffs.append((diff, noise))
-        details.append(f"N={n}: {a[0]:.4f} vs {b[0]:.4f} ({diff:+.4f}, noise ±{noise:.4f})")
+        paired = _mean_sd([mine[s] - fixed[s] for s in mine.keys() & fixed.keys()])
+        pair_text = (f"; paired by seed {paired[0]:+.4f} ± {paired[1]:.4f} over {paired[2]}"
+                     if paired and paired[2] > 1 else "")
+        details.append(f"N={n}: {a[0]:.4f} vs {b[0]:.4f} ({diff:+.4f}, noise ±{noise:.4f}"
+                       f"{pair_text})")
     if not diffs:
         return f"- {where}: no evaluations to compare."
     clear = sum(d < -e for d, e in diffs)
     worse = sum(d > e for d, e in diffs)
-    verdict = ("beats" if wins == len(diffs) else "loses to" if wins == 0 else "neither "
-               "consistently beats nor loses to")
-    return (f"- **{where}**: `{name}` {verdict} `{fixed_name}` (lower BPB at {wins} of "
+    note = ""
+    if clear == len(diffs):
+        verdict = "beats"
+    elif worse == len(diffs):
+        verdict = "loses to"
+    elif clear == worse == 0:
+        verdict = "does not beat"
+        note = ": the difference is within the seed noise at every loop count"
+    else:
+        verdict = "neither consistently beats nor loses to"
+    return (f"- **{where}**: `{name}` {verdict} `{fixed_name}`{note} (lower mean BPB at {wins} of "
             f"{len(diffs)} loop counts; better beyond the seed noise at {clear}, worse beyond "
             f"it at {worse}): " + "; ".join(details) + ".")
 
@@ -430,9 +444,12 @@ def section_variable_loops(runs, out: Path, cmd: str) -> list[str]:
         groups[_loop_training(run)].append(run)
     names = sorted(groups, key=lambda g: (not g.startswith("fixed"), g))
     loops = sorted({n for run in runs for n in eval_loops(run)})
-    table = {name: {n: [eval_metric(r, n, "val_bpb") for r in members
-                        if eval_metric(r, n, "val_bpb") is not None] for n in loops}
-             for name, members in groups.items()}
+    by_seed = {name: {n: {r["settings"].get("seed", i): eval_metric(r, n, "val_bpb")
+                          for i, r in enumerate(members)
+                          if eval_metric(r, n, "val_bpb") is not None} for n in loops}
+               for name, members in groups.items()}
+    table = {name: {n: list(values.values()) for n, values in per_n.items()}
+             for name, per_n in by_seed.items()}
     parts = []
     if loops:
         head = ["**Validation bits-per-byte at each evaluation loop count** (mean ± std over "
@@ -476,9 +493,9 @@ def section_variable_loops(runs, out: Path, cmd: str) -> list[str]:
         for name in names:
             if name in fixed:
                 continue
-            lines.append(_verdict(name, fixed[0], table, low,
+            lines.append(_verdict(name, fixed[0], by_seed, low,
                                   f"low evaluation N ({', '.join(map(str, low))})"))
-            lines.append(_verdict(name, fixed[0], table, high,
+            lines.append(_verdict(name, fixed[0], by_seed, high,
                                   f"high evaluation N ({', '.join(map(str, high))})"))
         parts.append("\n".join(lines) + "\n")
     return parts

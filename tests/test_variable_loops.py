@@ -252,10 +252,10 @@ def _fake_variable_run(sweep_dir, name, settings, bpb_at, seed):
     return {"name": name, "settings": {**settings, "seed": seed}, "status": "completed"}
 
 
-@pytest.mark.parametrize("variable_better_high", [True, False])
-def test_report_section_states_the_verdict_from_the_data(tmp_path, variable_better_high):
+@pytest.mark.parametrize("high_delta, high_verdict", [
+    (-0.05, "beats"), (0.05, "loses to"), (0.0001, "does not beat `fixed N=6`: the difference is within")])
+def test_report_section_states_the_verdict_from_the_data(tmp_path, high_delta, high_verdict):
     from loopedlm.report import write_report
-    sign = -1 if variable_better_high else 1
     rows = []
     for seed in range(3):
         rows.append(_fake_variable_run(
@@ -265,7 +265,7 @@ def test_report_section_states_the_verdict_from_the_data(tmp_path, variable_bett
         rows.append(_fake_variable_run(
             tmp_path, f"var-{seed}", {"loop_sampling": "poisson_lognormal:6",
                                       "model.n_loops": 6, "total_batch_tokens": 100},
-            lambda n: 2.0 + (0.05 if n < 6 else sign * 0.05 if n > 6 else 0), seed))
+            lambda n: 2.0 + (0.05 if n < 6 else high_delta if n > 6 else 0), seed))
     (tmp_path / "sweep.json").write_text(json.dumps({"experiment": "variable_loops",
                                                      "runs": rows, "command": "x"}))
     text = write_report(tmp_path).read_text()
@@ -273,6 +273,7 @@ def test_report_section_states_the_verdict_from_the_data(tmp_path, variable_bett
     assert "| fixed N=6 | 200 ± 0 | 3.00 ± 0.00 | 11.0 ± 1.0 |" in text  # 100 tokens / 0.5 s
     low = next(line for line in text.splitlines() if line.startswith("- **low"))
     high = next(line for line in text.splitlines() if line.startswith("- **high"))
-    assert "loses to `fixed N=6` (lower BPB at 0 of 2" in low and "N=1: 2.0510 vs 2.0010" in low
-    assert ("beats" if variable_better_high else "loses to") in high
+    assert "loses to `fixed N=6` (lower mean BPB at 0 of 2" in low
+    assert "N=1: 2.0510 vs 2.0010 (+0.0500, noise ±0.0016; paired by seed +0.0500 ± 0.0000 over 3)" in low
+    assert f"`poisson_lognormal:6` {high_verdict}" in high
     assert (tmp_path / "variable_loops_bpb.png").stat().st_size > 1000
