@@ -467,9 +467,9 @@ def section_variable_loops(runs, out: Path, cmd: str) -> list[str]:
             lines[name] = (xs, [st[0] for st in stats])
             errors[name] = [st[1] for st in stats]
         parts.append(figure_xy(lines, out / "variable_loops_bpb.png",
-                               "Validation BPB against evaluation loop count, by how N was "
-                               "trained (mean ± std over seeds)", "evaluation loops N",
-                               "val BPB", cmd, errors=errors))
+                               "Validation BPB against evaluation loops, by how N was trained",
+                               "evaluation loops N", "val BPB (mean ± std over seeds)", cmd,
+                               errors=errors))
     cost = ["**Training cost** (mean ± std over seeds): tokens/s over the training steps, "
             "the mean loop count actually run, and peak training memory (the summary's "
             "`peak_memory_method`)\n",
