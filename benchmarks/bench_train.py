@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train.py                 # tokens/s at N=1,4,12; memory at N=1,6,12
     python benchmarks/bench_train.py --device cuda --preset small --dtype bfloat16 --compile
+    python benchmarks/bench_train.py --loops= --memory-loops=2,12 --backprop-loops=2
+                                                     # truncated backprop: memory flat in N
 
 Throughput: full training steps (forward + backward with residual norms, gradient
 clipping, Muon + AdamW) on random tokens, after warm-up steps, median step time.
@@ -67,7 +69,8 @@ def _setup(args, n_loops: int, checkpointing: bool):
 
     def step():
         with autocast:
-            loss, _ = run(x[:, :-1], x[:, 1:], return_residual_norms=True)
+            loss, _ = run(x[:, :-1], x[:, 1:], return_residual_norms=True,
+                          grad_loops=args.backprop_loops or None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -89,9 +92,10 @@ def throughput(args, n_loops: int) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
+    flops = model.estimate_flops(n_loops, args.backprop_loops or None)
     return {"n_loops": n_loops, "tokens_per_s": tokens / dt, "step_s": dt,
-            "flops_per_token": model.estimate_flops(),
-            "achieved_flops": model.estimate_flops() * tokens / dt}
+            "flops_per_token": flops,
+            "achieved_flops": flops * tokens / dt}
 
 
 def memory(args, n_loops: int, checkpointing: bool) -> dict:
@@ -128,6 +132,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--loops", default="1,4,12", help="throughput loop counts")
     parser.add_argument("--memory-loops", default="1,6,12")
+    parser.add_argument("--backprop-loops", type=int, default=0,
+                        help="gradients through the last K loops only (0: all; issue 14)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="throughput with activation checkpointing")
     parser.add_argument("--_memory-child", dest="memory_child", default="")
@@ -139,7 +145,8 @@ def main() -> None:
         return
 
     print(f"# {args.preset} preset, batch {args.batch_size}, device {args.device}, "
-          f"dtype {args.dtype}, compile {args.compile}, torch threads {torch.get_num_threads()}")
+          f"dtype {args.dtype}, compile {args.compile}, torch threads {torch.get_num_threads()}, "
+          f"backprop_loops {args.backprop_loops or 'all'}")
     print("loops  tokens/s  step_s  GFLOP/s(all loops)")
     for n in (int(v) for v in args.loops.split(",") if v):
         r = throughput(args, n)
@@ -148,7 +155,9 @@ def main() -> None:
     print("loops  peak MiB (no ckpt)  peak MiB (activation ckpt)  method")
     base = [sys.executable, __file__, "--preset", args.preset, "--device", args.device,
             "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-            "--seq-len", str(args.seq_len)] + (["--compile"] if args.compile else [])
+            "--seq-len", str(args.seq_len), "--backprop-loops", str(args.backprop_loops)] + (
+                ["--compile"] if args.compile else [])
+    peaks = {}
     for n in (int(v) for v in args.memory_loops.split(",") if v):
         res = []
         for ckpt in (0, 1):
@@ -158,6 +167,11 @@ def main() -> None:
             res.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{n:5d}  {res[0]['peak_bytes'] / 2**20:18.1f}  {res[1]['peak_bytes'] / 2**20:26.1f}"
               f"  {res[0]['method']}")
+        peaks[n] = res[0]["peak_bytes"]
+    if len(peaks) > 1:
+        low, high = min(peaks), max(peaks)
+        print(f"peak memory (no ckpt) at N={high} / at N={low}: {peaks[high] / peaks[low]:.3f}x "
+              f"(backprop_loops {args.backprop_loops or 'all'})")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,53 @@ def watched_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     }
 
 
+class PeakMemory:
+    """Peak memory of the training steps from construction on (issue 14's figure).
+
+    CUDA: `torch.cuda.max_memory_allocated` (reset here). CPU (Linux): the growth of the
+    peak resident set size (VmHWM, reset here through /proc/self/clear_refs) over the
+    resident size at construction: activations, gradients and optimizer state, plus
+    whatever the allocator keeps (run with MALLOC_MMAP_THRESHOLD_=65536 so that freed
+    tensors leave the resident set). None where neither is available.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.baseline: int | None = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return
+        self.method = "VmHWM growth over the resident size before the first step"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+            self.baseline = _proc_status_bytes("VmRSS")
+        except OSError:
+            self.method = "unavailable"
+
+    def peak_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.baseline is None:
+            return None
+        try:
+            return _proc_status_bytes("VmHWM") - self.baseline
+        except OSError:
+            return None
+
+    def summary(self) -> dict[str, Any]:
+        return {"peak_memory_bytes": self.peak_bytes(), "peak_memory_method": self.method}
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
 @torch.no_grad()
 def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
     """L2 norm of each group's gradients (call before clipping)."""
@@ -291,6 +338,6 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["PEAK_FLOPS_BF16", "peak_flops", "mfu", "watched_parameters", "grad_norms",
+__all__ = ["PEAK_FLOPS_BF16", "peak_flops", "mfu", "PeakMemory", "watched_parameters", "grad_norms",
            "evaluate_bpb", "CollapseThresholds", "CollapseEvent", "CollapseDetector",
            "RunLogger", "read_log"]

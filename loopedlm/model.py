@@ -8,6 +8,7 @@ receive the previous loop's state `h^{t-1}` and how (loopedlm.loop_modes). One l
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,15 +158,20 @@ class LoopedGPT(nn.Module):
             "lm_head": list(self.lm_head.parameters()),
         }
 
-    def estimate_flops(self, n_loops: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), counting every loop (SPEC 2)."""
+    def estimate_flops(self, n_loops: int | None = None, grad_loops: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), counting every loop (SPEC 2).
+        With `grad_loops=k` (truncated backprop: `forward(grad_loops=)`) the first N - k
+        loops count their forward pass only (a third of forward + backward)."""
         cfg = self.config
         n_loops = cfg.n_loops if n_loops is None else n_loops
+        backward = n_loops if grad_loops is None else min(grad_loops, n_loops)
         block_params = sum(p.numel() for p in self.transformer.h.parameters())
-        head_evals = len(self.loss_loops(n_loops))
-        matmul = 6 * (block_params * n_loops + self.lm_head.weight.numel() * head_evals)
-        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w or cfg.sequence_len, cfg.sequence_len)
-                   for w in cfg.window_sizes()) * n_loops
+        head_evals = len(self.supervised_loops(n_loops, grad_loops))
+        # forward 2 FLOPs per parameter per token, backward 4
+        block = (2 * n_loops + 4 * backward) * block_params
+        matmul = block + 6 * self.lm_head.weight.numel() * head_evals
+        attn = sum(4 * cfg.n_head * cfg.head_dim * min(w or cfg.sequence_len, cfg.sequence_len)
+                   for w in cfg.window_sizes()) * (n_loops + 2 * backward)
         return float(matmul + attn)
 
     def loss_loops(self, n_loops: int) -> range:
@@ -175,6 +181,16 @@ class LoopedGPT(nn.Module):
             "all": range(n_loops),
             "last_third": range(2 * n_loops // 3, n_loops),
         }[self.config.loss_loops]
+
+    def supervised_loops(self, n_loops: int, grad_loops: int | None = None) -> range:
+        """The `loss_loops` that enter the loss when gradients flow through the last
+        `grad_loops` loops only: those inside that window (the earlier ones run without
+        a graph, so their loss could teach nothing). Never empty: every `loss_loops`
+        option supervises the last loop."""
+        loops = self.loss_loops(n_loops)
+        if grad_loops is None or grad_loops >= n_loops:
+            return loops
+        return range(max(loops.start, n_loops - grad_loops), loops.stop)
 
     # ---- the per-loop API (forward, decoding and checkpointing all use it) -------
     def prepare(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
@@ -249,7 +265,7 @@ class LoopedGPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 n_loops: int | None = None, kv_cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
-                return_residual_norms: bool = False):
+                return_residual_norms: bool = False, grad_loops: int | None = None):
         """Logits (B, T, vocab_size), or the mean loss when `targets` is given.
 
         n_loops:        loop count for this call (default: the config's).
@@ -257,13 +273,24 @@ class LoopedGPT(nn.Module):
         attention_mask: (B, T) bool, False marks padding (left padding for ragged prompts).
         return_residual_norms: also return a (n_loops,) tensor of each loop's residual
                         state norm before its final norm (SPEC 6).
+        grad_loops:     truncated backprop through loops (issue 14): gradients flow
+                        through the last `grad_loops` loops only; the earlier ones run
+                        under no_grad (no activations saved), as if h^{N-k} were detached.
+                        Only supervised loops inside the window enter the loss
+                        (`supervised_loops`). None (or >= n_loops): every loop.
         """
         n_loops = self._check_inputs(idx, targets, n_loops, kv_cache, attention_mask)
+        if grad_loops is not None and (isinstance(grad_loops, bool) or not isinstance(
+                grad_loops, int) or grad_loops < 1):
+            raise ValueError(f"grad_loops={grad_loops!r} is not allowed: an integer >= 1 (or None)")
         inputs = self.prepare(idx, kv_cache=kv_cache, attention_mask=attention_mask)
-        supervised = self.loss_loops(n_loops) if targets is not None else [n_loops - 1]
+        supervised = (self.supervised_loops(n_loops, grad_loops) if targets is not None
+                      else [n_loops - 1])
+        no_grad_prefix = 0 if grad_loops is None else max(0, n_loops - grad_loops)
         previous, outputs, norms = None, [], []
         for loop in range(n_loops):
-            x = self.loop(inputs, previous, loop)
+            with torch.no_grad() if loop < no_grad_prefix else contextlib.nullcontext():
+                x = self.loop(inputs, previous, loop)
             if return_residual_norms:
                 norms.append(_residual_norm(x))
             previous = norm(x)  # h^t

@@ -56,9 +56,10 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
         steps, norms = _series(records, "residual_norm")
         if not norms:
             continue
-        n_loops = len(norms[0])
+        n_loops = max(len(n) for n in norms)  # variable-loop runs log N norms at N loops
         for loop in range(n_loops):
-            ax.plot(steps, [n[loop] for n in norms], color=colors[i % len(colors)], lw=1,
+            xs = [s for s, n in zip(steps, norms, strict=True) if len(n) > loop]
+            ax.plot(xs, [n[loop] for n in norms if len(n) > loop], color=colors[i % len(colors)], lw=1,
                     ls=styles[loop % len(styles)], alpha=0.5 + 0.5 * (loop + 1) / n_loops,
                     label=f"{_label(run)} loop {loop + 1}")
     ax.set(xlabel="step", ylabel="rms of x_L^t", title="Residual-state norm per loop",

@@ -49,6 +49,7 @@ from loopedlm.config import PRESETS, QWEN3_VOCAB_SIZE, ConfigError, ModelConfig
 from loopedlm.diagnostics import (
     CollapseDetector,
     CollapseThresholds,
+    PeakMemory,
     RunLogger,
     evaluate_bpb,
     grad_norms,
@@ -56,6 +57,7 @@ from loopedlm.diagnostics import (
     peak_flops,
     watched_parameters,
 )
+from loopedlm.loop_sampling import LoopSampling
 from loopedlm.model import LoopedGPT
 from loopedlm.optim import LoopedOptimizer, OptimConfig
 from loopedlm.parallel import (
@@ -92,9 +94,14 @@ def _num(v: Any) -> bool:
 class TrainConfig:
     """Everything a training run needs besides the model's architecture.
 
-    Horizon: `steps` if set, else `flops_budget` (FLOPs counting every loop), else
-    `target_param_data_ratio` x parameters (basis `param_basis`: "all", as the authors'
-    code, or "non_embedding", as the paper's text) tokens.
+    Horizon: `steps` if set, else `flops_budget` (FLOPs counting every loop; with
+    variable loops, at the expected N), else `target_param_data_ratio` x parameters
+    (basis `param_basis`: "all", as the authors' code, or "non_embedding", as the
+    paper's text) tokens.
+
+    Loops (issue 14): `loop_sampling` draws the loop count N of each step ("fixed",
+    "uniform:A,B", "poisson_lognormal:MEAN[,SIGMA]": loopedlm.loop_sampling);
+    `backprop_loops` = k > 0 backpropagates through the last k loops only (0: all).
     """
 
     run_dir: str = ""  # "" -> runs/<preset>-<timestamp>
@@ -126,6 +133,8 @@ class TrainConfig:
     zero: bool = False
     device: str = "auto"
     grad_clip: float = 1.0  # 0 disables clipping
+    loop_sampling: str = "fixed"  # "fixed" | "uniform:A,B" | "poisson_lognormal:MEAN[,SIGMA]"
+    backprop_loops: int = 0  # 0: backprop through every loop; k: the last k loops only
     log_every: int = 1
     progress: bool = True
 
@@ -181,6 +190,34 @@ class TrainConfig:
                 raise _err(name, getattr(self, name), "true or false")
         if not isinstance(self.device, str):
             raise _err("device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        self._validate_loops()
+
+    def _validate_loops(self) -> None:
+        if not (_int(self.backprop_loops) and self.backprop_loops >= 0):
+            raise _err("backprop_loops", self.backprop_loops, "an integer >= 0 (0 = all loops)")
+        model = self.model_config()
+        sampler = self.loop_sampler(model.n_loops)
+        if self.backprop_loops > sampler.max_loops:
+            raise _err("backprop_loops", self.backprop_loops,
+                       f"at most the largest loop count, {sampler.max_loops} "
+                       f"(loop_sampling={self.loop_sampling!r}: {sampler.describe()})")
+        if self.backprop_loops and model.loop_mode == "lt":
+            # LT reads the embedding in loop 1 only: cut there, wte would never learn
+            raise ConfigError(f"backprop_loops={self.backprop_loops} is not allowed with "
+                              "model.loop_mode='lt' (the input enters loop 1 only, so the "
+                              "embedding would get no gradient): use 0, or a mode that "
+                              "re-injects the input (lti, ltai, flt_res, flt)")
+
+    def loop_sampler(self, n_loops: int | None = None) -> LoopSampling:
+        """The parsed `loop_sampling` ("fixed" uses `n_loops`, default the model's)."""
+        if n_loops is None:
+            n_loops = self.model_config().n_loops
+        return LoopSampling.parse(self.loop_sampling, n_loops)
+
+    @property
+    def grad_loops(self) -> int | None:
+        """`backprop_loops` as the model's forward argument (None = every loop)."""
+        return self.backprop_loops or None
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The preset with the [model] overrides (and the tokenizer's vocabulary size
@@ -396,11 +433,19 @@ def horizon(cfg: TrainConfig, model: LoopedGPT) -> int:
     if cfg.steps is not None:
         return cfg.steps
     if cfg.flops_budget is not None:
-        tokens = cfg.flops_budget / model.estimate_flops()
+        tokens = cfg.flops_budget / expected_flops_per_token(cfg, model)
     else:
         params = model.num_params(exclude_embedding=cfg.param_basis == "non_embedding")
         tokens = cfg.target_param_data_ratio * params
     return max(1, round(tokens / cfg.total_batch_tokens))
+
+
+def expected_flops_per_token(cfg: TrainConfig, model: LoopedGPT) -> float:
+    """Training FLOPs per token averaged over the loop-count distribution (the loops
+    actually run, backward only through the last `backprop_loops`)."""
+    sampler = cfg.loop_sampler(model.config.n_loops)
+    return sum(p * model.estimate_flops(n, cfg.grad_loops)
+               for n, p in sampler.distribution().items())
 
 
 def check_batch(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
@@ -538,6 +583,12 @@ class _Trainer:
         optimizer = LoopedOptimizer(model, cfg.optim, zero=cfg.zero)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
+        sampler = cfg.loop_sampler(self.model_cfg.n_loops)
+        if cfg.compile and sampler.variable:
+            # dynamo specialises on the loop count: one graph per N the sampler can draw
+            import torch._dynamo.config as dynamo_config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit,
+                                                sampler.max_loops + 1)
         train_model = torch.compile(model) if cfg.compile else model
         train_model = wrap_ddp(train_model, info)
         autocast = _autocast(device, cfg.dtype)
@@ -555,15 +606,16 @@ class _Trainer:
                 "grad_accum_steps": self.grad_accum})
         logger = RunLogger(self.run_dir, resume_step=start_step if self.resume_from else None) \
             if info.is_main else None
-        flops_per_token = model.estimate_flops()
+        flops_per_token = expected_flops_per_token(cfg, model)
         peak = peak_flops(device)
         watched = watched_parameters(model)
         token_bytes = self.tokenizer.token_bytes()
-        log.info("model: %s, %d params, %.3g training FLOPs/token (all %d loops); %d steps of "
-                 "%d tokens (%d x %d x %d ranks x %d accumulation)", self.model_cfg.loop_mode,
-                 model.num_params(), flops_per_token, self.model_cfg.n_loops, total_steps,
-                 cfg.total_batch_tokens, cfg.device_batch_size, self.seq_len, info.world_size,
-                 self.grad_accum)
+        log.info("model: %s, %d params, %.3g training FLOPs/token (%s%s, every loop run "
+                 "counted); %d steps of %d tokens (%d x %d x %d ranks x %d accumulation)",
+                 self.model_cfg.loop_mode, model.num_params(), flops_per_token,
+                 sampler.describe(), f", backprop through the last {cfg.backprop_loops}"
+                 if cfg.backprop_loops else "", total_steps, cfg.total_batch_tokens,
+                 cfg.device_batch_size, self.seq_len, info.world_size, self.grad_accum)
 
         bar = None
         if info.is_main and cfg.progress:
@@ -573,6 +625,8 @@ class _Trainer:
         last_saved = start_step if self.resume_from is not None else None
         t_start = time.time()
         step, train_loss = start_step, None
+        train_flops = 0.0  # this session's, counting the loops actually run
+        memory = PeakMemory(device)
         train_model.train()
         try:
             while step < total_steps:
@@ -580,7 +634,10 @@ class _Trainer:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.time()
-                stats = torch.zeros(1 + self.model_cfg.n_loops, device=device)
+                # the same N on every rank: a function of (seed, step) only
+                n_loops = sampler.sample(cfg.seed, step)
+                step_flops_per_token = model.estimate_flops(n_loops, cfg.grad_loops)
+                stats = torch.zeros(1 + n_loops, device=device)
                 for micro in range(self.grad_accum):
                     inputs, targets = loader.next_batch()
                     sync = contextlib.nullcontext()
@@ -588,7 +645,8 @@ class _Trainer:
                         sync = train_model.no_sync()
                     with sync:
                         with autocast:
-                            loss, norms = train_model(inputs, targets, return_residual_norms=True)
+                            loss, norms = train_model(inputs, targets, return_residual_norms=True,
+                                                      n_loops=n_loops, grad_loops=cfg.grad_loops)
                         (loss / self.grad_accum).backward()
                     stats += torch.cat([loss.detach().float().view(1), norms.float()])
                 stats = all_reduce_mean(stats / self.grad_accum)
@@ -614,14 +672,17 @@ class _Trainer:
                 step += 1
                 events = detector.update(step, train_loss)
                 tokens_per_s = cfg.total_batch_tokens / dt
+                train_flops += step_flops_per_token * cfg.total_batch_tokens
                 if info.is_main:
                     for event in events:
                         log.warning("collapse detector: %s at step %d: %s", event.kind,
                                     event.step, event.detail)
                     if step % cfg.log_every == 0 or step == total_steps or events:
                         record = {"step": step, "loss": train_loss, **rates,
-                                  "tokens_per_s": tokens_per_s, "dt": dt,
-                                  "mfu": mfu(flops_per_token, tokens_per_s, peak, info.world_size),
+                                  "n_loops": n_loops, "tokens_per_s": tokens_per_s, "dt": dt,
+                                  "flops_per_token": step_flops_per_token,
+                                  "mfu": mfu(step_flops_per_token, tokens_per_s, peak,
+                                             info.world_size),
                                   "grad_norm": total_norm,
                                   **{f"grad_norm/{k}": v for k, v in norms_before.items()},
                                   "residual_norm": [float(x) for x in stats[1:]],
@@ -657,7 +718,9 @@ class _Trainer:
                    "wall_time_s": wall, "total_wall_time_s": elapsed_before + wall,
                    "tokens": step * cfg.total_batch_tokens, "collapse": detector.summary(),
                    "run_dir": str(self.run_dir), "params": model.num_params(),
-                   "flops_per_token": flops_per_token}
+                   "flops_per_token": flops_per_token, "session_train_flops": train_flops,
+                   "loop_sampling": cfg.loop_sampling, "backprop_loops": cfg.backprop_loops,
+                   **memory.summary()}
         if info.is_main:
             if status == "completed":
                 summary["sample"] = sample_text(model, self.tokenizer, cfg.sample_prompt,
