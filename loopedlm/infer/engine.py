@@ -46,7 +46,7 @@ from loopedlm.attention import AttentionPlan, norm
 from loopedlm.config import ModelConfig
 from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
 from loopedlm.infer.sampling import SamplingParams, sample_rows
-from loopedlm.model import LoopedGPT
+from loopedlm.model import LoopedGPT, LoopInputs
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,39 @@ class _StepWrites:
                            gather=True, row_loops=None)
 
 
+class _LoopWrites:
+    """The plan's cache for one loop of a decode step: `entries[layer]` are that loop's
+    (keys, values) for the step's rows and key range; row b writes at pos[b], except the
+    rows `live` marks False (with shared slots, a row past its own loop count)."""
+
+    def __init__(self, entries, rows, pos, write_first: bool, live):
+        self.entries, self.rows, self.pos = entries, rows, pos
+        self.write_first, self.live = write_first, live
+
+    def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor):
+        k_all, v_all = self.entries[layer]
+        if layer > 0 or self.write_first:
+            new_k, new_v = k[:, :, 0], v[:, :, 0]
+            if self.live is not None:
+                live = self.live[:, None, None]
+                new_k = torch.where(live, new_k, k_all[self.rows, :, self.pos])
+                new_v = torch.where(live, new_v, v_all[self.rows, :, self.pos])
+            k_all[self.rows, :, self.pos] = new_k
+            v_all[self.rows, :, self.pos] = new_v
+        return k_all, v_all
+
+
+def _one_loop(model: LoopedGPT, x0, embedded, first_kv, cos, sin, masks, rows, pos, entries,
+              write_first: bool, live, previous) -> torch.Tensor:
+    """h^t of one decode loop: the model's own loop on a plan whose cache is this loop's
+    static entries. Written as a function of tensors so that torch.compile builds two
+    graphs (the first loop and every later one), not one per loop."""
+    plan = AttentionPlan(cos, sin, masks, cache=_LoopWrites(entries, rows, pos, write_first,
+                                                           live))
+    inputs = LoopInputs(x0, embedded, plan, first_kv)
+    return norm(model.loop(inputs, previous, 0 if previous is None else 1))
+
+
 class _ChunkWrites:
     """The plan's cache while one slot takes a chunk of T tokens at positions p0.."""
 
@@ -187,14 +220,16 @@ class DecodeEngine:
                  the model is cast once (a copy) if it differs, never per step.
     graphs:      capture each step as a CUDA graph (default: on CUDA). On CPU, True runs
                  the same capture procedure (warm-up, state restore) and replays eagerly.
-    compile:     torch.compile the step body (off by default; see benchmarks/README.md).
+    compile:     torch.compile the whole step (True or "step": one graph per bucket and
+                 loop count, attending over all max_len positions) or one loop ("loop":
+                 two graphs); off by default (see benchmarks/README.md for what it buys).
     """
 
     def __init__(self, model: LoopedGPT, *, max_batch: int = 8, max_len: int | None = None,
                  max_loops: int | None = None, cache_slots: int | None = None,
                  slot_policy: str = "block", share_first_layer: bool = True,
                  dtype: torch.dtype | None = None, graphs: bool | None = None,
-                 compile: bool = False):
+                 compile: bool | str = False):
         cfg = model.config
         device = model.lm_head.weight.device
         max_len = cfg.sequence_len if max_len is None else max_len
@@ -221,6 +256,10 @@ class DecodeEngine:
             share_first_layer=share_first_layer and model.mode.first_layer_kv_invariant)
         self.graphs = device.type == "cuda" if graphs is None else graphs
         self.compile = compile
+        if compile not in (False, True, "step", "loop"):
+            raise ValueError(f"compile={compile!r} is not allowed: False, True (= 'step') "
+                             f"or 'loop'")
+        self._loop_fn = torch.compile(_one_loop) if compile == "loop" else _one_loop
 
         def state(dtype, fill=0):
             return torch.full((max_batch,), fill, dtype=dtype, device=device)
@@ -294,32 +333,24 @@ class DecodeEngine:
         if bad:
             raise ValueError(f"unknown stop token {bad[0]!r}: ids lie in "
                              f"[0, {self.config.vocab_size})")
-        if adaptive is not None and not isinstance(adaptive, AdaptiveLoops):
-            raise ValueError(f"adaptive={adaptive!r} must be an AdaptiveLoops or None")
         ids = self._check_ids(prompt_ids, f"prompt for slot {slot}")
-        logits = self.prefill(slot, ids, n_loops=n_loops)[-1:]
-
-        self.row_loops[slot] = n_loops
+        logits = self.prefill(slot, ids, n_loops=n_loops, adaptive=adaptive)[-1:]
+        self._slots[slot].filtered = sampling.top_k is not None or sampling.top_p < 1
         self.temperature[slot] = float(sampling.temperature)
-        self.top_k[slot] = self.config.vocab_size if sampling.top_k is None \
-            else min(sampling.top_k, self.config.vocab_size)
+        if sampling.top_k is not None:
+            self.top_k[slot] = min(sampling.top_k, self.config.vocab_size)
         self.top_p[slot] = float(sampling.top_p)
         self.seed[slot] = random.getrandbits(62) if sampling.seed is None else sampling.seed
-        self.max_new[slot] = self.max_len if max_new_tokens is None else max_new_tokens
+        if max_new_tokens is not None:
+            self.max_new[slot] = max_new_tokens
         if len(stops) > self.stop_table.size(1):  # grows rarely: a new shape, new captures
             wider = torch.full((self.max_batch, len(stops)), -1, dtype=torch.long,
                                device=self.device)
             wider[:, : self.stop_table.size(1)] = self.stop_table
             self.stop_table = wider
             self._steps.clear()
-        self.stop_table[slot] = -1
         if stops:
             self.stop_table[slot, : len(stops)] = torch.tensor(stops, device=self.device)
-        self.counter[slot] = 0
-        self.finished[slot] = False
-        self.active[slot] = True
-        self._slots[slot] = _Slot(n_loops, sampling.top_k is not None or sampling.top_p < 1,
-                                  adaptive, len(ids))
         rows = slice(slot, slot + 1)
         first = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
                             self.seed[rows], self.counter[rows])
@@ -341,10 +372,12 @@ class DecodeEngine:
     # ---- prefill -----------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, slot: int, ids: Sequence[int] | torch.Tensor, *,
-                n_loops: int | None = None) -> torch.Tensor:
-        """Append `ids` to `slot`'s cache (from position 0 if the slot is free) in one pass
-        and return their logits (T, vocab_size). `add` uses it for the prompt; calling it
-        on an active slot extends the sequence (a prompt split anywhere is exact)."""
+                n_loops: int | None = None, adaptive: AdaptiveLoops | None = None
+                ) -> torch.Tensor:
+        """Append `ids` to `slot`'s cache in one pass and return their logits
+        (T, vocab_size). A free slot is opened (from position 0, with `n_loops` and
+        `adaptive`, greedy, no stop ids); an active one is extended (a prompt split
+        anywhere is exact). `add` uses it for the prompt; `decode` then feeds tokens."""
         self._check_slot(slot)
         info = self._slots.get(slot)
         if n_loops is None:
@@ -354,6 +387,8 @@ class DecodeEngine:
                              f"[1, {self.max_loops}] (the engine's max_loops)")
         if info is not None and n_loops != info.n_loops:
             raise ValueError(f"slot {slot} runs n_loops={info.n_loops}, not {n_loops}")
+        if adaptive is not None and not isinstance(adaptive, AdaptiveLoops):
+            raise ValueError(f"adaptive={adaptive!r} must be an AdaptiveLoops or None")
         idx = ids if isinstance(ids, torch.Tensor) and ids.device == self.device \
             and ids.dtype == torch.long else self._check_ids(ids, f"prompt for slot {slot}")
         idx = idx.reshape(1, -1)
@@ -373,10 +408,24 @@ class DecodeEngine:
         previous = None
         for loop in range(n_loops):
             previous = norm(model.loop(inputs, previous, loop))
-        if info is not None:
-            info.length = end
+        if info is None:
+            self._open(slot, n_loops, adaptive)
+            info = self._slots[slot]
+        info.length = end
         self.pos[slot] = end
         return model.logits(previous)[0]
+
+    def _open(self, slot: int, n_loops: int, adaptive: AdaptiveLoops | None) -> None:
+        self._slots[slot] = _Slot(n_loops, False, adaptive, 0)
+        self.row_loops[slot] = n_loops
+        self.temperature[slot] = 0.0
+        self.top_k[slot] = self.config.vocab_size
+        self.top_p[slot] = 1.0
+        self.max_new[slot] = self.max_len
+        self.stop_table[slot] = -1
+        self.counter[slot] = 0
+        self.finished[slot] = False
+        self.active[slot] = True
 
     def _chunk_masks(self, start: int, end: int) -> dict:
         """Masks of a chunk of queries at positions start..end-1 over keys 0..end-1, with the
@@ -404,7 +453,7 @@ class DecodeEngine:
     def _kv_len(self) -> int:
         """Key positions a step attends over: all of them in a captured graph (one graph per
         bucket); in eager steps the longest filled length, rounded up."""
-        if self.graphs:
+        if self.graphs or self.compile in (True, "step"):
             return self.max_len
         longest = max(info.length for info in self._slots.values()) + 1
         return min(self.max_len, -(-longest // KV_LEN_STEP) * KV_LEN_STEP)
@@ -425,15 +474,18 @@ class DecodeEngine:
         model, pos = self.model, self.pos[:batch]
         row_loops = self.row_loops[:batch]
         shared_slots = mixed and self.loop_slots != list(range(self.max_loops))
-        writes = _StepWrites(self.cache, self._rows[:batch], pos, kv_len, gather=False,
-                             row_loops=row_loops if shared_slots else None)
-        plan = AttentionPlan(cos=model.cos[pos][:, None, None, :],
-                             sin=model.sin[pos][:, None, None, :],
-                             masks=self._step_masks(pos, kv_len), cache=writes)
-        inputs = model.prepare(tokens[:, None], plan=plan)
+        cos, sin = model.cos[pos][:, None, None, :], model.sin[pos][:, None, None, :]
+        masks = self._step_masks(pos, kv_len)
+        inputs = model.prepare(tokens[:, None], plan=AttentionPlan(cos, sin, masks))
+        rows = self._rows[:batch]
         previous = final = None
         for loop in range(n_loops):
-            h = norm(model.loop(inputs, previous, loop))
+            entries = [tuple(t[:batch, :, :kv_len] for t in self.cache.entry(loop, layer))
+                       for layer in range(self.config.depth)]
+            write_first = self.cache.writes(loop, 0)
+            h = self._loop_fn(model, inputs.x0, inputs.embedded, inputs.first_kv, cos, sin,
+                              masks, rows, pos, entries, write_first,
+                              (row_loops > loop) if shared_slots else None, previous)
             if mixed:  # each row's output is its own last loop's
                 final = h if final is None else torch.where(
                     (row_loops > loop)[:, None, None], h, final)
@@ -451,7 +503,8 @@ class DecodeEngine:
         self.out_tokens[rows] = torch.where(live, sampled, -1)
         self.out_loops[rows] = loops
         self.tokens[rows] = torch.where(live, sampled, self.tokens[rows])
-        self.pos[rows] = pos
+        # a row that filled the cache is finished; it keeps computing (masked) in place
+        self.pos[rows] = pos.clamp_max(self.max_len - 1)
         self.counter[rows] = counter
         self.finished[rows] = self.finished[rows] | (live & done)
 
@@ -476,8 +529,8 @@ class DecodeEngine:
 
         def body():
             self._step_body(*key)
-        if self.compile:
-            body = torch.compile(body, fullgraph=True, dynamic=False)
+        if self.compile in (True, "step"):
+            body = torch.compile(body, dynamic=False)
         if self.graphs:
             body = self._capture(body)
         self._steps[key] = body
@@ -509,6 +562,13 @@ class DecodeEngine:
             body()
         return graph.replay
 
+    def output(self, batch: int | None = None) -> StepOutput:
+        """The last step's (or the adds') outputs for rows [0, batch) (default: the
+        current bucket), as views of the engine's static buffers."""
+        batch = self._bucket() if batch is None else batch
+        return StepOutput(self.out_tokens[:batch], self.finished[:batch],
+                          self.out_loops[:batch])
+
     @torch.no_grad()
     def step(self) -> StepOutput:
         """Feed every active slot its last token and sample the next (no host sync on the
@@ -524,8 +584,7 @@ class DecodeEngine:
             self._runner((batch, n_loops, self._kv_len(), mixed, filtered))()
         for info in infos:
             info.length = min(info.length + 1, self.max_len)
-        return StepOutput(self.out_tokens[:batch], self.finished[:batch],
-                          self.out_loops[:batch])
+        return self.output(batch)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -535,6 +594,10 @@ class DecodeEngine:
         if tokens.shape != (batch,):
             raise ValueError(f"tokens have shape {tuple(tokens.shape)}; this step takes "
                              f"({batch},)")
+        full = [slot for slot, info in self._slots.items() if info.length >= self.max_len]
+        if full:
+            raise ValueError(f"slot {full[0]} holds max_len={self.max_len} tokens: no room "
+                             f"for another")
         infos = list(self._slots.values())
         live = self.active[:batch].clone()
         if any(info.adaptive is not None for info in infos):
