@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -224,23 +223,10 @@ def _stop_ids(stop: Any, tokenizer: Any, vocab_size: int) -> set[int]:
     return ids
 
 
-def _check_sampling(n_loops, max_tokens, temperature, top_k, top_p, seed) -> None:
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-    if not is_int(n_loops) or n_loops < 1:
-        raise ValueError(f"n_loops={n_loops!r} is not allowed: an integer >= 1")
-    if not is_int(max_tokens) or max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens!r} is not allowed: an integer >= 1")
-    if not isinstance(temperature, int | float) or not math.isfinite(temperature) \
-            or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} is not allowed: a number >= 0 "
-                         f"(0 = greedy)")
-    if top_k is not None and (not is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} is not allowed: an integer >= 1 (or None)")
-    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} is not allowed: a number in (0, 1]")
-    if seed is not None and not is_int(seed):
-        raise ValueError(f"seed={seed!r} is not allowed: an integer (or None)")
+def _check_lengths(n_loops, max_tokens) -> None:
+    for name, value in (("n_loops", n_loops), ("max_tokens", max_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is not allowed: an integer >= 1")
 
 
 def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
@@ -256,7 +242,8 @@ def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
     steps any row can still take)."""
     cfg = model.config
     n_loops = cfg.n_loops if n_loops is None else n_loops
-    _check_sampling(n_loops, max_tokens, temperature, top_k, top_p, seed)
+    _check_lengths(n_loops, max_tokens)
+    sampling = SamplingParams(temperature, top_k, top_p, seed)  # checks them
     rows = _prompt_ids(prompts, tokenizer, add_bos, cfg.vocab_size, cfg.sequence_len)
     stop_ids = _stop_ids(stop, tokenizer, cfg.vocab_size)
     adaptive = None if adaptive_threshold is None else AdaptiveLoops(
@@ -273,7 +260,6 @@ def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
     engine = DecodeEngine(model, max_batch=len(rows), max_len=max_len, max_loops=n_loops,
                           cache_slots=cache_slots, slot_policy=slot_policy, dtype=dtype,
                           compile=compile)
-    sampling = SamplingParams(temperature, top_k, top_p, seed)
     for slot, ids in enumerate(rows):
         engine.add(slot, ids, n_loops=n_loops, sampling=sampling, max_new_tokens=max_tokens,
                    stop_ids=sorted(stop_ids), adaptive=adaptive)

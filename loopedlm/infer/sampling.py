@@ -42,8 +42,9 @@ class SamplingParams:
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
             raise ValueError(f"top_p={p!r} is not allowed: a number in (0, 1]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed={self.seed!r} is not allowed: an integer (or None)")
+        if self.seed is not None and (not _is_int(self.seed)
+                                      or not -(2**63) <= self.seed < 2**63):
+            raise ValueError(f"seed={self.seed!r} is not allowed: a 64-bit integer (or None)")
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
