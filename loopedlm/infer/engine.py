@@ -237,7 +237,7 @@ class DecodeEngine:
         if model.lm_head.weight.dtype != dtype:
             log.info("decode engine: casting a copy of the model to %s", dtype)
             model = copy.deepcopy(model).to(dtype)
-        self.model = model.eval()
+        self.model = model
         self.config, self.device, self.dtype = cfg, device, dtype
         self.max_batch, self.max_len, self.max_loops = max_batch, max_len, max_loops
         self.buckets = batch_buckets(max_batch)
