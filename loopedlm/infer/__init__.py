@@ -1,0 +1,9 @@
+"""Inference: the static-cache decode engine, device-side sampling and decoding options
+(adaptive loops, shared cache slots). `loopedlm.generate` is the public entry point."""
+
+from loopedlm.infer.engine import DecodeEngine, StaticKVCache, StepOutput, batch_buckets
+from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
+from loopedlm.infer.sampling import SamplingParams, sample_rows
+
+__all__ = ["DecodeEngine", "StaticKVCache", "StepOutput", "batch_buckets", "AdaptiveLoops",
+           "loop_slot_map", "SamplingParams", "sample_rows"]
