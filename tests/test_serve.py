@@ -342,3 +342,99 @@ def test_serve_command_rejects_bad_flags(run_dir, capsys):
 
     assert main(["serve", str(run_dir), "--max-batch", "0"]) == 2
     assert "max_batch=0" in capsys.readouterr().err
+
+
+# ---- slow tier: the load test and the web page in a real browser ---------------------------------
+def _bench_serve():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_load_64_streaming_clients_x_20_requests_nothing_lost_duplicated_or_mixed(
+        model_and_tokenizer):
+    bench = _bench_serve()
+    server, _ = start(model_and_tokenizer, max_batch=16, max_queue=128)
+    with server as url:
+        summary = bench.load_test(url, clients=64, requests=20, max_tokens=8)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert summary["requests"] == 64 * 20
+    assert 'loopedlm_requests_total{status="429"}' not in metrics
+
+
+def chromium_driver():
+    """Headless Debian chromium through chromedriver (skips where they are missing)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium "
+                    "chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1100,800"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
+
+
+def use_page(browser, url: str, prompt: str, *, n_loops: int, adaptive: float | None = None,
+             max_tokens: int = 12, timeout: float = 60.0) -> list[tuple[str, int, str]]:
+    """Type a prompt, pick the loops, press Generate, wait for the end; the tokens shown
+    as (text, loops, background)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    wait = WebDriverWait(browser, timeout)
+    wait.until(lambda b: b.find_element(By.ID, "legend").text.startswith("loops per token"))
+    for field_id, value in (("prompt", prompt), ("n_loops", n_loops), ("max_tokens", max_tokens),
+                            ("temperature", 0)):
+        element = browser.find_element(By.ID, field_id)
+        element.clear()
+        element.send_keys(str(value))
+    box = browser.find_element(By.ID, "adaptive")
+    if (adaptive is not None) != box.is_selected():
+        box.click()
+    if adaptive is not None:
+        element = browser.find_element(By.ID, "threshold")
+        element.clear()
+        element.send_keys(str(adaptive))
+    browser.find_element(By.ID, "go").click()
+    wait.until(lambda b: "finished" in b.find_element(By.ID, "stats").text)
+    spans = browser.find_elements(By.CSS_SELECTOR, "#output .tok")
+    return [(s.get_attribute("textContent"), int(s.get_attribute("data-loops")),
+             s.value_of_css_property("background-color")) for s in spans]
+
+
+@pytest.mark.slow
+def test_web_page_streams_tokens_shaded_by_their_loops(model_and_tokenizer, tmp_path):
+    browser = chromium_driver()
+    server, _ = start(model_and_tokenizer)
+    try:
+        with server as url:
+            fixed = use_page(browser, url, "To be", n_loops=2)
+            expected = reference(model_and_tokenizer, "To be", n_loops=2, max_tokens=12,
+                                 temperature=0)
+            assert "".join(text for text, _, _ in fixed) == expected.texts[0]
+            assert {loops for _, loops, _ in fixed} == {2}
+            more = use_page(browser, url, "To be", n_loops=6)
+            assert {loops for _, loops, _ in more} == {6}
+            assert fixed[0][2] != more[0][2]  # more loops, another shade
+            adaptive = use_page(browser, url, "or not", n_loops=6, adaptive=0.4)
+            api = reference(model_and_tokenizer, "or not", n_loops=6, max_tokens=12,
+                            temperature=0, adaptive_threshold=0.4)
+            assert "".join(text for text, _, _ in adaptive) == api.texts[0]
+            assert all(1 <= loops <= 6 for _, loops, _ in adaptive)
+            shades = {loops: colour for _, loops, colour in fixed + more + adaptive}
+            assert len(set(shades.values())) == len(shades)  # one shade per loop count
+            browser.save_screenshot(str(tmp_path / "serve_page.png"))
+    finally:
+        browser.quit()
