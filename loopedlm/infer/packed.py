@@ -41,10 +41,11 @@ class _Row:
         else:
             self.generator.manual_seed(params.seed)
         self.next_token = 0
+        self.length = 0  # tokens in the cache
 
 
 class PackedBatch:
-    """A `DecodeEngine` (loopedlm.infer.protocol) for one `LoopedGPT`.
+    """A `SlotEngine` (loopedlm.infer.protocol) for one `LoopedGPT`.
 
     capacity: most sequences at once. max_loops: the largest n_loops a sequence may ask
     for (the pool holds that many cache entries per layer).
@@ -118,6 +119,7 @@ class PackedBatch:
         pool.key_pos[r, end - length:end] = alone.key_pos[0]
         pool.n_real[r] = length
         row = _Row(slot, params, self.device)
+        row.length = length
         self.rows.append(row)
         token = self._sample(logits, [row])[0]
         return TokenEvent(slot, token, n_loops)
@@ -129,14 +131,16 @@ class PackedBatch:
             return []
         if self.pool.pos + 1 > self.pool.max_len:
             self._compact()
-        if int(self.pool.n_real[:n].max()) >= self._context:
+        if max(row.length for row in self.rows) >= self._context:
             raise RuntimeError(f"a sequence has reached the context ({self._context} tokens); "
                                f"release it first")
         tokens = torch.tensor([[row.next_token] for row in self.rows], dtype=torch.long,
                               device=self.device)
         view = self._view(n)
         logits, spent = self._decode(tokens, view)
-        self.pool.pos = view.pos
+        self.pool.pos += 1
+        for row in self.rows:
+            row.length += 1
         sampled = self._sample(logits, self.rows)
         return [TokenEvent(row.slot, tok, loops)
                 for row, tok, loops in zip(self.rows, sampled, spent.tolist(), strict=True)]
@@ -154,12 +158,15 @@ class PackedBatch:
 
     # ---- internals ------------------------------------------------------------------------
     def _view(self, n: int) -> KVCache:
-        """The pool restricted to its first n rows, sharing its storage (a slice, no copy)."""
+        """The pool restricted to its first n rows and to the columns they use (from the
+        longest row's first token on), sharing its storage (slices, no copy)."""
         pool, view = self.pool, KVCache.__new__(KVCache)
-        view.loop_slots, view.n_loops, view.max_len = pool.loop_slots, pool.n_loops, pool.max_len
-        view.k, view.v = pool.k[:, :, :n], pool.v[:, :, :n]
-        view.valid, view.key_pos, view.n_real = pool.valid[:n], pool.key_pos[:n], pool.n_real[:n]
-        view.pos = pool.pos
+        start = pool.pos - max(row.length for row in self.rows[:n])
+        view.loop_slots, view.n_loops = pool.loop_slots, pool.n_loops
+        view.max_len = pool.max_len - start
+        view.k, view.v = pool.k[:, :, :n, :, start:], pool.v[:, :, :n, :, start:]
+        view.valid, view.key_pos = pool.valid[:n, start:], pool.key_pos[:n, start:]
+        view.n_real, view.pos = pool.n_real[:n], pool.pos - start
         return view
 
     def _compact(self) -> None:
@@ -211,14 +218,26 @@ class PackedBatch:
         return model.logits(final)[:, -1], spent
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """One token per row, each with its own options and generator (so a seeded row
-        samples what `generate` samples for it alone)."""
+        """One token per row, each with its own options and generator, as `sample_next`
+        draws it (so a seeded row samples what `generate` samples for it alone). The
+        softmax of the plain (no top_p) sampled rows is taken in one batch."""
         greedy = logits.argmax(dim=-1).tolist()
+        plain = [i for i, row in enumerate(rows)
+                 if row.params.temperature > 0 and row.params.top_p == 1.0]
+        probs = {}
+        if plain:
+            index = torch.tensor(plain, device=logits.device)
+            temperature = torch.tensor([rows[i].params.temperature for i in plain],
+                                       device=logits.device)
+            batch = (logits[index].float() / temperature[:, None]).softmax(dim=-1)
+            probs = dict(zip(plain, batch, strict=True))
         out = []
         for i, row in enumerate(rows):
             p = row.params
             if p.temperature == 0:
                 token = greedy[i]
+            elif i in probs:
+                token = int(torch.multinomial(probs[i][None], 1, generator=row.generator))
             else:
                 token = int(sample_next(logits[i:i + 1], temperature=p.temperature,
                                         top_p=p.top_p, generator=row.generator)[0])

@@ -39,7 +39,7 @@ class TokenEvent:
     loops: int
 
 
-class DecodeEngine(Protocol):
+class SlotEngine(Protocol):
     """What the scheduler needs from an engine. Calls come from one thread."""
 
     @property

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopedlm.infer.protocol import DecodeEngine, SequenceParams, TokenEvent
+from loopedlm.infer.protocol import SequenceParams, SlotEngine, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Scheduler:
     each step (the engine runs every loop on the rows that still need it).
     """
 
-    def __init__(self, engine: DecodeEngine, tokenizer: Any, *, max_queue: int):
+    def __init__(self, engine: SlotEngine, tokenizer: Any, *, max_queue: int):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue={max_queue!r} is not allowed: an integer >= 0")
         self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue

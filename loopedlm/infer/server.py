@@ -45,7 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from loopedlm.infer.packed import PackedBatch
-from loopedlm.infer.protocol import DecodeEngine, SequenceParams
+from loopedlm.infer.protocol import SequenceParams, SlotEngine
 from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class CompletionServer:
     """The model, its tokenizer, the engine and the scheduler behind the HTTP app."""
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str, config: ServeConfig,
-                 engine: DecodeEngine | None = None):
+                 engine: SlotEngine | None = None):
         self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
         cfg = model.config
         self.default_loops = cfg.n_loops
@@ -248,7 +248,7 @@ def _mean(values: list[int]) -> float | None:
 
 
 def create_app(model: Any, tokenizer: Any, *, name: str = "loopedlm",
-               config: ServeConfig | None = None, engine: DecodeEngine | None = None) -> FastAPI:
+               config: ServeConfig | None = None, engine: SlotEngine | None = None) -> FastAPI:
     """The FastAPI app serving `model` (eval mode, on its device) with `tokenizer`."""
     server = CompletionServer(model.eval(), tokenizer, name=name, config=config or ServeConfig(),
                               engine=engine)
