@@ -40,59 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from loopedlm.attention import KVCache, norm
+from loopedlm.infer.engine import DecodeEngine
+from loopedlm.infer.options import CRITERIA, SLOT_POLICIES, AdaptiveLoops, loop_slot_map
+from loopedlm.infer.sampling import SamplingParams
 from loopedlm.model import LoopedGPT
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("state", "kl")
-SLOT_POLICIES = ("block", "modulo")
-
-
-# ---- options -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AdaptiveLoops:
-    """Stop looping a decoded token once its loop state has converged.
-
-    criterion "state" (default): relative change of the loop output,
-        ||h^t - h^{t-1}|| / ||h^t|| < threshold. Free: h^t is computed anyway, and it is
-        what the next loop reads, so a small change means the next loop would see the
-        same input (the fixed-point argument above).
-    criterion "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
-        distributions (nats). Closer to what the user sees, but it costs one LM-head
-        evaluation per loop, which for small models is as large as a loop itself.
-    min_loops: never stop before this many loops (>= 2: a change needs two loops).
-    """
-
-    threshold: float
-    criterion: str = "state"
-    min_loops: int = 2
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.threshold, int | float) or math.isnan(self.threshold) \
-                or self.threshold < 0:
-            raise ValueError(f"adaptive_threshold={self.threshold!r} is not allowed: a number >= 0")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"adaptive_criterion={self.criterion!r} is not allowed: choose one "
-                             f"of {list(CRITERIA)}")
-        if isinstance(self.min_loops, bool) or not isinstance(self.min_loops, int) \
-                or self.min_loops < 2:
-            raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= 2")
-
-
-def loop_slot_map(n_loops: int, cache_slots: int | None = None,
-                  policy: str = "block") -> list[int]:
-    """The cache slot of each loop (0-based): the identity when `cache_slots` is None or
-    >= n_loops (exact); otherwise `block` (floor(t*K/N)) or `modulo` (t mod K)."""
-    if policy not in SLOT_POLICIES:
-        raise ValueError(f"slot_policy={policy!r} is not allowed: choose one of "
-                         f"{list(SLOT_POLICIES)}")
-    if cache_slots is None or cache_slots >= n_loops:
-        return list(range(n_loops))
-    if isinstance(cache_slots, bool) or not isinstance(cache_slots, int) or cache_slots < 1:
-        raise ValueError(f"cache_slots={cache_slots!r} is not allowed: an integer >= 1")
-    if policy == "block":
-        return [t * cache_slots // n_loops for t in range(n_loops)]
-    return [t % cache_slots for t in range(n_loops)]
 
 
 # ---- one decode step with adaptive loops ------------------------------------------------
@@ -284,14 +238,17 @@ def _check_sampling(n_loops, max_tokens, temperature, top_k, top_p, seed) -> Non
         raise ValueError(f"seed={seed!r} is not allowed: an integer (or None)")
 
 
-@torch.no_grad()
-def stream(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None, n_loops: int | None = None,
-           max_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float = 1.0, seed: int | None = None, stop: Any = None,
-           adaptive_threshold: float | None = None, adaptive_criterion: str = "state",
-           min_loops: int = 2, cache_slots: int | None = None, slot_policy: str = "block",
-           add_bos: bool = True) -> Iterator[GenerationStep]:
-    """Generate, yielding one `GenerationStep` per sampled position (see `generate`)."""
+def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
+           n_loops: int | None = None, max_tokens: int = 64, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
+           stop: Any = None, adaptive_threshold: float | None = None,
+           adaptive_criterion: str = "state", min_loops: int = 2,
+           cache_slots: int | None = None, slot_policy: str = "block", add_bos: bool = True,
+           dtype: torch.dtype | None = None, compile: bool = False
+           ) -> tuple[DecodeEngine, int, set[int], int]:
+    """Check every option, build an engine for this batch and add every prompt (one slot
+    each, so ragged prompts need no padding). Returns (engine, batch, stop ids, the most
+    steps any row can still take)."""
     cfg = model.config
     n_loops = cfg.n_loops if n_loops is None else n_loops
     _check_sampling(n_loops, max_tokens, temperature, top_k, top_p, seed)
@@ -299,88 +256,97 @@ def stream(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None, n_loops: in
     stop_ids = _stop_ids(stop, tokenizer, cfg.vocab_size)
     adaptive = None if adaptive_threshold is None else AdaptiveLoops(
         adaptive_threshold, adaptive_criterion, min_loops)
-    slots = loop_slot_map(n_loops, cache_slots, slot_policy)
+    loop_slot_map(n_loops, cache_slots, slot_policy)  # checks them
+    # the last sampled token is never fed back, so a row of P tokens can take
+    # sequence_len - P + 1 new ones
+    rooms = [min(max_tokens, cfg.sequence_len - len(ids) + 1) for ids in rows]
+    if min(rooms) < max_tokens:
+        log.warning("max_tokens=%d does not fit in the context (sequence_len=%d) after a "
+                    "prompt of %d tokens: generating at most %d", max_tokens,
+                    cfg.sequence_len, max(len(r) for r in rows), min(rooms))
+    max_len = min(cfg.sequence_len, max(len(ids) + max_tokens - 1 for ids in rows))
+    engine = DecodeEngine(model, max_batch=len(rows), max_len=max_len, max_loops=n_loops,
+                          cache_slots=cache_slots, slot_policy=slot_policy, dtype=dtype,
+                          compile=compile)
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    for slot, ids in enumerate(rows):
+        engine.add(slot, ids, n_loops=n_loops, sampling=sampling, max_new_tokens=max_tokens,
+                   stop_ids=sorted(stop_ids), adaptive=adaptive)
+    return engine, len(rows), stop_ids, max(rooms) - 1
 
-    device = model.lm_head.weight.device
-    batch, width = len(rows), max(len(r) for r in rows)
-    # the last sampled token is never fed back, so the context allows one more
-    room = cfg.sequence_len - width + 1
-    n_steps = min(max_tokens, room)
-    if n_steps < max_tokens:
-        log.warning("max_tokens=%d does not fit in the context (sequence_len=%d, prompt of %d "
-                    "tokens): generating at most %d", max_tokens, cfg.sequence_len, width, room)
-    idx = torch.zeros(batch, width, dtype=torch.long, device=device)
-    mask = torch.zeros(batch, width, dtype=torch.bool, device=device)
-    for r, ids in enumerate(rows):  # left padding: every row's last token is at width - 1
-        idx[r, width - len(ids):] = torch.tensor(ids, device=device)
-        mask[r, width - len(ids):] = True
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()  # a fresh random seed, leaving the global RNG alone
-    else:
-        generator.manual_seed(seed)
-    cache = KVCache.for_model(cfg, batch, n_loops=n_loops, max_len=width + n_steps - 1,
-                              loop_slots=slots, dtype=model.lm_head.weight.dtype, device=device)
 
-    logits = model(idx, n_loops=n_loops, kv_cache=cache,
-                   attention_mask=None if bool(mask.all()) else mask)[:, -1]
-    loops = torch.full((batch,), n_loops, dtype=torch.long)
-    done = [False] * batch
-    for step in range(n_steps):
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                          generator=generator)
-        ids = nxt.tolist()
-        new: list[int | None] = []
-        for r in range(batch):
-            if done[r] or ids[r] in stop_ids:
-                done[r] = True
-                new.append(None)
-            else:
-                new.append(ids[r])
-        last = step == n_steps - 1
-        yield GenerationStep(step, new, loops.tolist(), [d or last for d in done])
-        if all(done) or last:
+@torch.no_grad()
+def stream(model: LoopedGPT, prompts: Any, **options: Any) -> Iterator[GenerationStep]:
+    """Generate, yielding one `GenerationStep` per sampled position (see `generate`); the
+    tokens of each step come to the host in one transfer."""
+    engine, batch, stop_ids, n_steps = _start(model, prompts, **options)
+    out = engine.output(batch)
+    for index in range(n_steps + 1):
+        tokens, finished, loops = torch.stack([out.tokens, out.finished.long(),
+                                               out.loops]).tolist()
+        new = [None if t < 0 or t in stop_ids else t for t in tokens]
+        done = [bool(f) for f in finished]
+        yield GenerationStep(index, new, loops, done)
+        if all(done):
             return
-        logits, loops = decode_step(model, nxt[:, None], cache, adaptive=adaptive)
+        out = engine.step()
 
 
 def generate(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None, **options: Any
              ) -> GenerationResult:
-    """Generate continuations of one or more prompts with the KV cache.
+    """Generate continuations of one or more prompts with the decode engine
+    (`loopedlm.infer.DecodeEngine`: a static KV cache, one slot per prompt).
 
     prompts: a string or a list of strings (needs `tokenizer`; BOS is prepended unless
         add_bos=False), or a list of token ids, or a list of such lists. Prompts of
-        different lengths are batched with left padding.
+        different lengths are batched, each in its own cache slot with its own positions.
     n_loops: loop count (default: the model's). max_tokens: tokens to generate per row.
-    temperature (0 = greedy), top_k, top_p in (0, 1], seed (same seed, same text).
+    temperature (0 = greedy), top_k, top_p in (0, 1], seed (same seed and prompt, same
+        text, whatever else is in the batch).
     stop: token id(s) or single-token string(s); a row ends when it samples one.
     adaptive_threshold / adaptive_criterion ("state" | "kl") / min_loops: adaptive loops
         (`AdaptiveLoops`). cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
+    dtype: weights and cache (default: bf16 on CUDA, else the model's); compile:
+        torch.compile the decode loop (pays off for long generations on CPU).
     Bad values raise ValueError naming the value.
     """
     start = time.perf_counter()
     max_tokens = options.get("max_tokens", 64)
-    tokens: list[list[int]] = []
-    loops: list[list[int]] = []
-    reasons: list[str] = []
-    steps = 0
-    for event in stream(model, prompts, tokenizer=tokenizer, **options):
-        if not tokens:
-            tokens = [[] for _ in event.tokens]
-            loops = [[] for _ in event.tokens]
-            reasons = [""] * len(event.tokens)
-        for r, tok in enumerate(event.tokens):
-            if tok is not None:
-                tokens[r].append(tok)
-                loops[r].append(event.loops[r])
-            elif not reasons[r]:
+    with torch.no_grad():
+        engine, batch, stop_ids, n_steps = _start(model, prompts, tokenizer=tokenizer,
+                                                  **options)
+        outputs = [_snapshot(engine.output(batch))]
+        for step in range(n_steps):
+            # one host sync every SYNC_EVERY steps to stop early; tokens stay on the device
+            if step % SYNC_EVERY == 0 and bool(engine.finished[:batch].all()):
+                break
+            outputs.append(_snapshot(engine.step()))
+        tokens_steps, loops_steps = torch.stack(outputs, 1).tolist()  # (2, steps, batch)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    loops: list[list[int]] = [[] for _ in range(batch)]
+    reasons = [""] * batch
+    for step_tokens, step_loops in zip(tokens_steps, loops_steps, strict=True):
+        for r, (tok, spent) in enumerate(zip(step_tokens, step_loops, strict=True)):
+            if tok < 0 or reasons[r]:
+                continue
+            if tok in stop_ids:
                 reasons[r] = "stop"
-        steps = event.index + 1
+            else:
+                tokens[r].append(tok)
+                loops[r].append(spent)
     for r, reason in enumerate(reasons):
         if not reason:
-            reasons[r] = "length" if steps >= max_tokens else "context"
+            reasons[r] = "length" if len(tokens[r]) >= max_tokens else "context"
     texts = [tokenizer.decode(t) for t in tokens] if tokenizer is not None else None
     return GenerationResult(tokens, loops, reasons, texts, time.perf_counter() - start)
+
+
+SYNC_EVERY = 8
+
+
+def _snapshot(out) -> torch.Tensor:
+    """A step's tokens and loops, copied out of the engine's static buffers (2, batch)."""
+    return torch.stack([out.tokens, out.loops])
 
 
 # ---- teacher-forced scoring through the decoding path ----------------------------------------
@@ -396,26 +362,27 @@ class DecodeScore:
 def decode_nll(model: LoopedGPT, tokens: torch.Tensor, *, n_loops: int | None = None,
                prefill: int = 1, adaptive: AdaptiveLoops | None = None,
                cache_slots: int | None = None, slot_policy: str = "block") -> DecodeScore:
-    """Teacher-forced NLL of `tokens` (B, T) computed the way generation computes it: the
-    first `prefill` tokens in one pass, then one token at a time through the cache. With
-    neither `adaptive` nor `cache_slots` it equals the full forward's loss; with them it
-    measures their quality cost."""
+    """Teacher-forced NLL of `tokens` (B, T) computed the way generation computes it (the
+    decode engine, in the model's dtype): the first `prefill` tokens in one pass, then one
+    token at a time. With neither `adaptive` nor `cache_slots` it equals the full
+    forward's loss; with them it measures their quality cost."""
     n_loops = model.config.n_loops if n_loops is None else n_loops
     batch, length = tokens.shape
     if not 1 <= prefill < length:
         raise ValueError(f"prefill={prefill} must lie in [1, {length})")
-    cache = KVCache.for_model(model.config, batch, n_loops=n_loops, max_len=length - 1,
-                              loop_slots=loop_slot_map(n_loops, cache_slots, slot_policy),
-                              dtype=model.lm_head.weight.dtype, device=tokens.device)
-    logits = model(tokens[:, :prefill], n_loops=n_loops, kv_cache=cache)[:, -1]
-    spent = torch.full((batch,), n_loops, dtype=torch.long)
+    engine = DecodeEngine(model, max_batch=batch, max_len=length - 1, max_loops=n_loops,
+                          cache_slots=cache_slots, slot_policy=slot_policy,
+                          dtype=model.lm_head.weight.dtype)
+    logits = torch.stack([engine.prefill(r, tokens[r, :prefill], n_loops=n_loops,
+                                         adaptive=adaptive)[-1] for r in range(batch)])
+    spent = torch.full((batch,), n_loops, dtype=torch.long, device=tokens.device)
     nll, loops = [], []
     for t in range(prefill, length):
         nll.append(F.cross_entropy(logits.float(), tokens[:, t], reduction="none"))
         loops.append(spent)
         if t < length - 1:
-            logits, spent = decode_step(model, tokens[:, t:t + 1], cache, adaptive=adaptive)
-    return DecodeScore(torch.stack(nll, 1).cpu(), torch.stack(loops, 1))
+            logits, spent = engine.decode(tokens[:, t])
+    return DecodeScore(torch.stack(nll, 1).cpu(), torch.stack(loops, 1).cpu())
 
 
 # ---- the `loopedlm sample` command -------------------------------------------------------------

@@ -213,13 +213,16 @@ class LoopedGPT(nn.Module):
 
     # ---- the per-loop API (forward, decoding and checkpointing all use it) -------
     def prepare(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> LoopInputs:
+                attention_mask: torch.Tensor | None = None,
+                plan: AttentionPlan | None = None) -> LoopInputs:
         """What every loop of one forward shares: the embedding, the attention plan
         (positions, RoPE, masks, cache) and, where loop-invariant, the first layer's
-        keys and values."""
+        keys and values. `plan` replaces the built one (the decode engine brings its own:
+        per-row positions and a static cache)."""
         B, T = idx.shape
-        plan = build_plan(self.config, self.cos, self.sin, B, T, cache=kv_cache,
-                          attention_mask=attention_mask, device=idx.device)
+        if plan is None:
+            plan = build_plan(self.config, self.cos, self.sin, B, T, cache=kv_cache,
+                              attention_mask=attention_mask, device=idx.device)
         x0 = self.transformer.wte(idx)
         embedded = norm(x0)
         first_kv = None

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loopedlm import KVCache, LoopedGPT, ModelConfig
+from loopedlm.infer import DecodeEngine
 
 MODES = ["lt", "lti", "ltai", "flt_res", "flt"]
 # sliding window: sequence_len 16 -> window 4, far shorter than the test sequences
@@ -37,9 +38,16 @@ def make_model(mode: str = "flt", variant: str = "mha", seed: int = 0, std: floa
     return model.eval()
 
 
+# the two decoders: the model's own forward with a KVCache, and the decode engine
+BACKENDS = ["kv_cache", "engine"]
+
+
 def cached_logits(model: LoopedGPT, idx: torch.Tensor, n_loops: int, chunks: list[int],
-                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  attention_mask: torch.Tensor | None = None,
+                  backend: str = "kv_cache") -> torch.Tensor:
     """Feed `idx` through a fresh cache in chunks of the given sizes; concatenate logits."""
+    if backend == "engine":
+        return engine_logits(model, idx, n_loops, chunks, attention_mask)
     cache = KVCache.for_model(model.config, idx.size(0), n_loops=n_loops)
     out, start = [], 0
     for size in chunks:
@@ -51,25 +59,51 @@ def cached_logits(model: LoopedGPT, idx: torch.Tensor, n_loops: int, chunks: lis
     return torch.cat(out, dim=1)
 
 
+def engine_logits(model: LoopedGPT, idx: torch.Tensor, n_loops: int, chunks: list[int],
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`cached_logits` through the decode engine: one slot per row holding only its real
+    tokens (no padding); the first chunk and multi-token chunks are prefills, one-token
+    chunks are batched decode steps. Padded positions' logits are left at 0."""
+    batch, length = idx.shape
+    mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask
+    engine = DecodeEngine(model, max_batch=batch, max_loops=n_loops,
+                          max_len=min(length + 1, model.config.sequence_len))
+    out = torch.zeros(batch, length, model.config.vocab_size)
+    start = 0
+    for size in chunks:
+        if start > 0 and size == 1:
+            out[:, start] = engine.decode(idx[:, start])[0]
+        else:
+            for r in range(batch):
+                real = mask[r, start:start + size]
+                if real.any():
+                    logits = engine.prefill(r, idx[r, start:start + size][real], n_loops=n_loops)
+                    out[r, start:start + size][real] = logits
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_loops", LOOPS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", MODES)
 @torch.no_grad()
-def test_prefill_then_decode_matches_full_forward(mode, variant, n_loops):
+def test_prefill_then_decode_matches_full_forward(mode, variant, n_loops, backend):
     model = make_model(mode, variant)
     T = 13
     idx = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
     full = model(idx, n_loops=n_loops)
     prefill = 5
-    got = cached_logits(model, idx, n_loops, [prefill] + [1] * (T - prefill))
+    got = cached_logits(model, idx, n_loops, [prefill] + [1] * (T - prefill), backend=backend)
     torch.testing.assert_close(got, full, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_loops", LOOPS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", MODES)
 @torch.no_grad()
-def test_ragged_left_padded_batch_matches_single_rows(mode, variant, n_loops):
+def test_ragged_left_padded_batch_matches_single_rows(mode, variant, n_loops, backend):
     model = make_model(mode, variant, seed=2)
     gen = torch.Generator().manual_seed(3)
     lengths, n_decode = [9, 4, 1], 4
@@ -81,7 +115,8 @@ def test_ragged_left_padded_batch_matches_single_rows(mode, variant, n_loops):
     for r, (n, row) in enumerate(zip(lengths, rows, strict=True)):
         idx[r, width - n:] = row
         mask[r, width - n:] = True
-    got = cached_logits(model, idx, n_loops, [width] + [1] * n_decode, attention_mask=mask)
+    got = cached_logits(model, idx, n_loops, [width] + [1] * n_decode, attention_mask=mask,
+                        backend=backend)
     # the padded batch without a cache, in one pass, must agree as well
     uncached = model(idx, n_loops=n_loops, attention_mask=mask)
     for r, (n, row) in enumerate(zip(lengths, rows, strict=True)):
@@ -93,9 +128,10 @@ def test_ragged_left_padded_batch_matches_single_rows(mode, variant, n_loops):
 
 @settings(max_examples=25, deadline=None)
 @given(mode=st.sampled_from(MODES), variant=st.sampled_from(list(VARIANTS)),
-       n_loops=st.integers(1, 4), length=st.integers(2, 16), data=st.data())
+       n_loops=st.integers(1, 4), length=st.integers(2, 16), data=st.data(),
+       backend=st.sampled_from(BACKENDS))
 @torch.no_grad()
-def test_any_prefill_split_matches_full_forward(mode, variant, n_loops, length, data):
+def test_any_prefill_split_matches_full_forward(mode, variant, n_loops, length, data, backend):
     """Any chunking of the sequence (a prompt split anywhere, multi-token chunks after
     cached tokens) gives the full forward's logits."""
     model = make_model(mode, variant, seed=4)
@@ -105,7 +141,7 @@ def test_any_prefill_split_matches_full_forward(mode, variant, n_loops, length, 
     seed = data.draw(st.integers(0, 2**16))
     idx = torch.randint(0, model.config.vocab_size, (1, length),
                         generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(cached_logits(model, idx, n_loops, chunks),
+    torch.testing.assert_close(cached_logits(model, idx, n_loops, chunks, backend=backend),
                                model(idx, n_loops=n_loops), atol=ATOL, rtol=0)
 
 

@@ -3,8 +3,8 @@
 The scheduler (`loopedlm.infer.scheduler`) owns requests: the queue, admission,
 timeouts, cancellation and text. A decode engine owns the model and the batch: it holds
 up to `capacity` sequences, each in a slot the scheduler names, and advances all of them
-by one token per `step`. Any engine with these three methods can serve; `PackedBatch`
-(`loopedlm.infer.packed`) is the one built on `loopedlm.generate`'s exact KV cache.
+by one token per `step`. Any engine with these methods can serve; `EngineSlots`
+(`loopedlm.infer.slots`) is the one over the static-cache `DecodeEngine`.
 """
 
 from __future__ import annotations

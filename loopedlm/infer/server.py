@@ -44,9 +44,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
-from loopedlm.infer.packed import PackedBatch
 from loopedlm.infer.protocol import SequenceParams, SlotEngine
 from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence
+from loopedlm.infer.slots import EngineSlots
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class CompletionServer:
         cfg = model.config
         self.default_loops = cfg.n_loops
         self.max_loops = config.max_loops or 4 * cfg.n_loops
-        self.engine = engine or PackedBatch(model, capacity=config.max_batch,
+        self.engine = engine or EngineSlots(model, capacity=config.max_batch,
                                             max_loops=self.max_loops)
         self.context_len = self.engine.context_len
         self.scheduler = Scheduler(self.engine, tokenizer, max_queue=config.max_queue)

@@ -1,0 +1,282 @@
+"""The decode engine (issue 11): the slot API, the static cache, per-row loop counts, the
+shared first layer, the sync-free step (captured as a CUDA graph on GPUs; its capture
+procedure and its freedom from host syncs are checked here on CPU) and the sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_kv_cache import make_model
+
+from loopedlm.infer import DecodeEngine, SamplingParams, batch_buckets, sample_rows
+from loopedlm.infer.sampling import uniform_noise
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def prompt(seed: int, length: int, vocab: int = 53) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_slots(engine: DecodeEngine, requests: dict[int, dict], n_steps: int) -> dict[int, list[int]]:
+    """Add every request (slot -> add() options), step n_steps times; tokens per slot."""
+    tokens = {slot: [int(engine.add(slot, **kw))] for slot, kw in requests.items()}
+    for _ in range(n_steps):
+        out = engine.step().tokens.tolist()
+        for slot in requests:
+            if out[slot] >= 0:
+                tokens[slot].append(out[slot])
+    return tokens
+
+
+# ---- per-row loop counts, slots, buckets ---------------------------------------------------
+@pytest.mark.parametrize("cache_slots", [None, 2])
+@pytest.mark.parametrize("mode", ["lt", "flt"])
+@torch.no_grad()
+def test_rows_with_different_loop_counts_share_a_step_exactly(mode, cache_slots):
+    """Rows at 1, 3 and 5 loops in one step give what each gives alone: each reads its
+    own last loop, and its extra loops never touch cache entries it reads."""
+    model = make_model(mode, "mha", std=0.3, sequence_len=32)
+    loops = {0: 1, 1: 3, 2: 5}
+    requests = {slot: dict(prompt_ids=prompt(slot, 4 + 2 * slot), n_loops=n, sampling=GREEDY)
+                for slot, n in loops.items()}
+    engine = DecodeEngine(model, max_batch=4, max_loops=5, cache_slots=cache_slots)
+    batched = run_slots(engine, requests, 6)
+    for slot, kw in requests.items():
+        alone = DecodeEngine(model, max_batch=1, max_loops=5, cache_slots=cache_slots)
+        assert run_slots(alone, {0: kw}, 6)[0] == batched[slot]
+    # and the logits of a teacher-forced step equal the full forward's at each row's N
+    engine = DecodeEngine(model, max_batch=4, max_loops=5)
+    ids = {slot: prompt(10 + slot, 6) for slot in loops}
+    for slot, n in loops.items():
+        engine.prefill(slot, ids[slot][:5], n_loops=n)
+    logits, spent = engine.decode(torch.tensor([ids[s][5] for s in loops] + [0]))
+    assert spent[:3].tolist() == [1, 3, 5]
+    for slot, n in loops.items():
+        full = model(torch.tensor([ids[slot]]), n_loops=n)[0, -1]
+        torch.testing.assert_close(logits[slot], full, atol=1e-4, rtol=0)  # (std 0.3: large logits)
+
+
+@torch.no_grad()
+def test_slots_join_and_leave_between_steps():
+    """A sequence added mid-way, and a slot reused after release, decode as if alone."""
+    model = make_model("flt", "gqa", sequence_len=32)
+    kw_a = dict(prompt_ids=prompt(1, 5), n_loops=3, sampling=GREEDY)
+    kw_b = dict(prompt_ids=prompt(2, 3), n_loops=2, sampling=GREEDY)
+    alone_a = run_slots(DecodeEngine(model, max_batch=1, max_loops=3), {0: kw_a}, 6)[0]
+    alone_b = run_slots(DecodeEngine(model, max_batch=1, max_loops=3), {0: kw_b}, 4)[0]
+    engine = DecodeEngine(model, max_batch=4, max_loops=3)
+    got_a = [int(engine.add(0, **kw_a))]
+    got_a += [int(engine.step().tokens[0]) for _ in range(2)]
+    got_b = [int(engine.add(3, **kw_b))]  # joins: the step's bucket grows from 1 to 4
+    for _ in range(4):
+        out = engine.step().tokens
+        got_a.append(int(out[0]))
+        got_b.append(int(out[3]))
+    assert got_a == alone_a and got_b == alone_b
+    engine.release(0)
+    assert run_slots(engine, {0: kw_a}, 6)[0] == alone_a  # slot 0 reused, slot 3 still there
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+
+
+# ---- the static cache and the shared first layer -------------------------------------------
+@pytest.mark.parametrize("mode", ["flt", "ltai"])
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+@torch.no_grad()
+def test_shared_first_layer_gives_identical_logits_and_saves_its_loops(mode, variant):
+    model = make_model(mode, variant, sequence_len=32)
+    n_loops, ids = 4, torch.tensor(prompt(3, 12))
+    results, sizes = [], []
+    for share in (True, False):
+        engine = DecodeEngine(model, max_batch=2, max_loops=n_loops, share_first_layer=share)
+        logits = [engine.prefill(0, ids[:6], n_loops=n_loops)]
+        engine.prefill(1, ids[:3], n_loops=n_loops)
+        for t in range(6, 12):
+            logits.append(engine.decode(torch.stack([ids[t], ids[t - 3]]))[0][:1])
+        results.append(torch.cat(logits))
+        sizes.append(engine.cache.nbytes())
+    assert torch.equal(results[0], results[1])
+    cfg = model.config
+    entry = 2 * 2 * cfg.n_kv_head * 32 * cfg.head_dim * 4  # (k, v) x batch x ... x fp32
+    assert sizes[1] - sizes[0] == (n_loops - 1) * entry
+    assert sizes[1] == n_loops * cfg.depth * entry
+
+
+def test_first_layer_is_not_shared_where_it_depends_on_the_loop():
+    for mode in ("lt", "lti", "flt_res"):
+        engine = DecodeEngine(make_model(mode), max_batch=1, max_loops=3)
+        assert not engine.cache.share_first_layer
+
+
+@torch.no_grad()
+def test_the_step_is_static_no_allocation_of_state_and_no_shape_change():
+    model = make_model("flt", "swa")
+    engine = DecodeEngine(model, max_batch=2, max_loops=2)
+    tensors = [t for layer in engine.cache.entries for kv in layer for t in kv]
+    tensors += [engine.tokens, engine.pos, engine.finished, engine.out_tokens]
+    before = [(t.data_ptr(), t.shape) for t in tensors]
+    engine.add(0, prompt(1, 4), n_loops=2, sampling=GREEDY)
+    engine.add(1, prompt(2, 7), n_loops=1, sampling=SamplingParams(seed=3))
+    positions = []
+    for _ in range(5):
+        engine.step()
+        positions.append(engine.pos[:2].tolist())
+    assert [(t.data_ptr(), t.shape) for t in tensors] == before
+    assert positions == [[4 + i, 7 + i] for i in range(1, 6)]  # positions are per row
+
+
+@torch.no_grad()
+def test_graph_capture_procedure_replays_the_eager_step():
+    """graphs=True runs the CUDA-graph capture procedure (warm-up steps, then the state
+    put back); on CPU the replay is a plain call. Tokens must equal the eager engine's."""
+    model = make_model("ltai", "gqa", std=0.3, sequence_len=32)
+    requests = {0: dict(prompt_ids=prompt(1, 5), n_loops=3, sampling=SamplingParams(seed=1)),
+                1: dict(prompt_ids=prompt(2, 9), n_loops=2, sampling=GREEDY,
+                        stop_ids=[7])}
+    eager = run_slots(DecodeEngine(model, max_batch=2, max_loops=3, graphs=False), requests, 8)
+    graphed = DecodeEngine(model, max_batch=2, max_loops=3, graphs=True)
+    assert run_slots(graphed, requests, 8) == eager
+    assert len(graphed._steps) == 1  # captured once for the bucket, then replayed
+
+
+@torch.no_grad()
+def test_decode_step_traces_as_one_graph_without_host_syncs():
+    """A host sync (.item(), .tolist(), bool(tensor)) or a data-dependent shape in the step
+    would break a full-graph trace; the fixed-loop step must trace whole."""
+    model = make_model("flt", "swa", sequence_len=32)
+    engine = DecodeEngine(model, max_batch=2, max_loops=2)
+    engine.add(0, prompt(1, 5), n_loops=2, sampling=SamplingParams(seed=1, top_k=5, top_p=0.9),
+               stop_ids=[3])
+    engine.add(1, prompt(2, 3), n_loops=1, sampling=GREEDY)
+    reference = DecodeEngine(model, max_batch=2, max_loops=2)
+    reference.add(0, prompt(1, 5), n_loops=2, sampling=SamplingParams(seed=1, top_k=5, top_p=0.9),
+                  stop_ids=[3])
+    reference.add(1, prompt(2, 3), n_loops=1, sampling=GREEDY)
+    torch._dynamo.reset()
+    traced = torch.compile(engine._step_body, backend="eager", fullgraph=True)
+    for _ in range(2):
+        traced(2, 2, engine._kv_len(), True, True)
+        reference.step()
+        for info in engine._slots.values():
+            info.length += 1
+        assert torch.equal(engine.out_tokens, reference.out_tokens)
+        assert torch.equal(engine.pos, reference.pos)
+    torch._dynamo.reset()
+
+
+# ---- sampling ------------------------------------------------------------------------------
+@torch.no_grad()
+def test_a_seeded_row_samples_the_same_whatever_else_is_in_the_batch():
+    model = make_model("flt", "mha", std=0.02, sequence_len=32)  # flat: sampling varies
+    row = dict(prompt_ids=prompt(1, 4), n_loops=2, sampling=SamplingParams(seed=11))
+    alone = run_slots(DecodeEngine(model, max_batch=1, max_loops=2), {0: row}, 10)[0]
+    others = {0: dict(prompt_ids=prompt(2, 6), n_loops=1, sampling=SamplingParams(seed=5)),
+              1: dict(prompt_ids=prompt(3, 2), n_loops=2,
+                      sampling=SamplingParams(temperature=0.7, top_k=9, top_p=0.8)),
+              3: row}
+    batched = run_slots(DecodeEngine(model, max_batch=4, max_loops=2), others, 10)
+    assert batched[3] == alone
+    other_seed = dict(row, sampling=SamplingParams(seed=12))
+    assert run_slots(DecodeEngine(model, max_batch=1, max_loops=2), {0: other_seed}, 10)[0] \
+        != alone
+
+
+def test_uniform_noise_is_a_function_of_seed_and_counter():
+    seed = torch.tensor([1, 1, 2, -5, 2**40])
+    counter = torch.tensor([0, 1, 0, 0, 3])
+    noise = uniform_noise(seed, counter, 1000)
+    assert ((noise > 0) & (noise < 1)).all()
+    assert torch.equal(noise, uniform_noise(seed, counter, 1000))
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert abs(noise.mean().item() - 0.5) < 0.02  # roughly uniform
+
+
+def test_sampler_follows_the_softmax():
+    """Gumbel-max over counter-based noise draws from softmax(logits / T)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    n = logits.size(0)
+    tokens = sample_rows(logits, torch.full((n,), 0.5), torch.full((n,), 4),
+                         torch.ones(n), torch.full((n,), 9), torch.arange(n), filtered=False)
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    torch.testing.assert_close(freq, (logits[0] / 0.5).softmax(-1), atol=0.03, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 20), p=st.floats(0.01, 1.0),
+       temperature=st.one_of(st.just(0.0), st.floats(0.05, 2.0)),
+       seed=st.integers(0, 1000))
+def test_sample_rows_stays_inside_top_k_and_top_p(k, p, temperature, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, 20, generator=gen) * 3
+    rows = logits.size(0)
+    picks = torch.stack([
+        sample_rows(logits, torch.full((rows,), temperature), torch.full((rows,), k),
+                    torch.full((rows,), p), torch.arange(rows) + seed, torch.full((rows,), c))
+        for c in range(10)], 1)
+    for r in range(rows):
+        if temperature == 0:
+            assert set(picks[r].tolist()) == {int(logits[r].argmax())}
+            continue
+        scaled = logits[r] / temperature
+        top = torch.topk(scaled, k).indices
+        probs = scaled[top].softmax(-1)
+        before = probs.cumsum(0) - probs
+        allowed = set(top[before < p].tolist()) if p < 1 else set(top.tolist())
+        assert set(picks[r].tolist()) <= allowed
+
+
+# ---- stop and length, batched ----------------------------------------------------------------
+@torch.no_grad()
+def test_stop_ids_and_budgets_finish_rows_on_the_device():
+    model = make_model("flt", sequence_len=16)
+    engine = DecodeEngine(model, max_batch=3, max_loops=2)
+    free = run_slots(DecodeEngine(model, max_batch=1, max_loops=2),
+                     {0: dict(prompt_ids=[1, 2], n_loops=2, sampling=GREEDY)}, 5)[0]
+    engine.add(0, [1, 2], n_loops=2, sampling=GREEDY, stop_ids=[free[2]])
+    engine.add(1, [1, 2], n_loops=2, sampling=GREEDY, max_new_tokens=2)
+    engine.add(2, prompt(4, 14), n_loops=2, sampling=GREEDY)  # 16 - 14 + 1 = 3 tokens fit
+    rows = [[], [], []]
+    for _ in range(4):
+        out = engine.step()
+        for r, (tok, done) in enumerate(zip(out.tokens.tolist(), out.finished.tolist(),
+                                            strict=True)):
+            rows[r].append((tok, done))
+    assert rows[0][:2] == [(free[1], False), (free[2], True)] and rows[0][2][0] == -1
+    assert rows[1][0] == (free[1], True) and rows[1][1][0] == -1
+    assert [done for _, done in rows[2][:2]] == [False, True] and rows[2][2][0] == -1
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_bad_input_names_the_value():
+    model = make_model("flt", sequence_len=16)
+    engine = DecodeEngine(model, max_batch=2, max_loops=3)
+    with pytest.raises(ValueError, match="prompt of 17 tokens is longer than the context"):
+        engine.add(0, [1] * 17)
+    with pytest.raises(ValueError, match="slot 2 is outside"):
+        engine.add(2, [1])
+    with pytest.raises(ValueError, match="n_loops=0"):
+        engine.add(0, [1], n_loops=0)
+    with pytest.raises(ValueError, match="n_loops=4"):
+        engine.add(0, [1], n_loops=4)
+    with pytest.raises(ValueError, match="top_p=0"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="token id 99"):
+        engine.add(0, [1, 99])
+    with pytest.raises(ValueError, match="no active slot"):
+        engine.step()
+    engine.add(0, [1, 2], n_loops=2)
+    with pytest.raises(ValueError, match="slot 0 is in use"):
+        engine.add(0, [1])
+    with pytest.raises(ValueError, match="max_batch=0"):
+        DecodeEngine(model, max_batch=0)
+    with pytest.raises(ValueError, match="compile='fast'"):
+        DecodeEngine(model, compile="fast")
