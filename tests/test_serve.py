@@ -347,11 +347,13 @@ def test_serve_command_rejects_bad_flags(run_dir, capsys):
 # ---- slow tier: the load test and the web page in a real browser ---------------------------------
 def _bench_serve():
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
     spec = importlib.util.spec_from_file_location("bench_serve", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = module  # (dataclasses look their module up)
     spec.loader.exec_module(module)
     return module
 

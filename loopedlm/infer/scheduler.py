@@ -73,7 +73,7 @@ class Scheduler:
 
     max_queue: most sequences waiting for a slot; `submit` beyond it raises QueueFull.
     Admission is first come, first served; sequences with different loop counts share
-    each step (the engine runs every loop on the rows that still need it).
+    each step (the engine takes each row's output from its own last loop).
     """
 
     def __init__(self, engine: SlotEngine, tokenizer: Any, *, max_queue: int):
