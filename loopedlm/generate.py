@@ -1,6 +1,11 @@
 """Sampling with the KV cache (SPEC 2): prefill, token-by-token decode, streaming, adaptive
 loops and shared cache slots; the `loopedlm sample` command.
 
+`generate`, `stream` and `decode_nll` run on the decode engine
+(`loopedlm.infer.DecodeEngine`: a static cache with a slot per sequence, a sync-free step
+captured as a CUDA graph on GPUs, sampling on the device). `decode_step` is the model's own
+forward with a `KVCache` (the reference path, kept for tests and benchmarks).
+
 Decoding with the cache is exact: the cache holds one entry per (loop, layer), so every
 loop of a new token reads every earlier token's keys at that same loop, and the logits
 equal a full forward's (tests/test_kv_cache.py). Two options trade exactness for compute
@@ -408,7 +413,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=stop, adaptive_threshold=args.adaptive_threshold,
                    adaptive_criterion=args.adaptive_criterion, min_loops=args.min_loops,
-                   cache_slots=args.cache_slots, slot_policy=args.slot_policy)
+                   cache_slots=args.cache_slots, slot_policy=args.slot_policy,
+                   compile=False if args.compile == "none" else args.compile)
     prompts = args.prompt
     start = time.perf_counter()
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -469,6 +475,9 @@ def register(subparsers: Any) -> None:
                    help="loops share this many KV-cache slots (less memory, approximate)")
     p.add_argument("--slot-policy", choices=SLOT_POLICIES, default="block")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--compile", choices=["none", "step", "loop"], default="none",
+                   help="torch.compile the decode step or one loop (pays off on CPU for long "
+                        "outputs; see benchmarks/README.md)")
     p.set_defaults(func=_cmd_sample)
 
 

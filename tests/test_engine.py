@@ -162,7 +162,7 @@ def test_decode_step_traces_as_one_graph_without_host_syncs():
     torch._dynamo.reset()
     traced = torch.compile(engine._step_body, backend="eager", fullgraph=True)
     for _ in range(2):
-        traced(2, 2, engine._kv_len(), True, True)
+        traced(2, 2, engine._kv_len(), True, True, False)
         reference.step()
         for info in engine._slots.values():
             info.length += 1

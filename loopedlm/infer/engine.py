@@ -107,35 +107,25 @@ class StaticKVCache:
         return self.nbytes() // (self.max_batch * self.max_len)
 
 
-class _StepWrites:
-    """The attention plan's cache during a decode step: row b's new keys go to position
-    pos[b]; attention reads the first `kv_len` positions (masked per row)."""
+class _RowWrites:
+    """The attention plan's cache in an adaptive (eager) step, for the batch `rows` still
+    looping: row b's new keys go to position pos[b]; attention reads the first `kv_len`
+    positions of those rows (gathered; masked per row)."""
 
     def __init__(self, cache: StaticKVCache, rows: torch.Tensor, pos: torch.Tensor,
-                 kv_len: int, *, gather: bool, row_loops: torch.Tensor | None):
+                 kv_len: int):
         self.cache, self.rows, self.pos, self.kv_len = cache, rows, pos, kv_len
-        self.gather = gather          # rows are a subset (adaptive): read with an index
-        self.row_loops = row_loops    # mask out writes of loops a row does not run
 
     def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor):
         k_all, v_all = self.cache.entry(loop, layer)
         if self.cache.writes(loop, layer):
-            new_k, new_v = k[:, :, 0], v[:, :, 0]
-            if self.row_loops is not None:
-                beyond = (self.row_loops <= loop)[:, None, None]
-                new_k = torch.where(beyond, k_all[self.rows, :, self.pos], new_k)
-                new_v = torch.where(beyond, v_all[self.rows, :, self.pos], new_v)
-            k_all[self.rows, :, self.pos] = new_k
-            v_all[self.rows, :, self.pos] = new_v
-        if self.gather:
-            return k_all[self.rows, :, : self.kv_len], v_all[self.rows, :, : self.kv_len]
-        batch = self.rows.size(0)
-        return k_all[:batch, :, : self.kv_len], v_all[:batch, :, : self.kv_len]
+            k_all[self.rows, :, self.pos] = k[:, :, 0]
+            v_all[self.rows, :, self.pos] = v[:, :, 0]
+        return k_all[self.rows, :, : self.kv_len], v_all[self.rows, :, : self.kv_len]
 
-    def rows_view(self, keep: torch.Tensor) -> _StepWrites:
-        """These writes for the rows `keep` (a bool or index tensor over self.rows)."""
-        return _StepWrites(self.cache, self.rows[keep], self.pos[keep], self.kv_len,
-                           gather=True, row_loops=None)
+    def select(self, keep: torch.Tensor) -> _RowWrites:
+        """These writes for the rows `keep` (an index tensor over self.rows)."""
+        return _RowWrites(self.cache, self.rows[keep], self.pos[keep], self.kv_len)
 
 
 class _LoopWrites:
@@ -203,6 +193,7 @@ class StepOutput:
 class _Slot:
     n_loops: int
     filtered: bool                      # uses top-k or top-p
+    greedy: bool                        # temperature 0
     adaptive: AdaptiveLoops | None
     length: int                         # tokens in the cache (an upper bound once finished)
 
@@ -336,6 +327,7 @@ class DecodeEngine:
         ids = self._check_ids(prompt_ids, f"prompt for slot {slot}")
         logits = self.prefill(slot, ids, n_loops=n_loops, adaptive=adaptive)[-1:]
         self._slots[slot].filtered = sampling.top_k is not None or sampling.top_p < 1
+        self._slots[slot].greedy = sampling.temperature == 0
         self.temperature[slot] = float(sampling.temperature)
         if sampling.top_k is not None:
             self.top_k[slot] = min(sampling.top_k, self.config.vocab_size)
@@ -400,8 +392,8 @@ class DecodeEngine:
                              f"longer than the context (" + (f"the engine's max_len={limit}"
                              if limit else f"sequence_len={self.config.sequence_len}") + ")")
         model = self.model
-        plan = AttentionPlan(cos=model.cos[None, start:end, None, :],
-                             sin=model.sin[None, start:end, None, :],
+        cos, sin = self._rotary(self._key_index[None, start:end])
+        plan = AttentionPlan(cos=cos, sin=sin,
                              masks=self._chunk_masks(start, end),
                              cache=_ChunkWrites(self.cache, slot, start, idx.size(1)))
         inputs = model.prepare(idx, plan=plan)
@@ -416,7 +408,7 @@ class DecodeEngine:
         return model.logits(previous)[0]
 
     def _open(self, slot: int, n_loops: int, adaptive: AdaptiveLoops | None) -> None:
-        self._slots[slot] = _Slot(n_loops, False, adaptive, 0)
+        self._slots[slot] = _Slot(n_loops, False, True, adaptive, 0)
         self.row_loops[slot] = n_loops
         self.temperature[slot] = 0.0
         self.top_k[slot] = self.config.vocab_size
@@ -426,6 +418,13 @@ class DecodeEngine:
         self.counter[slot] = 0
         self.finished[slot] = False
         self.active[slot] = True
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables at `positions` (B, T), shaped (B, T, 1, D/2), in the weights' dtype:
+        the model keeps them in bf16 (as nanochat), and an fp32 stream would promote them
+        in each of the 8 multiplies per layer; converting once per step is exact."""
+        cos, sin = self.model.cos[positions], self.model.sin[positions]
+        return cos[:, :, None, :].to(self.dtype), sin[:, :, None, :].to(self.dtype)
 
     def _chunk_masks(self, start: int, end: int) -> dict:
         """Masks of a chunk of queries at positions start..end-1 over keys 0..end-1, with the
@@ -474,7 +473,7 @@ class DecodeEngine:
         model, pos = self.model, self.pos[:batch]
         row_loops = self.row_loops[:batch]
         shared_slots = mixed and self.loop_slots != list(range(self.max_loops))
-        cos, sin = model.cos[pos][:, None, None, :], model.sin[pos][:, None, None, :]
+        cos, sin = self._rotary(pos[:, None])
         masks = self._step_masks(pos, kv_len)
         inputs = model.prepare(tokens[:, None], plan=AttentionPlan(cos, sin, masks))
         rows = self._rows[:batch]
@@ -509,13 +508,16 @@ class DecodeEngine:
         self.finished[rows] = self.finished[rows] | (live & done)
 
     def _step_body(self, batch: int, n_loops: int, kv_len: int, mixed: bool,
-                   filtered: bool) -> None:
+                   filtered: bool, greedy: bool) -> None:
         rows = slice(0, batch)
         live = self.active[rows] & ~self.finished[rows]
         logits = self._step_logits(self.tokens[rows], batch, n_loops, kv_len, mixed)
-        sampled = sample_rows(logits, self.temperature[rows], self.top_k[rows],
-                              self.top_p[rows], self.seed[rows], self.counter[rows],
-                              filtered=filtered)
+        if greedy:  # every row greedy: no noise to draw
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = sample_rows(logits, self.temperature[rows], self.top_k[rows],
+                                  self.top_p[rows], self.seed[rows], self.counter[rows],
+                                  filtered=filtered)
         self._record(rows, sampled, live, self.row_loops[rows])
 
     def _state(self) -> list[torch.Tensor]:
@@ -581,7 +583,8 @@ class DecodeEngine:
             n_loops = max(info.n_loops for info in infos)
             mixed = any(info.n_loops != n_loops for info in infos)
             filtered = any(info.filtered for info in infos)
-            self._runner((batch, n_loops, self._kv_len(), mixed, filtered))()
+            greedy = all(info.greedy for info in infos)
+            self._runner((batch, n_loops, self._kv_len(), mixed, filtered, greedy))()
         for info in infos:
             info.length = min(info.length + 1, self.max_len)
         return self.output(batch)
@@ -641,11 +644,10 @@ class DecodeEngine:
         row_loops = self.row_loops[:batch]
         any_kl = bool(use_kl.any())
         kv_len = self._kv_len()
-        writes = _StepWrites(self.cache, self._rows[:batch], pos, kv_len, gather=True,
-                             row_loops=None)
-        plan = AttentionPlan(cos=model.cos[pos][:, None, None, :],
-                             sin=model.sin[pos][:, None, None, :],
-                             masks=self._step_masks(pos, kv_len), cache=writes)
+        writes = _RowWrites(self.cache, self._rows[:batch], pos, kv_len)
+        cos, sin = self._rotary(pos[:, None])
+        plan = AttentionPlan(cos=cos, sin=sin, masks=self._step_masks(pos, kv_len),
+                             cache=writes)
         all_inputs = model.prepare(tokens[:, None], plan=plan)
         inputs = all_inputs
         final = torch.empty_like(all_inputs.embedded)
@@ -678,7 +680,7 @@ class DecodeEngine:
                 if active.numel() == 0:
                     break
                 inputs = all_inputs.select_rows(active)
-                inputs.plan.cache = writes.rows_view(active)
+                inputs.plan.cache = writes.select(active)
             previous, previous_logp = h, logp
         return model.logits(final[:, -1]), spent
 
