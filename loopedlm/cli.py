@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "loopedlm.generate",
     "loopedlm.sweep",
     "loopedlm.info",
+    "loopedlm.infer.command",
 ]
 
 

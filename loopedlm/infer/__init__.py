@@ -1,5 +1,8 @@
 """Inference: the static-cache decode engine, device-side sampling and decoding options
-(adaptive loops, shared cache slots). `loopedlm.generate` is the public entry point."""
+(adaptive loops, shared cache slots); `loopedlm.generate` is the public entry point.
+Serving: `loopedlm serve` (an OpenAI-compatible HTTP server, `loopedlm.infer.server`), its
+scheduler (queue, admission, timeouts, cancellation, streaming) and the engine adapter it
+drives through the small protocol of `loopedlm.infer.protocol`."""
 
 from loopedlm.infer.engine import DecodeEngine, StaticKVCache, StepOutput, batch_buckets
 from loopedlm.infer.options import AdaptiveLoops, loop_slot_map

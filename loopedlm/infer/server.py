@@ -1,0 +1,434 @@
+"""`loopedlm serve`: an OpenAI-compatible HTTP server for a looped model, where every
+request chooses its loop budget.
+
+Endpoints (FastAPI + uvicorn):
+
+* `POST /v1/completions`, as OpenAI's: `prompt` (a string, a list of strings, token ids,
+  or a list of those), `max_tokens`, `temperature`, `top_p`, `stop`, `seed`, `stream`
+  (server-sent events ending in `data: [DONE]`; `stream_options.include_usage`),
+  `usage`. Extra request fields: `n_loops` (loops per token, default the model's),
+  `adaptive_threshold` (stop looping a token once its loop state changes less than
+  this; n_loops is then the most it may use), `return_loops` (also list the loops
+  spent on every token), `timeout` (seconds, at most the server's). Every choice reports
+  `mean_loops` (and `loops` when asked). Finish reasons: "stop", "length", "timeout".
+* `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format).
+* `GET /`: a web page to try prompts at any loop budget, each token shaded by the loops
+  it used.
+
+Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for
+a bad request (invalid JSON, wrong types, values out of range, a prompt longer than the
+context, max_tokens beyond it), 404 for an unknown model, 429 when the queue is full.
+A client that disconnects cancels its sequences, which frees their slots at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
+
+from loopedlm.infer.protocol import SequenceParams, SlotEngine
+from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence
+from loopedlm.infer.slots import EngineSlots
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Server settings (each a `loopedlm serve` flag).
+
+    max_batch: sequences decoded together. max_queue: sequences waiting for a slot before
+    new requests get 429. max_loops: the largest n_loops a request may ask for (None:
+    4 x the model's). timeout: the longest a request may take, in seconds.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16
+    max_queue: int = 256
+    max_loops: int | None = None
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name, low in (("port", 0), ("max_batch", 1), ("max_queue", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
+        if self.max_loops is not None and (isinstance(self.max_loops, bool)
+                                           or not isinstance(self.max_loops, int)
+                                           or self.max_loops < 1):
+            raise ValueError(f"max_loops={self.max_loops!r} is not allowed: an integer >= 1")
+        if not isinstance(self.timeout, int | float) or not self.timeout > 0:
+            raise ValueError(f"timeout={self.timeout!r} is not allowed: seconds > 0")
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions (unknown fields are ignored, as OpenAI does)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    prompt: Any = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    n: int = Field(1, ge=1, le=1)
+    n_loops: int | None = Field(None, ge=1)
+    adaptive_threshold: float | None = Field(None, ge=0)
+    return_loops: bool = False
+    timeout: float | None = Field(None, gt=0)
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = \
+            status, message, param, kind, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for error in exc.errors()[:3]:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if error.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', '')})")
+            continue
+        where = ".".join(loc) or "body"
+        param = param or where
+        got = error.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)[:60]})"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}{shown}")
+    return "; ".join(parts) or "invalid request", param
+
+
+class _Metrics:
+    """Prometheus collector reading the scheduler's counters at scrape time."""
+
+    def __init__(self, server: CompletionServer):
+        self.server = server
+
+    def collect(self) -> Iterator[Any]:
+        sched, http = self.server.scheduler, self.server.http_counts
+        requests = CounterMetricFamily("loopedlm_requests", "HTTP completion requests by status",
+                                       labels=["status"])
+        for status, count in sorted(http.items()):
+            requests.add_metric([str(status)], count)
+        yield requests
+        sequences = CounterMetricFamily("loopedlm_sequences_finished",
+                                        "finished sequences by finish reason", labels=["reason"])
+        for reason, count in sorted(sched.finished.items()):
+            sequences.add_metric([reason], count)
+        yield sequences
+        for key, name, doc in (
+                ("prompt_tokens", "loopedlm_prompt_tokens", "prompt tokens prefilled"),
+                ("tokens", "loopedlm_generated_tokens", "tokens generated"),
+                ("loops", "loopedlm_loops_spent", "loops spent on generated tokens (a token "
+                                                  "at N loops counts N)"),
+                ("steps", "loopedlm_decode_steps", "batched decode steps")):
+            yield CounterMetricFamily(name, doc, value=sched.stats[key])
+        yield GaugeMetricFamily("loopedlm_queue_length", "sequences waiting for a slot",
+                                value=sched.queue_length)
+        yield GaugeMetricFamily("loopedlm_batch_size", "sequences in the running batch",
+                                value=sched.batch_size)
+
+
+class CompletionServer:
+    """The model, its tokenizer, the engine and the scheduler behind the HTTP app."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, config: ServeConfig,
+                 engine: SlotEngine | None = None):
+        self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
+        cfg = model.config
+        self.default_loops = cfg.n_loops
+        self.max_loops = config.max_loops or 4 * cfg.n_loops
+        self.engine = engine or EngineSlots(model, capacity=config.max_batch,
+                                            max_loops=self.max_loops)
+        self.context_len = self.engine.context_len
+        self.scheduler = Scheduler(self.engine, tokenizer, max_queue=config.max_queue)
+        self.http_counts: dict[int, int] = {}
+        self.registry = CollectorRegistry()
+        self.registry.register(_Metrics(self))
+        self.created = int(time.time())
+
+    # ---- request -> sequences ---------------------------------------------------------
+    def prompt_ids(self, prompt: Any) -> list[list[int]]:
+        """Token ids of each prompt (text gets BOS first, as documents in training)."""
+        def is_ids(x):
+            return isinstance(x, list) and x and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in x)
+        if isinstance(prompt, str) or is_ids(prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt or not all(
+                isinstance(p, str) or is_ids(p) for p in prompt):
+            raise ApiError(400, f"prompt={json.dumps(prompt)[:60]} is not allowed: a string, a "
+                                f"list of strings, a list of token ids, or a list of those",
+                           param="prompt")
+        vocab, rows = self.model.config.vocab_size, []
+        for i, p in enumerate(prompt):
+            ids = [self.tokenizer.bos_id, *self.tokenizer.encode(p)] if isinstance(p, str) \
+                else list(p)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(400, f"prompt {i} holds token id {bad[0]}, outside the vocabulary "
+                                    f"[0, {vocab})", param="prompt")
+            if len(ids) > self.context_len:
+                raise ApiError(400, f"prompt {i} has {len(ids)} tokens, longer than the model's "
+                                    f"context of {self.context_len} tokens", param="prompt",
+                               code="context_length_exceeded")
+            rows.append(ids)
+        return rows
+
+    def sequences(self, body: CompletionRequest, sink_for) -> list[Sequence]:
+        if body.model is not None and body.model != self.name:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
+                                f"{self.name!r} (GET /v1/models)", param="model",
+                           code="model_not_found")
+        rows = self.prompt_ids(body.prompt)
+        n_loops = self.default_loops if body.n_loops is None else body.n_loops
+        if n_loops > self.max_loops:
+            raise ApiError(400, f"n_loops={n_loops} is not allowed: 1 .. {self.max_loops} "
+                                f"(this server's --max-loops)", param="n_loops")
+        longest = max(len(r) for r in rows)
+        room = self.context_len - longest + 1
+        if body.max_tokens > room:
+            raise ApiError(400, f"max_tokens={body.max_tokens} is too large: the prompt has "
+                                f"{longest} tokens and the context {self.context_len}, so at "
+                                f"most {room} new tokens fit", param="max_tokens",
+                           code="context_length_exceeded")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, f"stop={list(stop)} is not allowed: at most 4 non-empty strings",
+                           param="stop")
+        timeout = min(body.timeout or self.config.timeout, self.config.timeout)
+        params = SequenceParams(n_loops=n_loops, temperature=body.temperature, top_p=body.top_p,
+                                seed=body.seed, adaptive_threshold=body.adaptive_threshold)
+        return [Sequence(prompt=ids, params=params, max_tokens=body.max_tokens, sink=sink_for(i),
+                         stop=stop, stop_ids=frozenset({self.tokenizer.bos_id}), timeout=timeout)
+                for i, ids in enumerate(rows)]
+
+    def count(self, status: int) -> None:
+        self.http_counts[status] = self.http_counts.get(status, 0) + 1
+
+
+def _mean(values: list[int]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def create_app(model: Any, tokenizer: Any, *, name: str = "loopedlm",
+               config: ServeConfig | None = None, engine: SlotEngine | None = None) -> FastAPI:
+    """The FastAPI app serving `model` (eval mode, on its device) with `tokenizer`."""
+    server = CompletionServer(model.eval(), tokenizer, name=name, config=config or ServeConfig(),
+                              engine=engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        try:
+            yield
+        finally:
+            server.scheduler.close()
+
+    app = FastAPI(title="loopedlm", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        server.count(exc.status)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        server.count(400)
+        return ApiError(400, message, param=param).response()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.name, "queue_length": server.scheduler.queue_length,
+                "batch_size": server.scheduler.batch_size}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        cfg = model.config
+        return {"object": "list", "data": [{
+            "id": server.name, "object": "model", "created": server.created, "owned_by": "loopedlm",
+            "loop_mode": cfg.loop_mode, "n_loops": server.default_loops,
+            "max_loops": server.max_loops, "context_length": server.context_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+
+        def sink_for(index: int):
+            return lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, (index, delta))
+
+        sequences = server.sequences(body, sink_for)
+        try:
+            server.scheduler.submit(sequences)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), kind="rate_limit_error", code="queue_full") from None
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": server.name}
+        prompt_tokens = sum(len(s.prompt) for s in sequences)
+
+        def usage() -> dict[str, int]:
+            completion = sum(len(s.tokens) for s in sequences)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion}
+
+        def finish_fields(sequence: Sequence) -> dict[str, Any]:
+            return {"mean_loops": _mean(sequence.loops)}
+
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+            async def events():
+                open_ = set(range(len(sequences)))
+                try:
+                    while open_:
+                        index, delta = await deltas.get()
+                        choice = {"index": index, "text": delta.text, "logprobs": None,
+                                  "finish_reason": delta.finish_reason}
+                        if body.return_loops:
+                            choice["loops"] = delta.loops
+                        if delta.finish_reason is not None:
+                            open_.discard(index)
+                            choice.update(finish_fields(sequences[index]))
+                        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                    if include_usage:
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:  # also when the client went away: free the slots now
+                    for sequence in sequences:
+                        if sequence.finish_reason is None:
+                            server.scheduler.cancel(sequence)
+
+            server.count(200)
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        texts = [[] for _ in sequences]
+        open_ = set(range(len(sequences)))
+        check_at = loop.time() + DISCONNECT_POLL
+        try:
+            while open_:
+                with contextlib.suppress(TimeoutError):
+                    index, delta = await asyncio.wait_for(deltas.get(), timeout=DISCONNECT_POLL)
+                    texts[index].append(delta.text)
+                    if delta.finish_reason is not None:
+                        open_.discard(index)
+                if loop.time() >= check_at:  # nobody to answer: stop generating for them
+                    check_at = loop.time() + DISCONNECT_POLL
+                    if await request.is_disconnected():
+                        server.count(499)
+                        return Response(status_code=499)
+        finally:
+            for sequence in sequences:
+                if sequence.finish_reason is None:
+                    server.scheduler.cancel(sequence)
+        if any(s.finish_reason == "error" for s in sequences):
+            raise ApiError(500, "generation failed on the server (see its log)", kind="server_error")
+        choices = []
+        for index, sequence in enumerate(sequences):
+            choice = {"index": index, "text": "".join(texts[index]), "logprobs": None,
+                      "finish_reason": sequence.finish_reason, **finish_fields(sequence)}
+            if body.return_loops:
+                choice["loops"] = list(sequence.loops)
+            choices.append(choice)
+        server.count(200)
+        return JSONResponse({**head, "choices": choices, "usage": usage()})
+
+    return app
+
+
+# ---- running it ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                        ) -> Iterator[str]:
+    """Run `app` with uvicorn on a thread (tests, benchmarks); yields its base URL. Port 0
+    picks a free port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def serve(run: str, config: ServeConfig, *, device: str | None = None,
+          name: str | None = None) -> None:
+    """Serve a run folder's (or checkpoint folder's) model until interrupted."""
+    import torch
+
+    from loopedlm.checkpoint import find_tokenizer_dir, load_model, resolve_model_folder
+    from loopedlm.tokenizer import load_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    folder = find_tokenizer_dir(resolve_model_folder(run))
+    if folder is None:
+        raise FileNotFoundError(f"{run} has no tokenizer/ folder beside its checkpoints")
+    model, _ = load_model(run, device=device)
+    tokenizer = load_tokenizer(folder)
+    name = name or Path(run).resolve().name
+    app = create_app(model, tokenizer, name=name, config=config)
+    server = app.state.server
+    log.info("serving %s (%s, %d loops by default, up to %d) on http://%s:%d with %d slots",
+             name, device, server.default_loops, server.max_loops, config.host, config.port,
+             config.max_batch)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+
+
+__all__ = ["ServeConfig", "CompletionRequest", "create_app", "serve_in_background", "serve"]
