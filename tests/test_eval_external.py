@@ -136,25 +136,22 @@ def test_missing_extra_is_one_clear_line(tmp_path, monkeypatch):
 # ---- slow: a real model ---------------------------------------------------------------------
 
 def _local_smollm2():
-    """The SmolLM2 GGUF if it is here already (never downloads in a test)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    try:
-        from bench_external_eval import GGUF_NAME, find_gguf
-    finally:
-        sys.path.pop(0)
+    """The SmolLM2 GGUF if it is here already: $LOOPEDLM_SMOLLM2_GGUF or where
+    bench_external_eval.py puts it (a test never downloads)."""
     from loopedlm.evaluate.tasks import loopedlm_home
 
     for candidate in (os.environ.get("LOOPEDLM_SMOLLM2_GGUF"),
-                      loopedlm_home() / "downloads" / "smollm2" / GGUF_NAME):
+                      loopedlm_home() / "downloads" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"):
         if candidate and os.path.isfile(candidate):
-            return find_gguf(str(candidate))
+            return candidate
     return None
 
 
 @pytest.mark.slow
 def test_smollm2_scores_clearly_above_chance():
-    """60 examples per task, 0-shot: accuracy at least 3 standard errors above chance
-    (bench_external_eval.py measures the same thing on more examples)."""
+    """ARC-Easy and PIQA 0-shot, 100 examples each: the mean centered accuracy is more than
+    3 standard errors (of a model at chance) above 0. bench_external_eval.py measures the
+    same subsets (its 120 include these 100) and HellaSwag and CORE."""
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     from loopedlm.evaluate.tasks import load_task
@@ -168,10 +165,13 @@ def test_smollm2_scores_clearly_above_chance():
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     model, tok = load_external(gguf)
-    for name in ("arc_easy", "piqa", "hellaswag_zeroshot"):
+    centered, null_var = [], []
+    for name in ("arc_easy", "piqa"):
         spec, items = load_task(name)
         r = evaluate_task(model, tok, dataclasses.replace(spec, num_fewshot=0), items,
-                          max_examples=60)
+                          max_examples=100)
         chance = spec.random_baseline
-        se = math.sqrt(chance * (1 - chance) / r["n"])
-        assert r["accuracy"] > chance + 3 * se, (name, r["accuracy"])
+        centered.append(r["centered"])
+        null_var.append(chance * (1 - chance) / r["n"] / (1 - chance) ** 2)
+    se = math.sqrt(sum(null_var)) / len(null_var)
+    assert sum(centered) / len(centered) > 3 * se, centered
