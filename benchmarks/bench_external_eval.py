@@ -81,9 +81,11 @@ def binomial_se(p: float, n: int) -> float:
 
 
 def core_se(results: dict[str, dict]) -> float:
-    """Standard error of CORE, the mean of centered accuracies (tasks independent)."""
-    var = [(binomial_se(r["accuracy"], r["n"]) / (1 - r["random_baseline"])) ** 2
-           for r in results.values()]
+    """Standard error of CORE, the mean of centered accuracies (tasks independent). Each
+    task's variance uses Laplace's (correct + 1) / (n + 2), so that a task scored 0/n or n/n
+    on few examples does not count as certain."""
+    var = [(binomial_se((r["correct"] + 1) / (r["n"] + 2), r["n"])
+            / (1 - r["random_baseline"])) ** 2 for r in results.values()]
     return math.sqrt(sum(var)) / len(var)
 
 
