@@ -192,7 +192,7 @@ class Qwen3Tokenizer(Tokenizer):
         return directory
 
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """Inverse of the GPT-2 byte -> printable character map that byte-level BPE uses."""
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
                  + list(range(ord("®"), ord("ÿ") + 1)))
@@ -233,7 +233,7 @@ class BPETokenizer(Tokenizer):
         return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
 
     def token_bytes(self) -> torch.Tensor:
-        decoder = _byte_decoder()
+        decoder = byte_decoder()
         lengths = torch.zeros(self.vocab_size, dtype=torch.long)
         for token, i in self._tok.get_vocab(with_added_tokens=True).items():
             if i not in self.special_ids:

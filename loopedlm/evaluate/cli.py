@@ -2,6 +2,7 @@
 
     loopedlm eval RUN_OR_CHECKPOINT --loops 1,3,6,9,12 [--tasks core] [--wikitext PATH]
                   [--data-dir DIR] [--max-examples 200|all] [--out DIR] [--device cpu]
+    loopedlm eval HF_FOLDER_OR_GGUF_FILE [--tasks ...]   (an external baseline, N=1 only)
     loopedlm eval-tasks [--fetch-bigbench [--sdist PATH]]
     loopedlm lm-eval --model loopedlm --model_args path=RUN,n_loops=6 --tasks ...
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_LOOPS = "1,3,6,9,12"
 
 
 def _positive_int(text: str) -> int:
@@ -92,12 +95,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tasks = resolve_task_names(args.tasks) if args.tasks != "none" else []
     if args.wikitext is not None and not Path(args.wikitext).exists():
         raise FileNotFoundError(f"--wikitext {args.wikitext} does not exist")
-    model, tok, folder, meta = load_run(args.run, args.device, args.tokenizer)
-    data_dir = Path(args.data_dir) if args.data_dir else _run_data_dir(folder, meta)
+    from loopedlm.evaluate.external import load_external, model_kind
+
+    if model_kind(args.run) == "loopedlm":
+        model, tok, folder, meta = load_run(args.run, args.device, args.tokenizer)
+        data_dir = Path(args.data_dir) if args.data_dir else _run_data_dir(folder, meta)
+        default_out = folder / "eval"
+    else:  # a Hugging Face folder or a .gguf file: no loops, one column
+        if args.loops != DEFAULT_LOOPS and loops != [1]:
+            logger.warning("%s is not a looped model: evaluating it once (N=1), not at N=%s",
+                           args.run, loops)
+        if args.tokenizer is not None:
+            logger.warning("--tokenizer is ignored: %s brings its own tokenizer", args.run)
+        loops = [1]
+        model, tok = load_external(args.run, args.device)
+        folder = Path(args.run)
+        data_dir = Path(args.data_dir) if args.data_dir else None
+        default_out = Path(f"eval_{folder.stem}")
     if data_dir is not None and not data_dir.exists():
         logger.warning("validation data %s not found: skipping val_bpb/val_ppl", data_dir)
         data_dir = None
-    out = Path(args.out) if args.out else folder / "eval"
+    out = Path(args.out) if args.out else default_out
     print(f"evaluating {folder} at N={loops} on {len(tasks)} tasks "
           f"({'all' if args.max_examples is None else f'max {args.max_examples}'} examples "
           f"each); results -> {out}", file=sys.stderr)
@@ -141,8 +159,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("eval", help="evaluate a run at several loop counts (SPEC 7)",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder or a checkpoint folder")
-    p.add_argument("--loops", default="1,3,6,9,12", help="comma list of loop counts (>= 1)")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                   help="a run folder or a checkpoint folder; or an external causal LM (a "
+                        "Hugging Face model folder or a .gguf file, needs loopedlm[external])")
+    p.add_argument("--loops", default=DEFAULT_LOOPS, help="comma list of loop counts (>= 1)")
     p.add_argument("--tasks", default="core",
                    help="comma list of task names or groups: core (22 DCLM tasks, those "
                         "present), downstream (the paper's six), all, none")
