@@ -494,7 +494,7 @@ class _Trainer:
                                         "complete training checkpoint")
             saved_model = json.loads((self.resume_from / "config.json").read_text())["model"]
             self._check_same_model(draft, saved_model, compare_vocab=False)
-        elif latest_training_checkpoint(self.run_dir) is not None:
+        elif any((self.run_dir / "checkpoints").glob("step_*")):
             raise ValueError(f"run_dir={str(self.run_dir)!r} already holds checkpoints: pass "
                              "--resume to continue it or choose another run_dir")
         # --- data, tokenizer, final model config ---
