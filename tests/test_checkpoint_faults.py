@@ -187,3 +187,11 @@ def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]
     assert latest_training_checkpoint(tmp_path).name == "step_000001"
     load_training_state(tmp_path / "checkpoints" / "step_000001")
+
+
+def test_eval_loads_the_newest_intact_checkpoint(tmp_path, finished_run):
+    from loopedlm.evaluate.cli import load_run
+    run = _copy(finished_run, tmp_path)
+    _flip_bit(run / "checkpoints" / "step_000006" / "model.safetensors")
+    model, tok, folder, meta = load_run(run)
+    assert folder.name == "step_000004" and meta["step"] == 4

@@ -79,6 +79,22 @@ def load_run(path: str | Path, device: str = "cpu", tokenizer: str | None = None
     return model, tok, folder, meta
 
 
+def val_settings(meta: dict[str, Any], model: Any, batch_size: int | None,
+                 val_batches: int | None) -> dict[str, Any]:
+    """How to read the validation split: by default the batches that training measured
+    (the run's device_batch_size x sequence_len, eval_tokens of them), so `eval` and
+    `train` report the same val_bpb for a checkpoint; else 20 batches of 8 sequences."""
+    train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+    if batch_size is None and val_batches is None and train.get("eval_tokens"):
+        size = int(train.get("device_batch_size") or 8)
+        seq_len = int(train.get("sequence_len") or model.config.sequence_len)
+        return {"val_batch_size": size, "val_seq_len": seq_len,
+                "val_batches": max(1, int(train["eval_tokens"]) // (size * seq_len)),
+                "batch_size": 8}
+    return {"val_batch_size": batch_size or 8, "val_seq_len": None,
+            "val_batches": val_batches or 20, "batch_size": batch_size or 8}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from loopedlm.evaluate.budget import evaluate_budget, markdown_table, parse_loops, write_budget_outputs
     from loopedlm.evaluate.tasks import resolve_task_names
@@ -97,8 +113,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
           f"(max {args.max_examples} examples each); results -> {out}", file=sys.stderr)
     results = evaluate_budget(model, tok, loops, tasks=tasks, data_dir=data_dir,
                               wikitext=args.wikitext, max_examples=args.max_examples,
-                              val_batches=args.val_batches, batch_size=args.batch_size,
-                              device=args.device)
+                              device=args.device,
+                              **val_settings(meta, model, args.batch_size, args.val_batches))
     results["checkpoint"] = str(folder)
     paths = write_budget_outputs(results, out)
     print(markdown_table(results))
@@ -148,9 +164,11 @@ def register(subparsers: Any) -> None:
                         "(default: the run's)")
     p.add_argument("--max-examples", type=_positive_int, default=200,
                    help="examples per task (a fixed random subset)")
-    p.add_argument("--val-batches", type=_positive_int, default=20,
-                   help="validation batches for val_bpb")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--val-batches", type=_positive_int, default=None,
+                   help="validation batches for val_bpb (default: the tokens the run's own "
+                        "evaluation measured, so val_bpb matches training's; else 20)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="sequences per batch (default 8; validation: the run's batch size)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or folder (default: the run's tokenizer/)")
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
