@@ -95,7 +95,9 @@ def _open_shard(path: Path) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path} is not a readable Parquet file: {exc}") from None
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"{path} is not a readable Parquet file (damaged or truncated?): "
+                         f"{reason}") from None
     schema = pf.schema_arrow
     if TEXT_COLUMN not in schema.names:
         raise ValueError(f"{path} has no '{TEXT_COLUMN}' column (columns: "
@@ -122,8 +124,10 @@ def read_row_group(path: Path, index: int, parquet_file: pq.ParquetFile | None =
     try:
         pf = parquet_file if parquet_file is not None else _open_shard(path)
         table = pf.read_row_group(index, columns=[TEXT_COLUMN])
-    except pa.ArrowException as exc:
-        raise ValueError(f"{path}: row group {index} could not be read: {exc}") from None
+    except (pa.ArrowException, OSError) as exc:  # a damaged page is an OSError in pyarrow
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"{path}: row group {index} could not be read (damaged or truncated "
+                         f"shard?): {reason}") from None
     column = table.column(TEXT_COLUMN)
     try:
         values = column.to_pylist()
