@@ -493,10 +493,11 @@ def _new_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
 def sample_text(model: LoopedGPT, tokenizer, prompt: str, max_tokens: int, *,
                 temperature: float = 0.8, seed: int = 0) -> str:
     """A short sample (KV-cached decoding through loopedlm.generate)."""
-    from loopedlm.generate import generate
+    from loopedlm.generate import generate, strip_trailing_spaces
 
     was_training = model.training
     model.eval()
+    prompt = strip_trailing_spaces(prompt)
     result = generate(model, prompt, tokenizer=tokenizer, max_tokens=max_tokens,
                       temperature=temperature, seed=seed)
     model.train(was_training)

@@ -195,3 +195,20 @@ def test_eval_loads_the_newest_intact_checkpoint(tmp_path, finished_run):
     _flip_bit(run / "checkpoints" / "step_000006" / "model.safetensors")
     model, tok, folder, meta = load_run(run)
     assert folder.name == "step_000004" and meta["step"] == 4
+
+
+def test_sample_after_a_prompt_ending_in_a_space_has_no_double_space(finished_run, capsys):
+    """Regression (issue 13): `--prompt "the "` printed "the  king": the model was fed a lone
+    space token and then chose a word that brings its own space."""
+    from loopedlm.generate import generate
+    from loopedlm.tokenizer import load_tokenizer
+
+    assert cli_main(["sample", str(finished_run), "--prompt", "the ", "--max-tokens", "6",
+                     "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    model, _ = load_model(finished_run)
+    tok = load_tokenizer(finished_run / "tokenizer")
+    expected = generate(model, "the", tokenizer=tok, max_tokens=6, temperature=0,
+                        stop=[tok.bos_id]).texts[0]
+    assert out == "the" + expected + "\n"  # conditioned on, and printed as, "the"
+    assert not out.startswith("the  ")
