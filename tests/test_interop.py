@@ -95,6 +95,7 @@ def test_cli_import_and_info(tmp_path, capsys):
     loaded, meta = load_model(tmp_path / "ours")
     assert loaded.config == model.config and meta["nanochat_meta"]["step"] == 3
     assert main(["info", str(tmp_path / "ours")]) == 0
+    assert "ltai, 3 loops" in capsys.readouterr().out
     assert main(["info", "small", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == 127107072
     assert main(["info", "small"]) == 0  # a table for people
