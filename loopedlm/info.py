@@ -58,6 +58,9 @@ def _info(args: argparse.Namespace) -> int:
     else:
         from loopedlm.checkpoint import CONFIG_FILE, resolve_model_folder
 
+        if not Path(args.target).exists():
+            raise FileNotFoundError(f"{args.target!r} is neither a preset ({', '.join(PRESETS)}) "
+                                    "nor a run or checkpoint folder")
         folder = resolve_model_folder(args.target)
         config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text())["model"])
     info = describe(config)

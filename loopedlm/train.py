@@ -312,7 +312,11 @@ def build_config(recipe: str | None = None, overrides: dict[str, Any] | None = N
         if saved.exists():
             data = json.loads(saved.read_text())["train"]
     if not data:
-        data = tomllib.loads(find_recipe(recipe or "tiny").read_text())
+        path = find_recipe(recipe or "tiny")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
     data = _merge(data, overrides)
     _check_keys(TrainConfig, data, None)
     if not isinstance(data.get("model", {}), dict):

@@ -411,7 +411,7 @@ def load_task(name: str) -> tuple[TaskSpec, list[dict]]:
 
 
 def _unknown(name: str) -> str:
-    known = [*TASK_GROUPS, *CORE_TASKS, *DOWNSTREAM_TASKS]
+    known = list(dict.fromkeys([*TASK_GROUPS, *CORE_TASKS, *DOWNSTREAM_TASKS]))
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     return (f"unknown task {name!r}{hint}; choose task names from {list(CORE_TASKS)}, the "
