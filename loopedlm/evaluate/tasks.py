@@ -264,7 +264,7 @@ def fetch_bigbench(sdist: str | Path | None = None, out_dir: str | Path | None =
     found: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if sdist is None:
-            logger.info("downloading the %s sdist (358 MB) with pip", BIGBENCH_PIN)
+            logger.info("downloading the %s sdist (358 MB) from PyPI", BIGBENCH_PIN)
         path = _archive(BIGBENCH_PIN, BIGBENCH_SDIST, BIGBENCH_SHA256, sdist, Path(tmp),
                         url=BIGBENCH_URL)
         with tarfile.open(path, "r:gz") as tar:
