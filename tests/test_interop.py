@@ -102,4 +102,4 @@ def test_cli_import_and_info(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "parameters" in table and "127,107,072" in table and "{" not in table
     assert main(["info", "nonsense_preset_or_path"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "neither a preset" in capsys.readouterr().err
