@@ -42,7 +42,8 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (e.g. a full disk); the previous one is intact."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -53,7 +54,7 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: str | Path, names: tuple[str, ...] | list[str]) -> None:
     """Record the size and sha256 of `names` in `folder/manifest.json` (call it last)."""
     folder = Path(folder)
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
              for name in names}
     atomic_write_json(folder / MANIFEST_FILE, {"format": 1, "files": files})
 
@@ -92,7 +93,7 @@ def verify_checkpoint(folder: str | Path, required: tuple[str, ...] = MODEL_FILE
             fault = "truncated" if actual < size else "longer than saved"
             raise CheckpointError(f"checkpoint {folder} is damaged: {name} has {actual} bytes, "
                                   f"its manifest says {size} ({fault})")
-        if _sha256(path) != sha:
+        if sha256_file(path) != sha:
             raise CheckpointError(f"checkpoint {folder} is damaged: {name} does not match its "
                                   f"sha256 in {MANIFEST_FILE} (the file changed after saving)")
 

