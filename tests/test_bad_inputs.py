@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -201,6 +202,9 @@ def _first_line(stderr: str) -> str:
 
 def _clean(text: str, root: Path) -> str:
     text = text.replace(str(root), "<tmp>").replace(str(Path.home()), "~")
+    # config.json holds the run's paths, so its size depends on the temporary folder's name
+    text = re.sub(r"config\.json has \d+ bytes, its manifest says \d+",
+                  "config.json has N bytes, its manifest says M", text)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
