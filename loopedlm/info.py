@@ -25,6 +25,20 @@ def describe(config: ModelConfig) -> dict:
     }
 
 
+def format_table(name: str, info: dict) -> str:
+    """`describe()` as a plain-text table for people (`--json` gives the dict itself)."""
+    config = info["config"]
+    rows = [("parameters", f"{info['params']:,}"),
+            ("  without embeddings", f"{info['params_non_embedding']:,}")]
+    rows += [(key, str(value)) for key, value in config.items()]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{name}: {config['loop_mode']}, {config['n_loops']} loops"]
+    lines += [f"  {key:<{width}}  {value}" for key, value in rows]
+    lines.append("  training FLOPs per token (all loops counted):")
+    lines += [f"    N={n:<3} {flops:.4g}" for n, flops in info["train_flops_per_token"].items()]
+    return "\n".join(lines)
+
+
 def _parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -44,9 +58,13 @@ def _info(args: argparse.Namespace) -> int:
     else:
         from loopedlm.checkpoint import CONFIG_FILE, resolve_model_folder
 
+        if not Path(args.target).exists():
+            raise FileNotFoundError(f"{args.target!r} is neither a preset ({', '.join(PRESETS)}) "
+                                    "nor a run or checkpoint folder")
         folder = resolve_model_folder(args.target)
         config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text())["model"])
-    print(json.dumps(describe(config), indent=2))
+    info = describe(config)
+    print(json.dumps(info, indent=2) if args.json else format_table(args.target, info))
     return 0
 
 
@@ -73,6 +91,8 @@ def register(subparsers) -> None:
     p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a run/checkpoint folder")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override ModelConfig fields of a preset, e.g. --set loop_mode=lt n_loops=6")
+    p.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of "
+                                                            "a table")
     p.set_defaults(func=_info)
     p = subparsers.add_parser("import-nanochat",
                               help="convert an FLT-authors (nanochat fork) checkpoint")

@@ -13,6 +13,7 @@ The model starts from `preset` and the [model] section overrides its fields.
     loopedlm train small --steps=1000      # recipes/small.toml
     torchrun --nproc_per_node=8 -m loopedlm.train base
     loopedlm train --run_dir=runs/x --resume
+    loopedlm train small --print-config    # the resolved settings, without running
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import logging
 import math
 import os
 import random
+import re
+import signal
 import sys
 import time
 import tomllib
@@ -40,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from loopedlm.checkpoint import (
+    CheckpointSaveError,
     atomic_write_json,
     latest_training_checkpoint,
     load_training_state,
@@ -136,7 +140,8 @@ class TrainConfig:
     loop_sampling: str = "fixed"  # "fixed" | "uniform:A,B" | "poisson_lognormal:MEAN[,SIGMA]"
     backprop_loops: int = 0  # 0: backprop through every loop; k: the last k loops only
     log_every: int = 1
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, else a plain line every `print_every` steps
+    print_every: int = 0  # 0: about 20 lines per run
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):
@@ -165,7 +170,8 @@ class TrainConfig:
                      "log_every"):
             if not (_int(getattr(self, name)) and getattr(self, name) >= 1):
                 raise _err(name, getattr(self, name), "an integer >= 1")
-        for name in ("eval_every", "sample_every", "save_every", "seed", "keep_last"):
+        for name in ("eval_every", "sample_every", "save_every", "seed", "keep_last",
+                     "print_every"):
             if not (_int(getattr(self, name)) and getattr(self, name) >= 0):
                 raise _err(name, getattr(self, name), "an integer >= 0")
         for name in ("sequence_len", "steps"):
@@ -187,7 +193,7 @@ class TrainConfig:
             raise _err("grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
         for name in ("resume", "compile", "activation_checkpointing", "zero", "progress"):
             if not isinstance(getattr(self, name), bool):
-                raise _err(name, getattr(self, name), "true or false")
+                raise _err(name, getattr(self, name), f"true or false ({BOOL_SPELLINGS})")
         if not isinstance(self.device, str):
             raise _err("device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
         self._validate_loops()
@@ -249,10 +255,19 @@ def _check_keys(cls, data: dict[str, Any], section: str | None) -> None:
                                if hint else f"; known: {', '.join(known)}"))
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+              "false": False, "no": False, "off": False, "0": False}
+BOOL_SPELLINGS = "also True/False, yes/no, on/off, 1/0"
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Command-line/TOML value to the field's type where that is unambiguous."""
     args = typing.get_args(hint)
     allowed = set(args) if args else {hint}
+    if bool in allowed and isinstance(value, str | int) and not isinstance(value, bool):
+        word = str(value).strip().lower()
+        if word in BOOL_WORDS:
+            return BOOL_WORDS[word]
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
                          and type(None) in allowed):
         return None
@@ -335,7 +350,11 @@ def build_config(recipe: str | None = None, overrides: dict[str, Any] | None = N
         if saved.exists():
             data = json.loads(saved.read_text())["train"]
     if not data:
-        data = tomllib.loads(find_recipe(recipe or "tiny").read_text())
+        path = find_recipe(recipe or "tiny")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"recipe {path} is not valid TOML: {exc}") from None
     data = _merge(data, overrides)
     _check_keys(TrainConfig, data, None)
     if not isinstance(data.get("model", {}), dict):
@@ -452,11 +471,42 @@ def check_batch(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
     """Gradient-accumulation steps; a clear error when the batch does not divide."""
     per_pass = cfg.device_batch_size * seq_len * world_size
     if cfg.total_batch_tokens % per_pass:
+        fits = _batch_sizes_that_fit(cfg.total_batch_tokens, seq_len, world_size,
+                                     below=cfg.device_batch_size)
+        fix = (f"pass --device_batch_size={fits[0]}" if fits else
+               f"pass --total_batch_tokens={per_pass} (or a multiple)")
         raise ConfigError(
             f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by device_batch_size "
             f"x sequence_len x world_size = {cfg.device_batch_size} x {seq_len} x {world_size} "
-            f"= {per_pass}: choose a multiple of {per_pass}")
+            f"= {per_pass}: {fix}")
     return cfg.total_batch_tokens // per_pass
+
+
+def _batch_sizes_that_fit(total_batch_tokens: int, seq_len: int, world_size: int, *,
+                          below: int) -> list[int]:
+    """Device batch sizes < `below` (largest first) whose pass divides the global batch."""
+    return [b for b in range(below - 1, 0, -1)
+            if total_batch_tokens % (b * seq_len * world_size) == 0]
+
+
+def out_of_memory_message(exc: BaseException, cfg: TrainConfig, model_cfg: ModelConfig,
+                          step: int, last_saved: int | None, world_size: int = 1) -> str:
+    """One line for an out-of-memory error: what was asked for (when known), what to change."""
+    asked = re.search(r"(?:[Tt]ried to allocate|[Uu]nable to allocate) ([\d.]+ ?[KMGTP]?i?B)",
+                      str(exc))
+    fits = _batch_sizes_that_fit(cfg.total_batch_tokens, cfg.sequence_len or
+                                 model_cfg.sequence_len, world_size, below=cfg.device_batch_size)
+    fixes = [f"--device_batch_size={fits[0]}" if fits else "a smaller --device_batch_size"]
+    if not cfg.activation_checkpointing:
+        fixes.append("--activation_checkpointing=true")
+    if model_cfg.loss_loops != "last":
+        fixes.append("--model.loss_loops=last")
+    kept = f"step_{last_saved:06d}" if last_saved is not None else "none"
+    return (f"out of memory at step {step}" + (f" (tried to allocate {asked.group(1)})"
+                                               if asked else "")
+            + f": try {', '.join(fixes)} (device_batch_size is now {cfg.device_batch_size}; "
+            f"gradient accumulation keeps total_batch_tokens); the last checkpoint "
+            f"({kept}) is intact")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -493,10 +543,11 @@ def _new_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
 def sample_text(model: LoopedGPT, tokenizer, prompt: str, max_tokens: int, *,
                 temperature: float = 0.8, seed: int = 0) -> str:
     """A short sample (KV-cached decoding through loopedlm.generate)."""
-    from loopedlm.generate import generate
+    from loopedlm.generate import generate, strip_trailing_spaces
 
     was_training = model.training
     model.eval()
+    prompt = strip_trailing_spaces(prompt)
     result = generate(model, prompt, tokenizer=tokenizer, max_tokens=max_tokens,
                       temperature=temperature, seed=seed)
     model.train(was_training)
@@ -521,6 +572,46 @@ class TrainingCollapsed(RuntimeError):
     """A non-finite loss stopped the run (the last good checkpoint is kept)."""
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """The device (or host) ran out of memory; the last checkpoint is kept."""
+
+
+class _TerminationRequest:
+    """SIGTERM (what schedulers send before they kill a job) only sets a flag: the loop
+    saves a checkpoint at the end of the current step and stops cleanly."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave SIGTERM alone
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, info: DistInfo) -> bool:
+        """True when any rank received SIGTERM (every rank must stop at the same step)."""
+        if not info.distributed:
+            return self.received
+        flag = torch.tensor([float(self.received)], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 class _Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo, data, tokenizer):
         self.cfg, self.info = cfg, info
@@ -540,7 +631,7 @@ class _Trainer:
                                         "complete training checkpoint")
             saved_model = json.loads((self.resume_from / "config.json").read_text())["model"]
             self._check_same_model(draft, saved_model, compare_vocab=False)
-        elif latest_training_checkpoint(self.run_dir) is not None:
+        elif any((self.run_dir / "checkpoints").glob("step_*")):
             raise ValueError(f"run_dir={str(self.run_dir)!r} already holds checkpoints: pass "
                              "--resume to continue it or choose another run_dir")
         # --- data, tokenizer, final model config ---
@@ -610,17 +701,20 @@ class _Trainer:
         peak = peak_flops(device)
         watched = watched_parameters(model)
         token_bytes = self.tokenizer.token_bytes()
-        log.info("model: %s, %d params, %.3g training FLOPs/token (%s%s, every loop run "
-                 "counted); %d steps of %d tokens (%d x %d x %d ranks x %d accumulation)",
-                 self.model_cfg.loop_mode, model.num_params(), flops_per_token,
-                 sampler.describe(), f", backprop through the last {cfg.backprop_loops}"
-                 if cfg.backprop_loops else "", total_steps, cfg.total_batch_tokens,
-                 cfg.device_batch_size, self.seq_len, info.world_size, self.grad_accum)
+        if info.is_main:
+            log.info("model: %s, %d params, %.3g training FLOPs/token (%s%s, every loop run "
+                     "counted); %d steps of %d tokens (%d x %d x %d ranks x %d accumulation)",
+                     self.model_cfg.loop_mode, model.num_params(), flops_per_token,
+                     sampler.describe(), f", backprop through the last {cfg.backprop_loops}"
+                     if cfg.backprop_loops else "", total_steps, cfg.total_batch_tokens,
+                     cfg.device_batch_size, self.seq_len, info.world_size, self.grad_accum)
 
-        bar = None
-        if info.is_main and cfg.progress:
+        bar, print_every = None, 0
+        if info.is_main and cfg.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
             bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        elif info.is_main and cfg.progress:  # CI, nohup, a pipe: plain lines instead
+            print_every = cfg.print_every or max(1, total_steps // 20)
         val_bpb, status, message = None, "completed", ""
         last_saved = start_step if self.resume_from is not None else None
         t_start = time.time()
@@ -628,7 +722,9 @@ class _Trainer:
         train_flops = 0.0  # this session's, counting the loops actually run
         memory = PeakMemory(device)
         train_model.train()
+        terminate = _TerminationRequest()
         try:
+            terminate.install()
             while step < total_steps:
                 rates = optimizer.set_step(step, total_steps)
                 if device.type == "cuda":
@@ -694,12 +790,20 @@ class _Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:.0f}",
                                         **({"val_bpb": f"{val_bpb:.3f}"} if val_bpb else {}))
+                    if print_every and (step % print_every == 0 or step == total_steps):
+                        spent = time.time() - t_start
+                        left = spent / (step - start_step) * (total_steps - step)
+                        log.info("step %d/%d  loss %.4f  %.0f tokens/s  elapsed %s  left %s",
+                                 step, total_steps, train_loss, tokens_per_s, _duration(spent),
+                                 _duration(left))
                 last = step == total_steps
                 if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-                    val_bpb = self._evaluate(model, token_bytes, autocast)
+                    val_bpb, val_tokens = self._evaluate(model, token_bytes, autocast)
                     if info.is_main:
-                        logger.write({"step": step, "val_bpb": val_bpb})
-                        log.debug("step %d: val bpb %.4f", step, val_bpb)
+                        logger.write({"step": step, "val_bpb": val_bpb, "val_tokens": val_tokens})
+                        (log.debug if bar is not None else log.info)(
+                            "step %d/%d  val bpb %.4f (%d tokens)", step, total_steps, val_bpb,
+                            val_tokens)
                 if info.is_main and cfg.sample_every and step % cfg.sample_every == 0 and not last:
                     text = sample_text(model, self.tokenizer, cfg.sample_prompt,
                                        cfg.sample_tokens, seed=cfg.seed)
@@ -708,7 +812,23 @@ class _Trainer:
                     self._save(step, model, optimizer, loader, detector,
                                elapsed_before + time.time() - t_start)
                     last_saved = step
+                if not last and terminate.agreed(info):
+                    if last_saved != step:
+                        self._save(step, model, optimizer, loader, detector,
+                                   elapsed_before + time.time() - t_start)
+                        last_saved = step
+                    status = "interrupted"
+                    message = (f"SIGTERM at step {step}: saved checkpoint step_{step:06d}; "
+                               f"continue with --run_dir={self.run_dir} --resume")
+                    log.warning(message)
+                    break
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            status = "out_of_memory"
+            message = out_of_memory_message(exc, cfg, self.model_cfg, step + 1, last_saved,
+                                            info.world_size)
+            log.debug("out of memory", exc_info=True)
         finally:
+            terminate.restore()
             if bar is not None:
                 bar.close()
 
@@ -731,18 +851,25 @@ class _Trainer:
         _barrier()
         if status == "collapsed":
             raise TrainingCollapsed(message)
+        if status == "out_of_memory":
+            raise TrainingOutOfMemory(message)
         return summary
 
-    def _evaluate(self, model: LoopedGPT, token_bytes: torch.Tensor, autocast) -> float:
+    def _evaluate(self, model: LoopedGPT, token_bytes: torch.Tensor, autocast
+                  ) -> tuple[float, int]:
+        """Validation (bpb, counted target tokens): the first `eval_tokens` of the val split
+        in (device_batch_size, sequence_len) batches; `loopedlm eval` of the checkpoint
+        reads the same batches by default."""
         cfg, info = self.cfg, self.info
         loader = self.data.loader(self.tokenizer, cfg.device_batch_size, self.seq_len,
                                   split="val", rank=info.rank, world_size=info.world_size,
                                   device=info.device, loop=False)
         steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * self.seq_len * info.world_size))
         model.eval()
-        bpb = evaluate_bpb(model, loader, token_bytes, steps, autocast=autocast)
+        result = evaluate_bpb(model, loader, token_bytes, steps, autocast=autocast,
+                              details=True)
         model.train()
-        return bpb
+        return result["bpb"], result["tokens"]
 
     def _save(self, step: int, model, optimizer: LoopedOptimizer, loader,
               detector: CollapseDetector, elapsed: float) -> None:
@@ -772,43 +899,85 @@ class _Trainer:
         loader.load_state_dict(meta["loader"][self.info.rank])
         _set_rng_state(tensors["rng"][self.info.rank if len(tensors["rng"]) > 1 else 0])
         detector.load_state_dict(meta["collapse"])
-        log.info("resumed %s at step %d", self.resume_from, meta["step"])
+        if self.info.is_main:
+            log.info("resumed %s at step %d", self.resume_from, meta["step"])
         return int(meta["step"]), float(meta.get("elapsed_s", 0.0))
 
 
 # ---- command line -----------------------------------------------------------------
-def settings_help() -> str:
-    """Every setting with its default, as `--key=value` lines."""
-    lines = ["settings (defaults; recipes/tiny.toml overrides some):"]
+def settings_help(cfg: TrainConfig | None = None, source: str = "") -> str:
+    """Every setting with its value in `cfg` (default: the built-in defaults) as
+    `--key=value` lines."""
+    cfg = cfg or TrainConfig()
+    lines = [f"settings ({source or 'built-in defaults'}):"]
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model", "optim", "collapse"):
             continue
-        lines.append(f"  --{f.name}={getattr(TrainConfig(), f.name)!r}")
-    for section, cls in (("optim", OptimConfig), ("collapse", CollapseThresholds)):
-        lines += [f"  --{section}.{f.name}={getattr(cls(), f.name)!r}"
-                  for f in dataclasses.fields(cls)]
-    lines.append("  --model.FIELD=VALUE   any loopedlm.ModelConfig field (over the preset)")
+        lines.append(f"  --{f.name}={getattr(cfg, f.name)!r}")
+    for section in ("optim", "collapse"):
+        part = getattr(cfg, section)
+        lines += [f"  --{section}.{f.name}={getattr(part, f.name)!r}"
+                  for f in dataclasses.fields(part)]
+    try:
+        model = cfg.model_config().to_dict()
+    except (ValueError, TypeError):
+        model = {}
+    lines += [f"  --model.{k}={v!r}" for k, v in model.items()]
+    lines.append("  (--model.vocab_size follows the tokenizer unless set; booleans take "
+                 f"true/false, {BOOL_SPELLINGS})")
     return "\n".join(lines)
 
 
+PRINT_CONFIG_FLAGS = ("--print-config", "--print_config", "--dry-run", "--dry_run")
+HELP_FLAGS = ("-h", "--help")
+
+
+def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
+    """What a run of `cfg` will use: the train settings and the model (its preset with the
+    [model] overrides; vocab_size follows the tokenizer unless set)."""
+    return {"train": cfg.to_dict(), "model": cfg.model_config().to_dict()}
+
+
 def run_cli(args: list[str]) -> int:
-    """Parse `[RECIPE] --key=value ...`, train, print the final BPB and a sample."""
-    if any(a in ("-h", "--help") for a in args):
+    """Parse `[RECIPE] --key=value ...`, train, print the final BPB and a sample.
+
+    Exit codes: 0 done (or stopped by SIGTERM after saving), 2 bad input, 3 collapsed
+    (non-finite loss), 4 out of memory, 5 a checkpoint could not be written."""
+    settings = [a for a in args if a not in HELP_FLAGS + PRINT_CONFIG_FLAGS]
+    if any(a in HELP_FLAGS for a in args):
         print(__doc__)
-        print(settings_help())
+        recipe, overrides = parse_overrides(settings)
+        try:
+            print(settings_help(build_config(recipe, overrides),
+                                f"recipe {recipe or 'tiny'}" + (" + your overrides"
+                                                                if overrides else "")))
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"({exc}; showing the built-in defaults)\n{settings_help()}")
         return 0
-    recipe, overrides = parse_overrides(args)
+    recipe, overrides = parse_overrides(settings)
     cfg = build_config(recipe, overrides)
+    if len(settings) < len(args):  # --print-config / --dry-run
+        print(json.dumps(resolved_config(cfg), indent=2))
+        return 0
     try:
         summary = train(cfg)
     except TrainingCollapsed as exc:
         print(f"training collapsed: {exc}", file=sys.stderr)
         return 3
+    except TrainingOutOfMemory as exc:
+        print(f"loopedlm train: error: {exc}", file=sys.stderr)
+        return 4
+    except CheckpointSaveError as exc:
+        print(f"loopedlm train: error: {exc}", file=sys.stderr)
+        return 5
     if int(os.environ.get("RANK", "0")) == 0:
         minutes = summary["wall_time_s"] / 60
         print(f"run folder: {summary['run_dir']}")
         print(f"steps: {summary['step']}  wall time: {minutes:.1f} min  "
               f"collapse check: {summary['collapse']['status']}")
+        if summary["status"] == "interrupted":
+            print(summary["message"])
+            return 0
         print(f"final validation bits-per-byte: {summary['val_bpb']:.4f}")
         print(f"sample: {summary.get('sample', '')!r}")
     return 0

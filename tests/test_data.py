@@ -226,7 +226,8 @@ def test_bad_folders_are_clear_errors(tmp_path, tok):
 
 
 @pytest.mark.parametrize("problem", ["no_text_column", "int_column", "corrupt", "binary_utf8",
-                                     "binary_not_utf8", "string_not_utf8"])
+                                     "binary_not_utf8", "string_not_utf8", "truncated",
+                                     "damaged_page", "empty_file"])
 def test_bad_shards_are_errors_naming_the_file(tmp_path, tok, problem):
     folder = write_corpus(tmp_path / "c", [["good doc"], ["val doc"]])
     bad = folder / "shard_00000.parquet"
@@ -236,6 +237,16 @@ def test_bad_shards_are_errors_naming_the_file(tmp_path, tok, problem):
         pq.write_table(pa.table({"text": [1, 2]}), bad)
     elif problem == "corrupt":
         bad.write_bytes(b"PAR1 this is not parquet at all" * 10)
+    elif problem == "truncated":  # a copy cut short: the footer is gone
+        bad.write_bytes(bad.read_bytes()[:-40])
+    elif problem == "empty_file":
+        bad.write_bytes(b"")
+    elif problem == "damaged_page":  # footer intact, the data page overwritten
+        pq.write_table(pa.table({"text": ["a fine document " * 50] * 20}), bad,
+                       compression="snappy")
+        data = bytearray(bad.read_bytes())
+        data[10:400] = b"\xff" * 390
+        bad.write_bytes(bytes(data))
     elif problem.startswith("binary"):
         value = "fine é".encode() if problem == "binary_utf8" else b"caf\xe9"
         pq.write_table(pa.table({"text": pa.array([value], type=pa.binary())}), bad)

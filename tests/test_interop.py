@@ -95,10 +95,14 @@ def test_cli_import_and_info(tmp_path, capsys):
     loaded, meta = load_model(tmp_path / "ours")
     assert loaded.config == model.config and meta["nanochat_meta"]["step"] == 3
     assert main(["info", str(tmp_path / "ours")]) == 0
-    assert main(["info", "small"]) == 0
-    assert '"params": 127107072' in capsys.readouterr().out
+    assert "ltai, 3 loops" in capsys.readouterr().out
+    assert main(["info", "small", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == 127107072
+    assert main(["info", "small"]) == 0  # a table for people
+    table = capsys.readouterr().out
+    assert "parameters" in table and "127,107,072" in table and "{" not in table
     assert main(["info", "nonsense_preset_or_path"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "neither a preset" in capsys.readouterr().err
 
 
 def test_imported_authors_checkpoint_is_scored_with_their_bos(tmp_path):

@@ -85,3 +85,39 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus, reference)
     assert "final validation bits-per-byte" in done.stdout
     assert not tmp_ckpt.exists()
     assert losses(run) == losses(reference)
+
+
+@pytest.mark.parametrize("kills", [1, pytest.param(20, marks=pytest.mark.slow)])
+def test_repeated_kill_9_during_saves_always_leaves_a_loadable_checkpoint(tmp_path, corpus,
+                                                                          kills):
+    """kill -9 at a random moment inside a save (every step saves), again and again: the
+    newest intact checkpoint always loads, every step_* folder verifies, and --resume goes
+    on from it."""
+    import random
+
+    from loopedlm.checkpoint import TRAIN_FILES, load_training_state, verify_checkpoint
+    rng = random.Random(kills)
+    run = tmp_path / "run"
+    args = ["--save_every=1", "--keep_last=3", "--eval_every=0"]
+    last_step = 1  # the first kill comes after step 1 is saved: there is a previous one
+    for attempt in range(kills):
+        proc = subprocess.Popen(_cli(run, corpus, 10_000, resume=attempt > 0) + args,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started = time.time()
+        # wait for a save after the one resumed from, then kill at a random point inside it
+        while not any(int(p.name.rsplit("_", 1)[1]) > last_step
+                      for p in (run / "checkpoints").glob(".tmp_step_*")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() - started < 120, "no save started"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        newest = latest_training_checkpoint(run)
+        assert newest is not None
+        load_training_state(newest)
+        for folder in (run / "checkpoints").glob("step_*"):
+            verify_checkpoint(folder, TRAIN_FILES)
+        assert int(newest.name[5:]) >= last_step
+        last_step = int(newest.name[5:])

