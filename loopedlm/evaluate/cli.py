@@ -126,7 +126,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             logger.warning("--tokenizer is ignored: %s brings its own tokenizer", args.run)
         loops = [1]
         model, tok = load_external(args.run, args.device)
-        folder = Path(args.run)
+        folder, meta = Path(args.run), {}
         data_dir = Path(args.data_dir) if args.data_dir else None
         default_out = Path(f"eval_{folder.stem}")
     if data_dir is not None and not data_dir.exists():
