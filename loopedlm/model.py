@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from loopedlm.attention import (
     MLP,
@@ -25,6 +24,7 @@ from loopedlm.attention import (
     rotary_tables,
 )
 from loopedlm.config import ModelConfig
+from loopedlm.head_loss import head_loss
 
 
 @dataclass(frozen=True)
@@ -274,11 +274,28 @@ class LoopedGPT(nn.Module):
     def loops_wrapped(self) -> bool:
         return self._loop_wrapper is not None
 
+    def compile_blocks(self, **compile_kwargs) -> LoopedGPT:
+        """Regional compilation: compile the repeated unit (each Block, in place; state-dict
+        keys unchanged) instead of the whole unrolled model, so compile time does not grow
+        with the loop count. The blocks share one compiled graph per call signature (loop
+        1 / later loops, precomputed first-layer keys or not): the loop index is used only
+        with a KV cache and the residual scale is fixed per model, so no loop value
+        triggers a recompile. Returns the model."""
+        for block in self.transformer.h:
+            block.compile(**compile_kwargs)
+        return self
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits (SPEC 1) of loop outputs h, cropped to the real vocabulary."""
         cap = self.config.softcap
         logits = self.lm_head(h)[..., : self.config.vocab_size].float()
         return cap * torch.tanh(logits / cap)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
+        chunked so the (rows x vocabulary) logits are never held (`loopedlm.head_loss`)."""
+        weight = self.lm_head.weight[: self.config.vocab_size]
+        return head_loss(h, weight, targets, self.config.softcap)
 
     # ---- forward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -302,8 +319,8 @@ class LoopedGPT(nn.Module):
             if return_residual_norms:
                 norms.append(_residual_norm(x))
             previous = norm(x)  # h^t
-            if loop in supervised:
-                outputs.append(previous)
+            if loop in supervised:  # each loop's head + loss is done before the next loop
+                outputs.append(previous if targets is None else self.loss(previous, targets))
         if kv_cache is not None:
             real = attention_mask if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
             kv_cache.advance(idx.size(1), real)
@@ -311,9 +328,7 @@ class LoopedGPT(nn.Module):
         if targets is None:
             result = self.logits(outputs[-1])
         else:
-            losses = [F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(),
-                                      ignore_index=-1) for h in outputs]
-            result = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+            result = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean()
         if return_residual_norms:
             return result, torch.stack(norms)
         return result
