@@ -5,7 +5,9 @@ With the Qwen3 vocabulary (151,669 ids) the logits of one loop are far larger th
 model's activations, and `loss_loops="all"` builds them N times. `head_loss` computes
 the same mean cross-entropy in row chunks: the forward keeps only each row's
 log-sum-exp, and the backward recomputes each chunk's logits (one extra head matmul),
-so memory is bounded by one chunk whatever the vocabulary, batch or loop count.
+so memory is bounded by one chunk whatever the vocabulary, batch or loop count. When
+every row fits in one chunk (small vocabularies) the forward keeps that chunk's tanh
+instead, and nothing is recomputed.
 
 On CUDA the maintained `cut-cross-entropy` kernel (Wijmans et al. 2024, the optional
 extra `loopedlm[cuda]`) is used when it is installed: its `softcap` is the same
@@ -58,21 +60,27 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             safe_targets = targets.clamp(min=0)
             lse = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            # all rows in one chunk: keep its tanh (less than the plain path keeps) and
+            # skip the recomputation; otherwise the backward recomputes chunk by chunk
+            single_chunk = h.size(0) <= chunk_rows
+            kept_tanh = None
             for start in range(0, h.size(0), chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                logits, _ = _softcapped(h[rows].to(mm_dtype) @ w.T, softcap)
+                logits, t = _softcapped(h[rows].to(mm_dtype) @ w.T, softcap)
                 lse[rows] = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, safe_targets[rows, None]).squeeze(1)
                 total += torch.where(valid[rows], lse[rows] - picked, 0.0).sum()
-                del logits
+                kept_tanh = t if single_chunk and ctx.needs_input_grad[:2] != (False, False) \
+                    else None
+                del logits, t
             count = valid.sum()
-        ctx.save_for_backward(h, weight, targets, lse, count)
+        ctx.save_for_backward(h, weight, targets, lse, count, kept_tanh)
         ctx.softcap, ctx.chunk_rows, ctx.mm_dtype = softcap, chunk_rows, mm_dtype
         return total / count  # 0 / 0 = nan when every target is ignored, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, weight, targets, lse, count = ctx.saved_tensors
+        h, weight, targets, lse, count, kept_tanh = ctx.saved_tensors
         softcap, chunk_rows, mm_dtype = ctx.softcap, ctx.chunk_rows, ctx.mm_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
@@ -85,7 +93,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             for start in range(0, h.size(0), chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 h_rows = h[rows].to(mm_dtype)
-                logits, t = _softcapped(h_rows @ w.T, softcap)
+                if kept_tanh is None:
+                    logits, t = _softcapped(h_rows @ w.T, softcap)
+                else:  # the single chunk's tanh, kept by the forward
+                    t = kept_tanh
+                    logits = softcap * t
                 # d loss / d logits = (softmax - onehot(target)) / count on counted rows
                 grad = torch.exp_(logits.sub_(lse[rows, None]))
                 del logits
@@ -93,7 +105,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 grad[row_ids, targets[rows].clamp(min=0)] -= 1.0
                 grad.mul_(torch.where(valid[rows], scale, 0.0)[:, None])
                 # through the soft-cap: d(c tanh(z/c))/dz = 1 - tanh^2
-                grad.mul_(t.square_().neg_().add_(1.0))
+                grad.mul_(1.0 - t.square())
                 del t
                 grad = grad.to(mm_dtype)
                 if need_h:

@@ -252,7 +252,10 @@ class LoopedGPT(nn.Module):
                 else:
                     query_normed = query
             kv = inputs.first_kv if layer == 0 else None
-            x = block(x, query_normed, inputs.plan, loop, eps, kv=kv)
+            # with a KV cache the loop index picks the cache slot: run the block eagerly
+            # (block.forward skips a compile_blocks graph, which would specialise on it)
+            call = block if inputs.plan.cache is None else block.forward
+            x = call(x, query_normed, inputs.plan, loop, eps, kv=kv)
         return x
 
     def loop(self, inputs: LoopInputs, previous: torch.Tensor | None, loop: int
@@ -280,7 +283,8 @@ class LoopedGPT(nn.Module):
         with the loop count. The blocks share one compiled graph per call signature (loop
         1 / later loops, precomputed first-layer keys or not): the loop index is used only
         with a KV cache and the residual scale is fixed per model, so no loop value
-        triggers a recompile. Returns the model."""
+        triggers a recompile; decoding with a KV cache runs the blocks eagerly. Returns
+        the model (`torch.compile(model)` still compiles the whole unrolled model)."""
         for block in self.transformer.h:
             block.compile(**compile_kwargs)
         return self

@@ -537,7 +537,7 @@ class _Trainer:
         optimizer = LoopedOptimizer(model, cfg.optim, zero=cfg.zero)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
-        train_model = torch.compile(model) if cfg.compile else model
+        train_model = model.compile_blocks() if cfg.compile else model  # regional compile
         train_model = wrap_ddp(train_model, info)
         autocast = _autocast(device, cfg.dtype)
         loader = self.data.loader(self.tokenizer, cfg.device_batch_size, self.seq_len,

@@ -106,3 +106,13 @@ def test_model_loss_and_gradients_match_plain_path(mode, loss_loops):
     # the padded vocabulary rows of the head get exactly zero gradient, as before
     assert model.config.padded_vocab_size > model.config.vocab_size
     assert got_grads[-1][model.config.vocab_size:].abs().max() == 0
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 150])  # recomputed, and kept single chunk
+def test_backward_twice_with_retained_graph(chunk_rows):
+    h, weight, targets = make_inputs()
+    loss = head_loss(h, weight, targets, 15.0, chunk_elements=chunk_rows * 200)
+    first = torch.autograd.grad(loss, [h, weight], retain_graph=True)
+    second = torch.autograd.grad(loss, [h, weight])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
