@@ -34,18 +34,18 @@ from loopedlm.optim import LoopedOptimizer, OptimConfig
 from loopedlm.parallel import apply_activation_checkpointing
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """Linux: writing 5 to clear_refs resets the peak resident size (VmHWM) to the current."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     # not ru_maxrss: Linux carries it over from the parent across fork + exec
     with open("/proc/self/status") as f:
         for line in f:
@@ -111,10 +111,10 @@ def memory(args, n_loops: int, checkpointing: bool, loss_loops: str = "last") ->
         # the parent sets MALLOC_MMAP_THRESHOLD_ so that large tensors are mmap'd and
         # returned on free: the resident size then follows live memory
         step()
-        _reset_peak_rss()
-        before = _rss_bytes()
+        reset_peak_rss()
+        before = rss_bytes()
         step()
-        peak = _peak_rss_bytes() - before
+        peak = peak_rss_bytes() - before
         method = "VmHWM growth over RSS before a steady step"
     return {"n_loops": n_loops, "checkpointing": checkpointing, "loss_loops": loss_loops,
             "peak_bytes": peak, "method": method}

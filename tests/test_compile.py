@@ -82,5 +82,5 @@ def test_compiled_blocks_give_the_same_loss_and_keys():
     compiled = tiny_model(loop_mode="flt").train().compile_blocks(backend="aot_eager")
     assert list(compiled.state_dict()) == list(eager.state_dict())
     torch.testing.assert_close(train_step(compiled, 3), train_step(eager, 3))
-    for a, b in zip(compiled.parameters(), eager.parameters()):
+    for a, b in zip(compiled.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad)

@@ -36,7 +36,7 @@ def test_loss_and_gradients_match_plain_path(chunk_rows):
     expected = loss_and_grads(plain_loss, h, weight, targets)
     got = loss_and_grads(lambda *a: head_loss(*a, 15.0, chunk_elements=chunk_rows * 200),
                          h, weight, targets)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
@@ -46,7 +46,7 @@ def test_batched_rows_and_other_softcap():
     expected = loss_and_grads(lambda a, w, t: plain_loss(a, w, t, 4.0), h3, weight, t3)
     got = loss_and_grads(lambda a, w, t: head_loss(a, w, t, 4.0, chunk_elements=2000),
                          h3, weight, t3)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
@@ -58,7 +58,7 @@ def test_bf16_autocast_matches_plain_path_to_bf16_rounding():
                              h, weight, targets)
     assert got[0].dtype == torch.float32
     torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-4)
-    for g, e in zip(got[1:], expected[1:]):
+    for g, e in zip(got[1:], expected[1:], strict=True):
         assert g.dtype == e.dtype == torch.float32
         torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
 
@@ -101,7 +101,7 @@ def test_model_loss_and_gradients_match_plain_path(mode, loss_loops):
     expected = plain_model_loss(model, idx, targets, 4)
     expected_grads = torch.autograd.grad(expected, params)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    for g, e in zip(got_grads, expected_grads):
+    for g, e in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
     # the padded vocabulary rows of the head get exactly zero gradient, as before
     assert model.config.padded_vocab_size > model.config.vocab_size
@@ -114,5 +114,5 @@ def test_backward_twice_with_retained_graph(chunk_rows):
     loss = head_loss(h, weight, targets, 15.0, chunk_elements=chunk_rows * 200)
     first = torch.autograd.grad(loss, [h, weight], retain_graph=True)
     second = torch.autograd.grad(loss, [h, weight])
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

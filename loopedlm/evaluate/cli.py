@@ -1,7 +1,7 @@
 """`loopedlm eval`, `loopedlm eval-tasks` and `loopedlm lm-eval`.
 
     loopedlm eval RUN_OR_CHECKPOINT --loops 1,3,6,9,12 [--tasks core] [--wikitext PATH]
-                  [--data-dir DIR] [--max-examples 200] [--out DIR] [--device cpu]
+                  [--data-dir DIR] [--max-examples 200] [--out DIR] [--device auto]
     loopedlm eval-tasks [--fetch-bigbench [--sdist PATH]]
     loopedlm lm-eval --model loopedlm --model_args path=RUN,n_loops=6 --tasks ...
 """
@@ -87,6 +87,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tasks = resolve_task_names(args.tasks) if args.tasks != "none" else []
     if args.wikitext is not None and not Path(args.wikitext).exists():
         raise FileNotFoundError(f"--wikitext {args.wikitext} does not exist")
+    from loopedlm.parallel import resolve_device
+
+    args.device = str(resolve_device(args.device))  # "auto": the GPU when there is one
     model, tok, folder, meta = load_run(args.run, args.device, args.tokenizer)
     data_dir = Path(args.data_dir) if args.data_dir else _run_data_dir(folder, meta)
     if data_dir is not None and not data_dir.exists():
@@ -154,7 +157,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or folder (default: the run's tokenizer/)")
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:N]")
     p.set_defaults(func=_cmd_eval)
 
     t = subparsers.add_parser("eval-tasks", help="list the evaluation tasks available offline")
