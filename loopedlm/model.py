@@ -109,8 +109,21 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
+        self._compiled = None  # compile_forward
+
+    def compile_forward(self, **compile_kwargs) -> None:
+        """Compile this block's math (`torch.compile` kwargs) for calls without a KV cache;
+        with one, the loop index picks the cache slot and would specialise the graph per
+        loop, so decoding stays eager. Hooks and state-dict keys are unchanged."""
+        self._compiled = torch.compile(self.step, **compile_kwargs)
 
     def forward(self, x, query_normed, plan, loop: int, eps: float, kv=None):
+        if self._compiled is not None and plan.cache is None:
+            return self._compiled(x, query_normed, plan, loop, eps, kv)
+        return self.step(x, query_normed, plan, loop, eps, kv)
+
+    def step(self, x, query_normed, plan, loop: int, eps: float, kv=None):
+        """x -> x + attn(...) -> x + mlp(norm(x)) (see the class docstring)."""
         x_normed = norm(x) if query_normed is None or kv is None else None
         q_in = x_normed if query_normed is None else query_normed
         x = _residual(x, self.attn(q_in, x_normed, plan, loop, kv=kv), eps)
@@ -252,10 +265,7 @@ class LoopedGPT(nn.Module):
                 else:
                     query_normed = query
             kv = inputs.first_kv if layer == 0 else None
-            # with a KV cache the loop index picks the cache slot: run the block eagerly
-            # (block.forward skips a compile_blocks graph, which would specialise on it)
-            call = block if inputs.plan.cache is None else block.forward
-            x = call(x, query_normed, inputs.plan, loop, eps, kv=kv)
+            x = block(x, query_normed, inputs.plan, loop, eps, kv=kv)
         return x
 
     def loop(self, inputs: LoopInputs, previous: torch.Tensor | None, loop: int
@@ -278,15 +288,15 @@ class LoopedGPT(nn.Module):
         return self._loop_wrapper is not None
 
     def compile_blocks(self, **compile_kwargs) -> LoopedGPT:
-        """Regional compilation: compile the repeated unit (each Block, in place; state-dict
-        keys unchanged) instead of the whole unrolled model, so compile time does not grow
-        with the loop count. The blocks share one compiled graph per call signature (loop
+        """Regional compilation: compile the repeated unit (each Block's math, in place;
+        state-dict keys and hooks unchanged) instead of the whole unrolled model, so compile
+        time does not grow with the loop count. The blocks share one compiled graph per call signature (loop
         1 / later loops, precomputed first-layer keys or not): the loop index is used only
         with a KV cache and the residual scale is fixed per model, so no loop value
         triggers a recompile; decoding with a KV cache runs the blocks eagerly. Returns
         the model (`torch.compile(model)` still compiles the whole unrolled model)."""
         for block in self.transformer.h:
-            block.compile(**compile_kwargs)
+            block.compile_forward(**compile_kwargs)
         return self
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
