@@ -264,6 +264,11 @@ class LoopedGPT(nn.Module):
                     x = norm(x + previous)
                 else:
                     query_normed = query
+            elif self.mode.injection == "attention" and self.mode.injects_at(layer):
+                # loop 1 has no h^{t-1}: its queries read the stream, as a plain block's;
+                # passing norm(x) explicitly (same bits) gives loop 1 the block signature of
+                # later loops, so compile_blocks compiles one graph for every loop
+                query_normed = norm(x)
             kv = inputs.first_kv if layer == 0 else None
             x = block(x, query_normed, inputs.plan, loop, eps, kv=kv)
         return x
@@ -291,7 +296,7 @@ class LoopedGPT(nn.Module):
         """Regional compilation: compile the repeated unit (each Block's math, in place;
         state-dict keys and hooks unchanged) instead of the whole unrolled model, so compile
         time does not grow with the loop count. The blocks share one compiled graph per call signature (loop
-        1 / later loops, precomputed first-layer keys or not): the loop index is used only
+        precomputed first-layer keys or not, a query source or not): the loop index is used only
         with a KV cache and the residual scale is fixed per model, so no loop value
         triggers a recompile; decoding with a KV cache runs the blocks eagerly. Returns
         the model (`torch.compile(model)` still compiles the whole unrolled model)."""
