@@ -4,6 +4,9 @@
     python benchmarks/bench_train.py --device cuda --preset small --dtype bfloat16 --compile
     python benchmarks/bench_train.py --loops= --memory-loops=2,12 --backprop-loops=2
                                                      # truncated backprop: memory flat in N
+    # issue 16's CPU bar: every-loop loss vs last-loop loss, Qwen3 vocabulary, N=6
+    python benchmarks/bench_train.py --vocab-size 151669 --batch-size 4 --loops= \
+        --memory-loops=6 --loss-loops=last,all --no-checkpointing-memory
 
 Throughput: full training steps (forward + backward with residual norms, gradient
 clipping, Muon + AdamW) on random tokens, after warm-up steps, median step time.
@@ -33,18 +36,18 @@ from loopedlm.optim import LoopedOptimizer, OptimConfig
 from loopedlm.parallel import apply_activation_checkpointing
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """Linux: writing 5 to clear_refs resets the peak resident size (VmHWM) to the current."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     # not ru_maxrss: Linux carries it over from the parent across fork + exec
     with open("/proc/self/status") as f:
         for line in f:
@@ -53,10 +56,12 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _setup(args, n_loops: int, checkpointing: bool):
+def _setup(args, n_loops: int, checkpointing: bool, loss_loops: str = "last"):
     torch.manual_seed(0)
-    cfg = ModelConfig.preset(args.preset, n_loops=n_loops,
-                             **({"sequence_len": args.seq_len} if args.seq_len else {}))
+    overrides = {"sequence_len": args.seq_len} if args.seq_len else {}
+    if args.vocab_size:
+        overrides["vocab_size"] = args.vocab_size
+    cfg = ModelConfig.preset(args.preset, n_loops=n_loops, loss_loops=loss_loops, **overrides)
     model = LoopedGPT.from_config(cfg, device=args.device, seed=0)
     if checkpointing:
         apply_activation_checkpointing(model)
@@ -98,8 +103,8 @@ def throughput(args, n_loops: int) -> dict:
             "achieved_flops": flops * tokens / dt}
 
 
-def memory(args, n_loops: int, checkpointing: bool) -> dict:
-    _, step, _ = _setup(args, n_loops, checkpointing)
+def memory(args, n_loops: int, checkpointing: bool, loss_loops: str = "last") -> dict:
+    _, step, _ = _setup(args, n_loops, checkpointing, loss_loops)
     if args.device.startswith("cuda"):
         step()  # allocate optimizer state first, then measure a steady step
         torch.cuda.reset_peak_memory_stats()
@@ -110,13 +115,13 @@ def memory(args, n_loops: int, checkpointing: bool) -> dict:
         # the parent sets MALLOC_MMAP_THRESHOLD_ so that large tensors are mmap'd and
         # returned on free: the resident size then follows live memory
         step()
-        _reset_peak_rss()
-        before = _rss_bytes()
+        reset_peak_rss()
+        before = rss_bytes()
         step()
-        peak = _peak_rss_bytes() - before
+        peak = peak_rss_bytes() - before
         method = "VmHWM growth over RSS before a steady step"
-    return {"n_loops": n_loops, "checkpointing": checkpointing, "peak_bytes": peak,
-            "method": method}
+    return {"n_loops": n_loops, "checkpointing": checkpointing, "loss_loops": loss_loops,
+            "peak_bytes": peak, "method": method}
 
 
 def main() -> None:
@@ -128,6 +133,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=0, help="0: the preset's")
+    parser.add_argument("--vocab-size", type=int, default=0, help="0: the preset's")
+    parser.add_argument("--loss-loops", default="last",
+                        help="comma list of loss_loops settings for the memory table")
+    parser.add_argument("--no-checkpointing-memory", action="store_true",
+                        help="memory table without the activation-checkpointing column")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--loops", default="1,4,12", help="throughput loop counts")
@@ -140,8 +150,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.memory_child:  # one measurement in a fresh process
-        n, ckpt = args.memory_child.split(":")
-        print(json.dumps(memory(args, int(n), ckpt == "1")))
+        n, ckpt, loss_loops = args.memory_child.split(":")
+        print(json.dumps(memory(args, int(n), ckpt == "1", loss_loops)))
         return
 
     print(f"# {args.preset} preset, batch {args.batch_size}, device {args.device}, "
@@ -152,26 +162,29 @@ def main() -> None:
         r = throughput(args, n)
         print(f"{n:5d}  {r['tokens_per_s']:8.0f}  {r['step_s']:6.3f}  "
               f"{r['achieved_flops'] / 1e9:8.2f}")
-    print("loops  peak MiB (no ckpt)  peak MiB (activation ckpt)  method")
+    print("loops  loss_loops  peak MiB (no ckpt)  peak MiB (activation ckpt)  method")
     base = [sys.executable, __file__, "--preset", args.preset, "--device", args.device,
             "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-            "--seq-len", str(args.seq_len), "--backprop-loops", str(args.backprop_loops)] + (
-                ["--compile"] if args.compile else [])
+            "--seq-len", str(args.seq_len), "--vocab-size", str(args.vocab_size),
+            "--backprop-loops", str(args.backprop_loops)] + (["--compile"] if args.compile else [])
     peaks = {}
     for n in (int(v) for v in args.memory_loops.split(",") if v):
-        res = []
-        for ckpt in (0, 1):
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            out = subprocess.run(base + ["--_memory-child", f"{n}:{ckpt}"], check=True,
-                                 capture_output=True, text=True, env=env).stdout
-            res.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"{n:5d}  {res[0]['peak_bytes'] / 2**20:18.1f}  {res[1]['peak_bytes'] / 2**20:26.1f}"
-              f"  {res[0]['method']}")
-        peaks[n] = res[0]["peak_bytes"]
-    if len(peaks) > 1:
-        low, high = min(peaks), max(peaks)
-        print(f"peak memory (no ckpt) at N={high} / at N={low}: {peaks[high] / peaks[low]:.3f}x "
-              f"(backprop_loops {args.backprop_loops or 'all'})")
+        for loss_loops in args.loss_loops.split(","):
+            res = []
+            for ckpt in (0,) if args.no_checkpointing_memory else (0, 1):
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+                out = subprocess.run(base + ["--_memory-child", f"{n}:{ckpt}:{loss_loops}"],
+                                     check=True, capture_output=True, text=True, env=env).stdout
+                res.append(json.loads(out.strip().splitlines()[-1]))
+            ckpt_mib = f"{res[1]['peak_bytes'] / 2**20:26.1f}" if len(res) > 1 else f"{'-':>26}"
+            print(f"{n:5d}  {loss_loops:>10}  {res[0]['peak_bytes'] / 2**20:18.1f}  {ckpt_mib}"
+                  f"  {res[0]['method']}")
+            peaks.setdefault(loss_loops, {})[n] = res[0]["peak_bytes"]
+    for loss_loops, by_n in peaks.items():
+        if len(by_n) > 1:
+            low, high = min(by_n), max(by_n)
+            print(f"peak memory (no ckpt, loss_loops {loss_loops}) at N={high} / at N={low}: "
+                  f"{by_n[high] / by_n[low]:.3f}x (backprop_loops {args.backprop_loops or 'all'})")
 
 
 if __name__ == "__main__":

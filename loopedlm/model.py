@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from loopedlm.attention import (
     MLP,
@@ -26,6 +25,7 @@ from loopedlm.attention import (
     rotary_tables,
 )
 from loopedlm.config import ModelConfig
+from loopedlm.head_loss import head_loss
 from loopedlm.loop_modes import LOOP_MODES
 
 
@@ -75,8 +75,21 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
+        self._compiled = None  # compile_forward
+
+    def compile_forward(self, **compile_kwargs) -> None:
+        """Compile this block's math (`torch.compile` kwargs) for calls without a KV cache;
+        with one, the loop index picks the cache slot and would specialise the graph per
+        loop, so decoding stays eager. Hooks and state-dict keys are unchanged."""
+        self._compiled = torch.compile(self.step, **compile_kwargs)
 
     def forward(self, x, query_normed, plan, loop: int, eps: float, kv=None):
+        if self._compiled is not None and plan.cache is None:
+            return self._compiled(x, query_normed, plan, loop, eps, kv)
+        return self.step(x, query_normed, plan, loop, eps, kv)
+
+    def step(self, x, query_normed, plan, loop: int, eps: float, kv=None):
+        """x -> x + attn(...) -> x + mlp(norm(x)) (see the class docstring)."""
         x_normed = norm(x) if query_normed is None or kv is None else None
         q_in = x_normed if query_normed is None else query_normed
         x = _residual(x, self.attn(q_in, x_normed, plan, loop, kv=kv), eps)
@@ -235,6 +248,11 @@ class LoopedGPT(nn.Module):
                     x = norm(x + previous)
                 else:
                     query_normed = query
+            elif self.mode.injection == "attention" and self.mode.injects_at(layer):
+                # loop 1 has no h^{t-1}: its queries read the stream, as a plain block's;
+                # passing norm(x) explicitly (same bits) gives loop 1 the block signature of
+                # later loops, so compile_blocks compiles one graph for every loop
+                query_normed = norm(x)
             kv = inputs.first_kv if layer == 0 else None
             x = block(x, query_normed, inputs.plan, loop, eps, kv=kv)
         return x
@@ -258,11 +276,29 @@ class LoopedGPT(nn.Module):
     def loops_wrapped(self) -> bool:
         return self._loop_wrapper is not None
 
+    def compile_blocks(self, **compile_kwargs) -> LoopedGPT:
+        """Regional compilation: compile the repeated unit (each Block's math, in place;
+        state-dict keys and hooks unchanged) instead of the whole unrolled model, so compile
+        time does not grow with the loop count. The blocks share one compiled graph per call signature (loop
+        precomputed first-layer keys or not, a query source or not): the loop index is used only
+        with a KV cache and the residual scale is fixed per model, so no loop value
+        triggers a recompile; decoding with a KV cache runs the blocks eagerly. Returns
+        the model (`torch.compile(model)` still compiles the whole unrolled model)."""
+        for block in self.transformer.h:
+            block.compile_forward(**compile_kwargs)
+        return self
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits (SPEC 1) of loop outputs h, cropped to the real vocabulary."""
         cap = self.config.softcap
         logits = self.lm_head(h)[..., : self.config.vocab_size].float()
         return cap * torch.tanh(logits / cap)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
+        chunked so the (rows x vocabulary) logits are never held (`loopedlm.head_loss`)."""
+        weight = self.lm_head.weight[: self.config.vocab_size]
+        return head_loss(h, weight, targets, self.config.softcap)
 
     # ---- forward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -297,8 +333,8 @@ class LoopedGPT(nn.Module):
             if return_residual_norms:
                 norms.append(_residual_norm(x))
             previous = norm(x)  # h^t
-            if loop in supervised:
-                outputs.append(previous)
+            if loop in supervised:  # each loop's head + loss is done before the next loop
+                outputs.append(previous if targets is None else self.loss(previous, targets))
         if kv_cache is not None:
             real = attention_mask if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
             kv_cache.advance(idx.size(1), real)
@@ -306,9 +342,7 @@ class LoopedGPT(nn.Module):
         if targets is None:
             result = self.logits(outputs[-1])
         else:
-            losses = [F.cross_entropy(self.logits(h).flatten(0, 1), targets.flatten(),
-                                      ignore_index=-1) for h in outputs]
-            result = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+            result = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean()
         if return_residual_norms:
             return result, torch.stack(norms)
         return result

@@ -675,12 +675,7 @@ class _Trainer:
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         sampler = cfg.loop_sampler(self.model_cfg.n_loops)
-        if cfg.compile and sampler.variable:
-            # dynamo specialises on the loop count: one graph per N the sampler can draw
-            import torch._dynamo.config as dynamo_config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit,
-                                                sampler.max_loops + 1)
-        train_model = torch.compile(model) if cfg.compile else model
+        train_model = model.compile_blocks() if cfg.compile else model  # regional compile
         train_model = wrap_ddp(train_model, info)
         autocast = _autocast(device, cfg.dtype)
         loader = self.data.loader(self.tokenizer, cfg.device_batch_size, self.seq_len,

