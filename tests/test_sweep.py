@@ -55,6 +55,30 @@ def test_dry_run_lists_commands(tmp_path):
     assert rows[0]["eval_cmd"][-2:] == ["--loops", "1,3"]
 
 
+def test_resume_only_from_a_complete_checkpoint(tmp_path):
+    """Regression: a run killed before its first checkpoint has a config.json but nothing
+    to resume from; asking it to resume made `loopedlm train` fail on every later try."""
+    from loopedlm.checkpoint import (
+        CONFIG_FILE,
+        MODEL_FILE,
+        TRAIN_META_FILE,
+        TRAIN_STATE_FILE,
+    )
+
+    sweep = Sweep.load(write(tmp_path, SWEEP))
+    first = sweep.expand()[0].name
+    run_dir = tmp_path / "out" / first
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    cmd = run_sweep(sweep, tmp_path / "out", dry_run=True)[0]["train_cmd"]
+    assert "--resume=true" not in cmd
+    ckpt = run_dir / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    for name in (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE, TRAIN_META_FILE):
+        (ckpt / name).write_text("")
+    assert "--resume=true" in run_sweep(sweep, tmp_path / "out", dry_run=True)[0]["train_cmd"]
+
+
 @pytest.mark.parametrize("text,match", [
     ("[sweeps]\nx=1\n", "unknown section"),
     ("[sweep]\nexperment='x'\n", "unknown \\[sweep\\] key"),
@@ -166,3 +190,39 @@ args = ["--tasks", "none", "--val-batches", "1"]
     text = write_report(tmp_path / "out").read_text()
     assert "| loop_mode=flt,n_loops=2,seed=0 | completed | 2 |" in text
     assert "val_bpb at the trained loop count" in text
+
+
+def test_in_process_sweep_trains_like_train_and_survives_a_bad_run(tmp_path):
+    """`--in-process` gives the run `train()` gives; a run that fails is recorded and the
+    sweep goes on."""
+    from test_train import make_corpus
+
+    from loopedlm.train import build_config, parse_overrides, train
+
+    data_dir, tok_dir = make_corpus(tmp_path / "corpus")
+    settings = f"""
+recipe = "micro"
+[train]
+data_dir = "{data_dir}"
+tokenizer = "{tok_dir}"
+steps = 2
+eval_tokens = 128
+total_batch_tokens = 256
+device_batch_size = 4
+sequence_len = 32
+sample_tokens = 2
+"model.sequence_len" = 32
+"model.d_model" = 32
+[grid]
+"model.n_loops" = [0, 2]
+"""
+    sweep = Sweep.load(write(tmp_path, "[sweep]" + settings))
+    rows = run_sweep(sweep, tmp_path / "out", in_process=True)
+    assert rows[0]["status"].startswith("failed") and rows[1]["status"] == "completed"
+    assert "n_loops" in (tmp_path / "out" / f"{rows[0]['name']}.log").read_text()
+    swept = json.loads((tmp_path / "out" / rows[1]["name"] / "summary.json").read_text())
+    args = rows[1]["train_cmd"][4:]
+    recipe, overrides = parse_overrides([a.replace(str(tmp_path / "out"), str(tmp_path / "direct"))
+                                         for a in args])
+    direct = train(build_config(recipe, overrides))
+    assert swept["final_loss"] == direct["final_loss"] and swept["val_bpb"] == direct["val_bpb"]
