@@ -14,6 +14,8 @@ A sweep file names a base training recipe, settings shared by every run, a grid
     "model.n_loops" = [3, 6, 9]
     [[runs]]                        # and/or explicit runs
     "model.loop_mode" = "flt_res"
+    # [[grid]] (several tables) gives several grids, run in order. A grid or run that
+    # sets `seed` itself runs with those seeds instead of [sweep] seeds.
     [eval]                          # optional: evaluate each finished run
     loops = [1, 3, 6]               # or "trained" (the run's own loop count)
     args = ["--tasks", "none"]      # extra `loopedlm eval` arguments
@@ -80,7 +82,7 @@ class Sweep:
     recipe: str = "tiny"
     seeds: list[int] = field(default_factory=lambda: [0])
     train: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -103,9 +105,12 @@ class Sweep:
         if set(data.get("eval", {})) - EVAL_KEYS:
             raise ValueError(f"{path}: unknown [eval] key(s) "
                              f"{sorted(set(data['eval']) - EVAL_KEYS)}; allowed: {sorted(EVAL_KEYS)}")
-        for key, values in data.get("grid", {}).items():
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"{path}: grid[{key!r}]={values!r} must be a non-empty list")
+        grids = data.get("grid", {})
+        for grid in grids if isinstance(grids, list) else [grids]:
+            for key, values in grid.items():
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"{path}: grid[{key!r}]={values!r} must be a non-empty "
+                                     "list")
         seeds = head.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"{path}: seeds={seeds!r} must be a non-empty list of integers")
@@ -118,18 +123,20 @@ class Sweep:
                    description=head.get("description", ""))
 
     def expand(self) -> list[RunSpec]:
-        """Every run: (grid product + explicit runs) x seeds, in a stable order."""
+        """Every run: (grid products + explicit runs) x seeds, in a stable order; a variant
+        that sets its own `seed` is not repeated over [sweep] seeds."""
         variants: list[dict[str, Any]] = []
-        if self.grid:
-            keys = list(self.grid)
-            variants += [dict(zip(keys, combo, strict=True))
-                         for combo in itertools.product(*self.grid.values())]
+        for grid in self.grid if isinstance(self.grid, list) else [self.grid]:
+            if grid:
+                variants += [dict(zip(grid, combo, strict=True))
+                             for combo in itertools.product(*grid.values())]
         variants += [dict(run) for run in self.runs]
         if not variants:
             variants = [{}]
         specs, seen = [], set()
         for variant in variants:
-            for seed in self.seeds:
+            seeds = [variant.pop("seed")] if "seed" in variant else self.seeds
+            for seed in seeds:
                 parts = [f"{_short(k)}={v}" for k, v in variant.items()]
                 name = ",".join(parts + [f"seed={seed}"])
                 if name in seen:

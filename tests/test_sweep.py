@@ -55,6 +55,29 @@ def test_dry_run_lists_commands(tmp_path):
     assert rows[0]["eval_cmd"][-2:] == ["--loops", "1,3"]
 
 
+def test_several_grids_in_order_with_their_own_seeds(tmp_path):
+    sweep = Sweep.load(write(tmp_path, """
+[sweep]
+seeds = [0, 1]
+[[grid]]
+"model.n_loops" = [2, 8]
+seed = [5]
+[[grid]]
+"model.n_loops" = [2]
+steps = [10]
+[[runs]]
+"model.n_loops" = 4
+seed = 7
+"""))
+    specs = sweep.expand()
+    assert [s.name for s in specs] == ["n_loops=2,seed=5", "n_loops=8,seed=5",
+                                       "n_loops=2,steps=10,seed=0", "n_loops=2,steps=10,seed=1",
+                                       "n_loops=4,seed=7"]
+    assert specs[0].settings == {"model.n_loops": 2, "seed": 5}
+    with pytest.raises(ValueError, match="non-empty list"):
+        Sweep.load(write(tmp_path, "[[grid]]\n'model.n_loops' = [2]\n[[grid]]\nsteps = 3\n"))
+
+
 def test_resume_only_from_a_complete_checkpoint(tmp_path):
     """Regression: a run killed before its first checkpoint has a config.json but nothing
     to resume from; asking it to resume made `loopedlm train` fail on every later try."""
