@@ -216,6 +216,11 @@ class CollapseDetector:
         self._best_ema = min(self._best_ema, self._ema)
         history = list(self._recent)
         self._recent.append(loss)
+        norm = _max_norm(residual_norm)
+        if norm is not None and not math.isfinite(norm[0]):
+            new += self._flag(step, "state_explosion", f"the residual-state norm of loop "
+                              f"{norm[1]} is {norm[0]} at step {step}")
+            norm = None
         if self._seen <= t.min_steps:
             return new
 
@@ -244,22 +249,12 @@ class CollapseDetector:
                                   f"{t.plateau_min_improvement:.0%} in {t.plateau_window} steps and "
                                   f"sits {gap:.0%} above the best smoothed loss "
                                   f"{self._best_ema:.4f}")
-        if residual_norm is not None:
-            new += self._check_state(step, loss, residual_norm)
+        if norm is not None:
+            new += self._check_state(step, loss, norm[0])
         return new
 
-    def _check_state(self, step: int, loss: float,
-                     residual_norm: Sequence[float] | float) -> list[CollapseEvent]:
+    def _check_state(self, step: int, loss: float, norm: float) -> list[CollapseEvent]:
         t = self.thresholds
-        norms = [float(residual_norm)] if isinstance(residual_norm, int | float) else [
-            float(x) for x in residual_norm]
-        if not norms:
-            return []
-        norm = max(norms)
-        if not math.isfinite(norm):
-            loop = next(i for i, x in enumerate(norms) if not math.isfinite(x)) + 1
-            return self._flag(step, "state_explosion", f"the residual-state norm of loop "
-                              f"{loop} is {norm} at step {step}")
         self._state.append((loss, norm))
         quarter = t.state_window // 4
         if self._early_norm is None and len(self._state) == quarter:
@@ -321,6 +316,19 @@ class CollapseDetector:
         self._state.clear()
         self._state.extend(tuple(pair) for pair in state.get("state", []))
         self._early_norm = state.get("early_norm")
+
+
+def _max_norm(residual_norm: Sequence[float] | float | None) -> tuple[float, int] | None:
+    """(the largest per-loop norm, its 1-based loop), non-finite first; None if absent."""
+    if residual_norm is None:
+        return None
+    norms = [float(residual_norm)] if isinstance(residual_norm, int | float) else [
+        float(x) for x in residual_norm]
+    if not norms:
+        return None
+    bad = [i for i, x in enumerate(norms) if not math.isfinite(x)]
+    loop = bad[0] if bad else max(range(len(norms)), key=norms.__getitem__)
+    return norms[loop], loop + 1
 
 
 def replay_log(source: str | Path | Iterable[dict[str, Any]],
