@@ -378,9 +378,10 @@ class RunLogger:
             for key, value in record.items():
                 if key == "step":
                     continue
-                if isinstance(value, list):
+                if isinstance(value, list):  # per-loop numbers; not collapse_flags (dicts)
                     for i, v in enumerate(value):
-                        self.tb.add_scalar(f"{key}/loop_{i + 1}", v, record["step"])
+                        if isinstance(v, int | float) and not isinstance(v, bool):
+                            self.tb.add_scalar(f"{key}/loop_{i + 1}", v, record["step"])
                 elif isinstance(value, int | float) and not isinstance(value, bool):
                     if value is not None and math.isfinite(value):
                         self.tb.add_scalar(key, value, record["step"])

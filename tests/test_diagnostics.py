@@ -303,3 +303,38 @@ def test_read_log_accepts_a_gzipped_file_and_a_run_folder(tmp_path):
     records = read_log(FIXTURES / "small-flt-n12-log.jsonl.gz")
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
     assert read_log(tmp_path) == records[:5] == read_log(tmp_path / "log.jsonl")
+
+
+def test_short_real_training_run_is_not_flagged(tmp_path):
+    """A real LT run that trains normally, with the windows shortened to fit 48 steps so
+    that every rule is live (the state rules from step 36 on), raises no flag. (On this toy
+    corpus the loss has converged by then while the state still grows slowly.)"""
+    from test_train import make_corpus, small_config
+
+    from loopedlm.train import train
+
+    data_dir, tok_dir = make_corpus(tmp_path / "corpus")
+    thresholds = CollapseThresholds(min_steps=20, plateau_window=16, swing_window=10,
+                                    state_window=16)
+    model = {"depth": 2, "d_model": 32, "n_head": 2, "sequence_len": 32, "n_loops": 3,
+             "loop_mode": "lt"}
+    summary = train(small_config(tmp_path / "run", data_dir, tok_dir, steps=48, eval_every=0,
+                                 save_every=0, model=model, collapse=thresholds))
+    assert summary["status"] == "completed"
+    records = read_log(tmp_path / "run")
+    curve = [r["loss"] for r in records if "loss" in r]
+    assert len(curve) == 48 and curve[-1] < curve[0] - 1  # it did learn
+    assert summary["collapse"]["status"] == "ok", summary["collapse"]["events"]
+    assert replay_log(records, thresholds).status() == "ok"
+
+
+def test_run_logger_writes_a_record_with_collapse_flags(tmp_path):
+    """Regression: TensorBoard got each collapse flag (a dict) as a scalar and raised, so
+    the first flag of a live run crashed it."""
+    from loopedlm.diagnostics import RunLogger
+
+    logger = RunLogger(tmp_path)
+    flag = {"step": 3, "kind": "spike", "detail": "x"}
+    logger.write({"step": 3, "loss": 2.0, "residual_norm": [1.0, 2.0], "collapse_flags": [flag]})
+    logger.close()
+    assert read_log(tmp_path)[0]["collapse_flags"] == [flag]
