@@ -198,24 +198,29 @@ def _train_in_process(cmd: list[str], log_file: Path) -> int:
 def run_sweep(sweep: Sweep, out_dir: str | Path, *, dry_run: bool = False,
               only: str | None = None, in_process: bool = False) -> list[dict[str, Any]]:
     """Run every not-yet-finished run of the sweep; returns a status row per run.
-    `in_process` trains in this process rather than in a subprocess per run."""
+    `in_process` trains in this process rather than in a subprocess per run. The manifest
+    (SWEEP_DIR/sweep.json) lists every run from the start ("pending" until reached), so a
+    report of a sweep cut short still sees every finished run."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     specs = [s for s in sweep.expand() if only is None or only in s.name]
-    for i, spec in enumerate(specs, 1):
+    for spec in specs:
         run_dir = out_dir / spec.name
         train_cmd = [sys.executable, "-m", "loopedlm", "train", sweep.recipe,
                      f"--run_dir={_format(str(run_dir))}", "--progress=false", *spec.train_args()]
         if latest_training_checkpoint(run_dir) is not None:
             # continue from the last checkpoint; a run killed before its first one restarts
             train_cmd.append("--resume=true")
-        eval_cmd = _eval_command(sweep, spec, run_dir)
-        row = {"name": spec.name, "settings": spec.settings, "train_cmd": train_cmd,
-               "eval_cmd": eval_cmd}
-        if dry_run:
-            rows.append({**row, "status": "planned"})
-            continue
+        rows.append({"name": spec.name, "settings": spec.settings, "train_cmd": train_cmd,
+                     "eval_cmd": _eval_command(sweep, spec, run_dir),
+                     "status": "planned" if dry_run else "pending"})
+    if dry_run:
+        return rows
+    flags = " --in-process" if in_process else ""
+    _write_manifest(sweep, out_dir, rows, flags)
+    for i, (spec, row) in enumerate(zip(specs, rows, strict=True), 1):
+        run_dir, train_cmd, eval_cmd = out_dir / spec.name, row["train_cmd"], row["eval_cmd"]
         t0 = time.time()
         if run_finished(run_dir):
             row["status"] = "skipped (finished)"
@@ -233,8 +238,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, dry_run: bool = False,
             code = _run(eval_cmd, out_dir / f"{spec.name}.log")
             row["eval_status"] = "evaluated" if code == 0 else f"eval failed ({code})"
         row["seconds"] = round(time.time() - t0, 1)
-        rows.append(row)
-        _write_manifest(sweep, out_dir, rows, " --in-process" if in_process else "")
+        _write_manifest(sweep, out_dir, rows, flags)
     return rows
 
 

@@ -5,8 +5,10 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from loopedlm.report import write_report
+from loopedlm.report import claim_sentences, lr_curves, parabola_minimum, write_report
 from loopedlm.sweep import Sweep, run_sweep
 
 SWEEP = """
@@ -169,7 +171,9 @@ def test_report_writes_tables_and_figures(tmp_path, experiment):
     if experiment == "stability":
         assert "Collapse by configuration" in text
     if experiment == "residual_scaling":
-        assert "| inv_loops | 2 | 1 |" in text  # lower bpb at lr 1.0 in the fake data
+        # lower bpb at lr 1.0 in the fake data: the grid's upper edge, no interpolation
+        assert "| flt | inv_loops | - | 2 | 1x | 1.8000 ± 0.0000 (n=2) | at the grid's upper edge" \
+            in text
 
 
 def test_report_needs_a_sweep(tmp_path):
@@ -249,3 +253,70 @@ sample_tokens = 2
                                          for a in args])
     direct = train(build_config(recipe, overrides))
     assert swept["final_loss"] == direct["final_loss"] and swept["val_bpb"] == direct["val_bpb"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(vertex=st.floats(-2.5, 2.5), curvature=st.floats(0.01, 1.0), floor=st.floats(1.0, 3.0))
+def test_parabola_minimum_recovers_a_sub_grid_optimum(vertex, curvature, floor):
+    xs = [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]
+    ys = [floor + curvature * (x - vertex) ** 2 for x in xs]
+    x, y = parabola_minimum(xs, ys)
+    assert x == pytest.approx(vertex, abs=1e-6) and y == pytest.approx(floor, abs=1e-6)
+
+
+def test_parabola_minimum_at_the_edge_is_none():
+    assert parabola_minimum([0.0, 1.0, 2.0], [1.0, 2.0, 3.0]) is None
+    assert parabola_minimum([0.0, 1.0, 2.0], [3.0, 2.0, 1.0]) is None
+
+
+def _lr_runs(shape, scales=("none", "inv_sqrt_loops", "lambda_loops_sqrt_depth"), steps=(100,),
+             seeds=(0, 1)):
+    """Synthetic residual-scaling runs: val BPB = shape(scale, n, log2 lr) + seed jitter."""
+    runs = []
+    for scale in scales:
+        for horizon in steps:
+            for n in (2, 8):
+                for x in range(-3, 4):
+                    for seed in seeds:
+                        bpb = shape(scale, n, x, horizon) + 0.0001 * seed
+                        runs.append({"settings": {"model.loop_mode": "lt", "steps": horizon,
+                                                  "model.residual_scale": scale,
+                                                  "model.n_loops": n, "optim.lr_scale": 2.0 ** x,
+                                                  "seed": seed},
+                                     "summary": {"status": "completed", "val_bpb": bpb},
+                                     "dir": Path("/nonexistent")})
+    return runs
+
+
+def test_claims_are_decided_from_the_data():
+    # the paper's world: lambda beats inv_sqrt; under lambda the optimum stays at 0, under
+    # the others it moves right with N
+    def paper(scale, n, x, steps):
+        base = {"none": 2.9, "inv_sqrt_loops": 2.8, "lambda_loops_sqrt_depth": 2.7}[scale]
+        shift = 0.0 if scale == "lambda_loops_sqrt_depth" else (0.3 if n == 8 else 0.0)
+        return base + 0.05 * (x - shift) ** 2
+
+    text = " ".join(claim_sentences(lr_curves(_lr_runs(paper, steps=(100, 30)))))
+    assert "Claim 1" in text and "**reproduced**" in text.split("Claim 2")[0]
+    assert "**reproduced**" in text.split("Claim 2")[1]
+    assert "is the same at every horizon" in text
+
+    # the opposite world: inv_sqrt better, lambda's optimum moves a full grid step
+    def other(scale, n, x, steps):
+        base = {"none": 2.9, "inv_sqrt_loops": 2.6, "lambda_loops_sqrt_depth": 2.7}[scale]
+        shift = 1.0 if (scale == "lambda_loops_sqrt_depth" and n == 8) else 0.0
+        return base + 0.05 * (x - shift) ** 2
+
+    text = " ".join(claim_sentences(lr_curves(_lr_runs(other))))
+    claim1, claim2 = text.split("Claim 2")
+    assert "**not reproduced**" in claim1 and "**not reproduced**" in claim2
+    assert "+1 and the interpolated optimum +1.00 grid steps" in claim2
+
+
+def test_claim_2_needs_an_interior_minimum():
+    def edge(scale, n, x, steps):  # lambda at N=8 keeps improving up to the largest rate
+        return 2.7 - 0.01 * x if (scale == "lambda_loops_sqrt_depth" and n == 8) else 2.7 + 0.05 * x * x
+
+    text = " ".join(claim_sentences(lr_curves(_lr_runs(edge))))
+    assert "**not reproduced**" in text.split("Claim 2")[1]
+    assert "minimum at the grid's edge" in text
