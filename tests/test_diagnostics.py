@@ -338,3 +338,31 @@ def test_run_logger_writes_a_record_with_collapse_flags(tmp_path):
     logger.write({"step": 3, "loss": 2.0, "residual_norm": [1.0, 2.0], "collapse_flags": [flag]})
     logger.close()
     assert read_log(tmp_path)[0]["collapse_flags"] == [flag]
+
+
+def test_plot_marks_the_flagged_steps(tmp_path):
+    """`loopedlm plot` finds the LT fixture's flags by replaying its log (none were logged)
+    and draws one marker per flag on each figure."""
+    from loopedlm.plot import collapse_events, plot_runs
+
+    lt = FIXTURES / "small-lt-n12-log.jsonl.gz"
+    events = collapse_events(lt)
+    assert events == [e.to_dict() for e in replay_log(lt).events] and events
+    assert collapse_events(FIXTURES / "small-flt-n12-log.jsonl.gz") == []
+    import matplotlib.axes
+
+    marked = []
+    original = matplotlib.axes.Axes.axvline
+
+    def spy(self, x=0, *args, **kwargs):
+        marked.append(x)
+        return original(self, x, *args, **kwargs)
+
+    matplotlib.axes.Axes.axvline = spy
+    try:
+        pngs = plot_runs([lt], tmp_path)
+    finally:
+        matplotlib.axes.Axes.axvline = original
+    assert all(p.stat().st_size > 1000 for p in pngs)
+    # loss + bpb, residual norm, four gradient panels: 7 axes, each marks every flag
+    assert sorted(marked) == sorted([e["step"] for e in events] * 7)
