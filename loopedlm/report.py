@@ -580,7 +580,7 @@ def claim_sentences(curves: list[LrCurve]) -> list[str]:
     scale = "lambda_loops_sqrt_depth" if any(k[0] == "lambda_loops_sqrt_depth" for k in index) \
         else one_over_n
     if scale:
-        verdicts, facts = [], []
+        verdicts, facts, also = [], [], set()
         for steps in horizons:
             loops = sorted(k[2] for k in index if k[0] == scale and k[1] == steps)
             if len(loops) < 2:
@@ -591,7 +591,10 @@ def claim_sentences(curves: list[LrCurve]) -> list[str]:
             for other in sorted({k[0] for k in index} - {scale}):
                 oa, ob = index.get((other, steps, loops[0])), index.get((other, steps, loops[-1]))
                 if oa and ob:
-                    others.append(f"{other} {_shift(oa, ob)[1]:+.2f}")
+                    moved = _shift(oa, ob)[1]
+                    others.append(f"{other} {moved:+.2f}")
+                    if abs(moved) <= 0.5 and not (oa.at_edge or ob.at_edge):
+                        also.add(other)
             exact = not (a.at_edge or b.at_edge)
             verdicts.append(exact and abs(interp) <= 0.5)
             facts.append((f"{steps} steps: " if len(horizons) > 1 else "")
@@ -605,7 +608,9 @@ def claim_sentences(curves: list[LrCurve]) -> list[str]:
             out.append(f"Claim 2 (with {scale} the best learning rate does not depend on N): "
                        f"**{verdict}** at this scale (criterion: the interpolated optimum moves "
                        f"by at most half a grid step, a factor of 1.41). " + "; ".join(facts)
-                       + ".")
+                       + "." + (f" The criterion also holds for {', '.join(sorted(also))} at some "
+                                "horizon, so there the transfer is not specific to the 1/N "
+                                "scaling." if also else ""))
     # stability of the ordering across horizons
     if len(horizons) > 1:
         orders = {}
