@@ -512,8 +512,8 @@ def _lr_figures(curves: list[LrCurve], out: Path, cmd: str, mode: str) -> list[s
         safe = "".join(ch if ch.isalnum() else "_" for ch in name)
         parts.append(_figure_lr([c for c in curves if c.scale == scale],
                                 out / f"residual_scaling_{safe}.png",
-                                f"Val BPB against the learning-rate multiplier, "
-                                f"{mode + ', ' if mode else ''}residual_scale={scale}, "
+                                f"Val BPB against the LR multiplier, "
+                                f"{mode + ', ' if mode else ''}{scale}, "
                                 f"eps = {SCALING_LABELS.get(scale, scale)}", caption))
     return parts
 
