@@ -4,11 +4,13 @@ detection, and the run's JSONL / TensorBoard logs."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,18 +146,33 @@ def evaluate_bpb(model: nn.Module, loader, token_bytes: torch.Tensor, steps: int
 # ---- collapse detection (SPEC 6) -----------------------------------------------
 @dataclass
 class CollapseThresholds:
-    """When a loss curve counts as collapsing.
+    """When a run counts as collapsing. Windows count updates (steps, when the detector
+    is fed every step); nothing is checked before `min_steps` (the initial descent is
+    steep by nature).
 
-    plateau: over the last `plateau_window` steps the windowed minimum improved by less
-      than `plateau_min_improvement` (relative) *and* the recent mean loss is more than
-      `plateau_gap` (relative) above the best smoothed loss seen so far: the run is
-      stuck far above where it has already been (a collapse, not a converged run).
-    swings: at least `swing_fraction` of the last `swing_window` losses lie more than
-      `swing_rel_dev` (relative) away from the window's median (sustained oscillation;
-      a lone spike does not count).
-    spike: one step's loss exceeds the median of the previous `swing_window` steps by
-      more than `spike_ratio` (relative).
-    Nothing is checked before `min_steps` (the initial descent is steep by nature).
+    Loss-curve rules:
+      plateau: over the last `plateau_window` steps the windowed minimum improved by less
+        than `plateau_min_improvement` (relative) *and* the recent mean loss is more than
+        `plateau_gap` (relative) above the best smoothed loss seen so far: the run is
+        stuck far above where it has already been (a collapse, not a converged run).
+      swings: at least `swing_fraction` of the last `swing_window` losses lie more than
+        `swing_rel_dev` (relative) away from the window's median (sustained oscillation;
+        a lone spike does not count).
+      spike: one step's loss exceeds the median of the previous `swing_window` steps by
+        more than `spike_ratio` (relative).
+
+    Residual-state rules (the paper's collapse: the loss stalls early while the state
+    keeps growing; fed the per-loop residual-state norms of SPEC 6, their maximum over
+    loops is watched). Over the last `state_window` steps after `min_steps`, compare the
+    first quarter with the last (mean loss, median norm). The loss is *stalled* when it
+    improved by less than `stall_improvement` (relative) between the two quarters.
+      stalled_growth: the loss is stalled while the norm grew by a factor of at least
+        `state_growth` across the window (sustained multiplicative growth).
+      state_explosion: the loss is stalled while the norm is at least `state_ratio` times
+        its early level (the median of the first `state_window // 4` steps after
+        `min_steps`): slow growth that has added up.
+    A healthy run improves its loss while its state grows, so neither rule fires on it;
+    set `state_growth` / `state_ratio` to inf to switch a rule off.
     """
 
     min_steps: int = 50
@@ -167,24 +184,33 @@ class CollapseThresholds:
     swing_rel_dev: float = 0.15
     swing_fraction: float = 0.25
     spike_ratio: float = 0.5
+    state_window: int = 200
+    stall_improvement: float = 0.01
+    state_growth: float = 2.0
+    state_ratio: float = 100.0
 
     def __post_init__(self) -> None:
-        for name in ("min_steps", "plateau_window", "swing_window"):
-            value, minimum = getattr(self, name), 0 if name == "min_steps" else 2
+        for name, minimum in (("min_steps", 0), ("plateau_window", 2), ("swing_window", 2),
+                              ("state_window", 4)):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"collapse.{name}={value!r} is not allowed: an integer >= "
                                  f"{minimum}")
-        for name in ("ema_beta", "plateau_min_improvement", "plateau_gap", "swing_rel_dev",
-                     "swing_fraction", "spike_ratio"):
+        for name, minimum in (("ema_beta", 0), ("plateau_min_improvement", 0),
+                              ("plateau_gap", 0), ("swing_rel_dev", 0), ("swing_fraction", 0),
+                              ("spike_ratio", 0), ("stall_improvement", 0),
+                              ("state_growth", 1), ("state_ratio", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"collapse.{name}={value!r} is not allowed: a number >= 0")
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or math.isnan(value) or value < minimum):
+                raise ValueError(f"collapse.{name}={value!r} is not allowed: a number >= "
+                                 f"{minimum}")
 
 
 @dataclass
 class CollapseEvent:
     step: int
-    kind: str  # "nonfinite" | "plateau" | "swings" | "spike"
+    kind: str  # "nonfinite" | "plateau" | "swings" | "spike" | "stalled_growth" | "state_explosion"
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,8 +219,11 @@ class CollapseEvent:
 
 @dataclass
 class CollapseDetector:
-    """Feed it the training loss each step; it returns new events as they happen.
-    A flag of one kind is raised at most once per window to keep logs readable."""
+    """Feed it the training loss (and the per-loop residual-state norms) each step; it
+    returns new events as they happen. A flag of one kind is raised at most once per
+    window to keep logs readable. `state_dict` / `load_state_dict` make a resumed run
+    flag exactly what an uninterrupted one would; `replay_log` runs it over a finished
+    run's log."""
 
     thresholds: CollapseThresholds = field(default_factory=CollapseThresholds)
     events: list[CollapseEvent] = field(default_factory=list)
@@ -206,18 +235,24 @@ class CollapseDetector:
         self._best_ema = math.inf
         self._seen = 0
         self._last_flag: dict[str, int] = {}
+        # (loss, max residual norm over loops) of the steps after min_steps
+        self._state: deque[tuple[float, float]] = deque(maxlen=t.state_window)
+        self._early_norm: float | None = None
 
     @property
     def nonfinite(self) -> bool:
         return any(e.kind == "nonfinite" for e in self.events)
 
     def status(self) -> str:
-        """"ok", "collapsed" (non-finite loss) or "flagged" (plateau / swings)."""
+        """"ok", "collapsed" (non-finite loss) or "flagged" (any other rule)."""
         if self.nonfinite:
             return "collapsed"
         return "flagged" if self.events else "ok"
 
-    def update(self, step: int, loss: float) -> list[CollapseEvent]:
+    def update(self, step: int, loss: float,
+               residual_norm: Sequence[float] | float | None = None) -> list[CollapseEvent]:
+        """Record one step's training loss and (optionally) its residual-state norm per
+        loop; returns the events this step raised."""
         t = self.thresholds
         new: list[CollapseEvent] = []
         if not math.isfinite(loss):
@@ -229,6 +264,11 @@ class CollapseDetector:
         self._best_ema = min(self._best_ema, self._ema)
         history = list(self._recent)
         self._recent.append(loss)
+        norm = _max_norm(residual_norm)
+        if norm is not None and not math.isfinite(norm[0]):
+            new += self._flag(step, "state_explosion", f"the residual-state norm of loop "
+                              f"{norm[1]} is {norm[0]} at step {step}")
+            norm = None
         if self._seen <= t.min_steps:
             return new
 
@@ -257,11 +297,45 @@ class CollapseDetector:
                                   f"{t.plateau_min_improvement:.0%} in {t.plateau_window} steps and "
                                   f"sits {gap:.0%} above the best smoothed loss "
                                   f"{self._best_ema:.4f}")
+        if norm is not None:
+            new += self._check_state(step, loss, norm[0])
+        return new
+
+    def _check_state(self, step: int, loss: float, norm: float) -> list[CollapseEvent]:
+        t = self.thresholds
+        self._state.append((loss, norm))
+        quarter = t.state_window // 4
+        if self._early_norm is None and len(self._state) == quarter:
+            self._early_norm = statistics.median(n for _, n in self._state)
+        if len(self._state) < t.state_window:
+            return []
+        first, last = list(self._state)[:quarter], list(self._state)[-quarter:]
+        loss_then = statistics.fmean(x for x, _ in first)
+        loss_now = statistics.fmean(x for x, _ in last)
+        improvement = (loss_then - loss_now) / loss_then
+        if improvement >= t.stall_improvement:
+            return []
+        norm_then = statistics.median(n for _, n in first)
+        norm_now = statistics.median(n for _, n in last)
+        stalled = (f"while the loss stalled ({improvement:+.1%}: {loss_then:.3f} -> "
+                   f"{loss_now:.3f}, means of the first and last {quarter} steps)")
+        new = []
+        growth = norm_now / norm_then if norm_then > 0 else math.inf
+        if growth >= t.state_growth:
+            new += self._flag(step, "stalled_growth", f"the residual-state norm grew {growth:.1f}x "
+                              f"({norm_then:.3g} -> {norm_now:.3g}, max over loops) in the last "
+                              f"{t.state_window} steps {stalled}")
+        ratio = norm_now / self._early_norm if self._early_norm else math.inf
+        if ratio >= t.state_ratio:
+            new += self._flag(step, "state_explosion", f"the residual-state norm is {ratio:.0f}x "
+                              f"its early level ({self._early_norm:.3g} -> {norm_now:.3g}, max over "
+                              f"loops) {stalled}")
         return new
 
     def _flag(self, step: int, kind: str, detail: str) -> list[CollapseEvent]:
         t = self.thresholds
-        gap = t.plateau_window if kind == "plateau" else t.swing_window
+        gap = {"plateau": t.plateau_window, "stalled_growth": t.state_window,
+               "state_explosion": t.state_window}.get(kind, t.swing_window)
         last = self._last_flag.get(kind)
         if last is not None and step - last < gap:
             return []
@@ -277,7 +351,8 @@ class CollapseDetector:
     def state_dict(self) -> dict[str, Any]:
         return {"recent": list(self._recent), "ema": self._ema, "best_ema": self._best_ema,
                 "seen": self._seen, "last_flag": dict(self._last_flag),
-                "events": [e.to_dict() for e in self.events]}
+                "events": [e.to_dict() for e in self.events],
+                "state": [list(pair) for pair in self._state], "early_norm": self._early_norm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._recent.clear()
@@ -285,6 +360,39 @@ class CollapseDetector:
         self._ema, self._best_ema = state["ema"], state["best_ema"]
         self._seen, self._last_flag = state["seen"], dict(state["last_flag"])
         self.events = [CollapseEvent(**e) for e in state["events"]]
+        # checkpoints written before the residual-state rules have no "state"
+        self._state.clear()
+        self._state.extend(tuple(pair) for pair in state.get("state", []))
+        self._early_norm = state.get("early_norm")
+
+
+def _max_norm(residual_norm: Sequence[float] | float | None) -> tuple[float, int] | None:
+    """(the largest per-loop norm, its 1-based loop), non-finite first; None if absent."""
+    if residual_norm is None:
+        return None
+    norms = [float(residual_norm)] if isinstance(residual_norm, int | float) else [
+        float(x) for x in residual_norm]
+    if not norms:
+        return None
+    bad = [i for i, x in enumerate(norms) if not math.isfinite(x)]
+    loop = bad[0] if bad else max(range(len(norms)), key=norms.__getitem__)
+    return norms[loop], loop + 1
+
+
+def replay_log(source: str | Path | Iterable[dict[str, Any]],
+               thresholds: CollapseThresholds | None = None) -> CollapseDetector:
+    """Run a fresh detector over a finished run's training records, offline.
+
+    `source` is a run folder, a log.jsonl (or .jsonl.gz) file, or the records
+    themselves; every record with a "loss" is fed in order, with its "residual_norm"
+    when present. Returns the detector: its `events`, `status()` and `summary()`.
+    """
+    records = read_log(source) if isinstance(source, str | Path) else source
+    detector = CollapseDetector(thresholds or CollapseThresholds())
+    for record in records:
+        if record.get("loss") is not None and record.get("step") is not None:
+            detector.update(record["step"], float(record["loss"]), record.get("residual_norm"))
+    return detector
 
 
 # ---- run logs ------------------------------------------------------------------
@@ -318,9 +426,10 @@ class RunLogger:
             for key, value in record.items():
                 if key == "step":
                     continue
-                if isinstance(value, list):
+                if isinstance(value, list):  # per-loop numbers; not collapse_flags (dicts)
                     for i, v in enumerate(value):
-                        self.tb.add_scalar(f"{key}/loop_{i + 1}", v, record["step"])
+                        if isinstance(v, int | float) and not isinstance(v, bool):
+                            self.tb.add_scalar(f"{key}/loop_{i + 1}", v, record["step"])
                 elif isinstance(value, int | float) and not isinstance(value, bool):
                     if value is not None and math.isfinite(value):
                         self.tb.add_scalar(key, value, record["step"])
@@ -332,13 +441,17 @@ class RunLogger:
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of RUN/log.jsonl."""
-    path = Path(run_dir) / "log.jsonl"
+    """The records of RUN/log.jsonl (or of a log file given directly, gzipped if it ends
+    in .gz)."""
+    path = Path(run_dir)
+    if path.is_dir() or not path.exists():
+        path = path / "log.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a loopedlm run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 __all__ = ["PEAK_FLOPS_BF16", "peak_flops", "mfu", "PeakMemory", "watched_parameters", "grad_norms",
            "evaluate_bpb", "CollapseThresholds", "CollapseEvent", "CollapseDetector",
-           "RunLogger", "read_log"]
+           "replay_log", "RunLogger", "read_log"]

@@ -1,14 +1,17 @@
 """`loopedlm plot RUN... [--out DIR]`: the paper's diagnostic figures (section 3) from
 runs' `log.jsonl`, several runs overlaid: training loss (and validation bits-per-byte),
-the residual-state norm of each loop, and the gradient norms, against step."""
+the residual-state norm of each loop, and the gradient norms, against step. Every step
+the collapse detector flags is marked on every figure (a dotted line in the run's colour,
+labelled with the rule), and listed on the console."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from loopedlm.diagnostics import read_log
+from loopedlm.diagnostics import CollapseThresholds, read_log, replay_log
 
 GRAD_KEYS = ("grad_norm/first_mlp", "grad_norm/lm_head", "grad_norm/middle_mlp",
              "grad_norm/middle_attn")
@@ -23,8 +26,38 @@ def _label(run: Path) -> str:
     return run.name if run.name not in ("", ".") else str(run.resolve().name)
 
 
+def collapse_events(run: str | Path, records: list[dict[str, Any]] | None = None
+                    ) -> list[dict[str, Any]]:
+    """The collapse events of a run: those its log recorded, and those the detector finds
+    when it replays the log now (with the run's own thresholds from RUN/config.json if
+    present), so a log written before a rule existed is still checked by it. Sorted by
+    step, one per (step, kind)."""
+    run = Path(run)
+    records = read_log(run) if records is None else records
+    thresholds = CollapseThresholds()
+    config = run / "config.json"
+    if run.is_dir() and config.exists():
+        saved = json.loads(config.read_text()).get("train", {}).get("collapse")
+        known = CollapseThresholds.__dataclass_fields__
+        if isinstance(saved, dict):
+            thresholds = CollapseThresholds(**{k: v for k, v in saved.items() if k in known})
+    events = {(e["step"], e["kind"]): e for r in records for e in r.get("collapse_flags", [])}
+    for event in replay_log(records, thresholds).events:
+        events.setdefault((event.step, event.kind), event.to_dict())
+    return [events[key] for key in sorted(events)]
+
+
+def _mark(axes, events: list[dict[str, Any]], color: str) -> None:
+    for ax in axes:
+        for event in events:
+            ax.axvline(event["step"], color=color, alpha=0.5, ls=":", lw=1.2)
+            ax.annotate(event["kind"], (event["step"], 1.0), xycoords=("data", "axes fraction"),
+                        rotation=90, va="top", ha="right", fontsize=6, color=color)
+
+
 def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Write loss.png, residual_norm.png and grad_norm.png into `out_dir`; returns paths."""
+    """Write loss.png, residual_norm.png and grad_norm.png into `out_dir`; returns paths.
+    A run folder or a log.jsonl(.gz) file works as a run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,6 +66,7 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logs = {Path(r): read_log(r) for r in runs}
+    flags = {run: collapse_events(run, records) for run, records in logs.items()}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
 
@@ -41,8 +75,7 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
         c = colors[i % len(colors)]
         ax_loss.plot(*_series(records, "loss"), color=c, lw=1, label=_label(run))
         ax_bpb.plot(*_series(records, "val_bpb"), color=c, marker="o", ms=3, label=_label(run))
-        for event_step in (e["step"] for r in records for e in r.get("collapse_flags", [])):
-            ax_loss.axvline(event_step, color=c, alpha=0.3, ls=":")
+        _mark([ax_loss, ax_bpb], flags[run], c)
     ax_loss.set(xlabel="step", ylabel="training loss (nats)", title="Training loss")
     ax_bpb.set(xlabel="step", ylabel="bits per byte", title="Validation BPB")
     for ax in (ax_loss, ax_bpb):
@@ -62,6 +95,7 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
             ax.plot(xs, [n[loop] for n in norms if len(n) > loop], color=colors[i % len(colors)], lw=1,
                     ls=styles[loop % len(styles)], alpha=0.5 + 0.5 * (loop + 1) / n_loops,
                     label=f"{_label(run)} loop {loop + 1}")
+        _mark([ax], flags[run], colors[i % len(colors)])
     ax.set(xlabel="step", ylabel="rms of x_L^t", title="Residual-state norm per loop",
            yscale="log")
     ax.grid(alpha=0.3)
@@ -73,9 +107,11 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
         for ax, key in zip(axes, GRAD_KEYS, strict=True):
             ax.plot(*_series(records, key), color=colors[i % len(colors)], lw=1,
                     label=_label(run))
+        _mark(axes, flags[run], colors[i % len(colors)])
     for ax, key in zip(axes, GRAD_KEYS, strict=True):
+        logged = any(_series(records, key)[0] for records in logs.values())
         ax.set(xlabel="step", title=key.split("/")[1].replace("_", " ") + " grad L2 norm",
-               yscale="log")
+               yscale="log" if logged else "linear")  # a log axis needs data
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     written.append(_save(fig, out / "grad_norm.png"))
@@ -92,9 +128,14 @@ def _save(fig, path: Path) -> Path:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    out = args.out or (Path(args.runs[0]) / "plots")
+    first = Path(args.runs[0])
+    out = args.out or ((first if first.is_dir() else first.parent) / "plots")
     for path in plot_runs(args.runs, out):
         print(path)
+    for run in args.runs:
+        for event in collapse_events(run):
+            print(f"{run}: collapse flag '{event['kind']}' at step {event['step']}: "
+                  f"{event['detail']}")
     return 0
 
 
@@ -106,4 +147,4 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_cmd_plot)
 
 
-__all__ = ["plot_runs"]
+__all__ = ["plot_runs", "collapse_events"]

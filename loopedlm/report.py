@@ -14,6 +14,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -334,33 +335,188 @@ def section_test_time(runs, out: Path, cmd: str) -> list[str]:
     return parts
 
 
+# ---- residual scaling (the second paper; SPEC 4) ---------------------------------
+SCALING_LABELS = {"none": "1", "inv_sqrt_loops": "1/sqrt N", "inv_loops": "1/N",
+                  "lambda_loops_sqrt_depth": "lambda/N sqrt L"}  # no parentheses: figure titles
+ONE_OVER_N = ("lambda_loops_sqrt_depth", "inv_loops")  # the paper's 1/N-type scalings
+
+
+def parabola_minimum(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """The vertex (x, y) of the parabola through the grid minimum and its two neighbours,
+    or None when the minimum lies on the edge of the grid (or the three are not convex)."""
+    i = ys.index(min(ys))
+    if i == 0 or i == len(ys) - 1:
+        return None
+    (x0, x1, x2), (y0, y1, y2) = xs[i - 1:i + 2], ys[i - 1:i + 2]
+    # Lagrange form: y = a x^2 + b x + c
+    d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
+    a = y0 / d0 + y1 / d1 + y2 / d2
+    b = -(y0 * (x1 + x2) / d0 + y1 * (x0 + x2) / d1 + y2 * (x0 + x1) / d2)
+    if a <= 0:
+        return None
+    x = -b / (2 * a)
+    y = y0 * (x - x1) * (x - x2) / d0 + y1 * (x - x0) * (x - x2) / d1 + y2 * (x - x0) * (x - x1) / d2
+    return x, y
+
+
+@dataclass
+class LrCurve:
+    """Val BPB against log2(lr multiplier) for one (loop mode, scaling, horizon, N), over
+    seeds."""
+
+    mode: str
+    scale: str
+    steps: Any
+    n_loops: int
+    points: dict[float, list[float]]  # log2 multiplier -> val BPB per seed
+    failed: list[float]  # log2 multipliers whose runs gave no val BPB (collapsed, missing)
+
+    @property
+    def xs(self) -> list[float]:
+        return sorted(self.points)
+
+    @property
+    def means(self) -> list[float]:
+        return [statistics.mean(self.points[x]) for x in self.xs]
+
+    @property
+    def best(self) -> float:
+        return self.xs[self.means.index(min(self.means))]
+
+    @property
+    def at_edge(self) -> bool:
+        return self.best in (self.xs[0], self.xs[-1])
+
+    @property
+    def optimum(self) -> tuple[float, float] | None:
+        return parabola_minimum(self.xs, self.means)
+
+    @property
+    def best_x(self) -> float:
+        """The interpolated optimum in log2 units (the grid minimum when at the edge)."""
+        return self.optimum[0] if self.optimum else self.best
+
+    def seeds_at(self, x: float) -> list[float]:
+        return self.points[x]
+
+
+def lr_curves(runs: list[dict[str, Any]]) -> list[LrCurve]:
+    groups: dict[tuple, LrCurve] = {}
+    for run in runs:
+        key = (str(setting(run, "model.loop_mode")),
+               str(setting(run, "model.residual_scale", "none")), setting(run, "steps"),
+               setting(run, "model.n_loops"))
+        curve = groups.setdefault(key, LrCurve(*key, points={}, failed=[]))
+        x = math.log2(float(setting(run, "optim.lr_scale", 1.0)))
+        bpb = val_bpb(run)
+        if bpb is None or not math.isfinite(bpb):
+            curve.failed.append(x)
+        else:
+            curve.points.setdefault(x, []).append(bpb)
+    return sorted((c for c in groups.values() if c.points),
+                  key=lambda c: (c.mode, c.scale, -(c.steps or 0), c.n_loops))
+
+
+def _mult(x: float) -> str:
+    """A log2 multiplier as a readable factor: 1/8x, 1x, 2.83x."""
+    value = 2.0 ** x
+    if abs(x - round(x)) < 1e-9:
+        return f"{value:g}x" if x >= 0 else f"1/{2.0 ** -x:g}x"
+    return f"{value:.3g}x"
+
+
+def _bpb_at(curve: LrCurve, x: float) -> str:
+    vals = curve.seeds_at(x)
+    return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}"
+                                              if len(vals) > 1 else "") + f" (n={len(vals)})"
+
+
+def _noise(curve: LrCurve) -> float:
+    vals = curve.seeds_at(curve.best)
+    return statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def _figure_lr(curves: list[LrCurve], path: Path, title: str, caption: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    loops = sorted({c.n_loops for c in curves})
+    horizons = sorted({c.steps for c in curves if c.steps is not None}, reverse=True)
+    for curve in curves:
+        color = colors[loops.index(curve.n_loops) % len(colors)]
+        style = "-" if curve.steps in (None, *horizons[:1]) else "--"
+        xs = [2.0 ** x for x in curve.xs]
+        lows = [min(curve.points[x]) for x in curve.xs]
+        highs = [max(curve.points[x]) for x in curve.xs]
+        ax.plot(xs, curve.means, ls=style, marker="o", ms=3.5, color=color,
+                label=f"N={curve.n_loops}" + (f", {curve.steps} steps" if horizons else ""))
+        ax.fill_between(xs, lows, highs, color=color, alpha=0.12 if style == "-" else 0.06)
+        if curve.optimum:
+            ax.plot([2.0 ** curve.optimum[0]], [curve.optimum[1]], marker="*", ms=11,
+                    color=color, ls="none", markeredgecolor="black", markeredgewidth=0.5)
+        for x in curve.failed:
+            ax.axvline(2.0 ** x, color=color, ls=":", alpha=0.4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("learning-rate multiplier (every group's rate)")
+    ax.set_ylabel("val BPB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![{title}]({path.name})\n\n*{title}.* {caption}\n"
+
+
 def section_residual_scaling(runs, out: Path, cmd: str) -> list[str]:
+    """Val BPB against the learning-rate multiplier per residual scaling, loop count and
+    horizon; the grid and interpolated optimum of each curve; and one sentence per claim
+    of the residual-scaling paper, decided from the numbers."""
+    curves = lr_curves(runs)
+    if not curves:
+        return ["No finished runs with a validation BPB.\n"]
+    modes = sorted({c.mode for c in curves})
+    parts, table, shifts, claims = [], [], [], []
+    for mode in modes:
+        sub = [c for c in curves if c.mode == mode]
+        prefix = f"{mode}, " if len(modes) > 1 else ""
+        parts += _lr_figures(sub, out, cmd, mode if len(modes) > 1 else "")
+        table += [_table_row(c) for c in sub]
+        shifts += [f"- {prefix}{line}" for line in _shift_lines(sub)]
+        claims += [f"- {prefix}{line}" for line in claim_sentences(sub)]
+    head = ["| loop_mode | residual_scale | steps | N | best multiplier (grid) | val BPB at best, "
+            "mean ± std (seeds) | interpolated optimum | val BPB there |",
+            "|---|---|---|---|---|---|---|---|"]
+    return ["**Best learning-rate multiplier per residual scaling and loop count** "
+            "(multipliers apply to every base rate of the recipe; the interpolated optimum is "
+            "the vertex of the parabola through the three grid points around the minimum, in "
+            "log2 of the multiplier)\n\n" + "\n".join(head + table) + "\n",
+            "**Does the optimum move with N?**\n\n" + "\n".join(shifts) + "\n",
+            "**The paper's claims at this scale**\n\n" + "\n".join(claims) + "\n", *parts]
+
+
+def _table_row(c: LrCurve) -> str:
+    opt = c.optimum
+    return (f"| {c.mode} | {c.scale} | {c.steps if c.steps is not None else '-'} | {c.n_loops} | "
+            f"{_mult(c.best)} | {_bpb_at(c, c.best)} | "
+            + (f"{_mult(opt[0])} | {opt[1]:.4f} |" if opt else
+               f"at the grid's {'lower' if c.best == c.xs[0] else 'upper'} edge | - |"))
+
+
+def _lr_figures(curves: list[LrCurve], out: Path, cmd: str, mode: str) -> list[str]:
     parts = []
-    best_rows = ["| residual_scale | loops | best lr_scale | val BPB at best |", "|---|---|---|---|"]
-    scales = sorted({str(setting(r, "model.residual_scale")) for r in runs})
-    for scale in scales:
-        lines = {}
-        members = [r for r in runs if str(setting(r, "model.residual_scale")) == scale]
-        for n in sorted({setting(r, "model.n_loops") for r in members}):
-            by_lr: dict[float, list[float]] = defaultdict(list)
-            for r in members:
-                if setting(r, "model.n_loops") == n and val_bpb(r) is not None:
-                    by_lr[float(setting(r, "optim.lr_scale", 1.0))].append(val_bpb(r))
-            if not by_lr:
-                continue
-            xs = sorted(by_lr)
-            ys = [statistics.mean(by_lr[x]) for x in xs]
-            lines[f"N={n}"] = (xs, ys)
-            best = xs[ys.index(min(ys))]
-            best_rows.append(f"| {scale} | {n} | {best:g} | {min(ys):.4f} |")
-        safe = "".join(c if c.isalnum() else "_" for c in scale)
-        parts.append(figure_xy(lines, out / f"residual_scaling_{safe}.png",
-                               f"Validation BPB against learning-rate multiplier, "
-                               f"residual_scale={scale}", "lr_scale (x all base rates)",
-                               "val BPB", cmd, log_x=True))
-    parts.insert(0, "**Best learning rate per loop count** (the claim: with "
-                 "lambda_loops_sqrt_depth it does not move as N grows)\n\n"
-                 + "\n".join(best_rows) + "\n")
+    caption = (cmd + " Mean over seeds, band = min..max over seeds; solid = the longest "
+               "horizon, dashed = shorter; star = the parabola's minimum through the three grid "
+               "points around the best one (log2 multiplier); dotted = a multiplier whose run "
+               "gave no val BPB.")
+    for scale in sorted({c.scale for c in curves}):
+        name = f"{mode}_{scale}" if mode else scale
+        safe = "".join(ch if ch.isalnum() else "_" for ch in name)
+        parts.append(_figure_lr([c for c in curves if c.scale == scale],
+                                out / f"residual_scaling_{safe}.png",
+                                f"Val BPB against the LR multiplier, "
+                                f"{mode + ', ' if mode else ''}{scale}, "
+                                f"eps = {SCALING_LABELS.get(scale, scale)}", caption))
     return parts
 
 
@@ -506,6 +662,122 @@ def _fmt_mean_std(values: list[float | None], digits: int) -> str:
     if stats is None:
         return "-"
     return f"{stats[0]:.{digits}f}" + (f" ± {stats[1]:.{digits}f}" if stats[2] > 1 else "")
+
+
+def _by(curves: list[LrCurve]) -> dict[tuple, LrCurve]:
+    """Curves of one loop mode by (scaling, horizon, N)."""
+    return {(c.scale, c.steps, c.n_loops): c for c in curves}
+
+
+def _shift(small: LrCurve, large: LrCurve) -> tuple[float, float]:
+    """(grid steps, interpolated steps) the optimum moves from `small` to `large` N, in
+    factors of 2 of the multiplier (positive: the larger N wants a larger rate)."""
+    return large.best - small.best, large.best_x - small.best_x
+
+
+def _shift_lines(curves: list[LrCurve]) -> list[str]:
+    lines = []
+    index = _by(curves)
+    for scale, steps in sorted({(c.scale, c.steps) for c in curves}, key=lambda k: (k[0], -(k[1] or 0))):
+        loops = sorted(n for (s, h, n) in index if s == scale and h == steps)
+        for small, large in zip(loops, loops[1:], strict=False):
+            a, b = index[(scale, steps, small)], index[(scale, steps, large)]
+            grid, interp = _shift(a, b)
+            edge = " (a minimum is at the grid's edge, so this is a bound)" if (
+                a.at_edge or b.at_edge) else ""
+            lines.append(f"{scale}, {steps} steps: N={small} -> N={large}: the grid minimum "
+                         f"moves {grid:+.0f} grid steps ({_mult(a.best)} -> {_mult(b.best)}), "
+                         f"the interpolated optimum {interp:+.2f} steps "
+                         f"({_mult(a.best_x)} -> {_mult(b.best_x)}){edge}.")
+    return lines
+
+
+def claim_sentences(curves: list[LrCurve]) -> list[str]:
+    """One sentence per claim of the residual-scaling paper, from the numbers:
+    1. a 1/N-type scaling gives a better loss than 1/sqrt(N), at every loop count;
+    2. under lambda/(N sqrt(L)) the optimal learning rate does not depend on N (here: its
+       interpolated optimum moves by at most half a grid step between the loop counts)."""
+    index = _by(curves)
+    horizons = sorted({c.steps for c in curves if c.steps is not None}, reverse=True) or [None]
+    out = []
+    one_over_n = next((s for s in ONE_OVER_N if any(k[0] == s for k in index)), None)
+    # claim 1
+    if one_over_n and any(k[0] == "inv_sqrt_loops" for k in index):
+        verdicts, facts = [], []
+        for steps in horizons:
+            for n in sorted({k[2] for k in index if k[1] == steps}):
+                a, b = index.get((one_over_n, steps, n)), index.get(("inv_sqrt_loops", steps, n))
+                if not (a and b):
+                    continue
+                best_a, best_b = min(a.means), min(b.means)
+                noise = max(_noise(a), _noise(b))
+                verdicts.append(best_a < best_b - noise if noise else best_a < best_b)
+                facts.append(f"N={n}" + (f", {steps} steps" if len(horizons) > 1 else "")
+                             + f": {best_a:.4f} vs {best_b:.4f} ({best_a - best_b:+.4f}"
+                             + (f", seed std up to {noise:.4f}" if noise else "") + ")")
+        if verdicts:
+            verdict = ("reproduced" if all(verdicts) else "not reproduced" if not any(verdicts)
+                       else "partly reproduced")
+            out.append(f"Claim 1 (1/N-type scaling trains better than 1/sqrt(N)): **{verdict}** "
+                       f"at this scale. Best val BPB of {one_over_n} vs inv_sqrt_loops, each at "
+                       f"its own best multiplier: " + "; ".join(facts) + ". (Better = lower by "
+                       "more than the larger seed std at the two best points.)")
+    # claim 2
+    scale = "lambda_loops_sqrt_depth" if any(k[0] == "lambda_loops_sqrt_depth" for k in index) \
+        else one_over_n
+    if scale:
+        verdicts, facts, also = [], [], set()
+        for steps in horizons:
+            loops = sorted(k[2] for k in index if k[0] == scale and k[1] == steps)
+            if len(loops) < 2:
+                continue
+            a, b = index[(scale, steps, loops[0])], index[(scale, steps, loops[-1])]
+            grid, interp = _shift(a, b)
+            others = []
+            for other in sorted({k[0] for k in index} - {scale}):
+                oa, ob = index.get((other, steps, loops[0])), index.get((other, steps, loops[-1]))
+                if oa and ob:
+                    moved = _shift(oa, ob)[1]
+                    others.append(f"{other} {moved:+.2f}")
+                    if abs(moved) <= 0.5 and not (oa.at_edge or ob.at_edge):
+                        also.add(other)
+            exact = not (a.at_edge or b.at_edge)
+            verdicts.append(exact and abs(interp) <= 0.5)
+            facts.append((f"{steps} steps: " if len(horizons) > 1 else "")
+                         + f"N={loops[0]} -> N={loops[-1]} moves the grid minimum {grid:+.0f} "
+                         f"and the interpolated optimum {interp:+.2f} grid steps"
+                         + ("" if exact else " (a minimum at the grid's edge)")
+                         + (f" (other scalings: {', '.join(others)})" if others else ""))
+        if verdicts:
+            verdict = ("reproduced" if all(verdicts) else "not reproduced" if not any(verdicts)
+                       else "partly reproduced")
+            out.append(f"Claim 2 (with {scale} the best learning rate does not depend on N): "
+                       f"**{verdict}** at this scale (criterion: the interpolated optimum moves "
+                       f"by at most half a grid step, a factor of 1.41). " + "; ".join(facts)
+                       + "." + (f" The criterion also holds for {', '.join(sorted(also))} at some "
+                                "horizon, so there the transfer is not specific to the 1/N "
+                                "scaling." if also else ""))
+    # stability of the ordering across horizons
+    if len(horizons) > 1:
+        orders = {}
+        for steps in horizons:
+            for n in sorted({k[2] for k in index}):
+                ranked = sorted((min(c.means), c.scale) for k, c in index.items()
+                                if k[1] == steps and k[2] == n)
+                if len(ranked) > 1:
+                    orders.setdefault(n, {})[steps] = [s for _, s in ranked]
+        same = [n for n, by_h in orders.items() if len(by_h) == len(horizons)
+                and len({tuple(v) for v in by_h.values()}) == 1]
+        differ = [n for n, by_h in orders.items() if len(by_h) == len(horizons) and n not in same]
+        if same or differ:
+            desc = "; ".join(f"N={n}: " + " / ".join(
+                f"{h} steps: {' < '.join(orders[n][h])}" for h in horizons)
+                for n in sorted(same + differ))
+            out.append("Ordering of the scalings at their optima (best first) "
+                       + ("is the same at every horizon" if not differ else
+                          f"changes with the horizon at N={', '.join(map(str, differ))}")
+                       + f": {desc}.")
+    return out
 
 
 SECTIONS = {"loop_scaling": section_loop_scaling, "stability": section_stability,

@@ -14,18 +14,23 @@ A sweep file names a base training recipe, settings shared by every run, a grid
     "model.n_loops" = [3, 6, 9]
     [[runs]]                        # and/or explicit runs
     "model.loop_mode" = "flt_res"
+    # [[grid]] (several tables) gives several grids, run in order. A grid or run that
+    # sets `seed` itself runs with those seeds instead of [sweep] seeds.
     [eval]                          # optional: evaluate each finished run
     loops = [1, 3, 6]               # or "trained" (the run's own loop count)
     args = ["--tasks", "none"]      # extra `loopedlm eval` arguments
 
 Each run lives in SWEEP_DIR/<name>/ and is skipped when it has finished; an interrupted
 run resumes from its last checkpoint. Runs execute as subprocesses so that one failure
-does not stop the sweep: it is recorded in SWEEP_DIR/sweep.json.
+does not stop the sweep: it is recorded in SWEEP_DIR/sweep.json. `--in-process` trains
+in the sweep's own process instead, which saves the ~5 s of Python and torch start-up
+per run that dominates a grid of tiny CPU runs (an exception still fails only its run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopedlm.checkpoint import atomic_write_json
+from loopedlm.checkpoint import atomic_write_json, latest_training_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ class Sweep:
     recipe: str = "tiny"
     seeds: list[int] = field(default_factory=lambda: [0])
     train: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -100,9 +105,12 @@ class Sweep:
         if set(data.get("eval", {})) - EVAL_KEYS:
             raise ValueError(f"{path}: unknown [eval] key(s) "
                              f"{sorted(set(data['eval']) - EVAL_KEYS)}; allowed: {sorted(EVAL_KEYS)}")
-        for key, values in data.get("grid", {}).items():
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"{path}: grid[{key!r}]={values!r} must be a non-empty list")
+        grids = data.get("grid", {})
+        for grid in grids if isinstance(grids, list) else [grids]:
+            for key, values in grid.items():
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"{path}: grid[{key!r}]={values!r} must be a non-empty "
+                                     "list")
         seeds = head.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"{path}: seeds={seeds!r} must be a non-empty list of integers")
@@ -115,18 +123,20 @@ class Sweep:
                    description=head.get("description", ""))
 
     def expand(self) -> list[RunSpec]:
-        """Every run: (grid product + explicit runs) x seeds, in a stable order."""
+        """Every run: (grid products + explicit runs) x seeds, in a stable order; a variant
+        that sets its own `seed` is not repeated over [sweep] seeds."""
         variants: list[dict[str, Any]] = []
-        if self.grid:
-            keys = list(self.grid)
-            variants += [dict(zip(keys, combo, strict=True))
-                         for combo in itertools.product(*self.grid.values())]
+        for grid in self.grid if isinstance(self.grid, list) else [self.grid]:
+            if grid:
+                variants += [dict(zip(grid, combo, strict=True))
+                             for combo in itertools.product(*grid.values())]
         variants += [dict(run) for run in self.runs]
         if not variants:
             variants = [{}]
         specs, seen = [], set()
         for variant in variants:
-            for seed in self.seeds:
+            seeds = [variant.pop("seed")] if "seed" in variant else self.seeds
+            for seed in seeds:
                 parts = [f"{_short(k)}={v}" for k, v in variant.items()]
                 name = ",".join(parts + [f"seed={seed}"])
                 if name in seen:
@@ -163,32 +173,62 @@ def _run(cmd: list[str], log_file: Path) -> int:
         return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
 
 
+def _train_in_process(cmd: list[str], log_file: Path) -> int:
+    """`loopedlm train` of `cmd` in this process, its output and logs into `log_file`."""
+    from loopedlm.train import run_cli
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(cmd)}  (in process)\n")
+        f.flush()
+        handler = logging.StreamHandler(f)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.handlers = [handler]
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                return run_cli(cmd[cmd.index("train") + 1:])
+        except Exception:  # one run's failure is recorded, not fatal to the sweep
+            log.exception("training failed")
+            return 1
+        finally:
+            root.handlers = saved
+
+
 def run_sweep(sweep: Sweep, out_dir: str | Path, *, dry_run: bool = False,
-              only: str | None = None) -> list[dict[str, Any]]:
-    """Run every not-yet-finished run of the sweep; returns a status row per run."""
+              only: str | None = None, in_process: bool = False) -> list[dict[str, Any]]:
+    """Run every not-yet-finished run of the sweep; returns a status row per run.
+    `in_process` trains in this process rather than in a subprocess per run. The manifest
+    (SWEEP_DIR/sweep.json) lists every run from the start ("pending" until reached), so a
+    report of a sweep cut short still sees every finished run."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     specs = [s for s in sweep.expand() if only is None or only in s.name]
-    for i, spec in enumerate(specs, 1):
+    for spec in specs:
         run_dir = out_dir / spec.name
         train_cmd = [sys.executable, "-m", "loopedlm", "train", sweep.recipe,
                      f"--run_dir={_format(str(run_dir))}", "--progress=false", *spec.train_args()]
-        if (run_dir / "config.json").exists():
+        if latest_training_checkpoint(run_dir) is not None:
+            # continue from the last checkpoint; a run killed before its first one restarts
             train_cmd.append("--resume=true")
-        eval_cmd = _eval_command(sweep, spec, run_dir)
-        row = {"name": spec.name, "settings": spec.settings, "train_cmd": train_cmd,
-               "eval_cmd": eval_cmd}
-        if dry_run:
-            rows.append({**row, "status": "planned"})
-            continue
+        rows.append({"name": spec.name, "settings": spec.settings, "train_cmd": train_cmd,
+                     "eval_cmd": _eval_command(sweep, spec, run_dir),
+                     "status": "planned" if dry_run else "pending"})
+    if dry_run:
+        return rows
+    flags = " --in-process" if in_process else ""
+    _write_manifest(sweep, out_dir, rows, flags)
+    for i, (spec, row) in enumerate(zip(specs, rows, strict=True), 1):
+        run_dir, train_cmd, eval_cmd = out_dir / spec.name, row["train_cmd"], row["eval_cmd"]
         t0 = time.time()
         if run_finished(run_dir):
             row["status"] = "skipped (finished)"
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             log.info("[%d/%d] training %s", i, len(specs), spec.name)
-            code = _run(train_cmd, out_dir / f"{spec.name}.log")
+            code = (_train_in_process if in_process else _run)(train_cmd,
+                                                                out_dir / f"{spec.name}.log")
             summary = run_dir / "summary.json"
             # a collapse is a result of the experiment, not a failure of the sweep
             row["status"] = (json.loads(summary.read_text())["status"] if run_finished(run_dir)
@@ -198,8 +238,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, dry_run: bool = False,
             code = _run(eval_cmd, out_dir / f"{spec.name}.log")
             row["eval_status"] = "evaluated" if code == 0 else f"eval failed ({code})"
         row["seconds"] = round(time.time() - t0, 1)
-        rows.append(row)
-        _write_manifest(sweep, out_dir, rows)
+        _write_manifest(sweep, out_dir, rows, flags)
     return rows
 
 
@@ -216,17 +255,19 @@ def _eval_command(sweep: Sweep, spec: RunSpec, run_dir: Path) -> list[str] | Non
     return cmd + [str(a) for a in sweep.eval.get("args", [])]
 
 
-def _write_manifest(sweep: Sweep, out_dir: Path, rows: list[dict[str, Any]]) -> None:
+def _write_manifest(sweep: Sweep, out_dir: Path, rows: list[dict[str, Any]],
+                    flags: str = "") -> None:
     manifest = {"sweep_file": str(sweep.path.resolve()), "experiment": sweep.experiment,
                 "description": sweep.description, "recipe": sweep.recipe,
-                "command": f"loopedlm sweep {sweep.path} --out {out_dir}", "runs": rows}
+                "command": f"loopedlm sweep {sweep.path} --out {out_dir}{flags}", "runs": rows}
     atomic_write_json(out_dir / "sweep.json", manifest)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep = Sweep.load(args.sweep)
     out = Path(args.out or Path("sweeps") / sweep.path.stem)
-    rows = run_sweep(sweep, out, dry_run=args.dry_run, only=args.only)
+    rows = run_sweep(sweep, out, dry_run=args.dry_run, only=args.only,
+                     in_process=args.in_process)
     for row in rows:
         print(f"{row['status']:<22} {row.get('eval_status', ''):<14} {row['name']}")
         if args.dry_run:
@@ -242,6 +283,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="sweep folder (default sweeps/<file stem>)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and commands only")
     p.add_argument("--only", default=None, help="run only runs whose name contains this text")
+    p.add_argument("--in-process", action="store_true",
+                   help="train in this process (no per-run start-up; for many tiny runs)")
     p.set_defaults(func=_cmd_sweep)
     from loopedlm.report import register as register_report
 

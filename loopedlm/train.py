@@ -761,7 +761,8 @@ class _Trainer:
                     torch.cuda.synchronize()
                 dt = time.time() - t0
                 step += 1
-                events = detector.update(step, train_loss)
+                residual_norms = [float(x) for x in stats[1:]]
+                events = detector.update(step, train_loss, residual_norms)
                 tokens_per_s = cfg.total_batch_tokens / dt
                 train_flops += step_flops_per_token * cfg.total_batch_tokens
                 if info.is_main:
@@ -776,7 +777,7 @@ class _Trainer:
                                              info.world_size),
                                   "grad_norm": total_norm,
                                   **{f"grad_norm/{k}": v for k, v in norms_before.items()},
-                                  "residual_norm": [float(x) for x in stats[1:]],
+                                  "residual_norm": residual_norms,
                                   "tokens": step * cfg.total_batch_tokens}
                         if events:
                             record["collapse_flags"] = [e.to_dict() for e in events]

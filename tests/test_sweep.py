@@ -5,8 +5,10 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from loopedlm.report import write_report
+from loopedlm.report import claim_sentences, lr_curves, parabola_minimum, write_report
 from loopedlm.sweep import Sweep, run_sweep
 
 SWEEP = """
@@ -53,6 +55,53 @@ def test_dry_run_lists_commands(tmp_path):
     cmd = rows[0]["train_cmd"]
     assert cmd[1:4] == ["-m", "loopedlm", "train"] and "--steps=3" in cmd
     assert rows[0]["eval_cmd"][-2:] == ["--loops", "1,3"]
+
+
+def test_several_grids_in_order_with_their_own_seeds(tmp_path):
+    sweep = Sweep.load(write(tmp_path, """
+[sweep]
+seeds = [0, 1]
+[[grid]]
+"model.n_loops" = [2, 8]
+seed = [5]
+[[grid]]
+"model.n_loops" = [2]
+steps = [10]
+[[runs]]
+"model.n_loops" = 4
+seed = 7
+"""))
+    specs = sweep.expand()
+    assert [s.name for s in specs] == ["n_loops=2,seed=5", "n_loops=8,seed=5",
+                                       "n_loops=2,steps=10,seed=0", "n_loops=2,steps=10,seed=1",
+                                       "n_loops=4,seed=7"]
+    assert specs[0].settings == {"model.n_loops": 2, "seed": 5}
+    with pytest.raises(ValueError, match="non-empty list"):
+        Sweep.load(write(tmp_path, "[[grid]]\n'model.n_loops' = [2]\n[[grid]]\nsteps = 3\n"))
+
+
+def test_resume_only_from_a_complete_checkpoint(tmp_path):
+    """Regression: a run killed before its first checkpoint has a config.json but nothing
+    to resume from; asking it to resume made `loopedlm train` fail on every later try."""
+    from loopedlm.checkpoint import (
+        CONFIG_FILE,
+        MODEL_FILE,
+        TRAIN_META_FILE,
+        TRAIN_STATE_FILE,
+    )
+
+    sweep = Sweep.load(write(tmp_path, SWEEP))
+    first = sweep.expand()[0].name
+    run_dir = tmp_path / "out" / first
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    cmd = run_sweep(sweep, tmp_path / "out", dry_run=True)[0]["train_cmd"]
+    assert "--resume=true" not in cmd
+    ckpt = run_dir / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    for name in (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE, TRAIN_META_FILE):
+        (ckpt / name).write_text("")
+    assert "--resume=true" in run_sweep(sweep, tmp_path / "out", dry_run=True)[0]["train_cmd"]
 
 
 @pytest.mark.parametrize("text,match", [
@@ -122,7 +171,9 @@ def test_report_writes_tables_and_figures(tmp_path, experiment):
     if experiment == "stability":
         assert "Collapse by configuration" in text
     if experiment == "residual_scaling":
-        assert "| inv_loops | 2 | 1 |" in text  # lower bpb at lr 1.0 in the fake data
+        # lower bpb at lr 1.0 in the fake data: the grid's upper edge, no interpolation
+        assert "| flt | inv_loops | - | 2 | 1x | 1.8000 ± 0.0000 (n=2) | at the grid's upper edge" \
+            in text
 
 
 def test_report_needs_a_sweep(tmp_path):
@@ -166,3 +217,106 @@ args = ["--tasks", "none", "--val-batches", "1"]
     text = write_report(tmp_path / "out").read_text()
     assert "| loop_mode=flt,n_loops=2,seed=0 | completed | 2 |" in text
     assert "val_bpb at the trained loop count" in text
+
+
+def test_in_process_sweep_trains_like_train_and_survives_a_bad_run(tmp_path):
+    """`--in-process` gives the run `train()` gives; a run that fails is recorded and the
+    sweep goes on."""
+    from test_train import make_corpus
+
+    from loopedlm.train import build_config, parse_overrides, train
+
+    data_dir, tok_dir = make_corpus(tmp_path / "corpus")
+    settings = f"""
+recipe = "micro"
+[train]
+data_dir = "{data_dir}"
+tokenizer = "{tok_dir}"
+steps = 2
+eval_tokens = 128
+total_batch_tokens = 256
+device_batch_size = 4
+sequence_len = 32
+sample_tokens = 2
+"model.sequence_len" = 32
+"model.d_model" = 32
+[grid]
+"model.n_loops" = [0, 2]
+"""
+    sweep = Sweep.load(write(tmp_path, "[sweep]" + settings))
+    rows = run_sweep(sweep, tmp_path / "out", in_process=True)
+    assert rows[0]["status"].startswith("failed") and rows[1]["status"] == "completed"
+    assert "n_loops" in (tmp_path / "out" / f"{rows[0]['name']}.log").read_text()
+    swept = json.loads((tmp_path / "out" / rows[1]["name"] / "summary.json").read_text())
+    args = rows[1]["train_cmd"][4:]
+    recipe, overrides = parse_overrides([a.replace(str(tmp_path / "out"), str(tmp_path / "direct"))
+                                         for a in args])
+    direct = train(build_config(recipe, overrides))
+    assert swept["final_loss"] == direct["final_loss"] and swept["val_bpb"] == direct["val_bpb"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(vertex=st.floats(-2.5, 2.5), curvature=st.floats(0.01, 1.0), floor=st.floats(1.0, 3.0))
+def test_parabola_minimum_recovers_a_sub_grid_optimum(vertex, curvature, floor):
+    xs = [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]
+    ys = [floor + curvature * (x - vertex) ** 2 for x in xs]
+    x, y = parabola_minimum(xs, ys)
+    assert x == pytest.approx(vertex, abs=1e-6) and y == pytest.approx(floor, abs=1e-6)
+
+
+def test_parabola_minimum_at_the_edge_is_none():
+    assert parabola_minimum([0.0, 1.0, 2.0], [1.0, 2.0, 3.0]) is None
+    assert parabola_minimum([0.0, 1.0, 2.0], [3.0, 2.0, 1.0]) is None
+
+
+def _lr_runs(shape, scales=("none", "inv_sqrt_loops", "lambda_loops_sqrt_depth"), steps=(100,),
+             seeds=(0, 1)):
+    """Synthetic residual-scaling runs: val BPB = shape(scale, n, log2 lr) + seed jitter."""
+    runs = []
+    for scale in scales:
+        for horizon in steps:
+            for n in (2, 8):
+                for x in range(-3, 4):
+                    for seed in seeds:
+                        bpb = shape(scale, n, x, horizon) + 0.0001 * seed
+                        runs.append({"settings": {"model.loop_mode": "lt", "steps": horizon,
+                                                  "model.residual_scale": scale,
+                                                  "model.n_loops": n, "optim.lr_scale": 2.0 ** x,
+                                                  "seed": seed},
+                                     "summary": {"status": "completed", "val_bpb": bpb},
+                                     "dir": Path("/nonexistent")})
+    return runs
+
+
+def test_claims_are_decided_from_the_data():
+    # the paper's world: lambda beats inv_sqrt; under lambda the optimum stays at 0, under
+    # the others it moves right with N
+    def paper(scale, n, x, steps):
+        base = {"none": 2.9, "inv_sqrt_loops": 2.8, "lambda_loops_sqrt_depth": 2.7}[scale]
+        shift = 0.0 if scale == "lambda_loops_sqrt_depth" else (0.3 if n == 8 else 0.0)
+        return base + 0.05 * (x - shift) ** 2
+
+    text = " ".join(claim_sentences(lr_curves(_lr_runs(paper, steps=(100, 30)))))
+    assert "Claim 1" in text and "**reproduced**" in text.split("Claim 2")[0]
+    assert "**reproduced**" in text.split("Claim 2")[1]
+    assert "is the same at every horizon" in text
+
+    # the opposite world: inv_sqrt better, lambda's optimum moves a full grid step
+    def other(scale, n, x, steps):
+        base = {"none": 2.9, "inv_sqrt_loops": 2.6, "lambda_loops_sqrt_depth": 2.7}[scale]
+        shift = 1.0 if (scale == "lambda_loops_sqrt_depth" and n == 8) else 0.0
+        return base + 0.05 * (x - shift) ** 2
+
+    text = " ".join(claim_sentences(lr_curves(_lr_runs(other))))
+    claim1, claim2 = text.split("Claim 2")
+    assert "**not reproduced**" in claim1 and "**not reproduced**" in claim2
+    assert "+1 and the interpolated optimum +1.00 grid steps" in claim2
+
+
+def test_claim_2_needs_an_interior_minimum():
+    def edge(scale, n, x, steps):  # lambda at N=8 keeps improving up to the largest rate
+        return 2.7 - 0.01 * x if (scale == "lambda_loops_sqrt_depth" and n == 8) else 2.7 + 0.05 * x * x
+
+    text = " ".join(claim_sentences(lr_curves(_lr_runs(edge))))
+    assert "**not reproduced**" in text.split("Claim 2")[1]
+    assert "minimum at the grid's edge" in text
