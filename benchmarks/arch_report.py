@@ -22,6 +22,10 @@ MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
 
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -126,7 +130,7 @@ def private_accesses(files: list[Path]) -> list[str]:
                     and not node.level:
                 external.update(a.asname or a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("loopedlm"):
-                out.extend(f"{path.relative_to(ROOT)}:{node.lineno} imports {a.name}"
+                out.extend(f"{shown(path)}:{node.lineno} imports {a.name}"
                            for a in node.names if a.name.startswith("_"))
         # names this module defines itself (its classes' `self._x`, its `_functions`) are
         # its own business: the rule is about reaching into another module
@@ -149,7 +153,7 @@ def private_accesses(files: list[Path]) -> list[str]:
             if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) \
                     and base.func.id == "super":
                 continue
-            out.append(f"{path.relative_to(ROOT)}:{node.lineno} .{attr}")
+            out.append(f"{shown(path)}:{node.lineno} .{attr}")
     return out
 
 

@@ -110,8 +110,8 @@ def test_imported_authors_checkpoint_is_scored_with_their_bos(tmp_path):
     checkpoint of that vocabulary is evaluated with every prompt starting with it."""
     from loopedlm.cli import main
     from loopedlm.config import QWEN3_VOCAB_SIZE
-    from loopedlm.evaluate.cli import load_run
     from loopedlm.evaluate.core import TaskSpec, evaluate_task
+    from loopedlm.evaluate.loading import load_run
 
     model = tiny_model(vocab_size=QWEN3_VOCAB_SIZE, depth=1, d_model=8, n_head=1)
     export_nanochat_checkpoint(model, tmp_path / "theirs", step=7)

@@ -1,0 +1,31 @@
+"""Issue 10's structural rules that already hold, kept from regressing: no import cycles
+between loopedlm modules (function-local imports counted) and no reach into another
+module's private names. `python benchmarks/arch_report.py --list` prints all the figures."""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location(
+    "arch_report", Path(__file__).resolve().parent.parent / "benchmarks" / "arch_report.py")
+arch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(arch)
+
+
+def test_no_import_cycles():
+    assert arch.cycles(arch.import_graph(arch.package_files())) == []
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert arch.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_access_to_another_modules_private_names():
+    assert arch.private_accesses(arch.package_files()) == []
+
+
+def test_private_access_finder_sees_one(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from loopedlm.model import _residual\n\n\n"
+                   "def f(model):\n    return model._loop_body, self_ok()\n")
+    found = arch.private_accesses([bad])
+    assert len(found) == 2 and "imports _residual" in found[0] and "._loop_body" in found[1]
