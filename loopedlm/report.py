@@ -24,6 +24,19 @@ EXPERIMENTS = ("loop_scaling", "stability", "attention", "test_time", "residual_
                "variable_loops", "custom")
 
 
+def _finish_figure(fig, ax, path: Path, title: str, caption: str) -> str:
+    """Grid, legend and title; save `path` and return its Markdown (figure + caption)."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![{title}]({path.name})\n\n*{title}.* {caption}\n"
+
+
 # ---- reading a sweep -----------------------------------------------------------
 def load_runs(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     manifest_path = sweep_dir / "sweep.json"
@@ -196,13 +209,7 @@ def figure_xy(lines: dict[str, tuple[list[float], list[float]]], path: Path, tit
     ax.set_ylabel(ylabel)
     if log_x:
         ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"![{title}]({path.name})\n\n*{title}.* {caption}\n"
+    return _finish_figure(fig, ax, path, title, caption)
 
 
 # ---- sections ----------------------------------------------------------------------
@@ -459,13 +466,7 @@ def _figure_lr(curves: list[LrCurve], path: Path, title: str, caption: str) -> s
     ax.set_xscale("log", base=2)
     ax.set_xlabel("learning-rate multiplier (every group's rate)")
     ax.set_ylabel("val BPB")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"![{title}]({path.name})\n\n*{title}.* {caption}\n"
+    return _finish_figure(fig, ax, path, title, caption)
 
 
 def section_residual_scaling(runs, out: Path, cmd: str) -> list[str]:

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_resume are used as arguments)
 """Faults during training (issue 13): out of memory, a full disk while saving, SIGTERM,
 plain progress lines without a terminal; and the small CLI things (booleans, the resolved
 config of a recipe, the batch-size hint)."""
@@ -14,8 +15,8 @@ import time
 
 import pytest
 import torch
-from test_resume import _cli
-from test_train import losses, make_corpus, small_config
+from test_resume import _cli, corpus, reference  # noqa: F401  (shared fixtures)
+from test_train import losses, small_config
 
 from loopedlm import checkpoint
 from loopedlm.checkpoint import SAVE_SLEEP_ENV, latest_training_checkpoint, load_model
@@ -30,19 +31,6 @@ from loopedlm.train import (
     train,
 )
 from loopedlm.train import main as train_main
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus):
-    """An uninterrupted 8-step run, saving every 2 steps."""
-    run = tmp_path_factory.mktemp("ref") / "run"
-    train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5))
-    return run
 
 
 def _poison_step(monkeypatch, step: int, action) -> None:
