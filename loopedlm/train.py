@@ -402,7 +402,10 @@ def resolve_tokenizer(spec: str, vocab_size: int, data: ParquetData, run_dir: Pa
     """Load (or train and cache) the tokenizer and save it into RUN/tokenizer."""
     from loopedlm import tokenizer as tokmod
     saved = run_dir / "tokenizer"
-    if saved.is_dir() and any(saved.iterdir()):
+    # every rank looks before rank 0 may write it (below), so none sees a half-written folder
+    exists = saved.is_dir() and any(saved.iterdir())
+    _barrier()
+    if exists:
         return tokmod.load_tokenizer(str(saved))
     if spec == "auto":
         spec = "qwen3" if vocab_size == QWEN3_VOCAB_SIZE else f"bpe:{vocab_size}"
