@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopedlm.config import QWEN3_VOCAB_SIZE  # the one home of the vocabulary constants
+
 logger = logging.getLogger(__name__)
 
 META_FILE = "loopedlm_tokenizer.json"
 HF_FILE = "tokenizer.json"
 BOS_TOKEN = "<|bos|>"
-QWEN3_VOCAB_SIZE = 151_669
 QWEN3_BOS_TOKEN = "<|im_start|>"  # SPEC 5: the authors' get_bos_token_id
 # the BOS of qwen3 tokenizer folders saved before loopedlm followed the authors (honoured on load)
 QWEN3_LEGACY_BOS_TOKEN = "<|endoftext|>"
