@@ -78,7 +78,7 @@ class KVCache:
     def for_model(cls, config: ModelConfig, batch_size: int, *, n_loops: int | None = None,
                   max_len: int | None = None, loop_slots: list[int] | None = None,
                   dtype: torch.dtype = torch.float32, device="cpu") -> KVCache:
-        n_loops = config.n_loops if n_loops is None else n_loops
+        n_loops = config.loops(n_loops)
         max_len = config.sequence_len if max_len is None else max_len
         return cls(batch_size, max_len, config.depth, config.n_kv_head, config.head_dim, n_loops,
                    loop_slots=loop_slots, dtype=dtype, device=device)

@@ -113,6 +113,14 @@ class ModelConfig:
         _check(isinstance(self.softcap, int | float) and self.softcap > 0, "softcap",
                self.softcap, "a number > 0")
 
+    def loops(self, n_loops: int | None = None) -> int:
+        """The loop count of a call: `n_loops`, or this config's when None (the one place
+        the default is filled); a ValueError names a count that is not an integer >= 1."""
+        n_loops = self.n_loops if n_loops is None else n_loops
+        if not _is_int(n_loops) or n_loops < 1:
+            raise ConfigError(f"n_loops={n_loops!r} is not allowed: an integer >= 1")
+        return n_loops
+
     # ---- derived quantities -------------------------------------------------
     @property
     def head_dim(self) -> int:

@@ -241,7 +241,7 @@ def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
     each, so ragged prompts need no padding). Returns (engine, batch, stop ids, the most
     steps any row can still take)."""
     cfg = model.config
-    n_loops = cfg.n_loops if n_loops is None else n_loops
+    n_loops = cfg.loops(n_loops)
     _check_lengths(n_loops, max_tokens)
     sampling = SamplingParams(temperature, top_k, top_p, seed)  # checks them
     rows = _prompt_ids(prompts, tokenizer, add_bos, cfg.vocab_size, cfg.sequence_len)
@@ -357,7 +357,7 @@ def decode_nll(model: LoopedGPT, tokens: torch.Tensor, *, n_loops: int | None = 
     decode engine, in the model's dtype): the first `prefill` tokens in one pass, then one
     token at a time. With neither `adaptive` nor `cache_slots` it equals the full
     forward's loss; with them it measures their quality cost."""
-    n_loops = model.config.n_loops if n_loops is None else n_loops
+    n_loops = model.config.loops(n_loops)
     batch, length = tokens.shape
     if not 1 <= prefill < length:
         raise ValueError(f"prefill={prefill} must lie in [1, {length})")

@@ -176,7 +176,7 @@ class LoopedGPT(nn.Module):
         With `grad_loops=k` (truncated backprop: `forward(grad_loops=)`) the first N - k
         loops count their forward pass only (a third of forward + backward)."""
         cfg = self.config
-        n_loops = cfg.n_loops if n_loops is None else n_loops
+        n_loops = cfg.loops(n_loops)
         backward = n_loops if grad_loops is None else min(grad_loops, n_loops)
         block_params = sum(p.numel() for p in self.transformer.h.parameters())
         head_evals = len(self.supervised_loops(n_loops, grad_loops))
@@ -352,10 +352,7 @@ class LoopedGPT(nn.Module):
         sync (CPU tensors, eager): on an accelerator, ids are checked where they enter
         (the loader, prompt handling, the evaluators) before the transfer."""
         cfg = self.config
-        if n_loops is None:
-            n_loops = cfg.n_loops
-        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
-            raise ValueError(f"n_loops={n_loops!r} is not allowed: an integer >= 1")
+        n_loops = cfg.loops(n_loops)
         if not isinstance(idx, torch.Tensor):
             raise ValueError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
         if idx.dtype not in (torch.int64, torch.int32):

@@ -26,7 +26,7 @@ def _last_loop_nats(model: Any, inputs: torch.Tensor, targets: torch.Tensor,
     through the fused head (`LoopedGPT.loss`: no logits held, whatever its `loss_loops`);
     any other model through its logits."""
     if hasattr(model, "prepare") and hasattr(model, "loss"):
-        n_loops = model.config.n_loops if n_loops is None else n_loops
+        n_loops = model.config.loops(n_loops)
         loop_inputs, previous = model.prepare(inputs), None
         for loop in range(n_loops):
             previous = norm(model.loop(loop_inputs, previous, loop))

@@ -54,9 +54,7 @@ class LoopedLMEval(LM):
         if tok is None:
             raise ValueError("a tokenizer is needed (tok=...)")
         self.model, self.tok = model.eval(), tok
-        n = model.config.n_loops if n_loops is None else int(n_loops)
-        if n < 1:
-            raise ValueError(f"n_loops={n_loops!r} is not allowed: an integer >= 1")
+        n = model.config.loops(None if n_loops is None else int(n_loops))
         self.n_loops = n
         self.max_length = model.config.sequence_len
         self.max_gen_toks = int(max_gen_toks)
