@@ -279,11 +279,12 @@ class LoopedGPT(nn.Module):
     def compile_blocks(self, **compile_kwargs) -> LoopedGPT:
         """Regional compilation: compile the repeated unit (each Block's math, in place;
         state-dict keys and hooks unchanged) instead of the whole unrolled model, so compile
-        time does not grow with the loop count. The blocks share one compiled graph per call signature (loop
-        precomputed first-layer keys or not, a query source or not): the loop index is used only
-        with a KV cache and the residual scale is fixed per model, so no loop value
-        triggers a recompile; decoding with a KV cache runs the blocks eagerly. Returns
-        the model (`torch.compile(model)` still compiles the whole unrolled model)."""
+        time does not grow with the loop count. There is one compiled graph per call
+        signature (with or without precomputed first-layer keys, with or without a query
+        source), whatever the loop: the loop index matters only with a KV cache and the
+        residual scale is fixed per model, so no loop value triggers a recompile; decoding
+        with a KV cache runs the blocks eagerly. Returns the model (`torch.compile(model)`
+        still compiles the whole unrolled model)."""
         for block in self.transformer.h:
             block.compile_forward(**compile_kwargs)
         return self
