@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from loopedlm import LoopedGPT, ModelConfig
-from loopedlm.checkpoint import (
+from loopedlm.model.checkpoint import (
     TRAIN_FILES,
     load_training_state,
     save_training_checkpoint,
     verify_checkpoint,
     write_manifest,
 )
-from loopedlm.optim import LoopedOptimizer, OptimConfig
+from loopedlm.train.optim import LoopedOptimizer, OptimConfig
 
 
 def measure(d_model: int, depth: int) -> dict[str, float]:

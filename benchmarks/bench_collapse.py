@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from loopedlm.diagnostics import CollapseThresholds, read_log, replay_log
+from loopedlm.train.diagnostics import CollapseThresholds, read_log, replay_log
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 VARIANTS = {

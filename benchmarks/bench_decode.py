@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from loopedlm import KVCache, LoopedGPT, ModelConfig
-from loopedlm.generate import AdaptiveLoops, decode_nll, decode_step, loop_slot_map
+from loopedlm.infer.generate import AdaptiveLoops, decode_nll, decode_step, loop_slot_map
 
 CONTEXT = 512
 
@@ -158,8 +158,8 @@ def times_per_token(model, row, n_loops, options: dict[str, dict]) -> dict[str, 
 
 def quality_section(args) -> None:
     if args.run:
-        from loopedlm.checkpoint import load_model
-        from loopedlm.generate import _load_tokenizer
+        from loopedlm.infer.generate import _load_tokenizer
+        from loopedlm.model.checkpoint import load_model
 
         model, _ = load_model(args.run)
         tokenizer = _load_tokenizer(args.run)

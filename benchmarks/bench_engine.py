@@ -23,8 +23,8 @@ import time
 import torch
 
 from loopedlm import KVCache, LoopedGPT, ModelConfig
-from loopedlm.generate import decode_step
 from loopedlm.infer import AdaptiveLoops, DecodeEngine, SamplingParams
+from loopedlm.infer.generate import decode_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -21,10 +21,10 @@ from loopedlm.evaluate.tasks import load_task, resolve_task_names
 
 
 def tiny_model_and_tokenizer():
-    from loopedlm import tokenizer as tokmod
+    from loopedlm.data import tokenizer as tokmod
 
     try:
-        from loopedlm.data import default_data_dir, iter_texts
+        from loopedlm.data.loader import default_data_dir, iter_texts
         texts = list(iter_texts(default_data_dir(), "train"))[:200]
         source = "the bundled corpus"
     except Exception:  # noqa: BLE001 - any missing corpus: fall back to task text

@@ -3,7 +3,7 @@
     python benchmarks/bench_head_loss.py                         # tiny preset and Qwen3 shapes
     python benchmarks/bench_head_loss.py --rows 16384 --width 384 --vocab 151669 --device cuda
 
-Plain: `LoopedGPT.logits` + `F.cross_entropy`. Fused: `loopedlm.head_loss.head_loss`
+Plain: `LoopedGPT.logits` + `F.cross_entropy`. Fused: `loopedlm.model.head_loss.head_loss`
 (cut-cross-entropy on CUDA when installed, else the chunked PyTorch path). Timings
 interleave the two and report medians, so a busy machine biases both alike; on CUDA with
 CUDA events after warm-up, bf16 autocast. Peak memory: `torch.cuda.max_memory_allocated`
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from loopedlm.head_loss import cut_cross_entropy_available, head_loss
+from loopedlm.model.head_loss import cut_cross_entropy_available, head_loss
 
 
 def plain(h, weight, targets, softcap=15.0):

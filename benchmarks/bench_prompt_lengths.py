@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from loopedlm.config import ROTARY_LENGTH_FACTOR
+from loopedlm.data.tokenizer import load_tokenizer
 from loopedlm.evaluate.core import prepare_example, select_examples
 from loopedlm.evaluate.tasks import load_task, resolve_task_names
-from loopedlm.tokenizer import load_tokenizer
+from loopedlm.model.config import ROTARY_LENGTH_FACTOR
 
 
 def main() -> None:

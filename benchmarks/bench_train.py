@@ -32,8 +32,8 @@ import time
 import torch
 
 from loopedlm import LoopedGPT, ModelConfig
-from loopedlm.optim import LoopedOptimizer, OptimConfig
-from loopedlm.parallel import apply_activation_checkpointing
+from loopedlm.train.optim import LoopedOptimizer, OptimConfig
+from loopedlm.train.parallel import apply_activation_checkpointing
 
 
 def rss_bytes() -> int:

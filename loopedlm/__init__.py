@@ -1,9 +1,10 @@
-"""loopedlm: train, evaluate and serve looped transformer language models."""
+"""loopedlm: train, evaluate and serve looped transformer language models.
 
-from loopedlm.attention import KVCache
-from loopedlm.config import ConfigError, ModelConfig
-from loopedlm.loop_modes import LOOP_MODES, LoopMode
-from loopedlm.model import LoopedGPT
+Subpackages, bottom to top (each imports only from those before it):
+`common` -> `model` -> `data` -> `infer` -> `evaluate` -> `train` -> `experiments` ->
+`cli`. `tests/test_architecture.py` checks that order."""
+
+from loopedlm.model import LOOP_MODES, ConfigError, KVCache, LoopedGPT, LoopMode, ModelConfig
 
 __version__ = "0.1.0"
 

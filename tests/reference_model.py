@@ -2,7 +2,7 @@
 
 It reads a LoopedGPT's state dict and spells out each loop mode separately, the way the
 FLT authors' code does (one hand-written loop per mode), so that the library's single
-data-driven loop can be checked against it. Nothing here imports loopedlm.model.
+data-driven loop can be checked against it. Nothing here imports loopedlm.model.gpt.
 """
 
 from __future__ import annotations

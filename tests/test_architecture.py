@@ -25,7 +25,7 @@ def test_no_access_to_another_modules_private_names():
 
 def test_private_access_finder_sees_one(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from loopedlm.model import _residual\n\n\n"
+    bad.write_text("from loopedlm.model.gpt import _residual\n\n\n"
                    "def f(model):\n    return model._loop_body, self_ok()\n")
     found = arch.private_accesses([bad])
     assert len(found) == 2 and "imports _residual" in found[0] and "._loop_body" in found[1]

@@ -16,8 +16,10 @@ import torch
 from conftest import tiny_model
 from test_train import losses, make_corpus, small_config
 
-from loopedlm import checkpoint
-from loopedlm.checkpoint import (
+from loopedlm.cli import main as cli_main
+from loopedlm.common.files import sha256_file
+from loopedlm.model import checkpoint
+from loopedlm.model.checkpoint import (
     MANIFEST_FILE,
     CheckpointError,
     CheckpointSaveError,
@@ -28,9 +30,8 @@ from loopedlm.checkpoint import (
     save_training_checkpoint,
     verify_checkpoint,
 )
-from loopedlm.cli import main as cli_main
-from loopedlm.train import main as train_main
-from loopedlm.train import train
+from loopedlm.train.trainer import main as train_main
+from loopedlm.train.trainer import train
 
 
 def _truncate(path: Path) -> None:
@@ -76,7 +77,7 @@ def test_manifest_lists_every_file_with_size_and_hash(finished_run):
         assert set(files) == {p.name for p in ckpt.iterdir()} - {MANIFEST_FILE}
         for name, entry in files.items():
             assert entry["size"] == (ckpt / name).stat().st_size
-            assert entry["sha256"] == checkpoint.sha256_file(ckpt / name)
+            assert entry["sha256"] == sha256_file(ckpt / name)
         verify_checkpoint(ckpt, checkpoint.TRAIN_FILES)
 
 
@@ -120,7 +121,7 @@ def test_old_checkpoint_without_manifest_loads(tmp_path, caplog):
     model = tiny_model()
     folder = save_model(tmp_path / "m", model, {"step": 1})
     (folder / MANIFEST_FILE).unlink()
-    with caplog.at_level(logging.DEBUG, logger="loopedlm.checkpoint"):
+    with caplog.at_level(logging.DEBUG, logger="loopedlm.model.checkpoint"):
         loaded, meta = load_model(folder)
     assert "without verifying" in caplog.text
     x = torch.randint(0, model.config.vocab_size, (1, 8))
@@ -200,8 +201,8 @@ def test_eval_loads_the_newest_intact_checkpoint(tmp_path, finished_run):
 def test_sample_after_a_prompt_ending_in_a_space_has_no_double_space(finished_run, capsys):
     """Regression (issue 13): `--prompt "the "` printed "the  king": the model was fed a lone
     space token and then chose a word that brings its own space."""
-    from loopedlm.generate import generate
-    from loopedlm.tokenizer import load_tokenizer
+    from loopedlm.data.tokenizer import load_tokenizer
+    from loopedlm.infer.generate import generate
 
     assert cli_main(["sample", str(finished_run), "--prompt", "the ", "--max-tokens", "6",
                      "--temperature", "0"]) == 0

@@ -8,8 +8,8 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
-from loopedlm.attention import KVCache
-from loopedlm.model import norm
+from loopedlm.model.attention import KVCache
+from loopedlm.model.gpt import norm
 
 
 class CountingBackend:

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loopedlm.data import (
+from loopedlm.data.loader import (
     MANIFEST_FILE,
     ParquetTokenLoader,
     download_fineweb_edu,
@@ -27,7 +27,7 @@ from loopedlm.data import (
     prepare_default_corpus,
     strip_gutenberg,
 )
-from loopedlm.tokenizer import train_tokenizer
+from loopedlm.data.tokenizer import train_tokenizer
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:

@@ -15,7 +15,7 @@ from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopedlm.diagnostics import (
+from loopedlm.train.diagnostics import (
     CollapseDetector,
     CollapseThresholds,
     evaluate_bpb,
@@ -291,7 +291,7 @@ def test_bad_thresholds_name_field_and_allowed(field, value, allowed):
 
 
 def test_thresholds_from_the_command_line():
-    from loopedlm.train import build_config, parse_overrides
+    from loopedlm.train.trainer import build_config, parse_overrides
 
     recipe, overrides = parse_overrides(["--collapse.state_window=40",
                                          "--collapse.state_growth=inf"])
@@ -311,7 +311,7 @@ def test_short_real_training_run_is_not_flagged(tmp_path):
     corpus the loss has converged by then while the state still grows slowly.)"""
     from test_train import make_corpus, small_config
 
-    from loopedlm.train import train
+    from loopedlm.train.trainer import train
 
     data_dir, tok_dir = make_corpus(tmp_path / "corpus")
     thresholds = CollapseThresholds(min_steps=20, plateau_window=16, swing_window=10,
@@ -331,7 +331,7 @@ def test_short_real_training_run_is_not_flagged(tmp_path):
 def test_run_logger_writes_a_record_with_collapse_flags(tmp_path):
     """Regression: TensorBoard got each collapse flag (a dict) as a scalar and raised, so
     the first flag of a live run crashed it."""
-    from loopedlm.diagnostics import RunLogger
+    from loopedlm.train.diagnostics import RunLogger
 
     logger = RunLogger(tmp_path)
     flag = {"step": 3, "kind": "spike", "detail": "x"}
@@ -343,7 +343,7 @@ def test_run_logger_writes_a_record_with_collapse_flags(tmp_path):
 def test_plot_marks_the_flagged_steps(tmp_path):
     """`loopedlm plot` finds the LT fixture's flags by replaying its log (none were logged)
     and draws one marker per flag on each figure."""
-    from loopedlm.plot import collapse_events, plot_runs
+    from loopedlm.experiments.plot import collapse_events, plot_runs
 
     lt = FIXTURES / "small-lt-n12-log.jsonl.gz"
     events = collapse_events(lt)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_train import MODEL, FakeTokenizer, SyntheticData, losses, make_corpus
 
-from loopedlm.checkpoint import latest_training_checkpoint, load_model
-from loopedlm.train import TrainConfig, train
+from loopedlm.model.checkpoint import latest_training_checkpoint, load_model
+from loopedlm.train.trainer import TrainConfig, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -49,7 +49,7 @@ def test_two_ranks_match_one(tmp_path, single, zero):
         import sys
         sys.path.insert(0, {str(TESTS)!r})
         from test_train import FakeTokenizer, SyntheticData
-        from loopedlm.train import TrainConfig, train
+        from loopedlm.train.trainer import TrainConfig, train
         train(TrainConfig(**{_config(run, 8, zero)!r}), data=SyntheticData(),
               tokenizer=FakeTokenizer())
     """))

@@ -115,7 +115,7 @@ def test_wikitext_bad_input(tmp_path):
 
 
 def test_val_shard(tmp_path):
-    data = pytest.importorskip("loopedlm.data")
+    data = pytest.importorskip("loopedlm.data.loader")
     docs = [f"Document {i}: the quick brown fox jumps over the lazy dog. " * 3 for i in range(40)]
     for s, chunk in enumerate([docs[:20], docs[20:30], docs[30:]]):
         pq.write_table(pa.table({"text": chunk}), tmp_path / f"shard_{s:05d}.parquet",

@@ -56,8 +56,8 @@ def test_parse_loops():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    tokmod = pytest.importorskip("loopedlm.tokenizer")
-    from loopedlm.checkpoint import save_model
+    tokmod = pytest.importorskip("loopedlm.data.tokenizer")
+    from loopedlm.model.checkpoint import save_model
 
     root = tmp_path_factory.mktemp("run")
     tok = tokmod.train_tokenizer([WIKI, "The quick brown fox jumps over the lazy dog. " * 20], 300)

@@ -96,7 +96,7 @@ def test_cli_eval_of_a_hf_folder_has_one_column(hf_folder, tmp_path, monkeypatch
 
 
 def test_model_kind_of_each_path(tmp_path):
-    from loopedlm.checkpoint import save_model
+    from loopedlm.model.checkpoint import save_model
 
     run = tmp_path / "run"
     save_model(run / "checkpoints" / "step_000001", tiny_random_model(), {"step": 1})

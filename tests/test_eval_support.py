@@ -31,7 +31,7 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     def encode_documents(self, texts) -> np.ndarray:
-        """(used by loopedlm.data beyond the shared contract) BOS + each document, flat."""
+        """(used by loopedlm.data.loader beyond the shared contract) BOS + each document, flat."""
         out: list[int] = []
         for ids in self.encode_batch(texts):
             out += [self.bos_id, *ids]

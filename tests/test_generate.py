@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from test_kv_cache import make_model as cache_test_model
 
 from loopedlm import KVCache, LoopedGPT
-from loopedlm.generate import (
+from loopedlm.infer.generate import (
     AdaptiveLoops,
     decode_nll,
     decode_step,
@@ -289,9 +289,9 @@ def test_shared_slots_change_decoding_but_not_a_full_slot_count():
 
 # ---- the CLI ------------------------------------------------------------------------------
 def test_sample_command_streams_from_a_run(tmp_path, capsys):
-    from loopedlm.checkpoint import save_model
     from loopedlm.cli import main
-    from loopedlm.tokenizer import train_tokenizer
+    from loopedlm.data.tokenizer import train_tokenizer
+    from loopedlm.model.checkpoint import save_model
 
     texts = ["To be, or not to be, that is the question."] * 20
     tokenizer = train_tokenizer(texts, vocab_size=300)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from loopedlm.head_loss import chunk_rows_for, head_loss
-from loopedlm.model import norm
+from loopedlm.model.gpt import norm
+from loopedlm.model.head_loss import chunk_rows_for, head_loss
 
 
 def plain_loss(h, weight, targets, softcap=15.0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from loopedlm.interop import (
+from loopedlm.model.interop import (
     MODEL_TYPES,
     config_from_nanochat,
     export_nanochat_checkpoint,
@@ -86,8 +86,8 @@ def test_pickled_code_is_refused(tmp_path):
 
 
 def test_cli_import_and_info(tmp_path, capsys):
-    from loopedlm.checkpoint import load_model
     from loopedlm.cli import main
+    from loopedlm.model.checkpoint import load_model
 
     model = tiny_model(loop_mode="ltai")
     export_nanochat_checkpoint(model, tmp_path / "theirs", step=3)
@@ -109,9 +109,9 @@ def test_imported_authors_checkpoint_is_scored_with_their_bos(tmp_path):
     """The authors' tokenizer is Qwen3's with <|im_start|> (151644) as BOS: an imported
     checkpoint of that vocabulary is evaluated with every prompt starting with it."""
     from loopedlm.cli import main
-    from loopedlm.config import QWEN3_VOCAB_SIZE
     from loopedlm.evaluate.core import TaskSpec, evaluate_task
     from loopedlm.evaluate.loading import load_run
+    from loopedlm.model.config import QWEN3_VOCAB_SIZE
 
     model = tiny_model(vocab_size=QWEN3_VOCAB_SIZE, depth=1, d_model=8, n_head=1)
     export_nanochat_checkpoint(model, tmp_path / "theirs", step=7)

@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_model
 from test_eval_support import ByteTokenizer, tiny_random_model
 
-from loopedlm.attention import KVCache, rotary_tables
-from loopedlm.config import ROTARY_LENGTH_FACTOR
 from loopedlm.evaluate import budget
 from loopedlm.evaluate.core import TaskSpec, evaluate_task
+from loopedlm.model.attention import KVCache, rotary_tables
+from loopedlm.model.config import ROTARY_LENGTH_FACTOR
 
 VARIANTS = {
     "mha": {},

@@ -10,8 +10,8 @@ from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopedlm.config import ConfigError
-from loopedlm.optim import LoopedOptimizer, OptimConfig, lr_multiplier, muon_momentum
+from loopedlm.model.config import ConfigError
+from loopedlm.train.optim import LoopedOptimizer, OptimConfig, lr_multiplier, muon_momentum
 
 
 def test_groups_cover_every_parameter_once():

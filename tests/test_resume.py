@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from test_train import losses, make_corpus, small_config
 
-from loopedlm.checkpoint import SAVE_SLEEP_ENV, latest_training_checkpoint, load_model
-from loopedlm.train import train
+from loopedlm.model.checkpoint import SAVE_SLEEP_ENV, latest_training_checkpoint, load_model
+from loopedlm.train.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_repeated_kill_9_during_saves_always_leaves_a_loadable_checkpoint(tmp_pa
     on from it."""
     import random
 
-    from loopedlm.checkpoint import TRAIN_FILES, load_training_state, verify_checkpoint
+    from loopedlm.model.checkpoint import TRAIN_FILES, load_training_state, verify_checkpoint
     rng = random.Random(kills)
     run = tmp_path / "run"
     args = ["--save_every=1", "--keep_last=3", "--eval_every=0"]

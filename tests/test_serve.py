@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package uses
 openai = pytest.importorskip("openai")
 
-from loopedlm.generate import generate  # noqa: E402
+from loopedlm.infer.generate import generate  # noqa: E402
 from loopedlm.infer.protocol import SequenceParams  # noqa: E402
 from loopedlm.infer.scheduler import _find_stop, _safe_length  # noqa: E402
 from loopedlm.infer.server import ServeConfig, create_app, serve_in_background  # noqa: E402
@@ -30,8 +30,8 @@ TEXTS = ["To be, or not to be, that is the question. Whether 'tis nobler in the 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny random FLT saved as a run (checkpoint + tokenizer), as `loopedlm serve` reads it."""
-    from loopedlm.checkpoint import save_model
-    from loopedlm.tokenizer import train_tokenizer
+    from loopedlm.data.tokenizer import train_tokenizer
+    from loopedlm.model.checkpoint import save_model
 
     tokenizer = train_tokenizer(TEXTS, vocab_size=300)
     model = make_model("flt", vocab_size=tokenizer.vocab_size, sequence_len=48)
@@ -43,8 +43,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(run_dir):
-    from loopedlm.checkpoint import load_model
-    from loopedlm.tokenizer import load_tokenizer
+    from loopedlm.data.tokenizer import load_tokenizer
+    from loopedlm.model.checkpoint import load_model
 
     model, _ = load_model(run_dir)
     return model.eval(), load_tokenizer(run_dir / "tokenizer")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopedlm.report import claim_sentences, lr_curves, parabola_minimum, write_report
-from loopedlm.sweep import Sweep, run_sweep
+from loopedlm.experiments.report import claim_sentences, lr_curves, parabola_minimum, write_report
+from loopedlm.experiments.sweep import Sweep, run_sweep
 
 SWEEP = """
 [sweep]
@@ -83,7 +83,7 @@ seed = 7
 def test_resume_only_from_a_complete_checkpoint(tmp_path):
     """Regression: a run killed before its first checkpoint has a config.json but nothing
     to resume from; asking it to resume made `loopedlm train` fail on every later try."""
-    from loopedlm.checkpoint import (
+    from loopedlm.model.checkpoint import (
         CONFIG_FILE,
         MODEL_FILE,
         TRAIN_META_FILE,
@@ -224,7 +224,7 @@ def test_in_process_sweep_trains_like_train_and_survives_a_bad_run(tmp_path):
     sweep goes on."""
     from test_train import make_corpus
 
-    from loopedlm.train import build_config, parse_overrides, train
+    from loopedlm.train.trainer import build_config, parse_overrides, train
 
     data_dir, tok_dir = make_corpus(tmp_path / "corpus")
     settings = f"""

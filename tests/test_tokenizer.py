@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loopedlm.tokenizer import (
+from loopedlm.data.tokenizer import (
     BOS_TOKEN,
     QWEN3_VOCAB_SIZE,
     Tokenizer,
@@ -157,7 +157,7 @@ def test_qwen3_works_without_network(tmp_path):
     code = ("import socket\n"
             "try:\n    socket.create_connection(('pypi.org', 443), timeout=2); print('ONLINE')\n"
             "except OSError:\n    pass\n"
-            "from loopedlm.tokenizer import load_tokenizer\n"
+            "from loopedlm.data.tokenizer import load_tokenizer\n"
             "t = load_tokenizer('qwen3'); ids = t.encode('Hello, world!')\n"
             "print(t.vocab_size, ids, t.decode(ids))\n")
     result = subprocess.run(["unshare", "-n", sys.executable, "-c", code], capture_output=True,
@@ -186,7 +186,7 @@ def test_qwen3_folder_keeps_the_bos_it_was_saved_with(qwen3, tmp_path):
     """A run saved before the BOS became <|im_start|> keeps feeding its model <|endoftext|>."""
     import json
 
-    from loopedlm.tokenizer import META_FILE, QWEN3_LEGACY_BOS_TOKEN, Qwen3Tokenizer
+    from loopedlm.data.tokenizer import META_FILE, QWEN3_LEGACY_BOS_TOKEN, Qwen3Tokenizer
 
     qwen3.save(tmp_path / "new")
     assert load_tokenizer(tmp_path / "new").bos_id == 151_644

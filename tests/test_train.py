@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopedlm.checkpoint import latest_training_checkpoint, load_model
-from loopedlm.train import (
+from loopedlm.model.checkpoint import latest_training_checkpoint, load_model
+from loopedlm.train.trainer import (
     TrainConfig,
     TrainingCollapsed,
     build_config,
@@ -32,8 +32,8 @@ MODEL = {"depth": 2, "d_model": 32, "n_head": 2, "sequence_len": 32, "n_loops": 
 def make_corpus(folder: Path) -> tuple[Path, Path]:
     """A few hundred tiny pseudo-English documents as Parquet shards (last = val) and a
     300-token BPE trained on them. Returns (data_dir, tokenizer_dir)."""
-    from loopedlm.data import write_shards
-    from loopedlm.tokenizer import train_tokenizer
+    from loopedlm.data.loader import write_shards
+    from loopedlm.data.tokenizer import train_tokenizer
 
     data_dir, tok_dir = folder / "data", folder / "tok"
     if (tok_dir / "tokenizer.json").exists():
@@ -233,7 +233,7 @@ def test_end_to_end_writes_everything(tmp_path, corpus):
     model, meta = load_model(run)
     assert meta["step"] == 6 and model.config.vocab_size == 300
     assert (run / "tokenizer").is_dir()
-    from loopedlm.plot import plot_runs
+    from loopedlm.experiments.plot import plot_runs
     pngs = plot_runs([run, run], tmp_path / "plots")
     assert [p.name for p in pngs] == ["loss.png", "residual_norm.png", "grad_norm.png"]
     assert all(p.stat().st_size > 1000 for p in pngs)
@@ -255,7 +255,7 @@ def test_existing_run_needs_resume_and_same_model(tmp_path, corpus):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
-    from loopedlm.model import LoopedGPT
+    from loopedlm.model.gpt import LoopedGPT
     data_dir, tok_dir = corpus
     calls = {"n": 0}
     forward = LoopedGPT.forward
@@ -292,7 +292,7 @@ def test_synthetic_source_learns(tmp_path):
 def test_activation_checkpointing_same_loss_and_grads():
     from conftest import tiny_model
 
-    from loopedlm.parallel import apply_activation_checkpointing, remove_activation_checkpointing
+    from loopedlm.train.parallel import apply_activation_checkpointing, remove_activation_checkpointing
     model = tiny_model()
     x = torch.randint(0, model.config.vocab_size, (2, 12))
     loss, norms = model(x, x, return_residual_norms=True)

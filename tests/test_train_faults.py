@@ -18,11 +18,11 @@ import torch
 from test_resume import _cli, corpus, reference  # noqa: F401  (shared fixtures)
 from test_train import losses, small_config
 
-from loopedlm import checkpoint
-from loopedlm.checkpoint import SAVE_SLEEP_ENV, latest_training_checkpoint, load_model
-from loopedlm.config import ConfigError
-from loopedlm.model import LoopedGPT
-from loopedlm.train import (
+from loopedlm.model import checkpoint
+from loopedlm.model.checkpoint import SAVE_SLEEP_ENV, latest_training_checkpoint, load_model
+from loopedlm.model.config import ConfigError
+from loopedlm.model.gpt import LoopedGPT
+from loopedlm.train.trainer import (
     TrainConfig,
     build_config,
     check_batch,
@@ -30,7 +30,7 @@ from loopedlm.train import (
     run_cli,
     train,
 )
-from loopedlm.train import main as train_main
+from loopedlm.train.trainer import main as train_main
 
 
 def _poison_step(monkeypatch, step: int, action) -> None:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from test_train import MODEL, FakeTokenizer, SyntheticData, losses
 
-from loopedlm.attention import norm
-from loopedlm.config import ConfigError
-from loopedlm.loop_sampling import LoopSampling, poisson_cap
-from loopedlm.train import TrainConfig, expected_flops_per_token, horizon, train
+from loopedlm.model.attention import norm
+from loopedlm.model.config import ConfigError
+from loopedlm.train.loop_sampling import LoopSampling, poisson_cap
+from loopedlm.train.trainer import TrainConfig, expected_flops_per_token, horizon, train
 
 
 # ---- bad input ----------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_training_logs_the_sampled_n_and_resumes_with_the_same(tmp_path):
     assert [r["n_loops"] for r in _records(resumed) if "loss" in r] == [r["n_loops"]
                                                                        for r in rows]
 
-    from loopedlm.plot import plot_runs  # per-loop norms of varying length
+    from loopedlm.experiments.plot import plot_runs  # per-loop norms of varying length
     assert len(plot_runs([tmp_path / "run"], tmp_path / "plots")) == 3
 
 
@@ -256,7 +256,7 @@ def _fake_variable_run(sweep_dir, name, settings, bpb_at, seed):
 @pytest.mark.parametrize("high_delta, high_verdict", [
     (-0.05, "beats"), (0.05, "loses to"), (0.0001, "does not beat `fixed N=6`: the difference is within")])
 def test_report_section_states_the_verdict_from_the_data(tmp_path, high_delta, high_verdict):
-    from loopedlm.report import write_report
+    from loopedlm.experiments.report import write_report
     rows = []
     for seed in range(3):
         rows.append(_fake_variable_run(

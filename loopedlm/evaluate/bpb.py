@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from loopedlm.attention import norm
+from loopedlm.model.attention import norm
 
 
 def _last_loop_nats(model: Any, inputs: torch.Tensor, targets: torch.Tensor,

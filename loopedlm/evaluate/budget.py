@@ -228,7 +228,7 @@ def plot_budget(results: dict[str, Any], path: str | Path) -> Path:
 
 def write_budget_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write results.json, results.md and budget.png into `out_dir`."""
-    from loopedlm.checkpoint import atomic_write_json
+    from loopedlm.common.files import atomic_write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

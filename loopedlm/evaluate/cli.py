@@ -46,7 +46,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tasks = _skip_unavailable(tasks)
     if args.wikitext is not None and not Path(args.wikitext).exists():
         raise FileNotFoundError(f"--wikitext {args.wikitext} does not exist")
-    from loopedlm.parallel import resolve_device
+    from loopedlm.common.distributed import resolve_device
 
     args.device = str(resolve_device(args.device))  # "auto": the GPU when there is one
     from loopedlm.evaluate.external import load_external, model_kind

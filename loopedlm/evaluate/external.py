@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from loopedlm.tokenizer import Tokenizer, byte_decoder
+from loopedlm.data.tokenizer import Tokenizer, byte_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _is_hf_folder(path: Path) -> bool:
 def model_kind(path: str | Path) -> str:
     """Which loader `path` needs: "loopedlm", "hf" or "gguf". A path that is none of them
     raises FileNotFoundError / ValueError naming what is allowed."""
-    from loopedlm.checkpoint import MODEL_FILE
+    from loopedlm.model.checkpoint import MODEL_FILE
 
     path = Path(path)
     if not path.exists():
@@ -185,7 +185,7 @@ def load_external(path: str | Path, device: str | torch.device = "cpu",
     path = Path(path)
     kind = model_kind(path)
     if kind == "loopedlm":
-        raise ValueError(f"{path} is a loopedlm run: load it with loopedlm.checkpoint.load_model")
+        raise ValueError(f"{path} is a loopedlm run: load it with loopedlm.model.checkpoint.load_model")
     transformers = _import_transformers()
     if kind == "gguf":
         folder, extra = path.parent, {"gguf_file": path.name}

@@ -124,7 +124,7 @@ class LoopedLMEval(LM):
     def _greedy(self, ids: list[int], max_new: int, until: list[str]) -> str:
         new: list[int] = []
         try:
-            from loopedlm.generate import stream
+            from loopedlm.infer.generate import stream
         except ImportError:
             stream = None
         if stream is not None:  # the KV-cache decoder

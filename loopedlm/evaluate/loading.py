@@ -35,15 +35,15 @@ def run_data_dir(model_folder: Path, meta: dict[str, Any]) -> Path | None:
         if value is not None:
             if value:
                 return Path(value)
-            from loopedlm.data import default_data_dir
+            from loopedlm.data.loader import default_data_dir
             return default_data_dir()
     return None
 
 
 def load_run(path: str | Path, device: str = "cpu", tokenizer: str | None = None):
     """(model, tokenizer, model_folder, meta) of a run folder or a checkpoint folder."""
-    from loopedlm.checkpoint import find_tokenizer_dir, load_model, resolve_model_folder
-    from loopedlm.tokenizer import load_tokenizer
+    from loopedlm.data.tokenizer import load_tokenizer
+    from loopedlm.model.checkpoint import find_tokenizer_dir, load_model, resolve_model_folder
 
     folder = resolve_model_folder(path)
     model, meta = load_model(folder, device=device)

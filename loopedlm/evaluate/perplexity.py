@@ -116,7 +116,7 @@ def evaluate_val_shard(model: Any, tokenizer: Any, data_dir: str | Path, *,
     """BPB and perplexity on the held-out validation shard (one pass, DDP-aware)."""
     import torch.distributed as dist
 
-    from loopedlm.data import ParquetTokenLoader
+    from loopedlm.data.loader import ParquetTokenLoader
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if (
         dist.is_available() and dist.is_initialized()) else (0, 1)

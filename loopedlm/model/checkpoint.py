@@ -4,13 +4,12 @@ A *model folder* holds `model.safetensors` and `config.json` (`{"model": {...}, 
 and `manifest.json`, written last: the size and sha256 of every other file. Loading
 verifies the manifest, so a truncated or altered file is one clear `CheckpointError`
 naming the file, and a run folder falls back to its newest intact checkpoint.
-A run folder (see `loopedlm.train`) holds `checkpoints/step_XXXXXX/` model folders,
+A run folder (see `loopedlm.train.trainer`) holds `checkpoints/step_XXXXXX/` model folders,
 a `tokenizer/` folder and the resolved `config.json`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,8 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from loopedlm.config import ModelConfig
-from loopedlm.model import LoopedGPT
+from loopedlm.common.files import atomic_write_json, fsync_dir, sha256_file
+from loopedlm.model.config import ModelConfig
+from loopedlm.model.gpt import LoopedGPT
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,6 @@ class CheckpointError(ValueError):
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (e.g. a full disk); the previous one is intact."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """The sha256 of a file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: str | Path, names: tuple[str, ...] | list[str]) -> None:
@@ -121,16 +112,6 @@ def _newest_intact(folders: list[Path], required: tuple[str, ...]) -> Path | Non
         raise CheckpointError(f"no intact checkpoint in {folders[0].parent}: {damaged[0]}")
     return None
 
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON so that a crash mid-write never leaves a truncated file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_model(folder: str | Path, model: LoopedGPT, meta: dict[str, Any] | None = None, *,
@@ -224,7 +205,7 @@ def find_tokenizer_dir(path: str | Path) -> Path | None:
     return None
 
 
-# ---- training checkpoints (loopedlm.train) -------------------------------------------
+# ---- training checkpoints (loopedlm.train.trainer) -------------------------------------------
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer + RNG tensors (torch.save; weights_only load)
 TRAIN_META_FILE = "train_state.json"  # step, data-loader states, collapse detector
 # tests: "SECONDS" or "SECONDS@STEP": sleep mid-save (of that step) so a test can kill -9 it
@@ -270,24 +251,11 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: LoopedGPT, *
             f"could not save checkpoint {final.name} in {ckpt_dir} "
             f"({exc.strerror or exc}); the previous checkpoint "
             f"{previous[-1].name if previous else '(none)'} is intact") from None
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     if keep_last is not None and keep_last > 0:
         for old in _step_folders(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def latest_training_checkpoint(run_dir: str | Path) -> Path | None:

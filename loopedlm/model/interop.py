@@ -4,7 +4,8 @@ Their checkpoints are a `model_<step>.pt` state dict beside `meta_<step>.json`, 
 `model_config` holds their GPTConfig. Our state-dict keys are nanochat's, so weights load
 as they are. Files are read with `torch.load(..., weights_only=True)`: no code is
 unpickled. Their tokenizer is Qwen3's with `<|im_start|>` as BOS (their `get_bos_token_id`),
-which is loopedlm's `qwen3`; `nanochat_tokenizer` gives it for a checkpoint of that vocabulary.
+which is loopedlm's `qwen3`; `loopedlm.data.tokenizer.nanochat_tokenizer` gives it for a
+checkpoint of that vocabulary.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any
 
 import torch
 
-from loopedlm.config import QWEN3_VOCAB_SIZE, ModelConfig
-from loopedlm.loop_modes import LOOP_MODES
-from loopedlm.model import LoopedGPT
+from loopedlm.model.config import ModelConfig
+from loopedlm.model.gpt import LoopedGPT
+from loopedlm.model.loop_modes import LOOP_MODES
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,6 @@ def config_to_nanochat(config: ModelConfig) -> dict[str, Any]:
         "attn_type": config.attn_type, "kv_lora_rank": config.kv_rank,
         "window_pattern": config.window_pattern,
     }
-
-
-def nanochat_tokenizer(config: ModelConfig):
-    """The tokenizer an authors' checkpoint was trained with: `qwen3` (BOS `<|im_start|>`,
-    151644) when its vocabulary is Qwen3's, else None (their code offers no other record)."""
-    if config.vocab_size != QWEN3_VOCAB_SIZE:
-        return None
-    from loopedlm.tokenizer import QWEN3_BOS_TOKEN, Qwen3Tokenizer
-
-    return Qwen3Tokenizer(bos_token=QWEN3_BOS_TOKEN)
 
 
 def _find_files(path: Path, step: int | None) -> tuple[Path, Path]:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopedlm.config import QWEN3_VOCAB_SIZE  # the one home of the vocabulary constants
+from loopedlm.model.config import QWEN3_VOCAB_SIZE, ModelConfig  # the one home of the vocabulary constants
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class BPETokenizer(Tokenizer):
 
 
 def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
-    from loopedlm.checkpoint import atomic_write_json
+    from loopedlm.common.files import atomic_write_json
 
     atomic_write_json(directory / META_FILE, meta)
 
@@ -312,6 +312,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int | N
         logger.warning("the corpus only supports %d ids, fewer than the %d asked for",
                        tok.vocab_size, vocab_size)
     return tok
+
+
+def nanochat_tokenizer(config: ModelConfig):
+    """The tokenizer an authors' checkpoint was trained with: `qwen3` (BOS `<|im_start|>`,
+    151644) when its vocabulary is Qwen3's, else None (their code offers no other record)."""
+    if config.vocab_size != QWEN3_VOCAB_SIZE:
+        return None
+    return Qwen3Tokenizer(bos_token=QWEN3_BOS_TOKEN)
 
 
 def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
@@ -380,7 +388,7 @@ def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str], batch: int = 256
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from loopedlm.data import iter_texts
+    from loopedlm.data.loader import iter_texts
 
     data_dir = Path(args.data)
     tok = train_tokenizer(iter_texts(data_dir, "train"), args.vocab_size,
@@ -399,7 +407,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"BOS id:      {tok.bos_id} ({tok.decode([tok.bos_id])!r})")
     print(f"special ids: {len(tok.special_ids)}")
     if args.data:
-        from loopedlm.data import iter_texts
+        from loopedlm.data.loader import iter_texts
 
         ratio = bytes_per_token(tok, iter_texts(Path(args.data), "val"))
         print(f"compression on {args.data} (val): {ratio:.3f} bytes/token")

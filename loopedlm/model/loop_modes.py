@@ -20,7 +20,7 @@ class LoopMode:
     start: str
     injection: str = "none"
     layers: str = "all"
-    nanochat_name: str = ""  # the FLT authors' `model_type` (loopedlm.interop)
+    nanochat_name: str = ""  # the FLT authors' `model_type` (loopedlm.model.interop)
 
     def injects_at(self, layer: int) -> bool:
         return self.injection != "none" and (self.layers == "all" or layer == 0)

@@ -2,7 +2,7 @@
 `n_loops` times, in one of five loop modes.
 
 A loop mode is data (`LoopMode`): where loop t > 1 starts its stream, and which layers
-receive the previous loop's state `h^{t-1}` and how (loopedlm.loop_modes). One loop
+receive the previous loop's state `h^{t-1}` and how (loopedlm.model.loop_modes). One loop
 (`LoopedGPT.run_loop`) runs every mode. Adding a mode is one line in `LOOP_MODES`.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from loopedlm.attention import (
+from loopedlm.model.attention import (
     MLP,
     AttentionPlan,
     CausalSelfAttention,
@@ -24,9 +24,9 @@ from loopedlm.attention import (
     norm,
     rotary_tables,
 )
-from loopedlm.config import ModelConfig
-from loopedlm.head_loss import head_loss
-from loopedlm.loop_modes import LOOP_MODES
+from loopedlm.model.config import ModelConfig
+from loopedlm.model.head_loss import head_loss
+from loopedlm.model.loop_modes import LOOP_MODES
 
 
 @dataclass
@@ -127,7 +127,7 @@ class LoopedGPT(nn.Module):
                                  device=self.lm_head.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        # set by wrap_loops (activation checkpointing, from outside: loopedlm.parallel)
+        # set by wrap_loops (activation checkpointing, from outside: loopedlm.train.parallel)
         self._loop_wrapper: Callable | None = None
 
     # ---- initialisation (SPEC 1) --------------------------------------------
@@ -269,7 +269,7 @@ class LoopedGPT(nn.Module):
 
     def wrap_loops(self, wrapper: Callable[[Callable], Callable] | None) -> None:
         """Run every loop through `wrapper(loop_fn)` (e.g. activation checkpointing, applied
-        from outside the model's math: loopedlm.parallel); None removes it."""
+        from outside the model's math: loopedlm.train.parallel); None removes it."""
         self._loop_wrapper = None if wrapper is None else wrapper(self._loop_body)
 
     @property
@@ -297,7 +297,7 @@ class LoopedGPT(nn.Module):
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
-        chunked so the (rows x vocabulary) logits are never held (`loopedlm.head_loss`)."""
+        chunked so the (rows x vocabulary) logits are never held (`loopedlm.model.head_loss`)."""
         weight = self.lm_head.weight[: self.config.vocab_size]
         return head_loss(h, weight, targets, self.config.softcap)
 

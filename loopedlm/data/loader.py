@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from loopedlm.checkpoint import sha256_file
-from loopedlm.paths import loopedlm_home
+from loopedlm.common.files import sha256_file
+from loopedlm.common.paths import loopedlm_home
 
 logger = logging.getLogger(__name__)
 

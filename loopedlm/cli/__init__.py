@@ -9,14 +9,14 @@ import sys
 
 # module -> it defines `register(subparsers)`, adding its sub-commands with `func=` set
 COMMAND_MODULES = [
-    "loopedlm.data",
-    "loopedlm.tokenizer",
-    "loopedlm.train",
-    "loopedlm.plot",
+    "loopedlm.data.loader",
+    "loopedlm.data.tokenizer",
+    "loopedlm.train.trainer",
+    "loopedlm.experiments.plot",
     "loopedlm.evaluate.cli",
-    "loopedlm.generate",
-    "loopedlm.sweep",
-    "loopedlm.info",
+    "loopedlm.infer.generate",
+    "loopedlm.experiments.sweep",
+    "loopedlm.experiments.info",
     "loopedlm.infer.command",
 ]
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from loopedlm.config import ConfigError
+from loopedlm.model.config import ConfigError
 
 
 def _positive(name: str, value: Any) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loopedlm.config import ModelConfig
+from loopedlm.model.config import ModelConfig
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

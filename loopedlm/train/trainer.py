@@ -42,15 +42,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from loopedlm.checkpoint import (
+from loopedlm.common.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    cleanup_distributed,
+    setup_distributed,
+)
+from loopedlm.common.paths import RECIPE_DIRS, loopedlm_home
+from loopedlm.model.checkpoint import (
     CheckpointSaveError,
     atomic_write_json,
     latest_training_checkpoint,
     load_training_state,
     save_training_checkpoint,
 )
-from loopedlm.config import PRESETS, QWEN3_VOCAB_SIZE, ConfigError, ModelConfig
-from loopedlm.diagnostics import (
+from loopedlm.model.config import PRESETS, QWEN3_VOCAB_SIZE, ConfigError, ModelConfig
+from loopedlm.model.gpt import LoopedGPT
+from loopedlm.train.diagnostics import (
     CollapseDetector,
     CollapseThresholds,
     PeakMemory,
@@ -61,23 +69,12 @@ from loopedlm.diagnostics import (
     peak_flops,
     watched_parameters,
 )
-from loopedlm.loop_sampling import LoopSampling
-from loopedlm.model import LoopedGPT
-from loopedlm.optim import LoopedOptimizer, OptimConfig
-from loopedlm.parallel import (
-    DistInfo,
-    all_reduce_mean,
-    apply_activation_checkpointing,
-    cleanup_distributed,
-    setup_distributed,
-    wrap_ddp,
-)
-from loopedlm.paths import loopedlm_home
+from loopedlm.train.loop_sampling import LoopSampling
+from loopedlm.train.optim import LoopedOptimizer, OptimConfig
+from loopedlm.train.parallel import apply_activation_checkpointing, wrap_ddp
 
 log = logging.getLogger(__name__)
 
-RECIPE_DIRS = [Path(__file__).resolve().parent.parent / "recipes",
-               Path(__file__).resolve().parent / "recipes"]
 DTYPES = ("auto", "float32", "bfloat16")
 PARAM_BASES = ("all", "non_embedding")
 
@@ -104,12 +101,12 @@ class TrainConfig:
     paper's text) tokens.
 
     Loops (issue 14): `loop_sampling` draws the loop count N of each step ("fixed",
-    "uniform:A,B", "poisson_lognormal:MEAN[,SIGMA]": loopedlm.loop_sampling);
+    "uniform:A,B", "poisson_lognormal:MEAN[,SIGMA]": loopedlm.train.loop_sampling);
     `backprop_loops` = k > 0 backpropagates through the last k loops only (0: all).
     """
 
     run_dir: str = ""  # "" -> runs/<preset>-<timestamp>
-    data_dir: str = ""  # "" -> the bundled corpus (loopedlm.data.default_data_dir())
+    data_dir: str = ""  # "" -> the bundled corpus (loopedlm.data.loader.default_data_dir())
     tokenizer: str = "auto"  # "qwen3" | "bpe" | "bpe:VOCAB" | a saved tokenizer folder
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
@@ -371,10 +368,10 @@ def build_config(recipe: str | None = None, overrides: dict[str, Any] | None = N
 
 # ---- data ------------------------------------------------------------------------
 class ParquetData:
-    """The default data source: Parquet shards through loopedlm.data."""
+    """The default data source: Parquet shards through loopedlm.data.loader."""
 
     def __init__(self, data_dir: str):
-        from loopedlm import data
+        from loopedlm.data import loader as data
         self._data = data
         if data_dir:
             self.data_dir = Path(data_dir)
@@ -400,7 +397,7 @@ def _cache_root() -> Path:
 def resolve_tokenizer(spec: str, vocab_size: int, data: ParquetData, run_dir: Path,
                       info: DistInfo):
     """Load (or train and cache) the tokenizer and save it into RUN/tokenizer."""
-    from loopedlm import tokenizer as tokmod
+    from loopedlm.data import tokenizer as tokmod
     saved = run_dir / "tokenizer"
     # every rank looks before rank 0 may write it (below), so none sees a half-written folder
     exists = saved.is_dir() and any(saved.iterdir())
@@ -545,8 +542,8 @@ def _new_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
 
 def sample_text(model: LoopedGPT, tokenizer, prompt: str, max_tokens: int, *,
                 temperature: float = 0.8, seed: int = 0) -> str:
-    """A short sample (KV-cached decoding through loopedlm.generate)."""
-    from loopedlm.generate import generate, strip_trailing_spaces
+    """A short sample (KV-cached decoding through loopedlm.infer.generate)."""
+    from loopedlm.infer.generate import generate, strip_trailing_spaces
 
     was_training = model.training
     model.eval()

@@ -1,17 +1,14 @@
-"""Parallelism and memory, applied to a model from outside its math (CONVENTIONS:
-torchtitan's separation): torchrun/DDP set-up and per-loop activation checkpointing."""
+"""Devices and torchrun: which device to use ("auto" -> cuda when available) and where
+this process sits in a torchrun job. Training, evaluation and serving all start here."""
 
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -70,15 +67,6 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP around the model when running distributed (the model itself otherwise)."""
-    if not info.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
-
-
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (a no-op when not distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -88,22 +76,3 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         if value.device.type != "cuda":  # gloo has no AVG
             value /= dist.get_world_size()
     return value
-
-
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each loop's activations in the backward pass instead of storing them:
-    every loop runs as a checkpointed call (`LoopedGPT.wrap_loops`), so peak memory no
-    longer grows with the loop count's activations (only the stream between loops is
-    kept)."""
-    model.wrap_loops(lambda loop_fn: partial(checkpoint, loop_fn, use_reentrant=False))
-    return model
-
-
-def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
-    model.wrap_loops(None)
-    return model
-
-
-__all__ = ["DistInfo", "resolve_device", "setup_distributed", "cleanup_distributed", "wrap_ddp",
-           "all_reduce_mean", "apply_activation_checkpointing",
-           "remove_activation_checkpointing"]

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from loopedlm.loop_modes import LOOP_MODES
+from loopedlm.model.loop_modes import LOOP_MODES
 
 LOSS_LOOPS = ("last", "all", "last_third")
 ATTN_TYPES = ("full", "mla")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from loopedlm.config import PRESETS, ModelConfig
-from loopedlm.model import LoopedGPT
+from loopedlm.model.config import PRESETS, ModelConfig
+from loopedlm.model.gpt import LoopedGPT
 
 
 def describe(config: ModelConfig) -> dict:
@@ -56,7 +56,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.target in PRESETS:
         config = ModelConfig.preset(args.target, **_parse_overrides(args.set))
     else:
-        from loopedlm.checkpoint import CONFIG_FILE, resolve_model_folder
+        from loopedlm.model.checkpoint import CONFIG_FILE, resolve_model_folder
 
         if not Path(args.target).exists():
             raise FileNotFoundError(f"{args.target!r} is neither a preset ({', '.join(PRESETS)}) "
@@ -69,8 +69,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from loopedlm.checkpoint import save_model
-    from loopedlm.interop import import_nanochat_checkpoint, nanochat_tokenizer
+    from loopedlm.data.tokenizer import nanochat_tokenizer
+    from loopedlm.model.checkpoint import save_model
+    from loopedlm.model.interop import import_nanochat_checkpoint
 
     model, meta = import_nanochat_checkpoint(args.source, step=args.step)
     out = save_model(args.out, model, {"imported_from": str(Path(args.source).resolve()),

@@ -1,0 +1,12 @@
+"""The model (SPEC 1-4): `config` (ModelConfig), `loop_modes` (the one table of loop
+modes), `attention` (attention and the KV cache, which owns its state), `gpt` (LoopedGPT
+and its per-loop API), `head_loss` (the fused, chunked LM-head loss), `checkpoint`
+(model and run folders on disk) and `interop` (the authors' nanochat checkpoints).
+Nothing here imports from any other loopedlm subpackage except `loopedlm.common`."""
+
+from loopedlm.model.attention import KVCache
+from loopedlm.model.config import ConfigError, ModelConfig
+from loopedlm.model.gpt import LoopedGPT
+from loopedlm.model.loop_modes import LOOP_MODES, LoopMode
+
+__all__ = ["ModelConfig", "ConfigError", "LoopedGPT", "KVCache", "LoopMode", "LOOP_MODES"]

@@ -1,0 +1,8 @@
+"""`python -m loopedlm.train ...` (and `torchrun ... -m loopedlm.train ...`) is
+`loopedlm train ...`."""
+
+import sys
+
+from loopedlm.train.trainer import main
+
+sys.exit(main())
