@@ -4,7 +4,8 @@
     python benchmarks/arch_report.py --list     # and every offending file/function/access
 
 Figures: files in loopedlm/ over 400 lines, functions over 60 lines, import cycles between
-loopedlm modules (function-local imports counted), accesses to another object's `_name`
+loopedlm modules (function-local imports counted), imports against the subpackage order
+(LAYERS), accesses to another object's `_name`
 (anything but self/cls), and the share of the repository's non-test Python lines that lie
 in loopedlm/.
 """
@@ -20,6 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "loopedlm"
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
+# the subpackages, bottom to top: a module may import from its own subpackage and from
+# those before it, never from those after it (CONVENTIONS: cli and experiments on top,
+# model at the bottom). `loopedlm/__init__.py` re-exports the model; `__main__` modules
+# are entry points that nothing imports.
+LAYERS = ["common", "model", "data", "infer", "evaluate", "train", "experiments", "cli"]
 
 
 def shown(path: Path) -> str:
@@ -114,6 +120,30 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that run against LAYERS (a lower subpackage importing a higher one), and
+    modules outside every subpackage (besides the package root and its __main__)."""
+    out = []
+    for module, targets in sorted(graph.items()):
+        if module.endswith("__main__"):
+            continue
+        here = layer_of(module)
+        if here is None:
+            if module != "loopedlm":
+                out.append(f"{module} is in no subpackage of {LAYERS}")
+            continue
+        for target in sorted(targets):
+            there = layer_of(target)
+            if there is not None and LAYERS.index(there) > LAYERS.index(here):
+                out.append(f"{module} ({here}) imports {target} ({there})")
+    return out
+
+
 def private_accesses(files: list[Path]) -> list[str]:
     """`obj._name` where obj is not self/cls, `_name` is not defined in the same module, and
     obj is not a module from outside loopedlm (torch._dynamo and the like are other
@@ -175,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"files over {MAX_FILE_LINES} lines": long_files(files),
         f"functions over {MAX_FUNCTION_LINES} lines": long_functions(files),
         "import cycles": cycles(import_graph(files)),
+        "imports against the layer order": upward_imports(import_graph(files)),
         "accesses to another object's _name": private_accesses(files),
     }
     for label, items in figures.items():

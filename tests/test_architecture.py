@@ -29,3 +29,21 @@ def test_private_access_finder_sees_one(tmp_path):
                    "def f(model):\n    return model._loop_body, self_ok()\n")
     found = arch.private_accesses([bad])
     assert len(found) == 2 and "imports _residual" in found[0] and "._loop_body" in found[1]
+
+
+def test_imports_follow_the_subpackage_order():
+    assert arch.upward_imports(arch.import_graph(arch.package_files())) == []
+
+
+def test_layer_checker_sees_an_upward_import():
+    graph = {"loopedlm.model.gpt": {"loopedlm.train.optim", "loopedlm.common.paths"},
+             "loopedlm.train.optim": {"loopedlm.model.config"},
+             "loopedlm.stray": set(), "loopedlm.train.__main__": {"loopedlm.cli.train"}}
+    found = arch.upward_imports(graph)
+    assert found == ["loopedlm.model.gpt (model) imports loopedlm.train.optim (train)",
+                     "loopedlm.stray is in no subpackage of " + str(arch.LAYERS)]
+
+
+def test_every_module_lives_in_a_subpackage():
+    top = {p.name for p in arch.PACKAGE.glob("*.py")}
+    assert top == {"__init__.py", "__main__.py"}

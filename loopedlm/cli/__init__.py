@@ -1,4 +1,5 @@
-"""The `loopedlm` command. Each feature module registers its own sub-commands."""
+"""The `loopedlm` command: argument parsing only. Each module of this package registers
+its sub-commands, which call library functions."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import sys
 
 # module -> it defines `register(subparsers)`, adding its sub-commands with `func=` set
 COMMAND_MODULES = [
-    "loopedlm.data.loader",
-    "loopedlm.data.tokenizer",
-    "loopedlm.train.trainer",
-    "loopedlm.experiments.plot",
-    "loopedlm.evaluate.cli",
-    "loopedlm.infer.generate",
-    "loopedlm.experiments.sweep",
-    "loopedlm.experiments.info",
-    "loopedlm.infer.command",
+    "loopedlm.cli.data",
+    "loopedlm.cli.tokenizer",
+    "loopedlm.cli.train",
+    "loopedlm.cli.plot",
+    "loopedlm.cli.eval",
+    "loopedlm.cli.sample",
+    "loopedlm.cli.sweep",
+    "loopedlm.cli.report",
+    "loopedlm.cli.info",
+    "loopedlm.cli.serve",
 ]
 
 

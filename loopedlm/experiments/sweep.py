@@ -287,6 +287,3 @@ def register(subparsers) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="train in this process (no per-run start-up; for many tiny runs)")
     p.set_defaults(func=_cmd_sweep)
-    from loopedlm.experiments.report import register as register_report
-
-    register_report(subparsers)

@@ -1,0 +1,5 @@
+"""`loopedlm plot`: stability figures of runs."""
+
+from loopedlm.experiments.plot import register
+
+__all__ = ["register"]
