@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopedlm.experiments.report import claim_sentences, lr_curves, parabola_minimum, write_report
+from loopedlm.experiments.report.claims import claim_sentences
+from loopedlm.experiments.report.lr_curves import lr_curves, parabola_minimum
+from loopedlm.experiments.report.write import write_report
 from loopedlm.experiments.sweep import Sweep, run_sweep
 
 SWEEP = """

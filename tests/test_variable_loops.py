@@ -256,7 +256,7 @@ def _fake_variable_run(sweep_dir, name, settings, bpb_at, seed):
 @pytest.mark.parametrize("high_delta, high_verdict", [
     (-0.05, "beats"), (0.05, "loses to"), (0.0001, "does not beat `fixed N=6`: the difference is within")])
 def test_report_section_states_the_verdict_from_the_data(tmp_path, high_delta, high_verdict):
-    from loopedlm.experiments.report import write_report
+    from loopedlm.experiments.report.write import write_report
     rows = []
     for seed in range(3):
         rows.append(_fake_variable_run(

@@ -1,5 +1,19 @@
 """`loopedlm report`: the paper's tables and figures from a sweep."""
 
-from loopedlm.experiments.report import register
+from __future__ import annotations
 
-__all__ = ["register"]
+import argparse
+
+from loopedlm.experiments.report.write import write_report
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    for folder in args.sweep_dirs:
+        print(f"wrote {write_report(folder)}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("report", help="tables and figures of finished sweeps")
+    p.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR")
+    p.set_defaults(func=_cmd_report)

@@ -1,12 +1,11 @@
-"""`loopedlm plot RUN... [--out DIR]`: the paper's diagnostic figures (section 3) from
-runs' `log.jsonl`, several runs overlaid: training loss (and validation bits-per-byte),
-the residual-state norm of each loop, and the gradient norms, against step. Every step
-the collapse detector flags is marked on every figure (a dotted line in the run's colour,
-labelled with the rule), and listed on the console."""
+"""The paper's diagnostic figures (section 3) from runs' `log.jsonl`, several runs
+overlaid: training loss (and validation bits-per-byte), the residual-state norm of each
+loop, and the gradient norms, against step. Every collapse event of a run (those its log
+recorded and those the detector finds when it replays the log) is marked on every figure
+as a dotted line in the run's colour, labelled with the rule."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,9 @@ from loopedlm.train.diagnostics import CollapseThresholds, read_log, replay_log
 
 GRAD_KEYS = ("grad_norm/first_mlp", "grad_norm/lm_head", "grad_norm/middle_mlp",
              "grad_norm/middle_attn")
+
+# run -> its log records
+Logs = dict[Path, list[dict[str, Any]]]
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[Any]]:
@@ -68,8 +70,13 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
     logs = {Path(r): read_log(r) for r in runs}
     flags = {run: collapse_events(run, records) for run, records in logs.items()}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    written = []
+    return [_plot_loss(plt, logs, flags, colors, out / "loss.png"),
+            _plot_residual_norms(plt, logs, flags, colors, out / "residual_norm.png"),
+            _plot_grad_norms(plt, logs, flags, colors, out / "grad_norm.png")]
 
+
+def _plot_loss(plt, logs: Logs, flags: dict, colors: list[str], path: Path) -> Path:
+    """Training loss and validation BPB against step, side by side."""
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (run, records) in enumerate(logs.items()):
         c = colors[i % len(colors)]
@@ -81,8 +88,11 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
     for ax in (ax_loss, ax_bpb):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    written.append(_save(fig, out / "loss.png"))
+    return _save(fig, path)
 
+
+def _plot_residual_norms(plt, logs: Logs, flags: dict, colors: list[str], path: Path) -> Path:
+    """The residual-state norm of every loop against step (one line style per loop)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     styles = ["-", "--", "-.", ":"]
     for i, (run, records) in enumerate(logs.items()):
@@ -100,8 +110,11 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
            yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    written.append(_save(fig, out / "residual_norm.png"))
+    return _save(fig, path)
 
+
+def _plot_grad_norms(plt, logs: Logs, flags: dict, colors: list[str], path: Path) -> Path:
+    """One panel per gradient norm of GRAD_KEYS against step."""
     fig, axes = plt.subplots(1, len(GRAD_KEYS), figsize=(16, 3.8), sharex=True)
     for i, (run, records) in enumerate(logs.items()):
         for ax, key in zip(axes, GRAD_KEYS, strict=True):
@@ -114,8 +127,7 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
                yscale="log" if logged else "linear")  # a log axis needs data
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    written.append(_save(fig, out / "grad_norm.png"))
-    return written
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -125,26 +137,6 @@ def _save(fig, path: Path) -> Path:
 
     plt.close(fig)
     return path
-
-
-def _cmd_plot(args: argparse.Namespace) -> int:
-    first = Path(args.runs[0])
-    out = args.out or ((first if first.is_dir() else first.parent) / "plots")
-    for path in plot_runs(args.runs, out):
-        print(path)
-    for run in args.runs:
-        for event in collapse_events(run):
-            print(f"{run}: collapse flag '{event['kind']}' at step {event['step']}: "
-                  f"{event['detail']}")
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("plot", help="draw loss / residual-norm / grad-norm figures",
-                                   description=__doc__)
-    parser.add_argument("runs", nargs="+", help="run folders (each with a log.jsonl)")
-    parser.add_argument("--out", help="output folder (default: FIRST_RUN/plots)")
-    parser.set_defaults(func=_cmd_plot)
 
 
 __all__ = ["plot_runs", "collapse_events"]
