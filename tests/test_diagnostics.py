@@ -366,3 +366,35 @@ def test_plot_marks_the_flagged_steps(tmp_path):
     assert all(p.stat().st_size > 1000 for p in pngs)
     # loss + bpb, residual norm, four gradient panels: 7 axes, each marks every flag
     assert sorted(marked) == sorted([e["step"] for e in events] * 7)
+
+
+def test_plot_command_lists_the_flags_beside_the_figures(tmp_path, capsys):
+    """`loopedlm plot RUN` draws into RUN/plots (beside the log for a log file), prints each
+    figure's path and then every collapse flag; `plot_runs` itself prints nothing."""
+    import gzip
+
+    from loopedlm.cli import main
+    from loopedlm.experiments.plot import collapse_events, plot_runs
+
+    run = tmp_path / "lt"
+    run.mkdir()
+    (run / "log.jsonl").write_bytes(gzip.decompress(
+        (FIXTURES / "small-lt-n12-log.jsonl.gz").read_bytes()))
+    events = collapse_events(run)
+    assert events
+    assert main(["plot", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    figures = [run / "plots" / name for name in ("loss.png", "residual_norm.png", "grad_norm.png")]
+    assert lines == [str(p) for p in figures] + [
+        f"{run}: collapse flag '{e['kind']}' at step {e['step']}: {e['detail']}" for e in events]
+    assert all(p.stat().st_size > 1000 for p in figures)
+
+    log_file = tmp_path / "logs" / "flt.jsonl.gz"
+    log_file.parent.mkdir()
+    log_file.write_bytes((FIXTURES / "small-flt-n12-log.jsonl.gz").read_bytes())
+    assert main(["plot", str(log_file)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        str(tmp_path / "logs" / "plots" / name)
+        for name in ("loss.png", "residual_norm.png", "grad_norm.png")]
+    plot_runs([log_file], tmp_path / "again")
+    assert capsys.readouterr().out == ""

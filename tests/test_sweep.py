@@ -183,6 +183,22 @@ def test_report_needs_a_sweep(tmp_path):
         write_report(tmp_path)
 
 
+def test_report_command_names_each_report_it_writes(tmp_path, capsys):
+    """`loopedlm report A B` writes one report per sweep and prints its path; `write_report`
+    itself prints nothing."""
+    from loopedlm.cli import main
+
+    for name in ("a", "b"):
+        rows = [fake_run(tmp_path / name, "r0", {"seed": 0}, bpb=2.0)]
+        (tmp_path / name / "sweep.json").write_text(json.dumps({"runs": rows}))
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    reports = [tmp_path / name / "report.md" for name in ("a", "b")]
+    assert capsys.readouterr().out.splitlines() == [f"wrote {path}" for path in reports]
+    assert all("| r0 | completed |" in path.read_text() for path in reports)
+    write_report(tmp_path / "a")
+    assert capsys.readouterr().out == ""
+
+
 def test_sweep_end_to_end_then_report(tmp_path):
     """Two real (tiny) runs through `loopedlm sweep`, resumed as finished, then the report."""
     from test_train import make_corpus
