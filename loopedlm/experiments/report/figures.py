@@ -23,11 +23,16 @@ def pyplot():
 
 def finish_figure(fig, ax, path: Path, title: str, caption: str) -> str:
     """Grid, legend and title; save `path` and return its Markdown (figure + caption)."""
-    import matplotlib.pyplot as plt
-
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
+    return _save(fig, path, title, caption)
+
+
+def _save(fig, path: Path, title: str, caption: str) -> str:
+    """Save the figure to `path`, close it, and return its Markdown (figure + caption)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -86,10 +91,7 @@ def figure_curves(runs, keys, path: Path, title: str, caption: str,
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"![{title}]({path.name})\n\n*{title}.* {caption}\n"
+    return _save(fig, path, title, caption)
 
 
 def figure_xy(lines: dict[str, tuple[list[float], list[float]]], path: Path, title: str,
