@@ -10,7 +10,7 @@ from test_eval_support import ByteTokenizer, tiny_random_model
 
 from loopedlm.cli import main
 from loopedlm.evaluate import budget
-from loopedlm.evaluate.core import TaskSpec
+from loopedlm.evaluate.items import TaskSpec
 
 WIKI = " = Valkyria Chronicles = \n \n The game began development in 2010 . \n" * 4
 

@@ -16,8 +16,9 @@ from test_eval_support import tiny_random_model
 
 from loopedlm.cli import main
 from loopedlm.evaluate import budget
-from loopedlm.evaluate.core import TaskSpec, evaluate_task
+from loopedlm.evaluate.core import evaluate_task
 from loopedlm.evaluate.external import load_external, model_kind
+from loopedlm.evaluate.items import TaskSpec
 
 TEXT = "The quick brown fox jumps over the lazy dog. Café au lait, naïve façade! 12345\n" * 8
 
@@ -138,7 +139,7 @@ def test_missing_extra_is_one_clear_line(tmp_path, monkeypatch):
 def _local_smollm2():
     """The SmolLM2 GGUF if it is here already: $LOOPEDLM_SMOLLM2_GGUF or where
     bench_external_eval.py puts it (a test never downloads)."""
-    from loopedlm.evaluate.tasks import loopedlm_home
+    from loopedlm.common.paths import loopedlm_home
 
     for candidate in (os.environ.get("LOOPEDLM_SMOLLM2_GGUF"),
                       loopedlm_home() / "downloads" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"):
