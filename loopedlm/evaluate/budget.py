@@ -17,6 +17,7 @@ from typing import Any
 
 from loopedlm.evaluate.core import core_metric, evaluate_task
 from loopedlm.evaluate.loading import EvalTarget, val_settings
+from loopedlm.evaluate.perplexity import evaluate_text, evaluate_val_shard, read_wikitext
 from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, load_task, paper_alias
 
 logger = logging.getLogger(__name__)
@@ -110,8 +111,8 @@ def _load_tasks(tasks: Sequence[str], results: dict[str, Any]) -> dict[str, tupl
 
 
 def _read_wikitext(path: str | Path, results: dict[str, Any]) -> str | None:
+    """The WikiText text, or None with why it could not be read recorded."""
     try:
-        from loopedlm.evaluate.perplexity import read_wikitext
         return read_wikitext(path)
     except (ValueError, FileNotFoundError) as exc:
         _record_error(results, "wikitext", None, exc)
@@ -122,7 +123,6 @@ def _val_metrics(results: dict[str, Any], model: Any, tokenizer: Any, data_dir: 
                  n: int, say: Callable[[str], None], **settings: Any) -> None:
     """val_bpb, val_ppl and val_tokens at N=n, from the validation shard of `data_dir`."""
     try:
-        from loopedlm.evaluate.perplexity import evaluate_val_shard
         val = evaluate_val_shard(model, tokenizer, data_dir, n_loops=n, **settings)
         _record(results, "val_bpb", n, val["bpb"])
         _record(results, "val_ppl", n, val["ppl"])
@@ -137,7 +137,6 @@ def _wikitext_metrics(results: dict[str, Any], model: Any, tokenizer: Any, text:
                       say: Callable[[str], None], **settings: Any) -> None:
     """wikitext_ppl and wikitext_bpb at N=n."""
     try:
-        from loopedlm.evaluate.perplexity import evaluate_text
         wt = evaluate_text(model, tokenizer, text, n_loops=n, **settings)
         _record(results, "wikitext_ppl", n, wt["ppl"])
         _record(results, "wikitext_bpb", n, wt["bpb"])
