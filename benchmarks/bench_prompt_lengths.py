@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from loopedlm.data.tokenizer import load_tokenizer
-from loopedlm.evaluate.core import prepare_example, select_examples
+from loopedlm.evaluate.prompts import prepare_example, select_examples
 from loopedlm.evaluate.tasks import load_task, resolve_task_names
 from loopedlm.model.config import ROTARY_LENGTH_FACTOR
 

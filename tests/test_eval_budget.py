@@ -10,7 +10,7 @@ from test_eval_support import ByteTokenizer, tiny_random_model
 
 from loopedlm.cli import main
 from loopedlm.evaluate import budget
-from loopedlm.evaluate.core import TaskSpec
+from loopedlm.evaluate.items import TaskSpec
 
 WIKI = " = Valkyria Chronicles = \n \n The game began development in 2010 . \n" * 4
 
@@ -106,3 +106,21 @@ def test_cli_max_examples_all_evaluates_every_item(run_dir, tmp_path, monkeypatc
     assert results["settings"]["max_examples"] == (None if flag == "all" else expected)
     with pytest.raises(SystemExit):  # argparse: "0 must be >= 1"
         main(["eval", str(run_dir), "--max-examples", "0"])
+
+
+def test_load_eval_target_of_a_run_and_its_outputs(run_dir, tmp_path, caplog):
+    from loopedlm.evaluate.loading import load_eval_target
+
+    with caplog.at_level("WARNING", logger="loopedlm.evaluate.loading"):
+        target = load_eval_target(run_dir, [1, 2], device="cpu", data_dir=tmp_path / "absent")
+    assert target.loops == [1, 2] and target.device == "cpu"
+    assert target.folder == run_dir / "checkpoints" / "step_000010"
+    assert target.default_out == target.folder / "eval"
+    assert target.data_dir is None and "absent not found" in caplog.text  # skipped, said once
+    results, paths = budget.run_budget_evaluation(
+        target, tmp_path / "out", tasks=[], wikitext=run_dir / "wiki.valid.raw",
+        max_examples=None, batch_size=2, val_batches=None)
+    assert results["checkpoint"] == str(target.folder)
+    assert set(results["metrics"]["wikitext_ppl"]) == {"1", "2"}
+    assert results["settings"]["batch_size"] == 2
+    assert json.loads(paths["json"].read_text())["metrics"] == results["metrics"]

@@ -19,21 +19,18 @@ from test_eval_support import (
     tiny_random_model,
 )
 
-from loopedlm.evaluate.core import (
-    TaskSpec,
-    centered_accuracy,
+from loopedlm.evaluate.bundle import load_bundle, write_bundle
+from loopedlm.evaluate.core import centered_accuracy, core_metric, default_max_len, evaluate_task
+from loopedlm.evaluate.items import TaskSpec
+from loopedlm.evaluate.prompts import (
     common_prefix_length,
     common_suffix_length,
-    core_metric,
-    evaluate_task,
-    load_bundle,
     prepare_example,
     render_prompts,
     sample_fewshot,
-    score_sequences,
     select_examples,
-    write_bundle,
 )
+from loopedlm.evaluate.scoring import score_sequences
 
 TOK = ByteTokenizer()
 BOS = TOK.bos_id
@@ -329,7 +326,7 @@ def test_dclm_bundle_layout(tmp_path):
 
 def test_bad_items_and_files_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        from loopedlm.evaluate.core import read_jsonl
+        from loopedlm.evaluate.bundle import read_jsonl
         read_jsonl(tmp_path / "missing.jsonl", "schema", "t")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "choices": ["a", "b"], "gold": 5}\n')
@@ -348,3 +345,9 @@ def test_bad_items_and_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="n_loops"):
         evaluate_task(tiny_random_model(), TOK, MC, synthetic_items("multiple_choice", 3),
                       n_loops=0)
+
+
+def test_default_max_len_is_what_the_rope_table_covers_plus_the_target():
+    model = tiny_random_model()
+    assert default_max_len(model) == model.config.rotary_len + 1
+    assert default_max_len(object()) is None  # a model that says nothing: no cropping

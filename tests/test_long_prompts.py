@@ -12,7 +12,8 @@ from conftest import tiny_model
 from test_eval_support import ByteTokenizer, tiny_random_model
 
 from loopedlm.evaluate import budget
-from loopedlm.evaluate.core import TaskSpec, evaluate_task
+from loopedlm.evaluate.core import evaluate_task
+from loopedlm.evaluate.items import TaskSpec
 from loopedlm.model.attention import KVCache, rotary_tables
 from loopedlm.model.config import ROTARY_LENGTH_FACTOR
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from loopedlm.evaluate.core import core_metric, evaluate_task
-from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, load_task
+from loopedlm.evaluate.loading import EvalTarget, val_settings
+from loopedlm.evaluate.perplexity import evaluate_text, evaluate_val_shard, read_wikitext
+from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, load_task, paper_alias
 
 logger = logging.getLogger(__name__)
 
@@ -64,80 +66,106 @@ def evaluate_budget(model: Any, tokenizer: Any, loops: Sequence[int], *,
                      "data_dir": str(data_dir) if data_dir else None,
                      "wikitext": str(wikitext) if wikitext else None},
     }
-
-    def record(metric: str, n: int, value: float) -> None:
-        results["metrics"].setdefault(metric, {})[str(n)] = value
-
-    def error(metric: str, n: int | None, exc: BaseException) -> None:
-        msg = f"{type(exc).__name__}: {exc}"
-        logger.warning("%s%s failed: %s", metric, "" if n is None else f" at N={n}", msg)
-        results["errors"].append({"metric": metric, "n_loops": n, "error": msg})
-
-    loaded = {}
-    for name in tasks:  # load once, reuse at every loop count
-        try:
-            loaded[name] = load_task(name)
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            error(f"task/{name}", None, exc)
-    text = None
-    if wikitext is not None:
-        try:
-            from loopedlm.evaluate.perplexity import read_wikitext
-            text = read_wikitext(wikitext)
-        except (ValueError, FileNotFoundError) as exc:
-            error("wikitext", None, exc)
-
+    loaded = _load_tasks(tasks, results)
+    text = None if wikitext is None else _read_wikitext(wikitext, results)
     start_all = time.perf_counter()
     for n in loops:
         start = time.perf_counter()
         if data_dir is not None:
-            try:
-                from loopedlm.evaluate.perplexity import evaluate_val_shard
-                val = evaluate_val_shard(model, tokenizer, data_dir, n_loops=n,
-                                         batch_size=val_batch_size or batch_size,
-                                         seq_len=val_seq_len, max_batches=val_batches,
-                                         device=device)
-                record("val_bpb", n, val["bpb"])
-                record("val_ppl", n, val["ppl"])
-                record("val_tokens", n, val["tokens"])
-                say(f"N={n} val_bpb={val['bpb']:.4f} val_ppl={val['ppl']:.2f} "
-                    f"({val['tokens']} tokens)")
-            except Exception as exc:  # noqa: BLE001 - one metric must not lose the others
-                error("val", n, exc)
+            _val_metrics(results, model, tokenizer, data_dir, n, say, device=device,
+                         batch_size=val_batch_size or batch_size, seq_len=val_seq_len,
+                         max_batches=val_batches)
         if text is not None:
-            try:
-                from loopedlm.evaluate.perplexity import evaluate_text
-                wt = evaluate_text(model, tokenizer, text, n_loops=n, batch_size=batch_size,
-                                   device=device)
-                record("wikitext_ppl", n, wt["ppl"])
-                record("wikitext_bpb", n, wt["bpb"])
-                say(f"N={n} wikitext_ppl={wt['ppl']:.2f}")
-            except Exception as exc:  # noqa: BLE001
-                error("wikitext", n, exc)
-        task_results = {}
-        for name, (spec, items) in loaded.items():
-            try:
-                r = evaluate_task(model, tokenizer, spec, items, n_loops=n,
-                                  max_examples=max_examples, device=device)
-                task_results[name] = r
-                results["tasks"].setdefault(name, {})[str(n)] = r
-                record(f"acc/{name}", n, r["accuracy"])
-                if r.get("truncated"):  # prompts longer than the RoPE table (the same at every N)
-                    results["cropped"][name] = {"examples": r["truncated"], "n": r["n"],
-                                                "max_len": r.get("max_len")}
-                say(f"N={n} {name}: acc={r['accuracy']:.4f} ({r['n']} examples)")
-            except Exception as exc:  # noqa: BLE001
-                error(f"task/{name}", n, exc)
-        core_results = {k: v for k, v in task_results.items() if k in CORE_TASKS}
-        if core_results:
-            record("core", n, core_metric(core_results))
-            results.setdefault("core_tasks", {})[str(n)] = sorted(core_results)
+            _wikitext_metrics(results, model, tokenizer, text, n, say, batch_size=batch_size,
+                              device=device)
+        _task_metrics(results, model, tokenizer, loaded, n, say, max_examples=max_examples,
+                      device=device)
         results["wall_time_s"][str(n)] = time.perf_counter() - start
     results["total_wall_time_s"] = time.perf_counter() - start_all
     evaluated = {t for ts in results.get("core_tasks", {}).values() for t in ts}
     # only the CORE tasks that were asked for (none with --tasks none)
     results["core_missing"] = [t for t in CORE_TASKS if t in tasks and t not in evaluated]
     return results
+
+
+def _record(results: dict[str, Any], metric: str, n: int, value: float) -> None:
+    results["metrics"].setdefault(metric, {})[str(n)] = value
+
+
+def _record_error(results: dict[str, Any], metric: str, n: int | None,
+                  exc: BaseException) -> None:
+    msg = f"{type(exc).__name__}: {exc}"
+    logger.warning("%s%s failed: %s", metric, "" if n is None else f" at N={n}", msg)
+    results["errors"].append({"metric": metric, "n_loops": n, "error": msg})
+
+
+def _load_tasks(tasks: Sequence[str], results: dict[str, Any]) -> dict[str, tuple[Any, list]]:
+    """Each task's (spec, items), loaded once to be reused at every loop count."""
+    loaded = {}
+    for name in tasks:
+        try:
+            loaded[name] = load_task(name)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            _record_error(results, f"task/{name}", None, exc)
+    return loaded
+
+
+def _read_wikitext(path: str | Path, results: dict[str, Any]) -> str | None:
+    """The WikiText text, or None with why it could not be read recorded."""
+    try:
+        return read_wikitext(path)
+    except (ValueError, FileNotFoundError) as exc:
+        _record_error(results, "wikitext", None, exc)
+        return None
+
+
+def _val_metrics(results: dict[str, Any], model: Any, tokenizer: Any, data_dir: str | Path,
+                 n: int, say: Callable[[str], None], **settings: Any) -> None:
+    """val_bpb, val_ppl and val_tokens at N=n, from the validation shard of `data_dir`."""
+    try:
+        val = evaluate_val_shard(model, tokenizer, data_dir, n_loops=n, **settings)
+        _record(results, "val_bpb", n, val["bpb"])
+        _record(results, "val_ppl", n, val["ppl"])
+        _record(results, "val_tokens", n, val["tokens"])
+        say(f"N={n} val_bpb={val['bpb']:.4f} val_ppl={val['ppl']:.2f} "
+            f"({val['tokens']} tokens)")
+    except Exception as exc:  # noqa: BLE001 - one metric must not lose the others
+        _record_error(results, "val", n, exc)
+
+
+def _wikitext_metrics(results: dict[str, Any], model: Any, tokenizer: Any, text: str, n: int,
+                      say: Callable[[str], None], **settings: Any) -> None:
+    """wikitext_ppl and wikitext_bpb at N=n."""
+    try:
+        wt = evaluate_text(model, tokenizer, text, n_loops=n, **settings)
+        _record(results, "wikitext_ppl", n, wt["ppl"])
+        _record(results, "wikitext_bpb", n, wt["bpb"])
+        say(f"N={n} wikitext_ppl={wt['ppl']:.2f}")
+    except Exception as exc:  # noqa: BLE001
+        _record_error(results, "wikitext", n, exc)
+
+
+def _task_metrics(results: dict[str, Any], model: Any, tokenizer: Any,
+                  loaded: dict[str, tuple[Any, list]], n: int, say: Callable[[str], None],
+                  **settings: Any) -> None:
+    """Each task's accuracy at N=n, and CORE over the CORE tasks among them."""
+    task_results = {}
+    for name, (spec, items) in loaded.items():
+        try:
+            r = evaluate_task(model, tokenizer, spec, items, n_loops=n, **settings)
+            task_results[name] = r
+            results["tasks"].setdefault(name, {})[str(n)] = r
+            _record(results, f"acc/{name}", n, r["accuracy"])
+            if r.get("truncated"):  # prompts longer than the RoPE table (the same at every N)
+                results["cropped"][name] = {"examples": r["truncated"], "n": r["n"],
+                                            "max_len": r.get("max_len")}
+            say(f"N={n} {name}: acc={r['accuracy']:.4f} ({r['n']} examples)")
+        except Exception as exc:  # noqa: BLE001
+            _record_error(results, f"task/{name}", n, exc)
+    core_results = {k: v for k, v in task_results.items() if k in CORE_TASKS}
+    if core_results:
+        _record(results, "core", n, core_metric(core_results))
+        results.setdefault("core_tasks", {})[str(n)] = sorted(core_results)
 
 
 def _fmt(value: float | None) -> str:
@@ -153,7 +181,7 @@ def _label(metric: str, results: dict[str, Any]) -> str:
         return f"CORE ({k}/{CORE_TASK_COUNT} tasks present)" if k < CORE_TASK_COUNT else "CORE"
     if metric.startswith("acc/"):
         name = metric[4:]
-        alias = next((a for a, t in DOWNSTREAM_TASKS.items() if t == name), None)
+        alias = paper_alias(name)
         return f"{name} acc" + (f" (paper: {alias})" if alias and alias != name else "")
     return metric
 
@@ -224,6 +252,21 @@ def plot_budget(results: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def run_budget_evaluation(target: EvalTarget, out_dir: str | Path, *, tasks: Sequence[str],
+                          wikitext: str | Path | None, max_examples: int | None,
+                          batch_size: int | None, val_batches: int | None
+                          ) -> tuple[dict[str, Any], dict[str, Path]]:
+    """What `loopedlm eval` does once the model is loaded: `evaluate_budget` of the target
+    (validation read as its run's own evaluation did, see `val_settings`), then
+    `write_budget_outputs` into `out_dir`. Returns the results and the written paths."""
+    results = evaluate_budget(target.model, target.tokenizer, target.loops, tasks=tasks,
+                              data_dir=target.data_dir, wikitext=wikitext,
+                              max_examples=max_examples, device=target.device,
+                              **val_settings(target.meta, target.model, batch_size, val_batches))
+    results["checkpoint"] = str(target.folder)
+    return results, write_budget_outputs(results, out_dir)
 
 
 def write_budget_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -26,7 +26,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from loopedlm.evaluate.core import score_sequences
+from loopedlm.evaluate.scoring import score_sequences
 
 MODEL_NAME = "loopedlm"
 logger = logging.getLogger(__name__)

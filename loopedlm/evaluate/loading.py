@@ -1,12 +1,20 @@
 """Loading a run for evaluation: the model, its tokenizer, its training data and the
 validation settings its own evaluation used (shared by `loopedlm eval`, the lm-eval
-adapter and the benchmarks)."""
+adapter and the benchmarks); and `load_eval_target`, what `loopedlm eval` evaluates: a run,
+a checkpoint or an external model, on the chosen device."""
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loopedlm.common.distributed import resolve_device
+from loopedlm.evaluate.external import load_external, model_kind
+
+logger = logging.getLogger(__name__)
 
 
 def _find_key(data: Any, key: str) -> Any:
@@ -74,3 +82,46 @@ def val_settings(meta: dict[str, Any], model: Any, batch_size: int | None,
                 "batch_size": 8}
     return {"val_batch_size": batch_size or 8, "val_seq_len": None,
             "val_batches": val_batches or 20, "batch_size": batch_size or 8}
+
+
+@dataclass
+class EvalTarget:
+    """A model ready for `loopedlm eval`: its loop counts, validation data and output folder."""
+
+    model: Any
+    tokenizer: Any
+    folder: Path  # the model folder (or the external model's path)
+    meta: dict[str, Any]
+    loops: list[int]
+    device: str
+    data_dir: Path | None  # None: no validation split to measure
+    default_out: Path
+
+
+def load_eval_target(path: str | Path, loops: list[int], *, device: str = "auto",
+                     tokenizer: str | None = None, data_dir: str | Path | None = None,
+                     loops_given: bool = True) -> EvalTarget:
+    """Load a run or checkpoint folder, or an external causal LM (a Hugging Face folder or a
+    .gguf file: no loops, so evaluated once at N=1; warns when other loop counts were given,
+    `loops_given`), on `device` ("auto": the GPU when there is one). The validation data is
+    `data_dir`, else the run's; a folder that does not exist is skipped with a warning."""
+    device = str(resolve_device(device))
+    if model_kind(path) == "loopedlm":
+        model, tok, folder, meta = load_run(path, device, tokenizer)
+        data = Path(data_dir) if data_dir else run_data_dir(folder, meta)
+        default_out = folder / "eval"
+    else:  # a Hugging Face folder or a .gguf file: no loops, one column
+        if loops_given and loops != [1]:
+            logger.warning("%s is not a looped model: evaluating it once (N=1), not at N=%s",
+                           path, loops)
+        if tokenizer is not None:
+            logger.warning("--tokenizer is ignored: %s brings its own tokenizer", path)
+        loops = [1]
+        model, tok = load_external(path, device)
+        folder, meta = Path(path), {}
+        data = Path(data_dir) if data_dir else None
+        default_out = Path(f"eval_{folder.stem}")
+    if data is not None and not data.exists():
+        logger.warning("validation data %s not found: skipping val_bpb/val_ppl", data)
+        data = None
+    return EvalTarget(model, tok, folder, meta, loops, device, data, default_out)
