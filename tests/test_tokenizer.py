@@ -13,14 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loopedlm.data.tokenizer import (
-    BOS_TOKEN,
-    QWEN3_VOCAB_SIZE,
-    Tokenizer,
-    bytes_per_token,
-    load_tokenizer,
-    train_tokenizer,
-)
+from loopedlm.data.tokenizer import BOS_TOKEN, QWEN3_VOCAB_SIZE, Tokenizer, load_tokenizer
+from loopedlm.data.tokenizer_training import bytes_per_token, train_tokenizer
 
 EDGE_CASES = [
     "",

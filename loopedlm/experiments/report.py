@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopedlm.train.diagnostics import read_log
+from loopedlm.train.run_log import read_log
 
 EXPERIMENTS = ("loop_scaling", "stability", "attention", "test_time", "residual_scaling",
                "variable_loops", "custom")
