@@ -200,3 +200,5 @@ def download_fineweb_edu(n_shards: int, out_dir: str | Path | None = None, *,
         download_file(url, target, retries=retries)
     return out
 
+
+__all__ = ["default_data_dir", "prepare_default_corpus", "read_manifest", "download_fineweb_edu"]

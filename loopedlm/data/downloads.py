@@ -72,3 +72,6 @@ def download_file(url: str, target: Path, *, retries: int = 3, timeout: float = 
             logger.warning("download of %s failed (%s); retrying", url, error)
             time.sleep(min(2 ** attempt, 30) * 0.5)
     raise RuntimeError(f"could not download {url} after {retries} attempts: {error}")
+
+
+__all__ = ["pip_download", "download_file"]

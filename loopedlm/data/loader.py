@@ -298,3 +298,7 @@ class ParquetTokenLoader:
                                  f"{len(self._chunks[0][2])} tokens of its row group: was it "
                                  f"saved with another tokenizer?")
             self._head_offset = offset
+
+
+__all__ = ["ParquetTokenLoader", "iter_texts", "list_shards", "split_shards", "open_shard",
+           "row_groups", "read_row_group"]

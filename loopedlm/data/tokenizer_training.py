@@ -78,6 +78,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int | N
                        tok.vocab_size, vocab_size)
     return tok
 
+
 def train_tokenizer_on_corpus(data_dir: str | Path, vocab_size: int, out: str | Path, *,
                               max_chars: int | None = None) -> tuple[BPETokenizer, Path]:
     """Train a byte-level BPE on the `train` split of a Parquet corpus and save it into
@@ -110,3 +111,7 @@ def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str], batch: int = 256
 def split_compression(tokenizer: Tokenizer, data_dir: str | Path, split: str = "val") -> float:
     """`bytes_per_token` of `tokenizer` over one split of a Parquet corpus."""
     return bytes_per_token(tokenizer, iter_texts(data_dir, split))
+
+
+__all__ = ["train_tokenizer", "train_tokenizer_on_corpus", "bytes_per_token",
+           "split_compression"]

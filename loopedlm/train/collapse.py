@@ -263,3 +263,6 @@ def replay_log(source: str | Path | Iterable[dict[str, Any]],
         if record.get("loss") is not None and record.get("step") is not None:
             detector.update(record["step"], float(record["loss"]), record.get("residual_norm"))
     return detector
+
+
+__all__ = ["CollapseThresholds", "CollapseEvent", "CollapseDetector", "replay_log"]

@@ -4,13 +4,10 @@ peak memory, gradient norms of the watched parameters, and validation bits-per-b
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import torch
 import torch.nn as nn
-
-log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
 PEAK_FLOPS_BF16: dict[str, float] = {
@@ -133,3 +130,7 @@ def evaluate_bpb(model: nn.Module, loader, token_bytes: torch.Tensor, steps: int
     with autocast if autocast is not None else contextlib.nullcontext():
         result = bpb_of_batches(model, loader, token_bytes, n_loops=n_loops, max_batches=steps)
     return result if details else result["bpb"]
+
+
+__all__ = ["PEAK_FLOPS_BF16", "peak_flops", "mfu", "PeakMemory", "watched_parameters", "grad_norms",
+           "evaluate_bpb"]

@@ -66,3 +66,6 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a loopedlm run folder?")
     text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+__all__ = ["RunLogger", "read_log"]
