@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from loopedlm.common.files import sha256_file
 from loopedlm.common.paths import loopedlm_home
-from loopedlm.data.downloads import download_file, pip_download
+from loopedlm.data.downloads import download_shard, pip_download
 from loopedlm.data.loader import TEXT_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def download_fineweb_edu(n_shards: int, out_dir: str | Path | None = None, *,
             continue
         url = base_url.rstrip("/") + "/" + name
         logger.info("downloading %s (%d/%d)", url, index + 1, n_shards)
-        download_file(url, target, retries=retries)
+        download_shard(url, target, retries=retries)
     return out
 
 

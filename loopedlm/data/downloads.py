@@ -45,7 +45,7 @@ def pip_download(requirement: str, filename: str, sha256: str, cache_dir: Path, 
     return target
 
 
-def download_file(url: str, target: Path, *, retries: int = 3, timeout: float = 60.0) -> Path:
+def download_shard(url: str, target: Path, *, retries: int = 3, timeout: float = 60.0) -> Path:
     """Download the Parquet shard at `url` to `target` atomically (a `.part` file renamed
     when complete and readable as a shard with a text column)."""
     part = target.with_name(target.name + ".part")
@@ -74,4 +74,4 @@ def download_file(url: str, target: Path, *, retries: int = 3, timeout: float = 
     raise RuntimeError(f"could not download {url} after {retries} attempts: {error}")
 
 
-__all__ = ["pip_download", "download_file"]
+__all__ = ["pip_download", "download_shard"]
