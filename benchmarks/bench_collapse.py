@@ -15,7 +15,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from loopedlm.train.diagnostics import CollapseThresholds, read_log, replay_log
+from loopedlm.train.collapse import CollapseThresholds, replay_log
+from loopedlm.train.run_log import read_log
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 VARIANTS = {

@@ -21,10 +21,11 @@ from loopedlm.evaluate.tasks import load_task, resolve_task_names
 
 
 def tiny_model_and_tokenizer():
-    from loopedlm.data import tokenizer as tokmod
+    from loopedlm.data import tokenizer_training as tokmod
 
     try:
-        from loopedlm.data.loader import default_data_dir, iter_texts
+        from loopedlm.data.corpus import default_data_dir
+        from loopedlm.data.loader import iter_texts
         texts = list(iter_texts(default_data_dir(), "train"))[:200]
         source = "the bundled corpus"
     except Exception:  # noqa: BLE001 - any missing corpus: fall back to task text

@@ -16,8 +16,10 @@ import time
 import torch
 
 from loopedlm import LoopedGPT, ModelConfig
-from loopedlm.data.loader import ParquetTokenLoader, iter_texts, prepare_default_corpus
-from loopedlm.data.tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
+from loopedlm.data.corpus import prepare_default_corpus
+from loopedlm.data.loader import ParquetTokenLoader, iter_texts
+from loopedlm.data.tokenizer import load_tokenizer
+from loopedlm.data.tokenizer_training import bytes_per_token, train_tokenizer
 
 
 def loader_tokens_per_second(data, tokenizer, batch: int, seq: int, n_batches: int) -> float:

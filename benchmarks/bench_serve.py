@@ -167,7 +167,7 @@ def stand_in_run(folder: Path) -> Path:
     import torch
 
     from loopedlm import LoopedGPT, ModelConfig
-    from loopedlm.data.tokenizer import train_tokenizer
+    from loopedlm.data.tokenizer_training import train_tokenizer
     from loopedlm.model.checkpoint import save_model
 
     texts = [" ".join(PROMPTS) + f" {i} " + "the quick brown fox jumps over the lazy dog. " * 4

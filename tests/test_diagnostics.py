@@ -15,17 +15,9 @@ from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopedlm.train.diagnostics import (
-    CollapseDetector,
-    CollapseThresholds,
-    evaluate_bpb,
-    grad_norms,
-    mfu,
-    peak_flops,
-    read_log,
-    replay_log,
-    watched_parameters,
-)
+from loopedlm.train.collapse import CollapseDetector, CollapseThresholds, replay_log
+from loopedlm.train.metrics import evaluate_bpb, grad_norms, mfu, peak_flops, watched_parameters
+from loopedlm.train.run_log import read_log
 
 
 def healthy(n: int, seed: int, noise: float = 0.02) -> list[float]:
@@ -331,7 +323,7 @@ def test_short_real_training_run_is_not_flagged(tmp_path):
 def test_run_logger_writes_a_record_with_collapse_flags(tmp_path):
     """Regression: TensorBoard got each collapse flag (a dict) as a scalar and raised, so
     the first flag of a live run crashed it."""
-    from loopedlm.train.diagnostics import RunLogger
+    from loopedlm.train.run_log import RunLogger
 
     logger = RunLogger(tmp_path)
     flag = {"step": 3, "kind": "spike", "detail": "x"}

@@ -56,7 +56,7 @@ def test_parse_loops():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    tokmod = pytest.importorskip("loopedlm.data.tokenizer")
+    tokmod = pytest.importorskip("loopedlm.data.tokenizer_training")
     from loopedlm.model.checkpoint import save_model
 
     root = tmp_path_factory.mktemp("run")

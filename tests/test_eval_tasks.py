@@ -83,7 +83,7 @@ def test_paper_tasks_run_on_a_tiny_model(alias):
 
 @needs_olmo_eval
 def test_with_the_trained_bpe_tokenizer():
-    tokmod = pytest.importorskip("loopedlm.data.tokenizer")
+    tokmod = pytest.importorskip("loopedlm.data.tokenizer_training")
     spec, items = load_task("piqa")
     texts = [it["query"] + " " + " ".join(it["choices"]) for it in items[:300]]
     tok = tokmod.train_tokenizer(texts, 400)

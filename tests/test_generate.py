@@ -290,7 +290,7 @@ def test_shared_slots_change_decoding_but_not_a_full_slot_count():
 # ---- the CLI ------------------------------------------------------------------------------
 def test_sample_command_streams_from_a_run(tmp_path, capsys):
     from loopedlm.cli import main
-    from loopedlm.data.tokenizer import train_tokenizer
+    from loopedlm.data.tokenizer_training import train_tokenizer
     from loopedlm.model.checkpoint import save_model
 
     texts = ["To be, or not to be, that is the question."] * 20

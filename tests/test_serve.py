@@ -30,7 +30,7 @@ TEXTS = ["To be, or not to be, that is the question. Whether 'tis nobler in the 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny random FLT saved as a run (checkpoint + tokenizer), as `loopedlm serve` reads it."""
-    from loopedlm.data.tokenizer import train_tokenizer
+    from loopedlm.data.tokenizer_training import train_tokenizer
     from loopedlm.model.checkpoint import save_model
 
     tokenizer = train_tokenizer(TEXTS, vocab_size=300)

@@ -13,13 +13,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loopedlm.data.tokenizer import (
-    BOS_TOKEN,
-    QWEN3_VOCAB_SIZE,
-    Tokenizer,
+from loopedlm.data.tokenizer import BOS_TOKEN, QWEN3_VOCAB_SIZE, Tokenizer, load_tokenizer
+from loopedlm.data.tokenizer_training import (
     bytes_per_token,
-    load_tokenizer,
+    split_compression,
     train_tokenizer,
+    train_tokenizer_on_corpus,
 )
 
 EDGE_CASES = [
@@ -243,6 +242,24 @@ def test_bad_input_errors(bpe, qwen3, tmp_path):
             tok.encode_batch(["fine", "bad \udfff"])
         with pytest.raises(ValueError, match="single string"):
             tok.encode_batch("a string")
+
+
+def test_training_on_a_corpus_reads_only_its_train_split(tmp_path):
+    """The validation shard is held out: a word that only it holds gets no merges, and the
+    compression reported on it is measured on exactly its documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"text": CORPUS}), data / "shard_00000.parquet")
+    held_out = ["zyzzyva quixotic zyzzyva " * 50] * 4
+    pq.write_table(pa.table({"text": held_out}), data / "shard_00001.parquet")
+    tok, saved = train_tokenizer_on_corpus(data, 1000, tmp_path / "tok")
+    assert saved == tmp_path / "tok" and load_tokenizer(saved).vocab_size == tok.vocab_size
+    assert len(tok.encode(" zyzzyva")) >= len("zyzzyva")  # no merge learnt from the val shard
+    assert split_compression(tok, data, "val") == bytes_per_token(tok, held_out)
+    assert split_compression(tok, data, "train") == bytes_per_token(tok, CORPUS)
 
 
 def test_cli_train_and_info(tmp_path, capsys):

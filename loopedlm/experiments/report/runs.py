@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from loopedlm.train.diagnostics import read_log
+from loopedlm.train.run_log import read_log
 
 
 def load_runs(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -1,12 +1,8 @@
-"""Watching a run (SPEC 6): gradient norms, MFU, validation bits-per-byte, collapse
-detection, and the run's JSONL / TensorBoard logs."""
+"""Collapse detection (SPEC 6): thresholds, events, the online detector that a training run
+feeds every step, and `replay_log`, which runs it over a finished run's log."""
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import json
-import logging
 import math
 import statistics
 from collections import deque
@@ -15,135 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn as nn
-
-log = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
-PEAK_FLOPS_BF16: dict[str, float] = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "A10G": 70e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-}
+from loopedlm.train.run_log import read_log
 
 
-def peak_flops(device: torch.device | str) -> float | None:
-    """Peak bf16 FLOP/s of a known GPU, or None (CPU, unknown device)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    # longest key first so "GH200" wins over "H200"
-    for key in sorted(PEAK_FLOPS_BF16, key=len, reverse=True):
-        if key in name:
-            return PEAK_FLOPS_BF16[key]
-    return None
-
-
-def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None,
-        world_size: int = 1) -> float | None:
-    """Model FLOPs utilisation; `flops_per_token` must count every loop (SPEC 2)."""
-    if peak is None:
-        return None
-    return flops_per_token * tokens_per_second / (peak * world_size)
-
-
-def watched_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """SPEC 6's gradient-norm probes: the first block's MLP, the LM head, the middle
-    block's MLP and the middle block's attention."""
-    blocks = model.transformer.h
-    middle = blocks[len(blocks) // 2]
-    return {
-        "first_mlp": list(blocks[0].mlp.parameters()),
-        "lm_head": list(model.lm_head.parameters()),
-        "middle_mlp": list(middle.mlp.parameters()),
-        "middle_attn": list(middle.attn.parameters()),
-    }
-
-
-class PeakMemory:
-    """Peak memory of the training steps from construction on (issue 14's figure).
-
-    CUDA: `torch.cuda.max_memory_allocated` (reset here). CPU (Linux): the growth of the
-    peak resident set size (VmHWM, reset here through /proc/self/clear_refs) over the
-    resident size at construction: activations, gradients and optimizer state, plus
-    whatever the allocator keeps (run with MALLOC_MMAP_THRESHOLD_=65536 so that freed
-    tensors leave the resident set). None where neither is available.
-    """
-
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-        self.baseline: int | None = None
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "torch.cuda.max_memory_allocated"
-            return
-        self.method = "VmHWM growth over the resident size before the first step"
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident size
-            self.baseline = _proc_status_bytes("VmRSS")
-        except OSError:
-            self.method = "unavailable"
-
-    def peak_bytes(self) -> int | None:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        if self.baseline is None:
-            return None
-        try:
-            return _proc_status_bytes("VmHWM") - self.baseline
-        except OSError:
-            return None
-
-    def summary(self) -> dict[str, Any]:
-        return {"peak_memory_bytes": self.peak_bytes(), "peak_memory_method": self.method}
-
-
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {key} in /proc/self/status")
-
-
-@torch.no_grad()
-def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
-    """L2 norm of each group's gradients (call before clipping)."""
-    out = {}
-    for name, params in groups.items():
-        grads = [p.grad.detach().float() for p in params if p.grad is not None]
-        out[name] = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-    return out
-
-
-@torch.no_grad()
-def evaluate_bpb(model: nn.Module, loader, token_bytes: torch.Tensor, steps: int | None,
-                 *, n_loops: int | None = None, autocast=None, details: bool = False):
-    """SPEC 7 bits-per-byte of `model` over at most `steps` batches of `loader` (None: until
-    it stops), through `loopedlm.evaluate.bpb` (special tokens and ignored targets count in
-    neither sum; all-reduced under DDP, so every rank returns the same value). With
-    `details`, the whole result dict (bpb, ppl, tokens, bytes, batches)."""
-    from loopedlm.evaluate.bpb import evaluate_bpb as bpb_of_batches
-
-    with autocast if autocast is not None else contextlib.nullcontext():
-        result = bpb_of_batches(model, loader, token_bytes, n_loops=n_loops, max_batches=steps)
-    return result if details else result["bpb"]
-
-
-# ---- collapse detection (SPEC 6) -----------------------------------------------
 @dataclass
 class CollapseThresholds:
     """When a run counts as collapsing. Windows count updates (steps, when the detector
@@ -395,63 +265,4 @@ def replay_log(source: str | Path | Iterable[dict[str, Any]],
     return detector
 
 
-# ---- run logs ------------------------------------------------------------------
-class RunLogger:
-    """RUN/log.jsonl (one JSON object per record) and TensorBoard events in RUN/tb.
-    Only rank 0 should own one."""
-
-    def __init__(self, run_dir: Path, *, resume_step: int | None = None, tensorboard: bool = True):
-        self.path = Path(run_dir) / "log.jsonl"
-        if resume_step is not None and self.path.exists():
-            # drop records a crashed run wrote after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        self._file = open(self.path, "a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"),
-                                        purge_step=resume_step + 1 if resume_step else None)
-            except ImportError:  # tensorboard is a declared dependency; tolerate its absence
-                log.warning("tensorboard is not installed: no TensorBoard events")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self.tb is not None and "step" in record:
-            for key, value in record.items():
-                if key == "step":
-                    continue
-                if isinstance(value, list):  # per-loop numbers; not collapse_flags (dicts)
-                    for i, v in enumerate(value):
-                        if isinstance(v, int | float) and not isinstance(v, bool):
-                            self.tb.add_scalar(f"{key}/loop_{i + 1}", v, record["step"])
-                elif isinstance(value, int | float) and not isinstance(value, bool):
-                    if value is not None and math.isfinite(value):
-                        self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self._file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of RUN/log.jsonl (or of a log file given directly, gzipped if it ends
-    in .gz)."""
-    path = Path(run_dir)
-    if path.is_dir() or not path.exists():
-        path = path / "log.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a loopedlm run folder?")
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-__all__ = ["PEAK_FLOPS_BF16", "peak_flops", "mfu", "PeakMemory", "watched_parameters", "grad_norms",
-           "evaluate_bpb", "CollapseThresholds", "CollapseEvent", "CollapseDetector",
-           "replay_log", "RunLogger", "read_log"]
+__all__ = ["CollapseThresholds", "CollapseEvent", "CollapseDetector", "replay_log"]
