@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 
 from loopedlm import KVCache, LoopedGPT, ModelConfig
-from loopedlm.infer.generate import AdaptiveLoops, decode_nll, decode_step, loop_slot_map
+from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
+from loopedlm.infer.reference import decode_step
+from loopedlm.infer.scoring import decode_nll
 
 CONTEXT = 512
 
@@ -158,11 +160,11 @@ def times_per_token(model, row, n_loops, options: dict[str, dict]) -> dict[str, 
 
 def quality_section(args) -> None:
     if args.run:
-        from loopedlm.infer.generate import _load_tokenizer
+        from loopedlm.infer.loading import load_run_tokenizer
         from loopedlm.model.checkpoint import load_model
 
         model, _ = load_model(args.run)
-        tokenizer = _load_tokenizer(args.run)
+        tokenizer = load_run_tokenizer(args.run)
         source = f"trained run {args.run}, held-out text {args.text}"
     else:
         model, tokenizer = train_byte_model(args), None

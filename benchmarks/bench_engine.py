@@ -24,7 +24,7 @@ import torch
 
 from loopedlm import KVCache, LoopedGPT, ModelConfig
 from loopedlm.infer import AdaptiveLoops, DecodeEngine, SamplingParams
-from loopedlm.infer.generate import decode_step
+from loopedlm.infer.reference import decode_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

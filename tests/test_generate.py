@@ -10,15 +10,10 @@ from hypothesis import strategies as st
 from test_kv_cache import make_model as cache_test_model
 
 from loopedlm import KVCache, LoopedGPT
-from loopedlm.infer.generate import (
-    AdaptiveLoops,
-    decode_nll,
-    decode_step,
-    generate,
-    loop_slot_map,
-    sample_next,
-    stream,
-)
+from loopedlm.infer.generate import generate, stream
+from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
+from loopedlm.infer.reference import decode_step, sample_next
+from loopedlm.infer.scoring import decode_nll
 
 
 def make_model(mode: str = "flt", seed: int = 0, std: float = 0.1, **overrides) -> LoopedGPT:

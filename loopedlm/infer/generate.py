@@ -1,10 +1,11 @@
 """Sampling with the KV cache (SPEC 2): prefill, token-by-token decode, streaming, adaptive
-loops and shared cache slots; the `loopedlm sample` command.
+loops and shared cache slots.
 
-`generate`, `stream` and `decode_nll` run on the decode engine
-(`loopedlm.infer.DecodeEngine`: a static cache with a slot per sequence, a sync-free step
-captured as a CUDA graph on GPUs, sampling on the device). `decode_step` is the model's own
-forward with a `KVCache` (the reference path, kept for tests and benchmarks).
+`generate` and `stream` (and teacher-forced scoring, `loopedlm.infer.scoring.decode_nll`)
+run on the decode engine (`loopedlm.infer.DecodeEngine`: a static cache with a slot per
+sequence, a sync-free step captured as a CUDA graph on GPUs, sampling on the device).
+`loopedlm.infer.reference.decode_step` is the model's own forward with a `KVCache` (the
+reference path, kept for tests and benchmarks).
 
 Decoding with the cache is exact: the cache holds one entry per (loop, layer), so every
 loop of a new token reads every earlier token's keys at that same loop, and the logits
@@ -31,109 +32,20 @@ or memory:
 
 from __future__ import annotations
 
-import argparse
-import itertools
 import logging
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from loopedlm.infer.engine import DecodeEngine
-from loopedlm.infer.options import CRITERIA, SLOT_POLICIES, AdaptiveLoops, loop_slot_map
+from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
 from loopedlm.infer.sampling import SamplingParams
-from loopedlm.model.attention import KVCache, norm
 from loopedlm.model.gpt import LoopedGPT
 
 log = logging.getLogger(__name__)
-
-
-
-# ---- one decode step with adaptive loops ------------------------------------------------
-@torch.no_grad()
-def decode_step(model: LoopedGPT, tokens: torch.Tensor, cache: KVCache, *,
-                adaptive: AdaptiveLoops | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append one token per row (`tokens` (B, 1)) to `cache`; return the next-token logits
-    (B, vocab_size) and the loops spent per row (B,).
-
-    Without `adaptive` this is the model's own forward (exact). With it, each row stops
-    after the first loop t >= min_loops whose state has converged; rows that stopped are
-    dropped from the batch for the remaining loops, so their blocks are never run.
-    """
-    n_loops, batch = cache.n_loops, tokens.size(0)
-    if adaptive is None:
-        logits = model(tokens, n_loops=n_loops, kv_cache=cache)[:, -1]
-        return logits, torch.full((batch,), n_loops, dtype=torch.long)
-    inputs = model.prepare(tokens, kv_cache=cache)
-    final = torch.empty_like(inputs.embedded)
-    spent = torch.zeros(batch, dtype=torch.long)
-    active = torch.arange(batch, device=tokens.device)
-    previous = previous_logp = None  # of the active rows
-    for loop in range(n_loops):
-        full = active.numel() == batch
-        x = model.loop(inputs if full else inputs.select_rows(active), previous, loop)
-        h = norm(x)
-        if full:  # (the common case kept free of indexing: it is per loop and per token)
-            spent += 1
-        else:
-            spent[active.cpu()] += 1
-        if loop == n_loops - 1:
-            if full:
-                final = h
-            else:
-                final[active] = h
-            break
-        logp = None
-        if adaptive.criterion == "kl":
-            logp = F.log_softmax(model.logits(h[:, -1]), dim=-1)
-        if loop + 1 < adaptive.min_loops:
-            previous, previous_logp = h, logp
-            continue
-        if adaptive.criterion == "state":
-            change = (h - previous).float().norm(dim=-1) / h.float().norm(dim=-1)
-            converged = change[:, -1] < adaptive.threshold
-        else:
-            kl = (logp.exp() * (logp - previous_logp)).sum(-1)
-            converged = kl < adaptive.threshold
-        if bool(converged.any()):
-            done = active[converged]
-            final[done] = h[converged]
-            cache.fill_loops_from(loop, done)
-            keep = ~converged
-            active, h = active[keep], h[keep]
-            logp = None if logp is None else logp[keep]
-            if active.numel() == 0:
-                break
-        previous, previous_logp = h, logp
-    cache.advance(tokens.size(1), torch.ones_like(tokens, dtype=torch.bool))
-    return model.logits(final)[:, -1], spent
-
-
-# ---- sampling --------------------------------------------------------------------------
-def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from logits (B, V): greedy when temperature == 0, else softmax
-    sampling at `temperature` restricted to the `top_k` most likely tokens and to the
-    smallest set whose probability reaches `top_p` (nucleus)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ---- generation ------------------------------------------------------------------------
@@ -340,43 +252,6 @@ def _snapshot(out) -> torch.Tensor:
     return torch.stack([out.tokens, out.loops])
 
 
-# ---- teacher-forced scoring through the decoding path ----------------------------------------
-@dataclass
-class DecodeScore:
-    """Per-position next-token NLL (nats) and loops spent, from token-by-token decoding."""
-
-    nll: torch.Tensor    # (B, T - prefill)
-    loops: torch.Tensor  # (B, T - prefill)
-
-
-@torch.no_grad()
-def decode_nll(model: LoopedGPT, tokens: torch.Tensor, *, n_loops: int | None = None,
-               prefill: int = 1, adaptive: AdaptiveLoops | None = None,
-               cache_slots: int | None = None, slot_policy: str = "block") -> DecodeScore:
-    """Teacher-forced NLL of `tokens` (B, T) computed the way generation computes it (the
-    decode engine, in the model's dtype): the first `prefill` tokens in one pass, then one
-    token at a time. With neither `adaptive` nor `cache_slots` it equals the full
-    forward's loss; with them it measures their quality cost."""
-    n_loops = model.config.loops(n_loops)
-    batch, length = tokens.shape
-    if not 1 <= prefill < length:
-        raise ValueError(f"prefill={prefill} must lie in [1, {length})")
-    engine = DecodeEngine(model, max_batch=batch, max_len=length - 1, max_loops=n_loops,
-                          cache_slots=cache_slots, slot_policy=slot_policy,
-                          dtype=model.lm_head.weight.dtype)
-    logits = torch.stack([engine.prefill(r, tokens[r, :prefill], n_loops=n_loops,
-                                         adaptive=adaptive)[-1] for r in range(batch)])
-    spent = torch.full((batch,), n_loops, dtype=torch.long, device=tokens.device)
-    nll, loops = [], []
-    for t in range(prefill, length):
-        nll.append(F.cross_entropy(logits.float(), tokens[:, t], reduction="none"))
-        loops.append(spent)
-        if t < length - 1:
-            logits, spent = engine.decode(tokens[:, t])
-    return DecodeScore(torch.stack(nll, 1).cpu(), torch.stack(loops, 1).cpu())
-
-
-# ---- the `loopedlm sample` command -------------------------------------------------------------
 def strip_trailing_spaces(prompt: str) -> str:
     """The prompt to condition on: without its trailing spaces. BPE tokenizers put the space
     in front of the next word (" king"), so "The " would end in a lone space token that
@@ -384,95 +259,4 @@ def strip_trailing_spaces(prompt: str) -> str:
     return prompt.rstrip(" ") or prompt
 
 
-def _load_tokenizer(run: str):
-    from loopedlm.data.tokenizer import load_tokenizer
-    from loopedlm.model.checkpoint import find_tokenizer_dir, resolve_model_folder
-
-    folder = find_tokenizer_dir(resolve_model_folder(run))
-    if folder is None:
-        raise FileNotFoundError(f"{run} has no tokenizer/ folder beside its checkpoints")
-    return load_tokenizer(folder)
-
-
-def _cmd_sample(args: argparse.Namespace) -> int:
-    from loopedlm.model.checkpoint import load_model
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_model(args.run, device=device)
-    tokenizer = _load_tokenizer(args.run)
-    # documents are BOS-delimited in training, so a generated BOS ends the text
-    stop = [tokenizer.bos_id, *args.stop_id, *args.stop]
-    options = dict(n_loops=args.n_loops, max_tokens=args.max_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop=stop, adaptive_threshold=args.adaptive_threshold,
-                   adaptive_criterion=args.adaptive_criterion, min_loops=args.min_loops,
-                   cache_slots=args.cache_slots, slot_policy=args.slot_policy,
-                   compile=False if args.compile == "none" else args.compile)
-    prompts = [strip_trailing_spaces(p) for p in args.prompt]
-    start = time.perf_counter()
-    outputs: list[list[int]] = [[] for _ in prompts]
-    spent: list[int] = []
-    shown = ""
-    events = stream(model, prompts, tokenizer=tokenizer, **options)
-    first = next(events, None)  # validates every option before anything is printed
-    if len(prompts) == 1:
-        sys.stdout.write(prompts[0])
-    for event in itertools.chain([first] if first is not None else [], events):
-        for r, tok in enumerate(event.tokens):
-            if tok is not None:
-                outputs[r].append(tok)
-                spent.append(event.loops[r])
-        if len(prompts) == 1:
-            # print the new text as it comes; hold back an incomplete UTF-8 character
-            text = tokenizer.decode(outputs[0])
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-    if len(prompts) == 1:
-        sys.stdout.write(tokenizer.decode(outputs[0])[len(shown):] + "\n")
-    else:
-        for prompt, ids in zip(prompts, outputs, strict=True):
-            print(f"--- {prompt}\n{prompt}{tokenizer.decode(ids)}")
-    seconds = time.perf_counter() - start
-    n_tokens = sum(len(o) for o in outputs)
-    mean_loops = sum(spent) / len(spent) if spent else float("nan")
-    print(f"[{n_tokens} tokens in {seconds:.2f}s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s, "
-          f"loops per token {mean_loops:.2f} of {args.n_loops or model.config.n_loops}]",
-          file=sys.stderr)
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add `loopedlm sample`."""
-    p = subparsers.add_parser("sample", help="generate text from a trained run",
-                              description="Generate text from a run (its latest checkpoint) "
-                                          "or a checkpoint folder, streaming tokens to stdout.")
-    p.add_argument("run", help="run folder or checkpoint folder")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="prompt text (repeat for a batch; one prompt streams)")
-    p.add_argument("--n-loops", type=int, default=None, help="loops (default: the model's)")
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[],
-                   help="stop string (a single token); BOS always stops")
-    p.add_argument("--stop-id", action="append", type=int, default=[], help="stop token id")
-    p.add_argument("--adaptive-threshold", type=float, default=None,
-                   help="stop looping a token once its loop state changes less than this")
-    p.add_argument("--adaptive-criterion", choices=CRITERIA, default="state")
-    p.add_argument("--min-loops", type=int, default=2)
-    p.add_argument("--cache-slots", type=int, default=None,
-                   help="loops share this many KV-cache slots (less memory, approximate)")
-    p.add_argument("--slot-policy", choices=SLOT_POLICIES, default="block")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--compile", choices=["none", "step", "loop"], default="none",
-                   help="torch.compile the decode step or one loop (pays off on CPU for long "
-                        "outputs; see benchmarks/README.md)")
-    p.set_defaults(func=_cmd_sample)
-
-
-__all__ = ["AdaptiveLoops", "GenerationStep", "GenerationResult", "DecodeScore", "generate",
-           "stream", "decode_step", "decode_nll", "sample_next", "loop_slot_map", "register"]
+__all__ = ["GenerationStep", "GenerationResult", "generate", "stream", "strip_trailing_spaces"]

@@ -18,7 +18,7 @@ class SequenceParams:
     """How one sequence is decoded: its loop budget and its sampling.
 
     n_loops: loops per token. adaptive_threshold: stop looping a token once its loop
-    state changes less than this (`loopedlm.infer.generate.AdaptiveLoops`, criterion "state";
+    state changes less than this (`loopedlm.infer.options.AdaptiveLoops`, criterion "state";
     n_loops is then the most a token may use). temperature (0 = greedy), top_p in (0, 1],
     seed (None: a fresh random seed).
     """

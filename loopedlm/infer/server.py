@@ -23,35 +23,36 @@ A client that disconnects cancels its sequences, which frees their slots at once
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
 
+from loopedlm.infer.api import ApiError, CompletionRequest, validation_message
+from loopedlm.infer.completions import Completion
+from loopedlm.infer.loading import load_run_tokenizer
+from loopedlm.infer.metrics import ServerMetrics
 from loopedlm.infer.protocol import SequenceParams, SlotEngine
-from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence
+from loopedlm.infer.scheduler import Scheduler, Sequence
 from loopedlm.infer.slots import EngineSlots
+from loopedlm.model.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("static") / "index.html"
-DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 
 
 @dataclass(frozen=True)
@@ -83,88 +84,6 @@ class ServeConfig:
             raise ValueError(f"timeout={self.timeout!r} is not allowed: seconds > 0")
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions (unknown fields are ignored, as OpenAI does)."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    model: str | None = None
-    prompt: Any = None
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
-    n: int = Field(1, ge=1, le=1)
-    n_loops: int | None = Field(None, ge=1)
-    adaptive_threshold: float | None = Field(None, ge=0)
-    return_loops: bool = False
-    timeout: float | None = Field(None, gt=0)
-
-
-class ApiError(Exception):
-    """An HTTP error with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = \
-            status, message, param, kind, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind,
-                                       "param": self.param, "code": self.code}},
-                            status_code=self.status)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, param = [], None
-    for error in exc.errors()[:3]:
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
-        if error.get("type") == "json_invalid":
-            parts.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', '')})")
-            continue
-        where = ".".join(loc) or "body"
-        param = param or where
-        got = error.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)[:60]})"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}{shown}")
-    return "; ".join(parts) or "invalid request", param
-
-
-class _Metrics:
-    """Prometheus collector reading the scheduler's counters at scrape time."""
-
-    def __init__(self, server: CompletionServer):
-        self.server = server
-
-    def collect(self) -> Iterator[Any]:
-        sched, http = self.server.scheduler, self.server.http_counts
-        requests = CounterMetricFamily("loopedlm_requests", "HTTP completion requests by status",
-                                       labels=["status"])
-        for status, count in sorted(http.items()):
-            requests.add_metric([str(status)], count)
-        yield requests
-        sequences = CounterMetricFamily("loopedlm_sequences_finished",
-                                        "finished sequences by finish reason", labels=["reason"])
-        for reason, count in sorted(sched.finished.items()):
-            sequences.add_metric([reason], count)
-        yield sequences
-        for key, name, doc in (
-                ("prompt_tokens", "loopedlm_prompt_tokens", "prompt tokens prefilled"),
-                ("tokens", "loopedlm_generated_tokens", "tokens generated"),
-                ("loops", "loopedlm_loops_spent", "loops spent on generated tokens (a token "
-                                                  "at N loops counts N)"),
-                ("steps", "loopedlm_decode_steps", "batched decode steps")):
-            yield CounterMetricFamily(name, doc, value=sched.stats[key])
-        yield GaugeMetricFamily("loopedlm_queue_length", "sequences waiting for a slot",
-                                value=sched.queue_length)
-        yield GaugeMetricFamily("loopedlm_batch_size", "sequences in the running batch",
-                                value=sched.batch_size)
-
-
 class CompletionServer:
     """The model, its tokenizer, the engine and the scheduler behind the HTTP app."""
 
@@ -180,7 +99,7 @@ class CompletionServer:
         self.scheduler = Scheduler(self.engine, tokenizer, max_queue=config.max_queue)
         self.http_counts: dict[int, int] = {}
         self.registry = CollectorRegistry()
-        self.registry.register(_Metrics(self))
+        self.registry.register(ServerMetrics(self.scheduler, self.http_counts))
         self.created = int(time.time())
 
     # ---- request -> sequences ---------------------------------------------------------
@@ -243,10 +162,8 @@ class CompletionServer:
         self.http_counts[status] = self.http_counts.get(status, 0) + 1
 
 
-def _mean(values: list[int]) -> float | None:
-    return sum(values) / len(values) if values else None
 
-
+# ---- the app ------------------------------------------------------------------------------
 def create_app(model: Any, tokenizer: Any, *, name: str = "loopedlm",
                config: ServeConfig | None = None, engine: SlotEngine | None = None) -> FastAPI:
     """The FastAPI app serving `model` (eval mode, on its device) with `tokenizer`."""
@@ -263,7 +180,14 @@ def create_app(model: Any, tokenizer: Any, *, name: str = "loopedlm",
 
     app = FastAPI(title="loopedlm", lifespan=lifespan)
     app.state.server = server
+    _add_error_handlers(app, server)
+    _add_info_routes(app, server)
+    _add_completions_route(app, server)
+    return app
 
+
+def _add_error_handlers(app: FastAPI, server: CompletionServer) -> None:
+    """Errors answer in OpenAI's shape, and count in /metrics."""
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         server.count(exc.status)
@@ -271,10 +195,13 @@ def create_app(model: Any, tokenizer: Any, *, name: str = "loopedlm",
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         server.count(400)
         return ApiError(400, message, param=param).response()
 
+
+def _add_info_routes(app: FastAPI, server: CompletionServer) -> None:
+    """GET /, /health, /metrics and /v1/models."""
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
@@ -290,97 +217,25 @@ def create_app(model: Any, tokenizer: Any, *, name: str = "loopedlm",
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        cfg = model.config
+        cfg = server.model.config
         return {"object": "list", "data": [{
             "id": server.name, "object": "model", "created": server.created, "owned_by": "loopedlm",
             "loop_mode": cfg.loop_mode, "n_loops": server.default_loops,
             "max_loops": server.max_loops, "context_length": server.context_len}]}
 
+
+def _add_completions_route(app: FastAPI, server: CompletionServer) -> None:
+    """POST /v1/completions: streamed as server-sent events, or one JSON body."""
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
-
-        def sink_for(index: int):
-            return lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, (index, delta))
-
-        sequences = server.sequences(body, sink_for)
-        try:
-            server.scheduler.submit(sequences)
-        except QueueFull as exc:
-            raise ApiError(429, str(exc), kind="rate_limit_error", code="queue_full") from None
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": server.name}
-        prompt_tokens = sum(len(s.prompt) for s in sequences)
-
-        def usage() -> dict[str, int]:
-            completion = sum(len(s.tokens) for s in sequences)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": prompt_tokens + completion}
-
-        def finish_fields(sequence: Sequence) -> dict[str, Any]:
-            return {"mean_loops": _mean(sequence.loops)}
-
+        completion = Completion(body, server.name, server.scheduler)
+        completion.submit(server.sequences(body, completion.sink_for))
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-            async def events():
-                open_ = set(range(len(sequences)))
-                try:
-                    while open_:
-                        index, delta = await deltas.get()
-                        choice = {"index": index, "text": delta.text, "logprobs": None,
-                                  "finish_reason": delta.finish_reason}
-                        if body.return_loops:
-                            choice["loops"] = delta.loops
-                        if delta.finish_reason is not None:
-                            open_.discard(index)
-                            choice.update(finish_fields(sequences[index]))
-                        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-                    if include_usage:
-                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:  # also when the client went away: free the slots now
-                    for sequence in sequences:
-                        if sequence.finish_reason is None:
-                            server.scheduler.cancel(sequence)
-
             server.count(200)
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-
-        texts = [[] for _ in sequences]
-        open_ = set(range(len(sequences)))
-        check_at = loop.time() + DISCONNECT_POLL
-        try:
-            while open_:
-                with contextlib.suppress(TimeoutError):
-                    index, delta = await asyncio.wait_for(deltas.get(), timeout=DISCONNECT_POLL)
-                    texts[index].append(delta.text)
-                    if delta.finish_reason is not None:
-                        open_.discard(index)
-                if loop.time() >= check_at:  # nobody to answer: stop generating for them
-                    check_at = loop.time() + DISCONNECT_POLL
-                    if await request.is_disconnected():
-                        server.count(499)
-                        return Response(status_code=499)
-        finally:
-            for sequence in sequences:
-                if sequence.finish_reason is None:
-                    server.scheduler.cancel(sequence)
-        if any(s.finish_reason == "error" for s in sequences):
-            raise ApiError(500, "generation failed on the server (see its log)", kind="server_error")
-        choices = []
-        for index, sequence in enumerate(sequences):
-            choice = {"index": index, "text": "".join(texts[index]), "logprobs": None,
-                      "finish_reason": sequence.finish_reason, **finish_fields(sequence)}
-            if body.return_loops:
-                choice["loops"] = list(sequence.loops)
-            choices.append(choice)
-        server.count(200)
-        return JSONResponse({**head, "choices": choices, "usage": usage()})
-
-    return app
+            return completion.event_stream()
+        response = await completion.collect(request)
+        server.count(response.status_code)
+        return response
 
 
 # ---- running it ---------------------------------------------------------------------------
@@ -411,17 +266,9 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
 def serve(run: str, config: ServeConfig, *, device: str | None = None,
           name: str | None = None) -> None:
     """Serve a run folder's (or checkpoint folder's) model until interrupted."""
-    import torch
-
-    from loopedlm.data.tokenizer import load_tokenizer
-    from loopedlm.model.checkpoint import find_tokenizer_dir, load_model, resolve_model_folder
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    folder = find_tokenizer_dir(resolve_model_folder(run))
-    if folder is None:
-        raise FileNotFoundError(f"{run} has no tokenizer/ folder beside its checkpoints")
+    tokenizer = load_run_tokenizer(run)
     model, _ = load_model(run, device=device)
-    tokenizer = load_tokenizer(folder)
     name = name or Path(run).resolve().name
     app = create_app(model, tokenizer, name=name, config=config)
     server = app.state.server
@@ -431,4 +278,4 @@ def serve(run: str, config: ServeConfig, *, device: str | None = None,
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 
 
-__all__ = ["ServeConfig", "CompletionRequest", "create_app", "serve_in_background", "serve"]
+__all__ = ["ServeConfig", "CompletionServer", "create_app", "serve_in_background", "serve"]
