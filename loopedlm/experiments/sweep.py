@@ -45,6 +45,8 @@ from typing import Any
 from loopedlm.common.files import atomic_write_json
 from loopedlm.common.paths import RECIPE_DIRS
 from loopedlm.model.checkpoint import latest_training_checkpoint
+from loopedlm.train.config import build_config, parse_train_args
+from loopedlm.train.trainer import FAILURE_EXIT_CODES, train
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +177,8 @@ def _run(cmd: list[str], log_file: Path) -> int:
 
 
 def _train_in_process(cmd: list[str], log_file: Path) -> int:
-    """`loopedlm train` of `cmd` in this process, its output and logs into `log_file`."""
-    from loopedlm.train.trainer import run_cli
-
+    """`loopedlm train` of `cmd` in this process, its logs into `log_file`; returns the
+    exit code the command would give."""
     root = logging.getLogger()
     saved = root.handlers[:]
     with open(log_file, "a", encoding="utf-8") as f:
@@ -188,7 +189,12 @@ def _train_in_process(cmd: list[str], log_file: Path) -> int:
         root.handlers = [handler]
         try:
             with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                return run_cli(cmd[cmd.index("train") + 1:])
+                recipe, overrides = parse_train_args(cmd[cmd.index("train") + 1:])
+                train(build_config(recipe, overrides))
+            return 0
+        except tuple(FAILURE_EXIT_CODES) as exc:
+            log.error("training stopped: %s", exc)
+            return FAILURE_EXIT_CODES[type(exc)]
         except Exception:  # one run's failure is recorded, not fatal to the sweep
             log.exception("training failed")
             return 1

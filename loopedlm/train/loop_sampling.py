@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loopedlm.model.config import ConfigError
+from loopedlm.common.validation import ConfigError
 
 KINDS = ("fixed", "uniform", "poisson_lognormal")
 HUGINN_SIGMA = 0.5
