@@ -72,9 +72,11 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, sections: Sequence[st
     """`data[key] = value`, or `data[section][leaf]` for `section.leaf` (one of `sections`)."""
     section, _, leaf = key.rpartition(".")
     if section and section not in sections:
-        where = (", ".join(f"{s}." for s in sections) if sections
-                 else "none (give the field names alone)")
-        raise ConfigError(f"unknown setting {key!r}: sections are {where}")
+        if not sections:
+            raise ConfigError(f"unknown setting {key!r}: these settings have no sections "
+                              "(give the field name alone)")
+        raise ConfigError(f"unknown setting {key!r}: sections are "
+                          + ", ".join(f"{s}." for s in sections))
     target = data.setdefault(section, {}) if section else data
     target[leaf] = value
 
