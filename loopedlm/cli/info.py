@@ -13,6 +13,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+from loopedlm.cli.settings import TrailingSettings
 from loopedlm.data.tokenizer import nanochat_tokenizer
 from loopedlm.experiments.info import describe, format_table, preset_overrides, target_config
 from loopedlm.model.checkpoint import save_model
@@ -28,20 +29,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                                                             "of a table")
 
 
-# the options again, for those given after TARGET (where the settings are collected)
-_OPTIONS = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-_add_options(_OPTIONS)
-
-
-def _cmd_info(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if any(a in ("-h", "--help") for a in args.settings):
-        parser.print_help()
+def _cmd_info(trailing: TrailingSettings, args: argparse.Namespace) -> int:
+    settings = trailing.parse(args)
+    if settings is None:
         return 0
-    options, settings = _OPTIONS.parse_known_args(args.settings)
-    config = target_config(args.target, preset_overrides(settings, args.set + options.set))
+    config = target_config(args.target, preset_overrides(settings, args.set))
     info = describe(config)
-    print(json.dumps(info, indent=2) if args.json or options.json
-          else format_table(args.target, info))
+    print(json.dumps(info, indent=2) if args.json else format_table(args.target, info))
     return 0
 
 
@@ -65,11 +59,10 @@ def register(subparsers) -> None:
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a run/checkpoint folder")
-    _add_options(p)
-    p.add_argument("settings", nargs=argparse.REMAINDER, metavar="--KEY=VALUE",
-                   help="ModelConfig fields of a preset, e.g. --n_loops=6 --loop_mode=lt (the "
-                        "syntax of `loopedlm train`)")
-    p.set_defaults(func=partial(_cmd_info, p))
+    trailing = TrailingSettings(p, _add_options,
+                                help="ModelConfig fields of a preset, e.g. --n_loops=6 "
+                                     "--loop_mode=lt (the syntax of `loopedlm train`)")
+    p.set_defaults(func=partial(_cmd_info, trailing))
     p = subparsers.add_parser("import-nanochat",
                               help="convert an FLT-authors (nanochat fork) checkpoint")
     p.add_argument("source", help="folder with model_<step>.pt + meta_<step>.json, or the .pt file")

@@ -13,6 +13,7 @@ import argparse
 from functools import partial
 from pathlib import Path
 
+from loopedlm.cli.settings import TrailingSettings
 from loopedlm.experiments.sweep import Sweep, run_sweep, train_overrides
 
 
@@ -26,16 +27,10 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                         help="train in this process (no per-run start-up; for many tiny runs)")
 
 
-# the options again, for those given after SWEEP (where the settings are collected)
-_OPTIONS = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-_add_options(_OPTIONS)
-
-
-def _cmd_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if any(a in ("-h", "--help") for a in args.settings):
-        parser.print_help()
+def _cmd_sweep(trailing: TrailingSettings, args: argparse.Namespace) -> int:
+    settings = trailing.parse(args)
+    if settings is None:
         return 0
-    args, settings = _OPTIONS.parse_known_args(args.settings, namespace=args)
     sweep = Sweep.load(args.sweep)
     sweep.overrides = train_overrides(settings)
     out = Path(args.out or Path("sweeps") / sweep.path.stem)
@@ -55,8 +50,8 @@ def register(subparsers) -> None:
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="a sweep TOML file, or a name under recipes/sweeps/")
-    _add_options(p)
-    p.add_argument("settings", nargs=argparse.REMAINDER, metavar="--KEY=VALUE",
-                   help="train settings for every run (the syntax of `loopedlm train`): above "
-                        "the sweep's [train], below its grid and runs")
-    p.set_defaults(func=partial(_cmd_sweep, p))
+    trailing = TrailingSettings(p, _add_options,
+                                help="train settings for every run (the syntax of `loopedlm "
+                                     "train`): above the sweep's [train], below its grid and "
+                                     "runs")
+    p.set_defaults(func=partial(_cmd_sweep, trailing))
