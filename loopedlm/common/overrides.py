@@ -13,7 +13,6 @@ optional one), so the configs' own validation names anything still wrong.
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 import typing
 from collections.abc import Sequence
@@ -63,12 +62,7 @@ def coerce_fields(cls: type, data: dict[str, Any], section: str | None = None) -
     return {k: coerce(v, hints[k], prefix + k) if k in hints else v for k, v in data.items()}
 
 
-def field_names(cls: type) -> list[str]:
-    """The field names of the dataclass `cls`, in order."""
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any, sections: Sequence[str]) -> None:
+def _set_dotted(data: dict[str, Any], key: str, value: Any, sections: Sequence[str]) -> None:
     """`data[key] = value`, or `data[section][leaf]` for `section.leaf` (one of `sections`)."""
     section, _, leaf = key.rpartition(".")
     if section and section not in sections:
@@ -81,7 +75,7 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, sections: Sequence[st
     target[leaf] = value
 
 
-def parse_setting(arg: str) -> tuple[str, Any]:
+def _parse_setting(arg: str) -> tuple[str, Any]:
     """`--key=value` -> (key, value); `--flag` -> (flag, True)."""
     key, eq, text = arg.removeprefix("--").partition("=")
     return key.replace("-", "_"), parse_value(text) if eq else True
@@ -101,11 +95,11 @@ def parse_overrides(args: Sequence[str], *, sections: Sequence[str] = (),
                 raise ValueError(f"unexpected argument {arg!r}: give {wanted}--key=value settings")
             found = arg
             continue
-        key, value = parse_setting(arg)
+        key, value = _parse_setting(arg)
         if positional is not None and key == positional:
             found = arg.partition("=")[2]  # the text as given, as a bare argument would be
             continue
-        set_dotted(overrides, key, value, sections)
+        _set_dotted(overrides, key, value, sections)
     return found, overrides
 
 
@@ -133,4 +127,4 @@ def flatten(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["BOOL_WORDS", "BOOL_SPELLINGS", "parse_value", "coerce", "coerce_fields",
-           "field_names", "set_dotted", "parse_setting", "parse_overrides", "merge", "flatten"]
+           "parse_overrides", "merge", "flatten"]

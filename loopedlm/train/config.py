@@ -23,7 +23,6 @@ from typing import Any
 from loopedlm.common.overrides import (
     BOOL_SPELLINGS,
     coerce_fields,
-    field_names,
     merge,
     parse_overrides,
 )
@@ -202,7 +201,7 @@ def _build_section(cls, data: dict[str, Any], section: str):
 
 
 def _check_keys(cls, data: dict[str, Any], section: str | None) -> None:
-    known = field_names(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in known:
             raise unknown_setting(key, known, section)
