@@ -4,7 +4,8 @@ Subpackages, bottom to top (each imports only from those before it):
 `common` -> `model` -> `data` -> `infer` -> `evaluate` -> `train` -> `experiments` ->
 `cli`. `tests/test_architecture.py` checks that order."""
 
-from loopedlm.model import LOOP_MODES, ConfigError, KVCache, LoopedGPT, LoopMode, ModelConfig
+from loopedlm.common.validation import ConfigError
+from loopedlm.model import LOOP_MODES, KVCache, LoopedGPT, LoopMode, ModelConfig
 
 __version__ = "0.1.0"
 

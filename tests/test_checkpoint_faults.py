@@ -17,6 +17,7 @@ from conftest import tiny_model
 from test_train import losses, make_corpus, small_config
 
 from loopedlm.cli import main as cli_main
+from loopedlm.cli.train import main as train_main
 from loopedlm.common.files import sha256_file
 from loopedlm.model import checkpoint
 from loopedlm.model.checkpoint import (
@@ -30,7 +31,6 @@ from loopedlm.model.checkpoint import (
     save_training_checkpoint,
     verify_checkpoint,
 )
-from loopedlm.train.trainer import main as train_main
 from loopedlm.train.trainer import train
 
 

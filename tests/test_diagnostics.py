@@ -283,9 +283,9 @@ def test_bad_thresholds_name_field_and_allowed(field, value, allowed):
 
 
 def test_thresholds_from_the_command_line():
-    from loopedlm.train.trainer import build_config, parse_overrides
+    from loopedlm.train.config import build_config, parse_train_args
 
-    recipe, overrides = parse_overrides(["--collapse.state_window=40",
+    recipe, overrides = parse_train_args(["--collapse.state_window=40",
                                          "--collapse.state_growth=inf"])
     cfg = build_config(recipe, overrides)
     assert cfg.collapse.state_window == 40 and cfg.collapse.state_growth == math.inf

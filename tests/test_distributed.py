@@ -13,7 +13,8 @@ import pytest
 from test_train import MODEL, FakeTokenizer, SyntheticData, losses, make_corpus
 
 from loopedlm.model.checkpoint import latest_training_checkpoint, load_model
-from loopedlm.train.trainer import TrainConfig, train
+from loopedlm.train.config import TrainConfig
+from loopedlm.train.trainer import train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -49,7 +50,8 @@ def test_two_ranks_match_one(tmp_path, single, zero):
         import sys
         sys.path.insert(0, {str(TESTS)!r})
         from test_train import FakeTokenizer, SyntheticData
-        from loopedlm.train.trainer import TrainConfig, train
+        from loopedlm.train.config import TrainConfig
+        from loopedlm.train.trainer import train
         train(TrainConfig(**{_config(run, 8, zero)!r}), data=SyntheticData(),
               tokenizer=FakeTokenizer())
     """))

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopedlm.model.config import ConfigError
+from loopedlm.common.validation import ConfigError
 from loopedlm.train.optim import LoopedOptimizer, OptimConfig, lr_multiplier, muon_momentum
 
 

@@ -242,7 +242,8 @@ def test_in_process_sweep_trains_like_train_and_survives_a_bad_run(tmp_path):
     sweep goes on."""
     from test_train import make_corpus
 
-    from loopedlm.train.trainer import build_config, parse_overrides, train
+    from loopedlm.train.config import build_config, parse_train_args
+    from loopedlm.train.trainer import train
 
     data_dir, tok_dir = make_corpus(tmp_path / "corpus")
     settings = f"""
@@ -267,7 +268,7 @@ sample_tokens = 2
     assert "n_loops" in (tmp_path / "out" / f"{rows[0]['name']}.log").read_text()
     swept = json.loads((tmp_path / "out" / rows[1]["name"] / "summary.json").read_text())
     args = rows[1]["train_cmd"][4:]
-    recipe, overrides = parse_overrides([a.replace(str(tmp_path / "out"), str(tmp_path / "direct"))
+    recipe, overrides = parse_train_args([a.replace(str(tmp_path / "out"), str(tmp_path / "direct"))
                                          for a in args])
     direct = train(build_config(recipe, overrides))
     assert swept["final_loss"] == direct["final_loss"] and swept["val_bpb"] == direct["val_bpb"]

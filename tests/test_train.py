@@ -15,15 +15,9 @@ import pytest
 import torch
 
 from loopedlm.model.checkpoint import latest_training_checkpoint, load_model
-from loopedlm.train.trainer import (
-    TrainConfig,
-    TrainingCollapsed,
-    build_config,
-    check_batch,
-    horizon,
-    parse_overrides,
-    train,
-)
+from loopedlm.train.config import TrainConfig, build_config, parse_train_args
+from loopedlm.train.sizing import check_batch, horizon
+from loopedlm.train.trainer import TrainingCollapsed, train
 
 MODEL = {"depth": 2, "d_model": 32, "n_head": 2, "sequence_len": 32, "n_loops": 2}
 
@@ -134,7 +128,7 @@ def corpus(tmp_path_factory):
 
 # ---- configuration ---------------------------------------------------------------------
 def test_overrides_parse_types_and_sections():
-    recipe, over = parse_overrides(["tiny", "--steps=7", "--model.n_loops=4", "--resume",
+    recipe, over = parse_train_args(["tiny", "--steps=7", "--model.n_loops=4", "--resume",
                                     "--optim.lr_scale=0.5", "--tokenizer=bpe:512",
                                     "--flops_budget=1e15"])
     assert recipe == "tiny"
@@ -168,7 +162,7 @@ def test_unknown_recipe_and_section():
     with pytest.raises(FileNotFoundError, match="tiny"):
         build_config("tinyy")
     with pytest.raises(ValueError, match="sections"):
-        parse_overrides(["--modle.depth=3"])
+        parse_train_args(["--modle.depth=3"])
 
 
 def test_batch_must_divide():

@@ -18,19 +18,15 @@ import torch
 from test_resume import _cli, corpus, reference  # noqa: F401  (shared fixtures)
 from test_train import losses, small_config
 
+from loopedlm.cli.train import main as train_main
+from loopedlm.cli.train import run_cli
+from loopedlm.common.validation import ConfigError
 from loopedlm.model import checkpoint
 from loopedlm.model.checkpoint import SAVE_SLEEP_ENV, latest_training_checkpoint, load_model
-from loopedlm.model.config import ConfigError
 from loopedlm.model.gpt import LoopedGPT
-from loopedlm.train.trainer import (
-    TrainConfig,
-    build_config,
-    check_batch,
-    parse_overrides,
-    run_cli,
-    train,
-)
-from loopedlm.train.trainer import main as train_main
+from loopedlm.train.config import TrainConfig, build_config, parse_train_args
+from loopedlm.train.sizing import check_batch
+from loopedlm.train.trainer import train
 
 
 def _poison_step(monkeypatch, step: int, action) -> None:
@@ -172,13 +168,13 @@ def test_train_and_eval_measure_the_same_validation_tokens(tmp_path, corpus):
                                         ("1", True), ("0", False), ("yes", True), ("No", False),
                                         ("on", True), ("off", False)])
 def test_boolean_spellings(text, value):
-    _, overrides = parse_overrides([f"--progress={text}", f"--optim.scale_adamw_by_width={text}"])
+    _, overrides = parse_train_args([f"--progress={text}", f"--optim.scale_adamw_by_width={text}"])
     cfg = build_config("tiny", overrides)
     assert cfg.progress is value and cfg.optim.scale_adamw_by_width is value
 
 
 def test_bad_boolean_names_the_spellings():
-    _, overrides = parse_overrides(["--progress=maybe"])
+    _, overrides = parse_train_args(["--progress=maybe"])
     with pytest.raises(ConfigError, match="progress='maybe'.*true or false.*yes/no"):
         build_config("tiny", overrides)
 

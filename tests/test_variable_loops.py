@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from test_train import MODEL, FakeTokenizer, SyntheticData, losses
 
+from loopedlm.common.validation import ConfigError
 from loopedlm.model.attention import norm
-from loopedlm.model.config import ConfigError
+from loopedlm.train.config import TrainConfig
 from loopedlm.train.loop_sampling import LoopSampling, poisson_cap
-from loopedlm.train.trainer import TrainConfig, expected_flops_per_token, horizon, train
+from loopedlm.train.sizing import expected_flops_per_token, horizon
+from loopedlm.train.trainer import train
 
 
 # ---- bad input ----------------------------------------------------------------------

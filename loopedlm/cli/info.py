@@ -1,5 +1,71 @@
-"""`loopedlm info`, `loopedlm import-nanochat`."""
+"""`loopedlm info` (what a preset or run is: sizes, FLOPs per loop) and
+`loopedlm import-nanochat` (convert an FLT-authors checkpoint into a loopedlm model folder).
 
-from loopedlm.experiments.info import register
+    loopedlm info small                          # a preset
+    loopedlm info tiny --n_loops=6 --loop_mode=lt  # with ModelConfig fields changed
+    loopedlm info runs/x --json                  # a run or checkpoint folder, as JSON
+"""
 
-__all__ = ["register"]
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+
+from loopedlm.cli.settings import TrailingSettings
+from loopedlm.data.tokenizer import nanochat_tokenizer
+from loopedlm.experiments.info import describe, format_table, preset_overrides, target_config
+from loopedlm.model.checkpoint import save_model
+from loopedlm.model.config import PRESETS
+from loopedlm.model.interop import import_nanochat_checkpoint
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override ModelConfig fields of a preset, e.g. --set loop_mode=lt "
+                             "n_loops=6 (the older spelling of --KEY=VALUE)")
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts) instead "
+                                                            "of a table")
+
+
+def _cmd_info(trailing: TrailingSettings, args: argparse.Namespace) -> int:
+    settings = trailing.parse(args)
+    if settings is None:
+        return 0
+    config = target_config(args.target, preset_overrides(settings, args.set))
+    info = describe(config)
+    print(json.dumps(info, indent=2) if args.json else format_table(args.target, info))
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    model, meta = import_nanochat_checkpoint(args.source, step=args.step)
+    out = save_model(args.out, model, {"imported_from": str(Path(args.source).resolve()),
+                                       "nanochat_meta": meta})
+    print(f"wrote {out} ({model.config.loop_mode}, {model.num_params():,} parameters)")
+    tokenizer = nanochat_tokenizer(model.config)
+    if tokenizer is not None:  # eval and sample then use their BOS, <|im_start|>
+        print(f"wrote {tokenizer.save(out / 'tokenizer')} ({tokenizer.name}, BOS id "
+              f"{tokenizer.bos_id})")
+    else:
+        print(f"no tokenizer saved: vocab_size={model.config.vocab_size} is not Qwen3's; pass "
+              f"--tokenizer to eval and sample")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="sizes and FLOPs of a preset or a run",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a run/checkpoint folder")
+    trailing = TrailingSettings(p, _add_options,
+                                help="ModelConfig fields of a preset, e.g. --n_loops=6 "
+                                     "--loop_mode=lt (the syntax of `loopedlm train`)")
+    p.set_defaults(func=partial(_cmd_info, trailing))
+    p = subparsers.add_parser("import-nanochat",
+                              help="convert an FLT-authors (nanochat fork) checkpoint")
+    p.add_argument("source", help="folder with model_<step>.pt + meta_<step>.json, or the .pt file")
+    p.add_argument("out", help="output model folder (model.safetensors + config.json)")
+    p.add_argument("--step", type=int, default=None, help="step to import (default: the latest)")
+    p.set_defaults(func=_cmd_import)

@@ -1,14 +1,17 @@
-"""`loopedlm info` (what a preset or run is: sizes, FLOPs per loop) and
-`loopedlm import-nanochat` (convert an FLT-authors checkpoint into a loopedlm model folder)."""
+"""What a preset or run is (`loopedlm info`): its config, sizes and training FLOPs per
+token at several loop counts."""
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from loopedlm.common.overrides import coerce_fields, parse_overrides
+from loopedlm.model.checkpoint import CONFIG_FILE, resolve_model_folder
 from loopedlm.model.config import PRESETS, ModelConfig
 from loopedlm.model.gpt import LoopedGPT
 
@@ -39,65 +42,26 @@ def format_table(name: str, info: dict) -> str:
     return "\n".join(lines)
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    out = {}
+def preset_overrides(settings: Sequence[str] = (), pairs: Sequence[str] = ()) -> dict[str, Any]:
+    """ModelConfig overrides of a preset from `--key=value` settings (the one syntax of
+    loopedlm.common.overrides, as in `loopedlm train`) and `key=value` pairs (the older
+    `--set` spelling), each value coerced to its field's type."""
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
+        if "=" not in pair:
             raise ValueError(f"override {pair!r} must look like key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    _, overrides = parse_overrides([*(f"--{pair}" for pair in pairs), *settings])
+    return coerce_fields(ModelConfig, overrides)
 
 
-def _info(args: argparse.Namespace) -> int:
-    if args.target in PRESETS:
-        config = ModelConfig.preset(args.target, **_parse_overrides(args.set))
-    else:
-        from loopedlm.model.checkpoint import CONFIG_FILE, resolve_model_folder
-
-        if not Path(args.target).exists():
-            raise FileNotFoundError(f"{args.target!r} is neither a preset ({', '.join(PRESETS)}) "
-                                    "nor a run or checkpoint folder")
-        folder = resolve_model_folder(args.target)
-        config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text())["model"])
-    info = describe(config)
-    print(json.dumps(info, indent=2) if args.json else format_table(args.target, info))
-    return 0
+def target_config(target: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig of a preset (with `overrides`) or of a run or checkpoint folder."""
+    if target in PRESETS:
+        return ModelConfig.preset(target, **(overrides or {}))
+    if not Path(target).exists():
+        raise FileNotFoundError(f"{target!r} is neither a preset ({', '.join(PRESETS)}) "
+                                "nor a run or checkpoint folder")
+    folder = resolve_model_folder(target)
+    return ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text())["model"])
 
 
-def _import(args: argparse.Namespace) -> int:
-    from loopedlm.data.tokenizer import nanochat_tokenizer
-    from loopedlm.model.checkpoint import save_model
-    from loopedlm.model.interop import import_nanochat_checkpoint
-
-    model, meta = import_nanochat_checkpoint(args.source, step=args.step)
-    out = save_model(args.out, model, {"imported_from": str(Path(args.source).resolve()),
-                                       "nanochat_meta": meta})
-    print(f"wrote {out} ({model.config.loop_mode}, {model.num_params():,} parameters)")
-    tokenizer = nanochat_tokenizer(model.config)
-    if tokenizer is not None:  # eval and sample then use their BOS, <|im_start|>
-        print(f"wrote {tokenizer.save(out / 'tokenizer')} ({tokenizer.name}, BOS id "
-              f"{tokenizer.bos_id})")
-    else:
-        print(f"no tokenizer saved: vocab_size={model.config.vocab_size} is not Qwen3's; pass "
-              f"--tokenizer to eval and sample")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="sizes and FLOPs of a preset or a run")
-    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a run/checkpoint folder")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override ModelConfig fields of a preset, e.g. --set loop_mode=lt n_loops=6")
-    p.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of "
-                                                            "a table")
-    p.set_defaults(func=_info)
-    p = subparsers.add_parser("import-nanochat",
-                              help="convert an FLT-authors (nanochat fork) checkpoint")
-    p.add_argument("source", help="folder with model_<step>.pt + meta_<step>.json, or the .pt file")
-    p.add_argument("out", help="output model folder (model.safetensors + config.json)")
-    p.add_argument("--step", type=int, default=None, help="step to import (default: the latest)")
-    p.set_defaults(func=_import)
+__all__ = ["describe", "format_table", "preset_overrides", "target_config"]

@@ -20,6 +20,14 @@ A sweep file names a base training recipe, settings shared by every run, a grid
     loops = [1, 3, 6]               # or "trained" (the run's own loop count)
     args = ["--tasks", "none"]      # extra `loopedlm eval` arguments
 
+Train settings on the command line (`loopedlm sweep SWEEP --steps=2 --model.n_loops=2`,
+the `--key=value` syntax of `loopedlm train`) apply to every run: above the sweep's
+[train] section and the recipe, below what a grid or run sets (a grid's values define
+its runs and their names, so they always win). `--steps=2` thus gives a smoke run of a
+whole sweep. `run_dir`, `resume` and `seed` belong to the sweep and cannot be set so.
+The settings are part of the manifest's command, not of the run names: a finished run
+is skipped even when the settings have changed since (use another --out).
+
 Each run lives in SWEEP_DIR/<name>/ and is skipped when it has finished; an interrupted
 run resumes from its last checkpoint. Runs execute as subprocesses so that one failure
 does not stop the sweep: it is recorded in SWEEP_DIR/sweep.json. `--in-process` trains
@@ -29,7 +37,6 @@ per run that dominates a grid of tiny CPU runs (an exception still fails only it
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -38,17 +45,24 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loopedlm.common.files import atomic_write_json
+from loopedlm.common.overrides import flatten, parse_overrides
 from loopedlm.common.paths import RECIPE_DIRS
+from loopedlm.common.validation import ConfigError
 from loopedlm.model.checkpoint import latest_training_checkpoint
+from loopedlm.train.config import SECTIONS, build_config, check_setting_names, parse_train_args
+from loopedlm.train.trainer import FAILURE_EXIT_CODES, train
 
 log = logging.getLogger(__name__)
 
 SWEEP_SECTIONS = {"sweep", "train", "grid", "runs", "eval"}
+# train settings a sweep sets for each run itself
+SWEEP_OWNED_SETTINGS = ("run_dir", "resume", "seed")
 SWEEP_KEYS = {"experiment", "recipe", "seeds", "name", "description"}
 EVAL_KEYS = {"loops", "args"}
 
@@ -87,6 +101,7 @@ class Sweep:
     runs: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, from the command line
 
     @classmethod
     def load(cls, path: str | Path) -> Sweep:
@@ -143,8 +158,22 @@ class Sweep:
                 if name in seen:
                     continue
                 seen.add(name)
-                specs.append(RunSpec(name, {**self.train, **variant, "seed": seed}))
+                specs.append(RunSpec(name, {**self.train, **self.overrides, **variant,
+                                            "seed": seed}))
         return specs
+
+
+def train_overrides(settings: Sequence[str]) -> dict[str, Any]:
+    """`--key=value` train settings (the syntax of `loopedlm train`) -> the dotted keys of
+    `Sweep.overrides`; a ConfigError names an unknown setting or one the sweep owns."""
+    _, nested = parse_overrides(settings, sections=tuple(SECTIONS))
+    check_setting_names(nested)
+    flat = flatten(nested)
+    for key in flat:
+        if key in SWEEP_OWNED_SETTINGS:
+            raise ConfigError(f"--{key} is set by the sweep for each run: not allowed here "
+                              "(seeds: [sweep] seeds; folders: --out)")
+    return flat
 
 
 def _find_sweep(path: str | Path) -> Path:
@@ -175,9 +204,8 @@ def _run(cmd: list[str], log_file: Path) -> int:
 
 
 def _train_in_process(cmd: list[str], log_file: Path) -> int:
-    """`loopedlm train` of `cmd` in this process, its output and logs into `log_file`."""
-    from loopedlm.train.trainer import run_cli
-
+    """`loopedlm train` of `cmd` in this process, its logs into `log_file`; returns the
+    exit code the command would give."""
     root = logging.getLogger()
     saved = root.handlers[:]
     with open(log_file, "a", encoding="utf-8") as f:
@@ -188,7 +216,12 @@ def _train_in_process(cmd: list[str], log_file: Path) -> int:
         root.handlers = [handler]
         try:
             with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                return run_cli(cmd[cmd.index("train") + 1:])
+                recipe, overrides = parse_train_args(cmd[cmd.index("train") + 1:])
+                train(build_config(recipe, overrides))
+            return 0
+        except tuple(FAILURE_EXIT_CODES) as exc:
+            log.error("training stopped: %s", exc)
+            return FAILURE_EXIT_CODES[type(exc)]
         except Exception:  # one run's failure is recorded, not fatal to the sweep
             log.exception("training failed")
             return 1
@@ -258,32 +291,12 @@ def _eval_command(sweep: Sweep, spec: RunSpec, run_dir: Path) -> list[str] | Non
 
 def _write_manifest(sweep: Sweep, out_dir: Path, rows: list[dict[str, Any]],
                     flags: str = "") -> None:
+    settings = "".join(f" --{k}={_format(v)}" for k, v in sweep.overrides.items())
     manifest = {"sweep_file": str(sweep.path.resolve()), "experiment": sweep.experiment,
                 "description": sweep.description, "recipe": sweep.recipe,
-                "command": f"loopedlm sweep {sweep.path} --out {out_dir}{flags}", "runs": rows}
+                "command": f"loopedlm sweep {sweep.path} --out {out_dir}{flags}{settings}",
+                "runs": rows}
     atomic_write_json(out_dir / "sweep.json", manifest)
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    sweep = Sweep.load(args.sweep)
-    out = Path(args.out or Path("sweeps") / sweep.path.stem)
-    rows = run_sweep(sweep, out, dry_run=args.dry_run, only=args.only,
-                     in_process=args.in_process)
-    for row in rows:
-        print(f"{row['status']:<22} {row.get('eval_status', ''):<14} {row['name']}")
-        if args.dry_run:
-            print("    " + " ".join(row["train_cmd"][1:]))
-    failed = [r for r in rows if "failed" in r["status"] or "failed" in r.get("eval_status", "")]
-    print(f"{len(rows)} runs, {len(failed)} failed; results in {out}")
-    return 1 if failed else 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="run a grid of training runs (resumable)")
-    p.add_argument("sweep", help="a sweep TOML file, or a name under recipes/sweeps/")
-    p.add_argument("--out", default=None, help="sweep folder (default sweeps/<file stem>)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and commands only")
-    p.add_argument("--only", default=None, help="run only runs whose name contains this text")
-    p.add_argument("--in-process", action="store_true",
-                   help="train in this process (no per-run start-up; for many tiny runs)")
-    p.set_defaults(func=_cmd_sweep)
+__all__ = ["RunSpec", "Sweep", "train_overrides", "run_finished", "run_sweep"]

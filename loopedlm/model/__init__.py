@@ -5,8 +5,8 @@ and its per-loop API), `head_loss` (the fused, chunked LM-head loss), `checkpoin
 Nothing here imports from any other loopedlm subpackage except `loopedlm.common`."""
 
 from loopedlm.model.attention import KVCache
-from loopedlm.model.config import ConfigError, ModelConfig
+from loopedlm.model.config import ModelConfig
 from loopedlm.model.gpt import LoopedGPT
 from loopedlm.model.loop_modes import LOOP_MODES, LoopMode
 
-__all__ = ["ModelConfig", "ConfigError", "LoopedGPT", "KVCache", "LoopMode", "LOOP_MODES"]
+__all__ = ["ModelConfig", "LoopedGPT", "KVCache", "LoopMode", "LOOP_MODES"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from loopedlm.common.validation import ConfigError, check, check_choice, close_match, is_int
 from loopedlm.model.loop_modes import LOOP_MODES
 
 LOSS_LOOPS = ("last", "all", "last_third")
@@ -17,26 +17,6 @@ RESIDUAL_SCALES = ("none", "inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_dep
 QWEN3_VOCAB_SIZE = 151_669
 # The authors' model precomputes RoPE for 10x sequence_len and never crops an evaluation prompt
 ROTARY_LENGTH_FACTOR = 10
-
-
-class ConfigError(ValueError):
-    """A configuration field holds a value that is not allowed."""
-
-
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        hint = difflib.get_close_matches(str(value), choices, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError(f"{name}={value!r} is not allowed: choose one of {list(choices)}{extra}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -67,7 +47,7 @@ class ModelConfig:
     softcap: float = 15.0
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.depth) and self.depth >= 1, "depth", self.depth, "an integer >= 1")
+        check(is_int(self.depth) and self.depth >= 1, "depth", self.depth, "an integer >= 1")
         if self.d_model is None:
             self.d_model = 64 * self.depth
         if self.n_head is None:
@@ -78,47 +58,46 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value is not allowed."""
-        _check(_is_int(self.vocab_size) and self.vocab_size >= 2, "vocab_size", self.vocab_size,
+        check(is_int(self.vocab_size) and self.vocab_size >= 2, "vocab_size", self.vocab_size,
                "an integer >= 2")
-        _check(_is_int(self.sequence_len) and self.sequence_len >= 1, "sequence_len",
+        check(is_int(self.sequence_len) and self.sequence_len >= 1, "sequence_len",
                self.sequence_len, "an integer >= 1")
-        _check(_is_int(self.d_model) and self.d_model >= 2, "d_model", self.d_model,
+        check(is_int(self.d_model) and self.d_model >= 2, "d_model", self.d_model,
                "an integer >= 2")
-        _check(_is_int(self.n_head) and self.n_head >= 1, "n_head", self.n_head, "an integer >= 1")
-        _check(self.d_model % self.n_head == 0, "n_head", self.n_head,
+        check(is_int(self.n_head) and self.n_head >= 1, "n_head", self.n_head, "an integer >= 1")
+        check(self.d_model % self.n_head == 0, "n_head", self.n_head,
                f"must divide d_model={self.d_model}")
-        _check(self.head_dim % 2 == 0, "n_head", self.n_head,
+        check(self.head_dim % 2 == 0, "n_head", self.n_head,
                f"head dim d_model/n_head={self.head_dim} must be even for RoPE")
-        _check(_is_int(self.n_kv_head) and self.n_kv_head >= 1, "n_kv_head", self.n_kv_head,
+        check(is_int(self.n_kv_head) and self.n_kv_head >= 1, "n_kv_head", self.n_kv_head,
                "an integer >= 1")
-        _check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head,
+        check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head,
                f"must divide n_head={self.n_head}")
-        _check_choice("loop_mode", self.loop_mode, tuple(LOOP_MODES))
-        _check(_is_int(self.n_loops) and self.n_loops >= 1, "n_loops", self.n_loops,
+        check_choice("loop_mode", self.loop_mode, tuple(LOOP_MODES))
+        check(is_int(self.n_loops) and self.n_loops >= 1, "n_loops", self.n_loops,
                "an integer >= 1")
-        _check_choice("loss_loops", self.loss_loops, LOSS_LOOPS)
-        _check_choice("attn_type", self.attn_type, ATTN_TYPES)
-        _check(_is_int(self.kv_rank) and self.kv_rank >= 1, "kv_rank", self.kv_rank,
+        check_choice("loss_loops", self.loss_loops, LOSS_LOOPS)
+        check_choice("attn_type", self.attn_type, ATTN_TYPES)
+        check(is_int(self.kv_rank) and self.kv_rank >= 1, "kv_rank", self.kv_rank,
                "an integer >= 1")
-        _check(isinstance(self.window_pattern, str) and len(self.window_pattern) > 0
+        check(isinstance(self.window_pattern, str) and len(self.window_pattern) > 0
                and set(self.window_pattern.upper()) <= {"L", "S"},
                "window_pattern", self.window_pattern, "a non-empty string of 'L' and 'S'")
-        _check_choice("residual_scale", self.residual_scale, RESIDUAL_SCALES)
-        _check(isinstance(self.residual_lambda, int | float) and self.residual_lambda > 0,
+        check_choice("residual_scale", self.residual_scale, RESIDUAL_SCALES)
+        check(isinstance(self.residual_lambda, int | float) and self.residual_lambda > 0,
                "residual_lambda", self.residual_lambda, "a number > 0")
-        _check(_is_int(self.pad_vocab_to) and self.pad_vocab_to >= 1, "pad_vocab_to",
+        check(is_int(self.pad_vocab_to) and self.pad_vocab_to >= 1, "pad_vocab_to",
                self.pad_vocab_to, "an integer >= 1")
-        _check(isinstance(self.rope_base, int | float) and self.rope_base > 1, "rope_base",
+        check(isinstance(self.rope_base, int | float) and self.rope_base > 1, "rope_base",
                self.rope_base, "a number > 1")
-        _check(isinstance(self.softcap, int | float) and self.softcap > 0, "softcap",
+        check(isinstance(self.softcap, int | float) and self.softcap > 0, "softcap",
                self.softcap, "a number > 0")
 
     def loops(self, n_loops: int | None = None) -> int:
         """The loop count of a call: `n_loops`, or this config's when None (the one place
         the default is filled); a ValueError names a count that is not an integer >= 1."""
         n_loops = self.n_loops if n_loops is None else n_loops
-        if not _is_int(n_loops) or n_loops < 1:
-            raise ConfigError(f"n_loops={n_loops!r} is not allowed: an integer >= 1")
+        check(is_int(n_loops) and n_loops >= 1, "n_loops", n_loops, "an integer >= 1")
         return n_loops
 
     # ---- derived quantities -------------------------------------------------
@@ -169,8 +148,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-            msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
+            hints = {k: close_match(k, known) for k in unknown}
+            msg = ", ".join(f"{k!r}" + (f" (did you mean {h!r}?)" if h else "")
                             for k, h in hints.items())
             raise ConfigError(f"unknown ModelConfig field(s): {msg}")
         return cls(**data)
@@ -178,7 +157,7 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (`tiny`, `small`, `base`), with field overrides."""
-        _check_choice("preset", name, tuple(PRESETS))
+        check_choice("preset", name, tuple(PRESETS))
         data = dict(PRESETS[name])
         data.update(overrides)
         return cls.from_dict(data)
@@ -193,6 +172,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["ModelConfig", "ConfigError", "PRESETS", "LOOP_MODES", "LOSS_LOOPS", "ATTN_TYPES",
+__all__ = ["ModelConfig", "PRESETS", "LOOP_MODES", "LOSS_LOOPS", "ATTN_TYPES",
            "RESIDUAL_SCALES",
            "QWEN3_VOCAB_SIZE"]

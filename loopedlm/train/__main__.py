@@ -3,6 +3,6 @@
 
 import sys
 
-from loopedlm.train.trainer import main
+from loopedlm.cli.train import main
 
 sys.exit(main())

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loopedlm.model.config import ConfigError
+from loopedlm.common.validation import not_allowed
 
 KINDS = ("fixed", "uniform", "poisson_lognormal")
 HUGINN_SIGMA = 0.5
@@ -62,7 +62,7 @@ class LoopSampling:
         """`text` as in the module docstring; `n_loops` is the model's (used by "fixed").
         Raises ConfigError naming the value and the allowed forms."""
         if not isinstance(text, str):
-            raise ConfigError(f"loop_sampling={text!r} is not allowed: {FORMAT}")
+            raise not_allowed("loop_sampling", text, FORMAT)
         kind, colon, args = text.strip().partition(":")
         if kind == "fixed" and not colon:
             return cls("fixed", fixed_loops=n_loops)
@@ -71,29 +71,28 @@ class LoopSampling:
             try:
                 low, high = int(parts[0]), int(parts[1])
             except ValueError:
-                raise ConfigError(f"loop_sampling={text!r} is not allowed: 'uniform:A,B' needs "
-                                  "integer A and B") from None
+                raise not_allowed("loop_sampling", text,
+                                  "'uniform:A,B' needs integer A and B") from None
             if low < 1:
-                raise ConfigError(f"loop_sampling={text!r} is not allowed: A={low} must be >= 1")
+                raise not_allowed("loop_sampling", text, f"A={low} must be >= 1")
             if low > high:
-                raise ConfigError(f"loop_sampling={text!r} is not allowed: A={low} > B={high} "
-                                  "(the range is A..B, A <= B)")
+                raise not_allowed("loop_sampling", text,
+                                  f"A={low} > B={high} (the range is A..B, A <= B)")
             return cls("uniform", low=low, high=high)
         if kind == "poisson_lognormal" and len(parts) in (1, 2):
             try:
                 mean = float(parts[0])
                 sigma = float(parts[1]) if len(parts) == 2 else HUGINN_SIGMA
             except ValueError:
-                raise ConfigError(f"loop_sampling={text!r} is not allowed: "
+                raise not_allowed("loop_sampling", text,
                                   "'poisson_lognormal:MEAN[,SIGMA]' needs numbers") from None
             if not (math.isfinite(mean) and mean >= 1):
-                raise ConfigError(f"loop_sampling={text!r} is not allowed: MEAN={parts[0]} "
-                                  "must be >= 1 (the mean loop count)")
+                raise not_allowed("loop_sampling", text,
+                                  f"MEAN={parts[0]} must be >= 1 (the mean loop count)")
             if not (math.isfinite(sigma) and sigma > 0):
-                raise ConfigError(f"loop_sampling={text!r} is not allowed: SIGMA={parts[1]} "
-                                  "must be > 0")
+                raise not_allowed("loop_sampling", text, f"SIGMA={parts[1]} must be > 0")
             return cls("poisson_lognormal", mean=mean, sigma=sigma)
-        raise ConfigError(f"loop_sampling={text!r} is not allowed: {FORMAT}")
+        raise not_allowed("loop_sampling", text, FORMAT)
 
     @property
     def variable(self) -> bool:

@@ -20,17 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from loopedlm.model.config import ConfigError
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"optim.{name}={value!r} is not allowed: a number > 0")
-
-
-def _fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ConfigError(f"optim.{name}={value!r} is not allowed: a number in [0, 1]")
+from loopedlm.common.validation import ConfigError, check, check_positive, is_int, is_number
 
 
 @dataclass
@@ -61,23 +51,22 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("matrix_lr", "embedding_lr", "lm_head_lr", "lr_scale", "adam_eps"):
-            _positive(name, getattr(self, name))
+            check_positive(f"optim.{name}", getattr(self, name))
         for name in ("muon_momentum", "muon_momentum_start", "adam_beta1", "adam_beta2",
                      "warmup_ratio", "warmdown_ratio", "final_lr_frac"):
-            _fraction(name, getattr(self, name))
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, int | float) \
-                or self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay={self.weight_decay!r} is not allowed: a number >= 0")
+            value = getattr(self, name)
+            check(is_number(value) and 0 <= value <= 1, f"optim.{name}", value,
+                  "a number in [0, 1]")
+        check(is_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+              self.weight_decay, "a number >= 0")
         for name in ("muon_momentum_warmup_steps", "muon_ns_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"optim.{name}={value!r} is not allowed: an integer >= 0")
+            check(is_int(value) and value >= 0, f"optim.{name}", value, "an integer >= 0")
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise ConfigError(f"optim.warmup_ratio + optim.warmdown_ratio = "
                               f"{self.warmup_ratio + self.warmdown_ratio} is not allowed: <= 1")
-        if not isinstance(self.scale_adamw_by_width, bool):
-            raise ConfigError(f"optim.scale_adamw_by_width={self.scale_adamw_by_width!r} is not "
-                              f"allowed: true or false")
+        check(isinstance(self.scale_adamw_by_width, bool), "optim.scale_adamw_by_width",
+              self.scale_adamw_by_width, "true or false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
