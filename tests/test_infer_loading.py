@@ -7,7 +7,7 @@ import pytest
 from test_kv_cache import make_model
 
 from loopedlm.cli import main
-from loopedlm.data.tokenizer import train_tokenizer
+from loopedlm.data.tokenizer_training import train_tokenizer
 from loopedlm.infer.loading import load_run_tokenizer
 from loopedlm.model.checkpoint import save_model
 

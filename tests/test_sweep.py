@@ -283,6 +283,14 @@ def test_parabola_minimum_recovers_a_sub_grid_optimum(vertex, curvature, floor):
     assert x == pytest.approx(vertex, abs=1e-6) and y == pytest.approx(floor, abs=1e-6)
 
 
+def test_parabola_minimum_of_a_tie_with_the_edge_lies_between_them():
+    # regression: hypothesis found vertex=-2.5, where the grid points -3 and -2 tie and the
+    # edge one was taken as the minimum (None) although the vertex is inside the grid
+    xs = [-3.0, -2.0, -1.0, 0.0]
+    x, y = parabola_minimum(xs, [1.0 + (x + 2.5) ** 2 for x in xs])
+    assert x == pytest.approx(-2.5) and y == pytest.approx(1.0)
+
+
 def test_parabola_minimum_at_the_edge_is_none():
     assert parabola_minimum([0.0, 1.0, 2.0], [1.0, 2.0, 3.0]) is None
     assert parabola_minimum([0.0, 1.0, 2.0], [3.0, 2.0, 1.0]) is None

@@ -14,8 +14,8 @@ import torch
 from loopedlm.common.distributed import DistInfo
 from loopedlm.model.checkpoint import load_training_state, save_training_checkpoint
 from loopedlm.model.gpt import LoopedGPT
+from loopedlm.train.collapse import CollapseDetector
 from loopedlm.train.config import TrainConfig
-from loopedlm.train.diagnostics import CollapseDetector
 from loopedlm.train.optim import LoopedOptimizer
 from loopedlm.train.parallel import barrier, gather_objects
 

@@ -38,7 +38,7 @@ from loopedlm.common.validation import (
     unknown_setting,
 )
 from loopedlm.model.config import PRESETS, ModelConfig
-from loopedlm.train.diagnostics import CollapseThresholds
+from loopedlm.train.collapse import CollapseThresholds
 from loopedlm.train.loop_sampling import LoopSampling
 from loopedlm.train.optim import OptimConfig
 
@@ -63,7 +63,7 @@ class TrainConfig:
     """
 
     run_dir: str = ""  # "" -> runs/<preset>-<timestamp>
-    data_dir: str = ""  # "" -> the bundled corpus (loopedlm.data.loader.default_data_dir())
+    data_dir: str = ""  # "" -> the bundled corpus (loopedlm.data.corpus.default_data_dir())
     tokenizer: str = "auto"  # "qwen3" | "bpe" | "bpe:VOCAB" | a saved tokenizer folder
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from loopedlm.common.distributed import DistInfo
 from loopedlm.common.paths import loopedlm_home
-from loopedlm.data import loader as data_loader
-from loopedlm.data import tokenizer as tokmod
+from loopedlm.data.corpus import prepare_default_corpus
+from loopedlm.data.loader import ParquetTokenLoader, iter_texts, split_shards
+from loopedlm.data.tokenizer import load_tokenizer
+from loopedlm.data.tokenizer_training import train_tokenizer
 from loopedlm.model.config import QWEN3_VOCAB_SIZE
 from loopedlm.train.parallel import barrier
 
@@ -26,18 +28,17 @@ class ParquetData:
         if data_dir:
             self.data_dir = Path(data_dir)
         else:
-            self.data_dir = data_loader.prepare_default_corpus()
-        data_loader.split_shards(self.data_dir, "val")  # a clear error now if unusable
+            self.data_dir = prepare_default_corpus()
+        split_shards(self.data_dir, "val")  # a clear error now if unusable
 
     def texts(self):
-        return data_loader.iter_texts(self.data_dir, "train")
+        return iter_texts(self.data_dir, "train")
 
     def loader(self, tokenizer, batch_size: int, seq_len: int, *, split: str, rank: int,
                world_size: int, device, loop: bool = True):
         kwargs = {} if loop else {"loop": False}
-        return data_loader.ParquetTokenLoader(self.data_dir, tokenizer, batch_size, seq_len,
-                                              split=split, rank=rank, world_size=world_size,
-                                              device=device, **kwargs)
+        return ParquetTokenLoader(self.data_dir, tokenizer, batch_size, seq_len, split=split,
+                                  rank=rank, world_size=world_size, device=device, **kwargs)
 
 
 def _bpe_cache_folder(data_dir: Path, vocab_size: int) -> Path:
@@ -53,12 +54,12 @@ def _cached_bpe(data, vocab_size: int, info: DistInfo):
         log.info("training a %d-token BPE tokenizer on %s (cached in %s)", vocab_size,
                  data.data_dir, cache)
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        tokmod.train_tokenizer(data.texts(), vocab_size).save(str(tmp))
+        train_tokenizer(data.texts(), vocab_size).save(str(tmp))
         if cache.exists():
             shutil.rmtree(cache)
         os.replace(tmp, cache)
     barrier()
-    return tokmod.load_tokenizer(str(cache))
+    return load_tokenizer(str(cache))
 
 
 def resolve_tokenizer(spec: str, vocab_size: int, data: ParquetData, run_dir: Path,
@@ -69,13 +70,13 @@ def resolve_tokenizer(spec: str, vocab_size: int, data: ParquetData, run_dir: Pa
     exists = saved.is_dir() and any(saved.iterdir())
     barrier()
     if exists:
-        return tokmod.load_tokenizer(str(saved))
+        return load_tokenizer(str(saved))
     if spec == "auto":
         spec = "qwen3" if vocab_size == QWEN3_VOCAB_SIZE else f"bpe:{vocab_size}"
     if spec == "bpe":
         spec = f"bpe:{vocab_size}"
     if spec == "qwen3" or Path(spec).is_dir():
-        tok = tokmod.load_tokenizer(spec)
+        tok = load_tokenizer(spec)
     else:
         tok = _cached_bpe(data, int(spec[4:]), info)
     if info.is_main:

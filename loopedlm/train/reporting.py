@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from loopedlm.train.config import TrainConfig
-from loopedlm.train.diagnostics import RunLogger
+from loopedlm.train.run_log import RunLogger
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,10 @@ from loopedlm.common.files import atomic_write_json
 from loopedlm.model.checkpoint import CheckpointSaveError
 from loopedlm.model.gpt import LoopedGPT
 from loopedlm.train.checkpointing import restore_checkpoint, save_checkpoint
+from loopedlm.train.collapse import CollapseDetector
 from loopedlm.train.config import TrainConfig
-from loopedlm.train.diagnostics import (
-    CollapseDetector,
+from loopedlm.train.metrics import (
     PeakMemory,
-    RunLogger,
     evaluate_bpb,
     grad_norms,
     mfu,
@@ -43,6 +42,7 @@ from loopedlm.train.parallel import (
 )
 from loopedlm.train.prepare import PreparedRun, prepare_run
 from loopedlm.train.reporting import StepReporter
+from loopedlm.train.run_log import RunLogger
 from loopedlm.train.sizing import (
     expected_flops_per_token,
     horizon,

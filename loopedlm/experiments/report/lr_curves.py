@@ -16,9 +16,12 @@ ONE_OVER_N = ("lambda_loops_sqrt_depth", "inv_loops")  # the paper's 1/N-type sc
 
 def parabola_minimum(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
     """The vertex (x, y) of the parabola through the grid minimum and its two neighbours,
-    or None when the minimum lies on the edge of the grid (or the three are not convex)."""
-    i = ys.index(min(ys))
-    if i == 0 or i == len(ys) - 1:
+    or None when the minimum lies on the edge of the grid (or the three are not convex). A
+    minimum shared by an edge point and its neighbour is taken at the neighbour: the vertex
+    then lies between them, inside the grid."""
+    last = len(ys) - 1
+    i = min(range(len(ys)), key=lambda j: (ys[j], j in (0, last)))
+    if i == 0 or i == last:
         return None
     (x0, x1, x2), (y0, y1, y2) = xs[i - 1:i + 2], ys[i - 1:i + 2]
     # Lagrange form: y = a x^2 + b x + c
