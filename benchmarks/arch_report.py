@@ -48,7 +48,7 @@ def long_files(files: list[Path]) -> list[tuple[str, int]]:
     for path in files:
         n = len(path.read_text().splitlines())
         if n > MAX_FILE_LINES:
-            out.append((str(path.relative_to(ROOT)), n))
+            out.append((shown(path), n))
     return out
 
 
@@ -60,7 +60,7 @@ def long_functions(files: list[Path]) -> list[tuple[str, int]]:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_FUNCTION_LINES:
-                    out.append((f"{path.relative_to(ROOT)}:{node.lineno} {node.name}", n))
+                    out.append((f"{shown(path)}:{node.lineno} {node.name}", n))
     return out
 
 

@@ -1,6 +1,7 @@
-"""Issue 10's structural rules that already hold, kept from regressing: no import cycles
-between loopedlm modules (function-local imports counted) and no reach into another
-module's private names. `python benchmarks/arch_report.py --list` prints all the figures."""
+"""Issue 10's structural rules, kept from regressing: files of at most 400 lines, functions
+of at most 60, no import cycles between loopedlm modules (function-local imports counted),
+imports that follow the subpackage order, and no reach into another module's private
+names. `python benchmarks/arch_report.py --list` prints all the figures."""
 
 import importlib.util
 from pathlib import Path
@@ -9,6 +10,22 @@ _spec = importlib.util.spec_from_file_location(
     "arch_report", Path(__file__).resolve().parent.parent / "benchmarks" / "arch_report.py")
 arch = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(arch)
+
+
+def test_no_file_over_the_line_limit():
+    assert arch.long_files(arch.package_files()) == []
+
+
+def test_no_function_over_the_line_limit():
+    assert arch.long_functions(arch.package_files()) == []
+
+
+def test_length_checkers_see_long_code(tmp_path):
+    long = tmp_path / "long.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(arch.MAX_FUNCTION_LINES))
+    long.write_text("def f():\n" + body + "\n" * (arch.MAX_FILE_LINES - arch.MAX_FUNCTION_LINES))
+    assert [n for _, n in arch.long_functions([long])] == [arch.MAX_FUNCTION_LINES + 1]
+    assert arch.long_files([long]) == [(str(long), arch.MAX_FILE_LINES + 1)]
 
 
 def test_no_import_cycles():

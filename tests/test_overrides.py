@@ -164,6 +164,21 @@ def test_info_key_value_equals_set_and_the_config():
     assert code == 0 and table.startswith("tiny: flt, 6 loops")
 
 
+def test_info_settings_apply_to_a_run_folder(tmp_path):
+    # they were silently ignored for a folder; now a run's FLOPs at another N are one call
+    from loopedlm.model.checkpoint import save_model
+    from loopedlm.model.gpt import LoopedGPT
+
+    config = ModelConfig.preset("tiny", n_loops=3)
+    folder = save_model(tmp_path / "m", LoopedGPT(config), {})
+    code, saved = _cli(["info", str(folder), "--json"])
+    code2, changed = _cli(["info", str(folder), "--n_loops=9", "--json"])
+    assert code == code2 == 0
+    assert json.loads(saved)["config"]["n_loops"] == 3
+    assert json.loads(changed)["config"] == ModelConfig.preset("tiny", n_loops=9).to_dict()
+    assert json.loads(changed) == json.loads(_cli(["info", "tiny", "--n_loops=9", "--json"])[1])
+
+
 SWEEP = """
 [sweep]
 recipe = "tiny"

@@ -23,7 +23,7 @@ from loopedlm.model.interop import import_nanochat_checkpoint
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override ModelConfig fields of a preset, e.g. --set loop_mode=lt "
+                        help="override ModelConfig fields of a preset or run, e.g. --set loop_mode=lt "
                              "n_loops=6 (the older spelling of --KEY=VALUE)")
     parser.add_argument("--json", action="store_true", help="print JSON (for scripts) instead "
                                                             "of a table")

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from loopedlm.common.files import sha256_file
 from loopedlm.common.paths import loopedlm_home
+from loopedlm.common.validation import is_int
 from loopedlm.data.downloads import download_shard, pip_download
 from loopedlm.data.loader import TEXT_COLUMN
 
@@ -185,7 +186,7 @@ def download_fineweb_edu(n_shards: int, out_dir: str | Path | None = None, *,
 
     Files already present are skipped, so an interrupted download continues where it stopped.
     """
-    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 2:
+    if not is_int(n_shards) or n_shards < 2:
         raise ValueError(f"--shards={n_shards!r} must be >= 2 (the last shard is validation)")
     out = Path(out_dir) if out_dir is not None else loopedlm_home() / "data" / "fineweb-edu"
     out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from loopedlm.common.validation import is_int
+
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMN = "text"
@@ -149,9 +151,9 @@ class ParquetTokenLoader:
                  loop: bool = True) -> None:
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
                             ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        if not is_int(rank) or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank!r} must be in 0..{world_size - 1} (world_size "
                              f"{world_size})")
         self.data_dir = Path(data_dir)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from loopedlm.common.validation import is_int
 from loopedlm.data.loader import iter_texts
 from loopedlm.data.tokenizer import BOS_TOKEN, BPETokenizer, Tokenizer
 
@@ -35,7 +36,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars: int | N
     from tokenizers import Tokenizer as HFTokenizer
 
     minimum = 256 + 1
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+    if not is_int(vocab_size) or vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs at least "
                          f"{minimum} ids (256 bytes + the BOS token)")
     if max_chars is not None and max_chars < 1:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from loopedlm.common.validation import is_int
+
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 
@@ -75,5 +77,5 @@ def validate_item(item: Any, task_type: str, where: str = "") -> None:
 
 def _check_gold(item: dict, n: int, fail: Callable[[str], None]) -> None:
     gold = item.get("gold")
-    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < n:
+    if not is_int(gold) or not 0 <= gold < n:
         fail(f"'gold' must be an integer in [0, {n})")

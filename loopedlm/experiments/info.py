@@ -54,14 +54,16 @@ def preset_overrides(settings: Sequence[str] = (), pairs: Sequence[str] = ()) ->
 
 
 def target_config(target: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """The ModelConfig of a preset (with `overrides`) or of a run or checkpoint folder."""
+    """The ModelConfig of a preset or of a run or checkpoint folder, with `overrides`
+    (e.g. a run's sizes and FLOPs at another loop count)."""
     if target in PRESETS:
         return ModelConfig.preset(target, **(overrides or {}))
     if not Path(target).exists():
         raise FileNotFoundError(f"{target!r} is neither a preset ({', '.join(PRESETS)}) "
                                 "nor a run or checkpoint folder")
     folder = resolve_model_folder(target)
-    return ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text())["model"])
+    saved = json.loads((folder / CONFIG_FILE).read_text())["model"]
+    return ModelConfig.from_dict({**saved, **(overrides or {})})
 
 
 __all__ = ["describe", "format_table", "preset_overrides", "target_config"]

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loopedlm.common.validation import is_int
 from loopedlm.infer.cached_forward import CachedForward
 from loopedlm.infer.graphs import batch_buckets, capture_step
 from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -97,12 +95,12 @@ class DecodeEngine(SlotState):
         device = model.lm_head.weight.device
         max_len = cfg.sequence_len if max_len is None else max_len
         max_loops = cfg.n_loops if max_loops is None else max_loops
-        if not _is_int(max_batch) or max_batch < 1:
+        if not is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is not allowed: an integer >= 1")
-        if not _is_int(max_len) or not 1 <= max_len <= cfg.sequence_len:
+        if not is_int(max_len) or not 1 <= max_len <= cfg.sequence_len:
             raise ValueError(f"max_len={max_len!r} is not allowed: an integer in "
                              f"[1, sequence_len={cfg.sequence_len}]")
-        if not _is_int(max_loops) or max_loops < 1:
+        if not is_int(max_loops) or max_loops < 1:
             raise ValueError(f"n_loops={max_loops!r} is not allowed: an integer >= 1")
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else model.lm_head.weight.dtype
@@ -130,12 +128,12 @@ class DecodeEngine(SlotState):
         return sorted(self._slots)
 
     def _check_slot(self, slot) -> None:
-        if not _is_int(slot) or not 0 <= slot < self.max_batch:
+        if not is_int(slot) or not 0 <= slot < self.max_batch:
             raise ValueError(f"slot {slot!r} is outside [0, {self.max_batch}): the largest "
                              f"batch bucket is {self.max_batch}")
 
     def _check_loops(self, n_loops) -> None:
-        if not _is_int(n_loops) or not 1 <= n_loops <= self.max_loops:
+        if not is_int(n_loops) or not 1 <= n_loops <= self.max_loops:
             raise ValueError(f"n_loops={n_loops!r} is not allowed: an integer in "
                              f"[1, {self.max_loops}] (the engine's max_loops)")
 
@@ -146,7 +144,7 @@ class DecodeEngine(SlotState):
         if not ids:
             raise ValueError(f"{what} is empty: at least one token is needed")
         vocab = self.config.vocab_size
-        bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab]
+        bad = [t for t in ids if not is_int(t) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{what} holds token id {bad[0]!r}, outside the vocabulary "
                              f"[0, {vocab})")
@@ -169,7 +167,7 @@ class DecodeEngine(SlotState):
         n_loops = self.config.n_loops if n_loops is None else n_loops
         self._check_loops(n_loops)
         sampling = SamplingParams() if sampling is None else sampling
-        if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+        if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: an integer >= 1")
         stops = [int(s) for s in stop_ids]
         bad = [s for s in stops if not 0 <= s < self.config.vocab_size]

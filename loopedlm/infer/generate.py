@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from loopedlm.common.validation import is_int
 from loopedlm.infer.engine import DecodeEngine
 from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
 from loopedlm.infer.sampling import SamplingParams
@@ -102,8 +103,7 @@ def _prompt_ids(prompts: Any, tokenizer: Any, add_bos: bool, vocab_size: int,
             ids = list(prompt)
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty: at least one token is needed")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-               or not 0 <= t < vocab_size]
+        bad = [t for t in ids if not is_int(t) or not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt {i} holds token id {bad[0]!r}, outside the vocabulary "
                              f"[0, {vocab_size})")
@@ -129,7 +129,7 @@ def _stop_ids(stop: Any, tokenizer: Any, vocab_size: int) -> set[int]:
                 raise ValueError(f"stop={item!r} is not a single token of the vocabulary "
                                  f"(it encodes to {encoded}); give a token id or one token")
             item = encoded[0]
-        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < vocab_size:
+        if not is_int(item) or not 0 <= item < vocab_size:
             raise ValueError(f"unknown stop token {item!r}: ids lie in [0, {vocab_size})")
         ids.add(item)
     return ids
@@ -137,7 +137,7 @@ def _stop_ids(stop: Any, tokenizer: Any, vocab_size: int) -> set[int]:
 
 def _check_lengths(n_loops, max_tokens) -> None:
     for name, value in (("n_loops", n_loops), ("max_tokens", max_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: an integer >= 1")
 
 

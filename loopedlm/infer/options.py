@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from loopedlm.common.validation import is_int
+
 CRITERIA = ("state", "kl")
 SLOT_POLICIES = ("block", "modulo")
 
@@ -36,8 +38,7 @@ class AdaptiveLoops:
         if self.criterion not in CRITERIA:
             raise ValueError(f"adaptive_criterion={self.criterion!r} is not allowed: choose one "
                              f"of {list(CRITERIA)}")
-        if isinstance(self.min_loops, bool) or not isinstance(self.min_loops, int) \
-                or self.min_loops < 2:
+        if not is_int(self.min_loops) or self.min_loops < 2:
             raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= 2")
 
 
@@ -50,7 +51,7 @@ def loop_slot_map(n_loops: int, cache_slots: int | None = None,
                          f"{list(SLOT_POLICIES)}")
     if cache_slots is None or cache_slots >= n_loops:
         return list(range(n_loops))
-    if isinstance(cache_slots, bool) or not isinstance(cache_slots, int) or cache_slots < 1:
+    if not is_int(cache_slots) or cache_slots < 1:
         raise ValueError(f"cache_slots={cache_slots!r} is not allowed: an integer >= 1")
     if policy == "block":
         return [t * cache_slots // n_loops for t in range(n_loops)]

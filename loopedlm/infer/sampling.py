@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from loopedlm.common.validation import is_int, is_number
+
 _MASK32 = 0xFFFFFFFF
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -34,15 +33,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) \
+        if not is_number(t) or not math.isfinite(t) \
                 or t < 0:
             raise ValueError(f"temperature={t!r} is not allowed: a number >= 0 (0 = greedy)")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k={self.top_k!r} is not allowed: an integer >= 1 (or None)")
         p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+        if not is_number(p) or not 0 < p <= 1:
             raise ValueError(f"top_p={p!r} is not allowed: a number in (0, 1]")
-        if self.seed is not None and (not _is_int(self.seed)
+        if self.seed is not None and (not is_int(self.seed)
                                       or not -(2**63) <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r} is not allowed: a 64-bit integer (or None)")
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from loopedlm.common.validation import is_int
 from loopedlm.infer.protocol import SequenceParams, SlotEngine, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Scheduler:
     """
 
     def __init__(self, engine: SlotEngine, tokenizer: Any, *, max_queue: int):
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        if not is_int(max_queue) or max_queue < 0:
             raise ValueError(f"max_queue={max_queue!r} is not allowed: an integer >= 0")
         self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue
         self.waiting: deque[Sequence] = deque()

@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from loopedlm.common.validation import is_int
 from loopedlm.infer.api import ApiError, CompletionRequest, validation_message
 from loopedlm.infer.completions import Completion
 from loopedlm.infer.loading import load_run_tokenizer
@@ -74,10 +75,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name, low in (("port", 0), ("max_batch", 1), ("max_queue", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
-        if self.max_loops is not None and (isinstance(self.max_loops, bool)
-                                           or not isinstance(self.max_loops, int)
+        if self.max_loops is not None and (not is_int(self.max_loops)
                                            or self.max_loops < 1):
             raise ValueError(f"max_loops={self.max_loops!r} is not allowed: an integer >= 1")
         if not isinstance(self.timeout, int | float) or not self.timeout > 0:
@@ -107,7 +107,7 @@ class CompletionServer:
         """Token ids of each prompt (text gets BOS first, as documents in training)."""
         def is_ids(x):
             return isinstance(x, list) and x and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in x)
+                is_int(t) for t in x)
         if isinstance(prompt, str) or is_ids(prompt):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt or not all(

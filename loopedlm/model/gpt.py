@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from loopedlm.common.validation import is_int
 from loopedlm.model.attention import (
     MLP,
     AttentionPlan,
@@ -320,8 +321,7 @@ class LoopedGPT(nn.Module):
                         (`supervised_loops`). None (or >= n_loops): every loop.
         """
         n_loops = self._check_inputs(idx, targets, n_loops, kv_cache, attention_mask)
-        if grad_loops is not None and (isinstance(grad_loops, bool) or not isinstance(
-                grad_loops, int) or grad_loops < 1):
+        if grad_loops is not None and (not is_int(grad_loops) or grad_loops < 1):
             raise ValueError(f"grad_loops={grad_loops!r} is not allowed: an integer >= 1 (or None)")
         inputs = self.prepare(idx, kv_cache=kv_cache, attention_mask=attention_mask)
         supervised = (self.supervised_loops(n_loops, grad_loops) if targets is not None

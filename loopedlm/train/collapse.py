@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopedlm.common.validation import is_int, is_number
 from loopedlm.train.run_log import read_log
 
 
@@ -63,7 +64,7 @@ class CollapseThresholds:
         for name, minimum in (("min_steps", 0), ("plateau_window", 2), ("swing_window", 2),
                               ("state_window", 4)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if not is_int(value) or value < minimum:
                 raise ValueError(f"collapse.{name}={value!r} is not allowed: an integer >= "
                                  f"{minimum}")
         for name, minimum in (("ema_beta", 0), ("plateau_min_improvement", 0),
@@ -71,7 +72,7 @@ class CollapseThresholds:
                               ("spike_ratio", 0), ("stall_improvement", 0),
                               ("state_growth", 1), ("state_ratio", 1)):
             value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, int | float)
+            if (not is_number(value)
                     or math.isnan(value) or value < minimum):
                 raise ValueError(f"collapse.{name}={value!r} is not allowed: a number >= "
                                  f"{minimum}")

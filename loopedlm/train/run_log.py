@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from loopedlm.common.validation import is_number
+
 log = logging.getLogger(__name__)
 
 
@@ -44,9 +46,9 @@ class RunLogger:
                     continue
                 if isinstance(value, list):  # per-loop numbers; not collapse_flags (dicts)
                     for i, v in enumerate(value):
-                        if isinstance(v, int | float) and not isinstance(v, bool):
+                        if is_number(v):
                             self.tb.add_scalar(f"{key}/loop_{i + 1}", v, record["step"])
-                elif isinstance(value, int | float) and not isinstance(value, bool):
+                elif is_number(value):
                     if value is not None and math.isfinite(value):
                         self.tb.add_scalar(key, value, record["step"])
 
