@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from test_kv_cache import make_model as cache_test_model
 
 from loopedlm import KVCache, LoopedGPT
+from loopedlm.infer.engine import DecodeEngine
 from loopedlm.infer.generate import generate, stream
 from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
 from loopedlm.infer.reference import decode_step, sample_next
@@ -46,6 +47,41 @@ def test_greedy_generation_equals_argmax_of_full_recomputation():
         assert tok == expected
         seq.append(tok)
     assert out.finish_reasons == ["length"] and out.loops == [[4] * 8]
+
+
+def test_a_reused_engine_generates_what_a_fresh_one_does():
+    # one long-lived engine across calls (no new cache, cast copy or graph capture per call):
+    # every call equals a call with its own engine, whatever the previous call left in it
+    model = make_model("flt")
+    engine = DecodeEngine(model, max_batch=3, max_len=24, max_loops=4)
+    calls = [dict(prompts=[[1, 2, 3], [4, 5]], max_tokens=6, seed=3, n_loops=4),
+             dict(prompts=[5, 6, 7, 8], max_tokens=9, temperature=0, n_loops=2),
+             dict(prompts=[[9], [8, 7], [6, 5, 4]], max_tokens=5, seed=11, n_loops=3,
+                  adaptive_threshold=0.0)]
+    for call in calls:
+        prompts = call.pop("prompts")
+        fresh = generate(model, prompts, **call)
+        reused = generate(model, prompts, engine=engine, **call)
+        assert reused.tokens == fresh.tokens and reused.loops == fresh.loops
+        assert [s.tokens for s in stream(model, prompts, engine=engine, **call)] == \
+            [s.tokens for s in stream(model, prompts, **call)]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_tokens=30), "at most 16 positions"),
+    (dict(n_loops=5), "at most 4 n_loops"),
+    (dict(prompts=[[1], [2], [3]]), "at most 2 prompts"),
+    (dict(dtype=torch.float64), "belong to the DecodeEngine"),
+    (dict(cache_slots=2), "belong to the DecodeEngine"),
+])
+def test_a_reused_engine_that_cannot_serve_the_call_is_a_value_error(kwargs, match):
+    model = make_model("flt")
+    engine = DecodeEngine(model, max_batch=2, max_len=16, max_loops=4)
+    prompts = kwargs.pop("prompts", [1, 2, 3])
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompts, engine=engine, **{"max_tokens": 4, **kwargs})
+    with pytest.raises(ValueError, match="built for this model"):
+        generate(make_model("flt"), [1, 2], engine=engine, max_tokens=2)
 
 
 def test_same_seed_same_text_and_different_seed_differs():

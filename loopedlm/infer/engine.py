@@ -93,6 +93,7 @@ class DecodeEngine(SlotState):
                  compile: bool | str = False):
         cfg = model.config
         device = model.lm_head.weight.device
+        self.source = model  # the model as given (self.model may be a cast copy)
         max_len = cfg.sequence_len if max_len is None else max_len
         max_loops = cfg.n_loops if max_loops is None else max_loops
         if not is_int(max_batch) or max_batch < 1:

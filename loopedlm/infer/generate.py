@@ -147,11 +147,11 @@ def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
            stop: Any = None, adaptive_threshold: float | None = None,
            adaptive_criterion: str = "state", min_loops: int = 2,
            cache_slots: int | None = None, slot_policy: str = "block", add_bos: bool = True,
-           dtype: torch.dtype | None = None, compile: bool = False
-           ) -> tuple[DecodeEngine, int, set[int], int]:
-    """Check every option, build an engine for this batch and add every prompt (one slot
-    each, so ragged prompts need no padding). Returns (engine, batch, stop ids, the most
-    steps any row can still take)."""
+           dtype: torch.dtype | None = None, compile: bool = False,
+           engine: DecodeEngine | None = None) -> tuple[DecodeEngine, int, set[int], int]:
+    """Check every option, build an engine for this batch (or check and reset the one
+    given) and add every prompt (one slot each, so ragged prompts need no padding).
+    Returns (engine, batch, stop ids, the most steps any row can still take)."""
     cfg = model.config
     n_loops = cfg.loops(n_loops)
     _check_lengths(n_loops, max_tokens)
@@ -169,13 +169,36 @@ def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
                     "prompt of %d tokens: generating at most %d", max_tokens,
                     cfg.sequence_len, max(len(r) for r in rows), min(rooms))
     max_len = min(cfg.sequence_len, max(len(ids) + max_tokens - 1 for ids in rows))
-    engine = DecodeEngine(model, max_batch=len(rows), max_len=max_len, max_loops=n_loops,
-                          cache_slots=cache_slots, slot_policy=slot_policy, dtype=dtype,
-                          compile=compile)
+    if engine is None:
+        engine = DecodeEngine(model, max_batch=len(rows), max_len=max_len, max_loops=n_loops,
+                              cache_slots=cache_slots, slot_policy=slot_policy, dtype=dtype,
+                              compile=compile)
+    else:
+        _check_engine(engine, model, len(rows), max_len, n_loops, cache_slots, slot_policy,
+                      dtype, compile)
+        engine.reset()
     for slot, ids in enumerate(rows):
         engine.add(slot, ids, n_loops=n_loops, sampling=sampling, max_new_tokens=max_tokens,
                    stop_ids=sorted(stop_ids), adaptive=adaptive)
     return engine, len(rows), stop_ids, max(rooms) - 1
+
+
+def _check_engine(engine: DecodeEngine, model: LoopedGPT, batch: int, max_len: int,
+                  n_loops: int, cache_slots: int | None, slot_policy: str,
+                  dtype: torch.dtype | None, compile: bool) -> None:
+    """A reused engine must be this model's and big enough; its dtype, compile and cache
+    slots are its own (set when it was built)."""
+    if not isinstance(engine, DecodeEngine) or engine.source is not model:
+        raise ValueError("engine= must be a DecodeEngine built for this model")
+    for name, need, has in (("prompts", batch, engine.max_batch),
+                            ("positions (prompt + max_tokens - 1)", max_len, engine.max_len),
+                            ("n_loops", n_loops, engine.max_loops)):
+        if need > has:
+            raise ValueError(f"the engine holds at most {has} {name}; this call needs {need}: "
+                             f"build a larger DecodeEngine")
+    if dtype is not None or compile or cache_slots is not None or slot_policy != "block":
+        raise ValueError("dtype, compile, cache_slots and slot_policy belong to the "
+                         "DecodeEngine when engine= is given: set them when building it")
 
 
 @torch.no_grad()
@@ -211,6 +234,9 @@ def generate(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None, **options
         (`AdaptiveLoops`). cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
     dtype: weights and cache (default: bf16 on CUDA, else the model's); compile:
         torch.compile the decode loop (pays off for long generations on CPU).
+    engine: a `DecodeEngine` of this model to reuse across calls (large enough for the
+        prompts, their lengths and n_loops): no new cache, cast copy or CUDA-graph
+        capture per call. Without it each call builds its own.
     Bad values raise ValueError naming the value.
     """
     start = time.perf_counter()
