@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a run/checkpoint folder")
     trailing = TrailingSettings(p, _add_options,
-                                help="ModelConfig fields of a preset, e.g. --n_loops=6 "
+                                help="ModelConfig fields of a preset or run, e.g. --n_loops=6 "
                                      "--loop_mode=lt (the syntax of `loopedlm train`)")
     p.set_defaults(func=partial(_cmd_info, trailing))
     p = subparsers.add_parser("import-nanochat",
