@@ -1,11 +1,13 @@
 """Devices and torchrun: which device to use ("auto" -> cuda when available) and where
-this process sits in a torchrun job. Training, evaluation and serving all start here."""
+this process sits in a torchrun job, and the few collectives (no-ops in one process).
+Training, evaluation and serving all start here."""
 
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,3 +78,37 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         if value.device.type != "cuda":  # gloo has no AVG
             value /= dist.get_world_size()
     return value
+
+
+# ---- collectives (no-ops in a single process) ----------------------------------------
+def barrier() -> None:
+    """Wait for every rank (when torch.distributed is initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """`obj` of every rank, in rank order (`[obj]` in a single process)."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True when `flag` is true on any rank (every rank gets the same answer)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

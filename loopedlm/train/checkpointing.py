@@ -11,13 +11,12 @@ from typing import Any
 
 import torch
 
-from loopedlm.common.distributed import DistInfo
+from loopedlm.common.distributed import DistInfo, barrier, gather_objects
 from loopedlm.model.checkpoint import load_training_state, save_training_checkpoint
 from loopedlm.model.gpt import LoopedGPT
 from loopedlm.train.collapse import CollapseDetector
 from loopedlm.train.config import TrainConfig
 from loopedlm.train.optim import LoopedOptimizer
-from loopedlm.train.parallel import barrier, gather_objects
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,13 @@ import os
 import shutil
 from pathlib import Path
 
-from loopedlm.common.distributed import DistInfo
+from loopedlm.common.distributed import DistInfo, barrier
 from loopedlm.common.paths import loopedlm_home
 from loopedlm.data.corpus import prepare_default_corpus
 from loopedlm.data.loader import ParquetTokenLoader, iter_texts, split_shards
 from loopedlm.data.tokenizer import load_tokenizer
 from loopedlm.data.tokenizer_training import train_tokenizer
 from loopedlm.model.config import QWEN3_VOCAB_SIZE
-from loopedlm.train.parallel import barrier
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,12 @@
 """Parallelism and memory for training, applied to a model from outside its math
 (CONVENTIONS: torchtitan's separation): DDP around the model and per-loop activation
-checkpointing, and the few collectives the trainer uses. Device choice and torchrun set-up
-are `loopedlm.common.distributed`."""
+checkpointing. Device choice, torchrun set-up and the collectives are
+`loopedlm.common.distributed`."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
-import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -37,37 +34,3 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
     model.wrap_loops(None)
     return model
-
-
-# ---- the collectives the trainer needs (no-ops in a single process) ----------------
-def barrier() -> None:
-    """Wait for every rank (when torch.distributed is initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
-    """`obj` of every rank, in rank order (`[obj]` in a single process)."""
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True when `flag` is true on any rank (every rank gets the same answer)."""
-    if not info.distributed:
-        return flag
-    value = torch.tensor([float(flag)], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopedlm.common.distributed import DistInfo
+from loopedlm.common.distributed import DistInfo, barrier, broadcast_object
 from loopedlm.common.validation import ConfigError
 from loopedlm.model.checkpoint import latest_training_checkpoint
 from loopedlm.model.config import ModelConfig
 from loopedlm.train.config import TrainConfig
 from loopedlm.train.inputs import ParquetData, resolve_tokenizer
-from loopedlm.train.parallel import barrier, broadcast_object
 from loopedlm.train.sizing import check_batch
 
 

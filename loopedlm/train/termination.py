@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import signal
 
-from loopedlm.common.distributed import DistInfo
-from loopedlm.train.parallel import any_rank
+from loopedlm.common.distributed import DistInfo, any_rank
 
 
 class TerminationRequest:

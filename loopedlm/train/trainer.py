@@ -17,6 +17,7 @@ import torch
 
 from loopedlm.common.distributed import (
     all_reduce_mean,
+    barrier,
     cleanup_distributed,
     setup_distributed,
 )
@@ -35,11 +36,7 @@ from loopedlm.train.metrics import (
     watched_parameters,
 )
 from loopedlm.train.optim import LoopedOptimizer
-from loopedlm.train.parallel import (
-    apply_activation_checkpointing,
-    barrier,
-    wrap_ddp,
-)
+from loopedlm.train.parallel import apply_activation_checkpointing, wrap_ddp
 from loopedlm.train.prepare import PreparedRun, prepare_run
 from loopedlm.train.reporting import StepReporter
 from loopedlm.train.run_log import RunLogger
