@@ -134,11 +134,28 @@ def test_engine_slots_reject_what_does_not_fit():
         engine.add(0, [1, 2], SequenceParams(4))
     with pytest.raises(ValueError, match="9"):
         engine.add(0, list(range(9)), SequenceParams(2))
-    engine.add(0, [1], SequenceParams(2))
+    with pytest.raises(ValueError, match="temperature=1e"):  # issue 22, D1
+        engine.add(0, [1], SequenceParams(2, temperature=1e39))
+    engine.add(0, [1], SequenceParams(2))  # the failed add left slot 0 free
     with pytest.raises(ValueError, match="slot 1"):
         engine.add(1, [1], SequenceParams(2))
     with pytest.raises(ValueError, match="max_batch=0"):
         EngineSlots(make_model("flt"), capacity=0, max_loops=3)
+
+
+def test_a_failure_after_the_prefill_frees_the_slot(monkeypatch):
+    """Issue 22, D1: an add that fails once its slot is taken gives the slot back."""
+    engine = EngineSlots(make_model("flt", sequence_len=8), capacity=1, max_loops=3)
+
+    def overflow(*args, **kwargs):
+        raise RuntimeError("value cannot be converted to type float without overflow")
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.engine, "set_sampling", overflow)
+        with pytest.raises(RuntimeError, match="overflow"):
+            engine.add(0, [1, 2], SequenceParams(2, temperature=0))
+    assert engine.engine.active_slots == []
+    event = engine.add(0, [1, 2], SequenceParams(2, temperature=0))
+    assert event.slot == 0
 
 
 # ---- text: stop strings and incremental deltas -----------------------------------------------
@@ -255,6 +272,11 @@ def test_greedy_completions_among_16_concurrent_requests_equal_generate_alone(
     ({"prompt": "To be", "stream": "yes"}, 400, ["stream", "boolean"]),
     ({"prompt": "To be", "stop": ["a", "b", "c", "d", "e"]}, 400, ["stop="]),
     ({"prompt": "To be", "adaptive_threshold": -1}, 400, ["adaptive_threshold"]),
+    # issue 22: D1 (a float32 overflow once broke every later request) and D2 (500s)
+    ({"prompt": "hi", "max_tokens": 3, "temperature": 1e39}, 400, ["temperature=1e+39"]),
+    ('{"prompt": "hi", "max_tokens": 3, "temperature": Infinity}', 400, ["temperature"]),
+    ({"prompt": "hi", "max_tokens": 3, "seed": 2**70}, 400, ["seed=1180591620717411303424"]),
+    ('{"prompt": "\\ud800", "max_tokens": 3}', 400, ["prompt 0 cannot be tokenized"]),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_stays_up(model_and_tokenizer, body,
                                                                  status, words):

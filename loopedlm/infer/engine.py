@@ -175,15 +175,23 @@ class DecodeEngine(SlotState):
         if bad:
             raise ValueError(f"unknown stop token {bad[0]!r}: ids lie in "
                              f"[0, {self.config.vocab_size})")
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling={sampling!r} must be a SamplingParams or None")
         ids = self._check_ids(prompt_ids, f"prompt for slot {slot}")
-        logits = self.prefill(slot, ids, n_loops=n_loops, adaptive=adaptive)[-1:]
-        if self.set_sampling(slot, sampling, max_new_tokens, stops):
-            self._steps.clear()
-        rows = slice(slot, slot + 1)
-        first = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
-                            self.seed[rows], self.counter[rows])
-        self.record(rows, first, self.active[rows].clone(), self.row_loops[rows].clone(),
-                     advance=False)
+        # everything is checked above; a failure from here on frees the slot again, so one
+        # bad sequence never leaves the engine holding a slot nobody owns (issue 22, D1)
+        try:
+            logits = self.prefill(slot, ids, n_loops=n_loops, adaptive=adaptive)[-1:]
+            if self.set_sampling(slot, sampling, max_new_tokens, stops):
+                self._steps.clear()
+            rows = slice(slot, slot + 1)
+            first = sample_rows(logits, self.temperature[rows], self.top_k[rows],
+                                self.top_p[rows], self.seed[rows], self.counter[rows])
+            self.record(rows, first, self.active[rows].clone(), self.row_loops[rows].clone(),
+                        advance=False)
+        except BaseException:
+            self.release(slot)
+            raise
         return first[0]
 
     def release(self, slot: int) -> None:

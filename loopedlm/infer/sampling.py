@@ -18,6 +18,7 @@ import torch
 from loopedlm.common.validation import is_int, is_number
 
 _MASK32 = 0xFFFFFFFF
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 
@@ -33,9 +34,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         t = self.temperature
-        if not is_number(t) or not math.isfinite(t) \
-                or t < 0:
-            raise ValueError(f"temperature={t!r} is not allowed: a number >= 0 (0 = greedy)")
+        # stored per row as float32: a larger value would overflow it (issue 22, D1)
+        if not is_number(t) or not math.isfinite(t) or not 0 <= t <= FLOAT32_MAX:
+            raise ValueError(f"temperature={t!r} is not allowed: a number in [0, {FLOAT32_MAX:.4g}] "
+                             f"(0 = greedy)")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k={self.top_k!r} is not allowed: an integer >= 1 (or None)")
         p = self.top_p

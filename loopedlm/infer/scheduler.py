@@ -184,6 +184,7 @@ class Scheduler:
             event = self.engine.add(slot, sequence.prompt, sequence.params)
         except Exception:
             log.exception("prefill failed")
+            self.engine.release(slot)  # whatever the engine did, the slot is free again
             self._end(sequence, "error")
             return
         self.running[slot] = sequence

@@ -47,6 +47,7 @@ from loopedlm.infer.completions import Completion
 from loopedlm.infer.loading import load_run_tokenizer
 from loopedlm.infer.metrics import ServerMetrics
 from loopedlm.infer.protocol import SequenceParams, SlotEngine
+from loopedlm.infer.sampling import SamplingParams
 from loopedlm.infer.scheduler import Scheduler, Sequence
 from loopedlm.infer.slots import EngineSlots
 from loopedlm.model.checkpoint import load_model
@@ -117,7 +118,7 @@ class CompletionServer:
                            param="prompt")
         vocab, rows = self.model.config.vocab_size, []
         for i, p in enumerate(prompt):
-            ids = [self.tokenizer.bos_id, *self.tokenizer.encode(p)] if isinstance(p, str) \
+            ids = [self.tokenizer.bos_id, *self._encode(p, i)] if isinstance(p, str) \
                 else list(p)
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -129,6 +130,13 @@ class CompletionServer:
                                code="context_length_exceeded")
             rows.append(ids)
         return rows
+
+    def _encode(self, text: str, index: int) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except (ValueError, UnicodeError) as exc:  # e.g. a lone surrogate (issue 22, D2)
+            raise ApiError(400, f"prompt {index} cannot be tokenized: {exc}",
+                           param="prompt") from None
 
     def sequences(self, body: CompletionRequest, sink_for) -> list[Sequence]:
         if body.model is not None and body.model != self.name:
@@ -152,6 +160,10 @@ class CompletionServer:
             raise ApiError(400, f"stop={list(stop)} is not allowed: at most 4 non-empty strings",
                            param="stop")
         timeout = min(body.timeout or self.config.timeout, self.config.timeout)
+        try:  # every value is checked here, before any engine state is touched (issue 22, D1)
+            SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param=str(exc).split("=", 1)[0]) from None
         params = SequenceParams(n_loops=n_loops, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, adaptive_threshold=body.adaptive_threshold)
         return [Sequence(prompt=ids, params=params, max_tokens=body.max_tokens, sink=sink_for(i),
