@@ -63,8 +63,9 @@ def hf_config(model: LoopedGPT, special: SpecialTokens | None) -> dict[str, Any]
         "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
     }
     if special is not None:
-        data.update(bos_token_id=special.bos_id, eos_token_id=special.eos_id,
-                    pad_token_id=special.pad_id)
+        # the model reads ids beyond the vocabulary as BOS; end-of-text and padding live in
+        # generation_config.json and the tokenizer (a BPE's are beyond the vocabulary)
+        data["bos_token_id"] = special.bos_id
     return data
 
 
@@ -85,7 +86,7 @@ def write_hf_model(model: LoopedGPT, folder: str | Path, *, tokenizer: Tokenizer
     special = None
     if tokenizer is not None:
         special = special_tokens(tokenizer, model.config.vocab_size)
-        write_hf_tokenizer(tokenizer, special, folder, model.config.sequence_len)
+        write_hf_tokenizer(tokenizer, special, folder, model.config.rotary_len)
         tokenizer.save(folder / TOKENIZER_DIR)
         write_json(folder / GENERATION_FILE, generation_config(special))
     for name in (CONFIG_CODE, MODEL_CODE):
@@ -93,6 +94,7 @@ def write_hf_model(model: LoopedGPT, folder: str | Path, *, tokenizer: Tokenizer
     write_json(folder / CONFIG_FILE, hf_config(model, special))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    (folder / MODEL_FILE).chmod(0o644)  # as every other file (safetensors writes 0600)
     record = dict(record or {})
     write_json(folder / RECORD_FILE, record)
     (folder / "README.md").write_text(model_card(model, tokenizer, special, record),

@@ -17,6 +17,7 @@ does). BOS, end-of-text and padding are three distinct tokens:
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,8 @@ def qwen3_special_ids() -> dict[str, int]:
 
 def write_hf_tokenizer(tokenizer: Tokenizer, special: SpecialTokens, folder: Path,
                        model_max_length: int) -> None:
-    """Write tokenizer.json and tokenizer_config.json into `folder`."""
+    """Write tokenizer.json and tokenizer_config.json into `folder`; `model_max_length` is the
+    longest input the model takes (its RoPE table)."""
     from tokenizers import AddedToken
     from tokenizers.processors import TemplateProcessing
 
@@ -99,6 +101,7 @@ def write_hf_tokenizer(tokenizer: Tokenizer, special: SpecialTokens, folder: Pat
         "bos_token": special.bos, "eos_token": special.eos, "pad_token": special.pad,
         "add_bos_token": True, "add_eos_token": False,
         "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
+        "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids
         "padding_side": "left",  # batched generation pads on the left
     }
     (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
@@ -141,6 +144,15 @@ def bpe_merges(ranks: list[bytes]) -> list[tuple[bytes, bytes]]:
 def qwen3_hf_tokenizer() -> Any:
     """Qwen3's tokenizer (151,643 BPE tokens + 26 special tokens) as an HF `tokenizers`
     object built from quicktok's bundled ranks: NFC, Qwen's split pattern, byte-level BPE."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_str(qwen3_tokenizer_json())
+
+
+@functools.lru_cache(maxsize=1)
+def qwen3_tokenizer_json() -> str:
+    """`qwen3_hf_tokenizer` as JSON, built once per process (recovering the merges takes
+    seconds)."""
     import quicktok
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
@@ -170,7 +182,7 @@ def qwen3_hf_tokenizer() -> Any:
         if hf.token_to_id(tok) != token_id:
             raise RuntimeError(f"qwen3 special token {tok} got id {hf.token_to_id(tok)}, "
                                f"expected {token_id}")
-    return hf
+    return hf.to_str()
 
 
 __all__ = ["SpecialTokens", "special_tokens", "write_hf_tokenizer", "bpe_merges",

@@ -73,7 +73,7 @@ def usage(special: Any) -> list[str]:
     lines = ["```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
              'model = AutoModelForCausalLM.from_pretrained("FOLDER", trust_remote_code=True)',
-             'tok = AutoTokenizer.from_pretrained("FOLDER")',
+             'tok = AutoTokenizer.from_pretrained("FOLDER", trust_remote_code=True)',
              'ids = tok("The king said", return_tensors="pt").input_ids  # BOS is added',
              "logits = model(ids, n_loops=6).logits  # any loop count",
              "out = model.generate(ids, n_loops=6, max_new_tokens=40)",

@@ -8,11 +8,10 @@ This file and `modeling_loopedlm.py` need only `torch` and `transformers` (>= 4.
 import re
 
 import transformers
-from transformers import PretrainedConfig
 
 MIN_TRANSFORMERS = (4, 56)
 INSTALLED = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
-if INSTALLED < MIN_TRANSFORMERS:
+if INSTALLED < MIN_TRANSFORMERS:  # checked before anything else of transformers is used
     # the per-layer Cache classes this model's KV cache is built on arrived in 4.56
     raise ImportError(f"this looped model needs transformers >= 4.56, found "
                       f"{transformers.__version__}: pip install -U 'transformers>=4.56'")
@@ -25,7 +24,7 @@ CHOICES = {
 }
 
 
-class LoopedLMConfig(PretrainedConfig):
+class LoopedLMConfig(transformers.PretrainedConfig):
     """`depth` unique blocks run `n_loops` times in one of five loop modes (see
     modeling_loopedlm.py). `vocab_size` is the real vocabulary (the logits' width); the
     embedding and LM head are padded up to a multiple of `pad_vocab_to`. `d_model`,
