@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import VARIANTS, tiny_model  # the model's exactness cases
 from safetensors.torch import save_file
 from test_train import make_corpus, small_config
 
@@ -45,14 +45,6 @@ from loopedlm.train.trainer import train  # noqa: E402
 
 CHECKER = Path(__file__).resolve().parent / "hf_check.py"
 MODES = list(LOOP_MODES)
-VARIANTS = {  # the model's exactness cases (tests/test_model.py)
-    "mha": {},
-    "gqa": dict(n_head=4, n_kv_head=2, d_model=32),
-    "mqa": dict(n_head=4, n_kv_head=1, d_model=32),
-    "mla": dict(attn_type="mla", kv_rank=8),
-    "swa": dict(window_pattern="SL", depth=3, sequence_len=16),
-    "mla_swa": dict(attn_type="mla", kv_rank=8, window_pattern="S", depth=2, sequence_len=16),
-}
 
 
 def load_hf(folder: Path):
@@ -161,6 +153,17 @@ def test_greedy_generate_equals_loopedlm_sample(trained, hf, n_loops):
         assert out == prompt + tok.decode(new) + "\n"
 
 
+def test_the_readme_pipeline_line_generates_at_any_loop_count(trained, hf):
+    model, tok = hf
+    pipe = transformers.pipeline("text-generation", str(trained.out), trust_remote_code=True)
+    ids = tok("The king said", return_tensors="pt").input_ids
+    for n in (1, 6):
+        text = pipe("The king said", n_loops=n, max_new_tokens=8)[0]["generated_text"]
+        with torch.no_grad():
+            new = model.generate(ids, n_loops=n, max_new_tokens=8)[0, ids.size(1):]
+        assert text == "The king said" + tok.decode(new, skip_special_tokens=True)
+
+
 @torch.no_grad()
 def test_batched_left_padded_generate_equals_one_by_one(hf):
     model, tok = hf
@@ -175,6 +178,17 @@ def test_batched_left_padded_generate_equals_one_by_one(hf):
             assert together[row].tolist()[:len(alone)] == alone
 
 
+def write_mc_task(folder: Path, name: str, rows: list[dict]) -> None:
+    """A multiple-choice lm-eval task over local JSONL (no download)."""
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / name}.jsonl\n  cache_dir: {folder / 'cache'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+
+
 def test_lm_eval_hf_model_scores_equal_our_adapter(trained, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
@@ -187,17 +201,12 @@ def test_lm_eval_hf_model_scores_equal_our_adapter(trained, tmp_path):
              "label": 1},
             {"context": "And the queen said", "choices": [" good night.", " to my lord."],
              "label": 1}]
-    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "mc.yaml").write_text(
-        f"task: export_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'mc.jsonl'}\n  cache_dir: {tmp_path / 'cache'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    write_mc_task(tmp_path, "export_mc", rows)
     results = {}
     for name, model, args in [
-            ("hf", "hf", f"pretrained={trained.out},trust_remote_code=True,device=cpu"),
-            ("ours", LoopedLMEval(path=str(trained.run)), None)]:
+            # at 3 loops (the run trained at 2): lm-eval passes n_loops to the config
+            ("hf", "hf", f"pretrained={trained.out},trust_remote_code=True,device=cpu,n_loops=3"),
+            ("ours", LoopedLMEval(path=str(trained.run), n_loops=3), None)]:
         results[name] = lm_eval.simple_evaluate(
             model=model, model_args=args, tasks=["export_mc"], log_samples=True,
             task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
@@ -238,15 +247,19 @@ def test_sample_eval_and_serve_take_an_exported_folder(trained, monkeypatch):
 
 def serve_once(folder: Path, monkeypatch) -> str:
     """`loopedlm serve FOLDER`, answering one greedy completion."""
-    httpx = pytest.importorskip("httpx")
+    import urllib.request
+
     from loopedlm.infer import server as server_module
 
     apps = []
     monkeypatch.setattr(server_module.uvicorn, "run", lambda app, **kw: apps.append(app))
     assert cli(["serve", str(folder), "--device", "cpu"])[0] == 0
     with server_module.serve_in_background(apps[0]) as url:
-        body = {"model": "x", "prompt": "The king", "max_tokens": 5, "temperature": 0}
-        return httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        body = {"prompt": "The king", "max_tokens": 5, "temperature": 0}
+        request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["choices"][0]["text"]
 
 
 def test_budget_table_of_loopedlm_eval_goes_in_the_card(trained):
@@ -301,13 +314,24 @@ def test_loss_over_loops_and_residual_scaling_match_loopedlm(case, tmp_path):
     torch.testing.assert_close(out.loss, model(ids[:, :-1], targets), rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_a_default_loop_count_from_the_config_keeps_the_trained_residual_scale(tmp_path):
+    """`from_pretrained(..., n_loops=5)` (what lm-eval's --model_args does) runs 5 loops by
+    default; the residual scale stays the one of the trained loop count."""
+    model = tiny_model(loop_mode="flt", n_loops=3, residual_scale="inv_sqrt_loops")
+    folder = write_hf_model(model, tmp_path / "m")
+    hf_model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, n_loops=5)
+    ids = ids_for(model.config.vocab_size, 2, model.config.sequence_len)
+    torch.testing.assert_close(hf_model(ids).logits, model(ids, n_loops=5), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", ["mha", "gqa", "mla", "swa"])
 @pytest.mark.parametrize("mode", MODES)
 @torch.no_grad()
 def test_cached_decoding_equals_the_full_forward(mode, variant, tmp_path):
-    """One DynamicCache layer per (loop, block); prefill then one token at a time, with a
-    left-padded row, equals the full forward (the loop-invariant first layer of flt/ltai is
-    computed once and written to every loop's layer)."""
+    """One DynamicCache layer per (loop, block), the loop-invariant first block of flt/ltai
+    once; prefill then one token at a time, with a left-padded row, equals the full
+    forward."""
     model = tiny_model(loop_mode=mode, n_loops=3, **VARIANTS[variant])
     hf_model = load_hf(write_hf_model(model, tmp_path / "m"))
     ids = ids_for(model.config.vocab_size, 2, min(14, model.config.sequence_len))
@@ -318,7 +342,9 @@ def test_cached_decoding_equals_the_full_forward(mode, variant, tmp_path):
     for start, stop in [(0, 8), *[(t, t + 1) for t in range(8, ids.size(1))]]:
         steps.append(hf_model(ids[:, start:stop], attention_mask=mask[:, :stop],
                               past_key_values=cache).logits)
-    assert len(cache.layers) == 3 * model.config.depth
+    shared = LOOP_MODES[mode].first_layer_kv_invariant  # the first block's kept once
+    assert len(cache.layers) == (1 + 3 * (model.config.depth - 1) if shared
+                                 else 3 * model.config.depth) == hf_model.cache_slots(3)
     assert cache.get_seq_length() == ids.size(1)
     # fp32 rounding: the cached steps take other attention kernels (masked, one query)
     torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], rtol=1e-5,
@@ -346,9 +372,10 @@ def test_n_loops_below_one_is_a_clear_error(tmp_path):
             hf_model(ids, n_loops=bad)
         with pytest.raises(ValueError, match=rf"^n_loops={bad} is not allowed"):
             hf_model.generate(ids, n_loops=bad, max_new_tokens=2)
-    with pytest.raises(ValueError, match="a cache serves one loop count"):
-        cache = DynamicCache()
-        hf_model(ids, n_loops=2, past_key_values=cache)
+    cache = DynamicCache()
+    hf_model(ids, n_loops=2, past_key_values=cache)
+    with pytest.raises(ValueError, match="^past_key_values has 3 layers, n_loops=3 needs 4: a "
+                                         "cache serves one loop count$"):
         hf_model(ids[:, :1], n_loops=3, past_key_values=cache)
 
 
@@ -446,13 +473,7 @@ def test_qwen3_tokenizer_loads_in_transformers_as_loopedlm_encodes(tmp_path):
 @pytest.mark.slow
 def test_lm_eval_command_line_runs_on_an_exported_folder(trained, tmp_path):
     rows = [{"context": "The king said to", "choices": [" my lord.", " the queen."], "label": 0}]
-    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "mc.yaml").write_text(
-        f"task: export_cli_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'mc.jsonl'}\n  cache_dir: {tmp_path / 'cache'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
-        "metric_list:\n  - metric: acc\n")
+    write_mc_task(tmp_path, "export_cli_mc", rows)
     lm_eval = Path(sys.executable).parent / "lm_eval"
     result = subprocess.run(
         [str(lm_eval), "--model", "hf", "--model_args",

@@ -59,6 +59,7 @@ def hf_config(model: LoopedGPT, special: SpecialTokens | None) -> dict[str, Any]
         "auto_map": {"AutoConfig": f"{Path(CONFIG_CODE).stem}.{CONFIG_CLASS}",
                      "AutoModelForCausalLM": f"{Path(MODEL_CODE).stem}.{MODEL_CLASS}"},
         "tie_word_embeddings": False,
+        "trained_loops": model.config.n_loops,  # fixes the residual scale; n_loops may change
         "use_cache": True,
         "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
     }

@@ -25,8 +25,8 @@ CHOICES = {
 
 
 class LoopedLMConfig(transformers.PretrainedConfig):
-    """`depth` unique blocks run `n_loops` times in one of five loop modes (see
-    modeling_loopedlm.py). `vocab_size` is the real vocabulary (the logits' width); the
+    """`depth` unique blocks run `n_loops` times (the default of a call) in one of five loop
+    modes (see modeling_loopedlm.py). `vocab_size` is the real vocabulary (the logits' width); the
     embedding and LM head are padded up to a multiple of `pad_vocab_to`. `d_model`,
     `n_head` and `n_kv_head` default to the nanochat rule (64 * depth, ceil(d_model / 128),
     n_head)."""
@@ -44,7 +44,8 @@ class LoopedLMConfig(transformers.PretrainedConfig):
                  n_kv_head=None, loop_mode="flt", n_loops=3, loss_loops="last", attn_type="full",
                  kv_rank=128, window_pattern="L", residual_scale="none", residual_lambda=1.0,
                  pad_vocab_to=64, rope_base=10000.0, softcap=15.0, use_cache=True,
-                 bos_token_id=None, eos_token_id=None, pad_token_id=None, **kwargs):
+                 bos_token_id=None, eos_token_id=None, pad_token_id=None, trained_loops=None,
+                 **kwargs):
         self.vocab_size = vocab_size
         self.sequence_len = sequence_len
         self.depth = depth
@@ -63,6 +64,9 @@ class LoopedLMConfig(transformers.PretrainedConfig):
         self.rope_base = rope_base
         self.softcap = softcap
         self.use_cache = use_cache
+        # the loop count the residual scale was fixed at: n_loops may be overridden (it is the
+        # default loop count of a call, e.g. lm-eval's --model_args ...,n_loops=6), this not
+        self.trained_loops = n_loops if trained_loops is None else trained_loops
         for field, allowed in CHOICES.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not allowed: one of "

@@ -9,7 +9,8 @@ mode, a row of LOOP_MODES, and one loop (`run_loop`) runs every mode:
     out = model.generate(ids, n_loops=6, max_new_tokens=50)
 
 The KV cache is a `DynamicCache` with one layer per (loop, block), at index
-loop * depth + block: a token's keys differ from loop to loop, so every loop keeps its own.
+loop * depth + block: a token's keys differ from loop to loop, so every loop keeps its own
+(in flt and ltai the first block's are the same in every loop and are kept once).
 `output_hidden_states=True` returns (e, h^1, ..., h^N): the input embedding and the output
 of every loop. Needs only torch and transformers (>= 4.56, checked in
 configuration_loopedlm.py); it uses transformers' public API only.
@@ -174,11 +175,13 @@ class Attention(nn.Module):
         return k.transpose(1, 2), v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
 
     def forward(self, q_in, kv_in, plan, slot, kv=None):
+        """Queries of q_in attend to the keys and values of kv_in, appended to cache layer
+        `slot`; or to `kv`, all keys and values already (the loop-invariant first layer)."""
         B, T, _ = q_in.shape
         k, v = self.keys_values(kv_in, plan) if kv is None else kv
         q = self.c_q(q_in).view(B, T, self.n_head, self.head_dim)
         q = norm(apply_rotary(q, plan.cos, plan.sin)).transpose(1, 2)
-        if plan.cache is not None:
+        if plan.cache is not None and kv is None:
             k, v = plan.cache.update(k, v, slot)
         mask, is_causal = plan.masks[self.window]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -218,7 +221,7 @@ class Block(nn.Module):
 
 def residual_eps(config):
     """The scale on every residual branch, fixed by the loop count the model was trained at."""
-    n, depth = config.n_loops, config.depth
+    n, depth = config.trained_loops, config.depth
     return {"none": 1.0, "inv_sqrt_loops": 1.0 / math.sqrt(n), "inv_loops": 1.0 / n,
             "lambda_loops_sqrt_depth": config.residual_lambda / (n * math.sqrt(depth)),
             }[config.residual_scale]
@@ -256,19 +259,31 @@ class LoopedLMForCausalLM(PreTrainedModel, GenerationMixin):
                                               self.config.rope_base, device)
         return self.rope[device]
 
+    def cache_slot(self, loop, layer):
+        """The cache layer of (loop, block): loop * depth + block. In flt and ltai the first
+        block's keys and values are the same in every loop: they are kept once, in layer 0,
+        and the other blocks follow (1 + loop * (depth - 1) + block - 1), so that every
+        layer of the cache holds every token, as generate's cache handling expects."""
+        if self.mode.first_layer_kv_invariant:
+            return 0 if layer == 0 else 1 + loop * (self.config.depth - 1) + layer - 1
+        return loop * self.config.depth + layer
+
+    def cache_slots(self, n_loops):
+        """How many cache layers n_loops loops use."""
+        return self.cache_slot(n_loops - 1, self.config.depth - 1) + 1
+
     def loop_cache(self, cache, n_loops):
-        """The cache for n_loops loops: a DynamicCache with a layer per (loop, block). One
-        made by generate from the config has a layer per block: the rest are added."""
-        slots = n_loops * self.config.depth
+        """The cache for n_loops loops: a DynamicCache with `cache_slots(n_loops)` layers.
+        One made by generate from the config has a layer per block: the rest are added."""
+        slots = self.cache_slots(n_loops)
         if cache is None:
             cache = DynamicCache()
         if not isinstance(cache, DynamicCache):
             raise ValueError(f"past_key_values is a {type(cache).__name__}; a looped model needs "
                              f"a DynamicCache (one layer per loop and block)")
         if cache.get_seq_length() > 0 and len(cache.layers) != slots:
-            raise ValueError(f"past_key_values holds {len(cache.layers) // self.config.depth} "
-                             f"loops, this call runs n_loops={n_loops}: a cache serves one loop "
-                             f"count")
+            raise ValueError(f"past_key_values has {len(cache.layers)} layers, n_loops={n_loops} "
+                             f"needs {slots}: a cache serves one loop count")
         while len(cache.layers) < slots:
             cache.layers.append(DynamicLayer())
         return cache
@@ -296,7 +311,7 @@ class LoopedLMForCausalLM(PreTrainedModel, GenerationMixin):
             elif self.mode.injection == "attention" and self.mode.injects_at(layer):
                 query_normed = norm(x)  # loop 1: the queries read the stream (same bits)
             kv = first_kv if layer == 0 else None
-            x = block(x, query_normed, plan, loop * self.config.depth + layer, eps, kv=kv)
+            x = block(x, query_normed, plan, self.cache_slot(loop, layer), eps, kv=kv)
         return x
 
     def logits(self, h):
@@ -360,8 +375,10 @@ class LoopedLMForCausalLM(PreTrainedModel, GenerationMixin):
         x0 = self.embed(input_ids)
         embedded = norm(x0)
         first_kv = None
-        if self.mode.first_layer_kv_invariant:
+        if self.mode.first_layer_kv_invariant:  # computed and cached once for every loop
             first_kv = self.transformer.h[0].attn.keys_values(norm(embedded), plan)
+            if cache is not None:
+                first_kv = cache.update(*first_kv, self.cache_slot(0, 0))
         previous, states = None, [embedded]
         for loop in range(n_loops):
             x = self.run_loop(self.start_stream(x0, embedded, previous), previous, loop, plan,
