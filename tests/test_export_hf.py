@@ -352,6 +352,20 @@ def test_cached_decoding_equals_the_full_forward(mode, variant, tmp_path):
     torch.testing.assert_close(full[0], model(ids[:1]).squeeze(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["lt", "flt"])
+@torch.no_grad()
+def test_generate_with_the_cache_equals_generate_without(mode, tmp_path):
+    """Greedy and beam search (which reorders every cache layer) through generate's own
+    cache handling give the tokens of recomputing every step."""
+    model = tiny_model(loop_mode=mode, n_loops=2, **VARIANTS["swa"])
+    hf_model = load_hf(write_hf_model(model, tmp_path / "m"))
+    ids = ids_for(model.config.vocab_size, 2, 5)
+    for beams in (1, 2):
+        kw = dict(n_loops=3, max_new_tokens=6, num_beams=beams, do_sample=False, pad_token_id=0)
+        assert torch.equal(hf_model.generate(ids, **kw), hf_model.generate(ids, use_cache=False,
+                                                                          **kw))
+
+
 @torch.no_grad()
 def test_hidden_states_hold_every_loop(tmp_path):
     model = tiny_model(loop_mode="flt", n_loops=3)
