@@ -12,7 +12,7 @@ import transformers
 MIN_TRANSFORMERS = (4, 56)
 INSTALLED = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
 if INSTALLED < MIN_TRANSFORMERS:  # checked before anything else of transformers is used
-    # the per-layer Cache classes this model's KV cache is built on arrived in 4.56
+    # the per-layer Cache API this model's KV cache uses took its present form in 4.56
     raise ImportError(f"this looped model needs transformers >= 4.56, found "
                       f"{transformers.__version__}: pip install -U 'transformers>=4.56'")
 
