@@ -229,7 +229,7 @@ def test_export_load_export_gives_identical_files(trained):
         assert (trained.out / name).read_bytes() == (again / name).read_bytes(), name
 
 
-def test_sample_eval_and_serve_take_an_exported_folder(trained, monkeypatch):
+def test_sample_eval_serve_and_info_take_an_exported_folder(trained, monkeypatch):
     model, meta = load_model(trained.out)
     for key, value in trained.model.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -239,6 +239,7 @@ def test_sample_eval_and_serve_take_an_exported_folder(trained, monkeypatch):
     code, table, _ = cli(["eval", str(trained.out), "--loops", "1,2", "--tasks", "none",
                           "--val-batches", "1", "--out", str(trained.root / "eval_out")])
     assert code == 0 and "val_bpb" in table
+    assert cli(["info", str(trained.out), "--json"])[0] == 0
     served = serve_once(trained.out, monkeypatch)
     alone = cli(["sample", str(trained.run), "--prompt", "The king", "--temperature", "0",
                  "--max-tokens", "5"])[1]
