@@ -21,7 +21,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from loopedlm.data.tokenizer import Tokenizer
+from loopedlm.data.tokenizer import Tokenizer, load_tokenizer
 from loopedlm.export.hf_tokenizer import SpecialTokens, special_tokens, write_hf_tokenizer
 from loopedlm.export.model_card import model_card
 from loopedlm.export.run_record import run_record
@@ -145,11 +145,9 @@ def export_hf(run: str | Path, out: str | Path, *, checkpoint: str | int | None 
     if tok_dir is None:
         raise ValueError(f"{run} has no tokenizer/ folder beside its checkpoints: a Hugging Face "
                          f"folder needs the tokenizer")
-    from loopedlm.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(tok_dir)
     record = meta_record(folder, meta)
-    tmp = out.with_name(f".{out.name}.export-tmp")
+    tmp = out.resolve().with_name(f".{out.resolve().name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_hf_model(model, tmp, tokenizer=tokenizer, record=record)
