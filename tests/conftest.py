@@ -20,6 +20,17 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# the attention variants every exactness test covers, as tiny_config overrides
+VARIANTS = {
+    "mha": {},
+    "gqa": dict(n_head=4, n_kv_head=2, d_model=32),
+    "mqa": dict(n_head=4, n_kv_head=1, d_model=32),
+    "mla": dict(attn_type="mla", kv_rank=8),
+    "swa": dict(window_pattern="SL", depth=3, sequence_len=16),
+    "mla_swa": dict(attn_type="mla", kv_rank=8, window_pattern="S", depth=2, sequence_len=16),
+}
+
+
 def tiny_model(seed: int = 0, **overrides) -> LoopedGPT:
     model = LoopedGPT.from_config(tiny_config(**overrides), seed=seed)
     return randomize_(model, seed=seed).eval()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_, tiny_config, tiny_model
+from conftest import VARIANTS, randomize_, tiny_config, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_model import Reference
@@ -13,14 +13,6 @@ from reference_model import Reference
 from loopedlm import LOOP_MODES, LoopedGPT, ModelConfig
 
 MODES = list(LOOP_MODES)
-VARIANTS = {
-    "mha": {},
-    "gqa": dict(n_head=4, n_kv_head=2, d_model=32),
-    "mqa": dict(n_head=4, n_kv_head=1, d_model=32),
-    "mla": dict(attn_type="mla", kv_rank=8),
-    "swa": dict(window_pattern="SL", depth=3, sequence_len=16),
-    "mla_swa": dict(attn_type="mla", kv_rank=8, window_pattern="S", depth=2, sequence_len=16),
-}
 
 
 def idx_for(cfg, batch=2, seq=None, seed=1):

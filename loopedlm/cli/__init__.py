@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "loopedlm.cli.report",
     "loopedlm.cli.info",
     "loopedlm.cli.serve",
+    "loopedlm.cli.export",
 ]
 
 

@@ -14,6 +14,7 @@ from loopedlm.common.overrides import coerce_fields, parse_overrides
 from loopedlm.model.checkpoint import CONFIG_FILE, resolve_model_folder
 from loopedlm.model.config import PRESETS, ModelConfig
 from loopedlm.model.gpt import LoopedGPT
+from loopedlm.model.hf_folder import exported_meta
 
 
 def describe(config: ModelConfig) -> dict:
@@ -62,7 +63,7 @@ def target_config(target: str, overrides: dict[str, Any] | None = None) -> Model
         raise FileNotFoundError(f"{target!r} is neither a preset ({', '.join(PRESETS)}) "
                                 "nor a run or checkpoint folder")
     folder = resolve_model_folder(target)
-    saved = json.loads((folder / CONFIG_FILE).read_text())["model"]
+    saved = (exported_meta(folder) or json.loads((folder / CONFIG_FILE).read_text()))["model"]
     return ModelConfig.from_dict({**saved, **(overrides or {})})
 
 
