@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from test_train import losses, make_corpus, small_config
+from train_helpers import losses, make_corpus, small_config
 
 from loopedlm.cli import main as cli_main
 from loopedlm.cli.train import main as train_main

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_model
-from test_eval_support import ByteTokenizer, tiny_random_model
+from eval_helpers import ByteTokenizer, tiny_random_model
 
 from loopedlm.evaluate import budget
 from loopedlm.evaluate.core import evaluate_task
