@@ -146,8 +146,9 @@ def test_plain_progress_lines_without_a_tty(tmp_path, corpus, caplog):
 
 
 def test_train_and_eval_measure_the_same_validation_tokens(tmp_path, corpus):
+    from loopedlm.data.runs import load_run
     from loopedlm.evaluate.budget import evaluate_budget
-    from loopedlm.evaluate.loading import load_run, val_settings
+    from loopedlm.evaluate.loading import val_settings
 
     run = tmp_path / "run"
     summary = train(small_config(run, *corpus, steps=3, eval_every=0, eval_tokens=512))
