@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.run:
-        from loopedlm.evaluate.loading import load_run
+        from loopedlm.data.runs import load_run
         model, tok, folder, _ = load_run(args.run)
         print(f"checkpoint {folder}")
     else:

@@ -31,9 +31,14 @@ VARIANTS = {
 }
 
 
-def tiny_model(seed: int = 0, **overrides) -> LoopedGPT:
+def tiny_model(seed: int = 0, std: float | None = 0.3, **overrides) -> LoopedGPT:
+    """The tests' one model factory: a `tiny_config(**overrides)` LoopedGPT in eval mode,
+    with random non-zero weights of standard deviation `std` everywhere (`randomize_`), or
+    as `init_weights` leaves it (`std=None`: near-uniform predictions)."""
     model = LoopedGPT.from_config(tiny_config(**overrides), seed=seed)
-    return randomize_(model, seed=seed).eval()
+    if std is not None:
+        randomize_(model, seed=seed, std=std)
+    return model.eval()
 
 
 @pytest.fixture(autouse=True)
@@ -45,3 +50,24 @@ def _deterministic_one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- the training tests' corpus and reference run (helpers: train_helpers.py) ----------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(data_dir, tokenizer_dir) of a tiny Parquet corpus with a trained 300-token BPE."""
+    from train_helpers import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    """An uninterrupted 8-step run, saving every 2 steps."""
+    from train_helpers import small_config
+
+    from loopedlm.train.trainer import train
+
+    run = tmp_path_factory.mktemp("ref") / "run"
+    train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5))
+    return run

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_train import make_corpus
+from train_helpers import make_corpus
 
 from loopedlm.cli import main
 

@@ -301,7 +301,7 @@ def test_short_real_training_run_is_not_flagged(tmp_path):
     """A real LT run that trains normally, with the windows shortened to fit 48 steps so
     that every rule is live (the state rules from step 36 on), raises no flag. (On this toy
     corpus the loss has converged by then while the state still grows slowly.)"""
-    from test_train import make_corpus, small_config
+    from train_helpers import make_corpus, small_config
 
     from loopedlm.train.trainer import train
 

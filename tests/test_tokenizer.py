@@ -120,9 +120,10 @@ def test_qwen3_is_the_real_vocabulary(qwen3):
 
 def _reference_bpe(qwen3, text: str) -> list[int]:
     """Textbook byte-level BPE (lowest-rank merge first) over Qwen's pre-tokenisation."""
+    import quicktok
     from tokenizers import Regex, pre_tokenizers
 
-    enc = qwen3._enc
+    enc = quicktok.get_encoding("qwen3")  # the byte ranks the tokenizer is built on
     ranks = {enc.decode_single_token_bytes(i): i for i in range(151_643)}
     split = pre_tokenizers.Split(Regex(
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
-from test_train import MODEL, FakeTokenizer, SyntheticData, losses
+from train_helpers import MODEL, FakeTokenizer, SyntheticData, losses
 
 from loopedlm.common.validation import ConfigError
 from loopedlm.model.attention import norm

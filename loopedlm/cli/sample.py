@@ -11,19 +11,19 @@ from typing import Any
 
 import torch
 
-from loopedlm.infer.generate import stream, strip_trailing_spaces
-from loopedlm.infer.loading import load_run_tokenizer
-from loopedlm.infer.options import CRITERIA, SLOT_POLICIES
-from loopedlm.model.checkpoint import load_model
+from loopedlm.data.runs import load_run
+from loopedlm.infer.cache import SLOT_POLICIES
+from loopedlm.infer.engine import CRITERIA
+from loopedlm.infer.generate import DEFAULT_MAX_TOKENS, stream, strip_trailing_spaces
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_model(args.run, device=device)
-    tokenizer = load_run_tokenizer(args.run)
+    model, tokenizer, _, _ = load_run(args.run, device=device)
+    n_loops = model.config.loops(args.n_loops)  # the default, filled (and checked) here
     # documents are BOS-delimited in training, so a generated BOS ends the text
     stop = [tokenizer.bos_id, *args.stop_id, *args.stop]
-    options = dict(n_loops=args.n_loops, max_tokens=args.max_tokens,
+    options = dict(n_loops=n_loops, max_tokens=args.max_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=stop, adaptive_threshold=args.adaptive_threshold,
                    adaptive_criterion=args.adaptive_criterion, min_loops=args.min_loops,
@@ -59,7 +59,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     n_tokens = sum(len(o) for o in outputs)
     mean_loops = sum(spent) / len(spent) if spent else float("nan")
     print(f"[{n_tokens} tokens in {seconds:.2f}s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s, "
-          f"loops per token {mean_loops:.2f} of {args.n_loops or model.config.n_loops}]",
+          f"loops per token {mean_loops:.2f} of {n_loops}]",
           file=sys.stderr)
     return 0
 
@@ -73,7 +73,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text (repeat for a batch; one prompt streams)")
     p.add_argument("--n-loops", type=int, default=None, help="loops (default: the model's)")
-    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"tokens to generate (default {DEFAULT_MAX_TOKENS}, as OpenAI's API)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -48,7 +48,7 @@ class LoopedLMEval(LM):
         if model is None:
             if path is None:
                 raise ValueError("model_args needs path=RUN_OR_CHECKPOINT")
-            from loopedlm.evaluate.loading import load_run
+            from loopedlm.data.runs import load_run
 
             model, tok, _, _ = load_run(path, self._device, tokenizer)
         if tok is None:

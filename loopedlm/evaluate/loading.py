@@ -1,6 +1,6 @@
-"""Loading a run for evaluation: the model, its tokenizer, its training data and the
-validation settings its own evaluation used (shared by `loopedlm eval`, the lm-eval
-adapter and the benchmarks); and `load_eval_target`, what `loopedlm eval` evaluates: a run,
+"""Loading a run for evaluation: its training data and the validation settings its own
+evaluation used (shared by `loopedlm eval`, the lm-eval adapter and the benchmarks); and
+`load_eval_target`, what `loopedlm eval` evaluates: a run (`loopedlm.data.runs.load_run`),
 a checkpoint or an external model, on the chosen device."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loopedlm.common.distributed import resolve_device
+from loopedlm.data.runs import load_run
 from loopedlm.evaluate.external import load_external, model_kind
 
 logger = logging.getLogger(__name__)
@@ -46,26 +47,6 @@ def run_data_dir(model_folder: Path, meta: dict[str, Any]) -> Path | None:
             from loopedlm.data.corpus import default_data_dir
             return default_data_dir()
     return None
-
-
-def load_run(path: str | Path, device: str = "cpu", tokenizer: str | None = None):
-    """(model, tokenizer, model_folder, meta) of a run folder or a checkpoint folder."""
-    from loopedlm.data.tokenizer import load_tokenizer
-    from loopedlm.model.checkpoint import find_tokenizer_dir, load_model, resolve_model_folder
-
-    folder = resolve_model_folder(path)
-    model, meta = load_model(folder, device=device)
-    if tokenizer is None:
-        tok_dir = find_tokenizer_dir(folder)
-        if tok_dir is None:
-            raise FileNotFoundError(f"no tokenizer/ folder saved with {path}; pass --tokenizer "
-                                    f"(qwen3 or a tokenizer folder)")
-        tokenizer = str(tok_dir)
-    tok = load_tokenizer(tokenizer)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens but the model's "
-                         f"vocab_size is {model.config.vocab_size}")
-    return model, tok, folder, meta
 
 
 def val_settings(meta: dict[str, Any], model: Any, batch_size: int | None,

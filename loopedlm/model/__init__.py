@@ -1,12 +1,12 @@
-"""The model (SPEC 1-4): `config` (ModelConfig), `loop_modes` (the one table of loop
-modes), `attention` (attention and the KV cache, which owns its state), `gpt` (LoopedGPT
-and its per-loop API), `head_loss` (the fused, chunked LM-head loss), `checkpoint`
-(model and run folders on disk) and `interop` (the authors' nanochat checkpoints).
+"""The model (docs/design.md#backbone): `config` (ModelConfig), `loop_modes` (the one table
+of loop modes), `attention` (attention, the attention plan and the one mask builder; a
+decoding pass brings its KV cache as a `CacheWriter`), `gpt` (LoopedGPT and its per-loop
+API), `head_loss` (the fused, chunked LM-head loss), `checkpoint` (model and run folders on
+disk) and `interop` (the authors' nanochat checkpoints).
 Nothing here imports from any other loopedlm subpackage except `loopedlm.common`."""
 
-from loopedlm.model.attention import KVCache
 from loopedlm.model.config import ModelConfig
 from loopedlm.model.gpt import LoopedGPT
 from loopedlm.model.loop_modes import LOOP_MODES, LoopMode
 
-__all__ = ["ModelConfig", "LoopedGPT", "KVCache", "LoopMode", "LOOP_MODES"]
+__all__ = ["ModelConfig", "LoopedGPT", "LoopMode", "LOOP_MODES"]

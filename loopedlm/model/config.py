@@ -1,11 +1,15 @@
-"""Model configuration (SPEC 1-4): a validated dataclass and the named presets."""
+"""Model configuration (docs/design.md#backbone): a validated dataclass, the named presets,
+and the one token-id range check."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from loopedlm.common.validation import ConfigError, check, check_choice, close_match, is_int
 from loopedlm.model.loop_modes import LOOP_MODES
@@ -94,8 +98,10 @@ class ModelConfig:
                self.softcap, "a number > 0")
 
     def loops(self, n_loops: int | None = None) -> int:
-        """The loop count of a call: `n_loops`, or this config's when None (the one place
-        the default is filled); a ValueError names a count that is not an integer >= 1."""
+        """The loop count of a call: `n_loops`, or this config's when None. The one code that
+        fills the default and checks a count, called where a count enters: the model's
+        forward, the decode engine and the commands; a ValueError names a count that is not
+        an integer >= 1."""
         n_loops = self.n_loops if n_loops is None else n_loops
         check(is_int(n_loops) and n_loops >= 1, "n_loops", n_loops, "an integer >= 1")
         return n_loops
@@ -118,7 +124,7 @@ class ModelConfig:
 
     @property
     def short_window(self) -> int:
-        """SPEC 3: an 'S' layer sees the last `sequence_len // 4` keys."""
+        """An 'S' layer sees the last `sequence_len // 4` keys (docs/design.md#attention-variants)."""
         return max(self.sequence_len // 4, 1)
 
     def window_sizes(self) -> list[int | None]:
@@ -130,7 +136,8 @@ class ModelConfig:
         return sizes
 
     def residual_eps(self) -> float:
-        """SPEC 4: the scale on every residual branch, fixed by the trained loop count."""
+        """The scale on every residual branch, fixed by the trained loop count
+        (docs/design.md#residual-scaling)."""
         n, depth = self.n_loops, self.depth
         return {
             "none": 1.0,
@@ -163,6 +170,26 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
+def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int, what: str = "token id",
+                    *, ignore: int | None = None) -> None:
+    """Raise ValueError naming the first id in `ids` (a tensor or a sequence of ints) outside
+    [0, vocab_size) (`ignore`, e.g. -1 for ignored targets, is allowed too). It reads the
+    values, so it runs where ids enter (the decode engine, the server, the model's forward on
+    CPU), never on an accelerator's hot path."""
+    if isinstance(ids, torch.Tensor):
+        values = ids[ids != ignore] if ignore is not None else ids
+        if values.numel() == 0:
+            return
+        lo, hi = int(values.min()), int(values.max())
+        bad = lo if lo < 0 else hi if hi >= vocab_size else None
+    else:
+        bad = next((t for t in ids if t != ignore and (not is_int(t) or not 0 <= t < vocab_size)),
+                   None)
+    if bad is not None:
+        allowed = f" (or {ignore} = ignore)" if ignore is not None else ""
+        raise ValueError(f"{what} {bad!r} is outside the vocabulary [0, {vocab_size}){allowed}")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's sizes (A.3): Qwen3 vocabulary, nanochat width rule.
     "small": dict(depth=6, vocab_size=QWEN3_VOCAB_SIZE, sequence_len=1024),
@@ -172,6 +199,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["ModelConfig", "PRESETS", "LOOP_MODES", "LOSS_LOOPS", "ATTN_TYPES",
+__all__ = ["ModelConfig", "PRESETS", "LOOP_MODES", "check_token_ids", "LOSS_LOOPS", "ATTN_TYPES",
            "RESIDUAL_SCALES",
            "QWEN3_VOCAB_SIZE"]

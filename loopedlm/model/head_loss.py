@@ -1,5 +1,6 @@
-"""The LM head and its loss, fused: projection -> soft-cap -> cross-entropy (SPEC 1-2),
-without ever holding the (rows x vocabulary) logits.
+"""The LM head and its loss, fused: projection -> soft-cap -> cross-entropy
+(docs/design.md#backbone, #loss-over-loops), without ever holding the (rows x vocabulary)
+logits.
 
 With the Qwen3 vocabulary (151,669 ids) the logits of one loop are far larger than the
 model's activations, and `loss_loops="all"` builds them N times. `head_loss` computes

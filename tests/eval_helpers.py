@@ -1,5 +1,6 @@
-"""Helpers shared by the evaluation tests: a byte-level tokenizer that satisfies the Tokenizer
-contract, scripted models whose probabilities are set by hand, and tiny random models."""
+"""Helpers shared by the evaluation tests (a helper module, not a test file): a byte-level
+tokenizer that satisfies the Tokenizer contract, scripted models whose probabilities are set
+by hand, and untrained tiny models (from the one model factory, `conftest.tiny_model`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from conftest import tiny_model
 
 from loopedlm import LoopedGPT, ModelConfig
 
@@ -93,20 +95,11 @@ def oracle_model(gold_sequences: list[list[int]], vocab_size: int = BYTE_VOCAB) 
 
 def tiny_random_model(vocab_size: int = BYTE_VOCAB, sequence_len: int = 128, seed: int = 0,
                       n_loops: int = 2) -> LoopedGPT:
-    """An untrained LoopedGPT (SPEC 1 init): near-uniform, effectively random predictions."""
-    cfg = ModelConfig(depth=1, d_model=32, n_head=1, vocab_size=vocab_size,
+    """An untrained one-block LoopedGPT (as `init_weights` leaves it): near-uniform,
+    effectively random predictions."""
+    return tiny_model(seed, std=None, depth=1, n_head=1, vocab_size=vocab_size,
                       sequence_len=sequence_len, n_loops=n_loops)
-    return LoopedGPT.from_config(cfg, seed=seed).eval()
 
 
 def nats(p: float) -> float:
     return -math.log(p)
-
-
-def test_byte_tokenizer_satisfies_the_contract():
-    tok = ByteTokenizer()
-    text = "héllo, wörld"
-    ids = tok.encode(text)
-    assert tok.decode(ids) == text
-    assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
-    assert int(tok.token_bytes()[tok.bos_id]) == 0
