@@ -26,7 +26,7 @@ import pytest
 import torch
 from conftest import VARIANTS, tiny_model  # the model's exactness cases
 from safetensors.torch import save_file
-from test_train import make_corpus, small_config
+from train_helpers import make_corpus, small_config
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
