@@ -74,9 +74,10 @@ def _plan(model: LoopedGPT, start: int, end: int, writes: _Writes) -> AttentionP
         if window is not None:
             mask = mask & (q - k < window)
         masks[window] = (mask, False)
+    # the rotation tables at full head width: (cos, cos) and (sin, -sin)
     cos = model.cos[start:end][None, :, None, :]
     sin = model.sin[start:end][None, :, None, :]
-    return AttentionPlan(cos, sin, masks, writes)
+    return AttentionPlan(torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1), masks, writes)
 
 
 @torch.no_grad()

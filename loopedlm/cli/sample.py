@@ -90,9 +90,10 @@ def register(subparsers: Any) -> None:
                    help="loops share this many KV-cache slots (less memory, approximate)")
     p.add_argument("--slot-policy", choices=SLOT_POLICIES, default="block")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--compile", choices=["none", "step", "loop"], default="none",
-                   help="torch.compile the decode step or one loop (pays off on CPU for long "
-                        "outputs; see benchmarks/README.md)")
+    p.add_argument("--compile", choices=["auto", "none", "step", "loop"], default="auto",
+                   help="torch.compile the decode step or one loop (auto: where it pays: the "
+                        "loop, in CUDA graphs, on a GPU; on CPU the step, compiled on a worker "
+                        "thread for long outputs while decoding goes on eagerly)")
     p.set_defaults(func=_cmd_sample)
 
 

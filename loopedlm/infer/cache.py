@@ -57,6 +57,7 @@ class StaticKVCache:
                  dtype: torch.dtype, device: torch.device | str):
         self.slot_of_loop = list(slot_of_loop)
         self.share_first_layer = share_first_layer
+        self.dtype = dtype
         self.max_batch, self.max_len = max_batch, max_len
         n_slots = max(slot_of_loop) + 1
         shape = (max_batch, config.n_kv_head, max_len, config.head_dim)

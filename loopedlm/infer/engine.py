@@ -33,10 +33,15 @@ fallback, measured in benchmarks/bench_engine.py.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
 import math
+import os
 import random
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,8 +49,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loopedlm.common.paths import loopedlm_home
 from loopedlm.common.validation import is_int
-from loopedlm.infer.cache import ChunkWrites, StaticKVCache, StepWrites, loop_slot_map
+from loopedlm.infer.cache import ChunkWrites, Entry, StaticKVCache, StepWrites, loop_slot_map
 from loopedlm.infer.sampling import SamplingParams, sample_rows
 from loopedlm.model.attention import AttentionPlan, attention_masks, norm, rotary_at
 from loopedlm.model.config import check_token_ids
@@ -55,7 +61,11 @@ log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
 CRITERIA = ("state", "kl")
-COMPILE_MODES = (False, True, "step", "loop")
+COMPILE_MODES = ("auto", False, True, "step", "loop")
+# compile="auto" on CPU: a step variant is compiled (on a worker thread) once it has run this
+# many times, so short generations never pay for a compile (measured in bench_decode.py)
+AUTO_COMPILE_AFTER = 32
+COMPILED_VARIANTS = 256  # graphs of the compiled step (one per step variant) before eager
 
 
 # ---- the per-row options -----------------------------------------------------------------------
@@ -173,32 +183,84 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def capture_step(body: Callable[[], None], state: list[torch.Tensor],
-                 device: torch.device) -> Callable[[], None]:
+                 device: torch.device, pool: Any = None) -> Callable[[], None]:
     """CUDA-graph capture of a step `body` that updates the tensors `state` in place: warm
-    up (which advances the state), put the state back, then record. Keys/values the warm-up
-    wrote lie at or after each row's position, so the real steps rewrite them before any
-    query can read them. Off CUDA the same procedure runs and the 'replay' is a plain call
-    (tested on CPU)."""
+    up (which advances the state), put the state back, then record, on `device` (the
+    engine's, whichever device the calling thread has current) and into memory `pool`
+    (`torch.cuda.graph_pool_handle()`: one pool that all of an engine's graphs share;
+    None: a private one). Keys/values the warm-up wrote lie at or after each row's position,
+    so the real steps rewrite them before any query can read them. Unlike
+    `torch.cuda.graph`, the capture does not synchronise and empty the allocator's cache
+    each time. Off CUDA the same procedure runs and the 'replay' is a plain call (tested on
+    CPU)."""
     saved = [t.clone() for t in state]
     on_cuda = device.type == "cuda"
-    stream = torch.cuda.Stream() if on_cuda else None
-    if on_cuda:
-        stream.wait_stream(torch.cuda.current_stream())
+    if not on_cuda:
+        for _ in range(2):
+            body()
+        for tensor, value in zip(state, saved, strict=True):
+            tensor.copy_(value)
+        return body
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 body()
-        torch.cuda.current_stream().wait_stream(stream)
-    else:
-        for _ in range(2):
-            body()
-    for tensor, value in zip(state, saved, strict=True):
-        tensor.copy_(value)
-    if not on_cuda:
-        return body
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+            for tensor, value in zip(state, saved, strict=True):
+                tensor.copy_(value)
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(*(() if pool is None else (pool,)))
+            try:
+                body()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay
+
+
+def use_compile_cache() -> None:
+    """Keep torch.compile's on-disk caches (Inductor's FX-graph and AOTAutograd caches) under
+    $LOOPEDLM_HOME/torch_compile, unless TORCHINDUCTOR_CACHE_DIR is set: the kernels a run
+    compiles are reused by the next run, which then compiles in seconds."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(loopedlm_home() / "torch_compile"))
+
+
+def stand_ins(tree: Any) -> Any:
+    """`tree` (objects, lists, tuples of tensors) with every tensor replaced by a zero
+    tensor of the same shape, strides, dtype and device, tensors that share storage mapped
+    to views of one new storage: what a compile sees is the same, and warming it up on the
+    stand-ins leaves the real tensors alone."""
+    storages: dict[int, torch.Tensor] = {}
+    seen: dict[int, Any] = {}
+
+    def stand_in(t: torch.Tensor) -> torch.Tensor:
+        # a view's base too has the shape and strides of the real one (a compile guards it)
+        real = t if t._base is None else t._base
+        base = storages.get(real.untyped_storage().data_ptr())
+        if base is None:
+            base = torch.empty_strided(real.size(), real.stride(), dtype=real.dtype,
+                                       device=real.device).zero_()
+            storages[real.untyped_storage().data_ptr()] = base
+        return base if t is real else base.as_strided(t.size(), t.stride(), t.storage_offset())
+
+    def walk(x: Any) -> Any:
+        if id(x) in seen:
+            return seen[id(x)]
+        if isinstance(x, torch.Tensor):
+            out = stand_in(x)
+        elif isinstance(x, list | tuple):
+            out = type(x)(walk(item) for item in x)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            out = copy.copy(x)
+            for name, value in vars(x).items():
+                if isinstance(value, torch.Tensor | list | tuple):
+                    setattr(out, name, walk(value))
+        else:
+            out = x
+        seen[id(x)] = out
+        return out
+    return walk(tree)
 
 
 # ---- per-slot state ----------------------------------------------------------------------------
@@ -235,6 +297,7 @@ class SlotState:
         self.active = state(torch.bool, False)
         self.finished = state(torch.bool, False)
         self.stop_table = torch.full((max_batch, 1), -1, dtype=torch.long, device=device)
+        self.rows = torch.arange(max_batch, device=device)  # each row's index (constant)
         # the step's static outputs
         self.out_tokens = state(torch.long, -1)
         self.out_loops = state(torch.long)
@@ -301,16 +364,76 @@ class SlotState:
                 self.out_loops]
 
 
-# ---- one loop of a decode step ---------------------------------------------------------------
+# ---- the passes: a plan, one loop of a decode step, the fixed-loop step ---------------------------
+def pass_plan(model: LoopedGPT, slots: torch.Tensor, n_keys: int, dtype: torch.dtype, *,
+              from_start: bool = False, cache: Any = None,
+              fused: list[torch.Tensor | None] | None = None) -> AttentionPlan:
+    """The plan of a decoding pass whose queries sit at positions `slots` (B|1, T) over key
+    positions [0, n_keys), built once per pass for every layer and loop: the RoPE tables in
+    the weights' dtype (the model keeps them in bf16, as nanochat, and an fp32 stream would
+    promote them in every multiply; converting once is exact), the masks additive (SDPA
+    would convert a boolean mask in every layer) and the fused projections."""
+    cos, sin = rotary_at(model.cos, model.sin, slots)
+    masks = attention_masks(model.config, slots, n_keys, from_start=from_start, dtype=dtype)
+    return AttentionPlan(cos.to(dtype), sin.to(dtype), masks, cache, fused)
+
+
 def decode_loop(model: LoopedGPT, inputs: LoopInputs, previous: torch.Tensor | None,
                 writes: StepWrites) -> torch.Tensor:
     """h^t of one loop of a decode step: the model's own loop, on the step's plan with this
     loop's cache writer. A function of its arguments alone (the writer holds this loop's
     entries, so the loop index is not needed), so that torch.compile builds two graphs for
     it (the first loop and every later one), not one per loop."""
-    plan = AttentionPlan(inputs.plan.cos, inputs.plan.sin, inputs.plan.masks, writes)
+    plan = inputs.plan
+    plan = AttentionPlan(plan.cos, plan.sin, plan.masks, writes, plan.fused)
     return norm(model.loop(LoopInputs(inputs.x0, inputs.embedded, plan, inputs.first_kv),
                            previous, 0))
+
+
+def step_logits(model: LoopedGPT, key: StepKey, tokens: torch.Tensor, pos: torch.Tensor,
+                n_loops: torch.Tensor, rows: torch.Tensor, cache: StaticKVCache,
+                key_slots: torch.Tensor, fused: list[torch.Tensor | None],
+                loop_fn: Callable = decode_loop,
+                entries: list[list[Entry]] | None = None) -> torch.Tensor:
+    """Logits (batch, V) of `tokens` (batch,) fed at positions `pos`, every row running
+    `key.n_loops` loops and reading its output at its own loop count `n_loops`; with shared
+    cache slots, a row past its own count writes no keys. The keys attended are those at
+    positions `key_slots` (0 .. kv_len-1: a tensor, so that a compiled step takes the length
+    as a dynamic size); `entries[loop]`: that loop's cache views, if made already."""
+    batch, n_keys = tokens.size(0), key_slots.size(0)
+    plan = pass_plan(model, pos[:, None], n_keys, cache.dtype, fused=fused)
+    inputs = model.prepare(tokens[:, None], plan=plan)
+    shared = key.mixed and cache.slot_of_loop != list(range(len(cache.slot_of_loop)))
+    previous = final = None
+    for loop in range(key.n_loops):
+        loop_entries = cache.loop_entries(loop, batch, n_keys) if entries is None \
+            else entries[loop]
+        writes = StepWrites(loop_entries, rows, pos, write_first=cache.writes(loop, 0),
+                            live=(n_loops > loop) if shared else None)
+        h = loop_fn(model, inputs, previous, writes)
+        if key.mixed:  # each row's output is its own last loop's
+            final = h if final is None else torch.where((n_loops > loop)[:, None, None], h, final)
+        previous = h
+    return model.logits((final if key.mixed else previous)[:, -1])
+
+
+def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKVCache,
+               key_slots: torch.Tensor, fused: list[torch.Tensor | None],
+               loop_fn: Callable = decode_loop,
+               entries: list[list[Entry]] | None = None) -> None:
+    """One fixed-loop decode step of rows [0, key.batch): feed each row its last token,
+    sample the next, record it (`SlotState.record`). Static shapes and no host sync: what
+    torch.compile compiles whole (`compile="step"`) and a CUDA graph captures. A function of
+    its arguments, so that a compile can be warmed on stand-ins of the same shapes."""
+    rows = slice(0, key.batch)
+    live = state.active[rows] & ~state.finished[rows]
+    logits = step_logits(model, key, state.tokens[rows], state.pos[rows], state.n_loops[rows],
+                         state.rows[rows], cache, key_slots, fused, loop_fn, entries)
+    if key.greedy:
+        sampled = logits.argmax(dim=-1)
+    else:
+        sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
+    state.record(rows, sampled, live, state.n_loops[rows])
 
 
 def adaptive_row_settings(adaptive: list[AdaptiveLoops | None], device: torch.device
@@ -352,7 +475,7 @@ class DecodeEngine:
                  max_loops: int | None = None, cache_slots: int | None = None,
                  slot_policy: str = "block", share_first_layer: bool = True,
                  dtype: torch.dtype | None = None, graphs: bool | None = None,
-                 compile: bool | str = False, compile_options: dict[str, Any] | None = None):
+                 compile: bool | str = "auto", compile_options: dict[str, Any] | None = None):
         cfg = model.config
         device = model.lm_head.weight.device
         self.source = model  # the model as given (self.model may be a cast copy)
@@ -363,8 +486,8 @@ class DecodeEngine:
             raise ValueError(f"max_len={max_len!r} is not allowed: an integer in "
                              f"[1, sequence_len={cfg.sequence_len}]")
         if compile not in COMPILE_MODES:
-            raise ValueError(f"compile={compile!r} is not allowed: False, True (= 'step') "
-                             f"or 'loop'")
+            raise ValueError(f"compile={compile!r} is not allowed: 'auto', False, True "
+                             f"(= 'step'), 'step' or 'loop'")
         # the engine's capacity: as many loops as the model runs by default, unless asked
         self.max_loops = cfg.loops(max_loops)
         if dtype is None:
@@ -382,10 +505,55 @@ class DecodeEngine:
         self.state = SlotState(max_batch, max_len, cfg.vocab_size, device)
         self.graphs = device.type == "cuda" if graphs is None else graphs
         self.compile, self.compile_options = compile, dict(compile_options or {})
-        self.loop_fn = torch.compile(decode_loop, **self.compile_options) \
-            if compile == "loop" else decode_loop
-        self.row_index = torch.arange(max_batch, device=device)
+        # what is compiled: "none", "step" (the whole step, at its first run), "loop" (one
+        # loop, two graphs, dynamic shapes so that the eager steps' growing key length and
+        # the batch bucket need no recompile) or "background" (CPU "auto": the whole step,
+        # compiled on a worker thread for a variant that keeps running; eager until then)
+        self.compiles = {False: "none", True: "step", "step": "step", "loop": "loop",
+                         "auto": "loop" if device.type == "cuda" else "background"}[compile]
+        if self.compiles != "none":
+            use_compile_cache()
+        self.loop_fn = decode_loop
+        if self.compiles == "loop":
+            self.loop_fn = torch.compile(decode_loop, **{"dynamic": True, **self.compile_options})
+        self._compiled_step = None
+        if self.compiles in ("step", "background"):
+            dynamic = self.compiles == "background"  # eager-sized key lengths: see _kv_len
+            self._compiled_step = torch.compile(fixed_step,
+                                                **{"dynamic": dynamic, **self.compile_options})
         self._steps: dict[StepKey, Callable[[], None]] = {}
+        self._graph_pool: Any = None  # `_pool`
+        self._entries: dict[tuple[int, int], list[list[Entry]]] = {}
+        self._slots: dict[int, torch.Tensor] = {}
+        self._compile_runs: dict[StepKey, int] = {}  # background: eager runs per variant
+        self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
+        # q, k and v projections in one matrix per layer, derived once (and again only if the
+        # weights change: `_sync_weights`); the model's parameters stay as they are
+        self.fused = [block.attn.fused_weight() for block in model.transformer.h]
+        self._weights_seen = self._weights_version()
+
+    # ---- the weights ------------------------------------------------------------------------------
+    def _weights_version(self) -> list[tuple[int, int]]:
+        """Where the source model's parameters live and how often they were written in place
+        (an optimizer step, load_state_dict): a change means the engine's derived weights
+        (a cast copy, the fused projections) are stale."""
+        return [(p.data_ptr(), p._version) for p in self.source.parameters()]
+
+    @torch.no_grad()
+    def _sync_weights(self) -> None:
+        """Bring the derived weights up to date with the source model if it changed since
+        (checked as each sequence starts): a model trained between samples decodes with its
+        new weights. Copied in place, so captured CUDA graphs stay valid."""
+        seen = self._weights_version()
+        if seen == self._weights_seen:
+            return
+        if self.model is not self.source:
+            for mine, theirs in zip(self.model.parameters(), self.source.parameters(), strict=True):
+                mine.copy_(theirs)
+        for fused, block in zip(self.fused, self.model.transformer.h, strict=True):
+            if fused is not None:
+                fused.copy_(block.attn.fused_weight())
+        self._weights_seen = seen
 
     # ---- slots (the scheduler's protocol: add, step, output, release) ----------------------------
     @property
@@ -487,6 +655,7 @@ class DecodeEngine:
                              f"longer than the context (" + (f"the engine's max_len={limit}"
                              if limit else f"sequence_len={self.config.sequence_len}") + ")")
         n_loops = (params if info is None else info.params).n_loops
+        self._sync_weights()
         logits = self._chunk_logits(slot, idx, start, n_loops)
         if info is None:
             if self.state.open(slot, params):
@@ -550,9 +719,10 @@ class DecodeEngine:
         return next(b for b in self.buckets if b >= highest)
 
     def _kv_len(self) -> int:
-        """Key positions a step attends over: all of them in a captured or compiled step (one
-        graph per variant); in eager steps the longest filled length, rounded up."""
-        if self.graphs or self.compile in (True, "step"):
+        """Key positions a step attends over: all of them in a captured or a statically
+        compiled step (one graph per variant); elsewhere the longest filled length, rounded
+        up."""
+        if self.graphs or self.compiles == "step":
             return self.max_len
         longest = max(info.length for info in self.state.infos.values()) + 1
         return min(self.max_len, -(-longest // KV_LEN_STEP) * KV_LEN_STEP)
@@ -565,52 +735,119 @@ class DecodeEngine:
                        filtered=any(p.filtered for p in params),
                        greedy=all(p.greedy for p in params))
 
+    def _loop_entries(self, batch: int, kv_len: int) -> list[list[Entry]]:
+        """Every loop's cache views for rows [0, batch) and key positions [0, kv_len),
+        made once per shape (views of tensors that never move)."""
+        shape = (batch, kv_len)
+        if shape not in self._entries:
+            self._entries[shape] = [self.cache.loop_entries(loop, batch, kv_len)
+                                    for loop in range(self.max_loops)]
+        return self._entries[shape]
+
+    def _key_slots(self, kv_len: int) -> torch.Tensor:
+        """Key positions 0 .. kv_len-1 (made once per length)."""
+        if kv_len not in self._slots:
+            self._slots[kv_len] = torch.arange(kv_len, device=self.device)
+        return self._slots[kv_len]
+
     def _runner(self, key: StepKey) -> Callable[[], None]:
         """The step variant `key`, built once: eager, compiled, or captured as a CUDA graph."""
         if key in self._steps:
             return self._steps[key]
-
-        def body() -> None:
-            self._step_body(key)
-        if self.compile in (True, "step"):
-            body = torch.compile(body, **{"dynamic": False, **self.compile_options})
+        args = (self.model, key, self.state, self.cache, self._key_slots(key.kv_len),
+                self.fused, self.loop_fn)
+        if self.compiles == "step":
+            body = functools.partial(self._compile_step, args)
+        elif self.compiles == "background":
+            body = functools.partial(self._step_or_compile, args)
+        else:  # eager: the cache views made once
+            body = functools.partial(fixed_step, *args,
+                                     entries=self._loop_entries(key.batch, key.kv_len))
         if self.graphs:
-            body = capture_step(body, self.state.step_state(), self.device)
+            with torch.cuda.device(self.device) if self.device.type == "cuda" \
+                    else contextlib.nullcontext():
+                body = capture_step(body, self.state.step_state(), self.device, self._pool())
         self._steps[key] = body
         return body
 
-    def _step_body(self, key: StepKey) -> None:
-        state, rows = self.state, slice(0, key.batch)
-        live = state.active[rows] & ~state.finished[rows]
-        logits = self._step_logits(state.tokens[rows], key)
-        if key.greedy:
-            sampled = logits.argmax(dim=-1)
-        else:
-            sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
-        state.record(rows, sampled, live, state.n_loops[rows])
+    def _compile_step(self, args: tuple) -> None:
+        """Run the compiled step; its first run compiles it. Each variant is one more graph of
+        `fixed_step`: the recompile limit is raised for that compile so that a server's many
+        variants never fall back to eager without a word."""
+        key = args[1]
+        if key in self._compiled:
+            self._compiled_step(*args)
+            return
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+            self._compiled_step(*args)
+        self._compiled[key] = True
+
+    def _step_or_compile(self, args: tuple) -> None:
+        """compile="auto" on CPU: run the variant compiled once a worker thread has compiled
+        it; until then eagerly, and once it has run AUTO_COMPILE_AFTER times (a compile pays
+        only for a variant that keeps running), start that compile, warmed on stand-ins of
+        the step's tensors (`stand_ins`), so that decoding never waits for it."""
+        model, key, *rest = args
+        variant = replace(key, kv_len=0)  # the key length is a dynamic shape
+        done = self._compiled.get(variant)
+        if done:
+            self._compiled_step(model, variant, *rest)
+            return
+        runs = self._compile_runs.get(variant, 0) + 1
+        self._compile_runs[variant] = runs
+        if runs == AUTO_COMPILE_AFTER and done is None:
+            threading.Thread(target=self._compile_in_background, args=(variant, args),
+                             name="loopedlm-compile", daemon=True).start()
+        fixed_step(*args, entries=self._loop_entries(key.batch, key.kv_len))
+
+    def _compile_in_background(self, variant: StepKey, args: tuple) -> None:
+        model, _, state, cache, key_slots, fused, loop_fn = args
+        start = time.perf_counter()
+        try:
+            state, cache = stand_ins((state, cache))
+            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+                self._compiled_step(model, variant, state, cache, key_slots, fused, loop_fn)
+        except Exception:  # the eager step stays: correct, only slower
+            log.warning("decode engine: compiling the step %s failed; it stays eager", variant,
+                        exc_info=True)
+            self._compiled[variant] = False
+            return
+        log.info("decode engine: step %s compiled in %.1fs", variant, time.perf_counter() - start)
+        self._compiled[variant] = True
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until the step variants being compiled on worker threads are (compile="auto"
+        on CPU); whether none is still compiling. For benchmarks and warm-ups."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threading.enumerate():
+            if thread.name == "loopedlm-compile":
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.name == "loopedlm-compile" and t.is_alive()
+                       for t in threading.enumerate())
+
+    def _pool(self) -> Any:
+        """One CUDA-graph memory pool that every captured step of this engine shares."""
+        if self._graph_pool is None and self.device.type == "cuda":
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
 
     # ---- the passes: a prefill chunk, a fixed-loop step, an adaptive step ----------------------
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables at `positions`, in the weights' dtype: the model keeps them in bf16 (as
-        nanochat), and an fp32 stream would promote them in each of the 8 multiplies per
-        layer; converting once per pass is exact."""
-        cos, sin = rotary_at(self.model.cos, self.model.sin, positions)
-        return cos.to(self.dtype), sin.to(self.dtype)
+    def _plan(self, slots: torch.Tensor, n_keys: int, *, from_start: bool = False,
+              cache: Any = None) -> AttentionPlan:
+        return pass_plan(self.model, slots, n_keys, self.dtype, from_start=from_start,
+                         cache=cache, fused=self.fused)
 
     def _step_plan(self, pos: torch.Tensor, kv_len: int) -> AttentionPlan:
         """The plan of one token per row at positions `pos`, over key positions [0, kv_len)."""
-        cos, sin = self._rotary(pos[:, None])
-        return AttentionPlan(cos, sin, attention_masks(self.config, pos[:, None], kv_len))
+        return self._plan(pos[:, None], kv_len)
 
     def _chunk_logits(self, slot: int, ids: torch.Tensor, start: int, n_loops: int
                       ) -> torch.Tensor:
         """Logits (T, vocab_size) of `ids` (1, T) appended to `slot`'s cache at `start`."""
         model, end = self.model, start + ids.size(1)
         slots = torch.arange(start, end, device=self.device)[None]
-        cos, sin = self._rotary(slots)
-        plan = AttentionPlan(cos, sin, attention_masks(self.config, slots, end,
-                                                       from_start=start == 0),
-                             ChunkWrites(self.cache, slot, start, end))
+        plan = self._plan(slots, end, from_start=start == 0,
+                          cache=ChunkWrites(self.cache, slot, start, end))
         inputs = model.prepare(ids, plan=plan)
         previous = None
         for loop in range(n_loops):
@@ -618,25 +855,11 @@ class DecodeEngine:
         return model.logits(previous)[0]
 
     def _step_logits(self, tokens: torch.Tensor, key: StepKey) -> torch.Tensor:
-        """Logits (batch, V) of `tokens` fed at the rows' positions, every row running
-        `key.n_loops` loops and reading its output at its own loop count; with shared cache
-        slots, a row past its own count writes no keys."""
-        model, batch, cache = self.model, tokens.size(0), self.cache
-        pos, n_loops = self.state.pos[:batch], self.state.n_loops[:batch]
-        inputs = model.prepare(tokens[:, None], plan=self._step_plan(pos, key.kv_len))
-        rows = self.row_index[:batch]
-        shared = key.mixed and cache.slot_of_loop != list(range(self.max_loops))
-        previous = final = None
-        for loop in range(key.n_loops):
-            writes = StepWrites(cache.loop_entries(loop, batch, key.kv_len), rows, pos,
-                                write_first=cache.writes(loop, 0),
-                                live=(n_loops > loop) if shared else None)
-            h = self.loop_fn(model, inputs, previous, writes)
-            if key.mixed:  # each row's output is its own last loop's
-                final = h if final is None else torch.where(
-                    (n_loops > loop)[:, None, None], h, final)
-            previous = h
-        return model.logits((final if key.mixed else previous)[:, -1])
+        """`step_logits` of `tokens` (batch,) fed at the rows' positions."""
+        batch, state = tokens.size(0), self.state
+        return step_logits(self.model, key, tokens, state.pos[:batch], state.n_loops[:batch],
+                           state.rows[:batch], self.cache, self._key_slots(key.kv_len),
+                           self.fused, self.loop_fn, self._loop_entries(batch, key.kv_len))
 
     def _adaptive_step(self, batch: int) -> None:
         state, rows = self.state, slice(0, batch)
@@ -661,7 +884,7 @@ class DecodeEngine:
         inputs = all_inputs
         final = torch.empty_like(all_inputs.embedded)
         spent = torch.zeros(batch, dtype=torch.long, device=pos.device)
-        active = self.row_index[:batch]
+        active = state.rows[:batch]
         previous = previous_logp = None
         for loop in range(max(info.params.n_loops for info in state.infos.values())):
             writes = StepWrites(cache.loop_entries(loop, batch, kv_len), active, pos[active],

@@ -82,7 +82,8 @@ class GenerationOptions:
         (`AdaptiveLoops`). cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
     add_bos: text prompts start with BOS, as documents in training.
     dtype: weights and cache (default: bf16 on CUDA, else the model's); compile:
-        torch.compile the decode step or loop ("step", "loop"; `DecodeEngine`).
+        torch.compile the decode step or loop ("auto", the default, compiles where it pays;
+        False, "step", "loop": `DecodeEngine`).
     """
 
     n_loops: int | None = None
@@ -99,7 +100,7 @@ class GenerationOptions:
     slot_policy: str = "block"
     add_bos: bool = True
     dtype: torch.dtype | None = None
-    compile: bool | str = False
+    compile: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if not is_int(self.max_tokens) or self.max_tokens < 1:
@@ -227,8 +228,8 @@ def _check_engine(engine: DecodeEngine, model: LoopedGPT, batch: int, max_len: i
         if need > has:
             raise ValueError(f"the engine holds at most {has} {name}; this call needs {need}: "
                              f"build a larger DecodeEngine")
-    if options.dtype is not None or options.compile or options.cache_slots is not None \
-            or options.slot_policy != "block":
+    if options.dtype is not None or options.compile != "auto" \
+            or options.cache_slots is not None or options.slot_policy != "block":
         raise ValueError("dtype, compile, cache_slots and slot_policy belong to the "
                          "DecodeEngine when engine= is given: set them when building it")
 
