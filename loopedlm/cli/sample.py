@@ -13,7 +13,7 @@ import torch
 
 from loopedlm.data.runs import load_run
 from loopedlm.infer.cache import SLOT_POLICIES
-from loopedlm.infer.engine import CRITERIA
+from loopedlm.infer.engine import CRITERIA, DEFAULT_DRAFT_TOKENS
 from loopedlm.infer.generate import DEFAULT_MAX_TOKENS, stream, strip_trailing_spaces
 
 
@@ -27,6 +27,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, stop=stop, adaptive_threshold=args.adaptive_threshold,
                    adaptive_criterion=args.adaptive_criterion, min_loops=args.min_loops,
+                   draft_loops=args.draft_loops, draft_tokens=args.draft_tokens,
                    cache_slots=args.cache_slots, slot_policy=args.slot_policy,
                    compile=False if args.compile == "none" else args.compile)
     prompts = [strip_trailing_spaces(p) for p in args.prompt]
@@ -38,6 +39,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     first = next(events, None)  # validates every option before anything is printed
     if len(prompts) == 1:
         sys.stdout.write(prompts[0])
+    event = first
     for event in itertools.chain([first] if first is not None else [], events):
         for r, tok in enumerate(event.tokens):
             if tok is not None:
@@ -58,8 +60,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     n_tokens = sum(len(o) for o in outputs)
     mean_loops = sum(spent) / len(spent) if spent else float("nan")
+    speculation = "" if event is None or event.speculation is None else (
+        f", draft acceptance {event.speculation.acceptance:.2f}, "
+        f"{event.speculation.tokens_per_round:.2f} tokens per verify pass")
     print(f"[{n_tokens} tokens in {seconds:.2f}s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s, "
-          f"loops per token {mean_loops:.2f} of {n_loops}]",
+          f"loops per token {mean_loops:.2f} of {n_loops}{speculation}]",
           file=sys.stderr)
     return 0
 
@@ -86,6 +91,11 @@ def register(subparsers: Any) -> None:
                    help="stop looping a token once its loop state changes less than this")
     p.add_argument("--adaptive-criterion", choices=CRITERIA, default="state")
     p.add_argument("--min-loops", type=int, default=2)
+    p.add_argument("--draft-loops", type=int, default=None,
+                   help="self-speculative decoding: the model at this many loops drafts tokens "
+                        "that one pass at --n-loops verifies (the same output, faster)")
+    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+                   help=f"tokens drafted per verify pass (default {DEFAULT_DRAFT_TOKENS})")
     p.add_argument("--cache-slots", type=int, default=None,
                    help="loops share this many KV-cache slots (less memory, approximate)")
     p.add_argument("--slot-policy", choices=SLOT_POLICIES, default="block")

@@ -72,10 +72,11 @@ class StaticKVCache:
         """The (keys, values) tensors that loop `loop` (0-based) of `layer` uses."""
         return self.entries[layer][self.slot_of_loop[loop]]
 
-    def loop_entries(self, loop: int, batch: int, kv_len: int) -> list[Entry]:
-        """Loop `loop`'s entries of every layer, as views of rows [0, batch) and key
-        positions [0, kv_len): what one loop of a decode step reads and writes."""
-        return [(k[:batch, :, :kv_len], v[:batch, :, :kv_len])
+    def loop_entries(self, loop: int, batch: int, kv_len: int, start: int = 0) -> list[Entry]:
+        """Loop `loop`'s entries of every layer, as views of rows [start, start + batch) and
+        key positions [0, kv_len): what one loop of a decode pass reads and writes."""
+        rows = slice(start, start + batch)
+        return [(k[rows, :, :kv_len], v[rows, :, :kv_len])
                 for k, v in (self.entry(loop, layer) for layer in range(len(self.entries)))]
 
     def writes(self, loop: int, layer: int) -> bool:
@@ -120,14 +121,17 @@ class ChunkWrites:
 
 
 class StepWrites:
-    """A `CacheWriter` for one loop of a decode step, one token per row.
+    """A `CacheWriter` for one loop of a decode pass: T new tokens per row (T = 1 in a decode
+    step; the drafted tokens and the one before them in a verify pass of speculative
+    decoding).
 
     entries: that loop's (keys, values) per layer (`StaticKVCache.loop_entries`). Row
-    rows[b] writes its token at pos[b], except where `live` is False (with shared cache
-    slots, a row past its own loop count: the slot holds another loop's keys).
-    write_first: whether layer 0 writes (a shared first layer is written by loop 0 only).
-    gather: `rows` is a strict subset (adaptive rows still looping): attention reads those
-    rows only, gathered.
+    rows[b] (an index into the entries' rows) writes its tokens at positions pos[b] ..
+    pos[b] + T - 1, except where `live` is False (with shared cache slots, a row past its
+    own loop count: the slot holds another loop's keys; T = 1). write_first: whether layer 0
+    writes (a shared first layer is written by loop 0 only). gather: `rows` is a strict
+    subset of the entries' rows (adaptive rows still looping, speculative rows): attention
+    reads those rows only, gathered.
 
     The loop index `insert` gets is not used: the entries are this loop's already, so that
     one compiled graph serves every loop (`compile="loop"`)."""
@@ -136,17 +140,26 @@ class StepWrites:
                  write_first: bool, live: torch.Tensor | None = None, gather: bool = False):
         self.entries, self.rows, self.pos = entries, rows, pos
         self.write_first, self.live, self.gather = write_first, live, gather
+        self._positions: torch.Tensor | None = None
 
     def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> Entry:
         k_all, v_all = self.entries[layer]
         if layer > 0 or self.write_first:
-            new_k, new_v = k[:, :, 0], v[:, :, 0]
-            if self.live is not None:
-                live = self.live[:, None, None]
-                new_k = torch.where(live, new_k, k_all[self.rows, :, self.pos])
-                new_v = torch.where(live, new_v, v_all[self.rows, :, self.pos])
-            k_all[self.rows, :, self.pos] = new_k
-            v_all[self.rows, :, self.pos] = new_v
+            if k.size(2) == 1:
+                new_k, new_v = k[:, :, 0], v[:, :, 0]
+                if self.live is not None:
+                    live = self.live[:, None, None]
+                    new_k = torch.where(live, new_k, k_all[self.rows, :, self.pos])
+                    new_v = torch.where(live, new_v, v_all[self.rows, :, self.pos])
+                k_all[self.rows, :, self.pos] = new_k
+                v_all[self.rows, :, self.pos] = new_v
+            else:
+                if self._positions is None:
+                    span = torch.arange(k.size(2), device=self.pos.device)
+                    self._positions = self.pos[:, None] + span
+                rows = self.rows[:, None]
+                k_all[rows, :, self._positions] = k.transpose(1, 2)
+                v_all[rows, :, self._positions] = v.transpose(1, 2)
         if self.gather:
             return k_all[self.rows], v_all[self.rows]
         return k_all, v_all

@@ -52,7 +52,14 @@ import torch.nn.functional as F
 from loopedlm.common.paths import loopedlm_home
 from loopedlm.common.validation import is_int
 from loopedlm.infer.cache import ChunkWrites, Entry, StaticKVCache, StepWrites, loop_slot_map
-from loopedlm.infer.sampling import SamplingParams, sample_rows
+from loopedlm.infer.sampling import (
+    CORRECT,
+    DRAFT,
+    SamplingParams,
+    row_probs,
+    sample_rows,
+    speculative_accept,
+)
 from loopedlm.model.attention import AttentionPlan, attention_masks, norm, rotary_at
 from loopedlm.model.config import check_token_ids
 from loopedlm.model.gpt import LoopedGPT, LoopInputs
@@ -66,6 +73,9 @@ COMPILE_MODES = ("auto", False, True, "step", "loop")
 # many times, so short generations never pay for a compile (measured in bench_decode.py)
 AUTO_COMPILE_AFTER = 32
 COMPILED_VARIANTS = 256  # graphs of the compiled step (one per step variant) before eager
+# self-speculative decoding: tokens drafted per verify pass (measured in bench_decode.py)
+DEFAULT_DRAFT_TOKENS = 4
+MAX_DRAFT_TOKENS = 16
 
 
 # ---- the per-row options -----------------------------------------------------------------------
@@ -110,6 +120,10 @@ class SequenceParams:
         budget, the first token included (None: until the cache is full). stop_ids: the row
         finishes when it samples one (the stop token is returned, flagged finished).
     adaptive: adaptive loops, or None (every token runs n_loops).
+    draft_loops: self-speculative decoding (docs/design.md#decoding): the same weights at
+        this many loops (1 .. n_loops - 1) draft `draft_tokens` tokens, which one pass at
+        n_loops verifies; the output is the n_loops output exactly (greedy: token for token;
+        sampling: in distribution). None: off.
     """
 
     n_loops: int | None = None
@@ -117,6 +131,8 @@ class SequenceParams:
     max_new_tokens: int | None = None
     stop_ids: tuple[int, ...] = ()
     adaptive: AdaptiveLoops | None = None
+    draft_loops: int | None = None
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingParams):
@@ -127,6 +143,16 @@ class SequenceParams:
                                                 or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not allowed: an "
                              f"integer >= 1")
+        if self.draft_loops is not None and (not is_int(self.draft_loops)
+                                             or self.draft_loops < 1):
+            raise ValueError(f"draft_loops={self.draft_loops!r} is not allowed: an integer "
+                             f">= 1, below n_loops (or None)")
+        if not is_int(self.draft_tokens) or not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft_tokens={self.draft_tokens!r} is not allowed: an integer "
+                             f"in [1, {MAX_DRAFT_TOKENS}]")
+        if self.draft_loops is not None and self.adaptive is not None:
+            raise ValueError("draft_loops and adaptive loops do not combine: speculative "
+                             "decoding verifies at a fixed n_loops")
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
 
     @property
@@ -163,7 +189,8 @@ class StepKey:
 
     batch: the bucket. n_loops: the loops it runs (the largest of its rows). kv_len: key
     positions attended. mixed: rows differ in n_loops. filtered: a row uses top-k/top-p.
-    greedy: every row is greedy (no noise to draw)."""
+    greedy: every row is greedy (no noise to draw). speculative: some rows decode
+    speculatively (they take their tokens from their verified ones instead)."""
 
     batch: int
     n_loops: int
@@ -171,6 +198,16 @@ class StepKey:
     mixed: bool
     filtered: bool
     greedy: bool
+    speculative: bool = False
+
+
+def check_draft_loops(draft_loops: int | None, n_loops: int) -> None:
+    """A ValueError naming both counts unless the draft runs fewer loops than the model it
+    drafts for (where a speculative request enters: the engine, the server)."""
+    if draft_loops is not None and not (is_int(draft_loops) and 1 <= draft_loops < n_loops):
+        raise ValueError(f"draft_loops={draft_loops!r} is not allowed with n_loops={n_loops}: "
+                         f"the draft runs fewer loops than the model it drafts for "
+                         f"(1 .. {n_loops - 1})")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -263,6 +300,26 @@ def stand_ins(tree: Any) -> Any:
     return walk(tree)
 
 
+@dataclass
+class SpeculationStats:
+    """Self-speculative decoding so far: verify passes (one per row per round), tokens
+    drafted, tokens emitted (the kept drafts and the verify pass's own token)."""
+
+    rounds: int = 0
+    drafted: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Share of the drafted tokens that the verify passes kept."""
+        return (self.emitted - self.rounds) / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Mean tokens out of one verify pass (1 .. draft_tokens + 1)."""
+        return self.emitted / self.rounds if self.rounds else float("nan")
+
+
 # ---- per-slot state ----------------------------------------------------------------------------
 @dataclass
 class SlotInfo:
@@ -270,6 +327,8 @@ class SlotInfo:
 
     params: SequenceParams
     length: int = 0  # tokens in the cache (an upper bound once finished)
+    pending: int = 0  # speculative: verified tokens not yet emitted
+    ending: bool = False  # speculative: the pending tokens finish the sequence
 
 
 class SlotState:
@@ -298,6 +357,13 @@ class SlotState:
         self.finished = state(torch.bool, False)
         self.stop_table = torch.full((max_batch, 1), -1, dtype=torch.long, device=device)
         self.rows = torch.arange(max_batch, device=device)  # each row's index (constant)
+        # self-speculative decoding: a row's verified tokens wait here (`pending`), and the
+        # next steps emit them one per step (`pending_at`: the next one to emit)
+        self.speculative = state(torch.bool, False)
+        self.draft_loops = state(torch.long, 1)
+        self.pending = torch.zeros((max_batch, MAX_DRAFT_TOKENS + 1), dtype=torch.long,
+                                   device=device)
+        self.pending_at = state(torch.long)
         # the step's static outputs
         self.out_tokens = state(torch.long, -1)
         self.out_loops = state(torch.long)
@@ -330,6 +396,9 @@ class SlotState:
         self.counter[slot] = 0
         self.finished[slot] = False
         self.active[slot] = True
+        self.speculative[slot] = params.draft_loops is not None
+        self.draft_loops[slot] = params.draft_loops or 1
+        self.pending_at[slot] = 0
         return grew
 
     def close(self, slot: int) -> None:
@@ -358,10 +427,19 @@ class SlotState:
         self.counter[rows] = counter
         self.finished[rows] = self.finished[rows] | (live & done)
 
+    def pop_pending(self, rows: slice, sampled: torch.Tensor) -> torch.Tensor:
+        """`sampled` (rows,) with each speculative row's next verified token instead (the
+        row moves on to the one after)."""
+        speculative = self.speculative[rows]
+        at = self.pending_at[rows]
+        verified = self.pending[rows].gather(1, at[:, None])[:, 0]
+        self.pending_at[rows] = at + speculative.long()
+        return torch.where(speculative, verified, sampled)
+
     def step_state(self) -> list[torch.Tensor]:
         """The tensors a step changes (what a capture's warm-up must put back)."""
         return [self.tokens, self.pos, self.counter, self.finished, self.out_tokens,
-                self.out_loops]
+                self.out_loops, self.pending_at]
 
 
 # ---- the passes: a plan, one loop of a decode step, the fixed-loop step ---------------------------
@@ -390,31 +468,48 @@ def decode_loop(model: LoopedGPT, inputs: LoopInputs, previous: torch.Tensor | N
                            previous, 0))
 
 
+def decode_pass(model: LoopedGPT, tokens: torch.Tensor, pos: torch.Tensor,
+                n_loops: torch.Tensor, rows: torch.Tensor, cache: StaticKVCache,
+                entries: list[list[Entry]], fused: list[torch.Tensor | None], *,
+                max_loops: int, mixed: bool, gather: bool = False,
+                loop_fn: Callable = decode_loop) -> torch.Tensor:
+    """The loop outputs (R, T, d) of `tokens` (R, T) fed at positions pos[r] .. pos[r]+T-1:
+    every row runs `max_loops` loops and (`mixed`: rows differ in `n_loops`) reads its
+    output at its own loop count; with shared cache slots, a row past its own count writes
+    no keys. `entries[loop]`: that loop's cache views (`StaticKVCache.loop_entries`); row r
+    is rows[r] of them (`gather`: a subset, read gathered). Their length is the keys
+    attended (a dynamic size when compiled)."""
+    n_keys = entries[0][0][0].size(2)
+    slots = pos[:, None] if tokens.size(1) == 1 else \
+        pos[:, None] + torch.arange(tokens.size(1), device=pos.device)
+    inputs = model.prepare(tokens, plan=pass_plan(model, slots, n_keys, cache.dtype, fused=fused))
+    shared = mixed and cache.slot_of_loop != list(range(len(cache.slot_of_loop)))
+    previous = final = None
+    for loop in range(max_loops):
+        writes = StepWrites(entries[loop], rows, pos, write_first=cache.writes(loop, 0),
+                            live=(n_loops > loop) if shared else None, gather=gather)
+        h = loop_fn(model, inputs, previous, writes)
+        if mixed:  # each row's output is its own last loop's
+            final = h if final is None else torch.where((n_loops > loop)[:, None, None], h, final)
+        previous = h
+    return final if mixed else previous
+
+
 def step_logits(model: LoopedGPT, key: StepKey, tokens: torch.Tensor, pos: torch.Tensor,
                 n_loops: torch.Tensor, rows: torch.Tensor, cache: StaticKVCache,
                 key_slots: torch.Tensor, fused: list[torch.Tensor | None],
                 loop_fn: Callable = decode_loop,
                 entries: list[list[Entry]] | None = None) -> torch.Tensor:
-    """Logits (batch, V) of `tokens` (batch,) fed at positions `pos`, every row running
-    `key.n_loops` loops and reading its output at its own loop count `n_loops`; with shared
-    cache slots, a row past its own count writes no keys. The keys attended are those at
-    positions `key_slots` (0 .. kv_len-1: a tensor, so that a compiled step takes the length
-    as a dynamic size); `entries[loop]`: that loop's cache views, if made already."""
-    batch, n_keys = tokens.size(0), key_slots.size(0)
-    plan = pass_plan(model, pos[:, None], n_keys, cache.dtype, fused=fused)
-    inputs = model.prepare(tokens[:, None], plan=plan)
-    shared = key.mixed and cache.slot_of_loop != list(range(len(cache.slot_of_loop)))
-    previous = final = None
-    for loop in range(key.n_loops):
-        loop_entries = cache.loop_entries(loop, batch, n_keys) if entries is None \
-            else entries[loop]
-        writes = StepWrites(loop_entries, rows, pos, write_first=cache.writes(loop, 0),
-                            live=(n_loops > loop) if shared else None)
-        h = loop_fn(model, inputs, previous, writes)
-        if key.mixed:  # each row's output is its own last loop's
-            final = h if final is None else torch.where((n_loops > loop)[:, None, None], h, final)
-        previous = h
-    return model.logits((final if key.mixed else previous)[:, -1])
+    """Logits (batch, V) of `tokens` (batch,) fed at positions `pos` (`decode_pass` at
+    `key.n_loops`). The keys attended are those at positions `key_slots` (0 .. kv_len-1: a
+    tensor, so that a compiled step takes the length as a dynamic size); `entries[loop]`:
+    that loop's cache views, if made already."""
+    if entries is None:
+        entries = [cache.loop_entries(loop, tokens.size(0), key_slots.size(0))
+                   for loop in range(key.n_loops)]
+    h = decode_pass(model, tokens[:, None], pos, n_loops, rows, cache, entries, fused,
+                    max_loops=key.n_loops, mixed=key.mixed, loop_fn=loop_fn)
+    return model.logits(h[:, -1])
 
 
 def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKVCache,
@@ -433,7 +528,17 @@ def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKV
         sampled = logits.argmax(dim=-1)
     else:
         sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
+    if key.speculative:  # their computed token is discarded (their cache writes are the
+        sampled = state.pop_pending(rows, sampled)  # verified ones again: same inputs)
     state.record(rows, sampled, live, state.n_loops[rows])
+
+
+def pop_step(state: SlotState, batch: int) -> None:
+    """A step in which every live row is speculative: each emits its next verified token,
+    and nothing is computed."""
+    rows = slice(0, batch)
+    live = state.active[rows] & ~state.finished[rows]
+    state.record(rows, state.pop_pending(rows, state.tokens[rows]), live, state.n_loops[rows])
 
 
 def adaptive_row_settings(adaptive: list[AdaptiveLoops | None], device: torch.device
@@ -527,6 +632,7 @@ class DecodeEngine:
         self._slots: dict[int, torch.Tensor] = {}
         self._compile_runs: dict[StepKey, int] = {}  # background: eager runs per variant
         self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
+        self.speculation = SpeculationStats()
         # q, k and v projections in one matrix per layer, derived once (and again only if the
         # weights change: `_sync_weights`); the model's parameters stay as they are
         self.fused = [block.attn.fused_weight() for block in model.transformer.h]
@@ -611,6 +717,11 @@ class DecodeEngine:
         if n_loops > self.max_loops:
             raise ValueError(f"n_loops={n_loops!r} is not allowed: an integer in "
                              f"[1, {self.max_loops}] (the engine's max_loops)")
+        if params.draft_loops is not None:
+            check_draft_loops(params.draft_loops, n_loops)
+            if self.cache.slot_of_loop != list(range(self.max_loops)):
+                raise ValueError("draft_loops needs the exact cache: with shared cache slots "
+                                 "(cache_slots) a verify pass would read other loops' keys")
         vocab = self.config.vocab_size
         bad = [s for s in params.stop_ids if not is_int(s) or not 0 <= s < vocab]
         if bad:
@@ -672,12 +783,22 @@ class DecodeEngine:
         fixed-loop path). Returns device tensors over the step's bucket."""
         batch = self._bucket()
         infos = list(self.state.infos.values())
+        speculative = [slot for slot, info in self.state.infos.items()
+                       if info.params.draft_loops is not None]
+        if speculative:
+            due = [slot for slot in speculative if not self.state.infos[slot].pending
+                   and not self.state.infos[slot].ending]
+            if due:
+                self._speculate(due)
         if any(info.params.adaptive is not None for info in infos):
             self._adaptive_step(batch)
+        elif len(speculative) == len(infos):  # every row emits a verified token
+            pop_step(self.state, batch)
         else:
             self._runner(self._step_key(batch))()
         for info in infos:
             info.length = min(info.length + 1, self.max_len)
+            info.pending = max(0, info.pending - 1)
         return self.output(batch)
 
     def output(self, batch: int | None = None) -> StepOutput:
@@ -701,6 +822,9 @@ class DecodeEngine:
             raise ValueError(f"slot {full[0]} holds max_len={self.max_len} tokens: no room "
                              f"for another")
         infos = list(state.infos.values())
+        if any(info.params.draft_loops is not None for info in infos):
+            raise ValueError("decode() feeds given tokens: speculative rows (draft_loops) "
+                             "only generate")
         live = state.active[:batch].clone()
         if any(info.params.adaptive is not None for info in infos):
             logits, loops = self._adaptive_logits(tokens, batch)
@@ -733,7 +857,8 @@ class DecodeEngine:
         return StepKey(batch, n_loops, self._kv_len(),
                        mixed=any(p.n_loops != n_loops for p in params),
                        filtered=any(p.filtered for p in params),
-                       greedy=all(p.greedy for p in params))
+                       greedy=all(p.greedy for p in params),
+                       speculative=any(p.draft_loops is not None for p in params))
 
     def _loop_entries(self, batch: int, kv_len: int) -> list[list[Entry]]:
         """Every loop's cache views for rows [0, batch) and key positions [0, kv_len),
@@ -861,11 +986,90 @@ class DecodeEngine:
                            state.rows[:batch], self.cache, self._key_slots(key.kv_len),
                            self.fused, self.loop_fn, self._loop_entries(batch, key.kv_len))
 
+    def _rows_pass(self, slots: list[int], tokens: torch.Tensor, pos: torch.Tensor,
+                   n_loops: list[int], kv_len: int) -> torch.Tensor:
+        """`decode_pass` of the rows `slots` only (T tokens each): views of their cache rows
+        when they are contiguous, else gathered."""
+        count, first = len(slots), slots[0]
+        contiguous = slots == list(range(first, first + count))
+        batch = count if contiguous else self._bucket()
+        start = first if contiguous else 0
+        entries = [self.cache.loop_entries(loop, batch, kv_len, start)
+                   for loop in range(max(n_loops))]
+        rows = self.state.rows[:count] if contiguous else \
+            torch.tensor(slots, device=self.device)
+        loops = torch.tensor(n_loops, device=self.device)
+        return decode_pass(self.model, tokens, pos, loops, rows, self.cache, entries,
+                           self.fused, max_loops=max(n_loops),
+                           mixed=len(set(n_loops)) > 1, gather=not contiguous)
+
+    @torch.no_grad()
+    def _speculate(self, slots: list[int]) -> None:
+        """One round of self-speculative decoding for `slots`, whose verified tokens are all
+        emitted (docs/design.md#decoding). From the fed token on, each row drafts G tokens
+        at its draft_loops, one token at a time; one pass at its n_loops then runs the fed
+        token and the drafts, and speculative sampling (`speculative_accept`) keeps the
+        drafts that the n_loops model confirms, plus one of its own: its next G + 1
+        distributions are those of plain decoding at n_loops (the cache holds the n_loops
+        keys of every earlier position). The kept tokens wait in `SlotState.pending`.
+
+        The draft writes cache entries of loops 0 .. draft_loops-1 at the drafted positions,
+        and the verify pass every loop at them; entries past the kept tokens are stale, but
+        every later pass writes a position before any query reads it (a query reads only
+        positions at or before its own), so nothing needs rolling back. One host sync."""
+        state, infos = self.state, [self.state.infos[slot] for slot in slots]
+        rows = torch.tensor(slots, device=self.device)
+        params = [info.params for info in infos]
+        room = min(self.max_len - 1 - info.length for info in infos)
+        n_drafts = max(0, min(min(p.draft_tokens for p in params), room))
+        longest = max(info.length for info in infos) + n_drafts + 1
+        kv_len = min(self.max_len, -(-longest // KV_LEN_STEP) * KV_LEN_STEP)
+        pos, fed, counter = state.pos[rows], state.tokens[rows], state.counter[rows]
+        temperature, top_k, top_p, seed = (t[rows] for t in (state.temperature, state.top_k,
+                                                              state.top_p, state.seed))
+        filtered = any(p.filtered for p in params)
+        model, drafts, draft_probs, token = self.model, [], [], fed
+        for i in range(n_drafts):
+            h = self._rows_pass(slots, token[:, None], pos + i,
+                                [p.draft_loops for p in params], kv_len)
+            logits = model.logits(h[:, -1])
+            draft_probs.append(row_probs(logits, temperature, top_k, top_p, filtered=filtered))
+            token = sample_rows(logits, temperature, top_k, top_p, seed, counter + i,
+                                filtered=filtered, stream=DRAFT)
+            drafts.append(token)
+        chunk = torch.stack([fed, *drafts], 1)
+        h = self._rows_pass(slots, chunk, pos, [p.n_loops for p in params], kv_len)
+        span = n_drafts + 1
+        logits = model.logits(h).flatten(0, 1)
+        target = row_probs(logits, temperature.repeat_interleave(span),
+                           top_k.repeat_interleave(span), top_p.repeat_interleave(span),
+                           filtered=filtered).view(len(slots), span, -1)
+        if n_drafts:
+            tokens, emitted = speculative_accept(torch.stack(draft_probs, 1),
+                                                 torch.stack(drafts, 1), target, seed, counter)
+        else:
+            tokens = sample_rows(logits, temperature, top_k, top_p, seed, counter,
+                                 filtered=filtered, stream=CORRECT)[:, None]
+            emitted = torch.ones_like(counter)
+        state.pending[rows, :span] = tokens
+        state.pending_at[rows] = 0
+        # do the kept tokens end the sequence (a stop id, the token budget, the cache)?
+        kept = torch.arange(span, device=self.device) < emitted[:, None]
+        stop = ((tokens[:, :, None] == state.stop_table[rows][:, None, :]).any(-1) & kept).any(1)
+        ends = stop | (counter + emitted >= state.max_new[rows]) | (pos + emitted >= self.max_len)
+        emitted_host, ends_host = torch.stack([emitted, ends.long()]).tolist()
+        for info, count, end in zip(infos, emitted_host, ends_host, strict=True):
+            info.pending, info.ending = count, bool(end)
+        self.speculation.rounds += len(slots)
+        self.speculation.drafted += n_drafts * len(slots)
+        self.speculation.emitted += sum(emitted_host)
+
     def _adaptive_step(self, batch: int) -> None:
         state, rows = self.state, slice(0, batch)
         live = state.active[rows] & ~state.finished[rows]
         logits, loops = self._adaptive_logits(state.tokens[rows], batch)
-        state.record(rows, sample_rows(logits, *state.sampling(rows)), live, loops)
+        sampled = state.pop_pending(rows, sample_rows(logits, *state.sampling(rows)))
+        state.record(rows, sampled, live, loops)
 
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -919,4 +1123,5 @@ class DecodeEngine:
 
 
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
+           "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step", "pop_step",
            "SlotState", "batch_buckets", "capture_step", "decode_loop", "CRITERIA"]

@@ -8,7 +8,9 @@ Endpoints (FastAPI + uvicorn):
   (server-sent events ending in `data: [DONE]`; `stream_options.include_usage`),
   `usage`. Extra request fields: `n_loops` (loops per token, default the model's),
   `adaptive_threshold` (stop looping a token once its loop state changes less than
-  this; n_loops is then the most it may use), `return_loops` (also list the loops
+  this; n_loops is then the most it may use), `draft_loops` (self-speculative decoding:
+  the model at this many loops drafts tokens that n_loops verifies; same output),
+  `return_loops` (also list the loops
   spent on every token), `timeout` (seconds, at most the server's). Every choice reports
   `mean_loops` (and `loops` when asked). Finish reasons: "stop", "length", "timeout".
 * `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format).
@@ -52,7 +54,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loopedlm.common.validation import is_int
 from loopedlm.data.runs import load_run
-from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams
+from loopedlm.infer.engine import (
+    AdaptiveLoops,
+    DecodeEngine,
+    SequenceParams,
+    check_draft_loops,
+)
 from loopedlm.infer.generate import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence, SlotEngine
@@ -81,6 +88,7 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     n_loops: int | None = Field(None, ge=1)
     adaptive_threshold: float | None = Field(None, ge=0)
+    draft_loops: int | None = Field(None, ge=1)
     return_loops: bool = False
     timeout: float | None = Field(None, gt=0)
 
@@ -371,9 +379,11 @@ class CompletionServer:
                                       seed=body.seed)
             adaptive = None if body.adaptive_threshold is None \
                 else AdaptiveLoops(body.adaptive_threshold)
+            check_draft_loops(body.draft_loops, body.n_loops or self.model.config.n_loops)
+            params = SequenceParams(n_loops=body.n_loops, sampling=sampling, adaptive=adaptive,
+                                    draft_loops=body.draft_loops)
         except ValueError as exc:
             raise ApiError(400, str(exc), param=str(exc).split("=", 1)[0]) from None
-        params = SequenceParams(n_loops=body.n_loops, sampling=sampling, adaptive=adaptive)
         return [Sequence(prompt=ids, params=params, max_tokens=body.max_tokens, sink=sink_for(i),
                          stop=stop, stop_ids=frozenset({self.tokenizer.bos_id}), timeout=timeout)
                 for i, ids in enumerate(rows)]
