@@ -130,6 +130,7 @@ class LoopedGPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         # set by wrap_loops (activation checkpointing, from outside: loopedlm.train.parallel)
         self._loop_wrapper: Callable | None = None
+        self.head_options: dict = {}  # head_loss(backend=, compile=) for `loss`; {}: defaults
 
     # ---- initialisation (SPEC 1) --------------------------------------------
     @torch.no_grad()
@@ -300,7 +301,7 @@ class LoopedGPT(nn.Module):
         """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
         chunked so the (rows x vocabulary) logits are never held (`loopedlm.model.head_loss`)."""
         weight = self.lm_head.weight[: self.config.vocab_size]
-        return head_loss(h, weight, targets, self.config.softcap)
+        return head_loss(h, weight, targets, self.config.softcap, **self.head_options)
 
     # ---- forward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,

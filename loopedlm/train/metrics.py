@@ -108,13 +108,16 @@ def _proc_status_bytes(key: str) -> int:
 
 
 @torch.no_grad()
-def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
-    """L2 norm of each group's gradients (call before clipping)."""
+def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """L2 norm of each group's gradients (call before clipping), as 0-d fp32 tensors on the
+    gradients' device: nothing is read back here, so a training step stays free of host
+    syncs (the trainer reads every figure of a log interval in one transfer)."""
     out = {}
     for name, params in groups.items():
         grads = [p.grad.detach().float() for p in params if p.grad is not None]
-        out[name] = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        out[name] = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])) if grads else \
+            torch.zeros((), device=params[0].device if params else None)
     return out
 
 
