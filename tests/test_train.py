@@ -344,12 +344,15 @@ def _records_without_timings(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("log_every", [1, 2])
-def test_logged_figures_are_unchanged_by_reading_them_once_per_interval(tmp_path, log_every):
+def test_logged_figures_are_unchanged_by_reading_them_once_per_interval(tmp_path, log_every,
+                                                                      caplog):
     """Every figure of log.jsonl equals what the per-step reads wrote (apart from the
     timings); with log_every=2 the records are those of steps 2 and 4, plus step 3, whose
-    collapse flag is written whatever the interval."""
-    train(_four_step_config(tmp_path / "run", log_every=log_every), data=SyntheticData(),
-          tokenizer=FakeTokenizer())
+    collapse flag is written whatever the interval. The head's backend is logged once."""
+    with caplog.at_level("INFO"):
+        train(_four_step_config(tmp_path / "run", log_every=log_every), data=SyntheticData(),
+              tokenizer=FakeTokenizer())
+    assert caplog.text.count("LM head loss: chunked, fp32 accumulation, eager") == 1
     before = [json.loads(x) for x in
               (Path(__file__).parent / "fixtures" / "train-4-steps-log.jsonl").read_text()
               .splitlines()]
