@@ -119,7 +119,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         n = h.size(0)
         chunk_rows = max(1, min(chunk_rows, n))  # one static chunk shape per row count
         with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(mm_dtype)
+            # detached: a view of an input that requires grad says so even here, and the
+            # compiled chunk functions would compile a variant for each answer
+            h, w = h.detach(), weight.detach().to(mm_dtype)
             # eager with all rows in one chunk: keep its tanh (less than the plain path
             # keeps) and skip the recomputation; otherwise the backward recomputes
             keep_tanh = (not compiled and n <= chunk_rows
@@ -146,7 +148,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     lse[rows] = chunk_lse[:real]
                     total += chunk_total
             count = (targets != IGNORE_INDEX).sum()
-        ctx.save_for_backward(h, weight, targets, lse, count, kept_tanh)
+        ctx.save_for_backward(h, weight.detach(), targets, lse, count, kept_tanh)
         ctx.softcap, ctx.chunk_rows, ctx.mm_dtype = softcap, chunk_rows, mm_dtype
         ctx.compiled = compiled
         return total / count  # 0 / 0 = nan when every target is ignored, as F.cross_entropy
@@ -157,7 +159,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         softcap, chunk_rows, mm_dtype = ctx.softcap, ctx.chunk_rows, ctx.mm_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(mm_dtype)
+            h, w = h.detach(), weight.detach().to(mm_dtype)
             scale = grad_loss.float() / count
             grad_h = torch.empty_like(h) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \

@@ -305,26 +305,25 @@ class Trainer:
         save = bool(cfg.save_every and step % cfg.save_every == 0) or last
         # the same on every rank: the SIGTERM agreement below is a collective
         shared_point = last or step % cfg.log_every == 0 or evaluate or save
+        if shared_point or sample:
+            if not self._flush(progress):
+                return True
+            if evaluate:
+                self._validate(progress)
+            if sample:
+                text = sample_text(self.model, self.tokenizer, cfg.sample_prompt,
+                                   cfg.sample_tokens, seed=cfg.seed)
+                self.logger.write({"step": step, "sample": text})
+            if save:
+                self._save(progress)
+            _synchronize(info.device)
+            self.interval_start = time.time()
         # one process reads its SIGTERM flag at every step for free; ranks must agree
         # through a collective (a host sync), so they do at the shared points only
-        stopping = (shared_point or not info.distributed) and not last \
-            and terminate.agreed(info)
-        if not (shared_point or sample or stopping):
+        if last or (info.distributed and not shared_point) or not terminate.agreed(info):
             return False
-        if not self._flush(progress):
+        if self.pending and not self._flush(progress):
             return True
-        if evaluate:
-            self._validate(progress)
-        if sample:
-            text = sample_text(self.model, self.tokenizer, cfg.sample_prompt,
-                               cfg.sample_tokens, seed=cfg.seed)
-            self.logger.write({"step": step, "sample": text})
-        if save:
-            self._save(progress)
-        _synchronize(info.device)
-        self.interval_start = time.time()
-        if not stopping:
-            return False
         if progress.last_saved != step:
             self._save(progress)
         progress.status = "interrupted"
