@@ -33,13 +33,10 @@ dtype, everything after it in fp32.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
 from loopedlm.common.compiling import recompile_limit_kwargs
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -1
 HEAD_BACKENDS = ("chunked", "cce")

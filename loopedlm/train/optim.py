@@ -1,8 +1,8 @@
-"""The paper's optimiser recipe (SPEC 5, nanochat's defaults): Muon for the 2-D block
+"""The paper's optimiser recipe (docs/design.md#training-recipe, nanochat's defaults): Muon for the 2-D block
 matrices, AdamW for the embedding and the LM head, a trapezoid learning-rate schedule
 and a Muon momentum warm-up.
 
-`torch.optim.Muon` does what SPEC 5 needs and matches nanochat's Muon step for step:
+`torch.optim.Muon` does what the recipe needs and matches nanochat's Muon step for step:
 the momentum buffer is `buf.lerp_(g, 1 - m)`, the Nesterov update `g.lerp(buf, m)`,
 5 Newton-Schulz steps in bf16 with Keller Jordan's coefficients, and
 `adjust_lr_fn="original"` scales the step by `sqrt(max(1, rows / cols))`, which is
@@ -25,7 +25,7 @@ from loopedlm.common.validation import ConfigError, check, check_positive, is_in
 
 @dataclass
 class OptimConfig:
-    """Learning rates, momenta and the schedule (SPEC 5).
+    """Learning rates, momenta and the schedule (docs/design.md#training-recipe).
 
     `lr_scale` multiplies every group's rate; `matrix_lr`, `embedding_lr` and
     `lm_head_lr` are the per-group rates (set them to sweep one group). The AdamW rates
@@ -73,8 +73,9 @@ class OptimConfig:
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """SPEC 5 trapezoid: (optional linear warm-up), constant, then linear to
-    `final_lr_frac` over the last `warmdown_ratio` of the steps (nanochat's formula)."""
+    """The recipe's trapezoid (docs/design.md#training-recipe): (optional linear warm-up),
+    constant, then linear to `final_lr_frac` over the last `warmdown_ratio` of the steps
+    (nanochat's formula)."""
     warmup = round(cfg.warmup_ratio * total_steps)
     warmdown = round(cfg.warmdown_ratio * total_steps)
     if step < warmup:
@@ -86,7 +87,7 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def muon_momentum(step: int, cfg: OptimConfig) -> float:
-    """SPEC 5: Muon momentum warmed up linearly from 0.85 to 0.95 over 300 steps."""
+    """docs/design.md#training-recipe: Muon momentum warmed up linearly from 0.85 to 0.95 over 300 steps."""
     if cfg.muon_momentum_warmup_steps == 0:
         return cfg.muon_momentum
     frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)

@@ -1,7 +1,8 @@
-"""The training run (SPEC 5, with the diagnostics of SPEC 6): `train(cfg)` builds the
-model, optimiser and data from a `TrainConfig`, runs the steps, evaluates, samples and
-checkpoints on schedule, resumes exactly, and stops cleanly on SIGTERM, a collapse or
-running out of memory. The command line is loopedlm.cli.train."""
+"""The training run (docs/design.md#training-recipe, with the diagnostics of
+docs/design.md#diagnostics): `train(cfg)` builds the model, optimiser and data from a
+`TrainConfig`, runs the steps, evaluates, samples and checkpoints on schedule, resumes
+exactly, and stops cleanly on SIGTERM, a collapse or running out of memory. The command
+line is loopedlm.cli.train."""
 
 from __future__ import annotations
 
