@@ -9,15 +9,17 @@ import sys
 import time
 from typing import Any
 
-import torch
-
-from loopedlm.infer.generate import stream, strip_trailing_spaces
-from loopedlm.infer.loading import load_run_tokenizer
+from loopedlm.cli import add_command
 from loopedlm.infer.options import CRITERIA, SLOT_POLICIES
-from loopedlm.model.checkpoint import load_model
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from loopedlm.infer.generate import stream, strip_trailing_spaces
+    from loopedlm.infer.loading import load_run_tokenizer
+    from loopedlm.model.checkpoint import load_model
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(args.run, device=device)
     tokenizer = load_run_tokenizer(args.run)
@@ -66,8 +68,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm sample`."""
-    p = subparsers.add_parser("sample", help="generate text from a trained run",
-                              description="Generate text from a run (its latest checkpoint) "
+    p = add_command(subparsers, "sample",
+                    description="Generate text from a run (its latest checkpoint) "
                                           "or a checkpoint folder, streaming tokens to stdout.")
     p.add_argument("run", help="run folder or checkpoint folder")
     p.add_argument("--prompt", action="append", required=True,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from loopedlm.cli import add_command
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
@@ -21,8 +23,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm serve`."""
-    p = subparsers.add_parser(
-        "serve", help="serve a run over an OpenAI-compatible HTTP API",
+    p = add_command(
+        subparsers, "serve",
         description="Serve a run (its latest checkpoint) or a checkpoint folder: POST "
                     "/v1/completions (OpenAI's, plus n_loops, adaptive_threshold, "
                     "return_loops), GET /v1/models, /health, /metrics, and a web page at /.")

@@ -110,6 +110,13 @@ DOWNSTREAM_TASKS: dict[str, str] = {
     "arc_challenge": "arc_challenge",  # 10-shot
 }
 TASK_GROUPS = ("core", "downstream", "all")
+# `loopedlm eval --preset`: which tasks, and how many examples of each. "full" is the
+# paper's evaluation (hours on a CPU at five loop counts); "quick" is a first look that a
+# CPU finishes in minutes (the paper's six tasks, 20 examples each: noisy figures)
+EVAL_PRESETS: dict[str, dict[str, str | int]] = {
+    "full": {"tasks": "core", "max_examples": 200},
+    "quick": {"tasks": "downstream", "max_examples": 20},
+}
 
 
 def paper_alias(name: str) -> str | None:
