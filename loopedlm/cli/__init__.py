@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -38,6 +39,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def add_command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     """Add the parser of command `name` (its help line from COMMANDS)."""
     return subparsers.add_parser(name, help=COMMANDS[name][1], **kwargs)
+
+
+def decoding_device(device: str | None) -> str:
+    """The device `sample` and `serve` decode on (default: cuda if there is one), and on a CPU
+    one torch thread unless OMP_NUM_THREADS says otherwise: a decode step's small matrix
+    products gain nothing from more threads, which only wait on each other (and badly on a
+    busy machine). Training and evaluation keep torch's default: every core."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+    return device
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

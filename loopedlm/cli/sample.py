@@ -9,18 +9,16 @@ import sys
 import time
 from typing import Any
 
-from loopedlm.cli import add_command
+from loopedlm.cli import add_command, decoding_device
 from loopedlm.infer.options import CRITERIA, SLOT_POLICIES
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
     from loopedlm.infer.generate import stream, strip_trailing_spaces
     from loopedlm.infer.loading import load_run_tokenizer
     from loopedlm.model.checkpoint import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = decoding_device(args.device)
     model, _ = load_model(args.run, device=device)
     tokenizer = load_run_tokenizer(args.run)
     # documents are BOS-delimited in training, so a generated BOS ends the text

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopedlm.cli import add_command
+from loopedlm.cli import add_command, decoding_device
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"loopedlm serve needs {exc.name}: pip install 'loopedlm[serve]'") from None
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch,
                          max_queue=args.max_queue, max_loops=args.max_loops, timeout=args.timeout)
-    serve(args.run, config, device=args.device, name=args.name)
+    serve(args.run, config, device=decoding_device(args.device), name=args.name)
     return 0
 
 
