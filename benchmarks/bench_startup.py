@@ -32,8 +32,9 @@ LAUNCH = "import sys; from loopedlm.cli import main; sys.exit(main())"  # the co
 def timed(argv: list[str], tree: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     start = time.perf_counter()
-    result = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    # run in the tree: `python -c` puts the working folder first on sys.path
+    result = subprocess.run(argv, env=env, cwd=tree, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {result.returncode}: {result.stderr[-500:]}")
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--tree", action="append", type=Path,
                         help="a loopedlm checkout to time (repeatable; default: this one)")
     args = parser.parse_args()
-    trees = args.tree or [ROOT]
+    trees = [tree.resolve() for tree in args.tree or [ROOT]]
     rows = {"python -c pass": (ROOT, [sys.executable, "-c", "pass"]),
             "python -c 'import torch'": (ROOT, [sys.executable, "-c", "import torch"])}
     for tree in trees:

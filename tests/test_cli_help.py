@@ -82,3 +82,30 @@ def test_commands_that_need_no_model_do_not_import_torch(tmp_path):
                             capture_output=True, text=True, check=True)
     imported = json.loads(result.stdout)
     assert imported == {" ".join(argv): False for argv in QUICK}
+
+
+def _reference(capsys) -> str:
+    """docs/cli.md: the --help of every command and sub-command (lm-eval's is lm-eval's own)."""
+    parts = ["# The command line\n\nEvery command and sub-command, as `--help` prints it. Generated "
+             "by `tests/test_cli_help.py` (`LOOPEDLM_UPDATE_DOCS=1 python -m pytest "
+             "tests/test_cli_help.py` rewrites it).\n"]
+    for command in COMMANDS:
+        if command == "lm-eval":
+            parts.append("\n## loopedlm lm-eval\n\nlm-evaluation-harness's own command line "
+                         "with the `loopedlm` model registered: `loopedlm lm-eval --help`.\n")
+            continue
+        out = _help([command, "--help"], capsys)
+        parts.append(f"\n## loopedlm {command}\n\n```\n{out.rstrip()}\n```\n")
+        if "  ACTION" in out.splitlines():
+            for action in _listed(out, "ACTION"):
+                sub = _help([command, action, "--help"], capsys)
+                parts.append(f"\n### loopedlm {command} {action}\n\n```\n{sub.rstrip()}\n```\n")
+    return "".join(parts)
+
+
+def test_the_cli_reference_in_docs_is_up_to_date(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps help to the terminal's width
+    reference, path = _reference(capsys), ROOT / "docs" / "cli.md"
+    if os.environ.get("LOOPEDLM_UPDATE_DOCS"):
+        path.write_text(reference)
+    assert path.read_text() == reference, "run LOOPEDLM_UPDATE_DOCS=1 pytest tests/test_cli_help.py"
