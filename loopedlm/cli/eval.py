@@ -74,12 +74,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"evaluating {target.folder} at N={target.loops} on {len(tasks)} tasks "
           f"({'all' if max_examples is None else f'max {max_examples}'} examples "
           f"each); results -> {out}", file=sys.stderr)
-    estimate = estimate_target(target, tasks, max_examples=max_examples,
-                               batch_size=args.batch_size, val_batches=args.val_batches)
-    hint = ""
-    if estimate.seconds > LONG_EVALUATION_S and args.preset != "quick":
-        hint = "; for a first look in minutes: --preset quick (the paper's six tasks, 20 each)"
-    print(f"estimated time on {target.device}: {estimate.describe()}{hint}", file=sys.stderr)
+    try:
+        estimate = estimate_target(target, tasks, max_examples=max_examples,
+                                   batch_size=args.batch_size, val_batches=args.val_batches)
+    except (RuntimeError, ValueError) as exc:  # a courtesy: it never stops the evaluation
+        print(f"no time estimate: {exc}", file=sys.stderr)
+    else:
+        hint = ""
+        if estimate.seconds > LONG_EVALUATION_S and args.preset != "quick":
+            hint = "; for a first look in minutes: --preset quick (the paper's six tasks, 20 each)"
+        print(f"estimated time on {target.device}: {estimate.describe()}{hint}", file=sys.stderr)
     results, paths = run_budget_evaluation(target, out, tasks=tasks, wikitext=args.wikitext,
                                            max_examples=max_examples,
                                            batch_size=args.batch_size,

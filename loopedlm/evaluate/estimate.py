@@ -87,8 +87,10 @@ def seconds_per_token(model: Any, loops: Sequence[int], *, device: Any = "cpu",
 
     low = min(loops)
     timed(low, rows=2)  # warm-up: first-call allocations and kernels
-    at_low, at_next = timed(low), timed(low + 1)
-    per_loop = max(at_next - at_low, 0.0)
+    at_low = timed(low)
+    if max(loops) == low:  # one loop count (an external model has no other)
+        return {low: at_low}
+    per_loop = max(timed(low + 1) - at_low, 0.0)
     return {n: at_low + per_loop * (n - low) for n in loops}
 
 
