@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from loopedlm.common.validation import is_int
 from loopedlm.infer.cache import ChunkWrites, StaticKVCache, StepWrites, loop_slot_map
+from loopedlm.infer.options import COMPILE_MODES, CRITERIA
 from loopedlm.infer.sampling import SamplingParams, sample_rows
 from loopedlm.model.attention import AttentionPlan, attention_masks, norm, rotary_at
 from loopedlm.model.config import check_token_ids
@@ -54,8 +55,6 @@ from loopedlm.model.gpt import LoopedGPT, LoopInputs
 log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
-CRITERIA = ("state", "kl")
-COMPILE_MODES = (False, True, "step", "loop")
 
 
 # ---- the per-row options -----------------------------------------------------------------------
