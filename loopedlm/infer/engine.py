@@ -52,6 +52,12 @@ import torch.nn.functional as F
 from loopedlm.common.paths import loopedlm_home
 from loopedlm.common.validation import is_int
 from loopedlm.infer.cache import ChunkWrites, Entry, StaticKVCache, StepWrites, loop_slot_map
+from loopedlm.infer.options import (
+    COMPILE_MODES,
+    CRITERIA,
+    DEFAULT_DRAFT_TOKENS,
+    MAX_DRAFT_TOKENS,
+)
 from loopedlm.infer.sampling import (
     CORRECT,
     DRAFT,
@@ -67,15 +73,10 @@ from loopedlm.model.gpt import LoopedGPT, LoopInputs
 log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
-CRITERIA = ("state", "kl")
-COMPILE_MODES = ("auto", False, True, "step", "loop")
 # compile="auto" on CPU: a step variant is compiled (on a worker thread) once it has run this
 # many times, so short generations never pay for a compile (measured in bench_decode.py)
 AUTO_COMPILE_AFTER = 32
 COMPILED_VARIANTS = 256  # graphs of the compiled step (one per step variant) before eager
-# self-speculative decoding: tokens drafted per verify pass (measured in bench_decode.py)
-DEFAULT_DRAFT_TOKENS = 4
-MAX_DRAFT_TOKENS = 16
 
 
 # ---- the per-row options -----------------------------------------------------------------------

@@ -60,7 +60,7 @@ from loopedlm.infer.engine import (
     SequenceParams,
     check_draft_loops,
 )
-from loopedlm.infer.generate import DEFAULT_MAX_TOKENS
+from loopedlm.infer.options import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence, SlotEngine
 from loopedlm.model.config import check_token_ids
