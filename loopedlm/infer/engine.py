@@ -464,7 +464,7 @@ def decode_loop(model: LoopedGPT, inputs: LoopInputs, previous: torch.Tensor | N
     entries, so the loop index is not needed), so that torch.compile builds two graphs for
     it (the first loop and every later one), not one per loop."""
     plan = inputs.plan
-    plan = AttentionPlan(plan.cos, plan.sin, plan.masks, writes, plan.fused)
+    plan = AttentionPlan(plan.cos, plan.sin, plan.masks, writes, plan.fused, plan.rows)
     return norm(model.loop(LoopInputs(inputs.x0, inputs.embedded, plan, inputs.first_kv),
                            previous, 0))
 
@@ -542,17 +542,34 @@ def pop_step(state: SlotState, batch: int) -> None:
     state.record(rows, state.pop_pending(rows, state.tokens[rows]), live, state.n_loops[rows])
 
 
-def adaptive_row_settings(adaptive: list[AdaptiveLoops | None], device: torch.device
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (threshold, uses the KL criterion, min_loops) tensors; a row without
-    adaptive loops never converges (threshold -inf)."""
-    def per_row(value, dtype):
-        return torch.tensor(value, dtype=dtype, device=device)
-    inf = float("inf")
-    threshold = per_row([a.threshold if a else -inf for a in adaptive], torch.float32)
-    use_kl = per_row([bool(a and a.criterion == "kl") for a in adaptive], torch.bool)
-    min_loops = per_row([a.min_loops if a else 1 for a in adaptive], torch.long)
-    return threshold, use_kl, min_loops
+@dataclass
+class LoopChange:
+    """What a convergence criterion sees after loop t of a decoded token, for the rows still
+    looping: their loop outputs h^t and h^{t-1} (R, 1, d) and, when a criterion asks for
+    them (`CRITERION_NEEDS_LOGITS`), the next-token log-probabilities of both loops."""
+
+    h: torch.Tensor
+    previous: torch.Tensor
+    logp: torch.Tensor | None = None
+    previous_logp: torch.Tensor | None = None
+
+
+def state_change(change: LoopChange) -> torch.Tensor:
+    """||h^t - h^{t-1}|| / ||h^t|| per row (the "state" criterion)."""
+    h, previous = change.h.float(), change.previous.float()
+    return ((h - previous).norm(dim=-1) / h.norm(dim=-1))[:, -1]
+
+
+def kl_change(change: LoopChange) -> torch.Tensor:
+    """KL(p_t || p_{t-1}) in nats per row (the "kl" criterion)."""
+    return (change.logp.exp() * (change.logp - change.previous_logp)).sum(-1)
+
+
+# adaptive loops' criteria (`AdaptiveLoops.criterion`): a criterion is one entry here, a
+# measure per row that converges below the row's threshold
+CONVERGENCE: dict[str, Callable[[LoopChange], torch.Tensor]] = {
+    "state": state_change, "kl": kl_change}
+CRITERION_NEEDS_LOGITS = {"kl"}
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -1075,54 +1092,92 @@ class DecodeEngine:
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (batch, V), loops spent (batch,)) of `tokens` fed at the rows' positions.
-        Each row stops after the first loop t >= its min_loops whose state converged, or at
-        its own n_loops; stopped rows leave the batch (their blocks do not run) and the cache
-        entries of their skipped loops get the last computed loop's keys/values."""
+        Each row stops after the first loop t >= its min_loops whose state converged
+        (`CONVERGENCE`), or at its own n_loops, and leaves the batch: the later loops run
+        the rows still looping only (their attention reads the keys of their own rows of
+        the cache in place, `AttentionPlan.rows`), and the cache entries of a stopped row's
+        skipped loops get its last computed loop's keys/values. Open slots only
+        (speculative rows emit verified tokens); one host sync per loop from a row's
+        min_loops on, to learn which rows stop."""
         model, state, cache = self.model, self.state, self.cache
         kv_len = self._kv_len()
-        pos, n_loops = state.pos[:batch], state.n_loops[:batch]
-        adaptive = [info.params.adaptive if info else None
-                    for info in (state.infos.get(r) for r in range(batch))]
-        threshold, use_kl, min_loops = adaptive_row_settings(adaptive, pos.device)
-        any_kl = bool(use_kl.any())
-        all_inputs = model.prepare(tokens[:, None], plan=self._step_plan(pos, kv_len))
-        inputs = all_inputs
-        final = torch.empty_like(all_inputs.embedded)
-        spent = torch.zeros(batch, dtype=torch.long, device=pos.device)
-        active = state.rows[:batch]
+        slots = [slot for slot in range(batch) if slot in state.infos
+                 and state.infos[slot].params.draft_loops is None]
+        params = [state.infos[slot].params for slot in slots]
+        pos = state.pos[:batch]
+        plan = self._step_plan(pos, kv_len)  # masks of every row: built once
+        all_inputs = model.prepare(tokens[:, None], plan=plan)
+        final = torch.zeros_like(all_inputs.embedded)
+        spent = torch.zeros(batch, dtype=torch.long, device=self.device)
+        entries = self._loop_entries(batch, kv_len)
+        # the rows still looping, on the host: their loop budget and earliest stop
+        adaptive = [p.adaptive for p in params]
+        budget = [p.n_loops for p in params]
+        earliest = [min(a.min_loops, n) if a else n for a, n in zip(adaptive, budget, strict=True)]
+        criteria = {a.criterion for a in adaptive if a}
+        threshold = torch.tensor([a.threshold if a else -float("inf") for a in adaptive],
+                                 device=self.device)
+        criterion = {name: torch.tensor([bool(a and a.criterion == name) for a in adaptive],
+                                        device=self.device) for name in criteria}
+        active = torch.tensor(slots, device=self.device)
+        inputs = self._rows_inputs(all_inputs, plan, active, batch)
         previous = previous_logp = None
-        for loop in range(max(info.params.n_loops for info in state.infos.values())):
-            writes = StepWrites(cache.loop_entries(loop, batch, kv_len), active, pos[active],
-                                write_first=cache.writes(loop, 0),
-                                gather=active.numel() < batch)
+        for loop in range(max(budget, default=0)):
+            writes = StepWrites(entries[loop], active, pos[active],
+                                write_first=cache.writes(loop, 0))
             h = decode_loop(model, inputs, previous, writes)
-            spent[active] += 1
-            logp = F.log_softmax(model.logits(h[:, -1]), dim=-1) if any_kl else None
-            last = n_loops[active] == loop + 1
-            if previous is None:
-                converged = torch.zeros_like(last)
-            else:
-                measure = ((h - previous).float().norm(dim=-1) / h.float().norm(dim=-1))[:, -1]
-                if any_kl:
-                    kl = (logp.exp() * (logp - previous_logp)).sum(-1)
-                    measure = torch.where(use_kl[active], kl, measure)
-                converged = (measure < threshold[active]) & (loop + 1 >= min_loops[active])
-            stop = last | converged
-            if bool(stop.any()):
-                final[active[stop]] = h[stop]
-                filled = active[converged & ~last]
-                if filled.numel():
-                    cache.fill_skipped_loops(loop, filled, pos[filled])
-                keep = ~stop
-                active, h = active[keep], h[keep]
-                logp = None if logp is None else logp[keep]
-                if active.numel() == 0:
-                    break
-                inputs = all_inputs.select_rows(active, self._step_plan(pos[active], kv_len))
-            previous, previous_logp = h, logp
+            logp = None
+            if criteria & CRITERION_NEEDS_LOGITS:
+                logp = F.log_softmax(model.logits(h[:, -1]).float(), dim=-1)
+            if loop + 1 < min(earliest):  # no row can stop yet: no host sync
+                previous, previous_logp = h, logp
+                continue
+            last = torch.tensor([n == loop + 1 for n in budget], device=self.device)
+            measure = torch.full_like(threshold, float("inf"))
+            if previous is not None:
+                change = LoopChange(h, previous, logp, previous_logp)
+                for name in criteria:
+                    measure = torch.where(criterion[name], CONVERGENCE[name](change), measure)
+            ready = torch.tensor([loop + 1 >= e for e in earliest], device=self.device)
+            converged = (measure < threshold) & ready & ~last
+            stops = (converged | last).tolist()  # the loop's one host sync
+            if not any(stops):
+                previous, previous_logp = h, logp
+                continue
+            stopped = [i for i, stop in enumerate(stops) if stop]
+            at = torch.tensor(stopped, device=self.device)
+            final.index_copy_(0, active[at], h[at])
+            spent.index_fill_(0, active[at], loop + 1)
+            early = [i for i in stopped if budget[i] > loop + 1]
+            if early:
+                rows = active[torch.tensor(early, device=self.device)]
+                cache.fill_skipped_loops(loop, rows, pos[rows])
+            kept = [i for i, stop in enumerate(stops) if not stop]
+            if not kept:
+                break
+            keep = torch.tensor(kept, device=self.device)
+            active, previous = active[keep], h[keep]
+            previous_logp = None if logp is None else logp[keep]
+            threshold = threshold[keep]
+            criterion = {name: mask[keep] for name, mask in criterion.items()}
+            budget = [budget[i] for i in kept]
+            earliest = [earliest[i] for i in kept]
+            inputs = self._rows_inputs(all_inputs, plan, active, batch)
         return model.logits(final[:, -1]), spent
+
+    @staticmethod
+    def _rows_inputs(inputs: LoopInputs, plan: AttentionPlan, active: torch.Tensor,
+                     batch: int) -> LoopInputs:
+        """The loop inputs of rows `active` of a batch whose masks and cache rows stay whole
+        (`AttentionPlan.rows`): what a loop of the rows still looping runs on."""
+        if active.numel() == batch:  # every row, in order (the rows are 0 .. batch-1)
+            return inputs
+        rows_plan = AttentionPlan(plan.cos[active], plan.sin[active], plan.masks, None,
+                                  plan.fused, rows=active)
+        return inputs.select_rows(active, rows_plan)
 
 
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
-           "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step", "pop_step",
-           "SlotState", "batch_buckets", "capture_step", "decode_loop", "CRITERIA"]
+           "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
+           "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop", "CRITERIA",
+           "CONVERGENCE", "LoopChange"]

@@ -79,7 +79,9 @@ class AttentionPlan:
     positions (`rotary_at`), the masks per window size (`attention_masks`) and, when
     decoding, the cache writer and the fused projection weights (per layer, the q, k and v
     weights stacked into one matrix: `CausalSelfAttention.fused_weight`; None: the layers'
-    own projections).
+    own projections). rows: the pass's rows are these rows of the batch that the masks and
+    the cache writer's keys cover (decoding rows still looping while others have stopped);
+    None: all of them, in order.
 
     Built once per pass (not per layer or per loop)."""
 
@@ -88,6 +90,7 @@ class AttentionPlan:
     masks: Masks
     cache: CacheWriter | None = None
     fused: list[torch.Tensor | None] | None = None
+    rows: torch.Tensor | None = None
 
 
 def attention_masks(config: ModelConfig, q_slot: torch.Tensor, n_keys: int, *,
@@ -228,8 +231,12 @@ class CausalSelfAttention(nn.Module):
         if plan.cache is not None:
             k, v = plan.cache.insert(loop, self.layer_idx, k, v)
         attn_mask, is_causal = plan.masks[self.window]
+        if plan.rows is not None:  # the pass's queries take their rows of the keys' batch
+            q = q.new_zeros((k.size(0), *q.shape[1:])).index_copy_(0, plan.rows, q)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=self.n_head != self.n_kv_head)
+        if plan.rows is not None:
+            y = y.index_select(0, plan.rows)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
