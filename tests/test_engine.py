@@ -4,6 +4,9 @@ procedure and its freedom from host syncs are checked here on CPU) and the sampl
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -18,6 +21,7 @@ from loopedlm.infer import (
     batch_buckets,
     sample_rows,
 )
+from loopedlm.infer.engine import capture_step
 from loopedlm.infer.sampling import uniform_noise
 
 GREEDY = SamplingParams(temperature=0)
@@ -346,3 +350,120 @@ def test_a_failure_after_the_prefill_frees_the_slot(monkeypatch):
     assert engine.active_slots == []
     engine.add(0, [1, 2], SequenceParams(n_loops=2))
     assert engine.active_slots == [0]
+
+
+# ---- CUDA graphs and dtypes, checked on CPU (issue 24) ---------------------------------------
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls of a graph capture, recording what they are given:
+    on which device the capture runs, and into which memory pool it records."""
+
+    def __init__(self):
+        self.devices, self.streams, self.pools, self.replays = [], [], [], 0
+        fake = self
+
+        class Graph:
+            def capture_begin(self, *pool):
+                fake.pools.append(pool)
+
+            def capture_end(self):
+                pass
+
+            def replay(self):
+                fake.replays += 1
+
+        self.CUDAGraph = Graph
+
+    def device(self, device):
+        self.devices.append(torch.device(device))
+        return contextlib.nullcontext()
+
+    def Stream(self, device=None):  # noqa: N802 (torch.cuda's name)
+        self.streams.append(torch.device(device))
+        return self
+
+    def current_stream(self, device=None):
+        self.streams.append(torch.device(device))
+        return self
+
+    def wait_stream(self, other):
+        pass
+
+    def stream(self, stream):
+        return contextlib.nullcontext()
+
+
+def test_graph_capture_runs_on_the_engines_device_into_the_given_pool(monkeypatch):
+    """Serving on cuda:1 must capture on cuda:1 whatever device the thread has current,
+    and every capture of an engine records into its one shared pool; the warm-up advances
+    the state and the capture procedure puts it back."""
+    fake = _FakeCuda()
+    for name in ("device", "Stream", "current_stream", "stream", "CUDAGraph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    state = [torch.zeros(3)]
+
+    def body():
+        state[0].add_(1)
+    replay = capture_step(body, state, torch.device("cuda", 1), pool="the-pool")
+    assert fake.devices == [torch.device("cuda", 1)]
+    assert set(fake.streams) == {torch.device("cuda", 1)}
+    assert fake.pools == [("the-pool",)]
+    assert state[0].tolist() == [1, 1, 1]  # two warm-ups undone, then the capture's call
+    replay()
+    assert fake.replays == 1
+
+
+@torch.no_grad()
+def test_a_bf16_model_decodes_on_cpu_without_autocast():
+    """A bf16 model (no autocast anywhere) decodes in bf16: the cache, the additive masks and
+    the RoPE tables follow the weights' dtype (a fp32 cache would make SDPA raise on the
+    q/k dtype mismatch); its logits stay close to the fp32 model's, and its greedy tokens
+    agree with the fp32 model's."""
+    model = make_model("flt", "gqa", std=0.3, sequence_len=32)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    engine = DecodeEngine(bf16, max_batch=2, max_loops=3)
+    assert engine.dtype == torch.bfloat16 and engine.model is bf16  # no cast copy
+    ids = prompt(1, 9)
+    engine.prefill(0, ids[:6], SequenceParams(n_loops=3))
+    engine.prefill(1, ids[:4], SequenceParams(n_loops=3))
+    logits, _ = engine.decode(torch.tensor([ids[6], ids[4]]))
+    full = model(torch.tensor([ids[:7]]), n_loops=3)[0, -1]
+    torch.testing.assert_close(logits[0].float(), full, atol=0.1, rtol=0.05)
+    engine.reset()
+    requests = {0: seq(ids, n_loops=3, sampling=GREEDY), 1: seq(ids[:5], n_loops=2, sampling=GREEDY)}
+    tokens = run_slots(engine, requests, 6)
+    fp32 = run_slots(DecodeEngine(model, max_batch=2, max_loops=3), requests, 6)
+    agree = sum(a == b for slot in requests for a, b in zip(tokens[slot], fp32[slot], strict=True))
+    assert agree >= 0.8 * sum(len(t) for t in fp32.values())  # bf16 rounding may flip a near-tie
+
+
+@torch.no_grad()
+def test_compile_auto_on_cpu_switches_to_the_compiled_step_and_keeps_the_tokens(monkeypatch):
+    """compile="auto" on CPU: a step variant runs eagerly until it has run AUTO_COMPILE_AFTER
+    times, is then compiled on a worker thread, warmed on stand-ins of the step's tensors
+    (the real ones are never touched by it), and later steps run compiled, with no
+    recompile for the real tensors and the eager engine's tokens."""
+    from torch._dynamo.utils import counters
+
+    import loopedlm.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_AFTER", 3)
+    model = make_model("flt", "swa", sequence_len=32)
+    requests = {0: seq(prompt(1, 5), n_loops=3, sampling=SamplingParams(seed=1, top_k=5)),
+                1: seq(prompt(2, 3), n_loops=2, sampling=GREEDY)}
+    eager = run_slots(DecodeEngine(model, max_batch=2, max_loops=3, compile=False),
+                      requests, 12)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = DecodeEngine(model, max_batch=2, max_loops=3, compile="auto",
+                          compile_options=dict(backend="eager", fullgraph=True))
+    tokens = {slot: [int(engine.add(slot, **kw))] for slot, kw in requests.items()}
+    for step in range(12):
+        out = engine.step().tokens.tolist()
+        for slot in requests:
+            tokens[slot].append(out[slot])
+        if step == 3:  # the compile started after the third run
+            assert engine.wait_compiled(60)
+    assert tokens == eager
+    assert engine.compiled_steps == 1
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, on the stand-ins
+    torch._dynamo.reset()

@@ -33,7 +33,6 @@ fallback, measured in benchmarks/bench_engine.py.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -685,6 +684,11 @@ class DecodeEngine:
         return sorted(self.state.infos)
 
     @property
+    def compiled_steps(self) -> int:
+        """Step variants compiled on worker threads and in use (compile="auto" on CPU)."""
+        return sum(self._compiled.values())
+
+    @property
     def step_variants(self) -> int:
         """Step variants built so far (each captured as one CUDA graph when `graphs`)."""
         return len(self._steps)
@@ -907,9 +911,7 @@ class DecodeEngine:
             body = functools.partial(fixed_step, *args,
                                      entries=self._loop_entries(key.batch, key.kv_len))
         if self.graphs:
-            with torch.cuda.device(self.device) if self.device.type == "cuda" \
-                    else contextlib.nullcontext():
-                body = capture_step(body, self.state.step_state(), self.device, self._pool())
+            body = capture_step(body, self.state.step_state(), self.device, self._pool())
         self._steps[key] = body
         return body
 
