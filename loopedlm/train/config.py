@@ -181,11 +181,6 @@ class TrainConfig:
             n_loops = self.model_config().n_loops
         return LoopSampling.parse(self.loop_sampling, n_loops)
 
-    @property
-    def grad_loops(self) -> int | None:
-        """`backprop_loops` as the model's forward argument (None = every loop)."""
-        return self.backprop_loops or None
-
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The preset with the [model] overrides (and the tokenizer's vocabulary size
         unless [model] sets one)."""

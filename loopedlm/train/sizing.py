@@ -28,7 +28,7 @@ def expected_flops_per_token(cfg: TrainConfig, model: LoopedGPT) -> float:
     """Training FLOPs per token averaged over the loop-count distribution (the loops
     actually run, backward only through the last `backprop_loops`)."""
     sampler = cfg.loop_sampler(model.config.n_loops)
-    return sum(p * model.estimate_flops(n, cfg.grad_loops)
+    return sum(p * model.estimate_flops(n, cfg.backprop_loops)
                for n, p in sampler.distribution().items())
 
 
