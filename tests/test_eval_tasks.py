@@ -35,7 +35,7 @@ def test_registry_is_dclm_core():
     assert len(CORE_TASKS) == 22
     for spec in (t.spec for t in CORE_TASKS.values()):
         assert 0 <= spec.random_baseline < 1 and spec.baseline_source
-    # the paper's six, with the paper's shot counts (SPEC 7)
+    # the paper's six, with the paper's shot counts (docs/design.md#evaluation)
     shots = {alias: CORE_TASKS[name].spec.num_fewshot for alias, name in DOWNSTREAM_TASKS.items()}
     assert shots == {"lambada": 0, "openbookqa": 0, "piqa": 10, "hellaswag": 10,
                      "arc_easy": 10, "arc_challenge": 10}

@@ -1,4 +1,5 @@
-"""SPEC 1-4 invariants of LoopedGPT."""
+"""Invariants of LoopedGPT (docs/design.md#invariants): the backbone, the loop modes, the attention
+variants and residual scaling."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Budget evaluation (SPEC 7): one checkpoint, every metric at every loop count, in one run.
+"""Budget evaluation (docs/design.md#evaluation): one checkpoint, every metric at every loop
+count, in one run.
 
 The same weights run at each `n_loops` (the forward pass takes the loop count as an
 argument). The results go to `results.json`, a Markdown table `results.md`, and

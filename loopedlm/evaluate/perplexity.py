@@ -1,4 +1,4 @@
-"""Perplexity on WikiText-2 (a local file) and on the held-out validation shard (SPEC 7).
+"""Perplexity on WikiText-2 (a local file) and on the held-out validation shard (docs/design.md#evaluation).
 
 WikiText-2 ships in no package, so the user gives its path, in either standard layout:
 - the raw release: `wiki.valid.raw` (from `wikitext-2-raw-v1.zip`), or its folder;

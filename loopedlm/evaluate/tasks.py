@@ -100,7 +100,7 @@ CORE_TASKS: dict[str, TaskSource] = {t.spec.name: t for t in [
           language_identification_items, _BB + "language_identification"),
 ]}
 
-# The paper's Table 1 tasks (SPEC 7) are CORE tasks run with the paper's shot counts.
+# The paper's Table 1 tasks (docs/design.md#evaluation) are CORE tasks run with the paper's shot counts.
 DOWNSTREAM_TASKS: dict[str, str] = {
     "lambada": "lambada_openai",  # 0-shot
     "openbookqa": "openbook_qa",  # 0-shot
