@@ -28,15 +28,8 @@ def test_one_kv_cache_and_its_writers_name_one_protocol():
     assert sum(w.endswith("(Protocol)") for w in writers) == 1
 
 
-# left to the CLI's engineer (issue 21 is reworking cli/): make cli.eval's helper public
-KNOWN_PRIVATE_TEST_ACCESSES = {"tests/test_eval_tasks.py ._skip_unavailable"}
-
-
 def test_no_test_touches_a_private_name():
-    # "tests/x.py:12 ._name" -> "tests/x.py ._name"
-    found = {f"{a.split(':')[0]} {a.rsplit(' ', 1)[-1]}"
-             for a in arch.test_private_accesses(arch.test_files())}
-    assert found <= KNOWN_PRIVATE_TEST_ACCESSES
+    assert arch.test_private_accesses(arch.test_files()) == []
 
 
 def test_no_test_file_imports_another():
