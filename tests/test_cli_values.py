@@ -1,9 +1,11 @@
-"""The loop count has one spelling on every command: `--n-loops` (issue 23).
+"""Each CLI value has one home (issue 23).
 
-`sample` takes one count, `eval` a comma list; `train`, `sweep` and `info` take `--n-loops N`
-as the shorthand of their ModelConfig field (`--model.n_loops=N`; info: `--n_loops=N`), which
-stays the field syntax, without a warning. `eval --loops` is the one old spelling: it still
-works for one release, with one deprecation line on stderr.
+The loop count has one spelling on every command, `--n-loops`: `sample` takes one count,
+`eval` a comma list; `train`, `sweep` and `info` take `--n-loops N` as the shorthand of their
+ModelConfig field (`--model.n_loops=N`; info: `--n_loops=N`), which stays the field syntax,
+without a warning. `eval --loops` is the one old spelling: it still works for one release,
+with one deprecation line on stderr. And a `sample` or `serve` flag left unset takes the
+library's default (GenerationOptions, ServeConfig), not a copy of it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import json
 
 import pytest
+from conftest import tiny_model
 
 from loopedlm.cli import main
 from loopedlm.common.overrides import parse_overrides
@@ -93,3 +96,45 @@ def test_sample_takes_n_loops(tmp_path):
     assert code == 2 and "warning" not in err
     with pytest.raises(SystemExit):  # argparse: --n-loops takes an integer
         _cli(["sample", str(tmp_path / "no_run"), "--prompt", "x", "--n-loops", "two"])
+
+
+TEXTS = ["To be, or not to be, that is the question. Whether 'tis nobler in the mind."] * 20
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny random FLT saved as a run (checkpoint + tokenizer)."""
+    from loopedlm.data.tokenizer_training import train_tokenizer
+    from loopedlm.model.checkpoint import save_model
+
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    model = tiny_model(std=0.1, vocab_size=tokenizer.vocab_size, sequence_len=48)
+    run = tmp_path_factory.mktemp("cli_values") / "run"
+    save_model(run / "checkpoints" / "step_000010", model)
+    tokenizer.save(run / "tokenizer")
+    return run
+
+
+def test_sample_flags_left_unset_take_the_librarys_defaults(run_dir):
+    from loopedlm.data.runs import load_run
+    from loopedlm.infer.generate import generate
+
+    code, out, _ = _cli(["sample", str(run_dir), "--prompt", "To be", "--temperature", "0",
+                         "--device", "cpu"])
+    run = load_run(run_dir)
+    expected = generate(run.model, "To be", tokenizer=run.tokenizer, temperature=0,
+                        stop=run.tokenizer.bos_id)
+    assert code == 0 and out == "To be" + expected.texts[0] + "\n"
+
+
+def test_serve_flags_left_unset_take_serve_configs_defaults(run_dir, monkeypatch):
+    pytest.importorskip("fastapi")
+    from loopedlm.infer import server
+
+    listened = []
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: listened.append(kw))
+    assert _cli(["serve", str(run_dir), "--device", "cpu"])[0] == 0
+    assert _cli(["serve", str(run_dir), "--device", "cpu", "--port", "8123"])[0] == 0
+    default = server.ServeConfig()
+    assert [(kw["host"], kw["port"]) for kw in listened] == [(default.host, default.port),
+                                                            (default.host, 8123)]
