@@ -211,7 +211,7 @@ def test_training_logs_the_sampled_n_and_resumes_with_the_same(tmp_path):
     cfg = _config(tmp_path / "run")
     summary = train(cfg, data=SyntheticData(), tokenizer=FakeTokenizer())
     rows = [r for r in _records(tmp_path / "run") if "loss" in r]
-    sampler = cfg.loop_sampler()
+    sampler = cfg.loop_sampler(cfg.model_config().n_loops)
     assert [r["n_loops"] for r in rows] == [sampler.sample(3, s) for s in range(6)]
     assert len({r["n_loops"] for r in rows}) > 1  # really variable
     from loopedlm import LoopedGPT

@@ -178,10 +178,8 @@ class TrainConfig:
                               "embedding would get no gradient): use 0, or a mode that "
                               "re-injects the input (lti, ltai, flt_res, flt)")
 
-    def loop_sampler(self, n_loops: int | None = None) -> LoopSampling:
-        """The parsed `loop_sampling` ("fixed" uses `n_loops`, default the model's)."""
-        if n_loops is None:
-            n_loops = self.model_config().n_loops
+    def loop_sampler(self, n_loops: int) -> LoopSampling:
+        """The parsed `loop_sampling` ("fixed" uses `n_loops`, the model's loop count)."""
         return LoopSampling.parse(self.loop_sampling, n_loops)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
