@@ -143,10 +143,7 @@ class SequenceParams:
                                                 or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not allowed: an "
                              f"integer >= 1")
-        if self.draft_loops is not None and (not is_int(self.draft_loops)
-                                             or self.draft_loops < 1):
-            raise ValueError(f"draft_loops={self.draft_loops!r} is not allowed: an integer "
-                             f">= 1, below n_loops (or None)")
+        check_draft_loops(self.draft_loops, self.n_loops)
         if not is_int(self.draft_tokens) or not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(f"draft_tokens={self.draft_tokens!r} is not allowed: an integer "
                              f"in [1, {MAX_DRAFT_TOKENS}]")
@@ -201,10 +198,17 @@ class StepKey:
     speculative: bool = False
 
 
-def check_draft_loops(draft_loops: int | None, n_loops: int) -> None:
+def check_draft_loops(draft_loops: int | None, n_loops: int | None) -> None:
     """A ValueError naming both counts unless the draft runs fewer loops than the model it
-    drafts for (where a speculative request enters: the engine, the server)."""
-    if draft_loops is not None and not (is_int(draft_loops) and 1 <= draft_loops < n_loops):
+    drafts for (where a speculative request enters: `SequenceParams`, the engine, the
+    server); n_loops None (not known yet): an integer >= 1. The one check of draft_loops."""
+    if draft_loops is None:
+        return
+    if n_loops is None:
+        if not (is_int(draft_loops) and draft_loops >= 1):
+            raise ValueError(f"draft_loops={draft_loops!r} is not allowed: an integer >= 1, "
+                             f"below n_loops (or None)")
+    elif not (is_int(draft_loops) and 1 <= draft_loops < n_loops):
         raise ValueError(f"draft_loops={draft_loops!r} is not allowed with n_loops={n_loops}: "
                          f"the draft runs fewer loops than the model it drafts for "
                          f"(1 .. {n_loops - 1})")

@@ -379,7 +379,7 @@ class CompletionServer:
                                       seed=body.seed)
             adaptive = None if body.adaptive_threshold is None \
                 else AdaptiveLoops(body.adaptive_threshold)
-            check_draft_loops(body.draft_loops, body.n_loops or self.model.config.n_loops)
+            check_draft_loops(body.draft_loops, self.model.config.loops(body.n_loops))
             params = SequenceParams(n_loops=body.n_loops, sampling=sampling, adaptive=adaptive,
                                     draft_loops=body.draft_loops)
         except ValueError as exc:
