@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from loopedlm import LoopedGPT
 from loopedlm.infer import (
+    AdaptiveLoops,
     DecodeEngine,
     SamplingParams,
     SequenceParams,
@@ -393,12 +394,16 @@ class _FakeCuda:
 
 
 def test_graph_capture_runs_on_the_engines_device_into_the_given_pool(monkeypatch):
-    """Serving on cuda:1 must capture on cuda:1 whatever device the thread has current,
-    and every capture of an engine records into its one shared pool; the warm-up advances
-    the state and the capture procedure puts it back."""
+    """Serving on cuda:1 must capture on cuda:1 whatever device the thread has current; a
+    capture records into the pool it is given (the engine gives all its captures its one
+    pool, `torch.cuda.graph_pool_handle()`), with no synchronise and cache flush; the
+    warm-up advances the state and the capture procedure puts it back."""
     fake = _FakeCuda()
     for name in ("device", "Stream", "current_stream", "stream", "CUDAGraph"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    flushes = []  # torch.cuda.graph synchronises and empties the allocator's cache each time
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, name=name: flushes.append(name))
     state = [torch.zeros(3)]
 
     def body():
@@ -410,6 +415,7 @@ def test_graph_capture_runs_on_the_engines_device_into_the_given_pool(monkeypatc
     assert state[0].tolist() == [1, 1, 1]  # two warm-ups undone, then the capture's call
     replay()
     assert fake.replays == 1
+    assert flushes == []
 
 
 @torch.no_grad()
@@ -467,3 +473,56 @@ def test_compile_auto_on_cpu_switches_to_the_compiled_step_and_keeps_the_tokens(
     assert engine.compiled_steps == 1
     assert counters["stats"]["unique_graphs"] == 1  # compiled once, on the stand-ins
     torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """The host syncs made inside the block (.item(), .tolist(), bool(tensor): each waits
+    for the device on a GPU), as a list of their names."""
+    calls: list[str] = []
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__")}
+
+    def counted(name, method):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            return method(self, *args, **kwargs)
+        return call
+    try:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, counted(name, method))
+        yield calls
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@torch.no_grad()
+def test_a_masked_forward_makes_no_host_sync():
+    """Ragged prompts (left padding, an attention mask) go through the model with no host
+    sync: no `bool(k_valid.all())` on each masked forward."""
+    model = make_model("flt", "gqa", std=0.3, sequence_len=32)
+    idx = torch.tensor([prompt(1, 8), prompt(2, 8)])
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    with host_syncs() as calls:
+        model(idx, attention_mask=mask, n_loops=3)
+    assert calls == []
+
+
+@pytest.mark.parametrize("threshold, loops", [(0.0, 6), (1e9, 2)])
+@torch.no_grad()
+def test_adaptive_decoding_syncs_once_per_loop_that_may_stop_a_row(threshold, loops):
+    """Adaptive loops learn on the host which rows stop: one sync per loop from min_loops on,
+    none before it and none at a loop that is every row's last (was about 5 per loop).
+    Threshold 0: no row converges, every row runs its 6 loops (syncs at loops 2..5);
+    a huge threshold: every row stops at min_loops=2 (one sync)."""
+    model = make_model("flt", "mha", std=0.3, sequence_len=32)
+    engine = DecodeEngine(model, max_batch=4, max_loops=6, compile=False)
+    for slot in range(4):
+        engine.add(slot, prompt(slot, 4), SequenceParams(
+            n_loops=6, sampling=GREEDY, adaptive=AdaptiveLoops(threshold, min_loops=2)))
+    engine.step()
+    with host_syncs() as calls:
+        out = engine.step()
+    assert out.loops.tolist() == [loops] * 4
+    assert len(calls) == (4 if loops == 6 else 1)

@@ -1104,7 +1104,7 @@ class DecodeEngine:
         the cache in place, `AttentionPlan.rows`), and the cache entries of a stopped row's
         skipped loops get its last computed loop's keys/values. Open slots only
         (speculative rows emit verified tokens); one host sync per loop from a row's
-        min_loops on, to learn which rows stop."""
+        min_loops on, to learn which rows stop, none at a loop that is every row's last."""
         model, state, cache = self.model, self.state, self.cache
         kv_len = self._kv_len()
         slots = [slot for slot in range(batch) if slot in state.infos
@@ -1146,7 +1146,10 @@ class DecodeEngine:
                     measure = torch.where(criterion[name], CONVERGENCE[name](change), measure)
             ready = torch.tensor([loop + 1 >= e for e in earliest], device=self.device)
             converged = (measure < threshold) & ready & ~last
-            stops = (converged | last).tolist()  # the loop's one host sync
+            if all(n == loop + 1 for n in budget):  # every row's last loop: no need to ask
+                stops = [True] * len(budget)
+            else:
+                stops = (converged | last).tolist()  # the loop's one host sync
             if not any(stops):
                 previous, previous_logp = h, logp
                 continue
