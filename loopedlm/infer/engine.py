@@ -589,10 +589,15 @@ class DecodeEngine:
                  the model is cast once (a copy) if it differs, never per step.
     graphs:      capture each step variant as a CUDA graph (default: on CUDA). On CPU, True
                  runs the same capture procedure (warm-up, state restore) and replays eagerly.
-    compile:     torch.compile the whole step (True or "step": one graph per step variant,
-                 attending over all max_len positions) or one loop ("loop": two graphs); off
-                 by default (see benchmarks/README.md for what it buys). compile_options:
-                 more torch.compile keyword arguments (backend, fullgraph, mode, ...).
+    compile:     "auto" (the default): where it pays: on CUDA the loop ("loop"), replayed in
+                 CUDA graphs; on CPU each step variant runs eagerly until it has run
+                 AUTO_COMPILE_AFTER times, is then compiled whole on a worker thread (warmed
+                 on stand-ins of the step's tensors) while decoding goes on eagerly, and runs
+                 compiled from then on. True or "step": the whole step compiled at once (one
+                 graph per step variant, attending over all max_len positions); "loop": one
+                 loop (two graphs at any loop count); False: eager. torch.compile's caches
+                 live under $LOOPEDLM_HOME/torch_compile. compile_options: more
+                 torch.compile keyword arguments (backend, fullgraph, mode, ...).
 
     It satisfies the server scheduler's `SlotEngine` protocol (`loopedlm.infer.scheduler`).
     """
