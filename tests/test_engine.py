@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loopedlm import LoopedGPT
 from loopedlm.infer import (
@@ -526,3 +527,46 @@ def test_adaptive_decoding_syncs_once_per_loop_that_may_stop_a_row(threshold, lo
         out = engine.step()
     assert out.loops.tolist() == [loops] * 4
     assert len(calls) == (4 if loops == 6 else 1)
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops dispatched inside the block, by name, views and other metadata-only
+    ops left out (they launch no kernel)."""
+
+    METADATA = {"view", "_unsafe_view", "t", "slice", "transpose", "select", "unsqueeze",
+                "split", "expand", "as_strided", "permute", "squeeze", "detach", "alias"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.METADATA:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def test_a_decode_loop_adds_only_the_layers_kernels_and_no_mask_work():
+    """The masks are built once per step (additive biases) and q/k/v are one fused
+    projection: each extra loop adds the layers' own kernels only, no mask op (no
+    bitwise op, where, masked_fill or dtype conversion per layer), and at most 34 kernels
+    per layer (about 35 before; 4 loops more of a 2-layer model here)."""
+    model = make_model("flt", "mha", std=0.3, sequence_len=32)
+    counts = {}
+    for n_loops in (2, 6):
+        engine = DecodeEngine(model, max_batch=2, max_loops=n_loops, compile=False)
+        for slot in range(2):
+            engine.add(slot, prompt(slot, 3 + slot), SequenceParams(n_loops=n_loops,
+                                                                    sampling=GREEDY))
+        engine.step()
+        with _Ops() as ops:
+            engine.step()
+        counts[n_loops] = ops.counts
+    extra = {name: counts[6].get(name, 0) - counts[2].get(name, 0) for name in counts[6]}
+    mask_ops = {"bitwise_and", "bitwise_or", "bitwise_not", "where", "masked_fill",
+                "_to_copy", "logical_and", "logical_or", "eq", "lt", "le", "ge", "gt"}
+    assert {name: n for name, n in extra.items() if name in mask_ops and n} == {}
+    per_layer = sum(extra.values()) / (4 * model.config.depth)
+    assert per_layer <= 34, extra
