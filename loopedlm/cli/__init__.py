@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "loopedlm.cli.info",
     "loopedlm.cli.serve",
     "loopedlm.cli.export",
+    "loopedlm.cli.import_hf",
 ]
 
 

@@ -14,7 +14,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise ValueError(f"loopedlm serve needs {exc.name}: pip install 'loopedlm[serve]'") from None
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch,
-                         max_queue=args.max_queue, max_loops=args.max_loops, timeout=args.timeout)
+                         max_queue=args.max_queue, max_loops=args.max_loops, timeout=args.timeout,
+                         max_len=args.max_len)
     serve(args.run, config, device=args.device, name=args.name)
     return 0
 
@@ -35,6 +36,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-loops", type=int, default=None,
                    help="largest n_loops a request may ask for (default: 4x the model's)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per sequence, prompt included (default: the model's "
+                        "sequence_len; set it for public models, whose context is long)")
     p.add_argument("--name", default=None, help="model name in the API (default: the folder's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_serve)

@@ -32,6 +32,7 @@ from loopedlm.model.checkpoint import (
     load_model,
     resolve_model_folder,
 )
+from loopedlm.model.backbones import NANOCHAT
 from loopedlm.model.gpt import LoopedGPT
 from loopedlm.model.hf_folder import MODEL_TYPE, RECORD_FILE, is_exported_folder
 
@@ -82,6 +83,10 @@ def write_hf_model(model: LoopedGPT, folder: str | Path, *, tokenizer: Tokenizer
     """Write `model` (and, when given, its tokenizer and the run's record) into `folder` as a
     Hugging Face folder. Without a tokenizer, no tokenizer files, generation config or BOS
     are written (enough for the logits)."""
+    if model.config.backbone != NANOCHAT:  # the exported code is loopedlm's own model
+        raise ValueError(f"loopedlm export writes loopedlm's own models; this one has backbone="
+                         f"{model.config.backbone!r}, a public model whose own Hugging Face "
+                         f"folder and code are the export")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     special = None

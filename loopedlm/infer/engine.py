@@ -46,49 +46,68 @@ import torch.nn.functional as F
 
 from loopedlm.common.validation import is_int
 from loopedlm.infer.cache import ChunkWrites, StaticKVCache, StepWrites, loop_slot_map
+from loopedlm.infer.exits import (
+    CRITERIA,
+    EXIT_CRITERIA,
+    LoopSignals,
+    check_criterion,
+    default_criterion,
+    rows_converged,
+    update_exit_cdf,
+)
 from loopedlm.infer.sampling import SamplingParams, sample_rows
-from loopedlm.model.attention import AttentionPlan, attention_masks, norm, rotary_at
+from loopedlm.model.attention import AttentionPlan, attention_masks, rotary_at
 from loopedlm.model.config import check_token_ids
 from loopedlm.model.gpt import LoopedGPT, LoopInputs
 
 log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
-CRITERIA = ("state", "kl")
 COMPILE_MODES = (False, True, "step", "loop")
 
 
 # ---- the per-row options -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AdaptiveLoops:
-    """Stop looping a decoded token once its loop state has converged (the prompt always runs
+    """Stop looping a decoded token once its exit criterion says so (the prompt always runs
     every loop). The skipped loops' cache entries at that position get the keys and values of
     the token's last computed loop: convergence means the loop map is (nearly) at a fixed
     point for this token, so the next loop would write (nearly) the same keys; copying them
     is the best estimate that costs no compute (docs/design.md#decoding).
 
-    criterion "state" (default): relative change of the loop output,
-        ||h^t - h^{t-1}|| / ||h^t|| < threshold. Free: h^t is computed anyway, and it is
-        what the next loop reads.
-    criterion "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
+    criterion: one of `loopedlm.infer.exits.EXIT_CRITERIA`; None (default): the model's own,
+        `gate` for a model with an exit gate (Ouro), else `state`.
+      "state": relative change of the loop output, ||h^t - h^{t-1}|| / ||h^t|| < threshold.
+        Free: h^t is computed anyway, and it is what the next loop reads.
+      "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
         distributions (nats). Closer to what the user sees, but it costs one LM-head
         evaluation per loop, which for small models is as large as a loop itself.
-    min_loops: never stop before this many loops (>= 2: a change needs two loops).
+      "gate": Ouro's rule: the cumulative exit probability of its gate reaches threshold.
+    min_loops: never stop before this many loops (None: the criterion's earliest, 2 for a
+        change between loops, 1 for the gate).
     """
 
     threshold: float
-    criterion: str = "state"
-    min_loops: int = 2
+    criterion: str | None = None
+    min_loops: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, int | float) or math.isnan(self.threshold) \
                 or self.threshold < 0:
             raise ValueError(f"adaptive_threshold={self.threshold!r} is not allowed: a number >= 0")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"adaptive_criterion={self.criterion!r} is not allowed: choose one "
-                             f"of {list(CRITERIA)}")
-        if not is_int(self.min_loops) or self.min_loops < 2:
-            raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= 2")
+        if self.criterion is not None:
+            check_criterion(self.criterion, has_exit_gate=True)
+        first = 1 if self.criterion is None else EXIT_CRITERIA[self.criterion].first_loop
+        if self.min_loops is not None and (not is_int(self.min_loops) or self.min_loops < first):
+            raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= {first}")
+
+    def resolved(self, has_exit_gate: bool) -> AdaptiveLoops:
+        """These settings for a model (`has_exit_gate`): criterion and min_loops filled, and
+        checked against it."""
+        criterion = default_criterion(has_exit_gate) if self.criterion is None else self.criterion
+        check_criterion(criterion, has_exit_gate)
+        return AdaptiveLoops(self.threshold, criterion, EXIT_CRITERIA[criterion].first_loop
+                             if self.min_loops is None else self.min_loops)
 
 
 @dataclass(frozen=True)
@@ -309,21 +328,23 @@ def decode_loop(model: LoopedGPT, inputs: LoopInputs, previous: torch.Tensor | N
     entries, so the loop index is not needed), so that torch.compile builds two graphs for
     it (the first loop and every later one), not one per loop."""
     plan = AttentionPlan(inputs.plan.cos, inputs.plan.sin, inputs.plan.masks, writes)
-    return norm(model.loop(LoopInputs(inputs.x0, inputs.embedded, plan, inputs.first_kv),
-                           previous, 0))
+    return model.loop_state(model.loop(LoopInputs(inputs.x0, inputs.embedded, plan,
+                                                  inputs.first_kv), previous, 0))
 
 
 def adaptive_row_settings(adaptive: list[AdaptiveLoops | None], device: torch.device
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (threshold, uses the KL criterion, min_loops) tensors; a row without
-    adaptive loops never converges (threshold -inf)."""
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Per-row (threshold, criterion index into `CRITERIA`, min_loops) tensors and the
+    criteria used (indices); a row without adaptive loops never converges (threshold -inf).
+    `adaptive` holds resolved settings (`AdaptiveLoops.resolved`)."""
     def per_row(value, dtype):
         return torch.tensor(value, dtype=dtype, device=device)
     inf = float("inf")
     threshold = per_row([a.threshold if a else -inf for a in adaptive], torch.float32)
-    use_kl = per_row([bool(a and a.criterion == "kl") for a in adaptive], torch.bool)
+    ids = [CRITERIA.index(a.criterion) if a else 0 for a in adaptive]
+    used = sorted({CRITERIA.index(a.criterion) for a in adaptive if a})
     min_loops = per_row([a.min_loops if a else 1 for a in adaptive], torch.long)
-    return threshold, use_kl, min_loops
+    return threshold, per_row(ids, torch.long), min_loops, used
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -447,7 +468,8 @@ class DecodeEngine:
         bad = [s for s in params.stop_ids if not is_int(s) or not 0 <= s < vocab]
         if bad:
             raise ValueError(f"unknown stop token {bad[0]!r}: ids lie in [0, {vocab})")
-        return replace(params, n_loops=n_loops)
+        adaptive = params.adaptive and params.adaptive.resolved(self.model.exit_gate is not None)
+        return replace(params, n_loops=n_loops, adaptive=adaptive)
 
     def _prompt(self, slot: int, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Checked token ids (1, T) on the engine's device: where ids enter decoding."""
@@ -614,7 +636,7 @@ class DecodeEngine:
         inputs = model.prepare(ids, plan=plan)
         previous = None
         for loop in range(n_loops):
-            previous = norm(model.loop(inputs, previous, loop))
+            previous = model.loop_state(model.loop(inputs, previous, loop))
         return model.logits(previous)[0]
 
     def _step_logits(self, tokens: torch.Tensor, key: StepKey) -> torch.Tensor:
@@ -647,20 +669,24 @@ class DecodeEngine:
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (batch, V), loops spent (batch,)) of `tokens` fed at the rows' positions.
-        Each row stops after the first loop t >= its min_loops whose state converged, or at
-        its own n_loops; stopped rows leave the batch (their blocks do not run) and the cache
-        entries of their skipped loops get the last computed loop's keys/values."""
+        Each row stops after the first loop t >= its min_loops at which its exit criterion
+        says so (`loopedlm.infer.exits`), or at its own n_loops; stopped rows leave the batch
+        (their blocks do not run) and the cache entries of their skipped loops get the last
+        computed loop's keys/values."""
         model, state, cache = self.model, self.state, self.cache
         kv_len = self._kv_len()
         pos, n_loops = state.pos[:batch], state.n_loops[:batch]
         adaptive = [info.params.adaptive if info else None
                     for info in (state.infos.get(r) for r in range(batch))]
-        threshold, use_kl, min_loops = adaptive_row_settings(adaptive, pos.device)
-        any_kl = bool(use_kl.any())
+        threshold, criterion_ids, min_loops, used = adaptive_row_settings(adaptive, pos.device)
+        needs_logits = any(EXIT_CRITERIA[CRITERIA[i]].needs_logits for i in used)
+        needs_gate = any(EXIT_CRITERIA[CRITERIA[i]].needs_gate for i in used)
         all_inputs = model.prepare(tokens[:, None], plan=self._step_plan(pos, kv_len))
         inputs = all_inputs
         final = torch.empty_like(all_inputs.embedded)
         spent = torch.zeros(batch, dtype=torch.long, device=pos.device)
+        exit_cdf = torch.zeros(batch, dtype=torch.float32, device=pos.device)
+        remaining = torch.ones_like(exit_cdf)
         active = self.row_index[:batch]
         previous = previous_logp = None
         for loop in range(max(info.params.n_loops for info in state.infos.values())):
@@ -669,16 +695,15 @@ class DecodeEngine:
                                 gather=active.numel() < batch)
             h = decode_loop(model, inputs, previous, writes)
             spent[active] += 1
-            logp = F.log_softmax(model.logits(h[:, -1]), dim=-1) if any_kl else None
+            logp = F.log_softmax(model.logits(h[:, -1]), dim=-1) if needs_logits else None
+            if needs_gate:
+                exit_cdf[active], remaining[active] = update_exit_cdf(
+                    exit_cdf[active], remaining[active], model.exit_probability(h[:, -1]))
             last = n_loops[active] == loop + 1
-            if previous is None:
-                converged = torch.zeros_like(last)
-            else:
-                measure = ((h - previous).float().norm(dim=-1) / h.float().norm(dim=-1))[:, -1]
-                if any_kl:
-                    kl = (logp.exp() * (logp - previous_logp)).sum(-1)
-                    measure = torch.where(use_kl[active], kl, measure)
-                converged = (measure < threshold[active]) & (loop + 1 >= min_loops[active])
+            signals = LoopSignals(loop, h[:, -1], None if previous is None else previous[:, -1],
+                                  logp, previous_logp, exit_cdf[active] if needs_gate else None)
+            converged = rows_converged(signals, criterion_ids[active], threshold[active], used) \
+                & (loop + 1 >= min_loops[active])
             stop = last | converged
             if bool(stop.any()):
                 final[active[stop]] = h[stop]

@@ -78,8 +78,9 @@ class GenerationOptions:
     temperature (0 = greedy), top_k, top_p in (0, 1], seed (same seed and prompt, same
         text, whatever else is in the batch).
     stop: token id(s) or single-token string(s); a row ends when it samples one.
-    adaptive_threshold / adaptive_criterion ("state" | "kl") / min_loops: adaptive loops
-        (`AdaptiveLoops`). cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
+    adaptive_threshold / adaptive_criterion ("state" | "kl" | "gate"; None: the model's
+        own) / min_loops (None: the criterion's earliest): adaptive loops (`AdaptiveLoops`).
+    cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
     add_bos: text prompts start with BOS, as documents in training.
     dtype: weights and cache (default: bf16 on CUDA, else the model's); compile:
         torch.compile the decode step or loop ("step", "loop"; `DecodeEngine`).
@@ -93,8 +94,8 @@ class GenerationOptions:
     seed: int | None = None
     stop: Any = None
     adaptive_threshold: float | None = None
-    adaptive_criterion: str = "state"
-    min_loops: int = 2
+    adaptive_criterion: str | None = None
+    min_loops: int | None = None
     cache_slots: int | None = None
     slot_policy: str = "block"
     add_bos: bool = True

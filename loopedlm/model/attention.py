@@ -31,12 +31,18 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device=None):
-    """cos/sin tables of shape (seq_len, head_dim/2), kept in bf16 as nanochat does."""
+def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, style: str = "nanochat"):
+    """cos/sin tables of shape (seq_len, head_dim/2) for `apply_rotary_emb`.
+
+    style "nanochat": kept in bf16, as nanochat does. "hf": Hugging Face's RoPE (Llama,
+    Qwen, Ouro: `q * cos + rotate_half(q) * sin`), which rotates the other way, so the sine
+    table is negated; kept in fp32 (docs/public_models.md)."""
     channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
     inv_freq = 1.0 / (base ** (channel / head_dim))
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
+    if style == "hf":
+        return freqs.cos(), -freqs.sin()
     return freqs.cos().bfloat16(), freqs.sin().bfloat16()
 
 
@@ -139,6 +145,7 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.window = config.window_sizes()[layer_idx]
+        self.qk_norm = config.backbone_spec.qk_norm
         self.is_mla = config.attn_type == "mla"
         d, kv_dim = config.d_model, config.n_kv_head * config.head_dim
         self.c_q = nn.Linear(d, config.n_head * config.head_dim, bias=False)
@@ -165,7 +172,9 @@ class CausalSelfAttention(nn.Module):
         k, v = self._keys_values(kv_in)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        k = norm(apply_rotary_emb(k, plan.cos, plan.sin))  # QK-norm after RoPE, as nanochat
+        k = apply_rotary_emb(k, plan.cos, plan.sin)
+        if self.qk_norm:  # QK-norm after RoPE, as nanochat
+            k = norm(k)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor | None, plan: AttentionPlan,
@@ -175,7 +184,8 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = q_in.shape
         k, v = self.keys_values(kv_in, plan) if kv is None else kv
         q = self.c_q(q_in).view(B, T, self.n_head, self.head_dim)
-        q = norm(apply_rotary_emb(q, plan.cos, plan.sin)).transpose(1, 2)
+        q = apply_rotary_emb(q, plan.cos, plan.sin)
+        q = (norm(q) if self.qk_norm else q).transpose(1, 2)
         if plan.cache is not None:
             k, v = plan.cache.insert(loop, self.layer_idx, k, v)
         attn_mask, is_causal = plan.masks[self.window]
@@ -186,10 +196,28 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """nanochat's MLP: c_proj(relu(c_fc(x))^2)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model, bias=False)
-        self.c_proj = nn.Linear(4 * config.d_model, config.d_model, bias=False)
+        self.c_fc = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of Llama-style models: c_proj(silu(c_gate(x)) * c_up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_gate = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.c_up = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.silu(self.c_gate(x)) * self.c_up(x))
+
+
+MLPS = {"relu2": MLP, "swiglu": SwiGLU}

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from loopedlm.common.files import atomic_write_json, fsync_dir, sha256_file
 from loopedlm.model.config import ModelConfig
 from loopedlm.model.gpt import LoopedGPT
-from loopedlm.model.hf_folder import exported_meta
+from loopedlm.model.hf_folder import MODEL_TYPE, exported_meta
+from loopedlm.model.public import load_public_model, public_model_type
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_model_folder(path: str | Path) -> Path:
-    """A model folder (verified), or a run folder (its newest intact checkpoint)."""
+    """A model folder (verified), or a run folder (its newest intact checkpoint), or a
+    public looped model's Hugging Face folder (`loopedlm.model.public`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if public_model_type(path, others=(MODEL_TYPE,)) is not None:
+        return path
     if (path / MODEL_FILE).exists() or (path / MANIFEST_FILE).exists():
         verify_checkpoint(path)
         return path
@@ -180,8 +184,11 @@ def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[LoopedGPT, dict[str, Any]]:
-    """Load a model from a model folder or a run folder; returns (model, config.json dict)."""
+    """Load a model from a model folder, a run folder or a public looped model's Hugging
+    Face folder; returns (model, config.json dict: `{"model": ModelConfig fields, ...}`)."""
     folder = resolve_model_folder(path)
+    if public_model_type(folder) is not None:
+        return load_public_model(folder, device, dtype)
     meta = exported_meta(folder) or _read_json(folder / CONFIG_FILE)  # a `loopedlm export` folder
     if "model" not in meta:
         raise ValueError(f"{folder / CONFIG_FILE} has no 'model' section: not a loopedlm checkpoint")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from loopedlm.common.validation import ConfigError, check, check_choice, close_match, is_int
+from loopedlm.model.backbones import BACKBONES, NANOCHAT, ROTARY_LENGTH_FACTOR, Backbone
 from loopedlm.model.loop_modes import LOOP_MODES
 
 LOSS_LOOPS = ("last", "all", "last_third")
@@ -19,8 +20,6 @@ ATTN_TYPES = ("full", "mla")
 RESIDUAL_SCALES = ("none", "inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_depth")
 
 QWEN3_VOCAB_SIZE = 151_669
-# The authors' model precomputes RoPE for 10x sequence_len and never crops an evaluation prompt
-ROTARY_LENGTH_FACTOR = 10
 
 
 @dataclass
@@ -28,8 +27,13 @@ class ModelConfig:
     """Everything that defines a looped GPT's architecture.
 
     `d_model`, `n_head` and `n_kv_head` default to the nanochat rule
-    (`64 * depth`, `ceil(d_model / 128)`, `n_head`) and are resolved on construction,
-    so the stored config is always explicit.
+    (`64 * depth`, `ceil(d_model / 128)`, `n_head`), and `mlp_hidden` to `4 * d_model`;
+    they are resolved on construction, so the stored config is always explicit.
+
+    `backbone` names the layer family (`loopedlm.model.backbones`): `nanochat` is loopedlm's
+    own; the others (public models, docs/public_models.md) take their per-model values from
+    `mlp_hidden`, `norm_eps` (their RMSNorm epsilon), `rope_base` and `softcap` (None: plain
+    logits).
     """
 
     vocab_size: int = QWEN3_VOCAB_SIZE
@@ -48,7 +52,10 @@ class ModelConfig:
     residual_lambda: float = 1.0
     pad_vocab_to: int = 64
     rope_base: float = 10000.0
-    softcap: float = 15.0
+    softcap: float | None = 15.0
+    backbone: str = NANOCHAT
+    mlp_hidden: int | None = None
+    norm_eps: float | None = None
 
     def __post_init__(self) -> None:
         check(is_int(self.depth) and self.depth >= 1, "depth", self.depth, "an integer >= 1")
@@ -58,6 +65,8 @@ class ModelConfig:
             self.n_head = max(1, math.ceil(self.d_model / 128))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.mlp_hidden is None and is_int(self.d_model):
+            self.mlp_hidden = 4 * self.d_model
         self.validate()
 
     def validate(self) -> None:
@@ -94,8 +103,32 @@ class ModelConfig:
                self.pad_vocab_to, "an integer >= 1")
         check(isinstance(self.rope_base, int | float) and self.rope_base > 1, "rope_base",
                self.rope_base, "a number > 1")
-        check(isinstance(self.softcap, int | float) and self.softcap > 0, "softcap",
-               self.softcap, "a number > 0")
+        check(self.softcap is None or (isinstance(self.softcap, int | float)
+                                       and self.softcap > 0), "softcap", self.softcap,
+              "a number > 0 (or None: no cap)")
+        check(is_int(self.mlp_hidden) and self.mlp_hidden >= 1, "mlp_hidden", self.mlp_hidden,
+              "an integer >= 1")
+        check_choice("backbone", self.backbone, tuple(BACKBONES))
+        self._validate_backbone()
+
+    def _validate_backbone(self) -> None:
+        """What a backbone family allows (`Backbone.loop_modes`; public models run full
+        attention with no residual scaling, and their norms need an epsilon)."""
+        spec = self.backbone_spec
+        check(self.loop_mode in spec.loop_modes, "loop_mode", self.loop_mode,
+              f"backbone {self.backbone!r} runs {list(spec.loop_modes)}")
+        if spec.learned_norms:
+            check(isinstance(self.norm_eps, int | float) and self.norm_eps > 0, "norm_eps",
+                  self.norm_eps, f"a number > 0 (backbone {self.backbone!r})")
+        else:
+            check(self.norm_eps is None, "norm_eps", self.norm_eps,
+                  f"None: backbone {self.backbone!r} has parameter-free norms")
+        if self.backbone != NANOCHAT:
+            for name, ok, allowed in (
+                    ("attn_type", self.attn_type == "full", "'full'"),
+                    ("window_pattern", set(self.window_pattern.upper()) == {"L"}, "'L'"),
+                    ("residual_scale", self.residual_scale == "none", "'none'")):
+                check(ok, name, getattr(self, name), f"{allowed} (backbone {self.backbone!r})")
 
     def loops(self, n_loops: int | None = None) -> int:
         """The loop count of a call: `n_loops`, or this config's when None. The one code that
@@ -108,6 +141,11 @@ class ModelConfig:
 
     # ---- derived quantities -------------------------------------------------
     @property
+    def backbone_spec(self) -> Backbone:
+        """The backbone family's table entry (`loopedlm.model.backbones`)."""
+        return BACKBONES[self.backbone]
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
@@ -118,9 +156,10 @@ class ModelConfig:
 
     @property
     def rotary_len(self) -> int:
-        """Positions the RoPE tables cover (10 x sequence_len, as the authors' model): the
-        longest input a forward without targets takes. Training stays at `sequence_len`."""
-        return ROTARY_LENGTH_FACTOR * self.sequence_len
+        """Positions the RoPE tables cover (nanochat: 10 x sequence_len, as the authors' model;
+        public models: sequence_len): the longest input a forward without targets takes.
+        Training stays at `sequence_len`."""
+        return self.backbone_spec.rotary_length_factor * self.sequence_len
 
     @property
     def short_window(self) -> int:
@@ -200,5 +239,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 __all__ = ["ModelConfig", "PRESETS", "LOOP_MODES", "check_token_ids", "LOSS_LOOPS", "ATTN_TYPES",
-           "RESIDUAL_SCALES",
+           "RESIDUAL_SCALES", "ROTARY_LENGTH_FACTOR",
            "QWEN3_VOCAB_SIZE"]

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from loopedlm.common.validation import is_int
 from loopedlm.model.attention import (
-    MLP,
+    MLPS,
     AttentionPlan,
     CausalSelfAttention,
     norm,
@@ -56,14 +57,21 @@ class LoopInputs:
 
 
 class Block(nn.Module):
-    """Pre-norm block. With a normalised query source norm(s) (Attention Injection,
-    docs/design.md#attention-injection) the queries read it while keys and values read the
-    stream; `s` never enters the stream."""
+    """One layer. nanochat's is a pre-norm block: with a normalised query source norm(s)
+    (Attention Injection, docs/design.md#attention-injection) the queries read it while keys
+    and values read the stream; `s` never enters the stream. A public backbone's is a
+    sandwich block (`sandwich_step`, docs/public_models.md)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        spec = config.backbone_spec
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.mlp = MLPS[spec.mlp](config)
+        self.sandwich = spec.block != "pre_norm"
+        if self.sandwich:  # learned RMSNorms before and after each sublayer
+            self.norm_sum = spec.block == "sandwich_sum"
+            for name in ("attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm"):
+                setattr(self, name, nn.RMSNorm(config.d_model, eps=config.norm_eps))
         self._compiled: Callable | None = None  # compile_forward
 
     def compile_forward(self, **compile_kwargs) -> None:
@@ -81,10 +89,22 @@ class Block(nn.Module):
 
     def step(self, x, query_normed, plan: AttentionPlan, loop: int, eps: float, kv=None):
         """x -> x + attn(...) -> x + mlp(norm(x)) (see the class docstring)."""
+        if self.sandwich:
+            return self.sandwich_step(x, plan, loop)
         x_normed = norm(x) if query_normed is None or kv is None else None
         q_in = x_normed if query_normed is None else query_normed
         x = _residual(x, self.attn(q_in, x_normed, plan, loop, kv=kv), eps)
         return _residual(x, self.mlp(norm(x)), eps)
+
+    def sandwich_step(self, x, plan: AttentionPlan, loop: int):
+        """Ouro ("sandwich"): x + norm(f(norm(x))) per sublayer; Huginn ("sandwich_sum"):
+        norm(x + f(norm(x))). The loop modes these backbones run inject nothing."""
+        x_normed = self.attn_norm(x)
+        x = self._sandwich_add(x, self.attn(x_normed, x_normed, plan, loop), self.attn_out_norm)
+        return self._sandwich_add(x, self.mlp(self.mlp_norm(x)), self.mlp_out_norm)
+
+    def _sandwich_add(self, x, branch, out_norm):
+        return out_norm(x + branch) if self.norm_sum else x + out_norm(branch)
 
 
 def _residual(x: torch.Tensor, branch: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,8 +135,12 @@ class LoopedGPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.depth)]),
         })
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        cos, sin = rotary_tables(config.rotary_len, config.head_dim, config.rope_base,
-                                 device=self.lm_head.weight.device)
+        spec = config.backbone_spec
+        if spec.learned_norms and spec.carry == "norm":  # each loop's final norm
+            self.transformer["ln_f"] = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        # a public model's per-loop exit probability (docs/public_models.md)
+        self.exit_gate = nn.Linear(config.d_model, 1) if spec.exit_gate else None
+        cos, sin = self._rotary_tables()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         # set by wrap_loops (activation checkpointing, from outside: loopedlm.train.parallel)
@@ -125,30 +149,46 @@ class LoopedGPT(nn.Module):
     # ---- initialisation (docs/design.md#backbone) --------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """wte ~ N(0,1); lm_head ~ N(0, 0.001); q,k,v,c_fc ~ U(-a,a) with a = sqrt(3/d);
-        MLA up-projections ~ U(-b,b) with b = sqrt(3/kv_rank); output projections = 0."""
+        """wte ~ N(0,1); lm_head ~ N(0, 0.001); q,k,v,c_fc (c_gate, c_up) ~ U(-a,a) with
+        a = sqrt(3/d); MLA up-projections ~ U(-b,b) with b = sqrt(3/kv_rank); output
+        projections = 0; learned norms = 1; the exit gate = 0 (exit probability 1/2)."""
         cfg = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         a = 3**0.5 * cfg.d_model**-0.5
         b = 3**0.5 * cfg.kv_rank**-0.5
         for block in self.transformer.h:
-            attn = block.attn
+            attn, mlp = block.attn, block.mlp
             if attn.is_mla:
                 inputs = [(attn.c_q, a), (attn.c_kv_down, a), (attn.c_k_up, b), (attn.c_v_up, b)]
             else:
                 inputs = [(attn.c_q, a), (attn.c_k, a), (attn.c_v, a)]
-            for linear, bound in [*inputs, (block.mlp.c_fc, a)]:
+            mlp_inputs = [mlp.c_fc] if hasattr(mlp, "c_fc") else [mlp.c_gate, mlp.c_up]
+            for linear, bound in [*inputs, *((m, a) for m in mlp_inputs)]:
                 nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            nn.init.zeros_(mlp.c_proj.weight)
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+        if self.exit_gate is not None:
+            nn.init.zeros_(self.exit_gate.weight)
+            nn.init.zeros_(self.exit_gate.bias)
         self.reset_rotary()
+
+    def _rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        style = cfg.backbone_spec.rope
+        cos, sin = rotary_tables(cfg.rotary_len, cfg.head_dim, cfg.rope_base,
+                                 device=self.lm_head.weight.device, style=style)
+        if style == "hf":  # as Hugging Face's models: computed in fp32, used in the weights' dtype
+            dtype = self.lm_head.weight.dtype
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
 
     def reset_rotary(self) -> None:
         """Recompute the RoPE tables (needed after building on the meta device)."""
-        cos, sin = rotary_tables(self.config.rotary_len, self.config.head_dim,
-                                 self.config.rope_base, device=self.lm_head.weight.device)
-        self.cos, self.sin = cos, sin
+        self.cos, self.sin = self._rotary_tables()
 
     # ---- bookkeeping ---------------------------------------------------------
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -209,7 +249,7 @@ class LoopedGPT(nn.Module):
         if plan is None:
             plan = sequence_plan(self.config, self.cos, self.sin, idx.size(1), attention_mask)
         x0 = self.transformer.wte(idx)
-        embedded = norm(x0)
+        embedded = norm(x0) if self.config.backbone_spec.embedding_norm else x0
         first_kv = None
         if self.mode.first_layer_kv_invariant:
             first_kv = self.transformer.h[0].attn.keys_values(norm(embedded), plan)
@@ -248,18 +288,43 @@ class LoopedGPT(nn.Module):
             x = block(x, query_normed, inputs.plan, loop, eps, kv=kv)
         return x
 
+    def loop_state(self, x: torch.Tensor) -> torch.Tensor:
+        """h^t, the state loop t hands to the next loop and to the read-out, from its output
+        x_L^t: the final norm (parameter-free in nanochat, learned in Ouro: `Backbone.carry`)."""
+        ln_f = self.transformer["ln_f"] if "ln_f" in self.transformer else None
+        return norm(x) if ln_f is None else ln_f(x)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Soft-capped logits (docs/design.md#backbone) of loop outputs h, cropped to the real
-        vocabulary."""
+        """Logits of loop states h, cropped to the real vocabulary: soft-capped
+        (docs/design.md#backbone), or plain where `softcap` is None (public models)."""
         cap = self.config.softcap
         logits = self.lm_head(h)[..., : self.config.vocab_size].float()
-        return cap * torch.tanh(logits / cap)
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def exit_probability(self, h: torch.Tensor) -> torch.Tensor:
+        """sigmoid(exit_gate(h)) in fp32, shape h.shape[:-1]: a gated model's (Ouro's)
+        probability of exiting at the loop whose state is h (docs/public_models.md)."""
+        if self.exit_gate is None:
+            raise ValueError(f"backbone {self.config.backbone!r} has no exit gate")
+        return torch.sigmoid(self.exit_gate(h).float().squeeze(-1))
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
         chunked so the (rows x vocabulary) logits are never held (`loopedlm.model.head_loss`)."""
+        if self.config.softcap is None:
+            return self._plain_loss(h, targets)
         weight = self.lm_head.weight[: self.config.vocab_size]
         return head_loss(h, weight, targets, self.config.softcap)
+
+    def _plain_loss(self, h: torch.Tensor, targets: torch.Tensor,
+                    chunk_rows: int = 1024) -> torch.Tensor:
+        """`loss` without a soft cap (public models: their head is a plain linear layer),
+        in chunks of rows so the (rows x vocabulary) logits are never held whole."""
+        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        total = sum(F.cross_entropy(self.logits(h[i:i + chunk_rows]),
+                                    targets[i:i + chunk_rows], ignore_index=-1,
+                                    reduction="sum") for i in range(0, h.size(0), chunk_rows))
+        return total / (targets >= 0).sum()
 
     # ---- applied from outside: activation checkpointing, regional compilation -----------
     def wrap_loops(self, wrapper: Callable[[Callable], Callable] | None) -> None:
@@ -317,7 +382,7 @@ class LoopedGPT(nn.Module):
                 x = (wrapped if torch.is_grad_enabled() else self.loop)(inputs, previous, loop)
             if return_residual_norms:
                 norms.append(_residual_norm(x))
-            previous = norm(x)  # h^t
+            previous = self.loop_state(x)  # h^t
             if loop in supervised:  # each loop's head + loss is done before the next loop
                 outputs.append(previous if targets is None else self.loss(previous, targets))
         if targets is None:

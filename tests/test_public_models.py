@@ -1,0 +1,252 @@
+"""Public looped models (docs/public_models.md): an Ouro folder in its published format
+(config.json field names, weight names, safetensors, tokenizer.json) runs in loopedlm with
+the logits of Ouro's own computation (tests/reference_ouro.py) at every loop count, exact
+cached decoding, and Ouro's exit rule; bad folders are one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from reference_decoding import ReferenceCache, decode_step, prefill
+from reference_ouro import (
+    ouro_exit_loops,
+    ouro_forward,
+    ouro_weights,
+    tiny_ouro_config,
+    write_ouro_folder,
+    write_tokenizer,
+)
+
+from loopedlm.data.runs import load_run
+from loopedlm.infer import DecodeEngine, SequenceParams
+from loopedlm.infer.engine import AdaptiveLoops
+from loopedlm.model.checkpoint import load_model
+
+ATOL = 1e-4
+
+
+def ouro_folder(tmp_path, seed=0, std=0.2, shards=1, **overrides):
+    config = tiny_ouro_config(**overrides)
+    weights = ouro_weights(config, seed=seed, std=std)
+    return write_ouro_folder(tmp_path / f"ouro{seed}", config, weights, shards), config, weights
+
+
+def tokens(model, shape, seed=1):
+    return torch.randint(0, model.config.vocab_size, shape,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the forward: per loop, at the trained depth and others --------------------------------
+@pytest.mark.parametrize("overrides", [
+    {},  # GQA: 4 query heads over 2 key/value heads
+    dict(num_key_value_heads=4, rope_theta=1e6, total_ut_steps=2),
+    dict(num_key_value_heads=1, num_hidden_layers=3, rms_norm_eps=1e-5),
+], ids=["gqa", "mha_theta", "mqa_eps"])
+@torch.no_grad()
+def test_ouro_logits_equal_their_computation_at_every_loop(tmp_path, overrides):
+    folder, config, weights = ouro_folder(tmp_path, **overrides)
+    model, meta = load_model(folder)
+    trained = config["total_ut_steps"]
+    assert model.config.n_loops == trained and meta["public"]["model_type"] == "ouro"
+    idx = tokens(model, (2, 11))
+    theirs, _ = ouro_forward(weights, config, idx, trained + 2)
+    for n_loops in range(1, trained + 3):
+        torch.testing.assert_close(model(idx, n_loops=n_loops), theirs[n_loops - 1],
+                                   atol=ATOL, rtol=0)
+    assert torch.equal(model(idx), model(idx, n_loops=trained))  # the trained depth by default
+
+
+@torch.no_grad()
+def test_ouro_exit_gate_gives_their_probability_at_every_loop(tmp_path):
+    folder, config, weights = ouro_folder(tmp_path)
+    model, _ = load_model(folder)
+    idx = tokens(model, (2, 7))
+    _, their_gates = ouro_forward(weights, config, idx, 5)
+    inputs, h = model.prepare(idx), None
+    for loop in range(5):
+        h = model.loop_state(model.loop(inputs, h, loop))
+        torch.testing.assert_close(model.exit_probability(h), their_gates[loop], atol=1e-5,
+                                   rtol=0)
+
+
+@torch.no_grad()
+def test_sharded_folder_loads_the_same_model(tmp_path):
+    single, _, _ = ouro_folder(tmp_path)
+    sharded, _, _ = ouro_folder(tmp_path / "sharded", shards=3)
+    a, _ = load_model(single)
+    b, _ = load_model(sharded)
+    assert not (sharded / "model.safetensors").exists()
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+@torch.no_grad()
+def test_bf16_weights_load_as_bf16(tmp_path):
+    config = tiny_ouro_config(torch_dtype="bfloat16")
+    weights = {k: v.bfloat16() for k, v in ouro_weights(config, std=0.2).items()}
+    folder = write_ouro_folder(tmp_path / "bf16", config, weights)
+    model, _ = load_model(folder)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.cos.dtype == torch.bfloat16  # RoPE tables in the weights' dtype, as theirs
+    idx = tokens(model, (1, 9))
+    theirs, _ = ouro_forward(weights, config, idx, 4)
+    torch.testing.assert_close(model(idx), theirs[-1], atol=0.15, rtol=0.05)
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_loops", [1, 4, 6])
+@torch.no_grad()
+def test_cached_decoding_equals_the_full_forward(tmp_path, n_loops):
+    folder, _, _ = ouro_folder(tmp_path)
+    model, _ = load_model(folder)
+    idx = tokens(model, (2, 12))
+    full = model(idx, n_loops=n_loops)
+    engine = DecodeEngine(model, max_batch=2, max_loops=n_loops, max_len=13)
+    got = torch.zeros_like(full)
+    params = SequenceParams(n_loops=n_loops)
+    for r in range(2):
+        got[r, :5] = engine.prefill(r, idx[r, :5], params)
+    for t in range(5, 12):
+        got[:, t] = engine.decode(idx[:, t])[0]
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_gate_exits_where_ouro_exits_and_skips_the_rest(tmp_path):
+    """After an exact prefill, a decoded token's loops follow Ouro's published rule (the
+    first loop whose cumulative exit probability reaches q): its loop count and logits are
+    those of their full forward at that position, and thresholds spread the rows."""
+    folder, config, weights = ouro_folder(tmp_path, std=0.3)
+    model, _ = load_model(folder)
+    idx = tokens(model, (6, 8), seed=3)
+    theirs, gates = ouro_forward(weights, config, idx, 4)
+    seen = set()
+    for q in [0.2, 0.5, 0.8, 0.95, 0.999]:
+        expected = ouro_exit_loops([g[:, -1] for g in gates], q)
+        engine = DecodeEngine(model, max_batch=6, max_loops=4)
+        params = SequenceParams(n_loops=4, adaptive=AdaptiveLoops(q))  # the model's rule: gate
+        for r in range(6):
+            engine.prefill(r, idx[r, :7], params)
+        logits, spent = engine.decode(idx[:, 7])
+        assert torch.equal(spent, expected)
+        want = torch.stack([theirs[n - 1][r, -1] for r, n in enumerate(expected.tolist())])
+        torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+        seen |= set(spent.tolist())
+    assert len(seen) > 2, f"the thresholds tried gave loop counts {seen} only"
+
+
+@pytest.mark.parametrize("criterion", ["gate", "state", "kl"])
+@torch.no_grad()
+def test_adaptive_decoding_equals_the_reference_decoder(tmp_path, criterion):
+    """Token after token, with skipped loops' cache entries filled: the engine equals the
+    plain reference decoder, for Ouro's rule and ours."""
+    folder, _, _ = ouro_folder(tmp_path, std=0.3)
+    model, _ = load_model(folder)
+    idx = tokens(model, (3, 10), seed=4)
+    thresholds = {"gate": 0.6, "state": 0.3, "kl": 0.1}
+    adaptive = AdaptiveLoops(thresholds[criterion], criterion)
+    engine = DecodeEngine(model, max_batch=3, max_loops=5)
+    params = SequenceParams(n_loops=5, adaptive=adaptive)
+    for r in range(3):
+        engine.prefill(r, idx[r, :4], params)
+    cache = ReferenceCache()
+    prefill(model, idx[:, :4], cache, 5)
+    for t in range(4, 10):
+        ours, our_loops = engine.decode(idx[:, t])
+        theirs, their_loops = decode_step(model, idx[:, t], cache, 5, adaptive)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+        assert torch.equal(our_loops, their_loops)
+
+
+def test_the_gate_criterion_needs_a_model_with_a_gate():
+    from conftest import tiny_model
+    engine = DecodeEngine(tiny_model(), max_batch=1)
+    with pytest.raises(ValueError, match="adaptive_criterion='gate' is not allowed for this "
+                                         "model: it has no exit gate"):
+        engine.add(0, [1, 2], SequenceParams(adaptive=AdaptiveLoops(0.5, "gate")))
+    assert engine.active_slots == []
+
+
+# ---- the folder: tokenizer, loading path, import-hf ---------------------------------------------
+@torch.no_grad()
+def test_load_run_takes_the_folder_with_its_tokenizer(tmp_path):
+    folder, _, _ = ouro_folder(tmp_path, vocab_size=300)
+    write_tokenizer(folder)
+    model, tokenizer, _, meta = load_run(folder)
+    assert meta["public"]["model_type"] == "ouro"
+    # a prompt starts with the document separator; <|im_end|> (eos) ends a text too
+    assert tokenizer.bos_id == 0 and tokenizer.stop_ids == (0, 2)
+    text = "the cat sat"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert int(tokenizer.token_bytes().sum()) > 0
+
+
+@torch.no_grad()
+def test_import_hf_writes_a_checkpoint_with_the_same_logits(tmp_path):
+    from loopedlm.data.hf_import import import_public_model
+
+    folder, _, _ = ouro_folder(tmp_path, vocab_size=300)
+    write_tokenizer(folder)
+    out = import_public_model(folder, tmp_path / "imported", dtype="fp32")
+    direct, tok, _, _ = load_run(folder)
+    imported, imported_tok, _, meta = load_run(out)
+    assert meta["public"]["model_type"] == "ouro" and (out / "manifest.json").is_file()
+    assert imported_tok.stop_ids == tok.stop_ids
+    idx = tokens(direct, (1, 6))
+    assert torch.equal(imported(idx, n_loops=3), direct(idx, n_loops=3))
+    with pytest.raises(ValueError, match="is not empty"):
+        import_public_model(folder, out)
+
+
+# ---- bad folders: one line each -----------------------------------------------------------------
+def _rewrite(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(model_type="llama"), r"model_type='llama' is not a looped model loopedlm imports: "
+                               r"supported are \['ouro'\]"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+     r"rope_scaling.rope_type='yarn' is not supported: 'default'"),
+    (dict(use_sliding_window=True), r"use_sliding_window=True is not supported"),
+    (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported: 'silu'"),
+    (dict(head_dim=16), r"head_dim=16 is not supported"),
+])
+def test_unsupported_config_is_one_line(tmp_path, changes, match):
+    from loopedlm.data.hf_import import import_public_model
+
+    folder, _, _ = ouro_folder(tmp_path)
+    _rewrite(folder, **changes)
+    with pytest.raises(ValueError, match=match) as info:
+        import_public_model(folder, tmp_path / "out")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_unknown_weights_are_named(tmp_path):
+    config = tiny_ouro_config()
+    weights = ouro_weights(config)
+    del weights["model.layers.1.input_layernorm_2.weight"]
+    folder = write_ouro_folder(tmp_path / "missing", config, weights)
+    with pytest.raises(ValueError, match=r"missing model\.layers\.1\.input_layernorm_2\.weight"):
+        load_model(folder)
+    weights = ouro_weights(config)
+    weights["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)
+    folder = write_ouro_folder(tmp_path / "extra", config, weights)
+    with pytest.raises(ValueError, match=r"1 weight\(s\) loopedlm does not know for this "
+                                         r"model: model\.layers\.0\.self_attn\.q_norm\.weight"):
+        load_model(folder)
+    weights = ouro_weights(tiny_ouro_config(intermediate_size=40))
+    folder = write_ouro_folder(tmp_path / "shape", config, weights)
+    with pytest.raises(ValueError, match="size mismatch for transformer.h.0.mlp.c_gate.weight"):
+        load_model(folder)
+
+
+def test_weights_beyond_the_config_are_named(tmp_path):
+    weights = ouro_weights(tiny_ouro_config(num_hidden_layers=3))
+    folder = write_ouro_folder(tmp_path / "deeper", tiny_ouro_config(), weights)
+    with pytest.raises(ValueError, match=r"not in this config model\.layers\.2\."):
+        load_model(folder)
