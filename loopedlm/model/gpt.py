@@ -145,6 +145,7 @@ class LoopedGPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         # set by wrap_loops (activation checkpointing, from outside: loopedlm.train.parallel)
         self._loop_wrapper: Callable[[Callable], Callable] | None = None
+        self.head_options: dict = {}  # head_loss(backend=, compile=) for `loss`; {}: defaults
 
     # ---- initialisation (docs/design.md#backbone) --------------------------------------------
     @torch.no_grad()
@@ -314,7 +315,7 @@ class LoopedGPT(nn.Module):
         if self.config.softcap is None:
             return self._plain_loss(h, targets)
         weight = self.lm_head.weight[: self.config.vocab_size]
-        return head_loss(h, weight, targets, self.config.softcap)
+        return head_loss(h, weight, targets, self.config.softcap, **self.head_options)
 
     def _plain_loss(self, h: torch.Tensor, targets: torch.Tensor,
                     chunk_rows: int = 1024) -> torch.Tensor:
