@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from reference_huginn import huginn_weights, tiny_huginn_config, write_huginn_folder
 from reference_ouro import ouro_weights, tiny_ouro_config, write_ouro_folder
 from train_helpers import make_corpus
 
@@ -217,6 +218,9 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
         ("public model", "an unknown weight",
          ["import-hf", ouro("extra", add="model.layers.0.self_attn.q_norm.weight"),
           str(root / "imported")]),
+        ("public model", "a Huginn with another injection type",
+         ["sample", str(write_huginn_folder(root / "huginn", tiny_huginn_config(
+             injection_type="additive"), huginn_weights(tiny_huginn_config()))), "--prompt", "a"]),
         ("public model", "exit gate criterion for a model without one",
          ["sample", r, "--prompt", "a", "--adaptive-threshold", "0.5",
           "--adaptive-criterion", "gate"]),

@@ -1,15 +1,24 @@
-"""Public looped models (docs/public_models.md): an Ouro folder in its published format
-(config.json field names, weight names, safetensors, tokenizer.json) runs in loopedlm with
-the logits of Ouro's own computation (tests/reference_ouro.py) at every loop count, exact
-cached decoding, and Ouro's exit rule; bad folders are one clear error."""
+"""Public looped models (docs/public_models.md): Ouro and Huginn folders in their published
+formats (config.json field names, weight names, safetensors, tokenizer.json) run in loopedlm
+with the logits of their own computation (tests/reference_ouro.py, tests/reference_huginn.py)
+at every loop count, exact cached decoding, and their exit rules; bad folders are one clear
+error."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from reference_decoding import ReferenceCache, decode_step, prefill
+from reference_huginn import (
+    huginn_forward,
+    huginn_read_out,
+    huginn_weights,
+    tiny_huginn_config,
+    write_huginn_folder,
+)
 from reference_ouro import (
     ouro_exit_loops,
     ouro_forward,
@@ -172,7 +181,7 @@ def test_the_gate_criterion_needs_a_model_with_a_gate():
 # ---- the folder: tokenizer, loading path, import-hf ---------------------------------------------
 @torch.no_grad()
 def test_load_run_takes_the_folder_with_its_tokenizer(tmp_path):
-    folder, _, _ = ouro_folder(tmp_path, vocab_size=300)
+    folder, _, _ = ouro_folder(tmp_path, vocab_size=290)
     write_tokenizer(folder)
     model, tokenizer, _, meta = load_run(folder)
     assert meta["public"]["model_type"] == "ouro"
@@ -187,7 +196,7 @@ def test_load_run_takes_the_folder_with_its_tokenizer(tmp_path):
 def test_import_hf_writes_a_checkpoint_with_the_same_logits(tmp_path):
     from loopedlm.data.hf_import import import_public_model
 
-    folder, _, _ = ouro_folder(tmp_path, vocab_size=300)
+    folder, _, _ = ouro_folder(tmp_path, vocab_size=290)
     write_tokenizer(folder)
     out = import_public_model(folder, tmp_path / "imported", dtype="fp32")
     direct, tok, _, _ = load_run(folder)
@@ -209,7 +218,7 @@ def _rewrite(folder, **changes):
 
 @pytest.mark.parametrize("changes, match", [
     (dict(model_type="llama"), r"model_type='llama' is not a looped model loopedlm imports: "
-                               r"supported are \['ouro'\]"),
+                               r"supported are \['huginn_raven', 'ouro'\]"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
      r"rope_scaling.rope_type='yarn' is not supported: 'default'"),
     (dict(use_sliding_window=True), r"use_sliding_window=True is not supported"),
@@ -249,4 +258,211 @@ def test_weights_beyond_the_config_are_named(tmp_path):
     weights = ouro_weights(tiny_ouro_config(num_hidden_layers=3))
     folder = write_ouro_folder(tmp_path / "deeper", tiny_ouro_config(), weights)
     with pytest.raises(ValueError, match=r"not in this config model\.layers\.2\."):
+        load_model(folder)
+
+
+@torch.no_grad()
+def test_serve_takes_n_loops_and_ouro_exit_threshold_per_request(tmp_path):
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from loopedlm.infer.generate import generate
+    from loopedlm.infer.server import ServeConfig, create_app, serve_in_background
+
+    folder, _, _ = ouro_folder(tmp_path, std=0.3, vocab_size=290)
+    write_tokenizer(folder)
+    model, tokenizer, _, _ = load_run(folder)
+    app = create_app(model, tokenizer, name="ouro", config=ServeConfig(max_batch=2, max_len=32))
+    with serve_in_background(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        loops_seen = set()
+        for n_loops, q in [(4, None), (3, None), (4, 0.3), (4, 0.9)]:
+            options = {"n_loops": n_loops, "return_loops": True}
+            if q is not None:
+                options["adaptive_threshold"] = q  # Ouro's exit threshold: its gate's rule
+            r = client.completions.create(model="ouro", prompt="the cat", max_tokens=6,
+                                          temperature=0, extra_body=options)
+            alone = generate(model, "the cat", tokenizer=tokenizer, n_loops=n_loops,
+                             max_tokens=6, temperature=0, adaptive_threshold=q,
+                             stop=list(tokenizer.stop_ids))
+            choice = r.model_dump()["choices"][0]
+            assert choice["text"] == alone.texts[0] and choice["loops"] == alone.loops[0]
+            loops_seen.add(choice["mean_loops"])
+        assert len(loops_seen) >= 3
+
+
+# ---- Huginn: prelude, adapter, recurrent core, coda ------------------------------------------------
+def huginn_folder(tmp_path, seed=0, std=0.2, name="huginn", lm_head=False, freqs_cis=True,
+                  **overrides):
+    config = tiny_huginn_config(**overrides)
+    weights = huginn_weights(config, seed=seed, std=std, lm_head=lm_head, freqs_cis=freqs_cis)
+    return write_huginn_folder(tmp_path / name, config, weights), config, weights
+
+
+@pytest.mark.parametrize("options", [
+    {},  # tied head, query/key bias, their RoPE buffer stored
+    dict(tie_embeddings=False),
+    dict(lm_head=True, freqs_cis=False),  # a tied head stored anyway
+    dict(qk_bias=False, num_key_value_heads=2, n_layers_in_coda=2, n_layers=6),
+], ids=["tied", "untied", "tied_head_stored", "gqa_no_bias"])
+@torch.no_grad()
+def test_huginn_logits_equal_their_computation_at_every_loop(tmp_path, options):
+    folder, config, weights = huginn_folder(tmp_path, **options)
+    model, meta = load_model(folder)
+    assert meta["public"]["model_type"] == "huginn_raven" and model.config.n_loops == 4
+    assert model.config.tie_embeddings == config["tie_embeddings"]
+    idx = tokens(model, (2, 11))
+    theirs, _ = huginn_forward(weights, config, idx, 6)
+    for n_loops in range(1, 7):
+        torch.testing.assert_close(model(idx, n_loops=n_loops), theirs[n_loops - 1],
+                                   atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_huginn_random_initial_state_is_theirs_given_the_same_draw(tmp_path):
+    """state_init "like-init" (what their code does): a normal draw of std sqrt(2/5d),
+    truncated at 3 std, times sqrt(d); with that state, their logits."""
+    folder, config, weights = huginn_folder(tmp_path, state_init="like-init")
+    model, _ = load_model(folder)
+    idx = tokens(model, (3, 40))
+    torch.manual_seed(5)
+    ours = model(idx, n_loops=3)
+    torch.manual_seed(5)
+    state = model.prepare(idx).initial_state
+    std = math.sqrt(2 / (5 * 32)) * math.sqrt(32)
+    assert state.abs().max() <= 3 * std and abs(state.std().item() - 0.986 * std) < 0.05
+    theirs, _ = huginn_forward(weights, config, idx, 3, state=state)
+    torch.testing.assert_close(ours, theirs[-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_loops", [1, 4, 6])
+@torch.no_grad()
+def test_huginn_cached_decoding_equals_the_full_forward(tmp_path, n_loops):
+    """The prelude's and the coda's keys live in one cache entry each, the core's in one per
+    loop: prefill then one token at a time gives the full forward's logits."""
+    folder, _, _ = huginn_folder(tmp_path)
+    model, _ = load_model(folder)
+    idx = tokens(model, (2, 12))
+    full = model(idx, n_loops=n_loops)
+    engine = DecodeEngine(model, max_batch=2, max_loops=n_loops, max_len=13)
+    got = torch.zeros_like(full)
+    params = SequenceParams(n_loops=n_loops)
+    for r in range(2):
+        got[r, :5] = engine.prefill(r, idx[r, :5], params)
+    for t in range(5, 12):
+        got[:, t] = engine.decode(idx[:, t])[0]
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+@pytest.mark.parametrize("criterion", ["state", "kl_previous"])
+@torch.no_grad()
+def test_huginn_exits_by_their_criteria(tmp_path, criterion):
+    """After an exact prefill, a decoded token stops where Huginn's published criteria stop
+    it in their cached generation, computed here from their computation: "latent-diff"
+    ||x_t - x_{t-1}|| / ||x_t|| (our `state` on the raw latent) and "kl" KL(p_{t-1} || p_t)
+    from a uniform p_0, its logits those of its exit loop."""
+    folder, config, weights = huginn_folder(tmp_path, std=0.2)
+    model, _ = load_model(folder)
+    idx = tokens(model, (6, 8), seed=2)
+    _, latents = huginn_forward(weights, config, idx, 6)
+
+    def read_out_at(loops: list[int]) -> torch.Tensor:
+        """As their cached generation: the prompt's coda keys are of its 6 loops, the
+        token's read-out is of its latent after `loops[row]` loops."""
+        mixed = latents[-1].clone()
+        mixed[:, -1] = torch.stack([latents[n - 1][r, -1] for r, n in enumerate(loops)])
+        return huginn_read_out(weights, config, mixed)[:, -1]
+    logp = [torch.log_softmax(read_out_at([t] * 6), dim=-1) for t in range(1, 7)]
+    uniform = torch.full_like(logp[0], -math.log(logp[0].size(-1)))
+    if criterion == "state":
+        x = [lat[:, -1] for lat in latents]
+        measure = [torch.full((6,), math.inf)] + [
+            (x[t] - x[t - 1]).norm(dim=-1) / x[t].norm(dim=-1) for t in range(1, 6)]
+    else:
+        measure = [_kl(([uniform] + logp)[t], logp[t]) for t in range(6)]
+    measure = torch.stack(measure, dim=1)  # (rows, loops)
+    seen = set()
+    values = measure[:, 1:].flatten().sort().values
+    # thresholds half-way between the measured values: none sits on a tie
+    for q in ((values[:-1] + values[1:]) / 2)[::4].tolist():
+        below = measure < q
+        expected = torch.where(below.any(1), below.float().argmax(1) + 1, 6)
+        engine = DecodeEngine(model, max_batch=6, max_loops=6)
+        params = SequenceParams(n_loops=6, adaptive=AdaptiveLoops(q, criterion))
+        for r in range(6):
+            engine.prefill(r, idx[r, :7], params)
+        logits, spent = engine.decode(idx[:, 7])
+        assert torch.equal(spent, expected), q
+        torch.testing.assert_close(logits, read_out_at(expected.tolist()), atol=ATOL, rtol=0)
+        seen |= set(spent.tolist())
+    assert len(seen) > 2, seen
+
+
+@pytest.mark.parametrize("criterion", ["state", "kl", "kl_previous"])
+@torch.no_grad()
+def test_huginn_adaptive_decoding_equals_the_reference_decoder(tmp_path, criterion):
+    folder, _, _ = huginn_folder(tmp_path, std=0.2)
+    model, _ = load_model(folder)
+    idx = tokens(model, (3, 12), seed=6)
+    for threshold in [1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3]:
+        adaptive = AdaptiveLoops(threshold, criterion)
+        engine = DecodeEngine(model, max_batch=3, max_loops=6)
+        params = SequenceParams(n_loops=6, adaptive=adaptive)
+        for r in range(3):
+            engine.prefill(r, idx[r, :4], params)
+        cache = ReferenceCache()
+        prefill(model, idx[:, :4], cache, 6)
+        loops = set()
+        for t in range(4, 12):
+            ours, our_loops = engine.decode(idx[:, t])
+            theirs, their_loops = decode_step(model, idx[:, t], cache, 6, adaptive)
+            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+            assert torch.equal(our_loops, their_loops)
+            loops |= set(our_loops.tolist())
+        if len(loops) > 1:
+            return
+    pytest.fail("no threshold gave tokens different loop counts")
+
+
+@torch.no_grad()
+def test_huginn_import_hf_keeps_one_tied_matrix(tmp_path):
+    from safetensors import safe_open
+
+    from loopedlm.data.hf_import import import_public_model
+
+    folder, _, _ = huginn_folder(tmp_path, vocab_size=290)
+    write_tokenizer(folder)
+    out = import_public_model(folder, tmp_path / "imported")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
+    direct, _, _, _ = load_run(folder)
+    imported, _, _, _ = load_run(out)
+    assert imported.lm_head.weight is imported.transformer.wte.weight
+    idx = tokens(direct, (1, 6))
+    assert torch.equal(imported(idx, n_loops=3), direct(idx, n_loops=3))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(injection_type="additive"), r"injection_type='additive' is not supported: 'linear'"),
+    (dict(bias=True), r"bias=True is not supported: False"),
+    (dict(state_init="normal"), r"state_init='normal' is not supported"),
+    (dict(num_key_value_heads=2), r"num_key_value_heads=2 is not supported"),
+])
+def test_huginn_unsupported_config_is_one_line(tmp_path, changes, match):
+    folder, _, _ = huginn_folder(tmp_path)
+    _rewrite(folder, **changes)
+    with pytest.raises(ValueError, match=match) as info:
+        load_model(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_huginn_missing_weight_is_named_in_their_names(tmp_path):
+    config = tiny_huginn_config()
+    weights = huginn_weights(config)
+    del weights["transformer.core_block.1.attn.qk_bias"]
+    folder = write_huginn_folder(tmp_path / "missing", config, weights)
+    with pytest.raises(ValueError, match=r"missing transformer\.core_block\.1\.attn\.qk_bias"):
         load_model(folder)

@@ -25,6 +25,7 @@ from loopedlm.data.tokenizer import Tokenizer, load_tokenizer
 from loopedlm.export.hf_tokenizer import SpecialTokens, special_tokens, write_hf_tokenizer
 from loopedlm.export.model_card import model_card
 from loopedlm.export.run_record import run_record
+from loopedlm.model.backbones import NANOCHAT
 from loopedlm.model.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -32,7 +33,6 @@ from loopedlm.model.checkpoint import (
     load_model,
     resolve_model_folder,
 )
-from loopedlm.model.backbones import NANOCHAT
 from loopedlm.model.gpt import LoopedGPT
 from loopedlm.model.hf_folder import MODEL_TYPE, RECORD_FILE, is_exported_folder
 

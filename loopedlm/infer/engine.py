@@ -82,9 +82,10 @@ class AdaptiveLoops:
       "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
         distributions (nats). Closer to what the user sees, but it costs one LM-head
         evaluation per loop, which for small models is as large as a loop itself.
+      "kl_previous": Huginn's: KL(p_{t-1} || p_t) < threshold, p_0 uniform.
       "gate": Ouro's rule: the cumulative exit probability of its gate reaches threshold.
     min_loops: never stop before this many loops (None: the criterion's earliest, 2 for a
-        change between loops, 1 for the gate).
+        change between loops, 1 for the gate and kl_previous).
     """
 
     threshold: float
@@ -328,8 +329,16 @@ def decode_loop(model: LoopedGPT, inputs: LoopInputs, previous: torch.Tensor | N
     entries, so the loop index is not needed), so that torch.compile builds two graphs for
     it (the first loop and every later one), not one per loop."""
     plan = AttentionPlan(inputs.plan.cos, inputs.plan.sin, inputs.plan.masks, writes)
-    return model.loop_state(model.loop(LoopInputs(inputs.x0, inputs.embedded, plan,
-                                                  inputs.first_kv), previous, 0))
+    return model.loop_state(model.loop(replace(inputs, plan=plan), previous, 0))
+
+
+def outer_writes(cache: StaticKVCache, rows: torch.Tensor, pos: torch.Tensor, batch: int,
+                 kv_len: int) -> StepWrites:
+    """The cache writer of the layers outside the loop (Huginn's prelude and coda: one entry
+    each, every loop's), for `rows` of a step's `batch` at positions `pos`: they write at
+    every pass that runs them, so a coda read out again overwrites its keys."""
+    return StepWrites(cache.loop_entries(0, batch, kv_len), rows, pos, write_first=True,
+                      gather=rows.numel() < batch)
 
 
 def adaptive_row_settings(adaptive: list[AdaptiveLoops | None], device: torch.device
@@ -619,10 +628,16 @@ class DecodeEngine:
         cos, sin = rotary_at(self.model.cos, self.model.sin, positions)
         return cos.to(self.dtype), sin.to(self.dtype)
 
-    def _step_plan(self, pos: torch.Tensor, kv_len: int) -> AttentionPlan:
-        """The plan of one token per row at positions `pos`, over key positions [0, kv_len)."""
+    def _step_plan(self, pos: torch.Tensor, kv_len: int, rows: torch.Tensor | None = None,
+                   batch: int = 0) -> AttentionPlan:
+        """The plan of one token per row at positions `pos`, over key positions [0, kv_len).
+        With `rows` (of the step's `batch`) and layers outside the loop (Huginn's prelude and
+        coda, which run once per step), it carries their cache writer (`outer_writes`)."""
         cos, sin = self._rotary(pos[:, None])
-        return AttentionPlan(cos, sin, attention_masks(self.config, pos[:, None], kv_len))
+        writes = None
+        if rows is not None and self.config.n_layers > self.config.depth:
+            writes = outer_writes(self.cache, rows, pos, batch, kv_len)
+        return AttentionPlan(cos, sin, attention_masks(self.config, pos[:, None], kv_len), writes)
 
     def _chunk_logits(self, slot: int, ids: torch.Tensor, start: int, n_loops: int
                       ) -> torch.Tensor:
@@ -637,7 +652,7 @@ class DecodeEngine:
         previous = None
         for loop in range(n_loops):
             previous = model.loop_state(model.loop(inputs, previous, loop))
-        return model.logits(previous)[0]
+        return model.logits(previous, inputs.plan)[0]
 
     def _step_logits(self, tokens: torch.Tensor, key: StepKey) -> torch.Tensor:
         """Logits (batch, V) of `tokens` fed at the rows' positions, every row running
@@ -645,8 +660,8 @@ class DecodeEngine:
         slots, a row past its own count writes no keys."""
         model, batch, cache = self.model, tokens.size(0), self.cache
         pos, n_loops = self.state.pos[:batch], self.state.n_loops[:batch]
-        inputs = model.prepare(tokens[:, None], plan=self._step_plan(pos, key.kv_len))
         rows = self.row_index[:batch]
+        inputs = model.prepare(tokens[:, None], plan=self._step_plan(pos, key.kv_len, rows, batch))
         shared = key.mixed and cache.slot_of_loop != list(range(self.max_loops))
         previous = final = None
         for loop in range(key.n_loops):
@@ -658,7 +673,7 @@ class DecodeEngine:
                 final = h if final is None else torch.where(
                     (n_loops > loop)[:, None, None], h, final)
             previous = h
-        return model.logits((final if key.mixed else previous)[:, -1])
+        return model.logits(final if key.mixed else previous, inputs.plan)[:, -1]
 
     def _adaptive_step(self, batch: int) -> None:
         state, rows = self.state, slice(0, batch)
@@ -681,13 +696,14 @@ class DecodeEngine:
         threshold, criterion_ids, min_loops, used = adaptive_row_settings(adaptive, pos.device)
         needs_logits = any(EXIT_CRITERIA[CRITERIA[i]].needs_logits for i in used)
         needs_gate = any(EXIT_CRITERIA[CRITERIA[i]].needs_gate for i in used)
-        all_inputs = model.prepare(tokens[:, None], plan=self._step_plan(pos, kv_len))
+        active = self.row_index[:batch]
+        all_inputs = model.prepare(tokens[:, None],
+                                   plan=self._step_plan(pos, kv_len, active, batch))
         inputs = all_inputs
         final = torch.empty_like(all_inputs.embedded)
         spent = torch.zeros(batch, dtype=torch.long, device=pos.device)
         exit_cdf = torch.zeros(batch, dtype=torch.float32, device=pos.device)
         remaining = torch.ones_like(exit_cdf)
-        active = self.row_index[:batch]
         previous = previous_logp = None
         for loop in range(max(info.params.n_loops for info in state.infos.values())):
             writes = StepWrites(cache.loop_entries(loop, batch, kv_len), active, pos[active],
@@ -695,7 +711,8 @@ class DecodeEngine:
                                 gather=active.numel() < batch)
             h = decode_loop(model, inputs, previous, writes)
             spent[active] += 1
-            logp = F.log_softmax(model.logits(h[:, -1]), dim=-1) if needs_logits else None
+            logp = F.log_softmax(model.logits(h, inputs.plan)[:, -1], dim=-1) \
+                if needs_logits else None
             if needs_gate:
                 exit_cdf[active], remaining[active] = update_exit_cdf(
                     exit_cdf[active], remaining[active], model.exit_probability(h[:, -1]))
@@ -715,9 +732,10 @@ class DecodeEngine:
                 logp = None if logp is None else logp[keep]
                 if active.numel() == 0:
                     break
-                inputs = all_inputs.select_rows(active, self._step_plan(pos[active], kv_len))
+                inputs = all_inputs.select_rows(active, self._step_plan(pos[active], kv_len,
+                                                                        active, batch))
             previous, previous_logp = h, logp
-        return model.logits(final[:, -1]), spent
+        return model.logits(final, all_inputs.plan)[:, -1], spent
 
 
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",

@@ -9,6 +9,9 @@ table: when a decoded token may stop looping. The decode engine (`AdaptiveLoops`
   published "latent-diff" criterion.
 - `kl`: KL(p_t || p_{t-1}) < threshold (nats) between successive loops' next-token
   distributions; one LM-head evaluation per loop.
+- `kl_previous`: Huginn's published "kl" criterion, KL(p_{t-1} || p_t) < threshold, where
+  p_0 is uniform (so it may stop after the first loop); one read-out per loop (Huginn's
+  read-out runs its coda).
 - `gate`: Ouro's published rule: exit probabilities p_t = lambda_t * prod_{j<t}(1 -
   lambda_j) from the model's exit gate lambda_t = sigmoid(gate(h^t)); stop once their sum
   (the cumulative exit probability) reaches the threshold q. Only for models with an exit
@@ -17,6 +20,7 @@ table: when a decoded token may stop looping. The decode engine (`AdaptiveLoops`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -59,6 +63,13 @@ def _kl_to_previous(s: LoopSignals, threshold: torch.Tensor) -> torch.Tensor:
     return (s.logp.exp() * (s.logp - s.previous_logp)).sum(-1) < threshold
 
 
+def _kl_from_previous(s: LoopSignals, threshold: torch.Tensor) -> torch.Tensor:
+    previous = s.previous_logp
+    if previous is None:  # Huginn starts from the uniform distribution
+        previous = torch.full_like(s.logp, -math.log(s.logp.size(-1)))
+    return (previous.exp() * (previous - s.logp)).sum(-1) < threshold
+
+
 def _gate_reached(s: LoopSignals, threshold: torch.Tensor) -> torch.Tensor:
     return s.exit_cdf >= threshold
 
@@ -66,6 +77,7 @@ def _gate_reached(s: LoopSignals, threshold: torch.Tensor) -> torch.Tensor:
 EXIT_CRITERIA: dict[str, ExitCriterion] = {
     "state": ExitCriterion(_relative_change),
     "kl": ExitCriterion(_kl_to_previous, needs_logits=True),
+    "kl_previous": ExitCriterion(_kl_from_previous, first_loop=1, needs_logits=True),
     "gate": ExitCriterion(_gate_reached, first_loop=1, needs_gate=True),
 }
 CRITERIA = tuple(EXIT_CRITERIA)

@@ -148,13 +148,13 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.backbone_spec.qk_norm
         self.is_mla = config.attn_type == "mla"
         d, kv_dim = config.d_model, config.n_kv_head * config.head_dim
-        self.c_q = nn.Linear(d, config.n_head * config.head_dim, bias=False)
+        self.c_q = nn.Linear(d, config.n_head * config.head_dim, bias=config.qk_bias)
         if self.is_mla:
             self.c_kv_down = nn.Linear(d, config.kv_rank, bias=False)
             self.c_k_up = nn.Linear(config.kv_rank, kv_dim, bias=False)
             self.c_v_up = nn.Linear(config.kv_rank, kv_dim, bias=False)
         else:
-            self.c_k = nn.Linear(d, kv_dim, bias=False)
+            self.c_k = nn.Linear(d, kv_dim, bias=config.qk_bias)
             self.c_v = nn.Linear(d, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, d, bias=False)
 

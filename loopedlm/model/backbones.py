@@ -36,10 +36,13 @@ class Backbone:
     qk_norm:        RMSNorm on queries and keys after RoPE.
     rope:           "nanochat" (its rotation sign, bf16 tables) or "hf" (rotate_half's sign,
                     fp32 tables cast to the weights' dtype).
-    embedding_norm: the loops' input is norm(wte(idx)) (else wte(idx) * embed_scale).
+    embedding:      the loops' input e: "norm" (norm(wte(idx))), "plain" (wte(idx)) or
+                    "sqrt_d" (wte(idx) * sqrt(d), then the prelude's layers).
     carry:          how loop t's output x_L^t becomes the state h^t that the next loop and the
                     read-out take: "norm" (the final norm) or "raw" (x_L^t itself; the read-out
-                    normalises).
+                    is norm, the coda's layers, norm).
+    adapter:        every loop starts at adapter([h^{t-1}, e]), a Linear(2d, d), from an
+                    initial state h^0 (`ModelConfig.state_init`); else the loop mode says.
     exit_gate:      a Linear(d, 1) whose sigmoid on h^t is the probability of exiting at loop t.
     rotary_length_factor: RoPE tables cover this many times `sequence_len`.
     hf_model_type:  the `model_type` of the family's Hugging Face folders ("" = none).
@@ -51,8 +54,9 @@ class Backbone:
     learned_norms: bool
     qk_norm: bool
     rope: str
-    embedding_norm: bool
+    embedding: str
     carry: str = "norm"
+    adapter: bool = False
     exit_gate: bool = False
     rotary_length_factor: int = 1
     hf_model_type: str = ""
@@ -65,12 +69,17 @@ ROTARY_LENGTH_FACTOR = 10
 
 BACKBONES: dict[str, Backbone] = {
     NANOCHAT: Backbone(block="pre_norm", mlp="relu2", learned_norms=False, qk_norm=True,
-                       rope="nanochat", embedding_norm=True,
+                       rope="nanochat", embedding="norm",
                        rotary_length_factor=ROTARY_LENGTH_FACTOR,
                        loop_modes=("lt", "lti", "ltai", "flt_res", "flt")),
     "ouro": Backbone(block="sandwich", mlp="swiglu", learned_norms=True, qk_norm=False,
-                     rope="hf", embedding_norm=False, exit_gate=True, hf_model_type="ouro",
+                     rope="hf", embedding="plain", exit_gate=True, hf_model_type="ouro",
                      loop_modes=("lt",)),
+    # Huginn's interleaved RoPE pairs become rotate_half's halves by permuting each head's
+    # query/key rows at import (loopedlm.model.public), which leaves q.k unchanged
+    "huginn": Backbone(block="sandwich_sum", mlp="swiglu", learned_norms=True, qk_norm=False,
+                       rope="hf", embedding="sqrt_d", carry="raw", adapter=True,
+                       hf_model_type="huginn_raven", loop_modes=("lt",)),
 }
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from loopedlm.common.files import atomic_write_json, fsync_dir, sha256_file
 from loopedlm.model.config import ModelConfig
-from loopedlm.model.gpt import LoopedGPT
+from loopedlm.model.gpt import LoopedGPT, tied_keys
 from loopedlm.model.hf_folder import MODEL_TYPE, exported_meta
 from loopedlm.model.public import load_public_model, public_model_type
 
@@ -123,7 +123,8 @@ def save_model(folder: str | Path, model: LoopedGPT, meta: dict[str, Any] | None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST_FILE).unlink(missing_ok=True)  # the files are about to change
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k not in tied_keys(model.config)}
     tmp = folder / (MODEL_FILE + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, folder / MODEL_FILE)
@@ -198,7 +199,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     state = _read_safetensors(folder / MODEL_FILE, device)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
+    for key, source in tied_keys(config).items():
+        state.setdefault(key, state.get(source))
     model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
     model.reset_rotary()
     model.eval()
     return model, meta

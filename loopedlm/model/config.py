@@ -16,6 +16,7 @@ from loopedlm.model.backbones import BACKBONES, NANOCHAT, ROTARY_LENGTH_FACTOR, 
 from loopedlm.model.loop_modes import LOOP_MODES
 
 LOSS_LOOPS = ("last", "all", "last_third")
+STATE_INITS = ("zeros", "random")
 ATTN_TYPES = ("full", "mla")
 RESIDUAL_SCALES = ("none", "inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_depth")
 
@@ -32,8 +33,11 @@ class ModelConfig:
 
     `backbone` names the layer family (`loopedlm.model.backbones`): `nanochat` is loopedlm's
     own; the others (public models, docs/public_models.md) take their per-model values from
-    `mlp_hidden`, `norm_eps` (their RMSNorm epsilon), `rope_base` and `softcap` (None: plain
-    logits).
+    `mlp_hidden`, `norm_eps` (their RMSNorm epsilon), `rope_base`, `softcap` (None: plain
+    logits), `tie_embeddings` (the LM head is the embedding), `qk_bias` (biases on the query
+    and key projections) and, for Huginn, `n_prelude` / `n_coda` (plain layers before and
+    after the looped `depth` ones) and `state_init` ("zeros" or "random": the state the
+    first loop's adapter reads).
     """
 
     vocab_size: int = QWEN3_VOCAB_SIZE
@@ -56,6 +60,11 @@ class ModelConfig:
     backbone: str = NANOCHAT
     mlp_hidden: int | None = None
     norm_eps: float | None = None
+    tie_embeddings: bool = False
+    qk_bias: bool = False
+    n_prelude: int = 0
+    n_coda: int = 0
+    state_init: str = "zeros"
 
     def __post_init__(self) -> None:
         check(is_int(self.depth) and self.depth >= 1, "depth", self.depth, "an integer >= 1")
@@ -123,7 +132,19 @@ class ModelConfig:
         else:
             check(self.norm_eps is None, "norm_eps", self.norm_eps,
                   f"None: backbone {self.backbone!r} has parameter-free norms")
-        if self.backbone != NANOCHAT:
+        for name in ("tie_embeddings", "qk_bias"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        check_choice("state_init", self.state_init, STATE_INITS)
+        outer = spec.adapter  # only a backbone whose loops enter through an adapter has them
+        for name in ("n_prelude", "n_coda"):
+            value = getattr(self, name)
+            check(is_int(value) and value >= 0 and (outer or value == 0), name, value,
+                  "an integer >= 0" if outer else f"0 (backbone {self.backbone!r})")
+        if self.backbone == NANOCHAT:
+            for name, default in (("tie_embeddings", False), ("qk_bias", False)):
+                check(getattr(self, name) == default, name, getattr(self, name),
+                      f"{default} (backbone {self.backbone!r})")
+        else:
             for name, ok, allowed in (
                     ("attn_type", self.attn_type == "full", "'full'"),
                     ("window_pattern", set(self.window_pattern.upper()) == {"L"}, "'L'"),
@@ -166,11 +187,18 @@ class ModelConfig:
         """An 'S' layer sees the last `sequence_len // 4` keys (docs/design.md#attention-variants)."""
         return max(self.sequence_len // 4, 1)
 
+    @property
+    def n_layers(self) -> int:
+        """Layers with attention: the looped `depth` ones (numbered first), then the prelude's
+        and the coda's (Huginn), which run once per pass."""
+        return self.depth + self.n_prelude + self.n_coda
+
     def window_sizes(self) -> list[int | None]:
-        """Per-layer sliding window (None = full context); the last layer is always full."""
+        """Per-layer sliding window (None = full context), over all `n_layers`; the last
+        layer is always full."""
         pattern = self.window_pattern.upper()
         sizes = [self.short_window if pattern[i % len(pattern)] == "S" else None
-                 for i in range(self.depth)]
+                 for i in range(self.n_layers)]
         sizes[-1] = None
         return sizes
 

@@ -14,6 +14,7 @@ decode engine (`loopedlm.infer.engine`) and the bpb evaluator run themselves.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,21 +40,25 @@ from loopedlm.model.loop_modes import LOOP_MODES
 class LoopInputs:
     """What the loops of one pass share (`LoopedGPT.prepare`).
 
-    x0: raw embedding wte(idx); embedded: e = norm(x0); plan: RoPE, masks and (decoding) the
-    cache writer; first_kv: the first layer's keys and values when they are loop-invariant.
+    x0: raw embedding wte(idx); embedded: e = norm(x0) (the backbone's embedding); plan:
+    RoPE, masks and (decoding) the cache writer; first_kv: the first layer's keys and values
+    when they are loop-invariant; initial_state: h^0 where loops enter through an adapter
+    (Huginn).
     """
 
     x0: torch.Tensor
     embedded: torch.Tensor
     plan: AttentionPlan
     first_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    initial_state: torch.Tensor | None = None
 
     def select_rows(self, rows: torch.Tensor, plan: AttentionPlan) -> LoopInputs:
         """These inputs for batch `rows` only, under `plan` (built for those rows): adaptive
         decoding drops the rows that converged."""
         first_kv = None if self.first_kv is None else (self.first_kv[0][rows],
                                                        self.first_kv[1][rows])
-        return LoopInputs(self.x0[rows], self.embedded[rows], plan, first_kv)
+        initial = None if self.initial_state is None else self.initial_state[rows]
+        return LoopInputs(self.x0[rows], self.embedded[rows], plan, first_kv, initial)
 
 
 class Block(nn.Module):
@@ -113,6 +118,11 @@ def _residual(x: torch.Tensor, branch: torch.Tensor, eps: float) -> torch.Tensor
     return x + branch if eps == 1.0 else x + eps * branch
 
 
+def tied_keys(config: ModelConfig) -> dict[str, str]:
+    """Weights stored once because they are another's (`tie_embeddings`): key -> its source."""
+    return {"lm_head.weight": "transformer.wte.weight"} if config.tie_embeddings else {}
+
+
 def _residual_norm(x: torch.Tensor) -> torch.Tensor:
     """sqrt(mean(x**2)) over batch, sequence and features (docs/design.md#diagnostics)."""
     return x.detach().float().pow(2).mean().sqrt()
@@ -130,16 +140,25 @@ class LoopedGPT(nn.Module):
         super().__init__()
         self.config = config
         self.mode = LOOP_MODES[config.loop_mode]
+        self.spec = config.backbone_spec  # the backbone family (loopedlm.model.backbones)
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.padded_vocab_size, config.d_model),
             "h": nn.ModuleList([Block(config, i) for i in range(config.depth)]),
         })
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        spec = config.backbone_spec
-        if spec.learned_norms and spec.carry == "norm":  # each loop's final norm
-            self.transformer["ln_f"] = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        spec, d = config.backbone_spec, config.d_model
+        if spec.learned_norms:  # each loop's final norm (Ouro), the read-out's norm (Huginn)
+            self.transformer["ln_f"] = nn.RMSNorm(d, eps=config.norm_eps)
+        if spec.adapter:  # Huginn: layers around the loops, numbered after the looped ones
+            first_coda = config.depth + config.n_prelude
+            self.transformer["prelude"] = nn.ModuleList(
+                [Block(config, config.depth + i) for i in range(config.n_prelude)])
+            self.transformer["adapter"] = nn.Linear(2 * d, d, bias=False)
+            self.transformer["coda"] = nn.ModuleList(
+                [Block(config, first_coda + i) for i in range(config.n_coda)])
         # a public model's per-loop exit probability (docs/public_models.md)
-        self.exit_gate = nn.Linear(config.d_model, 1) if spec.exit_gate else None
+        self.exit_gate = nn.Linear(d, 1) if spec.exit_gate else None
+        self.tie_weights()
         cos, sin = self._rotary_tables()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -155,10 +174,11 @@ class LoopedGPT(nn.Module):
         projections = 0; learned norms = 1; the exit gate = 0 (exit probability 1/2)."""
         cfg = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         a = 3**0.5 * cfg.d_model**-0.5
         b = 3**0.5 * cfg.kv_rank**-0.5
-        for block in self.transformer.h:
+        for block in self.blocks():
             attn, mlp = block.attn, block.mlp
             if attn.is_mla:
                 inputs = [(attn.c_q, a), (attn.c_kv_down, a), (attn.c_k_up, b), (attn.c_v_up, b)]
@@ -172,10 +192,25 @@ class LoopedGPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.RMSNorm) and module.weight is not None:
                 nn.init.ones_(module.weight)
+        for linear in self.modules():
+            if isinstance(linear, nn.Linear) and linear.bias is not None:
+                nn.init.zeros_(linear.bias)
         if self.exit_gate is not None:
             nn.init.zeros_(self.exit_gate.weight)
-            nn.init.zeros_(self.exit_gate.bias)
+        if "adapter" in self.transformer:
+            nn.init.uniform_(self.transformer.adapter.weight, -a / 2**0.5, a / 2**0.5)
         self.reset_rotary()
+
+    def tie_weights(self) -> None:
+        """With `tie_embeddings`, the LM head is the embedding matrix (one parameter)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def blocks(self) -> list[Block]:
+        """Every layer: the looped ones, then the prelude's and the coda's (Huginn)."""
+        outer = [*self.transformer["prelude"], *self.transformer["coda"]] \
+            if "prelude" in self.transformer else []
+        return [*self.transformer.h, *outer]
 
     def _rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -250,11 +285,33 @@ class LoopedGPT(nn.Module):
         if plan is None:
             plan = sequence_plan(self.config, self.cos, self.sin, idx.size(1), attention_mask)
         x0 = self.transformer.wte(idx)
-        embedded = norm(x0) if self.config.backbone_spec.embedding_norm else x0
-        first_kv = None
+        embedding = self.spec.embedding
+        if embedding == "norm":
+            embedded = norm(x0)
+        elif embedding == "plain":
+            embedded = x0
+        else:  # "sqrt_d", then the prelude's layers (Huginn; docs/public_models.md)
+            embedded = x0 * math.sqrt(self.config.d_model)
+            for block in self.transformer.prelude:
+                embedded = block(embedded, None, plan, 0, 1.0)
+        first_kv = initial_state = None
         if self.mode.first_layer_kv_invariant:
             first_kv = self.transformer.h[0].attn.keys_values(norm(embedded), plan)
-        return LoopInputs(x0=x0, embedded=embedded, plan=plan, first_kv=first_kv)
+        if self.spec.adapter:
+            initial_state = self.initial_state(embedded)
+        return LoopInputs(x0=x0, embedded=embedded, plan=plan, first_kv=first_kv,
+                          initial_state=initial_state)
+
+    def initial_state(self, embedded: torch.Tensor) -> torch.Tensor:
+        """h^0 of a model whose loops enter through an adapter (Huginn): zeros, or (state_init
+        "random", theirs) a normal draw of std sqrt(2 / 5d) truncated at 3 std, times sqrt(d),
+        from torch's global generator (so not reproducible across calls unless seeded)."""
+        state = torch.zeros_like(embedded)
+        if self.config.state_init == "random":
+            std = math.sqrt(2 / (5 * self.config.d_model))
+            nn.init.trunc_normal_(state, std=std, a=-3 * std, b=3 * std)
+            state = state * math.sqrt(self.config.d_model)
+        return state
 
     def loop(self, inputs: LoopInputs, previous: torch.Tensor | None, loop: int
              ) -> torch.Tensor:
@@ -263,7 +320,10 @@ class LoopedGPT(nn.Module):
         None in the first loop) enters are the mode's (docs/design.md#loop-modes). Returns
         x_L^t, before the loop's final norm. The one place that reads the loop-mode table."""
         mode, eps = self.mode, self.config.residual_eps()
-        if previous is None or mode.start == "embedding":  # the first loop starts at e
+        if self.spec.adapter:  # Huginn: x_0^t = adapter([h^{t-1}, e]), h^0 the initial state
+            state = inputs.initial_state if previous is None else previous
+            x = self.transformer.adapter(torch.cat([state, inputs.embedded], dim=-1))
+        elif previous is None or mode.start == "embedding":  # the first loop starts at e
             x = inputs.embedded
         elif mode.start == "previous":
             x = previous
@@ -291,15 +351,34 @@ class LoopedGPT(nn.Module):
 
     def loop_state(self, x: torch.Tensor) -> torch.Tensor:
         """h^t, the state loop t hands to the next loop and to the read-out, from its output
-        x_L^t: the final norm (parameter-free in nanochat, learned in Ouro: `Backbone.carry`)."""
-        ln_f = self.transformer["ln_f"] if "ln_f" in self.transformer else None
-        return norm(x) if ln_f is None else ln_f(x)
+        x_L^t (`Backbone.carry`): the final norm (parameter-free in nanochat, learned in
+        Ouro), or x_L^t itself (Huginn)."""
+        if self.spec.carry == "raw":
+            return x
+        return self.transformer.ln_f(x) if self.spec.learned_norms else norm(x)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits of loop states h, cropped to the real vocabulary: soft-capped
-        (docs/design.md#backbone), or plain where `softcap` is None (public models)."""
+    def read_out(self, h: torch.Tensor, plan: AttentionPlan | None = None) -> torch.Tensor:
+        """What the LM head reads from loop states h: h itself, or (Huginn, `carry` "raw")
+        norm(coda(norm(h))), whose coda layers attend under `plan` (the pass's: needed when
+        there is a coda)."""
+        if self.spec.carry != "raw":
+            return h
+        ln_f, coda = self.transformer.ln_f, self.transformer.coda
+        x = ln_f(h)
+        if len(coda):
+            if plan is None:
+                raise ValueError("a model with coda layers reads out under the pass's "
+                                 "attention plan: pass plan=")
+            for block in coda:
+                x = block(x, None, plan, 0, 1.0)
+        return ln_f(x)
+
+    def logits(self, h: torch.Tensor, plan: AttentionPlan | None = None) -> torch.Tensor:
+        """Logits of loop states h (`read_out`; `plan` for a model with a coda), cropped to
+        the real vocabulary: soft-capped (docs/design.md#backbone), or plain where `softcap`
+        is None (public models)."""
         cap = self.config.softcap
-        logits = self.lm_head(h)[..., : self.config.vocab_size].float()
+        logits = self.lm_head(self.read_out(h, plan))[..., : self.config.vocab_size].float()
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def exit_probability(self, h: torch.Tensor) -> torch.Tensor:
@@ -309,22 +388,25 @@ class LoopedGPT(nn.Module):
             raise ValueError(f"backbone {self.config.backbone!r} has no exit gate")
         return torch.sigmoid(self.exit_gate(h).float().squeeze(-1))
 
-    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
+    def loss(self, h: torch.Tensor, targets: torch.Tensor,
+             plan: AttentionPlan | None = None) -> torch.Tensor:
+        """Mean cross-entropy of `logits(h, plan)` against `targets` (-1 = ignored), fused and
         chunked so the (rows x vocabulary) logits are never held (`loopedlm.model.head_loss`)."""
         if self.config.softcap is None:
-            return self._plain_loss(h, targets)
+            return self._plain_loss(self.read_out(h, plan), targets)
         weight = self.lm_head.weight[: self.config.vocab_size]
         return head_loss(h, weight, targets, self.config.softcap, **self.head_options)
 
-    def _plain_loss(self, h: torch.Tensor, targets: torch.Tensor,
+    def _plain_loss(self, read: torch.Tensor, targets: torch.Tensor,
                     chunk_rows: int = 1024) -> torch.Tensor:
-        """`loss` without a soft cap (public models: their head is a plain linear layer),
-        in chunks of rows so the (rows x vocabulary) logits are never held whole."""
-        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-        total = sum(F.cross_entropy(self.logits(h[i:i + chunk_rows]),
+        """`loss` without a soft cap (public models: their head is a plain linear layer) of
+        read-out states, in chunks of rows so the (rows x vocabulary) logits are never held
+        whole."""
+        read, targets = read.reshape(-1, read.size(-1)), targets.reshape(-1)
+        vocab = self.config.vocab_size
+        total = sum(F.cross_entropy(self.lm_head(read[i:i + chunk_rows])[:, :vocab].float(),
                                     targets[i:i + chunk_rows], ignore_index=-1,
-                                    reduction="sum") for i in range(0, h.size(0), chunk_rows))
+                                    reduction="sum") for i in range(0, read.size(0), chunk_rows))
         return total / (targets >= 0).sum()
 
     # ---- applied from outside: activation checkpointing, regional compilation -----------
@@ -385,9 +467,10 @@ class LoopedGPT(nn.Module):
                 norms.append(_residual_norm(x))
             previous = self.loop_state(x)  # h^t
             if loop in supervised:  # each loop's head + loss is done before the next loop
-                outputs.append(previous if targets is None else self.loss(previous, targets))
+                outputs.append(previous if targets is None
+                               else self.loss(previous, targets, inputs.plan))
         if targets is None:
-            result = self.logits(outputs[-1])
+            result = self.logits(outputs[-1], inputs.plan)
         else:
             result = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean()
         if return_residual_norms:

@@ -21,7 +21,8 @@ MODEL_TYPE = "loopedlm"  # config.json's model_type (also in export/hf_code/conf
 RECORD_FILE = "loopedlm.json"  # the run's record: what the model card is written from
 # ModelConfig fields added after `loopedlm export` first wrote folders: absent, they take
 # their defaults (loopedlm's own backbone), which is what those folders hold
-LATER_FIELDS = frozenset({"backbone", "mlp_hidden", "norm_eps"})
+LATER_FIELDS = frozenset({"backbone", "mlp_hidden", "norm_eps", "tie_embeddings", "qk_bias",
+                          "n_prelude", "n_coda", "state_init"})
 
 
 def is_exported_folder(path: str | Path) -> bool:

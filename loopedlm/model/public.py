@@ -1,5 +1,6 @@
 """Public looped models' Hugging Face folders (docs/public_models.md): Ouro's (`model_type`
-"ouro") load as a `LoopedGPT` of the matching backbone (`loopedlm.model.backbones`).
+"ouro") and Huginn's ("huginn_raven") load as a `LoopedGPT` of the matching backbone
+(`loopedlm.model.backbones`).
 
 A folder holds `config.json` (the model's own field names), the weights in
 `model.safetensors` or shards listed in `model.safetensors.index.json`, and the tokenizer
@@ -25,7 +26,7 @@ from safetensors import safe_open
 
 from loopedlm.model.backbones import BACKBONES
 from loopedlm.model.config import ModelConfig
-from loopedlm.model.gpt import LoopedGPT
+from loopedlm.model.gpt import LoopedGPT, tied_keys
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -126,6 +127,45 @@ def ouro_config(hf: dict[str, Any]) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6), softcap=None)
 
 
+def huginn_config(hf: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a Huginn `config.json` (their `RavenConfig` field names). Their
+    `state_init` "like-init" (what their code does) is a random initial state, "zero" zeros."""
+    missing = [k for k in ("vocab_size", "n_embd", "n_heads", "intermediate_size",
+                           "n_layers_in_prelude", "n_layers_in_recurrent_block",
+                           "n_layers_in_coda") if k not in hf]
+    if missing:
+        raise PublicModelError(f"it lacks the Huginn field(s) {missing}")
+    fixed = {"injection_type": "linear", "block_class_name": "SandwichBlock",
+             "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU", "bias": False,
+             "test_time_noise": 0}
+    for name, allowed in fixed.items():
+        if hf.get(name, allowed) != allowed:
+            raise _unsupported(name, hf[name], repr(allowed))
+    state_inits = {"like-init": "random", "zero": "zeros"}
+    state_init = hf.get("state_init", "like-init")
+    if state_init not in state_inits:
+        raise _unsupported("state_init", state_init, f"one of {list(state_inits)}")
+    d, n_head = hf["n_embd"], hf["n_heads"]
+    n_kv_head = hf.get("num_key_value_heads") or n_head
+    qk_bias = hf.get("qk_bias", True)
+    if d % n_head or (qk_bias and n_kv_head != n_head):
+        raise _unsupported("num_key_value_heads", n_kv_head,
+                           f"n_heads={n_head} (their query/key bias has n_heads heads), "
+                           f"which divides n_embd={d}")
+    layers = (hf["n_layers_in_prelude"], hf["n_layers_in_recurrent_block"],
+              hf["n_layers_in_coda"])
+    if hf.get("n_layers", sum(layers)) != sum(layers):
+        raise _unsupported("n_layers", hf["n_layers"], f"prelude + recurrent + coda = {sum(layers)}")
+    return ModelConfig(
+        backbone="huginn", loop_mode="lt", vocab_size=hf["vocab_size"], pad_vocab_to=1,
+        sequence_len=hf.get("block_size", 4096), depth=layers[1], n_prelude=layers[0],
+        n_coda=layers[2], d_model=d, n_head=n_head, n_kv_head=n_kv_head,
+        mlp_hidden=hf["intermediate_size"], n_loops=hf.get("mean_recurrence", 32),
+        rope_base=float(hf.get("rope_base", 50000.0)), norm_eps=hf.get("norm_eps", 1e-6),
+        softcap=None, tie_embeddings=hf.get("tie_embeddings", True), qk_bias=qk_bias,
+        state_init=state_inits[state_init])
+
+
 # ---- weights -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WeightRule:
@@ -183,6 +223,62 @@ OURO_WEIGHTS = [
 ]
 
 
+def _rope_rows(n_heads: int, head_dim: int) -> torch.Tensor:
+    """The row order that turns RoPE on interleaved pairs (x0, x1), (x2, x3), ... (Huginn's)
+    into RoPE on halves (rotate_half's): each head's even rows, then its odd rows. Queries
+    and keys permuted alike keep every q.k, so attention is unchanged."""
+    per_head = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head).reshape(-1)
+
+
+def _huginn_qkv(w: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """Their fused Wqkv ([q; k; v] rows) as c_q, c_k, c_v, RoPE rows permuted."""
+    hd = config.head_dim
+    q, k, v = w.split([config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd])
+    return q[_rope_rows(config.n_head, hd)], k[_rope_rows(config.n_kv_head, hd)], v
+
+
+def _huginn_qk_bias(b: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """Their qk_bias (2, 1, heads, head_dim), added to q and k before RoPE, as the biases of
+    c_q and c_k (RoPE rows permuted)."""
+    rows = _rope_rows(config.n_head, config.head_dim)
+    return b[0].reshape(-1)[rows], b[1].reshape(-1)[rows]
+
+
+def _huginn_fc(w: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """Their fused GatedMLP fc ([gate; up] rows: silu(first half) * second half)."""
+    gate, up = w.chunk(2, dim=0)
+    return gate, up
+
+
+def _huginn_block(theirs: str, ours: str) -> list[WeightRule]:
+    """The rules of one group of SandwichBlocks (prelude, core_block or coda)."""
+    layer, dest = rf"transformer\.{theirs}\.(\d+)\.", rf"transformer.{ours}.\1."
+    return [
+        *(rename(layer + f"norm_{i}\\.weight", dest + f"{name}.weight") for i, name in
+          ((1, "attn_norm"), (2, "attn_out_norm"), (3, "mlp_norm"), (4, "mlp_out_norm"))),
+        WeightRule(layer + r"attn\.Wqkv\.weight",
+                   tuple(dest + f"attn.{m}.weight" for m in ("c_q", "c_k", "c_v")), _huginn_qkv),
+        WeightRule(layer + r"attn\.qk_bias", (dest + "attn.c_q.bias", dest + "attn.c_k.bias"),
+                   _huginn_qk_bias),
+        rename(layer + r"attn\.proj\.weight", dest + "attn.c_proj.weight"),
+        WeightRule(layer + r"mlp\.fc\.weight", (dest + "mlp.c_gate.weight",
+                                                 dest + "mlp.c_up.weight"), _huginn_fc),
+        rename(layer + r"mlp\.proj\.weight", dest + "mlp.c_proj.weight"),
+    ]
+
+
+HUGINN_WEIGHTS = [
+    rename(r"transformer\.wte\.weight", "transformer.wte.weight"),
+    *_huginn_block("prelude", "prelude"), *_huginn_block("core_block", "h"),
+    *_huginn_block("coda", "coda"),
+    rename(r"transformer\.adapter\.weight", "transformer.adapter.weight"),
+    rename(r"transformer\.ln_f\.weight", "transformer.ln_f.weight"),
+    rename(r"lm_head\.weight", "lm_head.weight"),
+    WeightRule(r"freqs_cis", ()),  # their RoPE table (a saved buffer): recomputed
+]
+
+
 @dataclass(frozen=True)
 class PublicFamily:
     """One importable family: its config translator and its weight-name table."""
@@ -193,6 +289,7 @@ class PublicFamily:
 
 FAMILIES: dict[str, PublicFamily] = {
     "ouro": PublicFamily(ouro_config, OURO_WEIGHTS),
+    "huginn_raven": PublicFamily(huginn_config, HUGINN_WEIGHTS),
 }
 
 
@@ -236,11 +333,13 @@ def _listed(names: list[str], limit: int = 6) -> str:
 
 
 def mapped_weights(folder: str | Path, config: ModelConfig, rules: list[WeightRule],
-                   expected: set[str], *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   expected: set[str], *, optional: frozenset[str] = frozenset(),
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor) for every weight of the folder, read one at a time. Before any is
     read, a weight that no rule maps, or one of `expected` that nothing gives, is an error
-    naming them (in their names where a rule says what theirs would be)."""
+    naming them (in their names where a rule says what theirs would be). `optional`: ours
+    that may be given and are then skipped (a tied LM head stored anyway)."""
     folder = Path(folder)
     files = _weight_files(folder)
     plan: dict[str, tuple[list[str], WeightRule]] = {}
@@ -258,7 +357,7 @@ def mapped_weights(folder: str | Path, config: ModelConfig, rules: list[WeightRu
     missing = [next((t for t in map(lambda r: r.their_name(ours), rules) if t), ours)
                for ours in sorted(expected - given)]
     extra = sorted(name for name, (targets, _) in plan.items()
-                   if any(t not in expected for t in targets))
+                   if any(t not in expected | optional for t in targets))
     if missing or extra:
         what = "; ".join(part for part in (
             f"missing {_listed(sorted(set(missing)))}" if missing else "",
@@ -268,8 +367,14 @@ def mapped_weights(folder: str | Path, config: ModelConfig, rules: list[WeightRu
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for name in f.keys():
                 targets, rule = plan[name]
+                if not set(targets) & expected:
+                    continue  # a weight loopedlm recomputes or ties, not read
                 tensor = f.get_tensor(name)
-                parts = (tensor,) if rule.split is None else rule.split(tensor, config)
+                try:
+                    parts = (tensor,) if rule.split is None else rule.split(tensor, config)
+                except (RuntimeError, ValueError, IndexError) as exc:
+                    raise PublicModelError(f"{folder}: {name} of shape {tuple(tensor.shape)} "
+                                           f"does not fit its config.json ({exc})") from None
                 for target, part in zip(targets, parts, strict=True):
                     yield target, part if dtype is None else part.to(dtype)
 
@@ -282,15 +387,19 @@ def load_public_model(path: str | Path, device: str | torch.device = "cpu",
     config, hf = public_config(folder)
     with torch.device("meta"):
         model = LoopedGPT(config)
-    expected = set(model.state_dict())
+    tied = tied_keys(config)
+    expected = set(model.state_dict()) - set(tied)
     state = dict(mapped_weights(folder, config, FAMILIES[hf["model_type"]].weights, expected,
-                                device=device, dtype=dtype))
+                                optional=frozenset(tied), device=device, dtype=dtype))
+    for key, source in tied.items():
+        state[key] = state[source]
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # a shape that does not match config.json
         first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line),
                      str(exc).splitlines()[0])
         raise PublicModelError(f"{folder}: {first}") from None
+    model.tie_weights()
     model.reset_rotary()
     meta = {"model": config.to_dict(),
             "public": {"model_type": hf["model_type"], "source": str(folder.resolve()),
@@ -300,4 +409,4 @@ def load_public_model(path: str | Path, device: str | torch.device = "cpu",
 
 __all__ = ["PublicModelError", "public_model_type", "supported_model_types", "public_config",
            "load_public_model", "mapped_weights", "WeightRule", "rename", "FAMILIES",
-           "ouro_config"]
+           "ouro_config", "huginn_config"]

@@ -45,7 +45,8 @@ class LoopedLMConfig(transformers.PretrainedConfig):
                  n_kv_head=None, loop_mode="flt", n_loops=3, loss_loops="last", attn_type="full",
                  kv_rank=128, window_pattern="L", residual_scale="none", residual_lambda=1.0,
                  pad_vocab_to=64, rope_base=10000.0, softcap=15.0, backbone="nanochat",
-                 mlp_hidden=None, norm_eps=None, use_cache=True,
+                 mlp_hidden=None, norm_eps=None, tie_embeddings=False, qk_bias=False,
+                 n_prelude=0, n_coda=0, state_init="zeros", use_cache=True,
                  bos_token_id=None, eos_token_id=None, pad_token_id=None, trained_loops=None,
                  **kwargs):
         self.vocab_size = vocab_size
@@ -68,6 +69,9 @@ class LoopedLMConfig(transformers.PretrainedConfig):
         self.backbone = backbone  # loopedlm's own: the only one this code runs
         self.mlp_hidden = 4 * self.d_model if mlp_hidden is None else mlp_hidden
         self.norm_eps = norm_eps
+        # public models' fields (docs/public_models.md): loopedlm's own models leave them so
+        self.tie_embeddings, self.qk_bias = tie_embeddings, qk_bias
+        self.n_prelude, self.n_coda, self.state_init = n_prelude, n_coda, state_init
         self.use_cache = use_cache
         # the loop count the residual scale was fixed at: n_loops may be overridden (it is the
         # default loop count of a call, e.g. lm-eval's --model_args ...,n_loops=6), this not
