@@ -42,9 +42,29 @@ def ouro_folder(tmp_path, seed=0, std=0.2, shards=1, **overrides):
     return write_ouro_folder(tmp_path / f"ouro{seed}", config, weights, shards), config, weights
 
 
+def huginn_folder(tmp_path, seed=0, std=0.2, name="huginn", lm_head=False, freqs_cis=True,
+                  **overrides):
+    config = tiny_huginn_config(**overrides)
+    weights = huginn_weights(config, seed=seed, std=std, lm_head=lm_head, freqs_cis=freqs_cis)
+    return write_huginn_folder(tmp_path / name, config, weights), config, weights
+
+
+FOLDERS = {"ouro": ouro_folder, "huginn": huginn_folder}
+
+
 def tokens(model, shape, seed=1):
     return torch.randint(0, model.config.vocab_size, shape,
                          generator=torch.Generator().manual_seed(seed))
+
+
+def last_token_decoded(model, idx, n_loops, adaptive):
+    """(logits, loops) of the last token of each row of `idx`, decoded after an exact
+    prefill of the others, one slot per row."""
+    engine = DecodeEngine(model, max_batch=idx.size(0), max_loops=n_loops)
+    params = SequenceParams(n_loops=n_loops, adaptive=adaptive)
+    for r in range(idx.size(0)):
+        engine.prefill(r, idx[r, :-1], params)
+    return engine.decode(idx[:, -1])
 
 
 # ---- the forward: per loop, at the trained depth and others --------------------------------
@@ -105,10 +125,44 @@ def test_bf16_weights_load_as_bf16(tmp_path):
 
 
 # ---- decoding -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("n_loops", [1, 4, 6])
 @torch.no_grad()
-def test_cached_decoding_equals_the_full_forward(tmp_path, n_loops):
-    folder, _, _ = ouro_folder(tmp_path)
+def test_gate_exits_where_ouro_exits_and_skips_the_rest(tmp_path):
+    """After an exact prefill, a decoded token's loops follow Ouro's published rule (the
+    first loop whose cumulative exit probability reaches q): its loop count and logits are
+    those of their full forward at that position, and thresholds spread the rows."""
+    folder, config, weights = ouro_folder(tmp_path, std=0.3)
+    model, _ = load_model(folder)
+    idx = tokens(model, (6, 8), seed=3)
+    theirs, gates = ouro_forward(weights, config, idx, 4)
+    seen = set()
+    for q in [0.2, 0.5, 0.8, 0.95, 0.999]:
+        expected = ouro_exit_loops([g[:, -1] for g in gates], q)
+        # AdaptiveLoops(q): the model's own rule, the gate
+        logits, spent = last_token_decoded(model, idx, 4, AdaptiveLoops(q))
+        assert torch.equal(spent, expected)
+        want = torch.stack([theirs[n - 1][r, -1] for r, n in enumerate(expected.tolist())])
+        torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+        seen |= set(spent.tolist())
+    assert len(seen) > 2, f"the thresholds tried gave loop counts {seen} only"
+
+
+def test_the_gate_criterion_needs_a_model_with_a_gate():
+    from conftest import tiny_model
+    engine = DecodeEngine(tiny_model(), max_batch=1)
+    with pytest.raises(ValueError, match="adaptive_criterion='gate' is not allowed for this "
+                                         "model: it has no exit gate"):
+        engine.add(0, [1, 2], SequenceParams(adaptive=AdaptiveLoops(0.5, "gate")))
+    assert engine.active_slots == []
+
+
+# ---- decoding either model ---------------------------------------------------------------------
+@pytest.mark.parametrize("n_loops", [1, 4, 6])
+@pytest.mark.parametrize("family", list(FOLDERS))
+@torch.no_grad()
+def test_cached_decoding_equals_the_full_forward(tmp_path, family, n_loops):
+    """Prefill, then one token at a time, at the trained loop count and others. Huginn's
+    prelude and coda keys live in one cache entry each, the core's in one per loop."""
+    folder, _, _ = FOLDERS[family](tmp_path)
     model, _ = load_model(folder)
     idx = tokens(model, (2, 12))
     full = model(idx, n_loops=n_loops)
@@ -122,60 +176,35 @@ def test_cached_decoding_equals_the_full_forward(tmp_path, n_loops):
     torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family, criterion", [
+    ("ouro", "gate"), ("ouro", "state"), ("ouro", "kl"),
+    ("huginn", "state"), ("huginn", "kl"), ("huginn", "kl_previous")])
 @torch.no_grad()
-def test_gate_exits_where_ouro_exits_and_skips_the_rest(tmp_path):
-    """After an exact prefill, a decoded token's loops follow Ouro's published rule (the
-    first loop whose cumulative exit probability reaches q): its loop count and logits are
-    those of their full forward at that position, and thresholds spread the rows."""
-    folder, config, weights = ouro_folder(tmp_path, std=0.3)
+def test_adaptive_decoding_equals_the_reference_decoder(tmp_path, family, criterion):
+    """Token after token, rows leaving the batch and skipped loops' cache entries filled
+    (and Huginn's coda read out again at every loop for a KL): the engine equals the plain
+    reference decoder, at a threshold where tokens stop at different loops."""
+    folder, _, _ = FOLDERS[family](tmp_path)
     model, _ = load_model(folder)
-    idx = tokens(model, (6, 8), seed=3)
-    theirs, gates = ouro_forward(weights, config, idx, 4)
-    seen = set()
-    for q in [0.2, 0.5, 0.8, 0.95, 0.999]:
-        expected = ouro_exit_loops([g[:, -1] for g in gates], q)
-        engine = DecodeEngine(model, max_batch=6, max_loops=4)
-        params = SequenceParams(n_loops=4, adaptive=AdaptiveLoops(q))  # the model's rule: gate
-        for r in range(6):
-            engine.prefill(r, idx[r, :7], params)
-        logits, spent = engine.decode(idx[:, 7])
-        assert torch.equal(spent, expected)
-        want = torch.stack([theirs[n - 1][r, -1] for r, n in enumerate(expected.tolist())])
-        torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
-        seen |= set(spent.tolist())
-    assert len(seen) > 2, f"the thresholds tried gave loop counts {seen} only"
-
-
-@pytest.mark.parametrize("criterion", ["gate", "state", "kl"])
-@torch.no_grad()
-def test_adaptive_decoding_equals_the_reference_decoder(tmp_path, criterion):
-    """Token after token, with skipped loops' cache entries filled: the engine equals the
-    plain reference decoder, for Ouro's rule and ours."""
-    folder, _, _ = ouro_folder(tmp_path, std=0.3)
-    model, _ = load_model(folder)
-    idx = tokens(model, (3, 10), seed=4)
-    thresholds = {"gate": 0.6, "state": 0.3, "kl": 0.1}
-    adaptive = AdaptiveLoops(thresholds[criterion], criterion)
-    engine = DecodeEngine(model, max_batch=3, max_loops=5)
-    params = SequenceParams(n_loops=5, adaptive=adaptive)
-    for r in range(3):
-        engine.prefill(r, idx[r, :4], params)
-    cache = ReferenceCache()
-    prefill(model, idx[:, :4], cache, 5)
-    for t in range(4, 10):
-        ours, our_loops = engine.decode(idx[:, t])
-        theirs, their_loops = decode_step(model, idx[:, t], cache, 5, adaptive)
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-        assert torch.equal(our_loops, their_loops)
-
-
-def test_the_gate_criterion_needs_a_model_with_a_gate():
-    from conftest import tiny_model
-    engine = DecodeEngine(tiny_model(), max_batch=1)
-    with pytest.raises(ValueError, match="adaptive_criterion='gate' is not allowed for this "
-                                         "model: it has no exit gate"):
-        engine.add(0, [1, 2], SequenceParams(adaptive=AdaptiveLoops(0.5, "gate")))
-    assert engine.active_slots == []
+    idx = tokens(model, (3, 12), seed=6)
+    for threshold in [0.9, 0.6, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3]:
+        adaptive = AdaptiveLoops(threshold, criterion)
+        engine = DecodeEngine(model, max_batch=3, max_loops=6)
+        params = SequenceParams(n_loops=6, adaptive=adaptive)
+        for r in range(3):
+            engine.prefill(r, idx[r, :4], params)
+        cache = ReferenceCache()
+        prefill(model, idx[:, :4], cache, 6)
+        loops = set()
+        for t in range(4, 12):
+            ours, our_loops = engine.decode(idx[:, t])
+            theirs, their_loops = decode_step(model, idx[:, t], cache, 6, adaptive)
+            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+            assert torch.equal(our_loops, their_loops)
+            loops |= set(our_loops.tolist())
+        if len(loops) > 1:
+            return
+    pytest.fail("no threshold gave tokens different loop counts")
 
 
 # ---- the folder: tokenizer, loading path, import-hf ---------------------------------------------
@@ -216,22 +245,25 @@ def _rewrite(folder, **changes):
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(model_type="llama"), r"model_type='llama' is not a looped model loopedlm imports: "
-                               r"supported are \['huginn_raven', 'ouro'\]"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+@pytest.mark.parametrize("family, changes, match", [
+    ("ouro", dict(model_type="llama"), r"model_type='llama' is not a looped model loopedlm "
+                                       r"runs: supported are \['huginn_raven', 'ouro'\]"),
+    ("ouro", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
      r"rope_scaling.rope_type='yarn' is not supported: 'default'"),
-    (dict(use_sliding_window=True), r"use_sliding_window=True is not supported"),
-    (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported: 'silu'"),
-    (dict(head_dim=16), r"head_dim=16 is not supported"),
+    ("ouro", dict(use_sliding_window=True), r"use_sliding_window=True is not supported"),
+    ("ouro", dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported: 'silu'"),
+    ("ouro", dict(head_dim=16), r"head_dim=16 is not supported"),
+    ("huginn", dict(injection_type="additive"),
+     r"injection_type='additive' is not supported: 'linear'"),
+    ("huginn", dict(bias=True), r"bias=True is not supported: False"),
+    ("huginn", dict(state_init="normal"), r"state_init='normal' is not supported"),
+    ("huginn", dict(num_key_value_heads=2), r"num_key_value_heads=2 is not supported"),
 ])
-def test_unsupported_config_is_one_line(tmp_path, changes, match):
-    from loopedlm.data.hf_import import import_public_model
-
-    folder, _, _ = ouro_folder(tmp_path)
+def test_unsupported_config_is_one_line(tmp_path, family, changes, match):
+    folder, _, _ = FOLDERS[family](tmp_path)
     _rewrite(folder, **changes)
     with pytest.raises(ValueError, match=match) as info:
-        import_public_model(folder, tmp_path / "out")
+        load_model(folder)
     assert "\n" not in str(info.value)
 
 
@@ -291,13 +323,6 @@ def test_serve_takes_n_loops_and_ouro_exit_threshold_per_request(tmp_path):
 
 
 # ---- Huginn: prelude, adapter, recurrent core, coda ------------------------------------------------
-def huginn_folder(tmp_path, seed=0, std=0.2, name="huginn", lm_head=False, freqs_cis=True,
-                  **overrides):
-    config = tiny_huginn_config(**overrides)
-    weights = huginn_weights(config, seed=seed, std=std, lm_head=lm_head, freqs_cis=freqs_cis)
-    return write_huginn_folder(tmp_path / name, config, weights), config, weights
-
-
 @pytest.mark.parametrize("options", [
     {},  # tied head, query/key bias, their RoPE buffer stored
     dict(tie_embeddings=False),
@@ -332,25 +357,6 @@ def test_huginn_random_initial_state_is_theirs_given_the_same_draw(tmp_path):
     assert state.abs().max() <= 3 * std and abs(state.std().item() - 0.986 * std) < 0.05
     theirs, _ = huginn_forward(weights, config, idx, 3, state=state)
     torch.testing.assert_close(ours, theirs[-1], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("n_loops", [1, 4, 6])
-@torch.no_grad()
-def test_huginn_cached_decoding_equals_the_full_forward(tmp_path, n_loops):
-    """The prelude's and the coda's keys live in one cache entry each, the core's in one per
-    loop: prefill then one token at a time gives the full forward's logits."""
-    folder, _, _ = huginn_folder(tmp_path)
-    model, _ = load_model(folder)
-    idx = tokens(model, (2, 12))
-    full = model(idx, n_loops=n_loops)
-    engine = DecodeEngine(model, max_batch=2, max_loops=n_loops, max_len=13)
-    got = torch.zeros_like(full)
-    params = SequenceParams(n_loops=n_loops)
-    for r in range(2):
-        got[r, :5] = engine.prefill(r, idx[r, :5], params)
-    for t in range(5, 12):
-        got[:, t] = engine.decode(idx[:, t])[0]
-    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
@@ -390,41 +396,11 @@ def test_huginn_exits_by_their_criteria(tmp_path, criterion):
     for q in ((values[:-1] + values[1:]) / 2)[::4].tolist():
         below = measure < q
         expected = torch.where(below.any(1), below.float().argmax(1) + 1, 6)
-        engine = DecodeEngine(model, max_batch=6, max_loops=6)
-        params = SequenceParams(n_loops=6, adaptive=AdaptiveLoops(q, criterion))
-        for r in range(6):
-            engine.prefill(r, idx[r, :7], params)
-        logits, spent = engine.decode(idx[:, 7])
+        logits, spent = last_token_decoded(model, idx, 6, AdaptiveLoops(q, criterion))
         assert torch.equal(spent, expected), q
         torch.testing.assert_close(logits, read_out_at(expected.tolist()), atol=ATOL, rtol=0)
         seen |= set(spent.tolist())
     assert len(seen) > 2, seen
-
-
-@pytest.mark.parametrize("criterion", ["state", "kl", "kl_previous"])
-@torch.no_grad()
-def test_huginn_adaptive_decoding_equals_the_reference_decoder(tmp_path, criterion):
-    folder, _, _ = huginn_folder(tmp_path, std=0.2)
-    model, _ = load_model(folder)
-    idx = tokens(model, (3, 12), seed=6)
-    for threshold in [1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3]:
-        adaptive = AdaptiveLoops(threshold, criterion)
-        engine = DecodeEngine(model, max_batch=3, max_loops=6)
-        params = SequenceParams(n_loops=6, adaptive=adaptive)
-        for r in range(3):
-            engine.prefill(r, idx[r, :4], params)
-        cache = ReferenceCache()
-        prefill(model, idx[:, :4], cache, 6)
-        loops = set()
-        for t in range(4, 12):
-            ours, our_loops = engine.decode(idx[:, t])
-            theirs, their_loops = decode_step(model, idx[:, t], cache, 6, adaptive)
-            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
-            assert torch.equal(our_loops, their_loops)
-            loops |= set(our_loops.tolist())
-        if len(loops) > 1:
-            return
-    pytest.fail("no threshold gave tokens different loop counts")
 
 
 @torch.no_grad()
@@ -445,20 +421,6 @@ def test_huginn_import_hf_keeps_one_tied_matrix(tmp_path):
     assert torch.equal(imported(idx, n_loops=3), direct(idx, n_loops=3))
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(injection_type="additive"), r"injection_type='additive' is not supported: 'linear'"),
-    (dict(bias=True), r"bias=True is not supported: False"),
-    (dict(state_init="normal"), r"state_init='normal' is not supported"),
-    (dict(num_key_value_heads=2), r"num_key_value_heads=2 is not supported"),
-])
-def test_huginn_unsupported_config_is_one_line(tmp_path, changes, match):
-    folder, _, _ = huginn_folder(tmp_path)
-    _rewrite(folder, **changes)
-    with pytest.raises(ValueError, match=match) as info:
-        load_model(folder)
-    assert "\n" not in str(info.value)
-
-
 def test_huginn_missing_weight_is_named_in_their_names(tmp_path):
     config = tiny_huginn_config()
     weights = huginn_weights(config)
@@ -466,3 +428,24 @@ def test_huginn_missing_weight_is_named_in_their_names(tmp_path):
     folder = write_huginn_folder(tmp_path / "missing", config, weights)
     with pytest.raises(ValueError, match=r"missing transformer\.core_block\.1\.attn\.qk_bias"):
         load_model(folder)
+
+
+# ---- every command takes the folder -----------------------------------------------------------
+@pytest.mark.parametrize("family", list(FOLDERS))
+def test_sample_info_and_eval_take_the_folder(tmp_path, capsys, family):
+    from loopedlm.cli import main
+
+    folder, _, _ = FOLDERS[family](tmp_path, vocab_size=290)
+    write_tokenizer(folder)
+    assert main(["sample", str(folder), "--prompt", "the cat", "--max-tokens", "4",
+                 "--temperature", "0", "--adaptive-threshold", "0.5"]) == 0
+    assert "the cat" in capsys.readouterr().out
+    assert main(["info", str(folder)]) == 0
+    assert f"backbone              {family}" in capsys.readouterr().out
+    wiki = tmp_path / "wiki.valid.raw"
+    wiki.write_text(" = The cat = \n \n the cat sat on the mat . \n" * 4)
+    out = tmp_path / "eval"
+    assert main(["eval", str(folder), "--loops", "1,2", "--tasks", "none", "--wikitext",
+                 str(wiki), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]["wikitext_ppl"]) == {"1", "2"}

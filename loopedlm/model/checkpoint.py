@@ -25,7 +25,7 @@ from loopedlm.common.files import atomic_write_json, fsync_dir, sha256_file
 from loopedlm.model.config import ModelConfig
 from loopedlm.model.gpt import LoopedGPT, tied_keys
 from loopedlm.model.hf_folder import MODEL_TYPE, exported_meta
-from loopedlm.model.public import load_public_model, public_model_type
+from loopedlm.model.public import load_public_model, public_config, public_model_type
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,18 @@ def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch
         raise CheckpointError(f"checkpoint {path.parent} is damaged: {path.name} cannot be "
                               f"read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
                               ) from None
+
+
+def saved_model_config(folder: str | Path) -> dict[str, Any]:
+    """The ModelConfig fields of a resolved model folder: a loopedlm checkpoint's, an
+    exported folder's or a public looped model's (translated from its own config.json)."""
+    folder = Path(folder)
+    if public_model_type(folder) is not None:
+        return public_config(folder)[0].to_dict()
+    meta = exported_meta(folder) or _read_json(folder / CONFIG_FILE)
+    if "model" not in meta:
+        raise ValueError(f"{folder / CONFIG_FILE} has no 'model' section: not a loopedlm checkpoint")
+    return meta["model"]
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
