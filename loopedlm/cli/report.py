@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from loopedlm.experiments.report.write import write_report
+from loopedlm.cli import add_command
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from loopedlm.experiments.report.write import write_report
+
     for folder in args.sweep_dirs:
         print(f"wrote {write_report(folder)}")
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="tables and figures of finished sweeps")
+    p = add_command(subparsers, "report")
     p.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR")
     p.set_defaults(func=_cmd_report)

@@ -9,16 +9,15 @@ import sys
 import time
 from typing import Any
 
-import torch
-
-from loopedlm.data.runs import load_run
-from loopedlm.infer.cache import SLOT_POLICIES
-from loopedlm.infer.engine import CRITERIA
-from loopedlm.infer.generate import DEFAULT_MAX_TOKENS, stream, strip_trailing_spaces
+from loopedlm.cli import add_command, decoding_device
+from loopedlm.infer.options import CRITERIA, DEFAULT_MAX_TOKENS, SLOT_POLICIES
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from loopedlm.data.runs import load_run
+    from loopedlm.infer.generate import stream, strip_trailing_spaces
+
+    device = decoding_device(args.device)
     model, tokenizer, _, _ = load_run(args.run, device=device)
     n_loops = model.config.loops(args.n_loops)  # the default, filled (and checked) here
     # documents are BOS-delimited in training, so a generated BOS ends the text (and a
@@ -67,8 +66,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm sample`."""
-    p = subparsers.add_parser("sample", help="generate text from a trained run",
-                              description="Generate text from a run (its latest checkpoint) "
+    p = add_command(subparsers, "sample",
+                    description="Generate text from a run (its latest checkpoint) "
                                           "or a checkpoint folder, streaming tokens to stdout.")
     p.add_argument("run", help="run folder or checkpoint folder")
     p.add_argument("--prompt", action="append", required=True,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from loopedlm.cli import add_command, decoding_device
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
@@ -16,14 +18,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch,
                          max_queue=args.max_queue, max_loops=args.max_loops, timeout=args.timeout,
                          max_len=args.max_len)
-    serve(args.run, config, device=args.device, name=args.name)
+    serve(args.run, config, device=decoding_device(args.device), name=args.name)
     return 0
 
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm serve`."""
-    p = subparsers.add_parser(
-        "serve", help="serve a run over an OpenAI-compatible HTTP API",
+    p = add_command(
+        subparsers, "serve",
         description="Serve a run (its latest checkpoint) or a checkpoint folder: POST "
                     "/v1/completions (OpenAI's, plus n_loops, adaptive_threshold, "
                     "return_loops), GET /v1/models, /health, /metrics, and a web page at /.")

@@ -13,8 +13,8 @@ import argparse
 from functools import partial
 from pathlib import Path
 
+from loopedlm.cli import add_command
 from loopedlm.cli.settings import TrailingSettings
-from loopedlm.experiments.sweep import Sweep, run_sweep, train_overrides
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,8 @@ def _cmd_sweep(trailing: TrailingSettings, args: argparse.Namespace) -> int:
     settings = trailing.parse(args)
     if settings is None:
         return 0
+    from loopedlm.experiments.sweep import Sweep, run_sweep, train_overrides
+
     sweep = Sweep.load(args.sweep)
     sweep.overrides = train_overrides(settings)
     out = Path(args.out or Path("sweeps") / sweep.path.stem)
@@ -46,9 +48,8 @@ def _cmd_sweep(trailing: TrailingSettings, args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="run a grid of training runs (resumable)",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "sweep", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="a sweep TOML file, or a name under recipes/sweeps/")
     trailing = TrailingSettings(p, _add_options,
                                 help="train settings for every run (the syntax of `loopedlm "

@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from loopedlm.common.validation import is_int
 from loopedlm.infer.cache import ChunkWrites, StaticKVCache, StepWrites, loop_slot_map
 from loopedlm.infer.exits import (
-    CRITERIA,
     EXIT_CRITERIA,
     LoopSignals,
     check_criterion,
@@ -55,6 +54,7 @@ from loopedlm.infer.exits import (
     rows_converged,
     update_exit_cdf,
 )
+from loopedlm.infer.options import COMPILE_MODES, CRITERIA
 from loopedlm.infer.sampling import SamplingParams, sample_rows
 from loopedlm.model.attention import AttentionPlan, attention_masks, rotary_at
 from loopedlm.model.config import check_token_ids
@@ -63,7 +63,6 @@ from loopedlm.model.gpt import LoopedGPT, LoopInputs
 log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
-COMPILE_MODES = (False, True, "step", "loop")
 
 
 # ---- the per-row options -----------------------------------------------------------------------

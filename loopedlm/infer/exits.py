@@ -2,7 +2,7 @@
 table: when a decoded token may stop looping. The decode engine (`AdaptiveLoops` in
 `loopedlm.infer.engine`) computes the signals a step's criteria need after every loop
 (`LoopSignals`) and asks `rows_converged`; adding a criterion is one entry in
-`EXIT_CRITERIA`.
+`EXIT_CRITERIA` and its name in `loopedlm.infer.options.CRITERIA`.
 
 - `state`: relative change of the loop state, ||h^t - h^{t-1}|| / ||h^t|| < threshold. Free
   (h^t is computed anyway). On Huginn, whose state is the raw recurrent latent, this is its
@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from loopedlm.infer.options import CRITERIA
 
 
 @dataclass
@@ -74,13 +76,13 @@ def _gate_reached(s: LoopSignals, threshold: torch.Tensor) -> torch.Tensor:
     return s.exit_cdf >= threshold
 
 
+# one rule per name of loopedlm.infer.options.CRITERIA (the names' torch-free home)
 EXIT_CRITERIA: dict[str, ExitCriterion] = {
     "state": ExitCriterion(_relative_change),
     "kl": ExitCriterion(_kl_to_previous, needs_logits=True),
     "kl_previous": ExitCriterion(_kl_from_previous, first_loop=1, needs_logits=True),
     "gate": ExitCriterion(_gate_reached, first_loop=1, needs_gate=True),
 }
-CRITERIA = tuple(EXIT_CRITERIA)
 
 
 def default_criterion(has_exit_gate: bool) -> str:
@@ -120,5 +122,5 @@ def rows_converged(signals: LoopSignals, criterion_ids: torch.Tensor, threshold:
     return converged
 
 
-__all__ = ["LoopSignals", "ExitCriterion", "EXIT_CRITERIA", "CRITERIA", "default_criterion",
+__all__ = ["LoopSignals", "ExitCriterion", "EXIT_CRITERIA", "default_criterion",
            "check_criterion", "update_exit_cdf", "rows_converged"]

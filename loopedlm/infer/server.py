@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from loopedlm.common.validation import is_int
 from loopedlm.data.runs import load_run
 from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams
-from loopedlm.infer.generate import DEFAULT_MAX_TOKENS
+from loopedlm.infer.options import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence, SlotEngine
 from loopedlm.model.config import check_token_ids

@@ -7,9 +7,10 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from loopedlm.common.validation import ConfigError, check, check_choice, close_match, is_int
 from loopedlm.model.backbones import BACKBONES, NANOCHAT, ROTARY_LENGTH_FACTOR, Backbone
@@ -243,7 +244,8 @@ def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int, what: st
     [0, vocab_size) (`ignore`, e.g. -1 for ignored targets, is allowed too). It reads the
     values, so it runs where ids enter (the decode engine, the server, the model's forward on
     CPU), never on an accelerator's hot path."""
-    if isinstance(ids, torch.Tensor):
+    if hasattr(ids, "numel"):  # a tensor (duck-typed: this module imports no torch, so that
+        # the CLI reads configs and presets without it)
         values = ids[ids != ignore] if ignore is not None else ids
         if values.numel() == 0:
             return
