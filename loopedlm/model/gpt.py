@@ -146,7 +146,7 @@ class LoopedGPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.depth)]),
         })
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        spec, d = config.backbone_spec, config.d_model
+        spec, d = self.spec, config.d_model
         if spec.learned_norms:  # each loop's final norm (Ouro), the read-out's norm (Huginn)
             self.transformer["ln_f"] = nn.RMSNorm(d, eps=config.norm_eps)
         if spec.adapter:  # Huginn: layers around the loops, numbered after the looped ones
@@ -192,9 +192,8 @@ class LoopedGPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.RMSNorm) and module.weight is not None:
                 nn.init.ones_(module.weight)
-        for linear in self.modules():
-            if isinstance(linear, nn.Linear) and linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+            elif isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         if self.exit_gate is not None:
             nn.init.zeros_(self.exit_gate.weight)
         if "adapter" in self.transformer:
@@ -392,8 +391,9 @@ class LoopedGPT(nn.Module):
              plan: AttentionPlan | None = None) -> torch.Tensor:
         """Mean cross-entropy of `logits(h, plan)` against `targets` (-1 = ignored), fused and
         chunked so the (rows x vocabulary) logits are never held (`loopedlm.model.head_loss`)."""
+        h = self.read_out(h, plan)
         if self.config.softcap is None:
-            return self._plain_loss(self.read_out(h, plan), targets)
+            return self._plain_loss(h, targets)
         weight = self.lm_head.weight[: self.config.vocab_size]
         return head_loss(h, weight, targets, self.config.softcap, **self.head_options)
 
