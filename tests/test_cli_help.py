@@ -88,7 +88,12 @@ def _reference(capsys) -> str:
     """docs/cli.md: the --help of every command and sub-command (lm-eval's is lm-eval's own)."""
     parts = ["# The command line\n\nEvery command and sub-command, as `--help` prints it. Generated "
              "by `tests/test_cli_help.py` (`LOOPEDLM_UPDATE_DOCS=1 python -m pytest "
-             "tests/test_cli_help.py` rewrites it).\n"]
+             "tests/test_cli_help.py` rewrites it).\n\n"
+             "The loop count is `--n-loops` on every command that takes one (`eval`: a comma "
+             "list). In `train`, `sweep` and `info` it is the shorthand of the ModelConfig field "
+             "(`--model.n_loops=N`; info: `--n_loops=N`), the field syntax every field has, "
+             "which stays. `eval --loops` is deprecated: it still works in this release, with "
+             "a warning ([training.md](training.md)).\n"]
     for command in COMMANDS:
         if command == "lm-eval":
             parts.append("\n## loopedlm lm-eval\n\nlm-evaluation-harness's own command line "

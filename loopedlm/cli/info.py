@@ -1,9 +1,9 @@
 """`loopedlm info` (what a preset or run is: sizes, FLOPs per loop) and
 `loopedlm import-nanochat` (convert an FLT-authors checkpoint into a loopedlm model folder).
 
-    loopedlm info small                          # a preset
-    loopedlm info tiny --n_loops=6 --loop_mode=lt  # with ModelConfig fields changed
-    loopedlm info runs/x --json                  # a run or checkpoint folder, as JSON
+    loopedlm info small                            # a preset
+    loopedlm info tiny --n-loops 6 --loop_mode=lt  # with ModelConfig fields changed
+    loopedlm info runs/x --json                    # a run or checkpoint folder, as JSON
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import json
 from functools import partial
 from pathlib import Path
 
-from loopedlm.cli import add_command
-from loopedlm.cli.settings import TrailingSettings
+from loopedlm.cli import TrailingSettings, add_command
 from loopedlm.model.config import PRESETS
 
 
@@ -62,8 +61,9 @@ def register(subparsers) -> None:
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a run/checkpoint folder")
     trailing = TrailingSettings(p, _add_options,
-                                help="ModelConfig fields of a preset or run, e.g. --n_loops=6 "
-                                     "--loop_mode=lt (the syntax of `loopedlm train`)")
+                                help="ModelConfig fields of a preset or run, e.g. --n-loops 6 "
+                                     "--loop_mode=lt (the syntax of `loopedlm train`; "
+                                     "--n-loops N is --n_loops=N)")
     p.set_defaults(func=partial(_cmd_info, trailing))
     p = add_command(subparsers, "import-nanochat")
     p.add_argument("source", help="folder with model_<step>.pt + meta_<step>.json, or the .pt file")

@@ -6,11 +6,13 @@ Configuration is three sections, each a validated dataclass:
   [model]    `ModelConfig` overrides --model.n_loops=6    TOML: [model] n_loops = 6
   [optim]    `OptimConfig`           --optim.lr_scale=2   TOML: [optim] lr_scale = 2.0
   [collapse] `CollapseThresholds`    --collapse.spike_ratio=1
+`--n-loops N` (the loop count's spelling on every command) is `--model.n_loops=N`.
 A recipe (`recipes/NAME.toml` or a path) is read first, then `--key=value` overrides.
 The model starts from `preset` and the [model] section overrides its fields.
 
     loopedlm train                         # recipes/tiny.toml on the bundled corpus
     loopedlm train small --steps=1000      # recipes/small.toml
+    loopedlm train --n-loops 6             # the tiny recipe at N=6
     torchrun --nproc_per_node=8 -m loopedlm.train base
     loopedlm train --run_dir=runs/x --resume
     loopedlm train small --print-config    # the resolved settings, without running
@@ -26,7 +28,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from loopedlm.cli import add_command
+from loopedlm.cli import HELP_FLAGS, add_command
 from loopedlm.common.overrides import BOOL_SPELLINGS
 
 if TYPE_CHECKING:
@@ -59,7 +61,6 @@ def settings_help(cfg: TrainConfig | None = None, source: str = "") -> str:
 
 
 PRINT_CONFIG_FLAGS = ("--print-config", "--print_config", "--dry-run", "--dry_run")
-HELP_FLAGS = ("-h", "--help")
 
 
 def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -124,8 +125,8 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         prefix_chars="+", add_help=False)
     parser.add_argument("settings", nargs="*",
-                        help="[RECIPE] [--key=value ...] [--model.KEY=VALUE ...] "
-                             "[--optim.KEY=VALUE ...]")
+                        help="[RECIPE] [--n-loops N] [--key=value ...] "
+                             "[--model.KEY=VALUE ...] [--optim.KEY=VALUE ...]")
     parser.set_defaults(func=_cmd_train)
 
 

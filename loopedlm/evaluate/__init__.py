@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 7): bits-per-byte, perplexity, the DCLM CORE tasks and the paper's six
+"""Evaluation (docs/design.md#evaluation): bits-per-byte, perplexity, the DCLM CORE tasks and the paper's six
 downstream tasks, at any loop count, with no network.
 
 - `bpb`: `evaluate_bpb` over (inputs, targets) batches.

@@ -1,5 +1,5 @@
 """How long a budget evaluation will take, said before it starts (issue 21: the README's
-`eval RUN --loops 1,3,6,9,12` ran for hours on a CPU without a word).
+`eval RUN --n-loops 1,3,6,9,12` ran for hours on a CPU without a word).
 
 The tokens it will score at each loop count are counted from the tasks themselves (a few
 examples of each, tokenized with their few-shot prompts exactly as they will be scored,

@@ -100,7 +100,7 @@ CORE_TASKS: dict[str, TaskSource] = {t.spec.name: t for t in [
           language_identification_items, _BB + "language_identification"),
 ]}
 
-# The paper's Table 1 tasks (SPEC 7) are CORE tasks run with the paper's shot counts.
+# The paper's Table 1 tasks (docs/design.md#evaluation) are CORE tasks run with the paper's shot counts.
 DOWNSTREAM_TASKS: dict[str, str] = {
     "lambada": "lambada_openai",  # 0-shot
     "openbookqa": "openbook_qa",  # 0-shot
@@ -117,6 +117,12 @@ EVAL_PRESETS: dict[str, dict[str, str | int]] = {
     "full": {"tasks": "core", "max_examples": 200},
     "quick": {"tasks": "downstream", "max_examples": 20},
 }
+# The loop counts the paper evaluates at (Table 1, Figure 5): `loopedlm eval`'s default
+PAPER_LOOPS = (1, 3, 6, 9, 12)
+# Sequences per batch when scoring tasks, and validation batches when the run's own
+# evaluation is unknown (the defaults of every evaluator and of `loopedlm eval`)
+EVAL_BATCH_SIZE = 8
+EVAL_VAL_BATCHES = 20
 
 
 def paper_alias(name: str) -> str | None:
