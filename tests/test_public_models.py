@@ -36,16 +36,26 @@ from loopedlm.model.checkpoint import load_model
 ATOL = 1e-4
 
 
-def ouro_folder(tmp_path, seed=0, std=0.2, shards=1, **overrides):
+def _stored(weights, config, dtype):
+    """The weights and config.json of a folder stored in `dtype` (their RoPE buffer kept)."""
+    if dtype is None:
+        return weights
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return {k: v.to(dtype) if v.is_floating_point() and k != "freqs_cis" else v
+            for k, v in weights.items()}
+
+
+def ouro_folder(tmp_path, seed=0, std=0.2, shards=1, dtype=None, **overrides):
     config = tiny_ouro_config(**overrides)
-    weights = ouro_weights(config, seed=seed, std=std)
+    weights = _stored(ouro_weights(config, seed=seed, std=std), config, dtype)
     return write_ouro_folder(tmp_path / f"ouro{seed}", config, weights, shards), config, weights
 
 
 def huginn_folder(tmp_path, seed=0, std=0.2, name="huginn", lm_head=False, freqs_cis=True,
-                  **overrides):
+                  dtype=None, **overrides):
     config = tiny_huginn_config(**overrides)
-    weights = huginn_weights(config, seed=seed, std=std, lm_head=lm_head, freqs_cis=freqs_cis)
+    weights = _stored(huginn_weights(config, seed=seed, std=std, lm_head=lm_head,
+                                     freqs_cis=freqs_cis), config, dtype)
     return write_huginn_folder(tmp_path / name, config, weights), config, weights
 
 
@@ -207,6 +217,42 @@ def test_adaptive_decoding_equals_the_reference_decoder(tmp_path, family, criter
     pytest.fail("no threshold gave tokens different loop counts")
 
 
+@pytest.mark.parametrize("family", list(FOLDERS))
+@torch.no_grad()
+def test_a_row_that_exits_costs_nothing_in_later_loops(tmp_path, family):
+    """Rows of one decode step stop at different loops (each its own rule): the looped
+    layers run only the rows still looping, the read-out (Huginn's coda among it) runs
+    once per row, and each row's logits are those of the row decoded alone (exact against
+    their computation: the tests above)."""
+    folder, _, _ = FOLDERS[family](tmp_path)
+    model, _ = load_model(folder)
+    rules = [AdaptiveLoops(math.inf, "state"),                 # stops at its min_loops, 2
+             None,                                             # every loop, 6
+             AdaptiveLoops(math.inf, "state", min_loops=4)]    # 4
+    if family == "ouro":
+        rules.append(AdaptiveLoops(0.0, "gate"))               # its cumulative probability >= 0: 1
+    idx = tokens(model, (len(rules), 9), seed=4)
+    engine = DecodeEngine(model, max_batch=len(rules), max_loops=6)
+    for r, rule in enumerate(rules):
+        engine.prefill(r, idx[r, :-1], SequenceParams(n_loops=6, adaptive=rule))
+    looped, read_out = [], []
+    hooks = [model.transformer.h[-1].register_forward_hook(
+        lambda m, inp, out: looped.append(inp[0].size(0))),
+             model.lm_head.register_forward_hook(
+        lambda m, inp, out: read_out.append(inp[0].size(0)))]
+    logits, spent = engine.decode(idx[:, -1])
+    for hook in hooks:
+        hook.remove()
+    expected = [2, 6, 4, 1][:len(rules)]
+    assert spent.tolist() == expected
+    assert looped == [sum(n > loop for n in expected) for loop in range(6)]
+    assert sum(read_out) == len(rules)  # `state` and `gate` read out a row only where it stops
+    for r, rule in enumerate(rules):
+        alone = DecodeEngine(model, max_batch=1, max_loops=6)
+        alone.prefill(0, idx[r, :-1], SequenceParams(n_loops=6, adaptive=rule))
+        torch.testing.assert_close(logits[r], alone.decode(idx[r, -1:])[0][0], atol=1e-5, rtol=0)
+
+
 # ---- the folder: tokenizer, loading path, import-hf ---------------------------------------------
 @torch.no_grad()
 def test_load_run_takes_the_folder_with_its_tokenizer(tmp_path):
@@ -293,25 +339,28 @@ def test_weights_beyond_the_config_are_named(tmp_path):
         load_model(folder)
 
 
+@pytest.mark.parametrize("family, thresholds", [("ouro", (0.3, 0.9)), ("huginn", (0.05, 10.0))])
 @torch.no_grad()
-def test_serve_takes_n_loops_and_ouro_exit_threshold_per_request(tmp_path):
+def test_serve_takes_n_loops_and_the_exit_threshold_per_request(tmp_path, family, thresholds):
+    """The server answers each request at its own n_loops and exit threshold (Ouro's: its
+    gate's rule; Huginn's: the latent difference), as generate() does alone."""
     pytest.importorskip("fastapi")
     openai = pytest.importorskip("openai")
     from loopedlm.infer.generate import generate
     from loopedlm.infer.server import ServeConfig, create_app, serve_in_background
 
-    folder, _, _ = ouro_folder(tmp_path, std=0.3, vocab_size=290)
+    folder, _, _ = FOLDERS[family](tmp_path, std=0.3, vocab_size=290)
     write_tokenizer(folder)
     model, tokenizer, _, _ = load_run(folder)
-    app = create_app(model, tokenizer, name="ouro", config=ServeConfig(max_batch=2, max_len=32))
+    app = create_app(model, tokenizer, name=family, config=ServeConfig(max_batch=2, max_len=32))
     with serve_in_background(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         loops_seen = set()
-        for n_loops, q in [(4, None), (3, None), (4, 0.3), (4, 0.9)]:
+        for n_loops, q in [(4, None), (3, None), *((4, q) for q in thresholds)]:
             options = {"n_loops": n_loops, "return_loops": True}
             if q is not None:
-                options["adaptive_threshold"] = q  # Ouro's exit threshold: its gate's rule
-            r = client.completions.create(model="ouro", prompt="the cat", max_tokens=6,
+                options["adaptive_threshold"] = q  # the model's own exit rule
+            r = client.completions.create(model=family, prompt="the cat", max_tokens=6,
                                           temperature=0, extra_body=options)
             alone = generate(model, "the cat", tokenizer=tokenizer, n_loops=n_loops,
                              max_tokens=6, temperature=0, adaptive_threshold=q,
@@ -320,6 +369,35 @@ def test_serve_takes_n_loops_and_ouro_exit_threshold_per_request(tmp_path):
             assert choice["text"] == alone.texts[0] and choice["loops"] == alone.loops[0]
             loops_seen.add(choice["mean_loops"])
         assert len(loops_seen) >= 3
+
+
+@pytest.mark.parametrize("family", list(FOLDERS))
+def test_serve_command_takes_a_bf16_folder(tmp_path, monkeypatch, family):
+    """`loopedlm serve FOLDER --max-len N` on bf16 weights: the app it would listen with
+    answers at a request's own n_loops and exit threshold."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from loopedlm.cli import main
+    from loopedlm.infer import server
+
+    folder, _, _ = FOLDERS[family](tmp_path, vocab_size=290, dtype=torch.bfloat16)
+    write_tokenizer(folder)
+    apps = []
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", str(folder), "--device", "cpu", "--max-len", "24",
+                 "--max-batch", "2"]) == 0
+    with server.serve_in_background(apps[0]) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        name = client.models.list().data[0].id
+        # the prompt runs every loop; a decoded token stops at its min_loops (2) when every
+        # state change is below the threshold
+        for options, loops in [({"n_loops": 3}, [3, 3, 3]),
+                               ({"n_loops": 4, "adaptive_threshold": 1e9,
+                                 "adaptive_criterion": "state"}, [4, 2, 2])]:
+            r = client.completions.create(model=name, prompt="the cat", max_tokens=3,
+                                          temperature=0,
+                                          extra_body={**options, "return_loops": True})
+            assert r.model_dump()["choices"][0]["loops"] == loops
 
 
 # ---- Huginn: prelude, adapter, recurrent core, coda ------------------------------------------------
@@ -432,10 +510,12 @@ def test_huginn_missing_weight_is_named_in_their_names(tmp_path):
 
 # ---- every command takes the folder -----------------------------------------------------------
 @pytest.mark.parametrize("family", list(FOLDERS))
-def test_sample_info_and_eval_take_the_folder(tmp_path, capsys, family):
+def test_sample_info_and_eval_take_a_bf16_folder(tmp_path, capsys, task_data_fixtures, family):
+    """The commands on a folder of bf16 weights, as published: sample (adaptive), info, and
+    eval at 1, 2, 4 and 8 loops (the budget table: perplexity and every CORE task)."""
     from loopedlm.cli import main
 
-    folder, _, _ = FOLDERS[family](tmp_path, vocab_size=290)
+    folder, _, _ = FOLDERS[family](tmp_path, vocab_size=290, dtype=torch.bfloat16)
     write_tokenizer(folder)
     assert main(["sample", str(folder), "--prompt", "the cat", "--max-tokens", "4",
                  "--temperature", "0", "--adaptive-threshold", "0.5"]) == 0
@@ -445,7 +525,12 @@ def test_sample_info_and_eval_take_the_folder(tmp_path, capsys, family):
     wiki = tmp_path / "wiki.valid.raw"
     wiki.write_text(" = The cat = \n \n the cat sat on the mat . \n" * 4)
     out = tmp_path / "eval"
-    assert main(["eval", str(folder), "--loops", "1,2", "--tasks", "none", "--wikitext",
-                 str(wiki), "--out", str(out)]) == 0
+    assert main(["eval", str(folder), "--n-loops", "1,2,4,8", "--tasks", "core",
+                 "--max-examples", "1", "--wikitext", str(wiki), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert set(results["metrics"]["wikitext_ppl"]) == {"1", "2"}
+    loops = {"1", "2", "4", "8"}
+    assert set(results["metrics"]["wikitext_ppl"]) == set(results["metrics"]["core"]) == loops
+    assert all(math.isfinite(v) for v in results["metrics"]["wikitext_ppl"].values())
+    assert results["tasks"] and all(set(by_loops) == loops for by_loops in results["tasks"].values())
+    assert "| wikitext_ppl |" in table and (out / "budget.png").exists()
