@@ -400,6 +400,29 @@ def test_serve_command_takes_a_bf16_folder(tmp_path, monkeypatch, family):
             assert r.model_dump()["choices"][0]["loops"] == loops
 
 
+def test_ouro_1_4b_served_in_bf16_fits_24_gib(monkeypatch):
+    """benchmarks/bench_public_models.py --fit: Ouro-1.4B's exact shape on the meta device
+    (nothing allocated) takes its published parameter count in bf16, a KV cache of one
+    entry per loop and layer, and with the recommended serve settings fits 24 GiB."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_public_models import OURO_1_4B, SERVE, memory_estimate
+
+    c = OURO_1_4B
+    d, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], \
+        c["num_hidden_layers"]
+    per_layer = 4 * d * d + 3 * d * i + 4 * d  # q, k, v, o (no GQA); gate, up, down; 4 norms
+    params = 2 * v * d + layers * per_layer + d + d + 1  # embedding, head, final norm, gate
+    parts = memory_estimate()
+    rope = parts["weights"] - 2 * params  # the RoPE tables, buffers beside the weights
+    assert 0 <= rope < 64 * 2**20
+    kv_per_token = SERVE["max_loops"] * layers * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
+    assert parts["kv_cache"] == SERVE["max_batch"] * SERVE["max_len"] * kv_per_token
+    assert sum(parts.values()) < 24 * 2**30
+    # fp32 weights would not leave room for the same cache
+    assert sum(memory_estimate(dtype=torch.float32).values()) > 24 * 2**30
+
+
 # ---- Huginn: prelude, adapter, recurrent core, coda ------------------------------------------------
 @pytest.mark.parametrize("options", [
     {},  # tied head, query/key bias, their RoPE buffer stored
