@@ -93,6 +93,15 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
         return str(write_ouro_folder(root / "ouro" / name, tiny_ouro_config(**config_changes),
                                      weights))
 
+    def huginn(name: str, drop: str = "", add: str = "", **config_changes) -> str:
+        """A tiny Huginn folder (published format), with a changed config or weights."""
+        weights = huginn_weights(tiny_huginn_config())
+        weights.pop(drop, None)
+        if add:
+            weights[add] = weights["transformer.ln_f.weight"].clone()
+        return str(write_huginn_folder(root / "huginn" / name,
+                                       tiny_huginn_config(**config_changes), weights))
+
     r, t = str(run), [f"--data_dir={data_dir}", f"--tokenizer={tok}", *TINY]
     d = lambda name: [f"--data_dir={bad[name]}", f"--tokenizer={tok}", *TINY]  # noqa: E731
     fresh = lambda name: [f"--run_dir={root / 'new' / name}"]  # noqa: E731
@@ -223,8 +232,12 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
          ["import-hf", ouro("extra", add="model.layers.0.self_attn.q_norm.weight"),
           str(root / "imported")]),
         ("public model", "a Huginn with another injection type",
-         ["sample", str(write_huginn_folder(root / "huginn", tiny_huginn_config(
-             injection_type="additive"), huginn_weights(tiny_huginn_config()))), "--prompt", "a"]),
+         ["sample", huginn("additive", injection_type="additive"), "--prompt", "a"]),
+        ("public model", "a Huginn weight missing",
+         ["eval", huginn("missing", drop="transformer.adapter.weight"), "--tasks", "none"]),
+        ("public model", "an unknown Huginn weight",
+         ["sample", huginn("extra", add="transformer.core_block.0.attn.q_norm.weight"),
+          "--prompt", "a"]),
         ("public model", "exit gate criterion for a model without one",
          ["sample", r, "--prompt", "a", "--adaptive-threshold", "0.5",
           "--adaptive-criterion", "gate"]),
