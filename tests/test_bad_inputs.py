@@ -21,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from reference_huginn import huginn_weights, tiny_huginn_config, write_huginn_folder
+from reference_ouro import ouro_weights, tiny_ouro_config, write_ouro_folder
 from train_helpers import make_corpus
 
 from loopedlm.cli import main
@@ -82,6 +84,24 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
     bad_manifest = damaged("bad_manifest", lambda c: (c / "manifest.json").write_text("[]"))
     bad_state = damaged("truncated_state", lambda c: cut(c / "train_state.pt"))
     ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    def ouro(name: str, drop: str = "", add: str = "", **config_changes) -> str:
+        """A tiny Ouro folder (published format), with a changed config or weights."""
+        weights = ouro_weights(tiny_ouro_config())
+        weights.pop(drop, None)
+        if add:
+            weights[add] = weights["model.norm.weight"].clone()
+        return str(write_ouro_folder(root / "ouro" / name, tiny_ouro_config(**config_changes),
+                                     weights))
+
+    def huginn(name: str, drop: str = "", add: str = "", **config_changes) -> str:
+        """A tiny Huginn folder (published format), with a changed config or weights."""
+        weights = huginn_weights(tiny_huginn_config())
+        weights.pop(drop, None)
+        if add:
+            weights[add] = weights["transformer.ln_f.weight"].clone()
+        return str(write_huginn_folder(root / "huginn" / name,
+                                       tiny_huginn_config(**config_changes), weights))
+
     r, t = str(run), [f"--data_dir={data_dir}", f"--tokenizer={tok}", *TINY]
     d = lambda name: [f"--data_dir={bad[name]}", f"--tokenizer={tok}", *TINY]  # noqa: E731
     fresh = lambda name: [f"--run_dir={root / 'new' / name}"]  # noqa: E731
@@ -199,6 +219,31 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
          ["export", str(flipped), str(root / "hf"), "--checkpoint", ckpt.name]),
         ("export", "--checkpoint of a step the run lacks",
          ["export", r, str(root / "hf"), "--checkpoint", "99"]),
+        # ---- public looped models (a Hugging Face folder: Ouro)
+        ("public model", "import-hf of another architecture",
+         ["import-hf", ouro("llama", model_type="llama"), str(root / "imported")]),
+        ("public model", "sample a folder of another architecture",
+         ["sample", ouro("qwen2", model_type="qwen2"), "--prompt", "a"]),
+        ("public model", "a RoPE scaling type",
+         ["import-hf", ouro("yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+          str(root / "imported")]),
+        ("public model", "sliding-window attention",
+         ["eval", ouro("swa", use_sliding_window=True, sliding_window=8), "--tasks", "none"]),
+        ("public model", "a weight missing",
+         ["sample", ouro("missing", drop="model.norm.weight"), "--prompt", "a"]),
+        ("public model", "an unknown weight",
+         ["import-hf", ouro("extra", add="model.layers.0.self_attn.q_norm.weight"),
+          str(root / "imported")]),
+        ("public model", "a Huginn with another injection type",
+         ["sample", huginn("additive", injection_type="additive"), "--prompt", "a"]),
+        ("public model", "a Huginn weight missing",
+         ["eval", huginn("missing", drop="transformer.adapter.weight"), "--tasks", "none"]),
+        ("public model", "an unknown Huginn weight",
+         ["sample", huginn("extra", add="transformer.core_block.0.attn.q_norm.weight"),
+          "--prompt", "a"]),
+        ("public model", "exit gate criterion for a model without one",
+         ["sample", r, "--prompt", "a", "--adaptive-threshold", "0.5",
+          "--adaptive-criterion", "gate"]),
         # ---- prompts
         ("prompt", "empty prompt", ["sample", r, "--prompt", "", "--max-tokens", "2"]),
         ("prompt", "stop id outside the vocabulary",

@@ -25,8 +25,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     device = decoding_device(args.device)
     model, tokenizer, _, _ = load_run(args.run, device=device)
     n_loops = model.config.loops(args.n_loops)  # the default, filled (and checked) here
-    # documents are BOS-delimited in training, so a generated BOS ends the text
-    stop = [tokenizer.bos_id, *args.stop_id, *args.stop]
+    # documents are BOS-delimited in training, so a generated BOS ends the text (and a
+    # public model's end-of-text token: Tokenizer.stop_ids)
+    stop = [*tokenizer.stop_ids, *args.stop_id, *args.stop]
     given = dict(n_loops=n_loops, max_tokens=args.max_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop,
                  adaptive_threshold=args.adaptive_threshold,
@@ -94,12 +95,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[],
-                   help="stop string (a single token); BOS always stops")
+                   help="stop string (a single token); BOS (and a model's EOS) always stops")
     p.add_argument("--stop-id", action="append", type=int, default=[], help="stop token id")
     p.add_argument("--adaptive-threshold", type=float, default=None,
-                   help="stop looping a token once its loop state changes less than this")
-    p.add_argument("--adaptive-criterion", choices=CRITERIA, default=None)
-    p.add_argument("--min-loops", type=int, default=None)
+                   help="stop looping a token once its loop state changes less than this "
+                        "(gate: once its cumulative exit probability reaches this)")
+    p.add_argument("--adaptive-criterion", choices=CRITERIA, default=None,
+                   help="exit criterion (default: the model's own: gate for Ouro, else state)")
+    p.add_argument("--min-loops", type=int, default=None,
+                   help="never stop before this many loops (default: 2; 1 for gate and "
+                        "kl_previous)")
     p.add_argument("--draft-loops", type=int, default=None,
                    help="self-speculative decoding: the model at this many loops drafts tokens "
                         "that one pass at --n-loops verifies (the same output, faster)")

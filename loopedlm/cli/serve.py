@@ -16,7 +16,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise ValueError(f"loopedlm serve needs {exc.name}: pip install 'loopedlm[serve]'") from None
     given = {name: getattr(args, name) for name in ("host", "port", "max_batch", "max_queue",
-                                                     "max_loops", "timeout")}
+                                                     "max_loops", "timeout", "max_len")}
     # a flag left unset is not passed: its default is ServeConfig's
     config = ServeConfig(**{name: value for name, value in given.items() if value is not None})
     serve(args.run, config, device=decoding_device(args.device), name=args.name)
@@ -40,6 +40,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-loops", type=int, default=None,
                    help="largest n_loops a request may ask for (default: 4x the model's)")
     p.add_argument("--timeout", type=float, default=None, help="seconds a request may take")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per sequence, prompt included (default: the model's "
+                        "sequence_len; set it for public models, whose context is long)")
     p.add_argument("--name", default=None, help="model name in the API (default: the folder's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_serve)

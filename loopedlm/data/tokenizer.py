@@ -15,6 +15,12 @@ UTF-8 byte length of every token that bits-per-byte needs (docs/design.md#evalua
 - trained BPE: HF `tokenizers` byte-level BPE with the GPT-4 split pattern (as nanochat),
   no normaliser (so `decode(encode(s)) == s` exactly) and one special token, `<|bos|>`;
   `loopedlm.data.tokenizer_training` trains one.
+- a Hugging Face model folder's `tokenizer.json` (public looped models, docs/public_models.md:
+  `load_hf_folder_tokenizer`), read by `tokenizers` too, with the BOS and end-of-text token
+  its `tokenizer_config.json` / `config.json` name.
+
+`stop_ids` are the tokens that end a generated text: BOS (documents are BOS-delimited in
+training) and a model folder's end-of-text token.
 
 Special-token strings that occur in ordinary text are encoded as text, never as the special
 id, so a document can not forge a document boundary.
@@ -51,6 +57,12 @@ class Tokenizer:
     vocab_size: int
     bos_id: int
     special_ids: set[int]
+    eos_id: int | None = None  # an end-of-text token other than BOS (HF model folders)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end a generated text: BOS, and the end-of-text token if any."""
+        return tuple(dict.fromkeys(i for i in (self.bos_id, self.eos_id) if i is not None))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS; special-token strings count as plain text)."""
@@ -201,20 +213,27 @@ def byte_decoder() -> dict[str, int]:
 
 
 class BPETokenizer(Tokenizer):
-    """A byte-level BPE (HF `tokenizers`) with one special token, BOS."""
+    """An HF `tokenizers` tokenizer (a byte-level BPE) with a BOS token (`<|bos|>` for the
+    ones loopedlm trains) and, for a model folder's, an end-of-text token."""
 
-    def __init__(self, hf_tokenizer: Any, name: str = "bpe") -> None:
+    def __init__(self, hf_tokenizer: Any, name: str = "bpe", bos_token: str = BOS_TOKEN,
+                 eos_token: str | None = None) -> None:
         self._tok = hf_tokenizer
         # special-token strings inside documents are text, not ids (see module docstring)
         self._tok.encode_special_tokens = True
         self.name = name
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-        bos = self._tok.token_to_id(BOS_TOKEN)
-        if bos is None:
-            raise ValueError(f"tokenizer {name!r} has no {BOS_TOKEN} token")
-        self.bos_id = int(bos)
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = self._token_id(bos_token)
+        self.eos_id = None if eos_token is None else self._token_id(eos_token)
         self.special_ids = {int(i) for i, tok in self._tok.get_added_tokens_decoder().items()
                             if tok.special}
+
+    def _token_id(self, token: str) -> int:
+        found = self._tok.token_to_id(token)
+        if found is None:
+            raise ValueError(f"tokenizer {self.name!r} has no {token} token")
+        return int(found)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = _check_texts(texts)
@@ -233,8 +252,12 @@ class BPETokenizer(Tokenizer):
         decoder = byte_decoder()
         lengths = torch.zeros(self.vocab_size, dtype=torch.long)
         for token, i in self._tok.get_vocab(with_added_tokens=True).items():
-            if i not in self.special_ids:
-                lengths[i] = len(bytes(decoder[c] for c in token))
+            if i in self.special_ids:
+                continue
+            if all(c in decoder for c in token):  # byte-level: one character per byte
+                lengths[i] = len(token)
+            else:  # a token stored as text (an added, non-special token)
+                lengths[i] = len(token.encode("utf-8"))
         return lengths
 
     def save(self, directory: str | Path) -> Path:
@@ -244,7 +267,7 @@ class BPETokenizer(Tokenizer):
         self._tok.save(str(tmp))
         tmp.replace(directory / HF_FILE)
         _write_meta(directory, {"kind": "bpe", "vocab_size": self.vocab_size,
-                                "bos_token": BOS_TOKEN})
+                                "bos_token": self.bos_token, "eos_token": self.eos_token})
         return directory
 
 
@@ -262,8 +285,65 @@ def nanochat_tokenizer(config: ModelConfig):
     return Qwen3Tokenizer(bos_token=QWEN3_BOS_TOKEN)
 
 
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+def _named_token(value: Any) -> str | None:
+    """A token as tokenizer_config.json stores it: a string or {"content": string}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load_hf_folder_tokenizer(folder: str | Path) -> BPETokenizer:
+    """The tokenizer of a Hugging Face model folder (`tokenizer.json`, read by `tokenizers`;
+    no `transformers` needed). A prompt starts with the token the tokenizer itself puts first
+    (its BOS, if its post-processor adds one), else its document separator `<|endoftext|>`,
+    else its BOS or EOS: the token that preceded documents in pre-training (the rule of
+    `loopedlm.evaluate.external`). The end-of-text token is tokenizer_config.json's
+    `eos_token`, else config.json's `eos_token_id`."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folder = Path(folder)
+    try:
+        hf = HFTokenizer.from_file(str(folder / HF_FILE))
+    except Exception as exc:  # tokenizers raises its own exception type
+        raise ValueError(f"{folder / HF_FILE} could not be read as a tokenizer: {exc}") from None
+    settings = _read_json_object(folder / HF_TOKENIZER_CONFIG)
+    model_config = _read_json_object(folder / "config.json")
+
+    def by_id(key: str) -> str | None:
+        token_id = model_config.get(key)
+        return hf.id_to_token(token_id) if isinstance(token_id, int) else None
+    bos = _named_token(settings.get("bos_token")) or by_id("bos_token_id")
+    eos = _named_token(settings.get("eos_token")) or by_id("eos_token_id")
+    first = hf.encode("a", add_special_tokens=True).ids[:1]
+    if bos is not None and first == [hf.token_to_id(bos)]:
+        prompt_token = bos  # the tokenizer adds it: the model was trained so
+    elif hf.token_to_id(DOCUMENT_SEPARATOR) is not None:
+        prompt_token = DOCUMENT_SEPARATOR
+    elif bos or eos:
+        prompt_token = bos or eos
+    else:
+        raise ValueError(f"{folder}: the tokenizer has no BOS, {DOCUMENT_SEPARATOR} or EOS "
+                         f"token to start a prompt with")
+    return BPETokenizer(hf, name=str(folder), bos_token=prompt_token, eos_token=eos)
+
+
 def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
-    """`qwen3`, or a folder written by `Tokenizer.save` (a run folder's `tokenizer/` also works)."""
+    """`qwen3`, or a folder written by `Tokenizer.save` (a run folder's `tokenizer/` also
+    works), or a Hugging Face model folder's `tokenizer.json` (`load_hf_folder_tokenizer`)."""
     if str(name_or_dir) in NAMED_TOKENIZERS:
         return Qwen3Tokenizer()
     path = Path(name_or_dir)
@@ -272,6 +352,8 @@ def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
                                 f"({', '.join(NAMED_TOKENIZERS)}) nor an existing folder")
     if not (path / META_FILE).exists() and (path / "tokenizer" / META_FILE).exists():
         path = path / "tokenizer"
+    if not (path / META_FILE).exists() and (path / HF_FILE).exists():
+        return load_hf_folder_tokenizer(path)
     meta_path = path / META_FILE
     if not meta_path.exists():
         raise ValueError(f"{path} is not a loopedlm tokenizer folder: it has no {META_FILE} "
@@ -295,7 +377,8 @@ def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
             hf = HFTokenizer.from_file(str(path / HF_FILE))
         except Exception as exc:
             raise ValueError(f"{path / HF_FILE} could not be read as a tokenizer: {exc}") from None
-        tok = BPETokenizer(hf, name=str(path))
+        tok = BPETokenizer(hf, name=str(path), bos_token=meta.get("bos_token", BOS_TOKEN),
+                           eos_token=meta.get("eos_token"))
         if meta.get("vocab_size") not in (None, tok.vocab_size):
             raise ValueError(f"{path}: {HF_FILE} has {tok.vocab_size} ids but {META_FILE} says "
                              f"{meta['vocab_size']}")

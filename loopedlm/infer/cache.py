@@ -49,7 +49,9 @@ class StaticKVCache:
 
     `slot_of_loop[t]` is loop t's cache slot (`loop_slot_map`). With `share_first_layer`,
     layer 0 has a single entry that every loop reads (its keys and values do not depend on
-    the loop in `flt`/`ltai`: `LoopMode.first_layer_kv_invariant`)."""
+    the loop in `flt`/`ltai`: `LoopMode.first_layer_kv_invariant`). Layers outside the loop
+    (a prelude's and a coda's, numbered after the `depth` looped ones: Huginn) have a single
+    entry too, written by every pass that runs them."""
 
     def __init__(self, config: ModelConfig, max_batch: int, max_len: int,
                  slot_of_loop: list[int], *, share_first_layer: bool,
@@ -66,6 +68,7 @@ class StaticKVCache:
                      torch.zeros(shape, dtype=dtype, device=device)) for _ in range(count)]
         self.entries = [entries(1) * n_slots if layer == 0 and share_first_layer
                         else entries(n_slots) for layer in range(config.depth)]
+        self.entries += [entries(1) * n_slots for _ in range(config.n_layers - config.depth)]
 
     def entry(self, loop: int, layer: int) -> Entry:
         """The (keys, values) tensors that loop `loop` (0-based) of `layer` uses."""
@@ -79,7 +82,8 @@ class StaticKVCache:
                 for k, v in (self.entry(loop, layer) for layer in range(len(self.entries)))]
 
     def writes(self, loop: int, layer: int) -> bool:
-        """Whether this loop writes its keys/values (a shared first layer: loop 0 only)."""
+        """Whether this loop writes its keys/values (a shared first layer: loop 0 only; a
+        layer outside the loop: every time it runs)."""
         return not (layer == 0 and self.share_first_layer and loop > 0)
 
     def nbytes(self) -> int:

@@ -51,6 +51,14 @@ import torch.nn.functional as F
 from loopedlm.common.paths import loopedlm_home
 from loopedlm.common.validation import is_int
 from loopedlm.infer.cache import ChunkWrites, Entry, StaticKVCache, StepWrites, loop_slot_map
+from loopedlm.infer.exits import (
+    EXIT_CRITERIA,
+    LoopSignals,
+    check_criterion,
+    default_criterion,
+    rows_converged,
+    update_exit_cdf,
+)
 from loopedlm.infer.options import (
     COMPILE_MODES,
     CRITERIA,
@@ -65,7 +73,7 @@ from loopedlm.infer.sampling import (
     sample_rows,
     speculative_accept,
 )
-from loopedlm.model.attention import AttentionPlan, attention_masks, norm, rotary_at
+from loopedlm.model.attention import AttentionPlan, attention_masks, rotary_at
 from loopedlm.model.config import check_token_ids
 from loopedlm.model.gpt import LoopedGPT, LoopInputs
 
@@ -81,34 +89,46 @@ COMPILED_VARIANTS = 256  # graphs of the compiled step (one per step variant) be
 # ---- the per-row options -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AdaptiveLoops:
-    """Stop looping a decoded token once its loop state has converged (the prompt always runs
+    """Stop looping a decoded token once its exit criterion says so (the prompt always runs
     every loop). The skipped loops' cache entries at that position get the keys and values of
     the token's last computed loop: convergence means the loop map is (nearly) at a fixed
     point for this token, so the next loop would write (nearly) the same keys; copying them
     is the best estimate that costs no compute (docs/design.md#decoding).
 
-    criterion "state" (default): relative change of the loop output,
-        ||h^t - h^{t-1}|| / ||h^t|| < threshold. Free: h^t is computed anyway, and it is
-        what the next loop reads.
-    criterion "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
+    criterion: one of `loopedlm.infer.exits.EXIT_CRITERIA`; None (default): the model's own,
+        `gate` for a model with an exit gate (Ouro), else `state`.
+      "state": relative change of the loop output, ||h^t - h^{t-1}|| / ||h^t|| < threshold.
+        Free: h^t is computed anyway, and it is what the next loop reads.
+      "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
         distributions (nats). Closer to what the user sees, but it costs one LM-head
         evaluation per loop, which for small models is as large as a loop itself.
-    min_loops: never stop before this many loops (>= 2: a change needs two loops).
+      "kl_previous": Huginn's: KL(p_{t-1} || p_t) < threshold, p_0 uniform.
+      "gate": Ouro's rule: the cumulative exit probability of its gate reaches threshold.
+    min_loops: never stop before this many loops (None: the criterion's earliest, 2 for a
+        change between loops, 1 for the gate and kl_previous).
     """
 
     threshold: float
-    criterion: str = "state"
-    min_loops: int = 2
+    criterion: str | None = None
+    min_loops: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, int | float) or math.isnan(self.threshold) \
                 or self.threshold < 0:
             raise ValueError(f"adaptive_threshold={self.threshold!r} is not allowed: a number >= 0")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"adaptive_criterion={self.criterion!r} is not allowed: choose one "
-                             f"of {list(CRITERIA)}")
-        if not is_int(self.min_loops) or self.min_loops < 2:
-            raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= 2")
+        if self.criterion is not None:
+            check_criterion(self.criterion, has_exit_gate=True)
+        first = 1 if self.criterion is None else EXIT_CRITERIA[self.criterion].first_loop
+        if self.min_loops is not None and (not is_int(self.min_loops) or self.min_loops < first):
+            raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= {first}")
+
+    def resolved(self, has_exit_gate: bool) -> AdaptiveLoops:
+        """These settings for a model (`has_exit_gate`): criterion and min_loops filled, and
+        checked against it."""
+        criterion = default_criterion(has_exit_gate) if self.criterion is None else self.criterion
+        check_criterion(criterion, has_exit_gate)
+        return AdaptiveLoops(self.threshold, criterion, EXIT_CRITERIA[criterion].first_loop
+                             if self.min_loops is None else self.min_loops)
 
 
 @dataclass(frozen=True)
@@ -468,8 +488,18 @@ def decode_loop(model: LoopedGPT, inputs: LoopInputs, previous: torch.Tensor | N
     it (the first loop and every later one), not one per loop."""
     plan = inputs.plan
     plan = AttentionPlan(plan.cos, plan.sin, plan.masks, writes, plan.fused, plan.rows)
-    return norm(model.loop(LoopInputs(inputs.x0, inputs.embedded, plan, inputs.first_kv),
-                           previous, 0))
+    return model.loop_state(model.loop(replace(inputs, plan=plan), previous, 0))
+
+
+def outer_writes(model: LoopedGPT, entries: list[Entry], rows: torch.Tensor,
+                 pos: torch.Tensor, gather: bool = False) -> StepWrites | None:
+    """The cache writer of the layers outside the loop (Huginn's prelude and coda: one entry
+    each, which every loop's `entries` hold), for `rows` of the entries at positions `pos`
+    (`gather`: a subset, read gathered); None for a model without such layers. They write at
+    every pass that runs them, so a coda read out again overwrites its keys."""
+    if model.config.n_layers == model.config.depth:
+        return None
+    return StepWrites(entries, rows, pos, write_first=True, gather=gather)
 
 
 def decode_pass(model: LoopedGPT, tokens: torch.Tensor, pos: torch.Tensor,
@@ -477,16 +507,19 @@ def decode_pass(model: LoopedGPT, tokens: torch.Tensor, pos: torch.Tensor,
                 entries: list[list[Entry]], fused: list[torch.Tensor | None], *,
                 max_loops: int, mixed: bool, gather: bool = False,
                 loop_fn: Callable = decode_loop) -> torch.Tensor:
-    """The loop outputs (R, T, d) of `tokens` (R, T) fed at positions pos[r] .. pos[r]+T-1:
-    every row runs `max_loops` loops and (`mixed`: rows differ in `n_loops`) reads its
-    output at its own loop count; with shared cache slots, a row past its own count writes
+    """The logits (R, T, V) of `tokens` (R, T) fed at positions pos[r] .. pos[r]+T-1:
+    every row runs `max_loops` loops and (`mixed`: rows differ in `n_loops`) reads out
+    its own last loop's state; with shared cache slots, a row past its own count writes
     no keys. `entries[loop]`: that loop's cache views (`StaticKVCache.loop_entries`); row r
     is rows[r] of them (`gather`: a subset, read gathered). Their length is the keys
-    attended (a dynamic size when compiled)."""
+    attended (a dynamic size when compiled). Layers outside the loop (a prelude, a coda)
+    write their single entries as they run."""
     n_keys = entries[0][0][0].size(2)
     slots = pos[:, None] if tokens.size(1) == 1 else \
         pos[:, None] + torch.arange(tokens.size(1), device=pos.device)
-    inputs = model.prepare(tokens, plan=pass_plan(model, slots, n_keys, cache.dtype, fused=fused))
+    outer = outer_writes(model, entries[0], rows, pos, gather)
+    inputs = model.prepare(tokens, plan=pass_plan(model, slots, n_keys, cache.dtype,
+                                                  cache=outer, fused=fused))
     shared = mixed and cache.slot_of_loop != list(range(len(cache.slot_of_loop)))
     previous = final = None
     for loop in range(max_loops):
@@ -496,7 +529,7 @@ def decode_pass(model: LoopedGPT, tokens: torch.Tensor, pos: torch.Tensor,
         if mixed:  # each row's output is its own last loop's
             final = h if final is None else torch.where((n_loops > loop)[:, None, None], h, final)
         previous = h
-    return final if mixed else previous
+    return model.logits(final if mixed else previous, inputs.plan)
 
 
 def step_logits(model: LoopedGPT, key: StepKey, tokens: torch.Tensor, pos: torch.Tensor,
@@ -511,9 +544,9 @@ def step_logits(model: LoopedGPT, key: StepKey, tokens: torch.Tensor, pos: torch
     if entries is None:
         entries = [cache.loop_entries(loop, tokens.size(0), key_slots.size(0))
                    for loop in range(key.n_loops)]
-    h = decode_pass(model, tokens[:, None], pos, n_loops, rows, cache, entries, fused,
-                    max_loops=key.n_loops, mixed=key.mixed, loop_fn=loop_fn)
-    return model.logits(h[:, -1])
+    logits = decode_pass(model, tokens[:, None], pos, n_loops, rows, cache, entries, fused,
+                         max_loops=key.n_loops, mixed=key.mixed, loop_fn=loop_fn)
+    return logits[:, -1]
 
 
 def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKVCache,
@@ -543,36 +576,6 @@ def pop_step(state: SlotState, batch: int) -> None:
     rows = slice(0, batch)
     live = state.active[rows] & ~state.finished[rows]
     state.record(rows, state.pop_pending(rows, state.tokens[rows]), live, state.n_loops[rows])
-
-
-@dataclass
-class LoopChange:
-    """What a convergence criterion sees after loop t of a decoded token, for the rows still
-    looping: their loop outputs h^t and h^{t-1} (R, 1, d) and, when a criterion asks for
-    them (`CRITERION_NEEDS_LOGITS`), the next-token log-probabilities of both loops."""
-
-    h: torch.Tensor
-    previous: torch.Tensor
-    logp: torch.Tensor | None = None
-    previous_logp: torch.Tensor | None = None
-
-
-def state_change(change: LoopChange) -> torch.Tensor:
-    """||h^t - h^{t-1}|| / ||h^t|| per row (the "state" criterion)."""
-    h, previous = change.h.float(), change.previous.float()
-    return ((h - previous).norm(dim=-1) / h.norm(dim=-1))[:, -1]
-
-
-def kl_change(change: LoopChange) -> torch.Tensor:
-    """KL(p_t || p_{t-1}) in nats per row (the "kl" criterion)."""
-    return (change.logp.exp() * (change.logp - change.previous_logp)).sum(-1)
-
-
-# adaptive loops' criteria (`AdaptiveLoops.criterion`): a criterion is one entry here, a
-# measure per row that converges below the row's threshold
-CONVERGENCE: dict[str, Callable[[LoopChange], torch.Tensor]] = {
-    "state": state_change, "kl": kl_change}
-CRITERION_NEEDS_LOGITS = {"kl"}
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -661,7 +664,7 @@ class DecodeEngine:
         self.speculation = SpeculationStats()
         # q, k and v projections in one matrix per layer, derived once (and again only if the
         # weights change: `_sync_weights`); the model's parameters stay as they are
-        self.fused = [block.attn.fused_weight() for block in model.transformer.h]
+        self.fused = [block.attn.fused_weight() for block in model.blocks()]
         self._weights_seen = self._weights_version()
 
     # ---- the weights ------------------------------------------------------------------------------
@@ -682,7 +685,7 @@ class DecodeEngine:
         if self.model is not self.source:
             for mine, theirs in zip(self.model.parameters(), self.source.parameters(), strict=True):
                 mine.copy_(theirs)
-        for fused, block in zip(self.fused, self.model.transformer.h, strict=True):
+        for fused, block in zip(self.fused, self.model.blocks(), strict=True):
             if fused is not None:
                 fused.copy_(block.attn.fused_weight())
         self._weights_seen = seen
@@ -740,7 +743,8 @@ class DecodeEngine:
 
     def _resolve(self, params: SequenceParams | None) -> SequenceParams:
         """`params` with n_loops filled (the model's by default, checked against this
-        engine's max_loops) and its stop ids checked against the vocabulary."""
+        engine's max_loops), adaptive loops resolved for the model (`AdaptiveLoops.resolved`)
+        and its stop ids checked against the vocabulary."""
         params = SequenceParams() if params is None else params
         if not isinstance(params, SequenceParams):
             raise ValueError(f"params={params!r} must be a SequenceParams or None")
@@ -757,7 +761,8 @@ class DecodeEngine:
         bad = [s for s in params.stop_ids if not is_int(s) or not 0 <= s < vocab]
         if bad:
             raise ValueError(f"unknown stop token {bad[0]!r}: ids lie in [0, {vocab})")
-        return replace(params, n_loops=n_loops)
+        adaptive = params.adaptive and params.adaptive.resolved(self.model.exit_gate is not None)
+        return replace(params, n_loops=n_loops, adaptive=adaptive)
 
     def _prompt(self, slot: int, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Checked token ids (1, T) on the engine's device: where ids enter decoding."""
@@ -991,10 +996,6 @@ class DecodeEngine:
         return pass_plan(self.model, slots, n_keys, self.dtype, from_start=from_start,
                          cache=cache, fused=self.fused)
 
-    def _step_plan(self, pos: torch.Tensor, kv_len: int) -> AttentionPlan:
-        """The plan of one token per row at positions `pos`, over key positions [0, kv_len)."""
-        return self._plan(pos[:, None], kv_len)
-
     def _chunk_logits(self, slot: int, ids: torch.Tensor, start: int, n_loops: int
                       ) -> torch.Tensor:
         """Logits (T, vocab_size) of `ids` (1, T) appended to `slot`'s cache at `start`."""
@@ -1005,8 +1006,8 @@ class DecodeEngine:
         inputs = model.prepare(ids, plan=plan)
         previous = None
         for loop in range(n_loops):
-            previous = norm(model.loop(inputs, previous, loop))
-        return model.logits(previous)[0]
+            previous = model.loop_state(model.loop(inputs, previous, loop))
+        return model.logits(previous, inputs.plan)[0]
 
     def _step_logits(self, tokens: torch.Tensor, key: StepKey) -> torch.Tensor:
         """`step_logits` of `tokens` (batch,) fed at the rows' positions."""
@@ -1017,8 +1018,8 @@ class DecodeEngine:
 
     def _rows_pass(self, slots: list[int], tokens: torch.Tensor, pos: torch.Tensor,
                    n_loops: list[int], kv_len: int) -> torch.Tensor:
-        """`decode_pass` of the rows `slots` only (T tokens each): views of their cache rows
-        when they are contiguous, else gathered."""
+        """`decode_pass` (logits (R, T, V)) of the rows `slots` only (T tokens each): views
+        of their cache rows when they are contiguous, else gathered."""
         count, first = len(slots), slots[0]
         contiguous = slots == list(range(first, first + count))
         batch = count if contiguous else self._bucket()
@@ -1057,19 +1058,18 @@ class DecodeEngine:
         temperature, top_k, top_p, seed = (t[rows] for t in (state.temperature, state.top_k,
                                                               state.top_p, state.seed))
         filtered = any(p.filtered for p in params)
-        model, drafts, draft_probs, token = self.model, [], [], fed
+        drafts, draft_probs, token = [], [], fed
         for i in range(n_drafts):
-            h = self._rows_pass(slots, token[:, None], pos + i,
-                                [p.draft_loops for p in params], kv_len)
-            logits = model.logits(h[:, -1])
+            logits = self._rows_pass(slots, token[:, None], pos + i,
+                                     [p.draft_loops for p in params], kv_len)[:, -1]
             draft_probs.append(row_probs(logits, temperature, top_k, top_p, filtered=filtered))
             token = sample_rows(logits, temperature, top_k, top_p, seed, counter + i,
                                 filtered=filtered, stream=DRAFT)
             drafts.append(token)
         chunk = torch.stack([fed, *drafts], 1)
-        h = self._rows_pass(slots, chunk, pos, [p.n_loops for p in params], kv_len)
+        logits = self._rows_pass(slots, chunk, pos, [p.n_loops for p in params], kv_len)
         span = n_drafts + 1
-        logits = model.logits(h).flatten(0, 1)
+        logits = logits.flatten(0, 1)
         target = row_probs(logits, temperature.repeat_interleave(span),
                            top_k.repeat_interleave(span), top_p.repeat_interleave(span),
                            filtered=filtered).view(len(slots), span, -1)
@@ -1103,54 +1103,65 @@ class DecodeEngine:
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (batch, V), loops spent (batch,)) of `tokens` fed at the rows' positions.
-        Each row stops after the first loop t >= its min_loops whose state converged
-        (`CONVERGENCE`), or at its own n_loops, and leaves the batch: the later loops run
-        the rows still looping only (their attention reads the keys of their own rows of
-        the cache in place, `AttentionPlan.rows`), and the cache entries of a stopped row's
-        skipped loops get its last computed loop's keys/values. Open slots only
-        (speculative rows emit verified tokens); one host sync per loop from a row's
-        min_loops on, to learn which rows stop, none at a loop that is every row's last."""
+        Each row stops after the first loop t >= its min_loops at which its exit criterion
+        says so (`loopedlm.infer.exits`), or at its own n_loops, and leaves the batch: the
+        later loops run the rows still looping only (their attention reads the keys of their
+        own rows of the cache in place, `AttentionPlan.rows`), and the cache entries of a
+        stopped row's skipped loops get its last computed loop's keys/values. A row is read
+        out once, with its last loop's state (and at every loop for a criterion that reads
+        logits; Huginn's coda writes its keys at each read-out, the last one's stay). Open
+        slots only (speculative rows emit verified tokens; the other rows' logits are
+        zeros); one host sync per loop from a row's min_loops on, to learn which rows stop,
+        none at a loop that is every row's last."""
         model, state, cache = self.model, self.state, self.cache
         kv_len = self._kv_len()
         slots = [slot for slot in range(batch) if slot in state.infos
                  and state.infos[slot].params.draft_loops is None]
         params = [state.infos[slot].params for slot in slots]
         pos = state.pos[:batch]
-        plan = self._step_plan(pos, kv_len)  # masks of every row: built once
+        entries = self._loop_entries(batch, kv_len)
+        # masks of every row, built once; the prelude (Huginn) runs for every row
+        plan = self._plan(pos[:, None], kv_len,
+                          cache=outer_writes(model, entries[0], state.rows[:batch], pos))
         all_inputs = model.prepare(tokens[:, None], plan=plan)
         final = torch.zeros_like(all_inputs.embedded)
         spent = torch.zeros(batch, dtype=torch.long, device=self.device)
-        entries = self._loop_entries(batch, kv_len)
-        # the rows still looping, on the host: their loop budget and earliest stop
+        # the rows still looping, on the host: their loop budget and earliest stop (adaptive
+        # settings are resolved: `_resolve`); on the device: their criteria's settings
         adaptive = [p.adaptive for p in params]
         budget = [p.n_loops for p in params]
         earliest = [min(a.min_loops, n) if a else n for a, n in zip(adaptive, budget, strict=True)]
-        criteria = {a.criterion for a in adaptive if a}
-        threshold = torch.tensor([a.threshold if a else -float("inf") for a in adaptive],
-                                 device=self.device)
-        criterion = {name: torch.tensor([bool(a and a.criterion == name) for a in adaptive],
-                                        device=self.device) for name in criteria}
-        active = torch.tensor(slots, device=self.device)
-        inputs = self._rows_inputs(all_inputs, plan, active, batch)
+        used = sorted({CRITERIA.index(a.criterion) for a in adaptive if a})
+        criterion_ids = torch.tensor([CRITERIA.index(a.criterion) if a else 0 for a in adaptive],
+                                     device=self.device)
+        # a row without adaptive loops never converges (threshold -inf under `state`)
+        threshold = torch.tensor([a.threshold if a else -math.inf for a in adaptive],
+                                 dtype=torch.float32, device=self.device)
+        needs_logits = any(EXIT_CRITERIA[CRITERIA[i]].needs_logits for i in used)
+        needs_gate = any(EXIT_CRITERIA[CRITERIA[i]].needs_gate for i in used)
+        exit_cdf = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
+        remaining = torch.ones_like(exit_cdf)
+        computed = active = torch.tensor(slots, device=self.device)
+        inputs = self._rows_inputs(all_inputs, active, batch, entries)
         previous = previous_logp = None
         for loop in range(max(budget, default=0)):
             writes = StepWrites(entries[loop], active, pos[active],
                                 write_first=cache.writes(loop, 0))
             h = decode_loop(model, inputs, previous, writes)
             logp = None
-            if criteria & CRITERION_NEEDS_LOGITS:
-                logp = F.log_softmax(model.logits(h[:, -1]).float(), dim=-1)
+            if needs_logits:
+                logp = F.log_softmax(model.logits(h, inputs.plan)[:, -1], dim=-1)
+            if needs_gate:
+                exit_cdf, remaining = update_exit_cdf(exit_cdf, remaining,
+                                                      model.exit_probability(h[:, -1]))
             if loop + 1 < min(earliest):  # no row can stop yet: no host sync
                 previous, previous_logp = h, logp
                 continue
             last = torch.tensor([n == loop + 1 for n in budget], device=self.device)
-            measure = torch.full_like(threshold, float("inf"))
-            if previous is not None:
-                change = LoopChange(h, previous, logp, previous_logp)
-                for name in criteria:
-                    measure = torch.where(criterion[name], CONVERGENCE[name](change), measure)
             ready = torch.tensor([loop + 1 >= e for e in earliest], device=self.device)
-            converged = (measure < threshold) & ready & ~last
+            signals = LoopSignals(loop, h[:, -1], None if previous is None else previous[:, -1],
+                                  logp, previous_logp, exit_cdf if needs_gate else None)
+            converged = rows_converged(signals, criterion_ids, threshold, used) & ready & ~last
             if all(n == loop + 1 for n in budget):  # every row's last loop: no need to ask
                 stops = [True] * len(budget)
             else:
@@ -1172,26 +1183,34 @@ class DecodeEngine:
             keep = torch.tensor(kept, device=self.device)
             active, previous = active[keep], h[keep]
             previous_logp = None if logp is None else logp[keep]
-            threshold = threshold[keep]
-            criterion = {name: mask[keep] for name, mask in criterion.items()}
+            threshold, criterion_ids = threshold[keep], criterion_ids[keep]
+            exit_cdf, remaining = exit_cdf[keep], remaining[keep]
             budget = [budget[i] for i in kept]
             earliest = [earliest[i] for i in kept]
-            inputs = self._rows_inputs(all_inputs, plan, active, batch)
-        return model.logits(final[:, -1]), spent
+            inputs = self._rows_inputs(all_inputs, active, batch, entries)
+        # the read-out of the rows computed (a coda attends, so it runs on theirs alone)
+        read = self._rows_inputs(all_inputs, computed, batch, entries)
+        if read is all_inputs:
+            return model.logits(final, plan)[:, -1], spent
+        logits = model.logits(final[computed], read.plan)[:, -1]
+        every = logits.new_zeros((batch, logits.size(-1))).index_copy_(0, computed, logits)
+        return every, spent
 
-    @staticmethod
-    def _rows_inputs(inputs: LoopInputs, plan: AttentionPlan, active: torch.Tensor,
-                     batch: int) -> LoopInputs:
+    def _rows_inputs(self, inputs: LoopInputs, active: torch.Tensor, batch: int,
+                     entries: list[list[Entry]]) -> LoopInputs:
         """The loop inputs of rows `active` of a batch whose masks and cache rows stay whole
-        (`AttentionPlan.rows`): what a loop of the rows still looping runs on."""
+        (`AttentionPlan.rows`): what a loop of the rows still looping, and their read-out,
+        run on (the layers outside the loop write those rows' entries: `outer_writes`)."""
         if active.numel() == batch:  # every row, in order (the rows are 0 .. batch-1)
             return inputs
-        rows_plan = AttentionPlan(plan.cos[active], plan.sin[active], plan.masks, None,
+        plan, pos = inputs.plan, self.state.pos[active]
+        rows_plan = AttentionPlan(plan.cos[active], plan.sin[active], plan.masks,
+                                  outer_writes(self.model, entries[0], active, pos),
                                   plan.fused, rows=active)
         return inputs.select_rows(active, rows_plan)
 
 
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
-           "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop", "CRITERIA",
-           "CONVERGENCE", "LoopChange"]
+           "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop",
+           "outer_writes", "CRITERIA"]

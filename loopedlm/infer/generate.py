@@ -86,8 +86,10 @@ class GenerationOptions:
     temperature (0 = greedy), top_k, top_p in (0, 1], seed (same seed and prompt, same
         text, whatever else is in the batch).
     stop: token id(s) or single-token string(s); a row ends when it samples one.
-    adaptive_threshold / adaptive_criterion ("state" | "kl") / min_loops: adaptive loops
-        (`AdaptiveLoops`). cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
+    adaptive_threshold / adaptive_criterion ("state" | "kl" | "kl_previous" | "gate"; None:
+        the model's own) / min_loops (None: the criterion's earliest): adaptive loops
+        (`AdaptiveLoops`).
+    cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
     draft_loops / draft_tokens: self-speculative decoding (`SequenceParams`): the model at
         draft_loops loops drafts draft_tokens tokens that one pass at n_loops verifies; the
         output is that of n_loops (greedy: the same tokens).
@@ -105,8 +107,8 @@ class GenerationOptions:
     seed: int | None = None
     stop: Any = None
     adaptive_threshold: float | None = None
-    adaptive_criterion: str = "state"
-    min_loops: int = 2
+    adaptive_criterion: str | None = None
+    min_loops: int | None = None
     draft_loops: int | None = None
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
     cache_slots: int | None = None

@@ -5,8 +5,9 @@ torch (start-up), and the engine, the cache and `generate` read the same values.
 # New tokens per prompt when none is asked for: OpenAI's completions default, so that the
 # library, `loopedlm sample` and a server request without max_tokens all give the same.
 DEFAULT_MAX_TOKENS = 16
-# adaptive loops: what "converged" means (loopedlm.infer.engine.AdaptiveLoops)
-CRITERIA = ("state", "kl")
+# adaptive loops: the exit criteria (loopedlm.infer.engine.AdaptiveLoops); each one's rule is
+# in loopedlm.infer.exits.EXIT_CRITERIA
+CRITERIA = ("state", "kl", "kl_previous", "gate")
 # how loops share cache slots when there are fewer slots than loops (loopedlm.infer.cache)
 SLOT_POLICIES = ("block", "modulo")
 # torch.compile of the decode step: where it pays (the default), off, the whole step, or one

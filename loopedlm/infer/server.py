@@ -8,10 +8,11 @@ Endpoints (FastAPI + uvicorn):
   (server-sent events ending in `data: [DONE]`; `stream_options.include_usage`),
   `usage`. Extra request fields: `n_loops` (loops per token, default the model's),
   `adaptive_threshold` (stop looping a token once its loop state changes less than
-  this; n_loops is then the most it may use), `draft_loops` (self-speculative decoding:
-  the model at this many loops drafts tokens that n_loops verifies; same output),
-  `return_loops` (also list the loops
-  spent on every token), `timeout` (seconds, at most the server's). Every choice reports
+  this, or for Ouro once its exit gate's cumulative probability reaches it; n_loops is
+  then the most it may use), `adaptive_criterion` (`state`, `kl`, `kl_previous`, `gate`;
+  default the model's own), `draft_loops` (self-speculative decoding: the model at this
+  many loops drafts tokens that n_loops verifies; same output), `return_loops` (also list
+  the loops spent on every token), `timeout` (seconds, at most the server's). Every choice reports
   `mean_loops` (and `loops` when asked). Finish reasons: "stop", "length", "timeout".
 * `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format).
 * `GET /`: a web page to try prompts at any loop budget, each token shaded by the loops
@@ -88,6 +89,7 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     n_loops: int | None = Field(None, ge=1)
     adaptive_threshold: float | None = Field(None, ge=0)
+    adaptive_criterion: str | None = None
     draft_loops: int | None = Field(None, ge=1)
     return_loops: bool = False
     timeout: float | None = Field(None, gt=0)
@@ -279,7 +281,9 @@ class ServeConfig:
 
     max_batch: sequences decoded together. max_queue: sequences waiting for a slot before
     new requests get 429. max_loops: the largest n_loops a request may ask for (None:
-    4 x the model's). timeout: the longest a request may take, in seconds.
+    4 x the model's). timeout: the longest a request may take, in seconds. max_len: tokens
+    per sequence, prompt included (None: the model's sequence_len; public models' is long,
+    and the KV cache holds max_batch x max_len positions per loop and layer).
     """
 
     host: str = "127.0.0.1"
@@ -288,12 +292,15 @@ class ServeConfig:
     max_queue: int = 256
     max_loops: int | None = None
     timeout: float = 300.0
+    max_len: int | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("port", 0), ("max_batch", 1), ("max_queue", 0)):
             value = getattr(self, name)
             if not is_int(value) or value < low:
                 raise ValueError(f"{name}={value!r} is not allowed: an integer >= {low}")
+        if self.max_len is not None and (not is_int(self.max_len) or self.max_len < 2):
+            raise ValueError(f"max_len={self.max_len!r} is not allowed: an integer >= 2")
         if self.max_loops is not None and (not is_int(self.max_loops)
                                            or self.max_loops < 1):
             raise ValueError(f"max_loops={self.max_loops!r} is not allowed: an integer >= 1")
@@ -308,8 +315,10 @@ class CompletionServer:
                  engine: SlotEngine | None = None):
         self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
         self.max_loops = config.max_loops or 4 * model.config.n_loops
+        max_len = None if config.max_len is None \
+            else min(config.max_len, model.config.sequence_len)
         self.engine = engine or DecodeEngine(model, max_batch=config.max_batch,
-                                             max_loops=self.max_loops)
+                                             max_loops=self.max_loops, max_len=max_len)
         self.context_len = self.engine.max_len
         self.scheduler = Scheduler(self.engine, tokenizer, max_queue=config.max_queue)
         self.http_counts: dict[int, int] = {}
@@ -378,14 +387,17 @@ class CompletionServer:
             sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p,
                                       seed=body.seed)
             adaptive = None if body.adaptive_threshold is None \
-                else AdaptiveLoops(body.adaptive_threshold)
+                else AdaptiveLoops(body.adaptive_threshold, body.adaptive_criterion).resolved(
+                    self.model.exit_gate is not None)
             check_draft_loops(body.draft_loops, self.model.config.loops(body.n_loops))
             params = SequenceParams(n_loops=body.n_loops, sampling=sampling, adaptive=adaptive,
                                     draft_loops=body.draft_loops)
         except ValueError as exc:
             raise ApiError(400, str(exc), param=str(exc).split("=", 1)[0]) from None
+        # BOS ends a text (documents are BOS-delimited), and so does a model folder's EOS
+        stop_ids = frozenset(getattr(self.tokenizer, "stop_ids", (self.tokenizer.bos_id,)))
         return [Sequence(prompt=ids, params=params, max_tokens=body.max_tokens, sink=sink_for(i),
-                         stop=stop, stop_ids=frozenset({self.tokenizer.bos_id}), timeout=timeout)
+                         stop=stop, stop_ids=stop_ids, timeout=timeout)
                 for i, ids in enumerate(rows)]
 
     def count(self, status: int) -> None:

@@ -32,12 +32,18 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device=None):
-    """cos/sin tables of shape (seq_len, head_dim/2), kept in bf16 as nanochat does."""
+def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, style: str = "nanochat"):
+    """cos/sin tables of shape (seq_len, head_dim/2) for `apply_rotary_emb`.
+
+    style "nanochat": kept in bf16, as nanochat does. "hf": Hugging Face's RoPE (Llama,
+    Qwen, Ouro: `q * cos + rotate_half(q) * sin`), which rotates the other way, so the sine
+    table is negated; kept in fp32 (docs/public_models.md)."""
     channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
     inv_freq = 1.0 / (base ** (channel / head_dim))
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
+    if style == "hf":
+        return freqs.cos(), -freqs.sin()
     return freqs.cos().bfloat16(), freqs.sin().bfloat16()
 
 
@@ -159,15 +165,16 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.window = config.window_sizes()[layer_idx]
+        self.qk_norm = config.backbone_spec.qk_norm
         self.is_mla = config.attn_type == "mla"
         d, kv_dim = config.d_model, config.n_kv_head * config.head_dim
-        self.c_q = nn.Linear(d, config.n_head * config.head_dim, bias=False)
+        self.c_q = nn.Linear(d, config.n_head * config.head_dim, bias=config.qk_bias)
         if self.is_mla:
             self.c_kv_down = nn.Linear(d, config.kv_rank, bias=False)
             self.c_k_up = nn.Linear(config.kv_rank, kv_dim, bias=False)
             self.c_v_up = nn.Linear(config.kv_rank, kv_dim, bias=False)
         else:
-            self.c_k = nn.Linear(d, kv_dim, bias=False)
+            self.c_k = nn.Linear(d, kv_dim, bias=config.qk_bias)
             self.c_v = nn.Linear(d, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_head * config.head_dim, d, bias=False)
 
@@ -177,9 +184,14 @@ class CausalSelfAttention(nn.Module):
         keys/values in two when they read different inputs (None for MLA). A new tensor:
         the parameters and their state-dict keys stay as they are; whoever keeps it (the
         decode engine) refreshes it when the weights change."""
-        if self.is_mla:
+        if self.is_mla or self.c_q.bias is not None:  # biased projections stay unfused
             return None
         return torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).detach()
+
+    def _rotate_norm(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """RoPE, then QK-norm where the backbone has it (after RoPE, as nanochat)."""
+        x = apply_rotary_emb(x, plan.cos, plan.sin)
+        return norm(x) if self.qk_norm else x
 
     def _queries(self, q_in: torch.Tensor, fused: torch.Tensor | None) -> torch.Tensor:
         """Raw queries (B, T, H, D), before RoPE and QK-norm."""
@@ -205,7 +217,7 @@ class CausalSelfAttention(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (RoPE + QK-norm) and values of `kv_in` (B, T, d), as (B, H_kv, T, D)."""
         k, v = self._keys_values(kv_in, None if plan.fused is None else plan.fused[self.layer_idx])
-        k = norm(apply_rotary_emb(k, plan.cos, plan.sin))  # QK-norm after RoPE, as nanochat
+        k = self._rotate_norm(k, plan)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor | None, plan: AttentionPlan,
@@ -221,12 +233,11 @@ class CausalSelfAttention(nn.Module):
             else:
                 k, v = self._keys_values(kv_in, fused)
                 qk = torch.cat([self._queries(q_in, fused), k], 2)
-            # RoPE and QK-norm (after RoPE, as nanochat) of queries and keys at once: both
-            # act on each head vector alone
-            qk = norm(apply_rotary_emb(qk, plan.cos, plan.sin)).transpose(1, 2)
+            # RoPE and QK-norm of queries and keys at once: both act on each head vector alone
+            qk = self._rotate_norm(qk, plan).transpose(1, 2)
             q, k, v = qk[:, : self.n_head], qk[:, self.n_head:], v.transpose(1, 2)
         else:
-            q = norm(apply_rotary_emb(self._queries(q_in, fused), plan.cos, plan.sin))
+            q = self._rotate_norm(self._queries(q_in, fused), plan)
             q, (k, v) = q.transpose(1, 2), kv
         if plan.cache is not None:
             k, v = plan.cache.insert(loop, self.layer_idx, k, v)
@@ -242,10 +253,28 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """nanochat's MLP: c_proj(relu(c_fc(x))^2)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model, bias=False)
-        self.c_proj = nn.Linear(4 * config.d_model, config.d_model, bias=False)
+        self.c_fc = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of Llama-style models: c_proj(silu(c_gate(x)) * c_up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_gate = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.c_up = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.silu(self.c_gate(x)) * self.c_up(x))
+
+
+MLPS = {"relu2": MLP, "swiglu": SwiGLU}
