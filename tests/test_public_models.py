@@ -29,7 +29,7 @@ from reference_ouro import (
 )
 
 from loopedlm.data.runs import load_run
-from loopedlm.infer import DecodeEngine, SequenceParams
+from loopedlm.infer import DecodeEngine, SamplingParams, SequenceParams
 from loopedlm.infer.engine import AdaptiveLoops
 from loopedlm.model.checkpoint import load_model
 
@@ -251,6 +251,40 @@ def test_a_row_that_exits_costs_nothing_in_later_loops(tmp_path, family):
         alone = DecodeEngine(model, max_batch=1, max_loops=6)
         alone.prefill(0, idx[r, :-1], SequenceParams(n_loops=6, adaptive=rule))
         torch.testing.assert_close(logits[r], alone.decode(idx[r, -1:])[0][0], atol=1e-5, rtol=0)
+
+
+def decoded_tokens(model, requests, steps, max_batch):
+    """Each (prompt, params) of `requests` added in its slot of one engine, then `steps`
+    steps: the tokens of each slot."""
+    engine = DecodeEngine(model, max_batch=max_batch, max_loops=6, compile=False)
+    out = {slot: [int(engine.add(slot, ids, params))] for slot, (ids, params) in requests.items()}
+    for _ in range(steps):
+        step = engine.step().tokens.tolist()
+        for slot in requests:
+            if step[slot] >= 0:
+                out[slot].append(step[slot])
+    return out
+
+
+@pytest.mark.parametrize("family", list(FOLDERS))
+@torch.no_grad()
+def test_speculative_decoding_gives_the_plain_greedy_tokens(tmp_path, family):
+    """Self-speculative decoding of a public model is its greedy decoding at n_loops, token
+    for token: alone, and beside an adaptive row whose steps leave the speculative row's
+    cache alone (Huginn's prelude and coda keys, one entry each, are rewritten by every pass
+    that runs them: the verify pass's stay)."""
+    folder, _, _ = FOLDERS[family](tmp_path, std=0.3)
+    model, _ = load_model(folder)
+    greedy = SamplingParams(temperature=0)
+    prompt, other = tokens(model, (1, 5))[0].tolist(), tokens(model, (1, 4), seed=2)[0].tolist()
+    plain = decoded_tokens(model, {0: (prompt, SequenceParams(n_loops=6, sampling=greedy))},
+                           20, 1)[0]
+    speculative = SequenceParams(n_loops=6, sampling=greedy, draft_loops=2)
+    assert decoded_tokens(model, {0: (prompt, speculative)}, 20, 1)[0] == plain
+    adaptive = SequenceParams(n_loops=6, sampling=greedy, adaptive=AdaptiveLoops(0.05, "state"))
+    both = decoded_tokens(model, {0: (other, adaptive), 1: (prompt, speculative)}, 20, 2)
+    assert both[1] == plain
+    assert both[0] == decoded_tokens(model, {0: (other, adaptive)}, 20, 1)[0]
 
 
 # ---- the folder: tokenizer, loading path, import-hf ---------------------------------------------
