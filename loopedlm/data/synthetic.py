@@ -1,0 +1,477 @@
+"""Synthetic reasoning tasks where depth is the bottleneck (issue 28): `loopedlm data
+synthetic TASK` writes them as Parquet shards that `loopedlm train` reads unchanged.
+
+Each document is one line of whitespace-separated words from a small fixed vocabulary
+(`WordTokenizer`, saved in the data folder's `tokenizer/`, which training picks up), and
+holds *queries*: positions whose next word is an answer that takes `hops` lookups to find.
+Nothing else in a document is predictable beyond its format, so the loss on the answers
+is what training learns from; the answers are many per document (supervision at many
+positions, not one answer at the end).
+
+Tasks (`TASKS`):
+
+- `chain` (variable chains): assignments such as `v7 = 4  v12 = v7  v3 = v12`, shuffled,
+  then queries `? v3 4` (the value of `v3`: 3 hops). Every digit is the value of one
+  root variable, every query's root is drawn uniformly afresh, and queried variables are
+  leaves of the assignment trees (`ChainTask`): the digits in view, and the answers
+  already given, say nothing about the next answer, so a guess is right 1 time in 10.
+- `phop` (p-hop induction, Sanford et al. 2024; Saunshi et al. 2025): a marker `h3` (p = 3)
+  and a random sequence of letters; after a prefix, every second letter x is followed by
+  its answer: hop(i) is the position after the most recent earlier occurrence of the
+  letter at i, and the answer is the letter at hop^p(i). Half the positions are answers,
+  every one p hops deep; a guess is right with probability 1 / alphabet.
+
+Documents are exactly `seq_len` words (padded with `.`), so with the BOS the loader
+prepends, training rows of `sequence_len = seq_len` hold one whole document each: none is
+cut at a row boundary (the loader packs rows of seq_len + 1 tokens).
+
+A training `data_dir` of `synthetic:TASK` is TASK's data set with the default settings,
+written on first use (`prepare_synthetic`), so a recipe needs no path.
+
+Layout of the folder: `shard_00000.parquet ...` (training, in curriculum order: the
+loader reads row groups in order) and the last shard, the validation split; `eval/hops_XX
+.parquet`, the held-out test sets, one per difficulty (every query of a document there
+has exactly that many hops; difficulties beyond the training range never occur in
+training); `tokenizer/`; `manifest.json` (the settings and counts). Every document is a
+pure function of (seed, split, index), and no validation or test document occurs in the
+training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from loopedlm.common.paths import loopedlm_home
+from loopedlm.common.validation import check, check_choice, is_int
+from loopedlm.data.loader import TEXT_COLUMN
+from loopedlm.data.tokenizer import WordTokenizer
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+EVAL_DIR = "eval"
+TOKENIZER_DIR = "tokenizer"
+PAD = "."
+DOCS_PER_ROW_GROUP = 64
+MAX_TRIES = 1000  # resampling a document that does not fit, or an unanswerable query
+
+
+@dataclass(frozen=True)
+class Query:
+    """One answer in a document: `index` is the answer word's index in the document's words
+    (the model predicts it from the word before), `hops` the lookups it takes, `guess` the
+    chance of getting it right without doing them."""
+
+    index: int
+    answer: str
+    hops: int
+    guess: float
+
+
+# ---- variable chains -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChainTask:
+    """Variable chains (module docstring). Each document holds the ten roots `r = d` (one
+    per digit), each with a trunk `t = r`; every query's leaf hangs below a root drawn
+    uniformly at random, at exactly its hop count: `r` itself is 1 hop, a child of `r` 2,
+    and a leaf of h >= 3 hops ends a new path from an existing inner node of that root's
+    tree (the trunk, or a node of an earlier path) of depth < h. Queried variables are
+    leaves: no answer in the document is an ancestor of another query, so no answer
+    shortens another's lookup; and the root of each query is drawn afresh, so earlier
+    answers say nothing about the next one (`guess` = 1/10)."""
+
+    n_vars: int = 128
+
+    name = "chain"
+    ROOTS = 10  # one per digit
+
+    def validate(self) -> None:
+        check(is_int(self.n_vars) and self.n_vars >= 2 * self.ROOTS + 2, "n_vars",
+              self.n_vars, f"an integer >= {2 * self.ROOTS + 2}")
+
+    def words(self) -> list[str]:
+        return [str(d) for d in range(10)] + [f"v{i}" for i in range(self.n_vars)] \
+            + ["=", "?", PAD]
+
+    def min_length(self, hops: int) -> int:
+        """Words of the shortest document with one query of `hops` hops."""
+        return 3 * 2 * self.ROOTS + 3 * max(0, hops - 2) + 3 + 3
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None) -> list[str]:
+        """A document of `seq_len` words, queries added until the next would not fit: each
+        of a hop count uniform on 1..max_hops, or exactly `query_hops`."""
+        if seq_len < self.min_length(query_hops or 1):
+            raise ValueError(f"seq_len={seq_len} is too short for chain documents with "
+                             f"{query_hops or 1} hops: at least "
+                             f"{self.min_length(query_hops or 1)} words")
+        names = [f"v{i}" for i in rng.sample(range(self.n_vars), self.n_vars)]
+        digits = rng.sample(range(10), self.ROOTS)
+        roots, trunks = names[:self.ROOTS], names[self.ROOTS:2 * self.ROOTS]
+        free = names[2 * self.ROOTS:]
+        assignments = [(r, str(d)) for r, d in zip(roots, digits, strict=True)]
+        assignments += list(zip(trunks, roots, strict=True))
+        inner = [[(t, 2)] for t in trunks]  # per root: (variable, depth) that paths grow from
+        root_asked: set[int] = set()
+        queries: list[tuple[str, str]] = []
+        used = 3 * len(assignments)
+        while True:
+            hops = query_hops if query_hops is not None else rng.randint(1, max_hops)
+            root = rng.randrange(self.ROOTS)
+            if hops == 1:
+                choices = [r for r in range(self.ROOTS) if r not in root_asked]
+                if not choices:
+                    if query_hops is not None or max_hops == 1:
+                        break  # every root has been asked for: nothing left of 1 hop
+                    continue
+                root = rng.choice(choices)
+                new, parent = [], None
+            elif hops == 2:
+                new, parent = [roots[root]], roots[root]
+            else:
+                parent, depth = rng.choice([(v, d) for v, d in inner[root] if d < hops])
+                new = [None] * (hops - depth)
+            if used + 3 * len(new) + 3 > seq_len or len(new) > len(free):
+                break
+            used += 3 * len(new) + 3
+            if hops == 1:
+                root_asked.add(root)
+                queries.append((roots[root], str(digits[root])))
+                continue
+            if hops == 2:
+                leaf = free.pop()
+                assignments.append((leaf, roots[root]))
+            else:
+                for k in range(len(new)):
+                    node = free.pop()
+                    assignments.append((node, parent))
+                    parent = node
+                    if k < len(new) - 1:
+                        inner[root].append((node, depth + k + 1))
+                leaf = parent
+            queries.append((leaf, str(digits[root])))
+        rng.shuffle(assignments)
+        words = [w for lhs, rhs in assignments for w in (lhs, "=", rhs)]
+        for var, value in queries:
+            words += ["?", var, value]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every query of a document, answered from its assignments."""
+        values: dict[str, str] = {}
+        out = []
+        i = 0
+        while i + 2 < len(words) and words[i + 1] == "=":
+            values[words[i]] = words[i + 2]
+            i += 3
+        digits = {rhs for rhs in values.values() if rhs.isdigit()}
+        while i + 2 < len(words) and words[i] == "?":
+            var, hops = words[i + 1], 0
+            while var in values:
+                var, hops = values[var], hops + 1
+            out.append(Query(index=i + 2, answer=var, hops=hops,
+                             guess=1.0 / max(1, len(digits))))
+            i += 3
+        return out
+
+
+# ---- p-hop induction -------------------------------------------------------------------
+@dataclass(frozen=True)
+class PHopTask:
+    """p-hop induction (module docstring): a marker `hP`, a random prefix of `prefix`
+    letters, then (letter, answer) pairs to the document's end."""
+
+    alphabet: int = 16
+    prefix: int = 64
+
+    name = "phop"
+    MAX_HOPS = 32
+
+    def validate(self) -> None:
+        check(is_int(self.alphabet) and 2 <= self.alphabet <= 26, "alphabet", self.alphabet,
+              "an integer in 2..26 (letters a..z)")
+        check(is_int(self.prefix) and self.prefix >= 1, "prefix", self.prefix,
+              "an integer >= 1")
+
+    def letters(self) -> list[str]:
+        return [chr(ord("a") + k) for k in range(self.alphabet)]
+
+    def words(self) -> list[str]:
+        return self.letters() + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)]
+
+    def min_length(self, hops: int) -> int:
+        return 1 + self.prefix + 2
+
+    @staticmethod
+    def answer_at(sequence: Sequence[str], i: int, hops: int) -> str | None:
+        """The letter at hop^hops(i), or None where a hop finds no earlier occurrence."""
+        for _ in range(hops):
+            j = i - 1
+            while j >= 0 and sequence[j] != sequence[i]:
+                j -= 1
+            if j < 0:
+                return None
+            i = j + 1
+        return sequence[i]
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None) -> list[str]:
+        """A document of `seq_len` words whose hop count is uniform on 1..max_hops, or
+        `query_hops`."""
+        if seq_len < self.min_length(1):
+            raise ValueError(f"seq_len={seq_len} is too short for phop documents with "
+                             f"prefix={self.prefix}: at least {self.min_length(1)} words")
+        if (query_hops or max_hops) > self.MAX_HOPS:
+            raise ValueError(f"phop documents have at most {self.MAX_HOPS} hops, not "
+                             f"{query_hops or max_hops}")
+        hops = query_hops if query_hops is not None else rng.randint(1, max_hops)
+        letters = self.letters()
+        sequence = [rng.choice(letters) for _ in range(self.prefix)]
+        while 1 + len(sequence) + 2 <= seq_len:
+            for _ in range(MAX_TRIES):
+                letter = rng.choice(letters)
+                answer = self.answer_at(sequence + [letter], len(sequence), hops)
+                if answer is not None:
+                    break
+            else:
+                raise ValueError(f"no answerable {hops}-hop query after {MAX_TRIES} tries: "
+                                 f"make the prefix longer than {self.prefix}")
+            sequence += [letter, answer]
+        # a word left over is one more random letter (not a query)
+        return [f"h{hops}", *sequence] + [rng.choice(letters)] * (seq_len - 1 - len(sequence))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every (letter, answer) pair after the prefix, answered from the sequence."""
+        hops = int(words[0][1:])
+        sequence = list(words[1:])
+        out = []
+        for i in range(self.prefix, len(sequence) - 1, 2):
+            answer = self.answer_at(sequence, i, hops)
+            if answer is not None:
+                out.append(Query(index=i + 2, answer=answer, hops=hops,
+                                 guess=1.0 / self.alphabet))
+        return out
+
+
+TASKS = {"chain": ChainTask, "phop": PHopTask}
+
+
+# ---- the data set ------------------------------------------------------------------------
+@dataclass
+class SyntheticConfig:
+    """What `loopedlm data synthetic TASK` writes (each field is one command-line flag).
+
+    hops: the training range of the difficulty knob (lo, hi); eval_hops: the held-out
+    difficulties (one test set each; those above `hops` never occur in training).
+    curriculum: the fraction of the training documents over which the largest hop count
+    grows from lo to hi, in equal steps (0: no curriculum); the loader reads the documents
+    in order, so training follows it. task_options: the task's own fields (`ChainTask`,
+    `PHopTask`).
+    """
+
+    task: str = "chain"
+    seq_len: int = 192
+    hops: tuple[int, int] = (1, 8)
+    eval_hops: tuple[int, ...] = tuple(range(1, 13))
+    train_docs: int = 100_000
+    val_docs: int = 512
+    eval_docs: int = 64
+    curriculum: float = 0.3
+    seed: int = 0
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.hops = tuple(self.hops)
+        self.eval_hops = tuple(self.eval_hops)
+        self.validate()
+
+    def validate(self) -> None:
+        check_choice("task", self.task, tuple(TASKS))
+        check(is_int(self.seq_len) and self.seq_len >= 1, "seq_len", self.seq_len,
+              "an integer >= 1")
+        lo_hi = self.hops
+        check(len(lo_hi) == 2 and all(is_int(h) for h in lo_hi) and 1 <= lo_hi[0] <= lo_hi[1],
+              "hops", "-".join(map(str, lo_hi)), "a range LO-HI of integers with 1 <= LO <= HI")
+        check(len(self.eval_hops) >= 1 and all(is_int(h) and h >= 1 for h in self.eval_hops),
+              "eval_hops", ",".join(map(str, self.eval_hops)), "hop counts >= 1")
+        for name in ("train_docs", "val_docs", "eval_docs"):
+            value = getattr(self, name)
+            check(is_int(value) and value >= 1, name, value, "an integer >= 1")
+        check(isinstance(self.curriculum, int | float) and 0 <= self.curriculum <= 1,
+              "curriculum", self.curriculum, "a fraction in [0, 1]")
+        check(is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        task = self.make_task()
+        longest = max(self.hops[1], *self.eval_hops)
+        if self.seq_len < task.min_length(longest):
+            raise ValueError(f"seq_len={self.seq_len} is too short for {self.task} documents "
+                             f"with {longest} hops: at least {task.min_length(longest)} words")
+
+    def make_task(self) -> ChainTask | PHopTask:
+        cls = TASKS[self.task]
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(self.task_options) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not an option of the {self.task} task "
+                             f"(allowed: {', '.join(sorted(known))})")
+        task = cls(**self.task_options)
+        task.validate()
+        return task
+
+    def max_hops_at(self, index: int) -> int:
+        """The largest hop count of training document `index` (the curriculum)."""
+        lo, hi = self.hops
+        ramp = self.curriculum * self.train_docs
+        if ramp <= 0 or index >= ramp:
+            return hi
+        return lo + int(index / ramp * (hi - lo + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["hops"], data["eval_hops"] = list(self.hops), list(self.eval_hops)
+        return data
+
+
+def _rng(seed: int, split: str, index: int) -> random.Random:
+    # one stream per document, so any document can be rebuilt alone
+    digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def documents(config: SyntheticConfig, split: str, count: int | None = None,
+              hops: int | None = None) -> Iterator[str]:
+    """The documents of `split` ("train", "val" or "eval"; `hops`: the test set's
+    difficulty), as text."""
+    task = config.make_task()
+    count = {"train": config.train_docs, "val": config.val_docs,
+             "eval": config.eval_docs}[split] if count is None else count
+    for index in range(count):
+        rng = _rng(config.seed, split if hops is None else f"{split}{hops}", index)
+        if split == "train":
+            words = task.document(rng, config.max_hops_at(index), config.seq_len)
+        elif split == "val":
+            words = task.document(rng, config.hops[1], config.seq_len)
+        else:
+            words = task.document(rng, config.hops[1], config.seq_len, query_hops=hops)
+        yield " ".join(words)
+
+
+def default_synthetic_dir(task: str) -> Path:
+    """Where `loopedlm data synthetic TASK` writes by default."""
+    return loopedlm_home() / "data" / "synthetic" / task
+
+
+SPEC_PREFIX = "synthetic:"  # a training `data_dir` of "synthetic:TASK"
+
+
+def synthetic_spec_dir(data_dir: str) -> Path | None:
+    """The folder a `data_dir` of "synthetic:TASK" names (`default_synthetic_dir(TASK)`),
+    or None for any other value."""
+    if not data_dir.startswith(SPEC_PREFIX):
+        return None
+    task = data_dir[len(SPEC_PREFIX):]
+    check_choice("data_dir task", task, tuple(TASKS))
+    return default_synthetic_dir(task)
+
+
+def prepare_synthetic(data_dir: str) -> Path:
+    """`data_dir` = "synthetic:TASK": TASK's data set with the default settings
+    (`SyntheticConfig`), written on first use into `default_synthetic_dir(TASK)`."""
+    folder = synthetic_spec_dir(data_dir)
+    if folder is None:
+        raise ValueError(f"data_dir={data_dir!r} is not {SPEC_PREFIX}TASK")
+    return write_synthetic(SyntheticConfig(task=data_dir[len(SPEC_PREFIX):]), folder)
+
+
+def _write(texts: list[str], path: Path) -> None:
+    pq.write_table(pa.table({TEXT_COLUMN: texts}), path, row_group_size=DOCS_PER_ROW_GROUP)
+
+
+def write_synthetic(config: SyntheticConfig, out_dir: str | Path | None = None, *,
+                    n_train_shards: int = 4, overwrite: bool = False) -> Path:
+    """Write the data set of `config` (module docstring) into `out_dir` (default
+    `default_synthetic_dir(task)`), atomically; returns the folder. A folder that already
+    holds this exact data set is returned as it is."""
+    out = Path(out_dir) if out_dir is not None else default_synthetic_dir(config.task)
+    manifest_path = out / MANIFEST_FILE
+    if manifest_path.exists() and not overwrite:
+        if json.loads(manifest_path.read_text()).get("config") == config.to_dict():
+            return out
+        raise ValueError(f"{out} already holds a synthetic data set made with other settings "
+                         f"(see its {MANIFEST_FILE}): choose another --out or pass --overwrite")
+    if out.exists() and not manifest_path.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not a synthetic data set (no {MANIFEST_FILE}); "
+                         f"remove it or choose another --out")
+    task = config.make_task()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        train = list(documents(config, "train"))
+        seen = set(train)
+        val = [t for t in documents(config, "val") if t not in seen]
+        shards = [train[i * len(train) // n_train_shards:(i + 1) * len(train) // n_train_shards]
+                  for i in range(n_train_shards)]
+        for i, part in enumerate([p for p in shards if p] + [val]):
+            _write(part, tmp / f"shard_{i:05d}.parquet")
+        (tmp / EVAL_DIR).mkdir()
+        tests = {}
+        for hops in config.eval_hops:
+            texts = [t for t in documents(config, "eval", hops=hops) if t not in seen]
+            name = f"hops_{hops:02d}.parquet"
+            _write(texts, tmp / EVAL_DIR / name)
+            tests[name] = {"hops": hops, "documents": len(texts),
+                           "queries": sum(len(task.queries(t.split())) for t in texts),
+                           "held_out": hops > config.hops[1]}
+        tokenizer = WordTokenizer(task.words(), name=f"{config.task}-words")
+        tokenizer.save(tmp / TOKENIZER_DIR)
+        manifest = {"format": 1, "task": config.task, "config": config.to_dict(),
+                    "train_documents": len(train), "val_documents": len(val),
+                    "shards": len([p for p in shards if p]) + 1, "sequence_len": config.seq_len,
+                    "vocab_size": tokenizer.vocab_size, "eval": tests}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %d training documents (%d shards), %d validation documents and %d test "
+                "sets to %s", len(train), manifest["shards"] - 1, len(val), len(tests), out)
+    return out
+
+
+def read_synthetic_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a synthetic data set; ValueError when `data_dir` is not one."""
+    path = Path(data_dir) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("task") not in TASKS:
+        raise ValueError(f"{data_dir} is not a synthetic data set (no {MANIFEST_FILE} naming a "
+                         f"task; make one with `loopedlm data synthetic TASK`)")
+    return manifest
+
+
+def load_config(manifest: dict[str, Any]) -> SyntheticConfig:
+    """The `SyntheticConfig` a manifest records."""
+    return SyntheticConfig(**manifest["config"])
+
+
+__all__ = ["Query", "ChainTask", "PHopTask", "TASKS", "SyntheticConfig", "documents",
+           "default_synthetic_dir", "synthetic_spec_dir", "prepare_synthetic",
+           "write_synthetic", "read_synthetic_manifest", "load_config",
+           "MANIFEST_FILE", "EVAL_DIR", "TOKENIZER_DIR"]
