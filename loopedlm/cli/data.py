@@ -13,7 +13,7 @@ from loopedlm.data.corpus import (
     prepare_default_corpus,
     read_manifest,
 )
-from loopedlm.data.synthetic import TASKS, SyntheticConfig, write_synthetic
+from loopedlm.data.synthetic import HOP_MIXES, TASKS, SyntheticConfig, write_synthetic
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -60,6 +60,7 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in TASK_OPTIONS
                if getattr(args, name) is not None}
     config = SyntheticConfig(task=args.task, seq_len=args.seq_len, hops=(hops[0], hops[-1]),
+                             hop_mix=args.hop_mix,
                              eval_hops=tuple(args.eval_hops), train_docs=args.train_docs,
                              val_docs=args.val_docs, eval_docs=args.eval_docs,
                              curriculum=args.curriculum, seed=args.seed, task_options=options)
@@ -73,9 +74,7 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 # the tasks' own options (ChainTask, PHopTask fields): one flag each, None = the default
-TASK_OPTIONS = {"n_chains": "chain: chains per document (<= 10)",
-                "n_queries": "chain: queries per document",
-                "n_vars": "chain: variable names to draw from",
+TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
                 "alphabet": "phop: letters", "prefix": "phop: random letters before the "
                                                        "first query"}
 
@@ -93,6 +92,9 @@ def _add_synthetic(sub: Any) -> None:
     synth.add_argument("--hops", type=_hop_list, default=list(range(defaults.hops[0],
                                                                       defaults.hops[1] + 1)),
                        help="training hop range LO-HI (default %(default)s)")
+    synth.add_argument("--hop-mix", choices=HOP_MIXES, default=defaults.hop_mix,
+                       help="how training hop counts are drawn: uniform, or inverse (odds "
+                            "1/h)")
     synth.add_argument("--eval-hops", type=_hop_list, default=list(defaults.eval_hops),
                        help="held-out test sets, one per hop count: 1-12 or 1,2,4")
     synth.add_argument("--train-docs", type=int, default=defaults.train_docs)

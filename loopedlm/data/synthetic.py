@@ -84,85 +84,84 @@ class Query:
 # ---- variable chains -------------------------------------------------------------------
 @dataclass(frozen=True)
 class ChainTask:
-    """Variable chains (module docstring). Each document holds the ten roots `r = d` (one
-    per digit), each with a trunk `t = r`; every query's leaf hangs below a root drawn
-    uniformly at random, at exactly its hop count: `r` itself is 1 hop, a child of `r` 2,
-    and a leaf of h >= 3 hops ends a new path from an existing inner node of that root's
-    tree (the trunk, or a node of an earlier path) of depth < h. Queried variables are
-    leaves: no answer in the document is an ancestor of another query, so no answer
-    shortens another's lookup; and the root of each query is drawn afresh, so earlier
-    answers say nothing about the next one (`guess` = 1/10)."""
+    """Variable chains (module docstring). A document holds ten root variables `r = d`,
+    one per digit (twenty, two per digit, in documents of at most 2 hops: twice the 1-hop
+    lookups); every query's leaf hangs below a root drawn uniformly at random, at exactly
+    its hop count: a root itself is 1 hop away from its digit, and a leaf of h >= 2 hops
+    ends a new path grown from a node of that root's tree (the root, or an inner node of
+    an earlier path) of depth < h. Queried variables are leaves (or roots, whose digit the
+    program states anyway): no answer in the document shortens another's lookup. The
+    root of each query is drawn afresh, so the digits in view and the answers already
+    given say nothing about the next one (`guess` = 1/10), except for 1-hop queries, which
+    ask each root at most once (their `guess` counts the roots not asked yet)."""
 
-    n_vars: int = 128
+    n_vars: int = 64
 
     name = "chain"
-    ROOTS = 10  # one per digit
+    DIGITS = 10
+    EASY_HOPS = 2  # documents of at most this many hops have two roots per digit
 
     def validate(self) -> None:
-        check(is_int(self.n_vars) and self.n_vars >= 2 * self.ROOTS + 2, "n_vars",
-              self.n_vars, f"an integer >= {2 * self.ROOTS + 2}")
+        check(is_int(self.n_vars) and self.n_vars >= 2 * self.DIGITS, "n_vars", self.n_vars,
+              f"an integer >= {2 * self.DIGITS}")
 
     def words(self) -> list[str]:
-        return [str(d) for d in range(10)] + [f"v{i}" for i in range(self.n_vars)] \
+        return [str(d) for d in range(self.DIGITS)] + [f"v{i}" for i in range(self.n_vars)] \
             + ["=", "?", PAD]
 
     def min_length(self, hops: int) -> int:
         """Words of the shortest document with one query of `hops` hops."""
-        return 3 * 2 * self.ROOTS + 3 * max(0, hops - 2) + 3 + 3
+        return 3 * self.DIGITS + 3 * max(0, hops - 1) + 3
 
     def document(self, rng: random.Random, max_hops: int, seq_len: int,
-                 query_hops: int | None = None) -> list[str]:
-        """A document of `seq_len` words, queries added until the next would not fit: each
-        of a hop count uniform on 1..max_hops, or exactly `query_hops`."""
-        if seq_len < self.min_length(query_hops or 1):
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words, queries added while they fit: each of `query_hops`
+        hops, or of a hop count drawn from 1..max_hops (`weights`: their odds; default
+        uniform)."""
+        hops_needed = query_hops or 1
+        if seq_len < self.min_length(hops_needed):
             raise ValueError(f"seq_len={seq_len} is too short for chain documents with "
-                             f"{query_hops or 1} hops: at least "
-                             f"{self.min_length(query_hops or 1)} words")
+                             f"{hops_needed} hops: at least {self.min_length(hops_needed)} "
+                             f"words")
+        per_digit = 2 if query_hops is None and max_hops <= self.EASY_HOPS else 1
         names = [f"v{i}" for i in rng.sample(range(self.n_vars), self.n_vars)]
-        digits = rng.sample(range(10), self.ROOTS)
-        roots, trunks = names[:self.ROOTS], names[self.ROOTS:2 * self.ROOTS]
-        free = names[2 * self.ROOTS:]
+        roots = names[:self.DIGITS * per_digit]
+        free = names[len(roots):]
+        digits = [d for d in range(self.DIGITS) for _ in range(per_digit)]
+        rng.shuffle(digits)
         assignments = [(r, str(d)) for r, d in zip(roots, digits, strict=True)]
-        assignments += list(zip(trunks, roots, strict=True))
-        inner = [[(t, 2)] for t in trunks]  # per root: (variable, depth) that paths grow from
-        root_asked: set[int] = set()
+        grow = [[(r, 1)] for r in roots]  # per root: (variable, depth) that paths grow from
+        unasked = list(range(len(roots)))  # roots not asked yet (1-hop queries)
         queries: list[tuple[str, str]] = []
-        used = 3 * len(assignments)
-        while True:
-            hops = query_hops if query_hops is not None else rng.randint(1, max_hops)
-            root = rng.randrange(self.ROOTS)
+        used, misses = 3 * len(assignments), 0
+        while misses < 8:
+            hops = query_hops if query_hops is not None else \
+                rng.choices(range(1, max_hops + 1), weights=weights)[0]
             if hops == 1:
-                choices = [r for r in range(self.ROOTS) if r not in root_asked]
-                if not choices:
-                    if query_hops is not None or max_hops == 1:
-                        break  # every root has been asked for: nothing left of 1 hop
+                if not unasked:
+                    misses += 1
                     continue
-                root = rng.choice(choices)
-                new, parent = [], None
-            elif hops == 2:
-                new, parent = [roots[root]], roots[root]
-            else:
-                parent, depth = rng.choice([(v, d) for v, d in inner[root] if d < hops])
-                new = [None] * (hops - depth)
-            if used + 3 * len(new) + 3 > seq_len or len(new) > len(free):
-                break
-            used += 3 * len(new) + 3
-            if hops == 1:
-                root_asked.add(root)
+                root = unasked.pop(rng.randrange(len(unasked)))
+                if used + 3 > seq_len:
+                    break
+                used += 3
                 queries.append((roots[root], str(digits[root])))
                 continue
-            if hops == 2:
-                leaf = free.pop()
-                assignments.append((leaf, roots[root]))
-            else:
-                for k in range(len(new)):
-                    node = free.pop()
-                    assignments.append((node, parent))
-                    parent = node
-                    if k < len(new) - 1:
-                        inner[root].append((node, depth + k + 1))
-                leaf = parent
-            queries.append((leaf, str(digits[root])))
+            root = rng.randrange(len(roots))
+            parent, depth = rng.choice([(v, d) for v, d in grow[root] if d < hops])
+            cost = 3 * (hops - depth) + 3
+            if used + cost > seq_len or hops - depth > len(free):
+                misses += 1
+                continue
+            used += cost
+            for k in range(depth + 1, hops + 1):
+                node = free.pop()
+                assignments.append((node, parent))
+                if k < hops:
+                    grow[root].append((node, k))
+                parent = node
+            queries.append((parent, str(digits[root])))
         rng.shuffle(assignments)
         words = [w for lhs, rhs in assignments for w in (lhs, "=", rhs)]
         for var, value in queries:
@@ -177,13 +176,16 @@ class ChainTask:
         while i + 2 < len(words) and words[i + 1] == "=":
             values[words[i]] = words[i + 2]
             i += 3
-        digits = {rhs for rhs in values.values() if rhs.isdigit()}
+        unasked = [v for v in values.values() if v.isdigit()]  # the digits of unasked roots
         while i + 2 < len(words) and words[i] == "?":
             var, hops = words[i + 1], 0
             while var in values:
                 var, hops = values[var], hops + 1
-            out.append(Query(index=i + 2, answer=var, hops=hops,
-                             guess=1.0 / max(1, len(digits))))
+            guess = 1.0 / self.DIGITS
+            if hops == 1:  # the roots not asked yet, their most common digit
+                guess = max(unasked.count(d) for d in set(unasked)) / len(unasked)
+                unasked.remove(var)
+            out.append(Query(index=i + 2, answer=var, hops=hops, guess=guess))
             i += 3
         return out
 
@@ -228,16 +230,18 @@ class PHopTask:
         return sequence[i]
 
     def document(self, rng: random.Random, max_hops: int, seq_len: int,
-                 query_hops: int | None = None) -> list[str]:
-        """A document of `seq_len` words whose hop count is uniform on 1..max_hops, or
-        `query_hops`."""
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words whose hop count is drawn from 1..max_hops
+        (`weights`: their odds; default uniform), or is `query_hops`."""
         if seq_len < self.min_length(1):
             raise ValueError(f"seq_len={seq_len} is too short for phop documents with "
                              f"prefix={self.prefix}: at least {self.min_length(1)} words")
         if (query_hops or max_hops) > self.MAX_HOPS:
             raise ValueError(f"phop documents have at most {self.MAX_HOPS} hops, not "
                              f"{query_hops or max_hops}")
-        hops = query_hops if query_hops is not None else rng.randint(1, max_hops)
+        hops = query_hops if query_hops is not None else \
+            rng.choices(range(1, max_hops + 1), weights=weights)[0]
         letters = self.letters()
         sequence = [rng.choice(letters) for _ in range(self.prefix)]
         while 1 + len(sequence) + 2 <= seq_len:
@@ -267,6 +271,7 @@ class PHopTask:
 
 
 TASKS = {"chain": ChainTask, "phop": PHopTask}
+HOP_MIXES = ("uniform", "inverse")
 
 
 # ---- the data set ------------------------------------------------------------------------
@@ -274,8 +279,10 @@ TASKS = {"chain": ChainTask, "phop": PHopTask}
 class SyntheticConfig:
     """What `loopedlm data synthetic TASK` writes (each field is one command-line flag).
 
-    hops: the training range of the difficulty knob (lo, hi); eval_hops: the held-out
-    difficulties (one test set each; those above `hops` never occur in training).
+    hops: the training range of the difficulty knob (lo, hi); hop_mix: how training hop
+    counts are drawn from it, "uniform" or "inverse" (odds 1/h: the short lookups that
+    teach the lookup itself stay common); eval_hops: the held-out difficulties (one test
+    set each; those above `hops` never occur in training).
     curriculum: the fraction of the training documents over which the largest hop count
     grows from lo to hi, in equal steps (0: no curriculum); the loader reads the documents
     in order, so training follows it. task_options: the task's own fields (`ChainTask`,
@@ -283,8 +290,9 @@ class SyntheticConfig:
     """
 
     task: str = "chain"
-    seq_len: int = 192
+    seq_len: int = 128
     hops: tuple[int, int] = (1, 8)
+    hop_mix: str = "uniform"
     eval_hops: tuple[int, ...] = tuple(range(1, 13))
     train_docs: int = 100_000
     val_docs: int = 512
@@ -300,6 +308,7 @@ class SyntheticConfig:
 
     def validate(self) -> None:
         check_choice("task", self.task, tuple(TASKS))
+        check_choice("hop_mix", self.hop_mix, HOP_MIXES)
         check(is_int(self.seq_len) and self.seq_len >= 1, "seq_len", self.seq_len,
               "an integer >= 1")
         lo_hi = self.hops
@@ -338,6 +347,10 @@ class SyntheticConfig:
             return hi
         return lo + int(index / ramp * (hi - lo + 1))
 
+    def hop_weights(self, max_hops: int) -> list[float]:
+        """The odds of 1..max_hops hops in a training document (`hop_mix`)."""
+        return [1.0 / h if self.hop_mix == "inverse" else 1.0 for h in range(1, max_hops + 1)]
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["hops"], data["eval_hops"] = list(self.hops), list(self.eval_hops)
@@ -359,10 +372,9 @@ def documents(config: SyntheticConfig, split: str, count: int | None = None,
              "eval": config.eval_docs}[split] if count is None else count
     for index in range(count):
         rng = _rng(config.seed, split if hops is None else f"{split}{hops}", index)
-        if split == "train":
-            words = task.document(rng, config.max_hops_at(index), config.seq_len)
-        elif split == "val":
-            words = task.document(rng, config.hops[1], config.seq_len)
+        if split in ("train", "val"):
+            top = config.max_hops_at(index) if split == "train" else config.hops[1]
+            words = task.document(rng, top, config.seq_len, weights=config.hop_weights(top))
         else:
             words = task.document(rng, config.hops[1], config.seq_len, query_hops=hops)
         yield " ".join(words)
