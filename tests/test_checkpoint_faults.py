@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from test_train import losses, make_corpus, small_config
+from train_helpers import losses, make_corpus, small_config
 
 from loopedlm.cli import main as cli_main
 from loopedlm.cli.train import main as train_main
@@ -191,7 +191,7 @@ def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_eval_loads_the_newest_intact_checkpoint(tmp_path, finished_run):
-    from loopedlm.evaluate.loading import load_run
+    from loopedlm.data.runs import load_run
     run = _copy(finished_run, tmp_path)
     _flip_bit(run / "checkpoints" / "step_000006" / "model.safetensors")
     model, tok, folder, meta = load_run(run)

@@ -8,7 +8,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
-from loopedlm.model.attention import KVCache
+from loopedlm.infer import DecodeEngine
 from loopedlm.model.gpt import norm
 
 
@@ -60,9 +60,9 @@ def test_block_compiles_once_whatever_the_loop_count(mode):
     after_two = (counting.forward_graphs, counting.backward_graphs)
     assert after_two == after_one
     # decoding with a KV cache runs the blocks eagerly: no graph per loop index
-    cache = KVCache.for_model(model.config, 1, n_loops=3)
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache, n_loops=3)
+    engine = DecodeEngine(model, max_batch=1, max_loops=3)
+    engine.add(0, [0, 0, 0, 0])
+    engine.step()
     assert (counting.forward_graphs, counting.backward_graphs) == after_two
     assert not counters["graph_break"]
 

@@ -6,22 +6,41 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_kv_cache import make_model
 
-from loopedlm.infer import DecodeEngine, SamplingParams, batch_buckets, sample_rows
+from loopedlm import LoopedGPT
+from loopedlm.infer import (
+    DecodeEngine,
+    SamplingParams,
+    SequenceParams,
+    batch_buckets,
+    sample_rows,
+)
 from loopedlm.infer.sampling import uniform_noise
 
 GREEDY = SamplingParams(temperature=0)
+VARIANTS = {"mha": {}, "gqa": dict(n_head=4, n_kv_head=2), "mla": dict(attn_type="mla", kv_rank=8),
+            "swa": dict(window_pattern="SL", sequence_len=16)}
 
 
-def prompt(seed: int, length: int, vocab: int = 53) -> list[int]:
+def make_model(mode: str = "flt", variant: str = "mha", std: float = 0.1, **overrides
+               ) -> LoopedGPT:
+    return tiny_model(std=std, loop_mode=mode, **{**VARIANTS[variant], **overrides})
+
+
+def prompt(seed: int, length: int, vocab: int = 61) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def seq(prompt_ids: list[int], **params) -> dict:
+    """One request of `run_slots`: a prompt and its `SequenceParams`."""
+    return dict(prompt_ids=prompt_ids, params=SequenceParams(**params))
+
+
 def run_slots(engine: DecodeEngine, requests: dict[int, dict], n_steps: int) -> dict[int, list[int]]:
-    """Add every request (slot -> add() options), step n_steps times; tokens per slot."""
+    """Add every request (slot -> `seq(...)`), step n_steps times; tokens per slot."""
     tokens = {slot: [int(engine.add(slot, **kw))] for slot, kw in requests.items()}
     for _ in range(n_steps):
         out = engine.step().tokens.tolist()
@@ -40,7 +59,7 @@ def test_rows_with_different_loop_counts_share_a_step_exactly(mode, cache_slots)
     own last loop, and its extra loops never touch cache entries it reads."""
     model = make_model(mode, "mha", std=0.3, sequence_len=32)
     loops = {0: 1, 1: 3, 2: 5}
-    requests = {slot: dict(prompt_ids=prompt(slot, 4 + 2 * slot), n_loops=n, sampling=GREEDY)
+    requests = {slot: seq(prompt(slot, 4 + 2 * slot), n_loops=n, sampling=GREEDY)
                 for slot, n in loops.items()}
     engine = DecodeEngine(model, max_batch=4, max_loops=5, cache_slots=cache_slots)
     batched = run_slots(engine, requests, 6)
@@ -51,7 +70,7 @@ def test_rows_with_different_loop_counts_share_a_step_exactly(mode, cache_slots)
     engine = DecodeEngine(model, max_batch=4, max_loops=5)
     ids = {slot: prompt(10 + slot, 6) for slot in loops}
     for slot, n in loops.items():
-        engine.prefill(slot, ids[slot][:5], n_loops=n)
+        engine.prefill(slot, ids[slot][:5], SequenceParams(n_loops=n))
     logits, spent = engine.decode(torch.tensor([ids[s][5] for s in loops] + [0]))
     assert spent[:3].tolist() == [1, 3, 5]
     for slot, n in loops.items():
@@ -63,8 +82,8 @@ def test_rows_with_different_loop_counts_share_a_step_exactly(mode, cache_slots)
 def test_slots_join_and_leave_between_steps():
     """A sequence added mid-way, and a slot reused after release, decode as if alone."""
     model = make_model("flt", "gqa", sequence_len=32)
-    kw_a = dict(prompt_ids=prompt(1, 5), n_loops=3, sampling=GREEDY)
-    kw_b = dict(prompt_ids=prompt(2, 3), n_loops=2, sampling=GREEDY)
+    kw_a = seq(prompt(1, 5), n_loops=3, sampling=GREEDY)
+    kw_b = seq(prompt(2, 3), n_loops=2, sampling=GREEDY)
     alone_a = run_slots(DecodeEngine(model, max_batch=1, max_loops=3), {0: kw_a}, 6)[0]
     alone_b = run_slots(DecodeEngine(model, max_batch=1, max_loops=3), {0: kw_b}, 4)[0]
     engine = DecodeEngine(model, max_batch=4, max_loops=3)
@@ -96,8 +115,9 @@ def test_shared_first_layer_gives_identical_logits_and_saves_its_loops(mode, var
     results, sizes = [], []
     for share in (True, False):
         engine = DecodeEngine(model, max_batch=2, max_loops=n_loops, share_first_layer=share)
-        logits = [engine.prefill(0, ids[:6], n_loops=n_loops)]
-        engine.prefill(1, ids[:3], n_loops=n_loops)
+        params = SequenceParams(n_loops=n_loops)
+        logits = [engine.prefill(0, ids[:6], params)]
+        engine.prefill(1, ids[:3], params)
         for t in range(6, 12):
             logits.append(engine.decode(torch.stack([ids[t], ids[t - 3]]))[0][:1])
         results.append(torch.cat(logits))
@@ -119,15 +139,16 @@ def test_first_layer_is_not_shared_where_it_depends_on_the_loop():
 def test_the_step_is_static_no_allocation_of_state_and_no_shape_change():
     model = make_model("flt", "swa")
     engine = DecodeEngine(model, max_batch=2, max_loops=2)
+    state = engine.state
     tensors = [t for layer in engine.cache.entries for kv in layer for t in kv]
-    tensors += [engine.tokens, engine.pos, engine.finished, engine.out_tokens]
+    tensors += [state.tokens, state.pos, state.finished, state.out_tokens]
     before = [(t.data_ptr(), t.shape) for t in tensors]
-    engine.add(0, prompt(1, 4), n_loops=2, sampling=GREEDY)
-    engine.add(1, prompt(2, 7), n_loops=1, sampling=SamplingParams(seed=3))
+    engine.add(0, prompt(1, 4), SequenceParams(n_loops=2, sampling=GREEDY))
+    engine.add(1, prompt(2, 7), SequenceParams(n_loops=1, sampling=SamplingParams(seed=3)))
     positions = []
     for _ in range(5):
         engine.step()
-        positions.append(engine.pos[:2].tolist())
+        positions.append(state.pos[:2].tolist())
     assert [(t.data_ptr(), t.shape) for t in tensors] == before
     assert positions == [[4 + i, 7 + i] for i in range(1, 6)]  # positions are per row
 
@@ -137,37 +158,48 @@ def test_graph_capture_procedure_replays_the_eager_step():
     """graphs=True runs the CUDA-graph capture procedure (warm-up steps, then the state
     put back); on CPU the replay is a plain call. Tokens must equal the eager engine's."""
     model = make_model("ltai", "gqa", std=0.3, sequence_len=32)
-    requests = {0: dict(prompt_ids=prompt(1, 5), n_loops=3, sampling=SamplingParams(seed=1)),
-                1: dict(prompt_ids=prompt(2, 9), n_loops=2, sampling=GREEDY,
-                        stop_ids=[7])}
+    requests = {0: seq(prompt(1, 5), n_loops=3, sampling=SamplingParams(seed=1)),
+                1: seq(prompt(2, 9), n_loops=2, sampling=GREEDY, stop_ids=[7])}
     eager = run_slots(DecodeEngine(model, max_batch=2, max_loops=3, graphs=False), requests, 8)
     graphed = DecodeEngine(model, max_batch=2, max_loops=3, graphs=True)
     assert run_slots(graphed, requests, 8) == eager
-    assert len(graphed._steps) == 1  # captured once for the bucket, then replayed
+    assert graphed.step_variants == 1  # captured once for the bucket, then replayed
 
 
 @torch.no_grad()
-def test_decode_step_traces_as_one_graph_without_host_syncs():
+def test_decode_step_compiles_as_one_graph_without_host_syncs():
     """A host sync (.item(), .tolist(), bool(tensor)) or a data-dependent shape in the step
-    would break a full-graph trace; the fixed-loop step must trace whole."""
+    would break a full-graph compile (fullgraph=True raises on any graph break); the
+    fixed-loop step must compile whole, and give the eager engine's tokens."""
     model = make_model("flt", "swa", sequence_len=32)
-    engine = DecodeEngine(model, max_batch=2, max_loops=2)
-    engine.add(0, prompt(1, 5), n_loops=2, sampling=SamplingParams(seed=1, top_k=5, top_p=0.9),
-               stop_ids=[3])
-    engine.add(1, prompt(2, 3), n_loops=1, sampling=GREEDY)
-    reference = DecodeEngine(model, max_batch=2, max_loops=2)
-    reference.add(0, prompt(1, 5), n_loops=2, sampling=SamplingParams(seed=1, top_k=5, top_p=0.9),
-                  stop_ids=[3])
-    reference.add(1, prompt(2, 3), n_loops=1, sampling=GREEDY)
+    requests = {0: seq(prompt(1, 5), n_loops=2,
+                       sampling=SamplingParams(seed=1, top_k=5, top_p=0.9), stop_ids=[3]),
+                1: seq(prompt(2, 3), n_loops=1, sampling=GREEDY)}
+    eager = run_slots(DecodeEngine(model, max_batch=2, max_loops=2), requests, 2)
     torch._dynamo.reset()
-    traced = torch.compile(engine._step_body, backend="eager", fullgraph=True)
-    for _ in range(2):
-        traced(2, 2, engine._kv_len(), True, True, False)
-        reference.step()
-        for info in engine._slots.values():
-            info.length += 1
-        assert torch.equal(engine.out_tokens, reference.out_tokens)
-        assert torch.equal(engine.pos, reference.pos)
+    compiled = DecodeEngine(model, max_batch=2, max_loops=2, compile="step",
+                            compile_options=dict(backend="eager", fullgraph=True))
+    assert run_slots(compiled, requests, 2) == eager
+    assert compiled.step_variants == 1
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_one_compiled_loop_serves_every_loop_in_two_graphs():
+    """compile="loop": one decode loop compiled whole (fullgraph), two graphs (the first loop
+    and every later one) whatever the loop count, and the eager engine's tokens."""
+    from torch._dynamo.utils import counters
+
+    model = make_model("flt", "mha", sequence_len=32)
+    requests = {0: seq(prompt(1, 4), n_loops=4, sampling=GREEDY),
+                1: seq(prompt(2, 2), n_loops=2, sampling=GREEDY)}
+    eager = run_slots(DecodeEngine(model, max_batch=2, max_loops=4), requests, 4)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = DecodeEngine(model, max_batch=2, max_loops=4, compile="loop",
+                            compile_options=dict(backend="eager", fullgraph=True))
+    assert run_slots(compiled, requests, 4) == eager
+    assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
 
 
@@ -175,15 +207,15 @@ def test_decode_step_traces_as_one_graph_without_host_syncs():
 @torch.no_grad()
 def test_a_seeded_row_samples_the_same_whatever_else_is_in_the_batch():
     model = make_model("flt", "mha", std=0.02, sequence_len=32)  # flat: sampling varies
-    row = dict(prompt_ids=prompt(1, 4), n_loops=2, sampling=SamplingParams(seed=11))
+    row = seq(prompt(1, 4), n_loops=2, sampling=SamplingParams(seed=11))
     alone = run_slots(DecodeEngine(model, max_batch=1, max_loops=2), {0: row}, 10)[0]
-    others = {0: dict(prompt_ids=prompt(2, 6), n_loops=1, sampling=SamplingParams(seed=5)),
-              1: dict(prompt_ids=prompt(3, 2), n_loops=2,
-                      sampling=SamplingParams(temperature=0.7, top_k=9, top_p=0.8)),
+    others = {0: seq(prompt(2, 6), n_loops=1, sampling=SamplingParams(seed=5)),
+              1: seq(prompt(3, 2), n_loops=2,
+                     sampling=SamplingParams(temperature=0.7, top_k=9, top_p=0.8)),
               3: row}
     batched = run_slots(DecodeEngine(model, max_batch=4, max_loops=2), others, 10)
     assert batched[3] == alone
-    other_seed = dict(row, sampling=SamplingParams(seed=12))
+    other_seed = seq(prompt(1, 4), n_loops=2, sampling=SamplingParams(seed=12))
     assert run_slots(DecodeEngine(model, max_batch=1, max_loops=2), {0: other_seed}, 10)[0] \
         != alone
 
@@ -232,16 +264,29 @@ def test_sample_rows_stays_inside_top_k_and_top_p(k, p, temperature, seed):
         assert set(picks[r].tolist()) <= allowed
 
 
+def test_top_k_one_tiny_top_p_and_zero_temperature_are_greedy():
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(0))
+    greedy = logits.argmax(-1)
+
+    def sample(temperature=1.0, top_k=30, top_p=1.0):
+        return sample_rows(logits, torch.full((3,), temperature), torch.full((3,), top_k),
+                           torch.full((3,), top_p), torch.arange(3), torch.zeros(3, dtype=torch.long))
+    assert torch.equal(sample(top_k=1), greedy)
+    assert torch.equal(sample(top_p=1e-9), greedy)
+    assert torch.equal(sample(temperature=0.0), greedy)
+    assert not torch.equal(sample(temperature=5.0), greedy)  # (and hot sampling is not greedy)
+
+
 # ---- stop and length, batched ----------------------------------------------------------------
 @torch.no_grad()
 def test_stop_ids_and_budgets_finish_rows_on_the_device():
     model = make_model("flt", sequence_len=16)
     engine = DecodeEngine(model, max_batch=3, max_loops=2)
     free = run_slots(DecodeEngine(model, max_batch=1, max_loops=2),
-                     {0: dict(prompt_ids=[1, 2], n_loops=2, sampling=GREEDY)}, 5)[0]
-    engine.add(0, [1, 2], n_loops=2, sampling=GREEDY, stop_ids=[free[2]])
-    engine.add(1, [1, 2], n_loops=2, sampling=GREEDY, max_new_tokens=2)
-    engine.add(2, prompt(4, 14), n_loops=2, sampling=GREEDY)  # 16 - 14 + 1 = 3 tokens fit
+                     {0: seq([1, 2], n_loops=2, sampling=GREEDY)}, 5)[0]
+    engine.add(0, [1, 2], SequenceParams(n_loops=2, sampling=GREEDY, stop_ids=[free[2]]))
+    engine.add(1, [1, 2], SequenceParams(n_loops=2, sampling=GREEDY, max_new_tokens=2))
+    engine.add(2, prompt(4, 14), SequenceParams(n_loops=2, sampling=GREEDY))  # 16-14+1 fit
     rows = [[], [], []]
     for _ in range(4):
         out = engine.step()
@@ -262,9 +307,13 @@ def test_bad_input_names_the_value():
     with pytest.raises(ValueError, match="slot 2 is outside"):
         engine.add(2, [1])
     with pytest.raises(ValueError, match="n_loops=0"):
-        engine.add(0, [1], n_loops=0)
+        engine.add(0, [1], SequenceParams(n_loops=0))
     with pytest.raises(ValueError, match="n_loops=4"):
-        engine.add(0, [1], n_loops=4)
+        engine.add(0, [1], SequenceParams(n_loops=4))
+    with pytest.raises(ValueError, match="unknown stop token 61"):
+        engine.add(0, [1], SequenceParams(stop_ids=[61]))
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        SequenceParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p=0"):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="top_p=1.5"):
@@ -273,10 +322,27 @@ def test_bad_input_names_the_value():
         engine.add(0, [1, 99])
     with pytest.raises(ValueError, match="no active slot"):
         engine.step()
-    engine.add(0, [1, 2], n_loops=2)
+    engine.add(0, [1, 2], SequenceParams(n_loops=2))
     with pytest.raises(ValueError, match="slot 0 is in use"):
         engine.add(0, [1])
     with pytest.raises(ValueError, match="max_batch=0"):
         DecodeEngine(model, max_batch=0)
     with pytest.raises(ValueError, match="compile='fast'"):
         DecodeEngine(model, compile="fast")
+
+
+def test_a_failure_after_the_prefill_frees_the_slot(monkeypatch):
+    """Issue 22, D1: an add that fails once its slot is taken gives the slot back."""
+    import loopedlm.infer.engine as engine_module
+
+    engine = DecodeEngine(make_model("flt", sequence_len=8), max_batch=1, max_loops=3)
+
+    def overflow(*args, **kwargs):
+        raise RuntimeError("value cannot be converted to type float without overflow")
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "sample_rows", overflow)
+        with pytest.raises(RuntimeError, match="overflow"):
+            engine.add(0, [1, 2], SequenceParams(n_loops=2))
+    assert engine.active_slots == []
+    engine.add(0, [1, 2], SequenceParams(n_loops=2))
+    assert engine.active_slots == [0]

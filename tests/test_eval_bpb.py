@@ -1,4 +1,4 @@
-"""Bits per byte and perplexity (SPEC 7): the formula, exclusions, WikiText-2 layouts,
+"""Bits per byte and perplexity (docs/design.md#evaluation): the formula, exclusions, WikiText-2 layouts,
 the validation shard."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize_
-from test_eval_support import ByteTokenizer, tiny_random_model
+from eval_helpers import ByteTokenizer, tiny_random_model
 
 from loopedlm.evaluate.bpb import evaluate_bpb
 from loopedlm.evaluate.perplexity import (
@@ -128,3 +128,12 @@ def test_val_shard(tmp_path):
     assert r["bytes"] == r["tokens"]
     assert 0.9 * val_bytes < r["tokens"] <= val_bytes
     assert 0 < r["bpb"] < 20 and r["ppl"] == pytest.approx(2 ** (r["bpb"]), rel=1e-6)
+
+
+def test_byte_tokenizer_satisfies_the_contract():
+    tok = ByteTokenizer()
+    text = "héllo, wörld"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
+    assert int(tok.token_bytes()[tok.bos_id]) == 0

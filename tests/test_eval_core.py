@@ -8,9 +8,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_eval_support import (
+from eval_helpers import (
     BYTE_VOCAB,
     ByteTokenizer,
     TableModel,
@@ -18,6 +16,8 @@ from test_eval_support import (
     oracle_model,
     tiny_random_model,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loopedlm.evaluate.bundle import load_bundle, write_bundle
 from loopedlm.evaluate.core import centered_accuracy, core_metric, default_max_len, evaluate_task

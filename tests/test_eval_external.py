@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from test_eval_support import tiny_random_model
+from eval_helpers import tiny_random_model
 
 from loopedlm.cli import main
 from loopedlm.evaluate import budget
@@ -63,9 +63,12 @@ def test_adapter_logits_are_the_hf_models(hf_folder):
 
 
 def test_tokenizer_adapter_keeps_the_tokenizer_contract(hf_folder):
+    import transformers
+
     _, tok = load_external(hf_folder)
-    assert tok.bos_id == tok._tok.convert_tokens_to_ids("<|endoftext|>")  # no BOS of its own
-    assert tok.bos_id in tok.special_ids and tok.vocab_size == len(tok._tok)
+    hf = transformers.AutoTokenizer.from_pretrained(hf_folder)
+    assert tok.bos_id == hf.convert_tokens_to_ids("<|endoftext|>")  # no BOS of its own
+    assert tok.bos_id in tok.special_ids and tok.vocab_size == len(hf)
     texts = ["The lazy dog.", "Café naïve", "12345 fox"]
     encoded = tok.encode_batch(texts)
     assert [tok.decode(ids) for ids in encoded] == texts
@@ -86,7 +89,7 @@ def test_cli_eval_of_a_hf_folder_has_one_column(hf_folder, tmp_path, monkeypatch
     monkeypatch.setattr(budget, "load_task", synthetic_task)
     wiki = tmp_path / "wiki.valid.raw"
     wiki.write_text(TEXT)
-    rc = main(["eval", str(hf_folder), "--loops", "1,3", "--tasks", "piqa", "--wikitext",
+    rc = main(["eval", str(hf_folder), "--n-loops", "1,3", "--tasks", "piqa", "--wikitext",
                str(wiki), "--out", str(tmp_path / "ev"), "--max-examples", "4"])
     assert rc == 0
     results = json.loads((tmp_path / "ev" / "results.json").read_text())

@@ -8,7 +8,7 @@ import os
 import random
 
 import pytest
-from test_eval_support import ByteTokenizer, tiny_random_model
+from eval_helpers import ByteTokenizer, tiny_random_model
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

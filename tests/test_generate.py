@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from conftest import tiny_model
+from hypothesis import given
 from hypothesis import strategies as st
-from test_kv_cache import make_model as cache_test_model
+from reference_decoding import ReferenceCache, decode_step, prefill
 
-from loopedlm import KVCache, LoopedGPT
-from loopedlm.infer.engine import DecodeEngine
-from loopedlm.infer.generate import generate, stream
-from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
-from loopedlm.infer.reference import decode_step, sample_next
-from loopedlm.infer.scoring import decode_nll
+from loopedlm import LoopedGPT
+from loopedlm.infer.cache import loop_slot_map
+from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams
+from loopedlm.infer.generate import DEFAULT_MAX_TOKENS, decode_nll, generate, stream
 
 
 def make_model(mode: str = "flt", seed: int = 0, std: float = 0.1, **overrides) -> LoopedGPT:
     """Tiny model with random non-zero weights, full attention, a 32-token context."""
-    return cache_test_model(mode, "mha", seed, std, **{"sequence_len": 32, **overrides})
+    return tiny_model(seed, std=std, loop_mode=mode, **{"sequence_len": 32, **overrides})
 
 
 class ByteTokenizer:
@@ -69,7 +68,7 @@ def test_a_reused_engine_generates_what_a_fresh_one_does():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_tokens=30), "at most 16 positions"),
-    (dict(n_loops=5), "at most 4 n_loops"),
+    (dict(n_loops=5), "n_loops=5 is not allowed: an integer in \\[1, 4\\]"),
     (dict(prompts=[[1], [2], [3]]), "at most 2 prompts"),
     (dict(dtype=torch.float64), "belong to the DecodeEngine"),
     (dict(cache_slots=2), "belong to the DecodeEngine"),
@@ -93,33 +92,13 @@ def test_same_seed_same_text_and_different_seed_differs():
     assert a.tokens != c.tokens
 
 
-@settings(max_examples=30, deadline=None)
-@given(k=st.integers(1, 10), p=st.floats(0.01, 1.0), seed=st.integers(0, 1000))
-def test_top_k_and_top_p_only_sample_inside_their_sets(k, p, seed):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(4, 20, generator=gen) * 3
-    tokens = torch.stack([sample_next(logits, top_k=k, top_p=p, generator=gen)
-                          for _ in range(20)], 1)
-    probs = logits.softmax(-1)
-    for row in range(4):
-        top = set(torch.topk(logits[row], k).indices.tolist())
-        order = probs[row].argsort(descending=True)
-        before = probs[row][order].cumsum(0) - probs[row][order]
-        nucleus = set(order[before < p].tolist())
-        assert set(tokens[row].tolist()) <= top
-        # (top-k then renormalised nucleus is a subset of the plain nucleus of the top-k)
-        kept = top if k < 20 else set(range(20))
-        assert set(tokens[row].tolist()) <= kept
-        if k >= 20:
-            assert set(tokens[row].tolist()) <= nucleus
+def test_max_tokens_has_one_default_the_openai_one():
+    from loopedlm.infer.server import CompletionRequest
 
-
-def test_top_k_one_and_tiny_top_p_are_greedy():
-    logits = torch.randn(3, 30)
-    greedy = logits.argmax(-1)
-    assert torch.equal(sample_next(logits, top_k=1), greedy)
-    assert torch.equal(sample_next(logits, top_p=1e-9), greedy)
-    assert torch.equal(sample_next(logits, temperature=0), greedy)
+    model = make_model("flt")
+    out = generate(model, [1, 2], temperature=0)
+    assert DEFAULT_MAX_TOKENS == 16 == len(out.tokens[0])
+    assert CompletionRequest(prompt="x").max_tokens == DEFAULT_MAX_TOKENS
 
 
 # ---- batching, stopping, streaming -------------------------------------------------------
@@ -173,6 +152,7 @@ def test_text_prompts_stop_strings_and_context_limit():
     (dict(prompts=[[]]), "prompt 0 is empty"),
     (dict(prompts=[]), "empty"),
     (dict(prompts=[[1, 99]]), "token id 99"),
+    (dict(frequency_penalty=1.0), "unknown generation option"),
     (dict(n_loops=0), "n_loops=0"),
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
@@ -190,7 +170,7 @@ def test_bad_input_is_a_value_error_naming_the_value(kwargs, match):
     model = make_model()
     kwargs = {"prompts": [[1, 2]], **kwargs}
     prompts = kwargs.pop("prompts")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         generate(model, prompts, **kwargs)
 
 
@@ -201,17 +181,11 @@ def test_multi_token_stop_string_is_rejected():
 
 
 # ---- adaptive loops -----------------------------------------------------------------------
-def _prefilled(model, prompt, n_loops, **cache_kw):
-    cache = KVCache.for_model(model.config, prompt.size(0), n_loops=n_loops, **cache_kw)
-    model(prompt, n_loops=n_loops, kv_cache=cache)
-    return cache
-
-
 @pytest.mark.parametrize("mode", ["lt", "lti", "ltai", "flt_res", "flt"])
 @torch.no_grad()
 def test_adaptive_with_zero_threshold_is_the_exact_fixed_decode(mode):
     model = make_model(mode)
-    idx = torch.randint(0, 53, (2, 12))
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
     fixed = decode_nll(model, idx, n_loops=4)
     adaptive = decode_nll(model, idx, n_loops=4, adaptive=AdaptiveLoops(0.0))
     full = model(idx[:, :-1], idx[:, 1:], n_loops=4)
@@ -228,22 +202,78 @@ def test_converged_token_skips_loops_and_fills_their_cache_entries(mode):
     only min_loops times, and the skipped loops' entries hold the last computed loop's."""
     model = make_model(mode)
     n_loops, min_loops = 5, 2
-    idx = torch.randint(0, 53, (2, 9))
-    cache = _prefilled(model, idx[:, :8], n_loops)
+    idx = torch.randint(0, model.config.vocab_size, (2, 9))
+    engine = DecodeEngine(model, max_batch=2, max_loops=n_loops, share_first_layer=False)
+    params = SequenceParams(n_loops=n_loops,
+                            adaptive=AdaptiveLoops(float("inf"), min_loops=min_loops))
+    for r in range(2):
+        engine.prefill(r, idx[r, :8], params)
     rows_run = []
     hook = model.transformer.h[0].register_forward_hook(
         lambda m, inp, out: rows_run.append(inp[0].size(0)))
-    logits, spent = decode_step(model, idx[:, 8:], cache,
-                                adaptive=AdaptiveLoops(float("inf"), min_loops=min_loops))
+    logits, spent = engine.decode(idx[:, 8])
     hook.remove()
     assert spent.tolist() == [min_loops, min_loops]
     assert rows_run == [2] * min_loops
     expected = model(idx, n_loops=min_loops)[:, -1]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
-    for loop in range(min_loops, n_loops):
-        assert torch.equal(cache.k[loop, :, :, :, 8], cache.k[min_loops - 1, :, :, :, 8])
-        assert torch.equal(cache.v[loop, :, :, :, 8], cache.v[min_loops - 1, :, :, :, 8])
-    assert cache.pos == 9
+    for layer in range(model.config.depth):
+        last_k, last_v = engine.cache.entry(min_loops - 1, layer)
+        for loop in range(min_loops, n_loops):
+            k, v = engine.cache.entry(loop, layer)
+            assert torch.equal(k[:2, :, 8], last_k[:2, :, 8])
+            assert torch.equal(v[:2, :, 8], last_v[:2, :, 8])
+
+
+def _adaptive_both_ways(model, idx, n_loops, adaptive):
+    """Logits and loops of every decoded position, from the engine and from the reference
+    decoder: (ours, our loops, theirs, their loops), each stacked over the positions."""
+    batch, prompt = idx.size(0), 4
+    engine = DecodeEngine(model, max_batch=batch, max_loops=n_loops)
+    params = SequenceParams(n_loops=n_loops, adaptive=adaptive)
+    for r in range(batch):
+        engine.prefill(r, idx[r, :prompt], params)
+    cache = ReferenceCache()
+    prefill(model, idx[:, :prompt], cache, n_loops)
+    ours, theirs = [], []
+    for t in range(prompt, idx.size(1)):
+        ours.append(engine.decode(idx[:, t]))
+        theirs.append(decode_step(model, idx[:, t], cache, n_loops, adaptive))
+    return (torch.stack([o[0] for o in ours]), torch.stack([o[1] for o in ours]),
+            torch.stack([o[0] for o in theirs]), torch.stack([o[1] for o in theirs]))
+
+
+@pytest.mark.parametrize("criterion", ["state", "kl"])
+@pytest.mark.parametrize("mode", ["lt", "flt"])
+@torch.no_grad()
+def test_adaptive_decoding_equals_the_reference_decoder(mode, criterion):
+    """The engine's adaptive step (rows leave the batch, skipped loops' entries filled)
+    gives the plain reference decoder's logits and loops, token after token, at a
+    threshold where rows stop at different loops."""
+    model = make_model(mode, std=0.3)
+    idx = torch.randint(0, model.config.vocab_size, (3, 12),
+                        generator=torch.Generator().manual_seed(7))
+    for threshold in [3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4]:
+        ours, our_loops, theirs, their_loops = _adaptive_both_ways(
+            model, idx, 6, AdaptiveLoops(threshold, criterion))
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+        assert torch.equal(our_loops, their_loops)
+        if len(set(our_loops.flatten().tolist())) > 1:
+            return
+    pytest.fail("no threshold gave rows different loop counts")
+
+
+@pytest.mark.parametrize("mode", ["lt", "flt"])
+@torch.no_grad()
+def test_the_reference_decoder_equals_the_full_forward(mode):
+    """The oracle of the adaptive tests, checked itself: without adaptive loops it gives
+    the full forward's logits."""
+    model = make_model(mode)
+    idx = torch.randint(0, model.config.vocab_size, (2, 10))
+    cache = ReferenceCache()
+    logits = [prefill(model, idx[:, :5], cache, 3)]
+    logits += [decode_step(model, idx[:, t], cache, 3)[0][:, None] for t in range(5, 10)]
+    torch.testing.assert_close(torch.cat(logits, 1), model(idx, n_loops=3), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("criterion", ["state", "kl"])
@@ -252,7 +282,8 @@ def test_adaptive_batch_rows_equal_single_rows(criterion):
     """Rows that converge leave the batch; every row must get what it gets alone, and the
     test needs a threshold at which the rows really stop at different loops."""
     model = make_model("flt", std=0.3)
-    idx = torch.randint(0, 53, (4, 10), generator=torch.Generator().manual_seed(5))
+    idx = torch.randint(0, model.config.vocab_size, (4, 10),
+                        generator=torch.Generator().manual_seed(5))
     mixed = None
     for threshold in [10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 1e-4]:
         score = decode_nll(model, idx, n_loops=6, adaptive=AdaptiveLoops(threshold, criterion))
@@ -308,7 +339,7 @@ def test_loop_slot_map_uses_every_slot_and_keeps_order(n_loops, slots, policy):
 @torch.no_grad()
 def test_shared_slots_change_decoding_but_not_a_full_slot_count():
     model = make_model("flt")
-    idx = torch.randint(0, 53, (1, 12))
+    idx = torch.randint(0, model.config.vocab_size, (1, 12))
     exact = decode_nll(model, idx, n_loops=4)
     same = decode_nll(model, idx, n_loops=4, cache_slots=4)
     shared = decode_nll(model, idx, n_loops=4, cache_slots=2)

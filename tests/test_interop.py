@@ -109,9 +109,9 @@ def test_imported_authors_checkpoint_is_scored_with_their_bos(tmp_path):
     """The authors' tokenizer is Qwen3's with <|im_start|> (151644) as BOS: an imported
     checkpoint of that vocabulary is evaluated with every prompt starting with it."""
     from loopedlm.cli import main
+    from loopedlm.data.runs import load_run
     from loopedlm.evaluate.core import evaluate_task
     from loopedlm.evaluate.items import TaskSpec
-    from loopedlm.evaluate.loading import load_run
     from loopedlm.model.config import QWEN3_VOCAB_SIZE
 
     model = tiny_model(vocab_size=QWEN3_VOCAB_SIZE, depth=1, d_model=8, n_head=1)

@@ -9,12 +9,13 @@ import copy
 import pytest
 import torch
 from conftest import tiny_model
-from test_eval_support import ByteTokenizer, tiny_random_model
+from eval_helpers import ByteTokenizer, tiny_random_model
 
 from loopedlm.evaluate import budget
 from loopedlm.evaluate.core import evaluate_task
 from loopedlm.evaluate.items import TaskSpec
-from loopedlm.model.attention import KVCache, rotary_tables
+from loopedlm.infer import DecodeEngine
+from loopedlm.model.attention import rotary_tables
 from loopedlm.model.config import ROTARY_LENGTH_FACTOR
 
 VARIANTS = {
@@ -63,10 +64,10 @@ def test_logits_within_sequence_len_are_unchanged(mode, variant):
         idx = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len), generator=gen)
         steps = []
         for m in (model, old):
-            cache = KVCache.for_model(cfg, 2)
+            engine = DecodeEngine(m, max_batch=2)
             half = cfg.sequence_len // 2
-            out = [m(idx[:, :half], kv_cache=cache)]
-            out += [m(idx[:, t:t + 1], kv_cache=cache) for t in range(half, cfg.sequence_len)]
+            out = [torch.stack([engine.prefill(r, idx[r, :half]) for r in range(2)])]
+            out += [engine.decode(idx[:, t])[0][:, None] for t in range(half, cfg.sequence_len)]
             steps.append(torch.cat(out, 1))
         assert torch.equal(steps[0], steps[1])
 

@@ -1,11 +1,12 @@
-"""SPEC 1-4 invariants of LoopedGPT."""
+"""Invariants of LoopedGPT (docs/design.md#invariants): the backbone, the loop modes, the attention
+variants and residual scaling."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_, tiny_config, tiny_model
+from conftest import VARIANTS, randomize_, tiny_config, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_model import Reference
@@ -13,14 +14,6 @@ from reference_model import Reference
 from loopedlm import LOOP_MODES, LoopedGPT, ModelConfig
 
 MODES = list(LOOP_MODES)
-VARIANTS = {
-    "mha": {},
-    "gqa": dict(n_head=4, n_kv_head=2, d_model=32),
-    "mqa": dict(n_head=4, n_kv_head=1, d_model=32),
-    "mla": dict(attn_type="mla", kv_rank=8),
-    "swa": dict(window_pattern="SL", depth=3, sequence_len=16),
-    "mla_swa": dict(attn_type="mla", kv_rank=8, window_pattern="S", depth=2, sequence_len=16),
-}
 
 
 def idx_for(cfg, batch=2, seq=None, seed=1):
@@ -345,3 +338,50 @@ def test_wrap_loops_runs_every_loop_through_the_wrapper():
     assert torch.equal(model(idx), expected) and seen == [0, 1, 2]
     model.wrap_loops(None)
     assert not model.loops_wrapped
+
+
+def test_activation_checkpointing_runs_only_where_gradients_are_recorded(monkeypatch):
+    """Issue 24, item 1: a checkpoint reads the RNG state, which a CUDA-graph capture
+    forbids, so evaluation, decoding (a trainer's samples included) and the no-grad loops
+    of truncated backprop must not checkpoint; training loops must."""
+    from loopedlm.infer import DecodeEngine
+    from loopedlm.infer.generate import generate
+    from loopedlm.train import parallel
+
+    calls = []
+    checkpoint = parallel.checkpoint
+    monkeypatch.setattr(parallel, "checkpoint",
+                        lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+    model = parallel.apply_activation_checkpointing(tiny_model(n_loops=3).train())
+    idx = idx_for(model.config)
+    model(idx, idx).backward()
+    assert len(calls) == 3
+    model(idx, idx, backprop_loops=1).backward()
+    assert len(calls) == 3 + 1
+    calls.clear()
+    with torch.no_grad():
+        model(idx)
+    generate(model, [1, 2, 3], max_tokens=3, dtype=torch.float64)  # a cast copy, like bf16
+    engine = DecodeEngine(model, max_batch=1, graphs=True)  # the capture procedure
+    engine.add(0, [1, 2, 3])
+    engine.step()
+    assert calls == []
+
+
+def test_a_deepcopy_of_a_compiled_model_runs_its_own_weights():
+    """Issue 24, item 11: the copy's compiled blocks must not call the original's."""
+    import copy
+
+    model = tiny_model().compile_blocks(backend="eager")
+    idx = idx_for(model.config, seq=8)
+    with torch.no_grad():
+        before = model(idx)
+        twin = copy.deepcopy(model)
+        for p in twin.parameters():
+            p.mul_(0.5)
+        halved = tiny_model()  # the same weights, halved, eager
+        for p in halved.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(twin(idx), halved(idx))
+        assert torch.equal(model(idx), before)
+        torch.testing.assert_close(copy.deepcopy(model).double()(idx), before)  # (fp32 logits)

@@ -8,28 +8,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_train import losses, make_corpus, small_config
+from train_helpers import losses, small_config, train_cli
 
 from loopedlm.model.checkpoint import SAVE_SLEEP_ENV, latest_training_checkpoint, load_model
 from loopedlm.train.trainer import train
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus):
-    """An uninterrupted 8-step run, saving every 2 steps."""
-    run = tmp_path_factory.mktemp("ref") / "run"
-    train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5))
-    return run
 
 
 def _truncate_to(src: Path, dst: Path, step: int) -> None:
@@ -51,21 +37,10 @@ def test_resume_equals_uninterrupted(tmp_path, corpus, reference, stop_at):
     assert summary["val_bpb"] == json.loads((reference / "summary.json").read_text())["val_bpb"]
 
 
-def _cli(run: Path, corpus, steps: int, resume: bool = False) -> list[str]:
-    data_dir, tok_dir = corpus
-    args = [sys.executable, "-m", "loopedlm.train", f"--run_dir={run}", f"--data_dir={data_dir}",
-            f"--tokenizer={tok_dir}", "--model.depth=2", "--model.d_model=32", "--model.n_head=2",
-            "--model.sequence_len=32", "--model.n_loops=2", "--total_batch_tokens=256",
-            "--device_batch_size=4", f"--steps={steps}", "--eval_every=4", "--eval_tokens=256",
-            "--save_every=2", "--keep_last=5", "--device=cpu", "--progress=false",
-            "--sample_tokens=8", "--optim.muon_momentum_warmup_steps=300"]  # as small_config
-    return args + (["--resume"] if resume else [])
-
-
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus, reference):
     run = tmp_path / "run"
     env = {**os.environ, SAVE_SLEEP_ENV: "60@4"}
-    proc = subprocess.Popen(_cli(run, corpus, 8), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cli(run, corpus, 8), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     tmp_ckpt = run / "checkpoints" / ".tmp_step_000004"
     deadline = time.time() + 60
@@ -79,7 +54,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus, reference)
     model, meta = load_model(run)
     assert meta["step"] == 2
     # resume: the half-written folder is replaced; the losses are the uninterrupted ones
-    done = subprocess.run(_cli(run, corpus, 8, resume=True), capture_output=True, text=True,
+    done = subprocess.run(train_cli(run, corpus, 8, resume=True), capture_output=True, text=True,
                           env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     assert "final validation bits-per-byte" in done.stdout
@@ -101,7 +76,7 @@ def test_repeated_kill_9_during_saves_always_leaves_a_loadable_checkpoint(tmp_pa
     args = ["--save_every=1", "--keep_last=3", "--eval_every=0"]
     last_step = 1  # the first kill comes after step 1 is saved: there is a previous one
     for attempt in range(kills):
-        proc = subprocess.Popen(_cli(run, corpus, 10_000, resume=attempt > 0) + args,
+        proc = subprocess.Popen(train_cli(run, corpus, 10_000, resume=attempt > 0) + args,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         started = time.time()
         # wait for a save after the one resumed from, then kill at a random point inside it

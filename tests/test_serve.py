@@ -1,4 +1,4 @@
-"""`loopedlm serve` (issue 12): the engine adapter, the scheduler and the HTTP server,
+"""`loopedlm serve` (issue 12): the scheduler over the decode engine and the HTTP server,
 driven by the real `openai` client against a live server on 127.0.0.1."""
 
 from __future__ import annotations
@@ -11,22 +11,26 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import tiny_model
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package uses
 openai = pytest.importorskip("openai")
 
+from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams  # noqa: E402
 from loopedlm.infer.generate import generate  # noqa: E402
-from loopedlm.infer.protocol import SequenceParams  # noqa: E402
-from loopedlm.infer.scheduler import _find_stop, _safe_length  # noqa: E402
+from loopedlm.infer.sampling import SamplingParams  # noqa: E402
+from loopedlm.infer.scheduler import Scheduler, Sequence, find_stop, safe_length  # noqa: E402
 from loopedlm.infer.server import ServeConfig, create_app, serve_in_background  # noqa: E402
-from loopedlm.infer.slots import EngineSlots  # noqa: E402
-from tests.test_generate import make_model  # noqa: E402
 
 TEXTS = ["To be, or not to be, that is the question. Whether 'tis nobler in the mind."] * 20
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
+def make_model(mode: str = "flt", **overrides):
+    return tiny_model(std=0.1, loop_mode=mode, **{"sequence_len": 32, **overrides})
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny random FLT saved as a run (checkpoint + tokenizer), as `loopedlm serve` reads it."""
@@ -43,31 +47,24 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(run_dir):
-    from loopedlm.data.tokenizer import load_tokenizer
-    from loopedlm.model.checkpoint import load_model
+    from loopedlm.data.runs import load_run
 
-    model, _ = load_model(run_dir)
-    return model.eval(), load_tokenizer(run_dir / "tokenizer")
+    loaded = load_run(run_dir)
+    return loaded.model, loaded.tokenizer
 
 
-class SlowEngine:
-    """An engine whose steps wait on a gate and take at least `delay` seconds."""
+class SlowEngine(DecodeEngine):
+    """A decode engine whose steps wait on a gate and take at least `delay` seconds."""
 
-    def __init__(self, inner: EngineSlots, delay: float = 0.0):
-        self.inner, self.delay, self.gate = inner, delay, threading.Event()
+    def __init__(self, model, delay: float = 0.0, **options):
+        super().__init__(model, **options)
+        self.delay, self.gate = delay, threading.Event()
         self.gate.set()
-        self.capacity, self.context_len = inner.capacity, inner.context_len
-
-    def add(self, slot, prompt, params):
-        return self.inner.add(slot, prompt, params)
 
     def step(self):
         self.gate.wait()
         time.sleep(self.delay)
-        return self.inner.step()
-
-    def release(self, slot):
-        self.inner.release(slot)
+        return super().step()
 
 
 def start(model_and_tokenizer, *, delay: float | None = None, **config):
@@ -75,7 +72,7 @@ def start(model_and_tokenizer, *, delay: float | None = None, **config):
     config = ServeConfig(**{"max_loops": 6, **config})
     engine = None
     if delay is not None:
-        engine = SlowEngine(EngineSlots(model, capacity=config.max_batch, max_loops=6), delay)
+        engine = SlowEngine(model, delay, max_batch=config.max_batch, max_loops=6)
     app = create_app(model, tokenizer, name="tinyrun", config=config, engine=engine)
     return serve_in_background(app), engine
 
@@ -92,83 +89,90 @@ def wait_until(condition, seconds: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-# ---- the engine -------------------------------------------------------------------------------
+# ---- the scheduler over the engine ------------------------------------------------------------
+class ByteTokenizer:
+    """One token per byte (what the scheduler needs of a tokenizer: decode)."""
+
+    bos_id = 60
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 60).decode("latin-1")
+
+
+def run_scheduler(engine, jobs, submit_every: int = 1):
+    """Submit `jobs` [(prompt, SequenceParams, max_tokens)], one more every `submit_every`
+    steps, to a Scheduler over `engine`; the (tokens, loops) each finished with."""
+    scheduler = Scheduler(engine, ByteTokenizer(), max_queue=len(jobs))
+    done, finished = threading.Event(), []
+
+    def sink(delta):  # (called on the scheduler's thread)
+        if delta.finish_reason is not None:
+            finished.append(delta)
+            if len(finished) == len(jobs):
+                done.set()
+    sequences = [Sequence(prompt=p, params=params, max_tokens=n, sink=sink,
+                          stop_ids=frozenset({ByteTokenizer.bos_id}))
+                 for p, params, n in jobs]
+    scheduler.start()
+    try:
+        for i in range(0, len(sequences), submit_every):
+            scheduler.submit(sequences[i:i + submit_every])
+            time.sleep(0.01)
+        assert done.wait(60), "the scheduler did not finish every sequence"
+    finally:
+        scheduler.close()
+    return [(s.tokens, s.loops, s.finish_reason) for s in sequences]
+
+
 @pytest.mark.parametrize("mode", ["flt", "lt", "ltai"])
 @torch.no_grad()
-def test_engine_slots_with_joins_leaves_and_mixed_loops_equal_generate_alone(mode):
+def test_scheduled_sequences_with_joins_leaves_and_mixed_loops_equal_generate_alone(mode):
     """Through the scheduler's protocol, sequences join and leave between steps, with
     different loop counts (some adaptive), until some fill the context: each equals
     generate() of its prompt alone."""
     model = make_model(mode, window_pattern="SL", sequence_len=16)
-    engine = EngineSlots(model, capacity=3, max_loops=4)
+    engine = DecodeEngine(model, max_batch=3, max_loops=4)
     rng = random.Random(mode)
     jobs = [([rng.randrange(50) for _ in range(rng.randint(1, 9))], rng.randint(1, 4),
              rng.choice([None, 0.3]), rng.randint(2, 10)) for _ in range(6)]
-    waiting, running, out, step = list(enumerate(jobs)), {}, {}, 0
-    while waiting or running:
-        if waiting and len(running) < 3 and (step % 2 == 0 or not running):
-            i, (prompt, n_loops, threshold, _) = waiting.pop(0)
-            slot = min(set(range(3)) - set(running))
-            event = engine.add(slot, prompt, SequenceParams(n_loops, temperature=0,
-                                                            adaptive_threshold=threshold))
-            running[slot], out[i] = i, [(event.token, event.loops)]
-        else:
-            for event in engine.step():
-                out[running[event.slot]].append((event.token, event.loops))
-        step += 1
-        for slot, i in list(running.items()):
-            if len(out[i]) >= min(jobs[i][3], 16 - len(jobs[i][0]) + 1):
-                engine.release(slot)
-                del running[slot]
-    for i, (prompt, n_loops, threshold, max_tokens) in enumerate(jobs):
+    results = run_scheduler(engine, [
+        (prompt, SequenceParams(n_loops=n_loops, sampling=SamplingParams(temperature=0),
+                                adaptive=None if th is None else AdaptiveLoops(th)), n)
+        for prompt, n_loops, th, n in jobs])
+    for (prompt, n_loops, threshold, max_tokens), (tokens, loops, _) in zip(jobs, results,
+                                                                         strict=True):
         alone = generate(model, prompt, n_loops=n_loops, max_tokens=max_tokens, temperature=0,
-                         adaptive_threshold=threshold)
-        n = len(alone.tokens[0])
-        assert [t for t, _ in out[i][:n]] == alone.tokens[0], (i, prompt, n_loops)
-        assert [loops for _, loops in out[i][:n]] == alone.loops[0]
+                         adaptive_threshold=threshold, stop=ByteTokenizer.bos_id)
+        assert tokens == alone.tokens[0], (prompt, n_loops)
+        assert loops == alone.loops[0]
 
 
-def test_engine_slots_reject_what_does_not_fit():
-    engine = EngineSlots(make_model("flt", sequence_len=8), capacity=1, max_loops=3)
+def test_the_engine_rejects_what_does_not_fit():
+    engine = DecodeEngine(make_model("flt", sequence_len=8), max_batch=1, max_loops=3)
     with pytest.raises(ValueError, match="n_loops=4"):
-        engine.add(0, [1, 2], SequenceParams(4))
+        engine.add(0, [1, 2], SequenceParams(n_loops=4))
     with pytest.raises(ValueError, match="9"):
-        engine.add(0, list(range(9)), SequenceParams(2))
+        engine.add(0, list(range(9)), SequenceParams(n_loops=2))
     with pytest.raises(ValueError, match="temperature=1e"):  # issue 22, D1
-        engine.add(0, [1], SequenceParams(2, temperature=1e39))
-    engine.add(0, [1], SequenceParams(2))  # the failed add left slot 0 free
+        SequenceParams(n_loops=2, sampling=SamplingParams(temperature=1e39))
+    engine.add(0, [1], SequenceParams(n_loops=2))  # the failed adds left slot 0 free
     with pytest.raises(ValueError, match="slot 1"):
-        engine.add(1, [1], SequenceParams(2))
+        engine.add(1, [1], SequenceParams(n_loops=2))
     with pytest.raises(ValueError, match="max_batch=0"):
-        EngineSlots(make_model("flt"), capacity=0, max_loops=3)
-
-
-def test_a_failure_after_the_prefill_frees_the_slot(monkeypatch):
-    """Issue 22, D1: an add that fails once its slot is taken gives the slot back."""
-    engine = EngineSlots(make_model("flt", sequence_len=8), capacity=1, max_loops=3)
-
-    def overflow(*args, **kwargs):
-        raise RuntimeError("value cannot be converted to type float without overflow")
-    with monkeypatch.context() as patch:
-        patch.setattr(engine.engine, "set_sampling", overflow)
-        with pytest.raises(RuntimeError, match="overflow"):
-            engine.add(0, [1, 2], SequenceParams(2, temperature=0))
-    assert engine.engine.active_slots == []
-    event = engine.add(0, [1, 2], SequenceParams(2, temperature=0))
-    assert event.slot == 0
+        DecodeEngine(make_model("flt"), max_batch=0, max_loops=3)
 
 
 # ---- text: stop strings and incremental deltas -----------------------------------------------
 def test_stop_strings_and_held_back_text():
-    assert _find_stop("abc END x", ("END",), 0) == 4
-    assert _find_stop("abc EN", ("END",), 0) is None
-    assert _find_stop("xx\n\nyy", ("\n\n", "yy"), 2) == 2
+    assert find_stop("abc END x", ("END",), 0) == 4
+    assert find_stop("abc EN", ("END",), 0) is None
+    assert find_stop("xx\n\nyy", ("\n\n", "yy"), 2) == 2
     # a tail that may begin a stop string, or an incomplete UTF-8 character, is held back
-    assert _safe_length("hello E", ("END",)) == len("hello ")
-    assert _safe_length("hello EN", ("END", "NO")) == len("hello ")
-    assert _safe_length("hello \ufffd", ()) == len("hello ")
-    assert _safe_length("hello \ufffd", (), hold_incomplete=False) == len("hello \ufffd")
-    assert _safe_length("hello", ("END",)) == 5
+    assert safe_length("hello E", ("END",)) == len("hello ")
+    assert safe_length("hello EN", ("END", "NO")) == len("hello ")
+    assert safe_length("hello \ufffd", ()) == len("hello ")
+    assert safe_length("hello \ufffd", (), hold_incomplete=False) == len("hello \ufffd")
+    assert safe_length("hello", ("END",)) == 5
 
 
 # ---- the server with the openai client ---------------------------------------------------------

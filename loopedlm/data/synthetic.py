@@ -56,9 +56,7 @@ import pyarrow.parquet as pq
 
 from loopedlm.common.paths import loopedlm_home
 from loopedlm.common.validation import check, check_choice, is_int
-from loopedlm.data.loader import TEXT_COLUMN
 from loopedlm.data.synthetic_tasks import HOP_MIXES, TASKS, ChainTask, PHopTask, Query
-from loopedlm.data.tokenizer import WordTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -179,15 +177,15 @@ def default_synthetic_dir(task: str) -> Path:
     return loopedlm_home() / "data" / "synthetic" / task
 
 
-SPEC_PREFIX = "synthetic:"  # a training `data_dir` of "synthetic:TASK"
+DATA_DIR_PREFIX = "synthetic:"  # a training `data_dir` of "synthetic:TASK"
 
 
 def synthetic_spec_dir(data_dir: str) -> Path | None:
     """The folder a `data_dir` of "synthetic:TASK" names (`default_synthetic_dir(TASK)`),
     or None for any other value."""
-    if not data_dir.startswith(SPEC_PREFIX):
+    if not data_dir.startswith(DATA_DIR_PREFIX):
         return None
-    task = data_dir[len(SPEC_PREFIX):]
+    task = data_dir[len(DATA_DIR_PREFIX):]
     check_choice("data_dir task", task, tuple(TASKS))
     return default_synthetic_dir(task)
 
@@ -197,11 +195,13 @@ def prepare_synthetic(data_dir: str) -> Path:
     (`SyntheticConfig`), written on first use into `default_synthetic_dir(TASK)`."""
     folder = synthetic_spec_dir(data_dir)
     if folder is None:
-        raise ValueError(f"data_dir={data_dir!r} is not {SPEC_PREFIX}TASK")
-    return write_synthetic(SyntheticConfig(task=data_dir[len(SPEC_PREFIX):]), folder)
+        raise ValueError(f"data_dir={data_dir!r} is not {DATA_DIR_PREFIX}TASK")
+    return write_synthetic(SyntheticConfig(task=data_dir[len(DATA_DIR_PREFIX):]), folder)
 
 
 def _write(texts: list[str], path: Path) -> None:
+    from loopedlm.data.loader import TEXT_COLUMN  # (torch: see write_synthetic)
+
     pq.write_table(pa.table({TEXT_COLUMN: texts}), path, row_group_size=DOCS_PER_ROW_GROUP)
 
 
@@ -220,6 +220,10 @@ def write_synthetic(config: SyntheticConfig, out_dir: str | Path | None = None, 
     if out.exists() and not manifest_path.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a synthetic data set (no {MANIFEST_FILE}); "
                          f"remove it or choose another --out")
+    # imported here, not at the top: the CLI reads SyntheticConfig's defaults for `loopedlm
+    # data --help`, which must not import torch (the tokenizer and loader modules do)
+    from loopedlm.data.tokenizer import WordTokenizer
+
     task = config.make_task()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -58,6 +58,7 @@ def model_kind(path: str | Path) -> str:
     """Which loader `path` needs: "loopedlm", "hf" or "gguf". A path that is none of them
     raises FileNotFoundError / ValueError naming what is allowed."""
     from loopedlm.model.checkpoint import MODEL_FILE
+    from loopedlm.model.hf_folder import is_exported_folder
 
     path = Path(path)
     if not path.exists():
@@ -66,7 +67,7 @@ def model_kind(path: str | Path) -> str:
         if path.suffix.lower() == ".gguf":
             return "gguf"
         raise ValueError(f"{path} is a file but not a .gguf model: give {ALLOWED_MODELS}")
-    if _is_hf_folder(path):
+    if _is_hf_folder(path) and not is_exported_folder(path):  # `loopedlm export` folders are ours
         return "hf"
     if not (path / MODEL_FILE).exists() and not any(path.glob(f"checkpoints/*/{MODEL_FILE}")):
         raise ValueError(f"{path} is not a loopedlm run or checkpoint (no {MODEL_FILE}), nor a "

@@ -27,6 +27,7 @@ from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from loopedlm.evaluate.scoring import score_sequences
+from loopedlm.evaluate.tasks import EVAL_BATCH_SIZE
 
 MODEL_NAME = "loopedlm"
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class LoopedLMEval(LM):
         if model is None:
             if path is None:
                 raise ValueError("model_args needs path=RUN_OR_CHECKPOINT")
-            from loopedlm.evaluate.loading import load_run
+            from loopedlm.data.runs import load_run
 
             model, tok, _, _ = load_run(path, self._device, tokenizer)
         if tok is None:
@@ -58,7 +59,8 @@ class LoopedLMEval(LM):
         self.n_loops = n
         self.max_length = model.config.sequence_len
         self.max_gen_toks = int(max_gen_toks)
-        self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else 8
+        self.batch_size = int(batch_size) if str(batch_size or "").isdigit() \
+            else EVAL_BATCH_SIZE
 
     # ---- helpers ---------------------------------------------------------------------------
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:

@@ -1,6 +1,6 @@
-"""Loading a run for evaluation: the model, its tokenizer, its training data and the
-validation settings its own evaluation used (shared by `loopedlm eval`, the lm-eval
-adapter and the benchmarks); and `load_eval_target`, what `loopedlm eval` evaluates: a run,
+"""Loading a run for evaluation: its training data and the validation settings its own
+evaluation used (shared by `loopedlm eval`, the lm-eval adapter and the benchmarks); and
+`load_eval_target`, what `loopedlm eval` evaluates: a run (`loopedlm.data.runs.load_run`),
 a checkpoint or an external model, on the chosen device."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from loopedlm.common.distributed import resolve_device
+from loopedlm.data.runs import load_run
 from loopedlm.evaluate.external import load_external, model_kind
+from loopedlm.evaluate.tasks import EVAL_BATCH_SIZE, EVAL_VAL_BATCHES
 
 logger = logging.getLogger(__name__)
 
@@ -52,40 +54,22 @@ def run_data_dir(model_folder: Path, meta: dict[str, Any]) -> Path | None:
     return None
 
 
-def load_run(path: str | Path, device: str = "cpu", tokenizer: str | None = None):
-    """(model, tokenizer, model_folder, meta) of a run folder or a checkpoint folder."""
-    from loopedlm.data.tokenizer import load_tokenizer
-    from loopedlm.model.checkpoint import find_tokenizer_dir, load_model, resolve_model_folder
-
-    folder = resolve_model_folder(path)
-    model, meta = load_model(folder, device=device)
-    if tokenizer is None:
-        tok_dir = find_tokenizer_dir(folder)
-        if tok_dir is None:
-            raise FileNotFoundError(f"no tokenizer/ folder saved with {path}; pass --tokenizer "
-                                    f"(qwen3 or a tokenizer folder)")
-        tokenizer = str(tok_dir)
-    tok = load_tokenizer(tokenizer)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens but the model's "
-                         f"vocab_size is {model.config.vocab_size}")
-    return model, tok, folder, meta
-
-
 def val_settings(meta: dict[str, Any], model: Any, batch_size: int | None,
                  val_batches: int | None) -> dict[str, Any]:
     """How to read the validation split: by default the batches that training measured
     (the run's device_batch_size x sequence_len, eval_tokens of them), so `eval` and
-    `train` report the same val_bpb for a checkpoint; else 20 batches of 8 sequences."""
+    `train` report the same val_bpb for a checkpoint; else EVAL_VAL_BATCHES batches of
+    EVAL_BATCH_SIZE sequences."""
     train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
     if batch_size is None and val_batches is None and train.get("eval_tokens"):
-        size = int(train.get("device_batch_size") or 8)
+        size = int(train.get("device_batch_size") or EVAL_BATCH_SIZE)
         seq_len = int(train.get("sequence_len") or model.config.sequence_len)
         return {"val_batch_size": size, "val_seq_len": seq_len,
                 "val_batches": max(1, int(train["eval_tokens"]) // (size * seq_len)),
-                "batch_size": 8}
-    return {"val_batch_size": batch_size or 8, "val_seq_len": None,
-            "val_batches": val_batches or 20, "batch_size": batch_size or 8}
+                "batch_size": EVAL_BATCH_SIZE}
+    batch_size = batch_size or EVAL_BATCH_SIZE
+    return {"val_batch_size": batch_size, "val_seq_len": None,
+            "val_batches": val_batches or EVAL_VAL_BATCHES, "batch_size": batch_size}
 
 
 @dataclass

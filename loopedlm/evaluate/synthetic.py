@@ -30,7 +30,7 @@ import torch
 
 from loopedlm.data.loader import read_row_group, row_groups
 from loopedlm.data.synthetic import EVAL_DIR, load_config, read_synthetic_manifest
-from loopedlm.infer import AdaptiveLoops, DecodeEngine
+from loopedlm.infer import AdaptiveLoops, DecodeEngine, SequenceParams
 from loopedlm.model.attention import norm
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _adaptive_documents(model: Any, tokenizer: Any, task: Any, texts: Sequence[s
     """Per query: hops, whether the adaptive answer is right, and the loops it spent. Each
     document goes into its own engine slot: the words up to a query are prefilled (every
     loop), the query's word is decoded with adaptive loops (`DecodeEngine.decode`)."""
-    adaptive = AdaptiveLoops(threshold)
+    params = SequenceParams(n_loops=n_loops, adaptive=AdaptiveLoops(threshold))
     records = []
     encoded_all = [_encode(tokenizer, task, t) for t in texts]
     longest = max(len(ids) for ids, _ in encoded_all)
@@ -127,8 +127,7 @@ def _adaptive_documents(model: Any, tokenizer: Any, task: Any, texts: Sequence[s
                 ids, qs = batch[r]
                 position = qs[k].index
                 if position > done[r]:
-                    engine.prefill(r, ids[done[r]:position], n_loops=n_loops,
-                                   adaptive=adaptive)
+                    engine.prefill(r, ids[done[r]:position], params)
                 tokens[r] = ids[position]
                 done[r] = position + 1
             bucket = next(b for b in engine.buckets if b > max(engine.active_slots))

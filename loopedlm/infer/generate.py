@@ -1,33 +1,18 @@
-"""Sampling with the KV cache (SPEC 2): prefill, token-by-token decode, streaming, adaptive
-loops and shared cache slots.
+"""Generation and scoring through the decode engine (docs/design.md#decoding): `generate`,
+`stream` and teacher-forced `decode_nll`, the public entry points of decoding.
 
-`generate` and `stream` (and teacher-forced scoring, `loopedlm.infer.scoring.decode_nll`)
-run on the decode engine (`loopedlm.infer.DecodeEngine`: a static cache with a slot per
-sequence, a sync-free step captured as a CUDA graph on GPUs, sampling on the device).
-`loopedlm.infer.reference.decode_step` is the model's own forward with a `KVCache` (the
-reference path, kept for tests and benchmarks).
+They run on the decode engine (`loopedlm.infer.engine.DecodeEngine`: a static cache with a
+slot per sequence, a sync-free step captured as a CUDA graph on GPUs, sampling on the
+device). Decoding with the cache is exact: the cache holds one entry per (loop, layer), so
+every loop of a new token reads every earlier token's keys at that same loop, and the
+logits equal a full forward's (tests/test_kv_cache.py). Two options trade exactness for
+compute or memory:
 
-Decoding with the cache is exact: the cache holds one entry per (loop, layer), so every
-loop of a new token reads every earlier token's keys at that same loop, and the logits
-equal a full forward's (tests/test_kv_cache.py). Two options trade exactness for compute
-or memory:
-
-* **Adaptive loops** (`adaptive_threshold=`): during decoding, a token stops looping once
-  its loop state has converged, and the remaining loops are skipped (their blocks are
-  never run). The cache entries of the skipped loops at that position are filled with the
-  keys/values of the token's last computed loop. Why: convergence means the loop map is
-  (nearly) at a fixed point for this token: in every mode, loop t+1 gets the same inputs as
-  loop t did (the same stream start and injection, since h^{t+1} ~ h^t), so it would write
-  (nearly) the same keys and values, and copying them is the best estimate that costs no
-  compute. Later tokens therefore attend, at loop u, to the skipped token's keys of its
-  last computed loop. The prompt (prefill) always runs every loop.
+* **Adaptive loops** (`adaptive_threshold=`): a decoded token stops looping once its loop
+  state has converged; its skipped loops' cache entries get its last computed loop's keys
+  (`loopedlm.infer.engine.AdaptiveLoops`). The prompt (prefill) always runs every loop.
 * **Shared cache slots** (`cache_slots=K`): the N loops share K < N storage slots, so the
-  cache holds K entries per layer instead of N. Within one pass everything is exact; a
-  slot keeps the keys/values of the last loop written to it, so a later token at loop t
-  reads the earlier tokens' keys of another loop of the same slot. The default policy
-  `block` maps loop t to slot floor(t * K / N): loops that share a slot are neighbours,
-  whose states are closest; `modulo` (t mod K) is the alternative, measured in
-  benchmarks/bench_decode.py.
+  cache holds K entries per layer instead of N (`loopedlm.infer.cache.loop_slot_map`).
 """
 
 from __future__ import annotations
@@ -35,18 +20,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from loopedlm.common.validation import is_int
-from loopedlm.infer.engine import DecodeEngine
-from loopedlm.infer.options import AdaptiveLoops, loop_slot_map
+from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams, StepOutput
+from loopedlm.infer.options import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.model.gpt import LoopedGPT
 
 log = logging.getLogger(__name__)
+
+SYNC_EVERY = 8  # generate checks for finished rows (a host sync) every this many steps
 
 
 # ---- generation ------------------------------------------------------------------------
@@ -80,8 +68,64 @@ class GenerationResult:
         return sum(flat) / len(flat) if flat else float("nan")
 
 
-def _prompt_ids(prompts: Any, tokenizer: Any, add_bos: bool, vocab_size: int,
-                sequence_len: int) -> list[list[int]]:
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The options of `generate` and `stream` (each a keyword argument of theirs).
+
+    n_loops: loop count (default: the model's). max_tokens: tokens to generate per row.
+    temperature (0 = greedy), top_k, top_p in (0, 1], seed (same seed and prompt, same
+        text, whatever else is in the batch).
+    stop: token id(s) or single-token string(s); a row ends when it samples one.
+    adaptive_threshold / adaptive_criterion ("state" | "kl") / min_loops: adaptive loops
+        (`AdaptiveLoops`). cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
+    add_bos: text prompts start with BOS, as documents in training.
+    dtype: weights and cache (default: bf16 on CUDA, else the model's); compile:
+        torch.compile the decode step or loop ("step", "loop"; `DecodeEngine`).
+    """
+
+    n_loops: int | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Any = None
+    adaptive_threshold: float | None = None
+    adaptive_criterion: str = "state"
+    min_loops: int = 2
+    cache_slots: int | None = None
+    slot_policy: str = "block"
+    add_bos: bool = True
+    dtype: torch.dtype | None = None
+    compile: bool | str = False
+
+    def __post_init__(self) -> None:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} is not allowed: an integer >= 1")
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> GenerationOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {unknown}: the options are "
+                            f"{sorted(known)}")
+        return cls(**options)
+
+    def sequence_params(self, stop_ids: set[int]) -> SequenceParams:
+        """The per-row settings of every prompt (checked: a bad value raises ValueError)."""
+        adaptive = None if self.adaptive_threshold is None else AdaptiveLoops(
+            self.adaptive_threshold, self.adaptive_criterion, self.min_loops)
+        return SequenceParams(
+            n_loops=self.n_loops,
+            sampling=SamplingParams(self.temperature, self.top_k, self.top_p, self.seed),
+            max_new_tokens=self.max_tokens, stop_ids=tuple(sorted(stop_ids)),
+            adaptive=adaptive)
+
+
+def _prompt_ids(prompts: Any, tokenizer: Any, add_bos: bool, sequence_len: int
+                ) -> list[list[int]]:
+    """Token ids of each prompt (their values are checked where they enter the engine)."""
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
@@ -103,10 +147,6 @@ def _prompt_ids(prompts: Any, tokenizer: Any, add_bos: bool, vocab_size: int,
             ids = list(prompt)
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty: at least one token is needed")
-        bad = [t for t in ids if not is_int(t) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} holds token id {bad[0]!r}, outside the vocabulary "
-                             f"[0, {vocab_size})")
         if len(ids) > sequence_len:
             raise ValueError(f"prompt {i} has {len(ids)} tokens, longer than the model's "
                              f"context (sequence_len={sequence_len})")
@@ -114,7 +154,8 @@ def _prompt_ids(prompts: Any, tokenizer: Any, add_bos: bool, vocab_size: int,
     return rows
 
 
-def _stop_ids(stop: Any, tokenizer: Any, vocab_size: int) -> set[int]:
+def _stop_ids(stop: Any, tokenizer: Any) -> set[int]:
+    """Stop token ids of `stop` (ids or single-token strings; the engine checks the ids)."""
     if stop is None:
         return set()
     if isinstance(stop, int | str):
@@ -129,38 +170,29 @@ def _stop_ids(stop: Any, tokenizer: Any, vocab_size: int) -> set[int]:
                 raise ValueError(f"stop={item!r} is not a single token of the vocabulary "
                                  f"(it encodes to {encoded}); give a token id or one token")
             item = encoded[0]
-        if not is_int(item) or not 0 <= item < vocab_size:
-            raise ValueError(f"unknown stop token {item!r}: ids lie in [0, {vocab_size})")
         ids.add(item)
     return ids
 
 
-def _check_lengths(n_loops, max_tokens) -> None:
-    for name, value in (("n_loops", n_loops), ("max_tokens", max_tokens)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"{name}={value!r} is not allowed: an integer >= 1")
+@dataclass
+class _Started:
+    """A generation under way: its engine, rows, stop ids and the steps it may still take."""
+
+    engine: DecodeEngine
+    batch: int
+    stop_ids: set[int]
+    steps: int
 
 
-def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
-           n_loops: int | None = None, max_tokens: int = 64, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
-           stop: Any = None, adaptive_threshold: float | None = None,
-           adaptive_criterion: str = "state", min_loops: int = 2,
-           cache_slots: int | None = None, slot_policy: str = "block", add_bos: bool = True,
-           dtype: torch.dtype | None = None, compile: bool = False,
-           engine: DecodeEngine | None = None) -> tuple[DecodeEngine, int, set[int], int]:
+def _start(model: LoopedGPT, prompts: Any, tokenizer: Any, options: GenerationOptions,
+           engine: DecodeEngine | None) -> _Started:
     """Check every option, build an engine for this batch (or check and reset the one
-    given) and add every prompt (one slot each, so ragged prompts need no padding).
-    Returns (engine, batch, stop ids, the most steps any row can still take)."""
+    given) and add every prompt (one slot each, so ragged prompts need no padding)."""
     cfg = model.config
-    n_loops = cfg.loops(n_loops)
-    _check_lengths(n_loops, max_tokens)
-    sampling = SamplingParams(temperature, top_k, top_p, seed)  # checks them
-    rows = _prompt_ids(prompts, tokenizer, add_bos, cfg.vocab_size, cfg.sequence_len)
-    stop_ids = _stop_ids(stop, tokenizer, cfg.vocab_size)
-    adaptive = None if adaptive_threshold is None else AdaptiveLoops(
-        adaptive_threshold, adaptive_criterion, min_loops)
-    loop_slot_map(n_loops, cache_slots, slot_policy)  # checks them
+    stop_ids = _stop_ids(options.stop, tokenizer)
+    params = options.sequence_params(stop_ids)
+    rows = _prompt_ids(prompts, tokenizer, options.add_bos, cfg.sequence_len)
+    max_tokens = options.max_tokens
     # the last sampled token is never fed back, so a row of P tokens can take
     # sequence_len - P + 1 new ones
     rooms = [min(max_tokens, cfg.sequence_len - len(ids) + 1) for ids in rows]
@@ -170,110 +202,100 @@ def _start(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
                     cfg.sequence_len, max(len(r) for r in rows), min(rooms))
     max_len = min(cfg.sequence_len, max(len(ids) + max_tokens - 1 for ids in rows))
     if engine is None:
-        engine = DecodeEngine(model, max_batch=len(rows), max_len=max_len, max_loops=n_loops,
-                              cache_slots=cache_slots, slot_policy=slot_policy, dtype=dtype,
-                              compile=compile)
+        engine = DecodeEngine(model, max_batch=len(rows), max_len=max_len,
+                              max_loops=options.n_loops, cache_slots=options.cache_slots,
+                              slot_policy=options.slot_policy, dtype=options.dtype,
+                              compile=options.compile)
     else:
-        _check_engine(engine, model, len(rows), max_len, n_loops, cache_slots, slot_policy,
-                      dtype, compile)
+        _check_engine(engine, model, len(rows), max_len, options)
         engine.reset()
     for slot, ids in enumerate(rows):
-        engine.add(slot, ids, n_loops=n_loops, sampling=sampling, max_new_tokens=max_tokens,
-                   stop_ids=sorted(stop_ids), adaptive=adaptive)
-    return engine, len(rows), stop_ids, max(rooms) - 1
+        engine.add(slot, ids, params)
+    return _Started(engine, len(rows), stop_ids, max(rooms) - 1)
 
 
 def _check_engine(engine: DecodeEngine, model: LoopedGPT, batch: int, max_len: int,
-                  n_loops: int, cache_slots: int | None, slot_policy: str,
-                  dtype: torch.dtype | None, compile: bool) -> None:
-    """A reused engine must be this model's and big enough; its dtype, compile and cache
-    slots are its own (set when it was built)."""
+                  options: GenerationOptions) -> None:
+    """A reused engine must be this model's and big enough (its n_loops capacity is checked
+    as the prompts are added); its dtype, compile and cache slots are its own."""
     if not isinstance(engine, DecodeEngine) or engine.source is not model:
         raise ValueError("engine= must be a DecodeEngine built for this model")
     for name, need, has in (("prompts", batch, engine.max_batch),
-                            ("positions (prompt + max_tokens - 1)", max_len, engine.max_len),
-                            ("n_loops", n_loops, engine.max_loops)):
+                            ("positions (prompt + max_tokens - 1)", max_len, engine.max_len)):
         if need > has:
             raise ValueError(f"the engine holds at most {has} {name}; this call needs {need}: "
                              f"build a larger DecodeEngine")
-    if dtype is not None or compile or cache_slots is not None or slot_policy != "block":
+    if options.dtype is not None or options.compile or options.cache_slots is not None \
+            or options.slot_policy != "block":
         raise ValueError("dtype, compile, cache_slots and slot_policy belong to the "
                          "DecodeEngine when engine= is given: set them when building it")
 
 
 @torch.no_grad()
-def stream(model: LoopedGPT, prompts: Any, **options: Any) -> Iterator[GenerationStep]:
-    """Generate, yielding one `GenerationStep` per sampled position (see `generate`); the
-    tokens of each step come to the host in one transfer."""
-    engine, batch, stop_ids, n_steps = _start(model, prompts, **options)
-    out = engine.output(batch)
-    for index in range(n_steps + 1):
+def stream(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
+           engine: DecodeEngine | None = None, **options: Any) -> Iterator[GenerationStep]:
+    """Generate, yielding one `GenerationStep` per sampled position (the options are
+    `generate`'s); the tokens of each step come to the host in one transfer."""
+    run = _start(model, prompts, tokenizer, GenerationOptions.of(options), engine)
+    out = run.engine.output(run.batch)
+    for index in range(run.steps + 1):
         tokens, finished, loops = torch.stack([out.tokens, out.finished.long(),
                                                out.loops]).tolist()
-        new = [None if t < 0 or t in stop_ids else t for t in tokens]
+        new = [None if t < 0 or t in run.stop_ids else t for t in tokens]
         done = [bool(f) for f in finished]
         yield GenerationStep(index, new, loops, done)
         if all(done):
             return
-        out = engine.step()
+        out = run.engine.step()
 
 
-def generate(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None, **options: Any
-             ) -> GenerationResult:
+def generate(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
+             engine: DecodeEngine | None = None, **options: Any) -> GenerationResult:
     """Generate continuations of one or more prompts with the decode engine
-    (`loopedlm.infer.DecodeEngine`: a static KV cache, one slot per prompt).
+    (`DecodeEngine`: a static KV cache, one slot per prompt).
 
     prompts: a string or a list of strings (needs `tokenizer`; BOS is prepended unless
         add_bos=False), or a list of token ids, or a list of such lists. Prompts of
         different lengths are batched, each in its own cache slot with its own positions.
-    n_loops: loop count (default: the model's). max_tokens: tokens to generate per row.
-    temperature (0 = greedy), top_k, top_p in (0, 1], seed (same seed and prompt, same
-        text, whatever else is in the batch).
-    stop: token id(s) or single-token string(s); a row ends when it samples one.
-    adaptive_threshold / adaptive_criterion ("state" | "kl") / min_loops: adaptive loops
-        (`AdaptiveLoops`). cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
-    dtype: weights and cache (default: bf16 on CUDA, else the model's); compile:
-        torch.compile the decode loop (pays off for long generations on CPU).
+    options: the fields of `GenerationOptions` (n_loops, max_tokens, temperature, top_k,
+        top_p, seed, stop, adaptive_threshold, adaptive_criterion, min_loops, cache_slots,
+        slot_policy, add_bos, dtype, compile).
     engine: a `DecodeEngine` of this model to reuse across calls (large enough for the
         prompts, their lengths and n_loops): no new cache, cast copy or CUDA-graph
         capture per call. Without it each call builds its own.
     Bad values raise ValueError naming the value.
     """
     start = time.perf_counter()
-    max_tokens = options.get("max_tokens", 64)
+    opts = GenerationOptions.of(options)
     with torch.no_grad():
-        engine, batch, stop_ids, n_steps = _start(model, prompts, tokenizer=tokenizer,
-                                                  **options)
-        outputs = [_snapshot(engine.output(batch))]
-        for step in range(n_steps):
+        run = _start(model, prompts, tokenizer, opts, engine)
+        outputs = [_snapshot(run.engine.output(run.batch))]
+        for step in range(run.steps):
             # one host sync every SYNC_EVERY steps to stop early; tokens stay on the device
-            if step % SYNC_EVERY == 0 and bool(engine.finished[:batch].all()):
+            if step % SYNC_EVERY == 0 and bool(run.engine.output(run.batch).finished.all()):
                 break
-            outputs.append(_snapshot(engine.step()))
+            outputs.append(_snapshot(run.engine.step()))
         tokens_steps, loops_steps = torch.stack(outputs, 1).tolist()  # (2, steps, batch)
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    loops: list[list[int]] = [[] for _ in range(batch)]
-    reasons = [""] * batch
+    tokens: list[list[int]] = [[] for _ in range(run.batch)]
+    loops: list[list[int]] = [[] for _ in range(run.batch)]
+    reasons = [""] * run.batch
     for step_tokens, step_loops in zip(tokens_steps, loops_steps, strict=True):
         for r, (tok, spent) in enumerate(zip(step_tokens, step_loops, strict=True)):
             if tok < 0 or reasons[r]:
                 continue
-            if tok in stop_ids:
+            if tok in run.stop_ids:
                 reasons[r] = "stop"
             else:
                 tokens[r].append(tok)
                 loops[r].append(spent)
     for r, reason in enumerate(reasons):
         if not reason:
-            reasons[r] = "length" if len(tokens[r]) >= max_tokens else "context"
+            reasons[r] = "length" if len(tokens[r]) >= opts.max_tokens else "context"
     texts = [tokenizer.decode(t) for t in tokens] if tokenizer is not None else None
     return GenerationResult(tokens, loops, reasons, texts, time.perf_counter() - start)
 
 
-SYNC_EVERY = 8
-
-
-def _snapshot(out) -> torch.Tensor:
+def _snapshot(out: StepOutput) -> torch.Tensor:
     """A step's tokens and loops, copied out of the engine's static buffers (2, batch)."""
     return torch.stack([out.tokens, out.loops])
 
@@ -285,4 +307,41 @@ def strip_trailing_spaces(prompt: str) -> str:
     return prompt.rstrip(" ") or prompt
 
 
-__all__ = ["GenerationStep", "GenerationResult", "generate", "stream", "strip_trailing_spaces"]
+# ---- teacher-forced scoring through the decoding path ---------------------------------------
+@dataclass
+class DecodeScore:
+    """Per-position next-token NLL (nats) and loops spent, from token-by-token decoding."""
+
+    nll: torch.Tensor    # (B, T - prefill)
+    loops: torch.Tensor  # (B, T - prefill)
+
+
+@torch.no_grad()
+def decode_nll(model: LoopedGPT, tokens: torch.Tensor, *, n_loops: int | None = None,
+               prefill: int = 1, adaptive: AdaptiveLoops | None = None,
+               cache_slots: int | None = None, slot_policy: str = "block") -> DecodeScore:
+    """Teacher-forced NLL of `tokens` (B, T) computed the way generation computes it (the
+    decode engine, in the model's dtype): the first `prefill` tokens in one pass, then one
+    token at a time, so that the quality cost of adaptive loops and shared cache slots can
+    be measured. With neither it equals the full forward's loss."""
+    batch, length = tokens.shape
+    if not 1 <= prefill < length:
+        raise ValueError(f"prefill={prefill} must lie in [1, {length})")
+    engine = DecodeEngine(model, max_batch=batch, max_len=length - 1, max_loops=n_loops,
+                          cache_slots=cache_slots, slot_policy=slot_policy,
+                          dtype=model.lm_head.weight.dtype)
+    params = SequenceParams(n_loops=n_loops, adaptive=adaptive)
+    logits = torch.stack([engine.prefill(r, tokens[r, :prefill], params)[-1]
+                          for r in range(batch)])
+    spent = engine.state.n_loops[:batch].clone()  # the prefill runs every loop
+    nll, loops = [], []
+    for t in range(prefill, length):
+        nll.append(F.cross_entropy(logits.float(), tokens[:, t], reduction="none"))
+        loops.append(spent)
+        if t < length - 1:
+            logits, spent = engine.decode(tokens[:, t])
+    return DecodeScore(torch.stack(nll, 1).cpu(), torch.stack(loops, 1).cpu())
+
+
+__all__ = ["GenerationOptions", "GenerationStep", "GenerationResult", "generate", "stream",
+           "strip_trailing_spaces", "DecodeScore", "decode_nll", "DEFAULT_MAX_TOKENS"]

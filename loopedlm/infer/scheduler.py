@@ -2,6 +2,10 @@
 engine's free slots between steps (continuous batching), per-sequence timeouts,
 cancellation, and text: stop strings and incremental UTF-8-safe deltas.
 
+The scheduler owns requests; the engine owns the model and the batch. What the scheduler
+needs from an engine is `SlotEngine`, which `loopedlm.infer.engine.DecodeEngine` satisfies
+as it is.
+
 The engine runs on one worker thread (`Scheduler.start`); everything else may call
 `submit` and `cancel` from any thread. A `Sequence` reports to its `sink` (called on the
 worker thread) a `Delta` per token that produced new text, and a last one with its
@@ -18,12 +22,37 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from loopedlm.common.validation import is_int
-from loopedlm.infer.protocol import SequenceParams, SlotEngine, TokenEvent
+from loopedlm.infer.engine import SequenceParams, StepOutput
 
 log = logging.getLogger(__name__)
+
+
+class SlotEngine(Protocol):
+    """What the scheduler needs from a decode engine (`DecodeEngine`): slots 0 ..
+    max_batch-1, each holding one sequence of at most max_len tokens (prompt and fed-back
+    tokens). Calls come from one thread."""
+
+    max_batch: int
+    max_len: int
+
+    def add(self, slot: int, prompt_ids: list[int], params: SequenceParams) -> Any:
+        """Start a sequence in a free `slot`: prefill its prompt, sample its first token."""
+        ...
+
+    def step(self) -> StepOutput:
+        """Feed every held sequence its last sampled token; sample one more for each."""
+        ...
+
+    def output(self, batch: int | None = None) -> StepOutput:
+        """The outputs of the last step or add, per slot."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """Forget the sequence in `slot`; the slot is free again."""
+        ...
 
 
 class QueueFull(Exception):
@@ -142,10 +171,12 @@ class Scheduler:
                 for slot, sequence in admitted:
                     self._start(slot, sequence)
                 if self.running:
-                    events = self.engine.step()
+                    tokens, loops = self.engine.step().host()
                     self.stats["steps"] += 1
-                    for event in events:
-                        self._deliver(event)
+                    for slot in sorted(self.running):
+                        if tokens[slot] < 0:  # the engine ended it (its cache is full)
+                            raise RuntimeError(f"slot {slot} produced no token")
+                        self._deliver(slot, tokens[slot], loops[slot])
             except Exception:  # the engine failed: end what it held, keep serving
                 log.exception("decode step failed")
                 for slot in list(self.running):
@@ -168,7 +199,7 @@ class Scheduler:
             else:
                 kept.append(sequence)
         self.waiting = kept
-        free = [s for s in range(self.engine.capacity) if s not in self.running]
+        free = [s for s in range(self.engine.max_batch) if s not in self.running]
         return [(slot, self.waiting.popleft()) for slot in free[:len(self.waiting)]]
 
     def _expire(self) -> None:
@@ -181,7 +212,8 @@ class Scheduler:
 
     def _start(self, slot: int, sequence: Sequence) -> None:
         try:
-            event = self.engine.add(slot, sequence.prompt, sequence.params)
+            self.engine.add(slot, sequence.prompt, sequence.params)
+            tokens, loops = self.engine.output().host()
         except Exception:
             log.exception("prefill failed")
             self.engine.release(slot)  # whatever the engine did, the slot is free again
@@ -190,31 +222,32 @@ class Scheduler:
         self.running[slot] = sequence
         self.stats["prompt_tokens"] += len(sequence.prompt)
         self.stats["sequences"] += 1
-        self._deliver(event)
+        self._deliver(slot, tokens[slot], loops[slot])
 
-    def _deliver(self, event: TokenEvent) -> None:
-        sequence = self.running[event.slot]
-        if event.token in sequence.stop_ids:
-            self._finish(event.slot, sequence, "stop")
+    def _deliver(self, slot: int, token: int, loops: int) -> None:
+        """Sequence `slot` sampled `token`, spending `loops` loops on it."""
+        sequence = self.running[slot]
+        if token in sequence.stop_ids:
+            self._finish(slot, sequence, "stop")
             return
-        sequence.tokens.append(event.token)
-        sequence.loops.append(event.loops)
+        sequence.tokens.append(token)
+        sequence.loops.append(loops)
         self.stats["tokens"] += 1
-        self.stats["loops"] += event.loops
+        self.stats["loops"] += loops
         text = self.tokenizer.decode(sequence.tokens)
         sequence._text = text
-        cut = _find_stop(text, sequence.stop, sequence._text_sent)
+        cut = find_stop(text, sequence.stop, sequence._text_sent)
         if cut is not None:
             sequence._text = text[:cut]
-            self._finish(event.slot, sequence, "stop")
+            self._finish(slot, sequence, "stop")
             return
-        room = self.engine.context_len - len(sequence.prompt) + 1
+        room = self.engine.max_len - len(sequence.prompt) + 1
         if len(sequence.tokens) >= min(sequence.max_tokens, room):
-            self._finish(event.slot, sequence, "length")
+            self._finish(slot, sequence, "length")
             return
         # a character split over tokens spans at most 4 (UTF-8); longer runs are invalid bytes
         unsent = len(sequence.tokens) - sequence._loops_sent
-        safe = _safe_length(text, sequence.stop, hold_incomplete=unsent < 4)
+        safe = safe_length(text, sequence.stop, hold_incomplete=unsent < 4)
         if safe > sequence._text_sent:
             self._send(sequence, safe, None)
 
@@ -238,7 +271,7 @@ class Scheduler:
         self._send(sequence, len(sequence.text), reason)
 
 
-def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
+def find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
     """Where the first stop string starts in `text` (searching only where a new one can
     be: from the end of the sent text, less one stop's length), or None."""
     best = None
@@ -249,7 +282,7 @@ def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
     return best
 
 
-def _safe_length(text: str, stops: tuple[str, ...], hold_incomplete: bool = True) -> int:
+def safe_length(text: str, stops: tuple[str, ...], hold_incomplete: bool = True) -> int:
     """How much of `text` can be sent: not a trailing incomplete UTF-8 character (the
     tokenizer decodes it as U+FFFD; held back only while `hold_incomplete`) nor a tail
     that may begin a stop string."""
@@ -265,4 +298,4 @@ def _safe_length(text: str, stops: tuple[str, ...], hold_incomplete: bool = True
     return end - hold
 
 
-__all__ = ["Scheduler", "Sequence", "Delta", "QueueFull"]
+__all__ = ["Scheduler", "SlotEngine", "Sequence", "Delta", "QueueFull", "find_stop", "safe_length"]

@@ -19,17 +19,24 @@ Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`:
 a bad request (invalid JSON, wrong types, values out of range, a prompt longer than the
 context, max_tokens beyond it), 404 for an unknown model, 429 when the queue is full.
 A client that disconnects cancels its sequences, which frees their slots at once.
+
+This file is the HTTP side: the request schema and errors (`CompletionRequest`,
+`ApiError`), one request's answer (`Completion`: streamed or one body), the Prometheus
+metrics (`ServerMetrics`) and the app. The scheduler (`loopedlm.infer.scheduler`) runs the
+decode engine (`loopedlm.infer.engine.DecodeEngine`) on its own thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,25 +45,226 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
 
 from loopedlm.common.validation import is_int
-from loopedlm.infer.api import ApiError, CompletionRequest, validation_message
-from loopedlm.infer.completions import Completion
-from loopedlm.infer.loading import load_run_tokenizer
-from loopedlm.infer.metrics import ServerMetrics
-from loopedlm.infer.protocol import SequenceParams, SlotEngine
+from loopedlm.data.runs import load_run
+from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams
+from loopedlm.infer.options import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
-from loopedlm.infer.scheduler import Scheduler, Sequence
-from loopedlm.infer.slots import EngineSlots
-from loopedlm.model.checkpoint import load_model
+from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence, SlotEngine
+from loopedlm.model.config import check_token_ids
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
 
+# ---- the API: request body and errors in OpenAI's shape ----------------------------------
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions (unknown fields are ignored, as OpenAI does)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    prompt: Any = None
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    n: int = Field(1, ge=1, le=1)
+    n_loops: int | None = Field(None, ge=1)
+    adaptive_threshold: float | None = Field(None, ge=0)
+    return_loops: bool = False
+    timeout: float | None = Field(None, gt=0)
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = \
+            status, message, param, kind, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One message (and the first bad field) for a body that failed validation."""
+    parts, param = [], None
+    for error in exc.errors()[:3]:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if error.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', '')})")
+            continue
+        where = ".".join(loc) or "body"
+        param = param or where
+        got = error.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)[:60]})"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}{shown}")
+    return "; ".join(parts) or "invalid request", param
+
+
+# ---- one request's answer: server-sent events or one JSON body -----------------------------
+DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
+
+
+def _mean(values: list[int]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def finish_fields(sequence: Sequence) -> dict[str, Any]:
+    """What a choice reports once its sequence has finished."""
+    return {"mean_loops": _mean(sequence.loops)}
+
+
+class Completion:
+    """The answer to `body` (model `model_name`), whose sequences `scheduler` decodes.
+    Create it inside the request's event loop; `sink_for(i)` is sequence i's sink."""
+
+    def __init__(self, body: CompletionRequest, model_name: str, scheduler: Scheduler):
+        self.body, self.model_name, self.scheduler = body, model_name, scheduler
+        self.loop = asyncio.get_running_loop()
+        self.deltas: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+        self.sequences: list[Sequence] = []
+        self.head: dict[str, Any] = {}
+
+    def sink_for(self, index: int) -> Callable[[Delta], None]:
+        return lambda delta: self.loop.call_soon_threadsafe(self.deltas.put_nowait,
+                                                            (index, delta))
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue `sequences` (made with this completion's sinks); 429 when the queue is full."""
+        try:
+            self.scheduler.submit(sequences)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), kind="rate_limit_error", code="queue_full") from None
+        self.sequences = sequences
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                     "created": int(time.time()), "model": self.model_name}
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(len(s.prompt) for s in self.sequences)
+        completion = sum(len(s.tokens) for s in self.sequences)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def cancel_unfinished(self) -> None:
+        for sequence in self.sequences:
+            if sequence.finish_reason is None:
+                self.scheduler.cancel(sequence)
+
+    # ---- streaming: server-sent events ------------------------------------------------------
+    def event_stream(self) -> StreamingResponse:
+        return StreamingResponse(self.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def events(self) -> AsyncIterator[str]:
+        """One event per delta, then the usage (when asked) and `[DONE]`."""
+        include_usage = bool((self.body.stream_options or {}).get("include_usage"))
+        open_ = set(range(len(self.sequences)))
+        try:
+            while open_:
+                index, delta = await self.deltas.get()
+                if delta.finish_reason is not None:
+                    open_.discard(index)
+                event = {**self.head, "choices": [self.delta_choice(index, delta)]}
+                yield f"data: {json.dumps(event)}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client went away: free the slots now
+            self.cancel_unfinished()
+
+    def delta_choice(self, index: int, delta: Delta) -> dict[str, Any]:
+        choice = {"index": index, "text": delta.text, "logprobs": None,
+                  "finish_reason": delta.finish_reason}
+        if self.body.return_loops:
+            choice["loops"] = delta.loops
+        if delta.finish_reason is not None:
+            choice.update(finish_fields(self.sequences[index]))
+        return choice
+
+    # ---- one JSON body -------------------------------------------------------------------------
+    async def collect(self, request: Request) -> Response:
+        """The whole answer as JSON once every sequence has finished; 499 (nobody to
+        answer) when the client went away, 500 when generation failed."""
+        texts: list[list[str]] = [[] for _ in self.sequences]
+        open_ = set(range(len(self.sequences)))
+        check_at = self.loop.time() + DISCONNECT_POLL
+        try:
+            while open_:
+                with contextlib.suppress(TimeoutError):
+                    index, delta = await asyncio.wait_for(self.deltas.get(),
+                                                          timeout=DISCONNECT_POLL)
+                    texts[index].append(delta.text)
+                    if delta.finish_reason is not None:
+                        open_.discard(index)
+                if self.loop.time() >= check_at:  # nobody to answer: stop generating for them
+                    check_at = self.loop.time() + DISCONNECT_POLL
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+        finally:
+            self.cancel_unfinished()
+        if any(s.finish_reason == "error" for s in self.sequences):
+            raise ApiError(500, "generation failed on the server (see its log)", kind="server_error")
+        return JSONResponse({**self.head, "choices": self.choices(texts), "usage": self.usage()})
+
+    def choices(self, texts: list[list[str]]) -> list[dict[str, Any]]:
+        choices = []
+        for index, sequence in enumerate(self.sequences):
+            choice = {"index": index, "text": "".join(texts[index]), "logprobs": None,
+                      "finish_reason": sequence.finish_reason, **finish_fields(sequence)}
+            if self.body.return_loops:
+                choice["loops"] = list(sequence.loops)
+            choices.append(choice)
+        return choices
+
+
+# ---- GET /metrics ------------------------------------------------------------------------
+class ServerMetrics:
+    """Prometheus collector over `scheduler` and `http_counts` (HTTP status -> requests)."""
+
+    def __init__(self, scheduler: Scheduler, http_counts: dict[int, int]):
+        self.scheduler, self.http_counts = scheduler, http_counts
+
+    def collect(self) -> Iterator[Any]:
+        sched, http = self.scheduler, self.http_counts
+        requests = CounterMetricFamily("loopedlm_requests", "HTTP completion requests by status",
+                                       labels=["status"])
+        for status, count in sorted(http.items()):
+            requests.add_metric([str(status)], count)
+        yield requests
+        sequences = CounterMetricFamily("loopedlm_sequences_finished",
+                                        "finished sequences by finish reason", labels=["reason"])
+        for reason, count in sorted(sched.finished.items()):
+            sequences.add_metric([reason], count)
+        yield sequences
+        for key, name, doc in (
+                ("prompt_tokens", "loopedlm_prompt_tokens", "prompt tokens prefilled"),
+                ("tokens", "loopedlm_generated_tokens", "tokens generated"),
+                ("loops", "loopedlm_loops_spent", "loops spent on generated tokens (a token "
+                                                  "at N loops counts N)"),
+                ("steps", "loopedlm_decode_steps", "batched decode steps")):
+            yield CounterMetricFamily(name, doc, value=sched.stats[key])
+        yield GaugeMetricFamily("loopedlm_queue_length", "sequences waiting for a slot",
+                                value=sched.queue_length)
+        yield GaugeMetricFamily("loopedlm_batch_size", "sequences in the running batch",
+                                value=sched.batch_size)
+
+
+# ---- the server ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServeConfig:
     """Server settings (each a `loopedlm serve` flag).
@@ -91,12 +299,10 @@ class CompletionServer:
     def __init__(self, model: Any, tokenizer: Any, *, name: str, config: ServeConfig,
                  engine: SlotEngine | None = None):
         self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
-        cfg = model.config
-        self.default_loops = cfg.n_loops
-        self.max_loops = config.max_loops or 4 * cfg.n_loops
-        self.engine = engine or EngineSlots(model, capacity=config.max_batch,
-                                            max_loops=self.max_loops)
-        self.context_len = self.engine.context_len
+        self.max_loops = config.max_loops or 4 * model.config.n_loops
+        self.engine = engine or DecodeEngine(model, max_batch=config.max_batch,
+                                             max_loops=self.max_loops)
+        self.context_len = self.engine.max_len
         self.scheduler = Scheduler(self.engine, tokenizer, max_queue=config.max_queue)
         self.http_counts: dict[int, int] = {}
         self.registry = CollectorRegistry()
@@ -116,14 +322,14 @@ class CompletionServer:
             raise ApiError(400, f"prompt={json.dumps(prompt)[:60]} is not allowed: a string, a "
                                 f"list of strings, a list of token ids, or a list of those",
                            param="prompt")
-        vocab, rows = self.model.config.vocab_size, []
+        rows = []
         for i, p in enumerate(prompt):
             ids = [self.tokenizer.bos_id, *self._encode(p, i)] if isinstance(p, str) \
                 else list(p)
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ApiError(400, f"prompt {i} holds token id {bad[0]}, outside the vocabulary "
-                                    f"[0, {vocab})", param="prompt")
+            try:  # where ids enter the server: a 400 now, not a failed sequence later
+                check_token_ids(ids, self.model.config.vocab_size, f"prompt {i}: token id")
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="prompt") from None
             if len(ids) > self.context_len:
                 raise ApiError(400, f"prompt {i} has {len(ids)} tokens, longer than the model's "
                                     f"context of {self.context_len} tokens", param="prompt",
@@ -144,9 +350,9 @@ class CompletionServer:
                                 f"{self.name!r} (GET /v1/models)", param="model",
                            code="model_not_found")
         rows = self.prompt_ids(body.prompt)
-        n_loops = self.default_loops if body.n_loops is None else body.n_loops
-        if n_loops > self.max_loops:
-            raise ApiError(400, f"n_loops={n_loops} is not allowed: 1 .. {self.max_loops} "
+        # (None: the model's loop count, filled by the engine)
+        if body.n_loops is not None and body.n_loops > self.max_loops:
+            raise ApiError(400, f"n_loops={body.n_loops} is not allowed: 1 .. {self.max_loops} "
                                 f"(this server's --max-loops)", param="n_loops")
         longest = max(len(r) for r in rows)
         room = self.context_len - longest + 1
@@ -161,11 +367,13 @@ class CompletionServer:
                            param="stop")
         timeout = min(body.timeout or self.config.timeout, self.config.timeout)
         try:  # every value is checked here, before any engine state is touched (issue 22, D1)
-            SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+            sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p,
+                                      seed=body.seed)
+            adaptive = None if body.adaptive_threshold is None \
+                else AdaptiveLoops(body.adaptive_threshold)
         except ValueError as exc:
             raise ApiError(400, str(exc), param=str(exc).split("=", 1)[0]) from None
-        params = SequenceParams(n_loops=n_loops, temperature=body.temperature, top_p=body.top_p,
-                                seed=body.seed, adaptive_threshold=body.adaptive_threshold)
+        params = SequenceParams(n_loops=body.n_loops, sampling=sampling, adaptive=adaptive)
         return [Sequence(prompt=ids, params=params, max_tokens=body.max_tokens, sink=sink_for(i),
                          stop=stop, stop_ids=frozenset({self.tokenizer.bos_id}), timeout=timeout)
                 for i, ids in enumerate(rows)]
@@ -232,7 +440,7 @@ def _add_info_routes(app: FastAPI, server: CompletionServer) -> None:
         cfg = server.model.config
         return {"object": "list", "data": [{
             "id": server.name, "object": "model", "created": server.created, "owned_by": "loopedlm",
-            "loop_mode": cfg.loop_mode, "n_loops": server.default_loops,
+            "loop_mode": cfg.loop_mode, "n_loops": cfg.n_loops,
             "max_loops": server.max_loops, "context_length": server.context_len}]}
 
 
@@ -279,15 +487,16 @@ def serve(run: str, config: ServeConfig, *, device: str | None = None,
           name: str | None = None) -> None:
     """Serve a run folder's (or checkpoint folder's) model until interrupted."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_run_tokenizer(run)
-    model, _ = load_model(run, device=device)
+    loaded = load_run(run, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     name = name or Path(run).resolve().name
     app = create_app(model, tokenizer, name=name, config=config)
     server = app.state.server
     log.info("serving %s (%s, %d loops by default, up to %d) on http://%s:%d with %d slots",
-             name, device, server.default_loops, server.max_loops, config.host, config.port,
+             name, device, model.config.n_loops, server.max_loops, config.host, config.port,
              config.max_batch)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 
 
-__all__ = ["ServeConfig", "CompletionServer", "create_app", "serve_in_background", "serve"]
+__all__ = ["ServeConfig", "CompletionServer", "CompletionRequest", "ApiError", "Completion",
+           "ServerMetrics", "create_app", "serve_in_background", "serve"]

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from loopedlm.common.files import atomic_write_json, fsync_dir, sha256_file
 from loopedlm.model.config import ModelConfig
 from loopedlm.model.gpt import LoopedGPT
+from loopedlm.model.hf_folder import exported_meta
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[LoopedGPT, dict[str, Any]]:
     """Load a model from a model folder or a run folder; returns (model, config.json dict)."""
     folder = resolve_model_folder(path)
-    meta = _read_json(folder / CONFIG_FILE)
+    meta = exported_meta(folder) or _read_json(folder / CONFIG_FILE)  # a `loopedlm export` folder
     if "model" not in meta:
         raise ValueError(f"{folder / CONFIG_FILE} has no 'model' section: not a loopedlm checkpoint")
     config = ModelConfig.from_dict(meta["model"])

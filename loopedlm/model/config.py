@@ -1,11 +1,16 @@
-"""Model configuration (SPEC 1-4): a validated dataclass and the named presets."""
+"""Model configuration (docs/design.md#backbone): a validated dataclass, the named presets,
+and the one token-id range check."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from loopedlm.common.validation import ConfigError, check, check_choice, close_match, is_int
 from loopedlm.model.loop_modes import LOOP_MODES
@@ -74,8 +79,7 @@ class ModelConfig:
         check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head,
                f"must divide n_head={self.n_head}")
         check_choice("loop_mode", self.loop_mode, tuple(LOOP_MODES))
-        check(is_int(self.n_loops) and self.n_loops >= 1, "n_loops", self.n_loops,
-               "an integer >= 1")
+        self.loops()  # the one check of a loop count
         check_choice("loss_loops", self.loss_loops, LOSS_LOOPS)
         check_choice("attn_type", self.attn_type, ATTN_TYPES)
         check(is_int(self.kv_rank) and self.kv_rank >= 1, "kv_rank", self.kv_rank,
@@ -94,8 +98,11 @@ class ModelConfig:
                self.softcap, "a number > 0")
 
     def loops(self, n_loops: int | None = None) -> int:
-        """The loop count of a call: `n_loops`, or this config's when None (the one place
-        the default is filled); a ValueError names a count that is not an integer >= 1."""
+        """The loop count of a call: `n_loops`, or this config's when None. The one code that
+        fills the default and checks a count (this config's own too, in `validate`), called
+        where a count enters: the model's forward and `estimate_flops`, the decode engine,
+        the evaluators and the commands; a ValueError names a count that is not an integer
+        >= 1."""
         n_loops = self.n_loops if n_loops is None else n_loops
         check(is_int(n_loops) and n_loops >= 1, "n_loops", n_loops, "an integer >= 1")
         return n_loops
@@ -118,7 +125,7 @@ class ModelConfig:
 
     @property
     def short_window(self) -> int:
-        """SPEC 3: an 'S' layer sees the last `sequence_len // 4` keys."""
+        """An 'S' layer sees the last `sequence_len // 4` keys (docs/design.md#attention-variants)."""
         return max(self.sequence_len // 4, 1)
 
     def window_sizes(self) -> list[int | None]:
@@ -130,7 +137,8 @@ class ModelConfig:
         return sizes
 
     def residual_eps(self) -> float:
-        """SPEC 4: the scale on every residual branch, fixed by the trained loop count."""
+        """The scale on every residual branch, fixed by the trained loop count
+        (docs/design.md#residual-scaling)."""
         n, depth = self.n_loops, self.depth
         return {
             "none": 1.0,
@@ -163,6 +171,27 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
+def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int, what: str = "token id",
+                    *, ignore: int | None = None) -> None:
+    """Raise ValueError naming the first id in `ids` (a tensor or a sequence of ints) outside
+    [0, vocab_size) (`ignore`, e.g. -1 for ignored targets, is allowed too). It reads the
+    values, so it runs where ids enter (the decode engine, the server, the model's forward on
+    CPU), never on an accelerator's hot path."""
+    if hasattr(ids, "numel"):  # a tensor (duck-typed: this module imports no torch, so that
+        # the CLI reads configs and presets without it)
+        values = ids[ids != ignore] if ignore is not None else ids
+        if values.numel() == 0:
+            return
+        lo, hi = int(values.min()), int(values.max())
+        bad = lo if lo < 0 else hi if hi >= vocab_size else None
+    else:
+        bad = next((t for t in ids if t != ignore and (not is_int(t) or not 0 <= t < vocab_size)),
+                   None)
+    if bad is not None:
+        allowed = f" (or {ignore} = ignore)" if ignore is not None else ""
+        raise ValueError(f"{what} {bad!r} is outside the vocabulary [0, {vocab_size}){allowed}")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's sizes (A.3): Qwen3 vocabulary, nanochat width rule.
     "small": dict(depth=6, vocab_size=QWEN3_VOCAB_SIZE, sequence_len=1024),
@@ -172,6 +201,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["ModelConfig", "PRESETS", "LOOP_MODES", "LOSS_LOOPS", "ATTN_TYPES",
+__all__ = ["ModelConfig", "PRESETS", "LOOP_MODES", "check_token_ids", "LOSS_LOOPS", "ATTN_TYPES",
            "RESIDUAL_SCALES",
            "QWEN3_VOCAB_SIZE"]

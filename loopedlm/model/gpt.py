@@ -1,9 +1,14 @@
-"""The looped GPT (SPEC 1-2, 4): a nanochat-style backbone whose `depth` blocks run
-`n_loops` times, in one of five loop modes.
+"""The looped GPT (docs/design.md#backbone, #loop-modes): a nanochat-style backbone whose
+`depth` blocks run `n_loops` times, in one of five loop modes.
 
-A loop mode is data (`LoopMode`): where loop t > 1 starts its stream, and which layers
-receive the previous loop's state `h^{t-1}` and how (loopedlm.model.loop_modes). One loop
-(`LoopedGPT.run_loop`) runs every mode. Adding a mode is one line in `LOOP_MODES`.
+`LoopedGPT.forward` is the paper's loop: h^t = norm(loop_t(h^{t-1})) for t = 1 .. N, and the
+loss of the supervised loops. A loop mode is data (`LoopMode`): where loop t > 1 starts its
+stream, and which layers receive the previous loop's state h^{t-1} and how
+(loopedlm.model.loop_modes); `LoopedGPT.loop` reads that table and runs every mode. Adding a
+mode is one line in `LOOP_MODES`.
+
+The per-loop API (`prepare`, `loop`, `logits`) is what the forward is made of, and what the
+decode engine (`loopedlm.infer.engine`) and the bpb evaluator run themselves.
 """
 
 from __future__ import annotations
@@ -20,22 +25,21 @@ from loopedlm.model.attention import (
     MLP,
     AttentionPlan,
     CausalSelfAttention,
-    KVCache,
-    build_plan,
     norm,
     rotary_tables,
+    sequence_plan,
 )
-from loopedlm.model.config import ModelConfig
+from loopedlm.model.config import ModelConfig, check_token_ids
 from loopedlm.model.head_loss import head_loss
 from loopedlm.model.loop_modes import LOOP_MODES
 
 
 @dataclass
 class LoopInputs:
-    """What the loops of one forward share (`LoopedGPT.prepare`).
+    """What the loops of one pass share (`LoopedGPT.prepare`).
 
-    x0: raw embedding wte(idx); embedded: e = norm(x0); plan: positions, RoPE, masks and
-    cache; first_kv: the first layer's keys and values when they are loop-invariant.
+    x0: raw embedding wte(idx); embedded: e = norm(x0); plan: RoPE, masks and (decoding) the
+    cache writer; first_kv: the first layer's keys and values when they are loop-invariant.
     """
 
     x0: torch.Tensor
@@ -43,53 +47,39 @@ class LoopInputs:
     plan: AttentionPlan
     first_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def select_rows(self, rows: torch.Tensor) -> LoopInputs:
-        """These inputs for batch `rows` only (adaptive decoding drops converged rows)."""
-        batch = self.x0.size(0)
+    def select_rows(self, rows: torch.Tensor, plan: AttentionPlan) -> LoopInputs:
+        """These inputs for batch `rows` only, under `plan` (built for those rows): adaptive
+        decoding drops the rows that converged."""
         first_kv = None if self.first_kv is None else (self.first_kv[0][rows],
                                                        self.first_kv[1][rows])
-        return LoopInputs(self.x0[rows], self.embedded[rows],
-                          self.plan.select_rows(rows, batch), first_kv)
-
-
-def check_token_ids(idx: torch.Tensor, vocab_size: int, targets: torch.Tensor | None = None
-                    ) -> None:
-    """Raise ValueError naming the first id outside [0, vocab_size) (targets may be -1 =
-    ignore). Reads the values: call it where data enters, before moving it to a device."""
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-    if targets is not None:
-        tlo, thi = int(targets.min()), int(targets.max())
-        if tlo < -1 or thi >= vocab_size:
-            raise ValueError(f"target id {tlo if tlo < -1 else thi} is outside "
-                             f"[0, {vocab_size}) (or -1 = ignore)")
+        return LoopInputs(self.x0[rows], self.embedded[rows], plan, first_kv)
 
 
 class Block(nn.Module):
     """Pre-norm block. With a normalised query source norm(s) (Attention Injection,
-    SPEC 2) the queries read it while keys and values read the stream; `s` never
-    enters the stream."""
+    docs/design.md#attention-injection) the queries read it while keys and values read the
+    stream; `s` never enters the stream."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
-        self._compiled = None  # compile_forward
+        self._compiled: Callable | None = None  # compile_forward
 
     def compile_forward(self, **compile_kwargs) -> None:
-        """Compile this block's math (`torch.compile` kwargs) for calls without a KV cache;
-        with one, the loop index picks the cache slot and would specialise the graph per
-        loop, so decoding stays eager. Hooks and state-dict keys are unchanged."""
-        self._compiled = torch.compile(self.step, **compile_kwargs)
+        """Compile the block's math (`torch.compile` kwargs) for calls without a KV cache;
+        with one, the loop index picks the cache entry and would specialise the graph per
+        loop, so decoding stays eager. Hooks and state-dict keys are unchanged. The compiled
+        function takes the block as an argument (it is `Block.step`, not this block's bound
+        method), so a deepcopy of the model runs its own weights."""
+        self._compiled = torch.compile(Block.step, **compile_kwargs)
 
-    def forward(self, x, query_normed, plan, loop: int, eps: float, kv=None):
+    def forward(self, x, query_normed, plan: AttentionPlan, loop: int, eps: float, kv=None):
         if self._compiled is not None and plan.cache is None:
-            return self._compiled(x, query_normed, plan, loop, eps, kv)
+            return self._compiled(self, x, query_normed, plan, loop, eps, kv)
         return self.step(x, query_normed, plan, loop, eps, kv)
 
-    def step(self, x, query_normed, plan, loop: int, eps: float, kv=None):
+    def step(self, x, query_normed, plan: AttentionPlan, loop: int, eps: float, kv=None):
         """x -> x + attn(...) -> x + mlp(norm(x)) (see the class docstring)."""
         x_normed = norm(x) if query_normed is None or kv is None else None
         q_in = x_normed if query_normed is None else query_normed
@@ -98,12 +88,13 @@ class Block(nn.Module):
 
 
 def _residual(x: torch.Tensor, branch: torch.Tensor, eps: float) -> torch.Tensor:
-    # SPEC 4; eps == 1 is kept multiplication-free so the default is bit-identical to nanochat
+    # docs/design.md#residual-scaling; eps == 1 is kept multiplication-free so the default is
+    # bit-identical to nanochat
     return x + branch if eps == 1.0 else x + eps * branch
 
 
 def _residual_norm(x: torch.Tensor) -> torch.Tensor:
-    """SPEC 6: sqrt(mean(x**2)) over batch, sequence and features."""
+    """sqrt(mean(x**2)) over batch, sequence and features (docs/design.md#diagnostics)."""
     return x.detach().float().pow(2).mean().sqrt()
 
 
@@ -129,9 +120,10 @@ class LoopedGPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         # set by wrap_loops (activation checkpointing, from outside: loopedlm.train.parallel)
-        self._loop_wrapper: Callable | None = None
+        self._loop_wrapper: Callable[[Callable], Callable] | None = None
+        self.head_options: dict = {}  # head_loss(backend=, compile=) for `loss`; {}: defaults
 
-    # ---- initialisation (SPEC 1) --------------------------------------------
+    # ---- initialisation (docs/design.md#backbone) --------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
         """wte ~ N(0,1); lm_head ~ N(0, 0.001); q,k,v,c_fc ~ U(-a,a) with a = sqrt(3/d);
@@ -165,22 +157,23 @@ class LoopedGPT(nn.Module):
         return n - self.transformer.wte.weight.numel() if exclude_embedding else n
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """SPEC 5: 2-D block matrices (Muon), the embedding and the LM head (AdamW)."""
+        """2-D block matrices (Muon), the embedding and the LM head (AdamW)
+        (docs/design.md#training-recipe)."""
         return {
             "matrix": list(self.transformer.h.parameters()),
             "embedding": list(self.transformer.wte.parameters()),
             "lm_head": list(self.lm_head.parameters()),
         }
 
-    def estimate_flops(self, n_loops: int | None = None, grad_loops: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), counting every loop (SPEC 2).
-        With `grad_loops=k` (truncated backprop: `forward(grad_loops=)`) the first N - k
-        loops count their forward pass only (a third of forward + backward)."""
+    def estimate_flops(self, n_loops: int | None = None, backprop_loops: int = 0) -> float:
+        """Training FLOPs per token (forward + backward), counting every loop.
+        With `backprop_loops=k` (truncated backprop: `forward(backprop_loops=)`) the first
+        N - k loops count their forward pass only (a third of forward + backward)."""
         cfg = self.config
         n_loops = cfg.loops(n_loops)
-        backward = n_loops if grad_loops is None else min(grad_loops, n_loops)
+        backward = min(backprop_loops, n_loops) if backprop_loops else n_loops
         block_params = sum(p.numel() for p in self.transformer.h.parameters())
-        head_evals = len(self.supervised_loops(n_loops, grad_loops))
+        head_evals = len(self.supervised_loops(n_loops, backprop_loops))
         # forward 2 FLOPs per parameter per token, backward 4
         block = (2 * n_loops + 4 * backward) * block_params
         matmul = block + 6 * self.lm_head.weight.numel() * head_evals
@@ -188,36 +181,30 @@ class LoopedGPT(nn.Module):
                    for w in cfg.window_sizes()) * (n_loops + 2 * backward)
         return float(matmul + attn)
 
-    def loss_loops(self, n_loops: int) -> range:
-        """0-based loops whose output is supervised (SPEC 2, `loss_loops`)."""
-        return {
+    def supervised_loops(self, n_loops: int, backprop_loops: int = 0) -> range:
+        """The 0-based loops whose output enters the loss: the config's `loss_loops` ("last",
+        "all", "last_third"; docs/design.md#loss-over-loops) of `n_loops`, and, when
+        gradients flow through the last `backprop_loops` loops only, those inside that
+        window (the earlier ones run without a graph, so their loss could teach nothing).
+        Never empty: every `loss_loops` option supervises the last loop."""
+        loops = {
             "last": range(n_loops - 1, n_loops),
             "all": range(n_loops),
             "last_third": range(2 * n_loops // 3, n_loops),
         }[self.config.loss_loops]
-
-    def supervised_loops(self, n_loops: int, grad_loops: int | None = None) -> range:
-        """The `loss_loops` that enter the loss when gradients flow through the last
-        `grad_loops` loops only: those inside that window (the earlier ones run without
-        a graph, so their loss could teach nothing). Never empty: every `loss_loops`
-        option supervises the last loop."""
-        loops = self.loss_loops(n_loops)
-        if grad_loops is None or grad_loops >= n_loops:
+        if not backprop_loops or backprop_loops >= n_loops:
             return loops
-        return range(max(loops.start, n_loops - grad_loops), loops.stop)
+        return range(max(loops.start, n_loops - backprop_loops), loops.stop)
 
     # ---- the per-loop API (forward, decoding and checkpointing all use it) -------
-    def prepare(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None,
+    def prepare(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 plan: AttentionPlan | None = None) -> LoopInputs:
-        """What every loop of one forward shares: the embedding, the attention plan
-        (positions, RoPE, masks, cache) and, where loop-invariant, the first layer's
-        keys and values. `plan` replaces the built one (the decode engine brings its own:
-        per-row positions and a static cache)."""
-        B, T = idx.shape
+        """What every loop of one pass shares: the embedding, the attention plan (RoPE,
+        masks) and, where loop-invariant, the first layer's keys and values. `plan` replaces
+        the plan of whole sequences (the decode engine brings its own: per-row positions and
+        its cache writer)."""
         if plan is None:
-            plan = build_plan(self.config, self.cos, self.sin, B, T, cache=kv_cache,
-                              attention_mask=attention_mask, device=idx.device)
+            plan = sequence_plan(self.config, self.cos, self.sin, idx.size(1), attention_mask)
         x0 = self.transformer.wte(idx)
         embedded = norm(x0)
         first_kv = None
@@ -225,53 +212,62 @@ class LoopedGPT(nn.Module):
             first_kv = self.transformer.h[0].attn.keys_values(norm(embedded), plan)
         return LoopInputs(x0=x0, embedded=embedded, plan=plan, first_kv=first_kv)
 
-    def start_stream(self, inputs: LoopInputs, previous: torch.Tensor | None) -> torch.Tensor:
-        """x_0^t: where loop t starts (SPEC 2 table); loop 1 always starts at e."""
-        if previous is None or self.mode.start == "embedding":
-            return inputs.embedded
-        if self.mode.start == "previous":
-            return previous
-        return norm(inputs.x0 + previous)  # embedding_plus_previous
-
-    def run_loop(self, x: torch.Tensor, previous: torch.Tensor | None, loop: int,
-                 inputs: LoopInputs) -> torch.Tensor:
-        """Run the `depth` blocks once on stream `x`; `previous` is h^{t-1} (None in loop
-        1). Returns x_L^t, before the loop's final norm."""
-        eps = self.config.residual_eps()
+    def loop(self, inputs: LoopInputs, previous: torch.Tensor | None, loop: int
+             ) -> torch.Tensor:
+        """One loop of the paper (`loop` 0-based; it matters only to a cache writer): where
+        the stream starts (x_0^t) and where the previous loop's state h^{t-1} (`previous`,
+        None in the first loop) enters are the mode's (docs/design.md#loop-modes). Returns
+        x_L^t, before the loop's final norm. The one place that reads the loop-mode table."""
+        mode, eps = self.mode, self.config.residual_eps()
+        if previous is None or mode.start == "embedding":  # the first loop starts at e
+            x = inputs.embedded
+        elif mode.start == "previous":
+            x = previous
+        else:  # "embedding_plus_previous"
+            x = norm(inputs.x0 + previous)
         # AI's query input is norm(h^{t-1}) (h is already normalised; nanochat normalises
         # it again, and so do we, for identical bits), computed once per loop
-        query = norm(previous) if previous is not None and self.mode.injection == "attention" \
+        query = norm(previous) if previous is not None and mode.injection == "attention" \
             else None
         for layer, block in enumerate(self.transformer.h):
             query_normed = None
-            if previous is not None and self.mode.injects_at(layer):
-                if self.mode.injection == "residual":
+            if mode.injects_at(layer):
+                if previous is None:
+                    # loop 1 has no h^{t-1}: its queries read the stream, as a plain block's;
+                    # passing norm(x) explicitly (same bits) gives loop 1 the block signature
+                    # of later loops, so compile_blocks compiles one graph for every loop
+                    query_normed = norm(x) if mode.injection == "attention" else None
+                elif mode.injection == "residual":
                     x = norm(x + previous)
                 else:
                     query_normed = query
-            elif self.mode.injection == "attention" and self.mode.injects_at(layer):
-                # loop 1 has no h^{t-1}: its queries read the stream, as a plain block's;
-                # passing norm(x) explicitly (same bits) gives loop 1 the block signature of
-                # later loops, so compile_blocks compiles one graph for every loop
-                query_normed = norm(x)
             kv = inputs.first_kv if layer == 0 else None
             x = block(x, query_normed, inputs.plan, loop, eps, kv=kv)
         return x
 
-    def loop(self, inputs: LoopInputs, previous: torch.Tensor | None, loop: int
-             ) -> torch.Tensor:
-        """One whole loop, x_0^t -> x_L^t, through the loop wrapper if one is set
-        (activation checkpointing: `wrap_loops`)."""
-        body = self._loop_body if self._loop_wrapper is None else self._loop_wrapper
-        return body(inputs, previous, loop)
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Soft-capped logits (docs/design.md#backbone) of loop outputs h, cropped to the real
+        vocabulary."""
+        cap = self.config.softcap
+        logits = self.lm_head(h)[..., : self.config.vocab_size].float()
+        return cap * torch.tanh(logits / cap)
 
-    def _loop_body(self, inputs: LoopInputs, previous: torch.Tensor | None, loop: int):
-        return self.run_loop(self.start_stream(inputs, previous), previous, loop, inputs)
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
+        chunked so the (rows x vocabulary) logits are never held (`loopedlm.model.head_loss`)."""
+        weight = self.lm_head.weight[: self.config.vocab_size]
+        return head_loss(h, weight, targets, self.config.softcap, **self.head_options)
 
+    # ---- applied from outside: activation checkpointing, regional compilation -----------
     def wrap_loops(self, wrapper: Callable[[Callable], Callable] | None) -> None:
-        """Run every loop through `wrapper(loop_fn)` (e.g. activation checkpointing, applied
-        from outside the model's math: loopedlm.train.parallel); None removes it."""
-        self._loop_wrapper = None if wrapper is None else wrapper(self._loop_body)
+        """Run the loops of forward passes that record gradients through `wrapper(loop_fn)`
+        (activation checkpointing, applied from outside the model's math:
+        loopedlm.train.parallel); None removes it. Passes without gradients (evaluation,
+        decoding, the no-grad loops of truncated backprop) never go through it: they save
+        nothing to recompute, and a checkpoint would read the RNG state inside a CUDA-graph
+        capture. The wrapper is applied to each forward's own `loop`, so a copy of the model
+        wraps its own."""
+        self._loop_wrapper = wrapper
 
     @property
     def loops_wrapped(self) -> bool:
@@ -290,56 +286,38 @@ class LoopedGPT(nn.Module):
             block.compile_forward(**compile_kwargs)
         return self
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Soft-capped logits (SPEC 1) of loop outputs h, cropped to the real vocabulary."""
-        cap = self.config.softcap
-        logits = self.lm_head(h)[..., : self.config.vocab_size].float()
-        return cap * torch.tanh(logits / cap)
-
-    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
-        chunked so the (rows x vocabulary) logits are never held (`loopedlm.model.head_loss`)."""
-        weight = self.lm_head.weight[: self.config.vocab_size]
-        return head_loss(h, weight, targets, self.config.softcap)
-
     # ---- forward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                n_loops: int | None = None, kv_cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None,
-                return_residual_norms: bool = False, grad_loops: int | None = None):
+                n_loops: int | None = None, attention_mask: torch.Tensor | None = None,
+                return_residual_norms: bool = False, backprop_loops: int = 0):
         """Logits (B, T, vocab_size), or the mean loss when `targets` is given.
 
         n_loops:        loop count for this call (default: the config's).
-        kv_cache:       a `KVCache`; the new tokens are appended after its contents.
         attention_mask: (B, T) bool, False marks padding (left padding for ragged prompts).
         return_residual_norms: also return a (n_loops,) tensor of each loop's residual
-                        state norm before its final norm (SPEC 6).
-        grad_loops:     truncated backprop through loops (issue 14): gradients flow
-                        through the last `grad_loops` loops only; the earlier ones run
-                        under no_grad (no activations saved), as if h^{N-k} were detached.
-                        Only supervised loops inside the window enter the loss
-                        (`supervised_loops`). None (or >= n_loops): every loop.
+                        state norm before its final norm (docs/design.md#diagnostics).
+        backprop_loops: truncated backprop through loops (TrainConfig.backprop_loops):
+                        gradients flow through the last `backprop_loops` loops only; the
+                        earlier ones run under no_grad (no activations saved), as if
+                        h^{N-k} were detached. Only supervised loops inside the window enter
+                        the loss (`supervised_loops`). 0 (or >= n_loops): every loop.
         """
-        n_loops = self._check_inputs(idx, targets, n_loops, kv_cache, attention_mask)
-        if grad_loops is not None and (not is_int(grad_loops) or grad_loops < 1):
-            raise ValueError(f"grad_loops={grad_loops!r} is not allowed: an integer >= 1 (or None)")
-        inputs = self.prepare(idx, kv_cache=kv_cache, attention_mask=attention_mask)
-        supervised = (self.supervised_loops(n_loops, grad_loops) if targets is not None
+        n_loops = self.config.loops(n_loops)  # the default, filled (and checked) here
+        self._check_inputs(idx, targets, attention_mask, backprop_loops)
+        inputs = self.prepare(idx, attention_mask=attention_mask)
+        supervised = (self.supervised_loops(n_loops, backprop_loops) if targets is not None
                       else [n_loops - 1])
-        no_grad_prefix = 0 if grad_loops is None else max(0, n_loops - grad_loops)
+        no_grad_loops = max(0, n_loops - backprop_loops) if backprop_loops else 0
+        wrapped = self.loop if self._loop_wrapper is None else self._loop_wrapper(self.loop)
         previous, outputs, norms = None, [], []
-        for loop in range(n_loops):
-            with torch.no_grad() if loop < no_grad_prefix else contextlib.nullcontext():
-                x = self.loop(inputs, previous, loop)
+        for loop in range(n_loops):  # h^t = norm(x_L^t), loop t starting from h^{t-1}
+            with torch.no_grad() if loop < no_grad_loops else contextlib.nullcontext():
+                x = (wrapped if torch.is_grad_enabled() else self.loop)(inputs, previous, loop)
             if return_residual_norms:
                 norms.append(_residual_norm(x))
             previous = norm(x)  # h^t
             if loop in supervised:  # each loop's head + loss is done before the next loop
                 outputs.append(previous if targets is None else self.loss(previous, targets))
-        if kv_cache is not None:
-            real = attention_mask if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
-            kv_cache.advance(idx.size(1), real)
-
         if targets is None:
             result = self.logits(outputs[-1])
         else:
@@ -348,33 +326,25 @@ class LoopedGPT(nn.Module):
             return result, torch.stack(norms)
         return result
 
-    def _check_inputs(self, idx, targets, n_loops, kv_cache, attention_mask) -> int:
+    def _check_inputs(self, idx, targets, attention_mask, backprop_loops) -> None:
         """Shapes and types always; token-id ranges only where they cost no host-device
         sync (CPU tensors, eager): on an accelerator, ids are checked where they enter
-        (the loader, prompt handling, the evaluators) before the transfer."""
+        (the decode engine, the server, the evaluators) before the transfer."""
         cfg = self.config
-        n_loops = cfg.loops(n_loops)
+        if not is_int(backprop_loops) or backprop_loops < 0:
+            raise ValueError(f"backprop_loops={backprop_loops!r} is not allowed: an integer >= 0 "
+                             "(0 = every loop)")
         if not isinstance(idx, torch.Tensor):
             raise ValueError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
         if idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx has dtype {idx.dtype}; token ids must be torch.long or int32")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx has shape {tuple(idx.shape)}; expected (batch, time) with time >= 1")
-        past = 0 if kv_cache is None else kv_cache.pos
         # training (targets) stays within sequence_len; inference reaches the RoPE table's end
         limit, what = ((cfg.sequence_len, f"sequence_len={cfg.sequence_len}") if targets is not None
                        else (cfg.rotary_len, f"the RoPE table ({cfg.rotary_len} positions)"))
-        if past + idx.size(1) > limit:
-            raise ValueError(f"sequence of {past + idx.size(1)} tokens"
-                             f"{f' ({past} cached)' if past else ''} is longer than {what}")
-        if kv_cache is not None:
-            if kv_cache.batch_size != idx.size(0):
-                raise ValueError(f"kv_cache holds batch {kv_cache.batch_size}, idx has {idx.size(0)}")
-            if kv_cache.n_loops != n_loops:
-                raise ValueError(f"kv_cache was built for {kv_cache.n_loops} loops, forward asked "
-                                 f"for n_loops={n_loops}")
-            if past + idx.size(1) > kv_cache.max_len:
-                raise ValueError(f"kv_cache holds {kv_cache.max_len} tokens; {past + idx.size(1)} needed")
+        if idx.size(1) > limit:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than {what}")
         if attention_mask is not None and (attention_mask.shape != idx.shape
                                            or attention_mask.dtype != torch.bool):
             raise ValueError(f"attention_mask must be a bool tensor of shape {tuple(idx.shape)}, "
@@ -383,13 +353,15 @@ class LoopedGPT(nn.Module):
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape "
                              f"{tuple(idx.shape)}")
         if idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_token_ids(idx, cfg.vocab_size, targets)
-        return n_loops
+            check_token_ids(idx, cfg.vocab_size)
+            if targets is not None:
+                check_token_ids(targets, cfg.vocab_size, "target id", ignore=-1)
 
     # ---- construction helpers -----------------------------------------------
     @classmethod
     def from_config(cls, config: ModelConfig, *, device="cpu", seed: int | None = None) -> LoopedGPT:
-        """Build on the meta device, materialise on `device`, and initialise (SPEC 1)."""
+        """Build on the meta device, materialise on `device`, and initialise
+        (docs/design.md#backbone)."""
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)

@@ -1,4 +1,4 @@
-"""The loop modes (SPEC 2) as data: the one table that config validation, the model and
+"""The loop modes (docs/design.md#loop-modes) as data: the one table that config validation, the model and
 the importer of the authors' checkpoints all read."""
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Configuration is three sections, each a validated dataclass:
   [model]    `ModelConfig` overrides --model.n_loops=6    TOML: [model] n_loops = 6
   [optim]    `OptimConfig`           --optim.lr_scale=2   TOML: [optim] lr_scale = 2.0
   [collapse] `CollapseThresholds`    --collapse.spike_ratio=1
-A recipe (`recipes/NAME.toml` or a path) is read first, then the overrides
+`--n-loops N` is the shorthand of `--model.n_loops=N` (the loop count has one spelling on
+every command). A recipe (`recipes/NAME.toml` or a path) is read first, then the overrides
 (`build_config`). The model starts from `preset` and the [model] section overrides its fields.
 """
 
@@ -38,6 +39,7 @@ from loopedlm.common.validation import (
     unknown_setting,
 )
 from loopedlm.model.config import PRESETS, ModelConfig
+from loopedlm.model.head_loss import HEAD_BACKENDS
 from loopedlm.train.collapse import CollapseThresholds
 from loopedlm.train.loop_sampling import LoopSampling
 from loopedlm.train.optim import OptimConfig
@@ -46,6 +48,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 PARAM_BASES = ("all", "non_embedding")
 # the dotted sections of the settings, and the dataclass each one builds
 SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "collapse": CollapseThresholds}
+# `--n-loops N` (every command's spelling of the loop count) is `--model.n_loops=N`
+SHORTHANDS = {"n_loops": "model.n_loops"}
 
 
 @dataclass
@@ -89,7 +93,8 @@ class TrainConfig:
     save_every: int = 1000  # 0: only at the end
     keep_last: int = 2
     resume: bool = False
-    compile: bool = False
+    compile: bool = False  # regional: the blocks, and the head's chunk body
+    head_loss: str = "chunked"  # "chunked" (fp32 accumulation) | "cce" (opt-in, CUDA)
     dtype: str = "auto"
     activation_checkpointing: bool = False
     zero: bool = False
@@ -119,6 +124,8 @@ class TrainConfig:
         check(self.param_basis in PARAM_BASES, "param_basis", self.param_basis,
               f"one of {list(PARAM_BASES)}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {list(DTYPES)}")
+        check(self.head_loss in HEAD_BACKENDS, "head_loss", self.head_loss,
+              f"one of {list(HEAD_BACKENDS)} (cce: cut-cross-entropy, CUDA only)")
         check(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip,
               "a number >= 0 (0 disables clipping)")
         for name in ("resume", "compile", "activation_checkpointing", "zero", "progress"):
@@ -175,16 +182,9 @@ class TrainConfig:
                               "embedding would get no gradient): use 0, or a mode that "
                               "re-injects the input (lti, ltai, flt_res, flt)")
 
-    def loop_sampler(self, n_loops: int | None = None) -> LoopSampling:
-        """The parsed `loop_sampling` ("fixed" uses `n_loops`, default the model's)."""
-        if n_loops is None:
-            n_loops = self.model_config().n_loops
+    def loop_sampler(self, n_loops: int) -> LoopSampling:
+        """The parsed `loop_sampling` ("fixed" uses `n_loops`, the model's loop count)."""
         return LoopSampling.parse(self.loop_sampling, n_loops)
-
-    @property
-    def grad_loops(self) -> int | None:
-        """`backprop_loops` as the model's forward argument (None = every loop)."""
-        return self.backprop_loops or None
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The preset with the [model] overrides (and the tokenizer's vocabulary size
@@ -222,7 +222,8 @@ def check_setting_names(settings: dict[str, Any]) -> None:
 
 def parse_train_args(args: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
     """`[RECIPE] [--key=value | --flag ...]` -> (recipe, nested overrides)."""
-    return parse_overrides(args, sections=tuple(SECTIONS), positional="recipe")
+    return parse_overrides(args, sections=tuple(SECTIONS), positional="recipe",
+                           shorthands=SHORTHANDS)
 
 
 def find_recipe(name: str) -> Path:
@@ -272,5 +273,5 @@ def build_config(recipe: str | None = None, overrides: dict[str, Any] | None = N
     return TrainConfig(**values)
 
 
-__all__ = ["TrainConfig", "DTYPES", "PARAM_BASES", "SECTIONS", "check_setting_names",
+__all__ = ["TrainConfig", "DTYPES", "PARAM_BASES", "SECTIONS", "SHORTHANDS", "check_setting_names",
            "parse_train_args", "find_recipe", "build_config"]

@@ -13,7 +13,7 @@ from loopedlm.common.distributed import DistInfo, barrier
 from loopedlm.common.paths import loopedlm_home
 from loopedlm.data.corpus import prepare_default_corpus
 from loopedlm.data.loader import ParquetTokenLoader, iter_texts, split_shards
-from loopedlm.data.synthetic import SPEC_PREFIX, prepare_synthetic
+from loopedlm.data.synthetic import DATA_DIR_PREFIX, prepare_synthetic
 from loopedlm.data.tokenizer import load_tokenizer
 from loopedlm.data.tokenizer_training import train_tokenizer
 from loopedlm.model.config import QWEN3_VOCAB_SIZE
@@ -26,7 +26,7 @@ class ParquetData:
     bundled corpus; "synthetic:TASK": a synthetic reasoning task, loopedlm.data.synthetic)."""
 
     def __init__(self, data_dir: str):
-        if data_dir.startswith(SPEC_PREFIX):
+        if data_dir.startswith(DATA_DIR_PREFIX):
             self.data_dir = prepare_synthetic(data_dir)
         elif data_dir:
             self.data_dir = Path(data_dir)

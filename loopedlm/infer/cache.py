@@ -1,0 +1,153 @@
+"""The decode engine's KV cache (docs/design.md#kv-cache): one static cache, and the two
+writers through which a pass of the engine stores keys and values in it.
+
+A looped model recomputes every layer at every loop, so a token's keys at loop t differ
+from its keys at loop t': the cache holds one entry per (loop, layer), and loop t of a new
+token reads every earlier token's keys of that same loop (the authors' code caches the last
+loop only, which makes earlier loops see a single token while decoding).
+
+Attention writes through the `CacheWriter` protocol (`loopedlm.model.attention`): the
+plan of a pass carries a `ChunkWrites` (a prefill: a chunk of tokens of one slot) or a
+`StepWrites` (one loop of a decode step: one token per row, at each row's own position).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loopedlm.common.validation import is_int
+from loopedlm.infer.options import SLOT_POLICIES
+from loopedlm.model.config import ModelConfig
+
+Entry = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (batch, n_kv_head, length, head_dim)
+
+
+def loop_slot_map(n_loops: int, cache_slots: int | None = None,
+                  policy: str = "block") -> list[int]:
+    """The cache slot of each loop (0-based): the identity when `cache_slots` is None or
+    >= n_loops (exact); otherwise `block` (floor(t*K/N)) or `modulo` (t mod K).
+
+    With K < N slots, loops share storage: within one pass everything is exact, but a slot
+    keeps the keys of the last loop written to it, so a later token at loop t reads earlier
+    tokens' keys of another loop of the same slot. `block` makes the loops that share a
+    slot neighbours, whose states are closest (measured in benchmarks/bench_decode.py)."""
+    if policy not in SLOT_POLICIES:
+        raise ValueError(f"slot_policy={policy!r} is not allowed: choose one of "
+                         f"{list(SLOT_POLICIES)}")
+    if cache_slots is None or cache_slots >= n_loops:
+        return list(range(n_loops))
+    if not is_int(cache_slots) or cache_slots < 1:
+        raise ValueError(f"cache_slots={cache_slots!r} is not allowed: an integer >= 1")
+    if policy == "block":
+        return [t * cache_slots // n_loops for t in range(n_loops)]
+    return [t % cache_slots for t in range(n_loops)]
+
+
+class StaticKVCache:
+    """Preallocated keys and values: per (cache slot, layer) one tensor of shape
+    (max_batch, n_kv_head, max_len, head_dim), written in place, never reallocated.
+
+    `slot_of_loop[t]` is loop t's cache slot (`loop_slot_map`). With `share_first_layer`,
+    layer 0 has a single entry that every loop reads (its keys and values do not depend on
+    the loop in `flt`/`ltai`: `LoopMode.first_layer_kv_invariant`)."""
+
+    def __init__(self, config: ModelConfig, max_batch: int, max_len: int,
+                 slot_of_loop: list[int], *, share_first_layer: bool,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.slot_of_loop = list(slot_of_loop)
+        self.share_first_layer = share_first_layer
+        self.max_batch, self.max_len = max_batch, max_len
+        n_slots = max(slot_of_loop) + 1
+        shape = (max_batch, config.n_kv_head, max_len, config.head_dim)
+
+        def entries(count: int) -> list[Entry]:
+            return [(torch.zeros(shape, dtype=dtype, device=device),
+                     torch.zeros(shape, dtype=dtype, device=device)) for _ in range(count)]
+        self.entries = [entries(1) * n_slots if layer == 0 and share_first_layer
+                        else entries(n_slots) for layer in range(config.depth)]
+
+    def entry(self, loop: int, layer: int) -> Entry:
+        """The (keys, values) tensors that loop `loop` (0-based) of `layer` uses."""
+        return self.entries[layer][self.slot_of_loop[loop]]
+
+    def loop_entries(self, loop: int, batch: int, kv_len: int) -> list[Entry]:
+        """Loop `loop`'s entries of every layer, as views of rows [0, batch) and key
+        positions [0, kv_len): what one loop of a decode step reads and writes."""
+        return [(k[:batch, :, :kv_len], v[:batch, :, :kv_len])
+                for k, v in (self.entry(loop, layer) for layer in range(len(self.entries)))]
+
+    def writes(self, loop: int, layer: int) -> bool:
+        """Whether this loop writes its keys/values (a shared first layer: loop 0 only)."""
+        return not (layer == 0 and self.share_first_layer and loop > 0)
+
+    def nbytes(self) -> int:
+        unique = {id(t): t for layer in self.entries for kv in layer for t in kv}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes per (sequence, position)."""
+        return self.nbytes() // (self.max_batch * self.max_len)
+
+    def fill_skipped_loops(self, last_loop: int, rows: torch.Tensor, pos: torch.Tensor) -> None:
+        """Give the loops after `last_loop` the keys/values `last_loop` wrote at `pos` for
+        `rows`: the loops an adaptive row skipped (`AdaptiveLoops`: a converged state means
+        the next loop would write nearly the same keys, and copying them costs nothing)."""
+        for layer in range(len(self.entries)):
+            src_k, src_v = self.entry(last_loop, layer)
+            for loop in range(last_loop + 1, len(self.slot_of_loop)):
+                dst_k, dst_v = self.entry(loop, layer)
+                if dst_k is not src_k:
+                    dst_k[rows, :, pos] = src_k[rows, :, pos]
+                    dst_v[rows, :, pos] = src_v[rows, :, pos]
+
+
+class ChunkWrites:
+    """A `CacheWriter` for a prefill: slot `slot` takes a chunk of tokens at positions
+    start .. end-1 and attends over its own positions 0 .. end-1."""
+
+    def __init__(self, cache: StaticKVCache, slot: int, start: int, end: int):
+        self.cache, self.slot, self.start, self.end = cache, slot, start, end
+
+    def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> Entry:
+        k_all, v_all = self.cache.entry(loop, layer)
+        if self.cache.writes(loop, layer):
+            k_all[self.slot, :, self.start:self.end] = k[0]
+            v_all[self.slot, :, self.start:self.end] = v[0]
+        row = slice(self.slot, self.slot + 1)
+        return k_all[row, :, : self.end], v_all[row, :, : self.end]
+
+
+class StepWrites:
+    """A `CacheWriter` for one loop of a decode step, one token per row.
+
+    entries: that loop's (keys, values) per layer (`StaticKVCache.loop_entries`). Row
+    rows[b] writes its token at pos[b], except where `live` is False (with shared cache
+    slots, a row past its own loop count: the slot holds another loop's keys).
+    write_first: whether layer 0 writes (a shared first layer is written by loop 0 only).
+    gather: `rows` is a strict subset (adaptive rows still looping): attention reads those
+    rows only, gathered.
+
+    The loop index `insert` gets is not used: the entries are this loop's already, so that
+    one compiled graph serves every loop (`compile="loop"`)."""
+
+    def __init__(self, entries: list[Entry], rows: torch.Tensor, pos: torch.Tensor, *,
+                 write_first: bool, live: torch.Tensor | None = None, gather: bool = False):
+        self.entries, self.rows, self.pos = entries, rows, pos
+        self.write_first, self.live, self.gather = write_first, live, gather
+
+    def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> Entry:
+        k_all, v_all = self.entries[layer]
+        if layer > 0 or self.write_first:
+            new_k, new_v = k[:, :, 0], v[:, :, 0]
+            if self.live is not None:
+                live = self.live[:, None, None]
+                new_k = torch.where(live, new_k, k_all[self.rows, :, self.pos])
+                new_v = torch.where(live, new_v, v_all[self.rows, :, self.pos])
+            k_all[self.rows, :, self.pos] = new_k
+            v_all[self.rows, :, self.pos] = new_v
+        if self.gather:
+            return k_all[self.rows], v_all[self.rows]
+        return k_all, v_all
+
+
+__all__ = ["StaticKVCache", "ChunkWrites", "StepWrites", "loop_slot_map", "SLOT_POLICIES"]
