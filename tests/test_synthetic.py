@@ -31,6 +31,8 @@ def config(task: str = "chain", **overrides) -> SyntheticConfig:
     values = dict(SMALL, task=task)
     if task == "phop":
         values["task_options"] = {"alphabet": 6, "prefix": 24}
+    if task == "perm":
+        values["task_options"] = {"alphabet": 6}
     values.update(overrides)
     return SyntheticConfig(**values)
 
@@ -74,8 +76,35 @@ def solve_phop(words: list[str], prefix: int) -> list[tuple[int, str, int]]:
     return out
 
 
+def solve_perm(words: list[str]) -> list[tuple[int, str, int]]:
+    """(answer index, answer, K) of every letter after the arrows of a perm document."""
+    k = int(words[0][1:])
+    arrows = [w for w in words if ">" in w]
+    following = dict(w.split(">") for w in arrows)
+    assert words[1:1 + len(arrows)] == arrows and len(following) == len(arrows)
+    # one cycle through every letter: following the arrows from any letter visits all
+    seen, letter = [], arrows[0][0]
+    for _ in range(len(arrows)):
+        seen.append(letter)
+        letter = following[letter]
+    assert sorted(seen) == sorted(following) and letter == seen[0]
+    out = []
+    asked = []
+    for i in range(1 + len(arrows), len(words) - 1, 2):
+        if words[i] == ".":
+            break
+        asked.append(words[i])
+        answer = words[i]
+        for _ in range(k):
+            answer = following[answer]
+        out.append((i + 1, answer, k))
+    assert len(set(asked)) == len(asked)  # each letter asked once: no answer to copy
+    return out
+
+
 def solve(task: str, words: list[str]) -> list[tuple[int, str, int]]:
-    return solve_chain(words) if task == "chain" else solve_phop(words, 24)
+    return {"chain": solve_chain, "perm": solve_perm}.get(task, lambda w: solve_phop(w, 24))(
+        words)
 
 
 # ---- the generator -----------------------------------------------------------------------
@@ -105,10 +134,21 @@ def test_every_answer_follows_from_the_document(task):
         for (index, answer, hops), query in zip(expected, made.queries(words), strict=True):
             assert words[index] == answer == query.answer
             assert (query.index, query.hops) == (index, hops)
-            if hops > 1 or task == "phop":  # the root (or letter) is drawn uniformly
-                assert query.guess == pytest.approx(0.1 if task == "chain" else 1 / 6)
+            if hops > 1 or task != "chain":  # the root (or letter) is drawn uniformly
+                assert query.guess == pytest.approx(
+                    {"chain": 0.1, "phop": 1 / 6, "perm": 1 / 5}[task])
             else:  # each root is asked once at most: the digits of roots not asked yet
                 assert 0.1 <= query.guess <= 1
+
+
+def test_perm_documents_fill_their_default_length_with_every_letter_asked_once():
+    cfg = SyntheticConfig(task="perm", train_docs=4, val_docs=1, eval_docs=2)
+    assert cfg.seq_len == 1 + 3 * 16  # no padding
+    for text in documents(cfg, "eval", hops=12):
+        words = text.split()
+        assert "." not in words and len(solve_perm(words)) == 16
+        # K hops around one 16-cycle never land on the letter asked
+        assert all(words[i - 1] != answer for i, answer, _ in solve_perm(words))
 
 
 def test_chain_queries_are_leaves_of_distinct_paths():

@@ -73,9 +73,9 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-# the tasks' own options (ChainTask, PHopTask fields): one flag each, None = the default
+# the tasks' own options (ChainTask, PHopTask, PermTask fields): one flag each, None = the default
 TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
-                "alphabet": "phop: letters", "prefix": "phop: random letters before the "
+                "alphabet": "phop, perm: letters", "prefix": "phop: random letters before the "
                                                        "first query"}
 
 
@@ -90,7 +90,8 @@ def _add_synthetic(sub: Any) -> None:
     synth.add_argument("--out", default=None, help="folder (default $LOOPEDLM_HOME/data/"
                                                    "synthetic/TASK)")
     synth.add_argument("--seq-len", type=int, default=defaults.seq_len,
-                       help="words per document (train with sequence_len = this)")
+                       help="words per document (train with sequence_len = this; default: "
+                            "the task's, 128, for perm 1 + 3 x alphabet)")
     synth.add_argument("--hops", type=_hop_list, default=list(range(defaults.hops[0],
                                                                       defaults.hops[1] + 1)),
                        help="training hop range LO-HI (default %(default)s)")

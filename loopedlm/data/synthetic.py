@@ -56,7 +56,14 @@ import pyarrow.parquet as pq
 
 from loopedlm.common.paths import loopedlm_home
 from loopedlm.common.validation import check, check_choice, is_int
-from loopedlm.data.synthetic_tasks import HOP_MIXES, TASKS, ChainTask, PHopTask, Query
+from loopedlm.data.synthetic_tasks import (
+    HOP_MIXES,
+    TASKS,
+    ChainTask,
+    PermTask,
+    PHopTask,
+    Query,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +85,12 @@ class SyntheticConfig:
     curriculum: the fraction of the training documents over which the largest hop count
     grows from lo to hi, in equal steps (0: no curriculum); the loader reads the documents
     in order, so training follows it. task_options: the task's own fields (`ChainTask`,
-    `PHopTask`).
+    `PHopTask`, `PermTask`). seq_len: words per document (None: the task's
+    `default_seq_len()`, 128, or for perm exactly one unpadded document).
     """
 
     task: str = "chain"
-    seq_len: int = 128
+    seq_len: int | None = None
     hops: tuple[int, int] = (1, 8)
     hop_mix: str = "uniform"
     eval_hops: tuple[int, ...] = tuple(range(1, 13))
@@ -96,6 +104,8 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         self.hops = tuple(self.hops)
         self.eval_hops = tuple(self.eval_hops)
+        if self.seq_len is None and self.task in TASKS:
+            self.seq_len = self.make_task().default_seq_len()
         self.validate()
 
     def validate(self) -> None:
@@ -120,7 +130,7 @@ class SyntheticConfig:
             raise ValueError(f"seq_len={self.seq_len} is too short for {self.task} documents "
                              f"with {longest} hops: at least {task.min_length(longest)} words")
 
-    def make_task(self) -> ChainTask | PHopTask:
+    def make_task(self) -> ChainTask | PHopTask | PermTask:
         cls = TASKS[self.task]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(self.task_options) - known)
@@ -281,7 +291,7 @@ def load_config(manifest: dict[str, Any]) -> SyntheticConfig:
     return SyntheticConfig(**manifest["config"])
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "TASKS", "SyntheticConfig", "documents",
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "TASKS", "SyntheticConfig", "documents",
            "default_synthetic_dir", "synthetic_spec_dir", "prepare_synthetic",
            "write_synthetic", "read_synthetic_manifest", "load_config",
            "MANIFEST_FILE", "EVAL_DIR", "TOKENIZER_DIR"]

@@ -54,6 +54,9 @@ class ChainTask:
         return [str(d) for d in range(self.DIGITS)] + [f"v{i}" for i in range(self.n_vars)] \
             + ["=", "?", PAD]
 
+    def default_seq_len(self) -> int:
+        return 128
+
     def min_length(self, hops: int) -> int:
         """Words of the shortest document with one query of `hops` hops."""
         return 3 * self.DIGITS + 3 * max(0, hops - 1) + 3
@@ -159,6 +162,9 @@ class PHopTask:
     def words(self) -> list[str]:
         return self.letters() + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)]
 
+    def default_seq_len(self) -> int:
+        return 128
+
     def min_length(self, hops: int) -> int:
         return 1 + self.prefix + 2
 
@@ -215,8 +221,85 @@ class PHopTask:
         return out
 
 
-TASKS = {"chain": ChainTask, "phop": PHopTask}
+# ---- pointer chasing on an in-context permutation ------------------------------------------
+@dataclass(frozen=True)
+class PermTask:
+    """Pointer chasing (module docstring of `loopedlm.data.synthetic`): a marker `hK`, a
+    random cyclic permutation of the first `alphabet` letters written as shuffled pair words
+    `a>f` (one word per arrow: a hop is then one attention lookup keyed on the word's first
+    letter, with no previous-token step to learn first), then every letter once, in random
+    order, each followed by its answer: the letter K arrows on. The permutation is one
+    cycle through every letter, so for K < alphabet the answer is never the query and K
+    hops differ from any other number of hops below `alphabet`: doing too few or too many
+    lookups is wrong, and `guess` = 1 / (alphabet - 1)."""
+
+    alphabet: int = 16
+
+    name = "perm"
+    MAX_HOPS = 32
+
+    def validate(self) -> None:
+        check(is_int(self.alphabet) and 3 <= self.alphabet <= 26, "alphabet", self.alphabet,
+              "an integer in 3..26 (letters a..z)")
+
+    def letters(self) -> list[str]:
+        return [chr(ord("a") + k) for k in range(self.alphabet)]
+
+    def words(self) -> list[str]:
+        letters = self.letters()
+        return letters + [f"{a}>{b}" for a in letters for b in letters if a != b] \
+            + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)] + [PAD]
+
+    def default_seq_len(self) -> int:
+        """Marker, arrows and every letter queried once: no padding."""
+        return 1 + 3 * self.alphabet
+
+    def min_length(self, hops: int) -> int:
+        return 1 + self.alphabet + 2
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words whose hop count is drawn from 1..max_hops
+        (`weights`: their odds; default uniform), or is `query_hops`."""
+        if seq_len < self.min_length(1):
+            raise ValueError(f"seq_len={seq_len} is too short for perm documents with "
+                             f"alphabet={self.alphabet}: at least {self.min_length(1)} words")
+        hops = query_hops if query_hops is not None else \
+            rng.choices(range(1, max_hops + 1), weights=weights)[0]
+        if hops > self.MAX_HOPS:
+            raise ValueError(f"perm documents have at most {self.MAX_HOPS} hops, not {hops}")
+        cycle = self.letters()
+        rng.shuffle(cycle)
+        arrows = [f"{a}>{b}" for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)]
+        rng.shuffle(arrows)
+        position = {letter: k for k, letter in enumerate(cycle)}
+        queries = self.letters()
+        rng.shuffle(queries)
+        room = (seq_len - 1 - len(arrows)) // 2
+        pairs = [w for q in queries[:room]
+                 for w in (q, cycle[(position[q] + hops) % len(cycle)])]
+        words = [f"h{hops}", *arrows, *pairs]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every (letter, answer) pair after the arrows, answered by following them."""
+        hops = int(words[0][1:])
+        arrow = dict(w.split(">") for w in words[1:1 + self.alphabet])
+        out = []
+        for i in range(1 + self.alphabet, len(words) - 1, 2):
+            if words[i] == PAD:
+                break
+            answer = words[i]
+            for _ in range(hops):
+                answer = arrow[answer]
+            out.append(Query(index=i + 1, answer=answer, hops=hops,
+                             guess=1.0 / (self.alphabet - 1)))
+        return out
+
+
+TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask}
 HOP_MIXES = ("uniform", "inverse")
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "TASKS", "HOP_MIXES", "PAD"]
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "TASKS", "HOP_MIXES", "PAD"]
