@@ -355,6 +355,16 @@ def test_cli_data_train_eval_end_to_end(tmp_path, capsys):
     assert set(results["metrics"]) == {f"synthetic/hops={h}" for h in (1, 2, 3, 4)}
     for name in ("results.md", "synthetic_heatmap.png", "synthetic_first_correct.png"):
         assert (out / name).stat().st_size > 0
+    # the per-loop view of a sample: every generated token, every loop up to --n-loops
+    assert main(["sample", str(run), "--prompt", "v1 = 3 ? v1", "--max-tokens", "2",
+                 "--temperature", "0", "--n-loops", "3", "--trace-loops",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "--- per-loop view" in printed
+    tokens = sum(line.startswith("token ") for line in printed.splitlines())
+    assert 1 <= tokens <= 2 and "token 1: " in printed  # (a BOS generated would stop it)
+    assert [line.split()[:2] for line in printed.splitlines() if line.startswith("  loop")] \
+        == [["loop", str(t)] for _ in range(tokens) for t in (1, 2, 3)]
 
 
 # ---- the sweep report ----------------------------------------------------------------------
