@@ -71,8 +71,8 @@ def _print_traces(model: Any, tokenizer: Any, prompts: list[str], outputs: list[
                   n_loops: int, adaptive: float | None) -> None:
     from loopedlm.infer.trace import format_trace, trace_loops
 
-    print(f"--- per-loop view: each generated token's distribution after every loop "
-          f"(H: entropy in nats; p: the token's probability; top tokens)"
+    print("--- per-loop view: each generated token's distribution after every loop "
+          "(H: entropy in nats; p: the token's probability; top tokens)"
           + (" [adaptive loops: a token that stopped early was drawn at its last loop]"
              if adaptive is not None else ""))
     for prompt, ids in zip(prompts, outputs, strict=True):

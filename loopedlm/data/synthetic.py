@@ -97,7 +97,7 @@ class SyntheticConfig:
     train_docs: int = 100_000
     val_docs: int = 512
     eval_docs: int = 64
-    curriculum: float = 0.3
+    curriculum: float = 0.1
     seed: int = 0
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
