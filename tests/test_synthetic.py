@@ -32,7 +32,7 @@ def config(task: str = "chain", **overrides) -> SyntheticConfig:
     if task == "phop":
         values["task_options"] = {"alphabet": 6, "prefix": 24}
     if task == "perm":
-        values["task_options"] = {"alphabet": 6}
+        values["task_options"] = {"alphabet": 6, "asked": 5}
     values.update(overrides)
     return SyntheticConfig(**values)
 
@@ -134,19 +134,21 @@ def test_every_answer_follows_from_the_document(task):
         for (index, answer, hops), query in zip(expected, made.queries(words), strict=True):
             assert words[index] == answer == query.answer
             assert (query.index, query.hops) == (index, hops)
-            if hops > 1 or task != "chain":  # the root (or letter) is drawn uniformly
-                assert query.guess == pytest.approx(
-                    {"chain": 0.1, "phop": 1 / 6, "perm": 1 / 5}[task])
+            if task == "perm":  # the letters not ruled out (the one asked, earlier answers)
+                earlier = {a for i, a, _ in expected if i < index}
+                assert query.guess == pytest.approx(1 / (6 - len(earlier | {words[index - 1]})))
+            elif hops > 1 or task == "phop":  # the root (or letter) is drawn uniformly
+                assert query.guess == pytest.approx(0.1 if task == "chain" else 1 / 6)
             else:  # each root is asked once at most: the digits of roots not asked yet
                 assert 0.1 <= query.guess <= 1
 
 
-def test_perm_documents_fill_their_default_length_with_every_letter_asked_once():
+def test_perm_documents_fill_their_default_length_with_half_the_letters_asked():
     cfg = SyntheticConfig(task="perm", train_docs=4, val_docs=1, eval_docs=2)
-    assert cfg.seq_len == 1 + 3 * 16  # no padding
+    assert cfg.seq_len == 1 + 16 + 2 * 8  # no padding
     for text in documents(cfg, "eval", hops=12):
         words = text.split()
-        assert "." not in words and len(solve_perm(words)) == 16
+        assert "." not in words and len(solve_perm(words)) == 8
         # K hops around one 16-cycle never land on the letter asked
         assert all(words[i - 1] != answer for i, answer, _ in solve_perm(words))
 

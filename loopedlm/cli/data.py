@@ -76,7 +76,8 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
 # the tasks' own options (ChainTask, PHopTask, PermTask fields): one flag each, None = the default
 TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
                 "alphabet": "phop, perm: letters", "prefix": "phop: random letters before the "
-                                                       "first query"}
+                                                       "first query",
+                "asked": "perm: letters asked per document"}
 
 
 def _add_synthetic(sub: Any) -> None:

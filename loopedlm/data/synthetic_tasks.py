@@ -225,15 +225,19 @@ class PHopTask:
 @dataclass(frozen=True)
 class PermTask:
     """Pointer chasing (module docstring of `loopedlm.data.synthetic`): a marker `hK`, a
-    random cyclic permutation of the first `alphabet` letters written as shuffled pair words
-    `a>f` (one word per arrow: a hop is then one attention lookup keyed on the word's first
-    letter, with no previous-token step to learn first), then every letter once, in random
-    order, each followed by its answer: the letter K arrows on. The permutation is one
-    cycle through every letter, so for K < alphabet the answer is never the query and K
-    hops differ from any other number of hops below `alphabet`: doing too few or too many
-    lookups is wrong, and `guess` = 1 / (alphabet - 1)."""
+    random cyclic permutation of the first `alphabet` letters written as shuffled arrow
+    words `a>f` (one word per arrow: a hop is then one attention lookup keyed on the word's
+    first letter, with no previous-token step to learn first), then `asked` distinct
+    letters in random order, each followed by its answer: the letter K arrows on. The
+    permutation is one cycle through every letter, so for K < alphabet the answer is never
+    the letter asked, and K hops differ from any other hop count below `alphabet`: too few
+    or too many lookups are wrong. Answers are distinct (K steps around a cycle are a
+    bijection), so a guesser can rule out the letter asked and the answers already given:
+    `guess` is that best blind guess, 1 / (letters left), and only half the letters are
+    asked (`asked`), which keeps it near 1 / alphabet."""
 
     alphabet: int = 16
+    asked: int = 8
 
     name = "perm"
     MAX_HOPS = 32
@@ -241,6 +245,8 @@ class PermTask:
     def validate(self) -> None:
         check(is_int(self.alphabet) and 3 <= self.alphabet <= 26, "alphabet", self.alphabet,
               "an integer in 3..26 (letters a..z)")
+        check(is_int(self.asked) and 1 <= self.asked < self.alphabet, "asked", self.asked,
+              f"an integer in 1..{self.alphabet - 1} (fewer than alphabet={self.alphabet})")
 
     def letters(self) -> list[str]:
         return [chr(ord("a") + k) for k in range(self.alphabet)]
@@ -251,8 +257,8 @@ class PermTask:
             + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)] + [PAD]
 
     def default_seq_len(self) -> int:
-        """Marker, arrows and every letter queried once: no padding."""
-        return 1 + 3 * self.alphabet
+        """Marker, arrows and the letters asked: no padding."""
+        return 1 + self.alphabet + 2 * self.asked
 
     def min_length(self, hops: int) -> int:
         return 1 + self.alphabet + 2
@@ -276,7 +282,7 @@ class PermTask:
         position = {letter: k for k, letter in enumerate(cycle)}
         queries = self.letters()
         rng.shuffle(queries)
-        room = (seq_len - 1 - len(arrows)) // 2
+        room = min(self.asked, (seq_len - 1 - len(arrows)) // 2)
         pairs = [w for q in queries[:room]
                  for w in (q, cycle[(position[q] + hops) % len(cycle)])]
         words = [f"h{hops}", *arrows, *pairs]
@@ -286,15 +292,16 @@ class PermTask:
         """Every (letter, answer) pair after the arrows, answered by following them."""
         hops = int(words[0][1:])
         arrow = dict(w.split(">") for w in words[1:1 + self.alphabet])
-        out = []
+        out: list[Query] = []
         for i in range(1 + self.alphabet, len(words) - 1, 2):
             if words[i] == PAD:
                 break
             answer = words[i]
             for _ in range(hops):
                 answer = arrow[answer]
+            ruled_out = {q.answer for q in out} | {words[i]}
             out.append(Query(index=i + 1, answer=answer, hops=hops,
-                             guess=1.0 / (self.alphabet - 1)))
+                             guess=1.0 / (self.alphabet - len(ruled_out))))
         return out
 
 
