@@ -354,10 +354,10 @@ class CompletionServer:
         `body.prompt`, with each token's text: one teacher-forced forward of the model as
         loaded (on CUDA the engine decodes a bf16 copy, so the trace can differ from what
         was sampled in the last digits). A completion given as text is tokenized alone."""
-        n_loops = self.model.config.n_loops if body.n_loops is None else body.n_loops
-        if n_loops > self.max_loops:
-            raise ApiError(400, f"n_loops={n_loops} is not allowed: at most the server's "
-                                f"max_loops={self.max_loops}", param="n_loops")
+        if body.n_loops is not None and body.n_loops > self.max_loops:
+            raise ApiError(400, f"n_loops={body.n_loops} is not allowed: 1 .. {self.max_loops} "
+                                f"(this server's --max-loops)", param="n_loops")
+        n_loops = self.model.config.loops(body.n_loops)  # (None: the model's)
         prompt = self.prompt_ids(body.prompt)[0]
         completion = body.completion
         if isinstance(completion, str):
