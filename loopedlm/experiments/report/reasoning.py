@@ -142,10 +142,13 @@ def _test_time_figure(name: str, members, hops: list[int], out: Path, cmd: str,
         lines[f"{h} hops"] = (xs, [_mean([_accuracy(r, h, n) for r in members]) for n in xs])
         errors[f"{h} hops"] = [_sd([_accuracy(r, h, n) for r in members]) for n in xs]
     trained = setting(members[0], "model.n_loops")
+    guess = _mean([(r["eval"].get("guess") or {}).get(str(h)) for r in members for h in shown])
+    # on a 0-1 scale with the guessing score drawn: a flat line near it reads as what it is
     return figure_xy(lines, out / filename,
                      f"{name}: accuracy against test-time loops (trained at N={trained}; "
                      f"{len(members)} seed(s))", "test-time loops N", "top-1 accuracy", cmd,
-                     errors=errors)
+                     errors=errors, ylim=(0, 1),
+                     baseline=None if guess is None else (f"guessing ({guess:.3f})", guess))
 
 
 def _first_correct_figure(groups, hops: list[int], out: Path, cmd: str) -> str:
