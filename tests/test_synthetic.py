@@ -31,7 +31,7 @@ def config(task: str = "chain", **overrides) -> SyntheticConfig:
     values = dict(SMALL, task=task)
     if task == "phop":
         values["task_options"] = {"alphabet": 6, "prefix": 24}
-    if task == "perm":
+    if task in ("perm", "pointer"):
         values["task_options"] = {"alphabet": 6, "asked": 5}
     values.update(overrides)
     return SyntheticConfig(**values)
@@ -102,9 +102,22 @@ def solve_perm(words: list[str]) -> list[tuple[int, str, int]]:
     return out
 
 
+def solve_pointer(words: list[str]) -> list[tuple[int, str, int]]:
+    """(answer index, answer, K) of every letter after the `|` of a pointer document: the
+    same cycle as perm's, each arrow written `A b`."""
+    end = words.index("|")
+    arrows = [f"{words[k].lower()}>{words[k + 1]}" for k in range(1, end, 2)]
+    assert all(words[k].isupper() and words[k + 1].islower() for k in range(1, end, 2))
+    asked = [w for w in words[end + 1::2] if w != "."]
+    assert all(w.isupper() for w in asked)
+    as_perm = [words[0], *arrows] + [w for a in asked for w in (a.lower(), "?")]
+    return [(end + 2 + 2 * k, answer, hops)
+            for k, (_, answer, hops) in enumerate(solve_perm(as_perm))]
+
+
 def solve(task: str, words: list[str]) -> list[tuple[int, str, int]]:
-    return {"chain": solve_chain, "perm": solve_perm}.get(task, lambda w: solve_phop(w, 24))(
-        words)
+    solvers = {"chain": solve_chain, "perm": solve_perm, "pointer": solve_pointer}
+    return solvers.get(task, lambda w: solve_phop(w, 24))(words)
 
 
 # ---- the generator -----------------------------------------------------------------------
@@ -134,9 +147,10 @@ def test_every_answer_follows_from_the_document(task):
         for (index, answer, hops), query in zip(expected, made.queries(words), strict=True):
             assert words[index] == answer == query.answer
             assert (query.index, query.hops) == (index, hops)
-            if task == "perm":  # the letters not ruled out (the one asked, earlier answers)
-                earlier = {a for i, a, _ in expected if i < index}
-                assert query.guess == pytest.approx(1 / (6 - len(earlier | {words[index - 1]})))
+            if task in ("perm", "pointer"):  # the letters not ruled out (the one asked,
+                earlier = {a for i, a, _ in expected if i < index}  # the earlier answers)
+                ruled_out = earlier | {words[index - 1].lower()}
+                assert query.guess == pytest.approx(1 / (6 - len(ruled_out)))
             elif hops > 1 or task == "phop":  # the root (or letter) is drawn uniformly
                 assert query.guess == pytest.approx(0.1 if task == "chain" else 1 / 6)
             else:  # each root is asked once at most: the digits of roots not asked yet

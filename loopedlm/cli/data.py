@@ -73,11 +73,11 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-# the tasks' own options (ChainTask, PHopTask, PermTask fields): one flag each, None = the default
+# the tasks' own options (ChainTask, PHopTask, PermTask, PointerTask fields): one flag each, None = the default
 TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
-                "alphabet": "phop, perm: letters", "prefix": "phop: random letters before the "
+                "alphabet": "phop, perm, pointer: letters", "prefix": "phop: random letters before the "
                                                        "first query",
-                "asked": "perm: letters asked per document"}
+                "asked": "perm, pointer: letters asked per document"}
 
 
 def _add_synthetic(sub: Any) -> None:
@@ -92,7 +92,7 @@ def _add_synthetic(sub: Any) -> None:
                                                    "synthetic/TASK)")
     synth.add_argument("--seq-len", type=int, default=defaults.seq_len,
                        help="words per document (train with sequence_len = this; default: "
-                            "the task's, 128, for perm 1 + 3 x alphabet)")
+                            "the task's: 128, or for perm and pointer one unpadded document)")
     synth.add_argument("--hops", type=_hop_list, default=list(range(defaults.hops[0],
                                                                       defaults.hops[1] + 1)),
                        help="training hop range LO-HI (default %(default)s)")

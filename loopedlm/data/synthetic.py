@@ -62,6 +62,7 @@ from loopedlm.data.synthetic_tasks import (
     ChainTask,
     PermTask,
     PHopTask,
+    PointerTask,
     Query,
 )
 
@@ -130,7 +131,7 @@ class SyntheticConfig:
             raise ValueError(f"seq_len={self.seq_len} is too short for {self.task} documents "
                              f"with {longest} hops: at least {task.min_length(longest)} words")
 
-    def make_task(self) -> ChainTask | PHopTask | PermTask:
+    def make_task(self) -> ChainTask | PHopTask | PermTask | PointerTask:
         cls = TASKS[self.task]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(self.task_options) - known)
@@ -291,7 +292,7 @@ def load_config(manifest: dict[str, Any]) -> SyntheticConfig:
     return SyntheticConfig(**manifest["config"])
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "TASKS", "SyntheticConfig", "documents",
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "TASKS", "SyntheticConfig", "documents",
            "default_synthetic_dir", "synthetic_spec_dir", "prepare_synthetic",
            "write_synthetic", "read_synthetic_manifest", "load_config",
            "MANIFEST_FILE", "EVAL_DIR", "TOKENIZER_DIR"]

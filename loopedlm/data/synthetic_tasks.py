@@ -305,8 +305,91 @@ class PermTask:
         return out
 
 
-TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask}
+# ---- pointer chasing with two-word arrows -------------------------------------------------
+@dataclass(frozen=True)
+class PointerTask:
+    """Pointer chasing as `perm`, with each arrow written as two words, `A b` (a -> b: the
+    letter it leaves in upper case, the one it reaches in lower case), then `|`, then
+    `asked` distinct upper-case letters, each followed by its answer in lower case, K
+    arrows on. A hop is the induction step (find the arrow that leaves the current letter,
+    read the word after it) with one letter-matching rule shared by every letter, instead
+    of one association per arrow word (`perm`'s 240, which a first run never learned).
+    The cycle, the distinct answers and `guess` (the best elimination guess) are as in
+    `perm`."""
+
+    alphabet: int = 16
+    asked: int = 8
+
+    name = "pointer"
+    MAX_HOPS = 32
+    SEPARATOR = "|"
+
+    def validate(self) -> None:
+        check(is_int(self.alphabet) and 3 <= self.alphabet <= 26, "alphabet", self.alphabet,
+              "an integer in 3..26 (letters a..z)")
+        check(is_int(self.asked) and 1 <= self.asked < self.alphabet, "asked", self.asked,
+              f"an integer in 1..{self.alphabet - 1} (fewer than alphabet={self.alphabet})")
+
+    def letters(self) -> list[str]:
+        return [chr(ord("a") + k) for k in range(self.alphabet)]
+
+    def words(self) -> list[str]:
+        return self.letters() + [c.upper() for c in self.letters()] \
+            + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)] + [self.SEPARATOR, PAD]
+
+    def default_seq_len(self) -> int:
+        """Marker, arrows, separator and the letters asked: no padding."""
+        return 2 + 2 * self.alphabet + 2 * self.asked
+
+    def min_length(self, hops: int) -> int:
+        return 2 + 2 * self.alphabet + 2
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words whose hop count is drawn from 1..max_hops
+        (`weights`: their odds; default uniform), or is `query_hops`."""
+        if seq_len < self.min_length(1):
+            raise ValueError(f"seq_len={seq_len} is too short for pointer documents with "
+                             f"alphabet={self.alphabet}: at least {self.min_length(1)} words")
+        hops = query_hops if query_hops is not None else \
+            rng.choices(range(1, max_hops + 1), weights=weights)[0]
+        if hops > self.MAX_HOPS:
+            raise ValueError(f"pointer documents have at most {self.MAX_HOPS} hops, not {hops}")
+        cycle = self.letters()
+        rng.shuffle(cycle)
+        arrows = list(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+        rng.shuffle(arrows)
+        position = {letter: k for k, letter in enumerate(cycle)}
+        queries = self.letters()
+        rng.shuffle(queries)
+        room = min(self.asked, (seq_len - self.min_length(1) + 2) // 2)
+        pairs = [w for q in queries[:room]
+                 for w in (q.upper(), cycle[(position[q] + hops) % len(cycle)])]
+        words = [f"h{hops}", *[w for a, b in arrows for w in (a.upper(), b)], self.SEPARATOR,
+                 *pairs]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every (letter, answer) pair after the separator, answered by following arrows."""
+        hops = int(words[0][1:])
+        end = words.index(self.SEPARATOR)
+        arrow = {words[k].lower(): words[k + 1] for k in range(1, end, 2)}
+        out: list[Query] = []
+        for i in range(end + 1, len(words) - 1, 2):
+            if words[i] == PAD:
+                break
+            answer = words[i].lower()
+            for _ in range(hops):
+                answer = arrow[answer]
+            ruled_out = {q.answer for q in out} | {words[i].lower()}
+            out.append(Query(index=i + 1, answer=answer, hops=hops,
+                             guess=1.0 / (self.alphabet - len(ruled_out))))
+        return out
+
+
+TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask, "pointer": PointerTask}
 HOP_MIXES = ("uniform", "inverse")
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "TASKS", "HOP_MIXES", "PAD"]
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "TASKS", "HOP_MIXES", "PAD"]
