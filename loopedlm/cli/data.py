@@ -73,7 +73,7 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-# the tasks' own options (ChainTask, PHopTask, PermTask, PointerTask fields): one flag each, None = the default
+# the tasks' own options (the task classes' fields): one flag each, None = the default
 TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
                 "alphabet": "phop, perm, pointer: letters", "prefix": "phop: random letters before the "
                                                        "first query",

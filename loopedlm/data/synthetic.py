@@ -20,6 +20,11 @@ Tasks (`TASKS`):
   its answer: hop(i) is the position after the most recent earlier occurrence of the
   letter at i, and the answer is the letter at hop^p(i). Half the positions are answers,
   every one p hops deep; a guess is right with probability 1 / alphabet.
+- `perm` (pointer chasing): a marker `hK`, a random cyclic permutation of 16 letters as
+  shuffled arrow words `a>f`, then 8 distinct letters each followed by the letter K
+  arrows on (`PermTask`).
+- `pointer`: the same, with each arrow written as two words `A b`, so that every hop is
+  the same induction step (`PointerTask`).
 
 Documents are exactly `seq_len` words (padded with `.`), so with the BOS the loader
 prepends, training rows of `sequence_len = seq_len` hold one whole document each: none is
@@ -292,7 +297,8 @@ def load_config(manifest: dict[str, Any]) -> SyntheticConfig:
     return SyntheticConfig(**manifest["config"])
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "TASKS", "SyntheticConfig", "documents",
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "TASKS",
+           "SyntheticConfig", "documents",
            "default_synthetic_dir", "synthetic_spec_dir", "prepare_synthetic",
            "write_synthetic", "read_synthetic_manifest", "load_config",
            "MANIFEST_FILE", "EVAL_DIR", "TOKENIZER_DIR"]
