@@ -65,6 +65,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         for prompt, ids in zip(prompts, outputs, strict=True):
             print(f"--- {prompt}\n{prompt}{tokenizer.decode(ids)}")
     seconds = time.perf_counter() - start
+    if args.trace_loops:
+        _print_traces(model, tokenizer, prompts, outputs, n_loops, args.adaptive_threshold)
     n_tokens = sum(len(o) for o in outputs)
     mean_loops = sum(spent) / len(spent) if spent else float("nan")
     speculation = "" if event is None or event.speculation is None else (
@@ -74,6 +76,22 @@ def _cmd_sample(args: argparse.Namespace) -> int:
           f"loops per token {mean_loops:.2f} of {n_loops}{speculation}]",
           file=sys.stderr)
     return 0
+
+
+def _print_traces(model: Any, tokenizer: Any, prompts: list[str], outputs: list[list[int]],
+                  n_loops: int, adaptive: float | None) -> None:
+    from loopedlm.infer.trace import format_trace, trace_loops
+
+    print("--- per-loop view: each generated token's distribution after every loop "
+          "(H: entropy in nats; p: the token's probability; top tokens)"
+          + (" [adaptive loops: a token that stopped early was drawn at its last loop]"
+             if adaptive is not None else ""))
+    for prompt, ids in zip(prompts, outputs, strict=True):
+        if len(prompts) > 1:
+            print(f"--- {prompt}")
+        trace = trace_loops(model, [tokenizer.bos_id, *tokenizer.encode(prompt)], ids,
+                            n_loops=n_loops)
+        print(format_trace(trace, tokenizer))
 
 
 def register(subparsers: Any) -> None:
@@ -113,6 +131,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cache-slots", type=int, default=None,
                    help="loops share this many KV-cache slots (less memory, approximate)")
     p.add_argument("--slot-policy", choices=SLOT_POLICIES, default=None)
+    p.add_argument("--trace-loops", action="store_true",
+                   help="then print, for each generated token, the top tokens, the entropy "
+                        "and the token's probability after every loop (the per-loop view)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--compile", choices=["auto", "none", "step", "loop"], default=None,
                    help="torch.compile the decode step or one loop (default auto: where it "

@@ -18,6 +18,8 @@ UTF-8 byte length of every token that bits-per-byte needs (docs/design.md#evalua
 - a Hugging Face model folder's `tokenizer.json` (public looped models, docs/public_models.md:
   `load_hf_folder_tokenizer`), read by `tokenizers` too, with the BOS and end-of-text token
   its `tokenizer_config.json` / `config.json` name.
+- words: a small fixed vocabulary of whitespace-separated words, nothing trained (the
+  synthetic reasoning tasks of `loopedlm.data.synthetic`, whose answers are single tokens).
 
 `stop_ids` are the tokens that end a generated text: BOS (documents are BOS-delimited in
 training) and a model folder's end-of-text token.
@@ -271,6 +273,62 @@ class BPETokenizer(Tokenizer):
         return directory
 
 
+class WordTokenizer(Tokenizer):
+    """A fixed vocabulary of whitespace-separated words: no BPE, nothing to train.
+
+    Ids: `<|bos|>` = 0, `<unk>` = 1, then `words` in order. Text is split on whitespace and
+    `decode` joins words with single spaces, so `decode(encode(s)) == s` for any text of
+    known words separated by single spaces. A word outside the vocabulary encodes as
+    `<unk>` (with a warning): a prompt such as the trainer's default sample prompt still
+    runs, and the warning says which word was not known.
+    """
+
+    UNK_TOKEN = "<unk>"
+
+    def __init__(self, words: Sequence[str], name: str = "words") -> None:
+        words = list(words)
+        specials = [BOS_TOKEN, self.UNK_TOKEN]
+        bad = [w for w in words if not isinstance(w, str) or not w or w.split() != [w]
+               or w in specials]
+        if bad:
+            raise ValueError(f"word {bad[0]!r} can not be a token of a word vocabulary (a "
+                             f"non-empty string without whitespace, not {specials})")
+        if len(set(words)) != len(words):
+            dup = next(w for w in words if words.count(w) > 1)
+            raise ValueError(f"word {dup!r} appears twice in the vocabulary")
+        self.words = words
+        self._tokens = specials + words
+        self._ids = {w: i for i, w in enumerate(self._tokens)}
+        self.name = name
+        self.vocab_size = len(self._tokens)
+        self.bos_id, self.unk_id = 0, 1
+        self.special_ids = {0, 1}
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        texts = _check_texts(texts)
+        out = [[self._ids.get(w, self.unk_id) for w in t.split()] for t in texts]
+        if any(self.unk_id in ids for ids in out):
+            unknown = next(w for t in texts for w in t.split() if w not in self._ids)
+            logger.warning("%s: %r (and maybe other words) are not in the vocabulary: encoded "
+                           "as %s", self.name, unknown, self.UNK_TOKEN)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self._tokens[i] for i in self._check_ids(ids))
+
+    def token_bytes(self) -> torch.Tensor:
+        # a word's bytes and the space that separates it from the next (bits per byte)
+        return torch.tensor([0 if i in self.special_ids else len(w.encode("utf-8")) + 1
+                             for i, w in enumerate(self._tokens)], dtype=torch.long)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_meta(directory, {"kind": "words", "vocab_size": self.vocab_size,
+                                "bos_token": BOS_TOKEN, "words": self.words})
+        return directory
+
+
 def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
     from loopedlm.common.files import atomic_write_json
 
@@ -383,4 +441,10 @@ def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
             raise ValueError(f"{path}: {HF_FILE} has {tok.vocab_size} ids but {META_FILE} says "
                              f"{meta['vocab_size']}")
         return tok
-    raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r} (allowed: 'qwen3', 'bpe')")
+    if kind == "words":
+        words = meta.get("words")
+        if not isinstance(words, list):
+            raise ValueError(f"{meta_path}: a 'words' tokenizer needs its list of words")
+        return WordTokenizer(words, name=str(path))
+    raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r} (allowed: 'qwen3', 'bpe', "
+                     f"'words')")

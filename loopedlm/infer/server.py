@@ -64,6 +64,7 @@ from loopedlm.infer.engine import (
 from loopedlm.infer.options import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.infer.scheduler import Delta, QueueFull, Scheduler, Sequence, SlotEngine
+from loopedlm.infer.trace import DEFAULT_TOP_K, trace_loops
 from loopedlm.model.config import check_token_ids
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,17 @@ class CompletionRequest(BaseModel):
     draft_loops: int | None = Field(None, ge=1)
     return_loops: bool = False
     timeout: float | None = Field(None, gt=0)
+
+
+class LoopTraceRequest(BaseModel):
+    """The body of POST /v1/loop_trace (the web page's per-loop view of a completion)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    prompt: str | list[int]
+    completion: str | list[int]
+    n_loops: int | None = Field(None, ge=1)
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=50)
 
 
 class ApiError(Exception):
@@ -354,6 +366,38 @@ class CompletionServer:
             rows.append(ids)
         return rows
 
+    def loop_trace(self, body: LoopTraceRequest) -> dict[str, Any]:
+        """The per-loop view (`loopedlm.infer.trace`) of `body.completion` after
+        `body.prompt`, with each token's text: one teacher-forced forward of the model as
+        loaded (on CUDA the engine decodes a bf16 copy, so the trace can differ from what
+        was sampled in the last digits). A completion given as text is tokenized alone."""
+        if body.n_loops is not None and body.n_loops > self.max_loops:
+            raise ApiError(400, f"n_loops={body.n_loops} is not allowed: 1 .. {self.max_loops} "
+                                f"(this server's --max-loops)", param="n_loops")
+        n_loops = self.model.config.loops(body.n_loops)  # (None: the model's)
+        prompt = self.prompt_ids(body.prompt)[0]
+        completion = body.completion
+        if isinstance(completion, str):
+            completion = self._encode(completion, 0)
+        try:
+            check_token_ids(completion, self.model.config.vocab_size, "completion: token id")
+            trace = trace_loops(self.model, prompt, completion, n_loops=n_loops,
+                                top_k=body.top_k)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="completion") from None
+        decode = self.tokenizer.decode
+        texts, done = [], ""
+        for k in range(len(completion)):  # each token's own piece of the completion's text
+            text = decode(completion[:k + 1])
+            texts.append(text[len(done):])
+            done = text
+        return {"object": "loop_trace", "model": self.name, "n_loops": n_loops,
+                "tokens": [{"text": piece, "token": entry["token"], "loops": [
+                    {"entropy": step["entropy"], "p": step["p"],
+                     "top": [{"text": decode([i]), "p": p} for i, p in step["top"]]}
+                    for step in entry["loops"]]}
+                    for piece, entry in zip(texts, trace, strict=True)]}
+
     def _encode(self, text: str, index: int) -> list[int]:
         try:
             return self.tokenizer.encode(text)
@@ -425,6 +469,7 @@ def create_app(model: Any, tokenizer: Any, *, name: str = "loopedlm",
     _add_error_handlers(app, server)
     _add_info_routes(app, server)
     _add_completions_route(app, server)
+    _add_trace_route(app, server)
     return app
 
 
@@ -478,6 +523,15 @@ def _add_completions_route(app: FastAPI, server: CompletionServer) -> None:
         response = await completion.collect(request)
         server.count(response.status_code)
         return response
+
+
+def _add_trace_route(app: FastAPI, server: CompletionServer) -> None:
+    """POST /v1/loop_trace: each completion token's distribution after every loop."""
+    @app.post("/v1/loop_trace")
+    async def loop_trace(body: LoopTraceRequest) -> dict[str, Any]:
+        result = await asyncio.to_thread(server.loop_trace, body)  # the event loop stays free
+        server.count(200)
+        return result
 
 
 # ---- running it ---------------------------------------------------------------------------

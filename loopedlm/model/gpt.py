@@ -436,13 +436,18 @@ class LoopedGPT(nn.Module):
     # ---- forward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 n_loops: int | None = None, attention_mask: torch.Tensor | None = None,
-                return_residual_norms: bool = False, backprop_loops: int = 0):
+                return_residual_norms: bool = False, return_loop_logits: bool = False,
+                backprop_loops: int = 0):
         """Logits (B, T, vocab_size), or the mean loss when `targets` is given.
 
         n_loops:        loop count for this call (default: the config's).
         attention_mask: (B, T) bool, False marks padding (left padding for ragged prompts).
         return_residual_norms: also return a (n_loops,) tensor of each loop's residual
                         state norm before its final norm (docs/design.md#diagnostics).
+        return_loop_logits: also return (n_loops, B, T, vocab_size), the logits after every
+                        loop (the per-loop view, docs/design.md#diagnostics); loop t's
+                        equal `forward(idx, n_loops=t)`, since no loop reads a later one.
+                        Without targets only. With both flags: (logits, loop_logits, norms).
         backprop_loops: truncated backprop through loops (TrainConfig.backprop_loops):
                         gradients flow through the last `backprop_loops` loops only; the
                         earlier ones run under no_grad (no activations saved), as if
@@ -452,8 +457,11 @@ class LoopedGPT(nn.Module):
         n_loops = self.config.loops(n_loops)  # the default, filled (and checked) here
         self._check_inputs(idx, targets, attention_mask, backprop_loops)
         inputs = self.prepare(idx, attention_mask=attention_mask)
+        if return_loop_logits and targets is not None:
+            raise ValueError("return_loop_logits=True is for logits, not for a loss: pass no "
+                             "targets")
         supervised = (self.supervised_loops(n_loops, backprop_loops) if targets is not None
-                      else [n_loops - 1])
+                      else range(n_loops) if return_loop_logits else [n_loops - 1])
         no_grad_loops = max(0, n_loops - backprop_loops) if backprop_loops else 0
         wrapped = self.loop if self._loop_wrapper is None else self._loop_wrapper(self.loop)
         previous, outputs, norms = None, [], []
@@ -466,13 +474,17 @@ class LoopedGPT(nn.Module):
             if loop in supervised:  # each loop's head + loss is done before the next loop
                 outputs.append(previous if targets is None
                                else self.loss(previous, targets, inputs.plan))
+        extra = []
         if targets is None:
             result = self.logits(outputs[-1], inputs.plan)
+            if return_loop_logits:
+                extra.append(torch.stack([self.logits(h, inputs.plan) for h in outputs[:-1]]
+                                         + [result]))
         else:
             result = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean()
         if return_residual_norms:
-            return result, torch.stack(norms)
-        return result
+            extra.append(torch.stack(norms))
+        return (result, *extra) if extra else result
 
     def _check_inputs(self, idx, targets, attention_mask, backprop_loops) -> None:
         """Shapes and types always; token-id ranges only where they cost no host-device
