@@ -24,6 +24,10 @@ Sections (all by default; `--sections` picks some):
   `generate()` with its defaults at N=1 and 12 over `--target-tokens` tokens, against the
   naive generate; and the seconds from `loopedlm sample RUN --max-tokens 1` to its exit (a
   stand-in run, random weights). Targets: >= 1,000 tok/s at N=1, >= 200 at N=12, <= 10 s.
+- `compile`: seconds of the first compiled step (its compile) of `compile="step"` and
+  `"loop"` at N=1 and 12 (the `targets` shape, batch 1), each in a fresh process: cold (an
+  empty torch.compile cache folder) and then warm (the same folder, now filled), wall clock
+  and the child's CPU seconds.
 - `quality` (issue 6): teacher-forced bits per byte of adaptive loops and shared cache
   slots against fixed N, and KV-cache bytes per token.
 
@@ -67,7 +71,7 @@ from loopedlm.infer.scheduler import Scheduler, Sequence
 GREEDY = SamplingParams(temperature=0)
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 clock = CLOCKS["wall"]  # set by --clock
-SECTIONS = ("table", "server", "speculative", "targets", "quality")
+SECTIONS = ("table", "server", "speculative", "targets", "compile", "quality")
 
 
 # ---- the naive baseline ------------------------------------------------------------------
@@ -322,6 +326,55 @@ def targets_section(args) -> None:
           f"{'met' if seconds <= 10 else 'NOT met'}")
 
 
+# ---- compile time, cold and warm on-disk caches --------------------------------------------
+COMPILE_CHILD = """
+import sys, time, torch
+from loopedlm import LoopedGPT, ModelConfig
+from loopedlm.infer import DecodeEngine, SamplingParams, SequenceParams
+torch.set_num_threads(int(sys.argv[3]))
+model = LoopedGPT.from_config(ModelConfig.preset("tiny", sequence_len=1024), seed=0).eval()
+engine = DecodeEngine(model, max_batch=1, max_len=600, compile=sys.argv[1],
+                      max_loops=int(sys.argv[2]))
+params = SequenceParams(n_loops=int(sys.argv[2]), sampling=SamplingParams(temperature=0))
+engine.add(0, list(range(512)), params)
+start = time.perf_counter()
+engine.step().host()
+first = time.perf_counter() - start
+start = time.perf_counter()
+engine.step().host()
+print(first - (time.perf_counter() - start))
+"""
+
+
+def compile_seconds(mode: str, n_loops: int, folder: str, threads: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the first step's compile in a fresh process whose torch.compile
+    caches live in `folder`."""
+    import resource
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": folder, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, "-c", COMPILE_CHILD, mode, str(n_loops),
+                          str(threads)], env=env, check=True, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return float(out.stdout.split()[-1]), cpu
+
+
+def compile_section(args) -> None:
+    print("\n== compile time: the first compiled step (the targets' shape, batch 1), each in a "
+          "fresh process; cold = empty cache folder, warm = the same folder again")
+    print(f"{'mode':<6} {'N':>3} {'cold s':>8} {'warm s':>8} {'cold CPU s':>11} "
+          f"{'warm CPU s':>11} {'warm/cold':>10}")
+    for mode in ("step", "loop"):
+        for n_loops in (1, 12):
+            with tempfile.TemporaryDirectory() as folder:
+                cold, cold_cpu = compile_seconds(mode, n_loops, folder, args.threads)
+                warm, warm_cpu = compile_seconds(mode, n_loops, folder, args.threads)
+            print(f"{mode:<6} {n_loops:>3} {cold:>8.1f} {warm:>8.1f} {cold_cpu:>11.1f} "
+                  f"{warm_cpu:>11.1f} {warm_cpu / cold_cpu:>9.2f}x", flush=True)
+
+
 # ---- quality (issue 6) --------------------------------------------------------------------
 def cache_bytes(model: LoopedGPT, n_loops: int) -> int:
     """KV-cache bytes per token at `n_loops` loops, fp32, one entry per (loop, layer)."""
@@ -569,6 +622,8 @@ def main() -> None:
         speculative_section(args, model, held_out)
     if "targets" in args.sections:
         targets_section(args)
+    if "compile" in args.sections:
+        compile_section(args)
     if "quality" in args.sections:
         quality_section(args)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

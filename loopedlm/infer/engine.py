@@ -1031,7 +1031,8 @@ class DecodeEngine:
         loops = torch.tensor(n_loops, device=self.device)
         return decode_pass(self.model, tokens, pos, loops, rows, self.cache, entries,
                            self.fused, max_loops=max(n_loops),
-                           mixed=len(set(n_loops)) > 1, gather=not contiguous)
+                           mixed=len(set(n_loops)) > 1, gather=not contiguous,
+                           loop_fn=self.loop_fn)
 
     @torch.no_grad()
     def _speculate(self, slots: list[int]) -> None:
@@ -1147,7 +1148,7 @@ class DecodeEngine:
         for loop in range(max(budget, default=0)):
             writes = StepWrites(entries[loop], active, pos[active],
                                 write_first=cache.writes(loop, 0))
-            h = decode_loop(model, inputs, previous, writes)
+            h = self.loop_fn(model, inputs, previous, writes)  # compiled under "loop"
             logp = None
             if needs_logits:
                 logp = F.log_softmax(model.logits(h, inputs.plan)[:, -1], dim=-1)
