@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -285,6 +287,28 @@ def use_compile_cache() -> None:
     $LOOPEDLM_HOME/torch_compile, unless TORCHINDUCTOR_CACHE_DIR is set: the kernels a run
     compiles are reused by the next run, which then compiles in seconds."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(loopedlm_home() / "torch_compile"))
+
+
+def compiled_before(key: str) -> bool:
+    """Whether a step variant of this description (`DecodeEngine._variant_record`) was
+    compiled before with the current torch.compile cache folder: its kernels are then on
+    disk (or in this process), and compiling it again takes seconds, not a minute."""
+    return (_compile_records() / key).exists()
+
+
+def record_compiled(key: str) -> None:
+    """Note that the step variant `key` compiled (read by `compiled_before`)."""
+    try:
+        folder = _compile_records()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / key).touch()
+    except OSError:  # a read-only cache folder: the next run just compiles later
+        log.debug("decode engine: could not record a compiled step in %s", folder)
+
+
+def _compile_records() -> Path:
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR",
+                               loopedlm_home() / "torch_compile")) / "loopedlm_steps"
 
 
 def stand_ins(tree: Any) -> Any:
@@ -661,6 +685,7 @@ class DecodeEngine:
         self._slots: dict[int, torch.Tensor] = {}
         self._compile_runs: dict[StepKey, int] = {}  # background: eager runs per variant
         self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
+        self._compiling: set[StepKey] = set()  # background: variants whose compile started
         self.speculation = SpeculationStats()
         # q, k and v projections in one matrix per layer, derived once (and again only if the
         # weights change: `_sync_weights`); the model's parameters stay as they are
@@ -954,7 +979,12 @@ class DecodeEngine:
             return
         runs = self._compile_runs.get(variant, 0) + 1
         self._compile_runs[variant] = runs
-        if runs == AUTO_COMPILE_AFTER and done is None:
+        # a variant compiled before (by an earlier run or engine) compiles again in seconds
+        # from torch.compile's caches: start at its first run, not after AUTO_COMPILE_AFTER
+        start = runs == AUTO_COMPILE_AFTER or (
+            runs == 1 and compiled_before(self._variant_record(variant)))
+        if start and variant not in self._compiling:
+            self._compiling.add(variant)
             threading.Thread(target=self._compile_in_background, args=(variant, args),
                              name="loopedlm-compile", daemon=True).start()
         fixed_step(*args, entries=self._loop_entries(key.batch, key.kv_len))
@@ -972,7 +1002,17 @@ class DecodeEngine:
             self._compiled[variant] = False
             return
         log.info("decode engine: step %s compiled in %.1fs", variant, time.perf_counter() - start)
+        record_compiled(self._variant_record(variant))
         self._compiled[variant] = True
+
+    def _variant_record(self, variant: StepKey) -> str:
+        """The name under which a compiled step variant is recorded (`record_compiled`):
+        what its graph depends on, the key length aside (a dynamic size). A false match
+        only starts a compile sooner; it never changes what runs."""
+        what = (torch.__version__, repr(self.config), str(self.dtype), self.device.type,
+                self.cache.slot_of_loop,
+                repr(sorted(self.compile_options.items())), repr(variant))
+        return hashlib.sha256(repr(what).encode()).hexdigest()[:32]
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait until the step variants being compiled on worker threads are (compile="auto"
