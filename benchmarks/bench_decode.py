@@ -171,16 +171,17 @@ class _Bytes:
 
 @torch.no_grad()
 def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, clients: int,
-               requests: int, max_tokens: int) -> tuple[float, float]:
+               requests: int, max_tokens: int, compile_mode="auto") -> tuple[float, float]:
     """(generated tokens/s, mean loops per token) of `clients` clients, each sending
     `requests` requests in a row (prompts: rows of `prompts`), through the server's
-    scheduler over one engine of `clients` slots."""
+    scheduler over one engine of `clients` slots (`compile_mode`: the engine's compile;
+    "loop" is warmed up first by one untimed round, so that its compiles are not timed)."""
     engine = DecodeEngine(model, max_batch=clients, max_loops=params.n_loops,
-                          max_len=prompts.size(1) + max_tokens + 2)
+                          max_len=prompts.size(1) + max_tokens + 2, compile=compile_mode)
     scheduler = Scheduler(engine, _Bytes(), max_queue=clients)
     finished, tokens, loops = threading.Semaphore(0), [0], [0]
 
-    def client(index: int) -> None:
+    def client(index: int, requests: int = requests) -> None:
         for r in range(requests):
             done = threading.Event()
 
@@ -196,6 +197,13 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
         finished.release()
     scheduler.start()
     try:
+        if compile_mode == "loop":
+            warmup = [threading.Thread(target=client, args=(i, 1)) for i in range(clients)]
+            for thread in warmup:
+                thread.start()
+            for thread in warmup:
+                thread.join()
+            tokens[0] = loops[0] = 0
         start = clock()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for thread in threads:
@@ -231,14 +239,16 @@ def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
           f"N={n_loops}; adaptive threshold state < {chosen:g} (calibration mean "
           f"{mean:.2f} loops, target ~{args.adaptive_mean:g})")
     prompts = held_out[:clients * args.requests, :args.prompt]
-    plain, _ = serve_rate(model, prompts, SequenceParams(n_loops=n_loops, sampling=GREEDY),
-                          clients, args.requests, args.server_tokens)
-    adaptive, loops = serve_rate(model, prompts, SequenceParams(
-        n_loops=n_loops, sampling=GREEDY, adaptive=AdaptiveLoops(chosen, "state")),
-        clients, args.requests, args.server_tokens)
-    print(f"{'all at N=12':<28} {plain:>9.1f} tok/s  loops/token {n_loops:.2f}")
-    print(f"{'adaptive':<28} {adaptive:>9.1f} tok/s  loops/token {loops:.2f}  "
-          f"({adaptive / plain:.2f}x; target >= 2.5x)")
+    for mode in args.server_compile:
+        plain, _ = serve_rate(model, prompts, SequenceParams(n_loops=n_loops, sampling=GREEDY),
+                              clients, args.requests, args.server_tokens, mode)
+        adaptive, loops = serve_rate(model, prompts, SequenceParams(
+            n_loops=n_loops, sampling=GREEDY, adaptive=AdaptiveLoops(chosen, "state")),
+            clients, args.requests, args.server_tokens, mode)
+        print(f"compile={mode!r:<8} {'all at N=12':<18} {plain:>9.1f} tok/s  loops/token "
+              f"{n_loops:.2f}")
+        print(f"compile={mode!r:<8} {'adaptive':<18} {adaptive:>9.1f} tok/s  loops/token "
+              f"{loops:.2f}  ({adaptive / plain:.2f}x; target >= 2.5x)", flush=True)
 
 
 # ---- self-speculative decoding --------------------------------------------------------------
@@ -575,6 +585,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--server-tokens", type=int, default=32)
     parser.add_argument("--adaptive-mean", type=float, default=3.0)
+    parser.add_argument("--server-compile", nargs="*", default=["auto", "loop", False],
+                        type=lambda x: False if x == "False" else x,
+                        help="the engines' compile in the server section (auto: the default; "
+                             "loop: every step, adaptive too, compiled; False: eager)")
     parser.add_argument("--server-thresholds", type=float, nargs="*",
                         default=[0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01])
     parser.add_argument("--draft-loops", type=int, nargs="*", default=[1, 2, 3])
