@@ -7,7 +7,8 @@ Sections (all by default; `--sections` picks some):
 
 - `table`: tokens/s of default (`compile="auto"`, what `generate()`, `loopedlm sample` and
   the server use), eager (`compile=False`), compiled (`compile="step"`, timed after its
-  compile), speculative (`draft_loops`) and adaptive (`adaptive_threshold`), at N = 1, 3,
+  compile), loop (`compile="loop"`), speculative (`draft_loops`) and adaptive
+  (`adaptive_threshold`, eager and under `compile="loop"`), at N = 1, 3,
   12 and batch 1, 16, next to the naive baseline measured in the same run: the authors'
   generate, recomputing the whole sequence at every token (`vs naive` = tokens/s over the
   naive's at the same N and batch). The model is the trained stand-in (below), prompts are
@@ -139,6 +140,8 @@ def table_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
             if "compiled" in args.modes:
                 rows.append(("compiled", SequenceParams(n_loops=n_loops, sampling=GREEDY),
                              "step", "compile='step', after its compile"))
+            rows.append(("loop", SequenceParams(n_loops=n_loops, sampling=GREEDY), "loop",
+                         "compile='loop', compiled in the warm-up steps"))
             if n_loops > 1:
                 draft = max(1, n_loops // 4)
                 rows.append(("speculative", SequenceParams(n_loops=n_loops, sampling=GREEDY,
@@ -148,6 +151,10 @@ def table_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
                     n_loops=n_loops, sampling=GREEDY,
                     adaptive=AdaptiveLoops(args.threshold, "state")), False,
                     f"state < {args.threshold:g}"))
+                rows.append(("adaptive-loop", SequenceParams(
+                    n_loops=n_loops, sampling=GREEDY,
+                    adaptive=AdaptiveLoops(args.threshold, "state")), "loop",
+                    f"state < {args.threshold:g}, compile='loop' (vs loop: like for like)"))
             for name, params, compile_mode, note in rows:
                 if name not in args.modes:
                     continue
@@ -581,8 +588,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall clock (default), or this process's CPU time (all its "
                              "threads): steadier on a busy shared machine")
-    parser.add_argument("--modes", nargs="*", default=["eager", "default", "compiled",
-                                                       "speculative", "adaptive"])
+    parser.add_argument("--modes", nargs="*", default=["eager", "default", "compiled", "loop",
+                                                       "speculative", "adaptive",
+                                                       "adaptive-loop"])
     parser.add_argument("--loops", type=int, nargs="*", default=[1, 3, 12])
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--prompt", type=int, default=24, help="prompt tokens (table, server, "
