@@ -33,6 +33,7 @@ fallback, measured in benchmarks/bench_engine.py.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import functools
@@ -288,6 +289,25 @@ def use_compile_cache() -> None:
     $LOOPEDLM_HOME/torch_compile, unless TORCHINDUCTOR_CACHE_DIR is set: the kernels a run
     compiles are reused by the next run, which then compiles in seconds."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(loopedlm_home() / "torch_compile"))
+
+
+WARM_COMPILE_THREAD = "loopedlm-compile-warm"
+WARM_COMPILE_EXIT_WAIT = 60.0  # seconds a process waits at exit for a warm compile to land
+
+
+@atexit.register
+def _wait_for_warm_compiles() -> None:
+    for thread in threading.enumerate():
+        if thread.name == WARM_COMPILE_THREAD:
+            thread.join(WARM_COMPILE_EXIT_WAIT)
+
+
+@functools.cache
+def compiled_fixed_step(options: tuple[tuple[str, Any], ...]) -> Callable:
+    """`fixed_step` under torch.compile with these options, one per process: the graphs
+    one engine compiled serve the next (a second `generate()`) at once, as dynamo's guards
+    allow (a new torch.compile wrapper would compile them again)."""
+    return torch.compile(fixed_step, **dict(options))
 
 
 def compiled_before(key: str) -> bool:
@@ -678,8 +698,11 @@ class DecodeEngine:
         self._compiled_step = None
         if self.compiles in ("step", "background"):
             dynamic = self.compiles == "background"  # eager-sized key lengths: see _kv_len
-            self._compiled_step = torch.compile(fixed_step,
-                                                **{"dynamic": dynamic, **self.compile_options})
+            options = tuple(sorted({"dynamic": dynamic, **self.compile_options}.items()))
+            try:
+                self._compiled_step = compiled_fixed_step(options)
+            except TypeError:  # an unhashable option (a dict of inductor settings)
+                self._compiled_step = torch.compile(fixed_step, **dict(options))
         self._steps: dict[StepKey, Callable[[], None]] = {}
         self._graph_pool: Any = None  # `_pool`
         self._entries: dict[tuple[int, int], list[list[Entry]]] = {}
@@ -999,8 +1022,11 @@ class DecodeEngine:
             runs == 1 and compiled_before(self._variant_record(variant)))
         if start and variant not in self._compiling:
             self._compiling.add(variant)
+            # a warm compile (seconds) is waited for at exit: a process that ends while a
+            # compile runs on a daemon thread can abort (exit status 134)
+            name = "loopedlm-compile" if runs == AUTO_COMPILE_AFTER else WARM_COMPILE_THREAD
             threading.Thread(target=self._compile_in_background, args=(variant, args),
-                             name="loopedlm-compile", daemon=True).start()
+                             name=name, daemon=True).start()
         fixed_step(*args, entries=self._loop_entries(key.batch, key.kv_len))
 
     def _compile_in_background(self, variant: StepKey, args: tuple) -> None:
@@ -1033,9 +1059,9 @@ class DecodeEngine:
         on CPU); whether none is still compiling. For benchmarks and warm-ups."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threading.enumerate():
-            if thread.name == "loopedlm-compile":
+            if thread.name.startswith("loopedlm-compile"):
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.name == "loopedlm-compile" and t.is_alive()
+        return not any(t.name.startswith("loopedlm-compile") and t.is_alive()
                        for t in threading.enumerate())
 
     def _pool(self) -> Any:
