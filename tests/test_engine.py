@@ -516,37 +516,6 @@ def test_compile_auto_on_cpu_switches_to_the_compiled_step_and_keeps_the_tokens(
     torch._dynamo.reset()
 
 
-@torch.no_grad()
-def test_compile_auto_starts_at_once_for_a_step_compiled_before(monkeypatch, tmp_path):
-    """compile="auto" on CPU: a step variant that a run compiled before with the same
-    torch.compile cache folder (its kernels are on disk: a compile in seconds) starts its
-    background compile at its first run, not after AUTO_COMPILE_AFTER runs; with another
-    (empty) cache folder it waits again. The tokens stay the eager engine's."""
-    import loopedlm.infer.engine as engine_module
-
-    monkeypatch.setattr(engine_module, "AUTO_COMPILE_AFTER", 4)
-    model = make_model("flt", "mha", sequence_len=32)
-    requests = {0: seq(prompt(1, 5), n_loops=2, sampling=GREEDY)}
-    eager = run_slots(DecodeEngine(model, max_batch=1, max_loops=2, compile=False), requests, 6)
-
-    def run(n_steps):
-        torch._dynamo.reset()
-        engine = DecodeEngine(model, max_batch=1, max_loops=2, compile="auto",
-                              compile_options=dict(backend="eager", fullgraph=True))
-        tokens = run_slots(engine, requests, n_steps)
-        assert engine.wait_compiled(60)
-        assert tokens[0] == eager[0][:n_steps + 1]
-        return engine.compiled_steps
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "first"))
-    assert run(2) == 0  # fewer runs than AUTO_COMPILE_AFTER: no compile
-    assert run(6) == 1  # compiled after 4 runs, and recorded
-    assert run(1) == 1  # compiled before: started at the first run
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "other"))
-    assert run(2) == 0
-    torch._dynamo.reset()
-
-
 @contextlib.contextmanager
 def host_syncs():
     """The host syncs made inside the block (.item(), .tolist(), bool(tensor): each waits

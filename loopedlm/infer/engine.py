@@ -33,11 +33,9 @@ fallback, measured in benchmarks/bench_engine.py.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -46,7 +44,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -289,47 +286,6 @@ def use_compile_cache() -> None:
     $LOOPEDLM_HOME/torch_compile, unless TORCHINDUCTOR_CACHE_DIR is set: the kernels a run
     compiles are reused by the next run, which then compiles in seconds."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(loopedlm_home() / "torch_compile"))
-
-
-WARM_COMPILE_THREAD = "loopedlm-compile-warm"
-WARM_COMPILE_EXIT_WAIT = 60.0  # seconds a process waits at exit for a warm compile to land
-
-
-@atexit.register
-def _wait_for_warm_compiles() -> None:
-    for thread in threading.enumerate():
-        if thread.name == WARM_COMPILE_THREAD:
-            thread.join(WARM_COMPILE_EXIT_WAIT)
-
-
-@functools.cache
-def compiled_fixed_step(options: tuple[tuple[str, Any], ...]) -> Callable:
-    """`fixed_step` under torch.compile with these options, one per process: the graphs
-    one engine compiled serve the next (a second `generate()`) at once, as dynamo's guards
-    allow (a new torch.compile wrapper would compile them again)."""
-    return torch.compile(fixed_step, **dict(options))
-
-
-def compiled_before(key: str) -> bool:
-    """Whether a step variant of this description (`DecodeEngine._variant_record`) was
-    compiled before with the current torch.compile cache folder: its kernels are then on
-    disk (or in this process), and compiling it again takes seconds, not a minute."""
-    return (_compile_records() / key).exists()
-
-
-def record_compiled(key: str) -> None:
-    """Note that the step variant `key` compiled (read by `compiled_before`)."""
-    try:
-        folder = _compile_records()
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / key).touch()
-    except OSError:  # a read-only cache folder: the next run just compiles later
-        log.debug("decode engine: could not record a compiled step in %s", folder)
-
-
-def _compile_records() -> Path:
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR",
-                               loopedlm_home() / "torch_compile")) / "loopedlm_steps"
 
 
 def stand_ins(tree: Any) -> Any:
@@ -698,18 +654,14 @@ class DecodeEngine:
         self._compiled_step = None
         if self.compiles in ("step", "background"):
             dynamic = self.compiles == "background"  # eager-sized key lengths: see _kv_len
-            options = tuple(sorted({"dynamic": dynamic, **self.compile_options}.items()))
-            try:
-                self._compiled_step = compiled_fixed_step(options)
-            except TypeError:  # an unhashable option (a dict of inductor settings)
-                self._compiled_step = torch.compile(fixed_step, **dict(options))
+            self._compiled_step = torch.compile(fixed_step,
+                                                **{"dynamic": dynamic, **self.compile_options})
         self._steps: dict[StepKey, Callable[[], None]] = {}
         self._graph_pool: Any = None  # `_pool`
         self._entries: dict[tuple[int, int], list[list[Entry]]] = {}
         self._slots: dict[int, torch.Tensor] = {}
         self._compile_runs: dict[StepKey, int] = {}  # background: eager runs per variant
         self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
-        self._compiling: set[StepKey] = set()  # background: variants whose compile started
         self.speculation = SpeculationStats()
         # q, k and v projections in one matrix per layer, derived once (and again only if the
         # weights change: `_sync_weights`); the model's parameters stay as they are
@@ -1016,17 +968,9 @@ class DecodeEngine:
             return
         runs = self._compile_runs.get(variant, 0) + 1
         self._compile_runs[variant] = runs
-        # a variant compiled before (by an earlier run or engine) compiles again in seconds
-        # from torch.compile's caches: start at its first run, not after AUTO_COMPILE_AFTER
-        start = runs == AUTO_COMPILE_AFTER or (
-            runs == 1 and compiled_before(self._variant_record(variant)))
-        if start and variant not in self._compiling:
-            self._compiling.add(variant)
-            # a warm compile (seconds) is waited for at exit: a process that ends while a
-            # compile runs on a daemon thread can abort (exit status 134)
-            name = "loopedlm-compile" if runs == AUTO_COMPILE_AFTER else WARM_COMPILE_THREAD
+        if runs == AUTO_COMPILE_AFTER and done is None:
             threading.Thread(target=self._compile_in_background, args=(variant, args),
-                             name=name, daemon=True).start()
+                             name="loopedlm-compile", daemon=True).start()
         fixed_step(*args, entries=self._loop_entries(key.batch, key.kv_len))
 
     def _compile_in_background(self, variant: StepKey, args: tuple) -> None:
@@ -1042,26 +986,16 @@ class DecodeEngine:
             self._compiled[variant] = False
             return
         log.info("decode engine: step %s compiled in %.1fs", variant, time.perf_counter() - start)
-        record_compiled(self._variant_record(variant))
         self._compiled[variant] = True
-
-    def _variant_record(self, variant: StepKey) -> str:
-        """The name under which a compiled step variant is recorded (`record_compiled`):
-        what its graph depends on, the key length aside (a dynamic size). A false match
-        only starts a compile sooner; it never changes what runs."""
-        what = (torch.__version__, repr(self.config), str(self.dtype), self.device.type,
-                self.cache.slot_of_loop,
-                repr(sorted(self.compile_options.items())), repr(variant))
-        return hashlib.sha256(repr(what).encode()).hexdigest()[:32]
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait until the step variants being compiled on worker threads are (compile="auto"
         on CPU); whether none is still compiling. For benchmarks and warm-ups."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threading.enumerate():
-            if thread.name.startswith("loopedlm-compile"):
+            if thread.name == "loopedlm-compile":
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.name.startswith("loopedlm-compile") and t.is_alive()
+        return not any(t.name == "loopedlm-compile" and t.is_alive()
                        for t in threading.enumerate())
 
     def _pool(self) -> Any:
