@@ -7,7 +7,8 @@ Sections (all by default; `--sections` picks some):
 
 - `table`: tokens/s of default (`compile="auto"`, what `generate()`, `loopedlm sample` and
   the server use), eager (`compile=False`), compiled (`compile="step"`, timed after its
-  compile), speculative (`draft_loops`) and adaptive (`adaptive_threshold`), at N = 1, 3,
+  compile), loop (`compile="loop"`), speculative (`draft_loops`) and adaptive
+  (`adaptive_threshold`, eager and under `compile="loop"`), at N = 1, 3,
   12 and batch 1, 16, next to the naive baseline measured in the same run: the authors'
   generate, recomputing the whole sequence at every token (`vs naive` = tokens/s over the
   naive's at the same N and batch). The model is the trained stand-in (below), prompts are
@@ -15,15 +16,22 @@ Sections (all by default; `--sections` picks some):
 - `server`: the server's scheduler (`loopedlm.infer.scheduler.Scheduler`, in process, no
   HTTP) with 16 slots and 16 clients, each sending `--requests` requests in a row: all at
   N=12 against adaptive loops, with the threshold chosen (on other prompts) so that the
-  mean is about `--adaptive-mean` loops. Target: >= 2.5x.
+  mean is about `--adaptive-mean` loops, for each engine compile in `--server-compile`
+  (`loop` compiles adaptive steps too: like for like). Target: >= 2.5x.
 - `speculative`: the trained stand-in at N=12, batch 1, greedy: plain against
   `draft_loops` K (several), the same text token for token (checked), the acceptance rate
   and the mean tokens per verify pass. Target: >= 2x plain N=12.
 - `targets`: the default path at the issue's shape (the tiny preset: 2 blocks, d=128, vocab
   4096; sequence_len 1024, a 512-token prompt, batch 1, random weights): tokens/s of
   `generate()` with its defaults at N=1 and 12 over `--target-tokens` tokens, against the
-  naive generate; and the seconds from `loopedlm sample RUN --max-tokens 1` to its exit (a
+  naive generate, and of a second `generate()` once the first one's background compile
+  has landed (its own compile, after 32 steps, finds warm caches); and the seconds from
+  `loopedlm sample RUN --max-tokens 1` to its exit (a
   stand-in run, random weights). Targets: >= 1,000 tok/s at N=1, >= 200 at N=12, <= 10 s.
+- `compile`: seconds of the first compiled step (its compile) of `compile="step"` and
+  `"loop"` at N=1 and 12 (the `targets` shape, batch 1), each in a fresh process: cold (an
+  empty torch.compile cache folder) and then warm (the same folder, now filled), wall clock
+  and the child's CPU seconds.
 - `quality` (issue 6): teacher-forced bits per byte of adaptive loops and shared cache
   slots against fixed N, and KV-cache bytes per token.
 
@@ -67,7 +75,7 @@ from loopedlm.infer.scheduler import Scheduler, Sequence
 GREEDY = SamplingParams(temperature=0)
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 clock = CLOCKS["wall"]  # set by --clock
-SECTIONS = ("table", "server", "speculative", "targets", "quality")
+SECTIONS = ("table", "server", "speculative", "targets", "compile", "quality")
 
 
 # ---- the naive baseline ------------------------------------------------------------------
@@ -132,6 +140,8 @@ def table_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
             if "compiled" in args.modes:
                 rows.append(("compiled", SequenceParams(n_loops=n_loops, sampling=GREEDY),
                              "step", "compile='step', after its compile"))
+            rows.append(("loop", SequenceParams(n_loops=n_loops, sampling=GREEDY), "loop",
+                         "compile='loop', compiled in the warm-up steps"))
             if n_loops > 1:
                 draft = max(1, n_loops // 4)
                 rows.append(("speculative", SequenceParams(n_loops=n_loops, sampling=GREEDY,
@@ -141,6 +151,10 @@ def table_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
                     n_loops=n_loops, sampling=GREEDY,
                     adaptive=AdaptiveLoops(args.threshold, "state")), False,
                     f"state < {args.threshold:g}"))
+                rows.append(("adaptive-loop", SequenceParams(
+                    n_loops=n_loops, sampling=GREEDY,
+                    adaptive=AdaptiveLoops(args.threshold, "state")), "loop",
+                    f"state < {args.threshold:g}, compile='loop' (vs loop: like for like)"))
             for name, params, compile_mode, note in rows:
                 if name not in args.modes:
                     continue
@@ -167,16 +181,17 @@ class _Bytes:
 
 @torch.no_grad()
 def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, clients: int,
-               requests: int, max_tokens: int) -> tuple[float, float]:
+               requests: int, max_tokens: int, compile_mode="auto") -> tuple[float, float]:
     """(generated tokens/s, mean loops per token) of `clients` clients, each sending
     `requests` requests in a row (prompts: rows of `prompts`), through the server's
-    scheduler over one engine of `clients` slots."""
+    scheduler over one engine of `clients` slots (`compile_mode`: the engine's compile;
+    "loop" is warmed up first by one untimed round, so that its compiles are not timed)."""
     engine = DecodeEngine(model, max_batch=clients, max_loops=params.n_loops,
-                          max_len=prompts.size(1) + max_tokens + 2)
+                          max_len=prompts.size(1) + max_tokens + 2, compile=compile_mode)
     scheduler = Scheduler(engine, _Bytes(), max_queue=clients)
     finished, tokens, loops = threading.Semaphore(0), [0], [0]
 
-    def client(index: int) -> None:
+    def client(index: int, requests: int = requests) -> None:
         for r in range(requests):
             done = threading.Event()
 
@@ -192,6 +207,13 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
         finished.release()
     scheduler.start()
     try:
+        if compile_mode == "loop":
+            warmup = [threading.Thread(target=client, args=(i, 1)) for i in range(clients)]
+            for thread in warmup:
+                thread.start()
+            for thread in warmup:
+                thread.join()
+            tokens[0] = loops[0] = 0
         start = clock()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for thread in threads:
@@ -227,14 +249,16 @@ def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
           f"N={n_loops}; adaptive threshold state < {chosen:g} (calibration mean "
           f"{mean:.2f} loops, target ~{args.adaptive_mean:g})")
     prompts = held_out[:clients * args.requests, :args.prompt]
-    plain, _ = serve_rate(model, prompts, SequenceParams(n_loops=n_loops, sampling=GREEDY),
-                          clients, args.requests, args.server_tokens)
-    adaptive, loops = serve_rate(model, prompts, SequenceParams(
-        n_loops=n_loops, sampling=GREEDY, adaptive=AdaptiveLoops(chosen, "state")),
-        clients, args.requests, args.server_tokens)
-    print(f"{'all at N=12':<28} {plain:>9.1f} tok/s  loops/token {n_loops:.2f}")
-    print(f"{'adaptive':<28} {adaptive:>9.1f} tok/s  loops/token {loops:.2f}  "
-          f"({adaptive / plain:.2f}x; target >= 2.5x)")
+    for mode in args.server_compile:
+        plain, _ = serve_rate(model, prompts, SequenceParams(n_loops=n_loops, sampling=GREEDY),
+                              clients, args.requests, args.server_tokens, mode)
+        adaptive, loops = serve_rate(model, prompts, SequenceParams(
+            n_loops=n_loops, sampling=GREEDY, adaptive=AdaptiveLoops(chosen, "state")),
+            clients, args.requests, args.server_tokens, mode)
+        print(f"compile={mode!r:<8} {'all at N=12':<18} {plain:>9.1f} tok/s  loops/token "
+              f"{n_loops:.2f}")
+        print(f"compile={mode!r:<8} {'adaptive':<18} {adaptive:>9.1f} tok/s  loops/token "
+              f"{loops:.2f}  ({adaptive / plain:.2f}x; target >= 2.5x)", flush=True)
 
 
 # ---- self-speculative decoding --------------------------------------------------------------
@@ -316,10 +340,68 @@ def targets_section(args) -> None:
         rate = (len(out.tokens[0]) - 1) / seconds
         print(f"{n_loops:>3} {rate:>14.1f} {naive:>12.2f} {rate / naive:>8.1f}x  >= {target:,}"
               f" tok/s: {'met' if rate >= target else 'NOT met'}", flush=True)
+        # a second generate(), once the first one's background compile has landed: its own
+        # (after 32 steps) finds the step in torch.compile's caches
+        DecodeEngine(model, max_batch=1, max_len=1).wait_compiled(1800)
+        start = clock()
+        out = generate(model, ids[0].tolist(), max_tokens=args.target_tokens, n_loops=n_loops,
+                       temperature=0)
+        rate = (len(out.tokens[0]) - 1) / (clock() - start - prefill)
+        print(f"{n_loops:>3} {rate:>14.1f} {naive:>12.2f} {rate / naive:>8.1f}x  "
+              f"(a second generate(), caches warm)", flush=True)
     seconds = first_token_seconds(args)
     print(f"command to first token (`loopedlm sample RUN --max-tokens 1`, launch to exit, "
           f"median of {args.startup_repeats}): {seconds:.1f} s; target <= 10 s: "
           f"{'met' if seconds <= 10 else 'NOT met'}")
+
+
+# ---- compile time, cold and warm on-disk caches --------------------------------------------
+COMPILE_CHILD = """
+import sys, time, torch
+from loopedlm import LoopedGPT, ModelConfig
+from loopedlm.infer import DecodeEngine, SamplingParams, SequenceParams
+torch.set_num_threads(int(sys.argv[3]))
+model = LoopedGPT.from_config(ModelConfig.preset("tiny", sequence_len=1024), seed=0).eval()
+engine = DecodeEngine(model, max_batch=1, max_len=600, compile=sys.argv[1],
+                      max_loops=int(sys.argv[2]))
+params = SequenceParams(n_loops=int(sys.argv[2]), sampling=SamplingParams(temperature=0))
+engine.add(0, list(range(512)), params)
+start = time.perf_counter()
+engine.step().host()
+first = time.perf_counter() - start
+start = time.perf_counter()
+engine.step().host()
+print(first - (time.perf_counter() - start))
+"""
+
+
+def compile_seconds(mode: str, n_loops: int, folder: str, threads: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the first step's compile in a fresh process whose torch.compile
+    caches live in `folder`."""
+    import resource
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": folder, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, "-c", COMPILE_CHILD, mode, str(n_loops),
+                          str(threads)], env=env, check=True, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return float(out.stdout.split()[-1]), cpu
+
+
+def compile_section(args) -> None:
+    print("\n== compile time: the first compiled step (the targets' shape, batch 1), each in a "
+          "fresh process; cold = empty cache folder, warm = the same folder again")
+    print(f"{'mode':<6} {'N':>3} {'cold s':>8} {'warm s':>8} {'cold CPU s':>11} "
+          f"{'warm CPU s':>11} {'warm/cold':>10}")
+    for mode in ("step", "loop"):
+        for n_loops in (1, 12):
+            with tempfile.TemporaryDirectory() as folder:
+                cold, cold_cpu = compile_seconds(mode, n_loops, folder, args.threads)
+                warm, warm_cpu = compile_seconds(mode, n_loops, folder, args.threads)
+            print(f"{mode:<6} {n_loops:>3} {cold:>8.1f} {warm:>8.1f} {cold_cpu:>11.1f} "
+                  f"{warm_cpu:>11.1f} {warm_cpu / cold_cpu:>9.2f}x", flush=True)
 
 
 # ---- quality (issue 6) --------------------------------------------------------------------
@@ -506,8 +588,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall clock (default), or this process's CPU time (all its "
                              "threads): steadier on a busy shared machine")
-    parser.add_argument("--modes", nargs="*", default=["eager", "default", "compiled",
-                                                       "speculative", "adaptive"])
+    parser.add_argument("--modes", nargs="*", default=["eager", "default", "compiled", "loop",
+                                                       "speculative", "adaptive",
+                                                       "adaptive-loop"])
     parser.add_argument("--loops", type=int, nargs="*", default=[1, 3, 12])
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--prompt", type=int, default=24, help="prompt tokens (table, server, "
@@ -522,6 +605,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--server-tokens", type=int, default=32)
     parser.add_argument("--adaptive-mean", type=float, default=3.0)
+    parser.add_argument("--server-compile", nargs="*", default=["auto", "loop", False],
+                        type=lambda x: False if x == "False" else x,
+                        help="the engines' compile in the server section (auto: the default; "
+                             "loop: every step, adaptive too, compiled; False: eager)")
     parser.add_argument("--server-thresholds", type=float, nargs="*",
                         default=[0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01])
     parser.add_argument("--draft-loops", type=int, nargs="*", default=[1, 2, 3])
@@ -569,6 +656,8 @@ def main() -> None:
         speculative_section(args, model, held_out)
     if "targets" in args.sections:
         targets_section(args)
+    if "compile" in args.sections:
+        compile_section(args)
     if "quality" in args.sections:
         quality_section(args)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

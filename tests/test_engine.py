@@ -209,6 +209,46 @@ def test_one_compiled_loop_serves_every_loop_in_two_graphs():
     torch._dynamo.reset()
 
 
+@torch.no_grad()
+def test_adaptive_and_speculative_rows_run_the_compiled_loop_with_the_eager_tokens():
+    """compile="loop": adaptive rows (leaving the batch as they converge) and speculative
+    rows (drafts and a verify chunk) run the compiled loop too, so that they compare
+    like-for-like with compiled fixed-loop rows, never stopped by the recompile limit; their
+    tokens and loops spent are the eager engine's."""
+    from torch._dynamo.utils import counters
+
+    model = make_model("flt", "mha", std=0.3, sequence_len=48)
+    adaptive = AdaptiveLoops(0.3, min_loops=2)
+    requests = {0: seq(prompt(1, 4), n_loops=4, sampling=GREEDY, adaptive=adaptive),
+                1: seq(prompt(2, 6), n_loops=4, sampling=GREEDY),
+                2: seq(prompt(3, 3), n_loops=4, sampling=GREEDY, adaptive=adaptive),
+                3: seq(prompt(4, 5), n_loops=4, sampling=GREEDY, draft_loops=1,
+                       draft_tokens=3)}
+
+    def run(engine):
+        tokens = {slot: [int(engine.add(slot, **kw))] for slot, kw in requests.items()}
+        loops = []
+        for _ in range(8):
+            out = engine.step()
+            loops.append(out.loops.tolist())
+            for slot, token in enumerate(out.tokens.tolist()):
+                tokens[slot].append(token)
+        return tokens, loops
+
+    eager = run(DecodeEngine(model, max_batch=4, max_loops=4, compile=False))
+    assert len({n for step in eager[1] for n in step[:3]}) > 1  # rows did stop early
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = DecodeEngine(model, max_batch=4, max_loops=4, compile="loop",
+                            compile_options=dict(backend="eager", fullgraph=True))
+    # their variants (a batch that shrinks, rows gathered, a chunk) exceed a low recompile
+    # limit: the engine raises it rather than fall back to eager without a word
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        assert run(compiled) == eager
+    assert counters["stats"]["unique_graphs"] > 2  # the loop ran compiled, in more graphs
+    torch._dynamo.reset()
+
+
 # ---- sampling ------------------------------------------------------------------------------
 @torch.no_grad()
 def test_a_seeded_row_samples_the_same_whatever_else_is_in_the_batch():

@@ -33,6 +33,7 @@ fallback, measured in benchmarks/bench_engine.py.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -813,10 +814,22 @@ class DecodeEngine:
         return logits
 
     # ---- the decode step ----------------------------------------------------------------------
+    def _variants_allowed(self) -> Any:
+        """compile="loop": adaptive steps (a batch that shrinks, rows gathered) and speculative
+        passes give the compiled loop more graphs than the fixed-loop steps' two; the
+        recompile limit is raised so that they never fall back to eager without a word."""
+        if self.compiles != "loop":
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS)
+
     @torch.no_grad()
     def step(self) -> StepOutput:
         """Feed every active slot its last token and sample the next (no host sync on the
         fixed-loop path). Returns device tensors over the step's bucket."""
+        with self._variants_allowed():
+            return self._step()
+
+    def _step(self) -> StepOutput:
         batch = self._bucket()
         infos = list(self.state.infos.values())
         speculative = [slot for slot, info in self.state.infos.items()
@@ -862,11 +875,12 @@ class DecodeEngine:
             raise ValueError("decode() feeds given tokens: speculative rows (draft_loops) "
                              "only generate")
         live = state.active[:batch].clone()
-        if any(info.params.adaptive is not None for info in infos):
-            logits, loops = self._adaptive_logits(tokens, batch)
-        else:
-            logits = self._step_logits(tokens, self._step_key(batch))
-            loops = state.n_loops[:batch].clone()
+        with self._variants_allowed():
+            if any(info.params.adaptive is not None for info in infos):
+                logits, loops = self._adaptive_logits(tokens, batch)
+            else:
+                logits = self._step_logits(tokens, self._step_key(batch))
+                loops = state.n_loops[:batch].clone()
         state.pos[:batch] += live.long()
         for info in infos:
             info.length = min(info.length + 1, self.max_len)
@@ -1031,7 +1045,8 @@ class DecodeEngine:
         loops = torch.tensor(n_loops, device=self.device)
         return decode_pass(self.model, tokens, pos, loops, rows, self.cache, entries,
                            self.fused, max_loops=max(n_loops),
-                           mixed=len(set(n_loops)) > 1, gather=not contiguous)
+                           mixed=len(set(n_loops)) > 1, gather=not contiguous,
+                           loop_fn=self.loop_fn)
 
     @torch.no_grad()
     def _speculate(self, slots: list[int]) -> None:
@@ -1147,7 +1162,7 @@ class DecodeEngine:
         for loop in range(max(budget, default=0)):
             writes = StepWrites(entries[loop], active, pos[active],
                                 write_first=cache.writes(loop, 0))
-            h = decode_loop(model, inputs, previous, writes)
+            h = self.loop_fn(model, inputs, previous, writes)  # compiled under "loop"
             logp = None
             if needs_logits:
                 logp = F.log_softmax(model.logits(h, inputs.plan)[:, -1], dim=-1)
