@@ -54,6 +54,7 @@ from loopedlm.model.gpt import LoopedGPT, LoopInputs
 log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
+MAX_LOGPROBS = 5  # most likely tokens a step reports per row (as OpenAI's `logprobs` <= 5)
 CRITERIA = ("state", "kl")
 COMPILE_MODES = (False, True, "step", "loop")
 
@@ -100,6 +101,9 @@ class SequenceParams:
         budget, the first token included (None: until the cache is full). stop_ids: the row
         finishes when it samples one (the stop token is returned, flagged finished).
     adaptive: adaptive loops, or None (every token runs n_loops).
+    logprobs: None, or report each sampled token's log-probability and the `logprobs` (0 ..
+        MAX_LOGPROBS) most likely tokens' (`StepOutput.host_logprobs`): the model's
+        distribution, before temperature and top-k/top-p.
     """
 
     n_loops: int | None = None
@@ -107,6 +111,7 @@ class SequenceParams:
     max_new_tokens: int | None = None
     stop_ids: tuple[int, ...] = ()
     adaptive: AdaptiveLoops | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingParams):
@@ -117,6 +122,10 @@ class SequenceParams:
                                                 or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not allowed: an "
                              f"integer >= 1")
+        if self.logprobs is not None and (not is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs={self.logprobs!r} is not allowed: an integer in "
+                             f"[0, {MAX_LOGPROBS}] (or None)")
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
 
     @property
@@ -135,16 +144,30 @@ class StepOutput:
     """One step's result, device tensors over the step's bucket of rows: `tokens[b]` the
     token slot b sampled (-1 if it was inactive or had finished), `finished[b]` whether
     slot b is done (it sampled a stop id, used its token budget or filled the cache),
-    `loops[b]` the loops it ran for this token."""
+    `loops[b]` the loops it ran for this token. For rows whose params ask for `logprobs`:
+    `logprobs[b]` the sampled token's log-probability, `top_ids[b]` / `top_logprobs[b]` the
+    MAX_LOGPROBS most likely tokens' (other rows: stale values)."""
 
     tokens: torch.Tensor
     finished: torch.Tensor
     loops: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
     def host(self) -> tuple[list[int], list[int]]:
         """(tokens, loops) as lists, brought to the host in one transfer."""
         tokens, loops = torch.stack([self.tokens, self.loops]).tolist()
         return tokens, loops
+
+    def host_logprobs(self) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Per row (the sampled token's logprob, [(token id, logprob)] of the most likely
+        tokens), brought to the host in one transfer (float64 holds every token id)."""
+        rows = torch.cat([self.logprobs[:, None].double(), self.top_logprobs.double(),
+                          self.top_ids.double()], dim=1).tolist()
+        k = self.top_ids.size(1)
+        return [(row[0], [(int(i), lp) for i, lp in zip(row[1 + k:], row[1:1 + k], strict=True)])
+                for row in rows]
 
 
 @dataclass(frozen=True)
@@ -153,7 +176,7 @@ class StepKey:
 
     batch: the bucket. n_loops: the loops it runs (the largest of its rows). kv_len: key
     positions attended. mixed: rows differ in n_loops. filtered: a row uses top-k/top-p.
-    greedy: every row is greedy (no noise to draw)."""
+    greedy: every row is greedy (no noise to draw). logprobs: a row asks for logprobs."""
 
     batch: int
     n_loops: int
@@ -161,6 +184,7 @@ class StepKey:
     mixed: bool
     filtered: bool
     greedy: bool
+    logprobs: bool = False
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -182,17 +206,19 @@ def capture_step(body: Callable[[], None], state: list[torch.Tensor],
     saved = [t.clone() for t in state]
     on_cuda = device.type == "cuda"
     stream = torch.cuda.Stream() if on_cuda else None
-    if on_cuda:
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    try:
+        if on_cuda:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream().wait_stream(stream)
+        else:
             for _ in range(2):
                 body()
-        torch.cuda.current_stream().wait_stream(stream)
-    else:
-        for _ in range(2):
-            body()
-    for tensor, value in zip(state, saved, strict=True):
-        tensor.copy_(value)
+    finally:  # also when the warm-up fails: a failed step leaves every slot as it was
+        for tensor, value in zip(state, saved, strict=True):
+            tensor.copy_(value)
     if not on_cuda:
         return body
     graph = torch.cuda.CUDAGraph()
@@ -238,6 +264,10 @@ class SlotState:
         # the step's static outputs
         self.out_tokens = state(torch.long, -1)
         self.out_loops = state(torch.long)
+        top = min(MAX_LOGPROBS, vocab_size)
+        self.out_logprobs = state(torch.float32)
+        self.out_top_ids = torch.zeros((max_batch, top), dtype=torch.long, device=device)
+        self.out_top_logprobs = torch.zeros((max_batch, top), dtype=torch.float32, device=device)
         self.infos: dict[int, SlotInfo] = {}
 
     def open(self, slot: int, params: SequenceParams) -> bool:
@@ -280,9 +310,16 @@ class SlotState:
                 self.counter[rows])
 
     def record(self, rows: slice, sampled: torch.Tensor, live: torch.Tensor,
-               loops: torch.Tensor, *, advance: bool = True) -> None:
+               loops: torch.Tensor, *, advance: bool = True,
+               logits: torch.Tensor | None = None) -> None:
         """Store the tokens `rows` sampled (those `live`), move their position past the
-        token just fed (`advance`; not after a prefill), and flag the finished ones."""
+        token just fed (`advance`; not after a prefill), and flag the finished ones; given
+        the `logits` they were sampled from, also their logprobs (`StepOutput`)."""
+        if logits is not None:
+            logp = logits.float().log_softmax(dim=-1)
+            self.out_logprobs[rows] = logp.gather(1, sampled[:, None])[:, 0]
+            top = logp.topk(self.out_top_ids.size(1), dim=-1)
+            self.out_top_logprobs[rows], self.out_top_ids[rows] = top.values, top.indices
         pos = self.pos[rows] + live.long() if advance else self.pos[rows]
         counter = self.counter[rows] + live.long()
         stop = (sampled[:, None] == self.stop_table[rows]).any(1)
@@ -298,7 +335,7 @@ class SlotState:
     def step_state(self) -> list[torch.Tensor]:
         """The tensors a step changes (what a capture's warm-up must put back)."""
         return [self.tokens, self.pos, self.counter, self.finished, self.out_tokens,
-                self.out_loops]
+                self.out_loops, self.out_logprobs, self.out_top_ids, self.out_top_logprobs]
 
 
 # ---- one loop of a decode step ---------------------------------------------------------------
@@ -413,7 +450,8 @@ class DecodeEngine:
             rows = slice(slot, slot + 1)
             first = sample_rows(logits, *self.state.sampling(rows))
             self.state.record(rows, first, self.state.active[rows].clone(),
-                              self.state.n_loops[rows].clone(), advance=False)
+                              self.state.n_loops[rows].clone(), advance=False,
+                              logits=None if params.logprobs is None else logits)
         except BaseException:
             self.release(slot)
             raise
@@ -500,7 +538,9 @@ class DecodeEngine:
     @torch.no_grad()
     def step(self) -> StepOutput:
         """Feed every active slot its last token and sample the next (no host sync on the
-        fixed-loop path). Returns device tensors over the step's bucket."""
+        fixed-loop path). Returns device tensors over the step's bucket. A step that raises
+        has moved no slot on (the state is written once the tokens are sampled), so it may be
+        retried, with or without some slots released."""
         batch = self._bucket()
         infos = list(self.state.infos.values())
         if any(info.params.adaptive is not None for info in infos):
@@ -517,7 +557,8 @@ class DecodeEngine:
         batch = self._bucket() if batch is None else batch
         state = self.state
         return StepOutput(state.out_tokens[:batch], state.finished[:batch],
-                          state.out_loops[:batch])
+                          state.out_loops[:batch], state.out_logprobs[:batch],
+                          state.out_top_ids[:batch], state.out_top_logprobs[:batch])
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,7 +604,8 @@ class DecodeEngine:
         return StepKey(batch, n_loops, self._kv_len(),
                        mixed=any(p.n_loops != n_loops for p in params),
                        filtered=any(p.filtered for p in params),
-                       greedy=all(p.greedy for p in params))
+                       greedy=all(p.greedy for p in params),
+                       logprobs=any(p.logprobs is not None for p in params))
 
     def _runner(self, key: StepKey) -> Callable[[], None]:
         """The step variant `key`, built once: eager, compiled, or captured as a CUDA graph."""
@@ -587,7 +629,8 @@ class DecodeEngine:
             sampled = logits.argmax(dim=-1)
         else:
             sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
-        state.record(rows, sampled, live, state.n_loops[rows])
+        state.record(rows, sampled, live, state.n_loops[rows],
+                     logits=logits if key.logprobs else None)
 
     # ---- the passes: a prefill chunk, a fixed-loop step, an adaptive step ----------------------
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -642,7 +685,9 @@ class DecodeEngine:
         state, rows = self.state, slice(0, batch)
         live = state.active[rows] & ~state.finished[rows]
         logits, loops = self._adaptive_logits(state.tokens[rows], batch)
-        state.record(rows, sample_rows(logits, *state.sampling(rows)), live, loops)
+        logprobs = any(info.params.logprobs is not None for info in state.infos.values())
+        state.record(rows, sample_rows(logits, *state.sampling(rows)), live, loops,
+                     logits=logits if logprobs else None)
 
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,4 +741,5 @@ class DecodeEngine:
 
 
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
-           "SlotState", "batch_buckets", "capture_step", "decode_loop", "CRITERIA"]
+           "SlotState", "batch_buckets", "capture_step", "decode_loop", "CRITERIA",
+           "MAX_LOGPROBS"]
