@@ -131,6 +131,64 @@ def test_sigterm_to_the_process_exits_0_and_resumes(tmp_path, corpus, reference)
     assert losses(run) == losses(reference)
 
 
+# ---- Ctrl-C (SIGINT: issue 22, D4) ------------------------------------------------------
+def test_ctrl_c_saves_then_resume_is_exact(tmp_path, corpus, reference, monkeypatch):
+    """Ctrl-C at a step that is not a save step: handled as SIGTERM."""
+    _poison_step(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    run = tmp_path / "run"
+    summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5))
+    assert summary["status"] == "interrupted" and summary["step"] == 5
+    assert summary["message"].startswith("SIGINT at step 5: saved checkpoint step_000005")
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5, resume=True))
+    assert summary["step"] == 8 and summary["status"] == "completed"
+    assert losses(run) == losses(reference)
+
+
+def _interrupt_during_save(run, corpus, env_sleep: str, signals: int):
+    """Start the training CLI, send `signals` SIGINTs while it saves step 2 (which sleeps
+    `env_sleep`); (exit code, stdout, stderr)."""
+    env = {**os.environ, SAVE_SLEEP_ENV: env_sleep}
+    proc = subprocess.Popen(train_cli(run, corpus, 8), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    saving = run / "checkpoints" / ".tmp_step_000002" / "train_state.pt"
+    deadline = time.time() + 120
+    while not saving.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the save of step 2 never started"
+        time.sleep(0.05)
+    for _ in range(signals):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_to_the_process_exits_0_with_one_line_and_resumes(tmp_path, corpus, reference):
+    run = tmp_path / "run"
+    code, out, err = _interrupt_during_save(run, corpus, "2@2", 1)
+    assert code == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "SIGINT at step 2: saved checkpoint step_000002" in out and "--resume" in out
+    assert "Ctrl-C again aborts at once" in err
+    assert latest_training_checkpoint(run).name == "step_000002"
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5, resume=True))
+    assert summary["status"] == "completed"
+    assert losses(run) == losses(reference)
+
+
+def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, corpus):
+    run = tmp_path / "run"
+    code, _, err = _interrupt_during_save(run, corpus, "30@2", 2)  # (not the 30 s)
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "loopedlm train: interrupted (Ctrl-C)"
+    assert latest_training_checkpoint(run) is None  # the half-written save does not count
+
+
 # ---- progress without a terminal -----------------------------------------------------
 def test_plain_progress_lines_without_a_tty(tmp_path, corpus, caplog):
     with caplog.at_level(logging.INFO, logger="loopedlm.train"):

@@ -8,6 +8,8 @@ import importlib
 import logging
 import sys
 
+from loopedlm.cli.exit_codes import error_exit
+
 # module -> it defines `register(subparsers)`, adding its sub-commands with `func=` set
 COMMAND_MODULES = [
     "loopedlm.cli.data",
@@ -52,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        # bad input: one clear line, not a traceback (use -v for the traceback)
-        if args.verbose:
+    except (ValueError, OSError, KeyboardInterrupt) as exc:
+        # bad input, an unusable path, Ctrl-C: one clear line, not a traceback (use -v for
+        # the traceback), and a documented exit code
+        if args.verbose and not isinstance(exc, KeyboardInterrupt):
             raise
-        print(f"loopedlm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code, line = error_exit(exc)
+        print(f"loopedlm {args.command}: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import os
 import sys
 from typing import Any
 
+from loopedlm.cli.exit_codes import error_exit
 from loopedlm.common.overrides import BOOL_SPELLINGS
 from loopedlm.train.config import TrainConfig, build_config, parse_train_args
 from loopedlm.train.trainer import FAILURE_EXIT_CODES, TrainingCollapsed, train
@@ -67,8 +68,9 @@ def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
 def run_cli(args: list[str]) -> int:
     """Parse `[RECIPE] --key=value ...`, train, print the final BPB and a sample.
 
-    Exit codes: 0 done (or stopped by SIGTERM after saving), 2 bad input, 3 collapsed
-    (non-finite loss), 4 out of memory, 5 a checkpoint could not be written."""
+    Exit codes: 0 done (or stopped by SIGTERM or Ctrl-C after saving), 2 bad input, 3
+    collapsed (non-finite loss), 4 out of memory, 5 a checkpoint could not be written, 130 a
+    second Ctrl-C (stopped at once) (loopedlm.cli.exit_codes)."""
     settings = [a for a in args if a not in HELP_FLAGS + PRINT_CONFIG_FLAGS]
     if any(a in HELP_FLAGS for a in args):
         print(__doc__)
@@ -126,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return run_cli(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"loopedlm train: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, KeyboardInterrupt) as exc:
+        code, line = error_exit(exc)
+        print(f"loopedlm train: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
