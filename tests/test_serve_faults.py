@@ -272,3 +272,13 @@ def test_echo_puts_the_prompt_before_the_completion(model_and_tokenizer):
         ids = [tokenizer.bos_id, *tokenizer.encode("To be")]
         r = post(url, {**GREEDY, "prompt": ids, "echo": True})
         assert r.json()["choices"][0]["text"] == tokenizer.decode(ids) + expected.texts[0]
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(model_and_tokenizer):
+    tokenizer = BlockingTokenizer(model_and_tokenizer[1])
+    server, _ = start(model_and_tokenizer, tokenizer=tokenizer)
+    with server as url:
+        r = post(url, {"prompt": "BLOCK " * 50_000, "max_tokens": 1})
+        assert r.status_code == 400 and "300000 characters, so at least" in r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert not tokenizer.entered.is_set()

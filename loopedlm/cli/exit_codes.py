@@ -30,7 +30,11 @@ def error_exit(exc: BaseException) -> tuple[int, str]:
         return BAD_INPUT if isinstance(exc, ValueError | FileNotFoundError) else FAILED, \
             f"error: {exc}"
     where = f": {exc.filename}" if exc.filename is not None else ""
-    message = f"error: {exc.strerror or exc}{where}"
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EEXIST and exc.filename is not None \
+            and not os.path.isdir(exc.filename):  # mkdir(parents=True) over a file
+        reason = "Not a directory"
+    message = f"error: {reason}{where}"
     home = os.environ.get("LOOPEDLM_HOME")
     if home and exc.filename is not None and str(exc.filename).startswith(home):
         message += f" (LOOPEDLM_HOME={home} must be a folder loopedlm can write to)"

@@ -409,6 +409,10 @@ class CompletionServer:
                                              max_loops=self.max_loops)
         self.context_len = self.engine.max_len
         self.scheduler = Scheduler(self.engine, tokenizer, max_queue=config.max_queue)
+        # a token stands for at most this many bytes (so characters) of text, x4 for a
+        # normalizer that merges characters: a longer prompt cannot fit the context, and is
+        # refused before it is tokenized
+        self.max_token_chars = 4 * max(1, int(tokenizer.token_bytes().max()))
         # tokenizing runs here, off the event loop (the tokenizer releases the GIL)
         self.tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="loopedlm-tokenize")
         self.http_counts: dict[int, int] = {}
@@ -474,6 +478,13 @@ class CompletionServer:
             flag = "--max-prompts" if limit == self.config.max_prompts else "--max-queue"
             raise ApiError(400, f"prompt holds {len(prompt)} prompts; this server takes at most "
                                 f"{limit} per request ({flag})", param="prompt")
+        for i, p in enumerate(prompt):
+            fewest = -(-len(p) // self.max_token_chars) + 1 if isinstance(p, str) else 0
+            if fewest > self.context_len:  # (BOS included)
+                raise ApiError(400, f"prompt {i} has {len(p)} characters, so at least {fewest} "
+                                    f"tokens: longer than the model's context of "
+                                    f"{self.context_len} tokens", param="prompt",
+                               code="context_length_exceeded")
         return prompt
 
     def prompt_ids(self, prompts: list[str | list[int]]) -> tuple[list[list[int]], list[str]]:
@@ -671,15 +682,16 @@ def listen(host: str, port: int) -> socket.socket:
         family = infos[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc}") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise CannotListen(f"cannot listen on {host}:{port}: {reason}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(infos[0][4])
     except OSError as exc:
         sock.close()
-        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise CannotListen(f"cannot listen on {host}:{port}: {reason or exc} (choose another "
-                           f"--port, or --port 0 for any free one)") from None
+        hint = "the port is in use (choose another --port, or --port 0 for any free one)" \
+            if exc.errno == errno.EADDRINUSE else f"{exc.strerror or exc} (check --host and --port)"
+        raise CannotListen(f"cannot listen on {host}:{port}: {hint}") from None
     return sock
 
 
