@@ -160,12 +160,12 @@ class Background:
                 if r.status_code != 200 or text != self.expected:
                     self.failures.append((r.status_code, text))
 
-    def __enter__(self):
+    def start(self) -> Background:
         for thread in self.threads:
             thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def finish(self) -> None:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout=120)
@@ -198,8 +198,13 @@ def test_fuzzed_requests_never_get_a_5xx_nor_hurt_the_next_request(model_and_tok
                          temperature=0).texts[0]
     server, _ = start(model_and_tokenizer, max_body_bytes=MAX_BODY, max_batch=4, timeout=30)
     stats = {"requests": 0, "health": [], "status": Counter()}
-    with server as url, httpx.Client(base_url=url, timeout=120) as client, \
-            Background(url, streamed, LOAD_CLIENTS) as load:
+    with server as url, httpx.Client(base_url=url, timeout=120) as client:
+        idle = []  # the baseline: /health of the idle server
+        for _ in range(20):
+            began = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            idle.append(time.perf_counter() - began)
+        load = Background(url, streamed, LOAD_CLIENTS).start()
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
@@ -218,14 +223,18 @@ def test_fuzzed_requests_never_get_a_5xx_nor_hurt_the_next_request(model_and_tok
                 stats["slowest_after"] = (status, len(case[0]), case[0][:80])
             assert health.status_code == 200, health.text
 
-        one_request()
+        try:
+            one_request()
+        finally:
+            load.finish()
         metrics = client.get("/metrics").text
     slowest = max(stats["health"])
     median = sorted(stats["health"])[len(stats["health"]) // 2]
     print(f"\nfuzz: {stats['requests']} fuzzed requests against one server (and as many greedy "
           f"checks and /health calls), {load.requests} background streams from "
           f"{LOAD_CLIENTS} clients; failures: {len(load.failures)} background; /health "
-          f"slowest {slowest * 1000:.1f} ms, median {median * 1000:.1f} ms; statuses "
+          f"slowest {slowest * 1000:.1f} ms, median {median * 1000:.1f} ms (idle: slowest "
+          f"{max(idle) * 1000:.1f} ms, median {sorted(idle)[10] * 1000:.1f} ms); statuses "
           f"{dict(sorted(stats['status'].items()))}; the slowest /health came after "
           f"(status, body bytes, body) {stats['slowest_after']}")
     assert not load.failures, load.failures[:3]
