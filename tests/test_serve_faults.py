@@ -85,6 +85,8 @@ GREEDY = {"prompt": "To be", "max_tokens": 12, "temperature": 0, "n_loops": 2}
 
 # ---- a failure inside the engine -----------------------------------------------------------
 def test_a_step_failing_on_a_joining_request_fails_only_that_request(model_and_tokenizer):
+    """Issue 22 (after D1): a failing step ends the request that joined it; the other
+    request in the batch gets its exact text, the next one too, and no slot is left held."""
     _, tokenizer = model_and_tokenizer
     expected = reference(model_and_tokenizer, "To be", n_loops=2, max_tokens=12, temperature=0)
     assert len(expected.tokens[0]) >= 3  # still running when the poisoned request joins
@@ -111,6 +113,7 @@ def test_a_step_failing_on_a_joining_request_fails_only_that_request(model_and_t
 
 def test_health_is_503_while_the_engine_cannot_generate_and_ok_once_it_can(
         model_and_tokenizer, monkeypatch):
+    """Issue 22 (D1 left /health "ok" on a broken server): /health is the engine's state."""
     monkeypatch.setattr(scheduler_module, "CHECK_EVERY", 0.05)  # the canary's period
     expected = reference(model_and_tokenizer, "To be", n_loops=2, max_tokens=12, temperature=0)
     server, engine = start(model_and_tokenizer, engine_class=FaultyEngine)
@@ -178,6 +181,7 @@ def test_tokenizing_runs_off_the_event_loop(model_and_tokenizer):
 
 # ---- limits -------------------------------------------------------------------------------------
 def test_a_body_over_the_limit_gets_413_before_it_is_read_whole(model_and_tokenizer):
+    """D5: there was no limit on the request size."""
     server, _ = start(model_and_tokenizer, max_body_bytes=2000)
     big = json.dumps({"prompt": "To be " * 500, "max_tokens": 2}).encode()
     headers = {"content-type": "application/json"}
@@ -209,6 +213,7 @@ UNSUPPORTED_VALUES = {"suffix": "!", "best_of": 2, "frequency_penalty": 0.5,
 
 
 def test_fields_this_server_does_not_implement_get_a_400_naming_them(model_and_tokenizer):
+    """D11: fields accepted and silently ignored are now a 400 naming them."""
     assert set(UNSUPPORTED_VALUES) == set(UNSUPPORTED)
     server, _ = start(model_and_tokenizer)
     with server as url:
@@ -226,6 +231,7 @@ def test_fields_this_server_does_not_implement_get_a_400_naming_them(model_and_t
 # ---- logprobs and echo (D11) ---------------------------------------------------------------------
 @torch.no_grad()
 def test_logprobs_are_the_models_and_stream_as_they_come(model_and_tokenizer):
+    """D11: logprobs were accepted and ignored (null); now OpenAI's, from the model."""
     model, tokenizer = model_and_tokenizer
     expected = reference(model_and_tokenizer, "To be", n_loops=2, max_tokens=12, temperature=0)
     prompt = [tokenizer.bos_id, *tokenizer.encode("To be")]
@@ -275,6 +281,7 @@ def test_echo_puts_the_prompt_before_the_completion(model_and_tokenizer):
 
 
 def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(model_and_tokenizer):
+    """D5: a 10 MB prompt was refused only after seconds of tokenizing."""
     tokenizer = BlockingTokenizer(model_and_tokenizer[1])
     server, _ = start(model_and_tokenizer, tokenizer=tokenizer)
     with server as url:
@@ -282,3 +289,21 @@ def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(model_and_to
         assert r.status_code == 400 and "300000 characters, so at least" in r.text
         assert r.json()["error"]["code"] == "context_length_exceeded"
         assert not tokenizer.entered.is_set()
+
+
+# ---- the port (D9) ---------------------------------------------------------------------------------
+def test_a_port_in_use_fails_before_anything_loads_or_is_announced(tmp_path, caplog):
+    """D9: the port is taken first (here the run does not even exist), and nothing says
+    "serving ... on http://..." before the error."""
+    import logging
+    import socket
+
+    from loopedlm.infer.server import CannotListen, ServeConfig, serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with caplog.at_level(logging.INFO), pytest.raises(CannotListen, match="port is in use"):
+            serve(str(tmp_path / "no_such_run"), ServeConfig(port=port))
+    assert not any("serving" in record.getMessage() for record in caplog.records)
