@@ -1,13 +1,16 @@
-"""The LM head + loss alone, forward + backward: plain (full logits) vs fused (issue 16).
+"""The LM head + loss alone, forward + backward: plain (full logits) vs fused (issues 16
+and 24).
 
     python benchmarks/bench_head_loss.py                         # tiny preset and Qwen3 shapes
-    python benchmarks/bench_head_loss.py --rows 16384 --width 384 --vocab 151669 --device cuda
+    python benchmarks/bench_head_loss.py --shapes 16384x384x151669 --device cuda --cce
 
-Plain: `LoopedGPT.logits` + `F.cross_entropy`. Fused: `loopedlm.model.head_loss.head_loss`
-(cut-cross-entropy on CUDA when installed, else the chunked PyTorch path). Timings
-interleave the two and report medians, so a busy machine biases both alike; on CUDA with
-CUDA events after warm-up, bf16 autocast. Peak memory: `torch.cuda.max_memory_allocated`
-on CUDA (not measured on CPU here: see bench_train.py --loss-loops for whole steps).
+Plain: `LoopedGPT.logits` + `F.cross_entropy`. Chunked: `loopedlm.model.head_loss.head_loss`
+(the default backend), eager and with its chunk body compiled (`compile=True`, what
+`compile=true` training runs; compilation happens in the warm-up, outside the timings).
+`--cce` adds cut-cross-entropy (CUDA, `pip install 'loopedlm[cuda]'`). Timings interleave
+the variants and report medians, so a busy machine biases them alike; on CUDA after
+warm-up, under bf16 autocast. Peak memory: `torch.cuda.max_memory_allocated` on CUDA (not
+measured on CPU here: see bench_train.py --loss-loops for whole steps).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from loopedlm.model.head_loss import cut_cross_entropy_available, head_loss
+from loopedlm.model.head_loss import head_loss
 
 
 def plain(h, weight, targets, softcap=15.0):
@@ -28,8 +31,12 @@ def plain(h, weight, targets, softcap=15.0):
     return F.cross_entropy(logits, targets, ignore_index=-1)
 
 
-def fused(h, weight, targets):
-    return head_loss(h, weight, targets, 15.0)
+VARIANTS = {
+    "plain": plain,
+    "chunked": lambda h, w, t: head_loss(h, w, t, 15.0),
+    "compiled": lambda h, w, t: head_loss(h, w, t, 15.0, compile=True),
+    "cce": lambda h, w, t: head_loss(h, w, t, 15.0, backend="cce"),
+}
 
 
 def time_once(fn, h, weight, targets, device) -> tuple[float, int]:
@@ -54,30 +61,32 @@ def main() -> None:
     parser.add_argument("--shapes", default="2048x128x4096,1024x128x151669",
                         help="comma list of ROWSxWIDTHxVOCAB")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cce", action="store_true", help="add cut-cross-entropy (CUDA)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"# device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cut-cross-entropy {'used' if cut_cross_entropy_available(device) else 'not used'}")
-    print("| rows x width x vocab | plain ms | fused ms | fused/plain | plain GiB | fused GiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    names = ["plain", "chunked", "compiled"] + (["cce"] if args.cce else [])
+    print(f"# device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"ms per forward + backward, median of {args.repeats} interleaved repeats")
+    print("| rows x width x vocab | " + " | ".join(f"{n} ms" for n in names)
+          + " | compiled/chunked | " + " | ".join(f"{n} GiB" for n in names) + " |")
+    print("|---|" + "---:|" * (2 * len(names) + 1))
     for shape in args.shapes.split(","):
         rows, width, vocab = (int(v) for v in shape.split("x"))
         gen = torch.Generator().manual_seed(0)
         h = torch.randn(rows, width, generator=gen).to(device).requires_grad_()
         weight = (torch.randn(vocab, width, generator=gen) * 0.05).to(device).requires_grad_()
         targets = torch.randint(0, vocab, (rows,), generator=gen).to(device)
-        results = {"plain": [], "fused": []}
-        for fn in (plain, fused):  # warm-up
-            time_once(fn, h, weight, targets, device)
+        results = {name: [] for name in names}
+        for name in names:  # warm-up (and compilation)
+            time_once(VARIANTS[name], h, weight, targets, device)
         for _ in range(args.repeats):
-            for name, fn in (("plain", plain), ("fused", fused)):
-                results[name].append(time_once(fn, h, weight, targets, device))
+            for name in names:
+                results[name].append(time_once(VARIANTS[name], h, weight, targets, device))
         ms = {k: 1000 * statistics.median(t for t, _ in v) for k, v in results.items()}
         gib = {k: max(p for _, p in v) / 2**30 for k, v in results.items()}
-        mem = (f"{gib['plain']:.2f} | {gib['fused']:.2f}" if device.type == "cuda"
-               else "- | -")
-        print(f"| {shape} | {ms['plain']:.1f} | {ms['fused']:.1f} | "
-              f"{ms['fused'] / ms['plain']:.2f} | {mem} |", flush=True)
+        mem = " | ".join(f"{gib[n]:.2f}" if device.type == "cuda" else "-" for n in names)
+        print(f"| {shape} | " + " | ".join(f"{ms[n]:.1f}" for n in names)
+              + f" | {ms['compiled'] / ms['chunked']:.2f} | {mem} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The slow checks: the serving stack (the slow tier of tests/test_serve.py: the 64 x 20 load
 # test and the web page in headless chromium; the serving benchmark; the API fuzzed with 2,500
-# requests; a 10 MB prompt), and exported Hugging
+# requests; a 10 MB prompt), exported Hugging
 # Face folders (the slow tier of tests/test_export_hf.py: the `lm_eval` command line, and
 # every loop mode and attention variant under the oldest transformers the README claims, in
-# a scratch venv under /tmp).
+# a scratch venv under /tmp), and inductor's own code for the head's compiled chunk body.
 #   bash benchmarks/nightly.sh [RUN]     # RUN: a trained run folder (default: a stand-in)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,3 +23,7 @@ OLD_VENV=/tmp/loopedlm-transformers-$OLDEST_TRANSFORMERS
 "$OLD_VENV/bin/python" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" \
     "transformers==$OLDEST_TRANSFORMERS" safetensors
 LOOPEDLM_OLDEST_TRANSFORMERS_PYTHON="$OLD_VENV/bin/python" python -m pytest -m slow tests/test_export_hf.py
+
+# the slow tier of the training-side GPU-readiness tests (issue 24): inductor's own code for
+# the head's compiled chunk body
+python -m pytest -m slow tests/test_head_loss.py

@@ -100,8 +100,9 @@ def test_grad_norms_match_manual():
     norms = grad_norms(groups)
     assert set(norms) == {"first_mlp", "lm_head", "middle_mlp", "middle_attn"}
     manual = torch.cat([p.grad.flatten() for p in model.transformer.h[0].mlp.parameters()]).norm()
-    assert norms["first_mlp"] == pytest.approx(float(manual), rel=1e-5)
-    assert norms["lm_head"] == pytest.approx(float(model.lm_head.weight.grad.norm()), rel=1e-5)
+    assert float(norms["first_mlp"]) == pytest.approx(float(manual), rel=1e-5)
+    assert float(norms["lm_head"]) == pytest.approx(float(model.lm_head.weight.grad.norm()),
+                                                    rel=1e-5)
 
 
 class _ListLoader:

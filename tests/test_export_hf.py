@@ -122,9 +122,9 @@ def test_bos_eos_and_pad_are_correct_and_distinct(trained, hf):
 
 
 def load_tokenizer_of(run: Path):
-    from loopedlm.infer.loading import load_run_tokenizer
+    from loopedlm.data.runs import load_run
 
-    return load_run_tokenizer(run)
+    return load_run(run).tokenizer
 
 
 # ---- transformers against loopedlm ------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,7 +138,9 @@ def test_existing_run_needs_resume_and_same_model(tmp_path, corpus):
         train(small_config(run, data_dir, tok_dir, steps=6, resume=True, model=other))
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 4])  # 4: step 5 is read back at step 6's flush
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch,
+                                                             log_every):
     from loopedlm.model.gpt import LoopedGPT
     data_dir, tok_dir = corpus
     calls = {"n": 0}
@@ -154,10 +158,12 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, m
     monkeypatch.setattr(LoopedGPT, "forward", poisoned)
     run = tmp_path / "run"
     with pytest.raises(TrainingCollapsed, match="non-finite.*step 5.*step_000003"):
-        train(small_config(run, data_dir, tok_dir, steps=6, save_every=3))
+        train(small_config(run, data_dir, tok_dir, steps=6, save_every=3, log_every=log_every))
     assert latest_training_checkpoint(run).name == "step_000003"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "collapsed" and summary["collapse"]["status"] == "collapsed"
+    assert summary["step"] == 4 and summary["collapse"]["events"][0]["step"] == 5
+    assert max(losses(run)) == 4
     assert summary["collapse"]["events"][0]["kind"] == "nonfinite"
 
 
@@ -203,3 +209,91 @@ def test_run_with_activation_checkpointing(tmp_path):
     assert a.keys() == b.keys()
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5)
+
+
+# ---- host syncs and recompiles (issue 24) ------------------------------------------------
+def _four_step_config(run_dir: Path, **overrides) -> TrainConfig:
+    """The run that produced tests/fixtures/train-4-steps-log.jsonl before the step loop
+    kept its figures on the device: variable N, clipping, evaluation, a collapse flag."""
+    values = dict(run_dir=str(run_dir), model={**MODEL, "n_loops": 3}, total_batch_tokens=256,
+                  device_batch_size=4, steps=4, eval_every=2, eval_tokens=256, save_every=0,
+                  device="cpu", progress=False, sample_tokens=4, loop_sampling="uniform:1,3",
+                  seed=3, collapse={"min_steps": 0, "swing_window": 2, "spike_ratio": 0.0,
+                                    "swing_rel_dev": 0.0})
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _records_without_timings(run_dir: Path) -> list[dict]:
+    records = [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    for record in records:
+        for key in ("tokens_per_s", "dt", "mfu"):
+            record.pop(key, None)
+    return records
+
+
+@pytest.mark.parametrize("log_every", [1, 2])
+def test_logged_figures_are_unchanged_by_reading_them_once_per_interval(tmp_path, log_every,
+                                                                      caplog):
+    """Every figure of log.jsonl equals what the per-step reads wrote (apart from the
+    timings); with log_every=2 the records are those of steps 2 and 4, plus step 3, whose
+    collapse flag is written whatever the interval. The head's backend is logged once."""
+    with caplog.at_level("INFO"):
+        train(_four_step_config(tmp_path / "run", log_every=log_every), data=SyntheticData(),
+              tokenizer=FakeTokenizer())
+    assert caplog.text.count("LM head loss: chunked, fp32 accumulation, eager") == 1
+    before = [json.loads(x) for x in
+              (Path(__file__).parent / "fixtures" / "train-4-steps-log.jsonl").read_text()
+              .splitlines()]
+    expected = [r for r in before if "loss" not in r or r["step"] % log_every == 0
+                or "collapse_flags" in r]
+    got = _records_without_timings(tmp_path / "run")
+    assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in expected]
+    for g, e in zip(got, expected, strict=True):
+        for key in e:
+            numbers = isinstance(e[key], float) or (isinstance(e[key], list) and all(
+                isinstance(x, float) for x in e[key]))
+            same = g[key] == pytest.approx(e[key], rel=1e-6) if numbers else g[key] == e[key]
+            assert same, (g["step"], key, g[key], e[key])
+
+
+@pytest.fixture
+def _cheap_compile(monkeypatch):
+    """Dynamo's guards and variants, without AOT autograd or code generation (the backend is
+    given to torch.compile itself: a forced backend, `torch.compiler.set_stance`, would
+    drop the per-call recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    yield counters
+    torch._dynamo.reset()
+
+
+def test_compiled_training_stays_within_the_recompile_limit(tmp_path, _cheap_compile, caplog):
+    """A compiled bf16 run with evaluation, sampling and a backprop_loops prefix, then an
+    fp32 run in the same process: the block needs more variants than dynamo's default
+    limit of 8 (grad modes, the first loop after the prefix, autocast), and every one is
+    compiled: no frame falls back to eager and nothing warns."""
+    counters = _cheap_compile
+    for dtype in ("bfloat16", "float32"):
+        cfg = _four_step_config(tmp_path / dtype, dtype=dtype, compile=True, backprop_loops=2,
+                                sample_every=2, loop_sampling="fixed", model={**MODEL,
+                                "n_loops": 4, "loss_loops": "all"})
+        train(cfg, data=SyntheticData(), tokenizer=FakeTokenizer())
+    assert counters["stats"]["unique_graphs"] > 8  # would have hit the default limit
+    assert counters["frames"]["ok"] == counters["frames"]["total"]
+    assert not [k for k in counters["unimplemented"] if "recompile limit" in k]
+    assert "recompile limit" not in caplog.text
+
+
+def test_hitting_the_recompile_limit_is_a_warning(tmp_path, _cheap_compile, caplog,
+                                                  monkeypatch):
+    monkeypatch.setattr("loopedlm.train.parallel.BLOCK_RECOMPILE_LIMIT", 2)
+    cfg = _four_step_config(tmp_path / "run", compile=True, backprop_loops=2, steps=2,
+                            model={**MODEL, "n_loops": 4})
+    with caplog.at_level("WARNING"):
+        train(cfg, data=SyntheticData(), tokenizer=FakeTokenizer())
+    assert "torch.compile reached its recompile limit during training" in caplog.text
+    assert "runs eagerly" in caplog.text

@@ -121,6 +121,7 @@ class LoopedGPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         # set by wrap_loops (activation checkpointing, from outside: loopedlm.train.parallel)
         self._loop_wrapper: Callable[[Callable], Callable] | None = None
+        self.head_options: dict = {}  # head_loss(backend=, compile=) for `loss`; {}: defaults
 
     # ---- initialisation (docs/design.md#backbone) --------------------------------------------
     @torch.no_grad()
@@ -259,7 +260,7 @@ class LoopedGPT(nn.Module):
         """Mean cross-entropy of `logits(h)` against `targets` (-1 = ignored), fused and
         chunked so the (rows x vocabulary) logits are never held (`loopedlm.model.head_loss`)."""
         weight = self.lm_head.weight[: self.config.vocab_size]
-        return head_loss(h, weight, targets, self.config.softcap)
+        return head_loss(h, weight, targets, self.config.softcap, **self.head_options)
 
     # ---- applied from outside: activation checkpointing, regional compilation -----------
     def wrap_loops(self, wrapper: Callable[[Callable], Callable] | None) -> None:

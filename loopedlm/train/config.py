@@ -38,6 +38,7 @@ from loopedlm.common.validation import (
     unknown_setting,
 )
 from loopedlm.model.config import PRESETS, ModelConfig
+from loopedlm.model.head_loss import HEAD_BACKENDS
 from loopedlm.train.collapse import CollapseThresholds
 from loopedlm.train.loop_sampling import LoopSampling
 from loopedlm.train.optim import OptimConfig
@@ -85,7 +86,8 @@ class TrainConfig:
     save_every: int = 1000  # 0: only at the end
     keep_last: int = 2
     resume: bool = False
-    compile: bool = False
+    compile: bool = False  # regional: the blocks, and the head's chunk body
+    head_loss: str = "chunked"  # "chunked" (fp32 accumulation) | "cce" (opt-in, CUDA)
     dtype: str = "auto"
     activation_checkpointing: bool = False
     zero: bool = False
@@ -115,6 +117,8 @@ class TrainConfig:
         check(self.param_basis in PARAM_BASES, "param_basis", self.param_basis,
               f"one of {list(PARAM_BASES)}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {list(DTYPES)}")
+        check(self.head_loss in HEAD_BACKENDS, "head_loss", self.head_loss,
+              f"one of {list(HEAD_BACKENDS)} (cce: cut-cross-entropy, CUDA only)")
         check(is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip,
               "a number >= 0 (0 disables clipping)")
         for name in ("resume", "compile", "activation_checkpointing", "zero", "progress"):

@@ -1,5 +1,6 @@
-"""What a training step costs and how its gradients look (SPEC 6): FLOPs utilisation (MFU),
-peak memory, gradient norms of the watched parameters, and validation bits-per-byte."""
+"""What a training step costs and how its gradients look (docs/design.md#diagnostics):
+FLOPs utilisation (MFU), peak memory, gradient norms of the watched parameters, and
+validation bits-per-byte."""
 
 from __future__ import annotations
 
@@ -41,15 +42,15 @@ def peak_flops(device: torch.device | str) -> float | None:
 
 def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None,
         world_size: int = 1) -> float | None:
-    """Model FLOPs utilisation; `flops_per_token` must count every loop (SPEC 2)."""
+    """Model FLOPs utilisation; `flops_per_token` must count every loop (docs/design.md#loop-modes)."""
     if peak is None:
         return None
     return flops_per_token * tokens_per_second / (peak * world_size)
 
 
 def watched_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """SPEC 6's gradient-norm probes: the first block's MLP, the LM head, the middle
-    block's MLP and the middle block's attention."""
+    """The gradient-norm probes of docs/design.md#diagnostics: the first block's MLP, the
+    LM head, the middle block's MLP and the middle block's attention."""
     blocks = model.transformer.h
     middle = blocks[len(blocks) // 2]
     return {
@@ -108,23 +109,27 @@ def _proc_status_bytes(key: str) -> int:
 
 
 @torch.no_grad()
-def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
-    """L2 norm of each group's gradients (call before clipping)."""
+def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """L2 norm of each group's gradients (call before clipping), as 0-d fp32 tensors on the
+    gradients' device: nothing is read back here, so a training step stays free of host
+    syncs (the trainer reads every figure of a log interval in one transfer)."""
     out = {}
     for name, params in groups.items():
         grads = [p.grad.detach().float() for p in params if p.grad is not None]
-        out[name] = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        out[name] = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])) if grads else \
+            torch.zeros((), device=params[0].device if params else None)
     return out
 
 
 @torch.no_grad()
 def evaluate_bpb(model: nn.Module, loader, token_bytes: torch.Tensor, steps: int | None,
                  *, n_loops: int | None = None, autocast=None, details: bool = False):
-    """SPEC 7 bits-per-byte of `model` over at most `steps` batches of `loader` (None: until
-    it stops), through `loopedlm.evaluate.bpb` (special tokens and ignored targets count in
-    neither sum; all-reduced under DDP, so every rank returns the same value). With
-    `details`, the whole result dict (bpb, ppl, tokens, bytes, batches)."""
+    """Bits-per-byte (docs/design.md#evaluation) of `model` over at most `steps` batches
+    of `loader` (None: until it stops), through `loopedlm.evaluate.bpb` (special tokens
+    and ignored targets count in neither sum; all-reduced under DDP, so every rank
+    returns the same value). With `details`, the whole result dict (bpb, ppl, tokens,
+    bytes, batches)."""
     from loopedlm.evaluate.bpb import evaluate_bpb as bpb_of_batches
 
     with autocast if autocast is not None else contextlib.nullcontext():

@@ -14,6 +14,7 @@ from loopedlm.common.distributed import DistInfo, barrier, broadcast_object
 from loopedlm.common.validation import ConfigError
 from loopedlm.model.checkpoint import latest_training_checkpoint
 from loopedlm.model.config import ModelConfig
+from loopedlm.model.head_loss import check_head_backend
 from loopedlm.train.config import TrainConfig
 from loopedlm.train.inputs import ParquetData, resolve_tokenizer
 from loopedlm.train.sizing import check_batch
@@ -43,6 +44,7 @@ def prepare_run(cfg: TrainConfig, info: DistInfo, data=None, tokenizer=None) -> 
         raise ConfigError(f"sequence_len={seq_len} is longer than the model's "
                           f"sequence_len={draft.sequence_len}: at most that")
     grad_accum = check_batch(cfg, seq_len, info.world_size)
+    check_head_backend(cfg.head_loss, info.device)  # cce: CUDA and an importable package
     run_dir = _new_run_dir(cfg, info)
     resume_from = _resume_checkpoint(cfg, run_dir)
     if resume_from is not None:

@@ -1,7 +1,8 @@
-"""The training run (SPEC 5, with the diagnostics of SPEC 6): `train(cfg)` builds the
-model, optimiser and data from a `TrainConfig`, runs the steps, evaluates, samples and
-checkpoints on schedule, resumes exactly, and stops cleanly on SIGTERM, a collapse or
-running out of memory. The command line is loopedlm.cli.train."""
+"""The training run (docs/design.md#training-recipe, with the diagnostics of
+docs/design.md#diagnostics): `train(cfg)` builds the model, optimiser and data from a
+`TrainConfig`, runs the steps, evaluates, samples and checkpoints on schedule, resumes
+exactly, and stops cleanly on SIGTERM, a collapse or running out of memory. The command
+line is loopedlm.cli.train."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from loopedlm.common.compiling import RecompileLimitWatch
 from loopedlm.common.distributed import (
     all_reduce_mean,
     barrier,
@@ -24,6 +26,7 @@ from loopedlm.common.distributed import (
 from loopedlm.common.files import atomic_write_json
 from loopedlm.model.checkpoint import CheckpointSaveError
 from loopedlm.model.gpt import LoopedGPT
+from loopedlm.model.head_loss import describe_head_backend
 from loopedlm.train.checkpointing import restore_checkpoint, save_checkpoint
 from loopedlm.train.collapse import CollapseDetector
 from loopedlm.train.config import TrainConfig
@@ -31,12 +34,11 @@ from loopedlm.train.metrics import (
     PeakMemory,
     evaluate_bpb,
     grad_norms,
-    mfu,
     peak_flops,
     watched_parameters,
 )
 from loopedlm.train.optim import LoopedOptimizer
-from loopedlm.train.parallel import apply_activation_checkpointing, wrap_ddp
+from loopedlm.train.parallel import apply_activation_checkpointing, compile_blocks, wrap_ddp
 from loopedlm.train.prepare import PreparedRun, prepare_run
 from loopedlm.train.reporting import StepReporter
 from loopedlm.train.run_log import RunLogger
@@ -45,6 +47,7 @@ from loopedlm.train.sizing import (
     horizon,
     out_of_memory_message,
 )
+from loopedlm.train.step_figures import StepFigures, read_steps
 from loopedlm.train.termination import TerminationRequest
 
 log = logging.getLogger(__name__)
@@ -125,7 +128,7 @@ class _Progress:
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 class Trainer:
@@ -150,13 +153,19 @@ class Trainer:
             if self.info.is_main else None
         self.memory = PeakMemory(self.info.device)
         self.train_model.train()
+        self.pending: list[StepFigures] = []
+        self.interval_start = time.time()
         terminate = TerminationRequest()
+        watch = RecompileLimitWatch("training") if self.cfg.compile else contextlib.nullcontext()
         try:
             terminate.install()
-            while progress.step < progress.total_steps:
-                if not self._step(progress) or self._after_step(progress, terminate):
-                    break
+            with watch:
+                while progress.step < progress.total_steps:
+                    self._step(progress)
+                    if self._after_step(progress, terminate):
+                        break
         except (torch.OutOfMemoryError, MemoryError) as exc:
+            # the steps since the last flush (fewer than log_every) are not logged
             progress.status = "out_of_memory"
             progress.message = out_of_memory_message(exc, self.cfg, self.model_cfg,
                                                      progress.step + 1, progress.last_saved,
@@ -181,7 +190,8 @@ class Trainer:
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.sampler = cfg.loop_sampler(self.model_cfg.n_loops)
-        train_model = model.compile_blocks() if cfg.compile else model  # regional compile
+        model.head_options = {"backend": cfg.head_loss, "compile": cfg.compile}
+        train_model = compile_blocks(model) if cfg.compile else model  # regional compile
         self.train_model = wrap_ddp(train_model, info)
         self.autocast = autocast_context(info.device, cfg.dtype)
         self.loader = self.data.loader(self.tokenizer, cfg.device_batch_size, self.seq_len,
@@ -216,45 +226,46 @@ class Trainer:
                      self.sampler.describe(), f", backprop through the last {cfg.backprop_loops}"
                      if cfg.backprop_loops else "", total_steps, cfg.total_batch_tokens,
                      cfg.device_batch_size, self.seq_len, info.world_size, self.grad_accum)
+            log.info("LM head loss: %s", describe_head_backend(cfg.head_loss, cfg.compile))
 
-    def _step(self, progress: _Progress) -> bool:
-        """One optimizer step; False when the loss is not finite (the run has collapsed)."""
-        cfg, info = self.cfg, self.info
+    def _step(self, progress: _Progress) -> None:
+        """One optimizer step. Its figures stay on the device (`StepFigures`) until the
+        next flush: no host sync here."""
+        cfg = self.cfg
         rates = self.optimizer.set_step(progress.step, progress.total_steps)
-        _synchronize(info.device)
-        t0 = time.time()
         # the same N on every rank: a function of (seed, step) only
         n_loops = self.sampler.sample(cfg.seed, progress.step)
         step_flops_per_token = self.model.estimate_flops(n_loops, cfg.grad_loops)
         stats = self._forward_backward(n_loops)
-        progress.train_loss = float(stats[0])
-        if not math.isfinite(progress.train_loss):
-            self._stop_collapsed(progress)
-            return False
-        norms_before = grad_norms(self.watched)
+        norms = list(grad_norms(self.watched).values())
         total_norm = None
         if cfg.grad_clip > 0:
-            total_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                              cfg.grad_clip))
+            total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        _synchronize(info.device)
-        dt = time.time() - t0
         progress.step += 1
-        residual_norms = [float(x) for x in stats[1:]]
-        events = self.detector.update(progress.step, progress.train_loss, residual_norms)
-        tokens_per_s = cfg.total_batch_tokens / dt
-        progress.train_flops += step_flops_per_token * cfg.total_batch_tokens
-        if info.is_main:
-            record = {"step": progress.step, "loss": progress.train_loss, **rates,
-                      "n_loops": n_loops, "tokens_per_s": tokens_per_s, "dt": dt,
-                      "flops_per_token": step_flops_per_token,
-                      "mfu": mfu(step_flops_per_token, tokens_per_s, self.peak, info.world_size),
-                      "grad_norm": total_norm,
-                      **{f"grad_norm/{k}": v for k, v in norms_before.items()},
-                      "residual_norm": residual_norms,
-                      "tokens": progress.step * cfg.total_batch_tokens}
-            self.reporter.step(record, events)
+        self.pending.append(StepFigures.pack(progress.step, n_loops, rates,
+                                             step_flops_per_token, stats, total_norm, norms))
+
+    def _flush(self, progress: _Progress) -> bool:
+        """Read the pending steps (one transfer), feed the collapse detector and report
+        them in order; False when one's loss is not finite (the run has collapsed: it
+        stops there, and nothing after it is logged or saved)."""
+        cfg, info = self.cfg, self.info
+        _synchronize(info.device)
+        dt = (time.time() - self.interval_start) / max(1, len(self.pending))
+        pending, self.pending = self.pending, []
+        for read in read_steps(pending, list(self.watched), cfg.grad_clip > 0):
+            progress.train_loss = read.loss
+            if not math.isfinite(read.loss):
+                progress.step = read.figures.step - 1
+                self._stop_collapsed(progress)
+                return False
+            progress.train_flops += read.figures.flops_per_token * cfg.total_batch_tokens
+            events = self.detector.update(read.figures.step, read.loss, read.residual_norms)
+            if info.is_main:
+                self.reporter.step(read.record(cfg.total_batch_tokens, dt, self.peak,
+                                               info.world_size), events)
         return True
 
     def _forward_backward(self, n_loops: int) -> torch.Tensor:
@@ -285,19 +296,35 @@ class Trainer:
         log.error(progress.message)
 
     def _after_step(self, progress: _Progress, terminate: TerminationRequest) -> bool:
-        """Evaluate, sample and save on schedule; True when SIGTERM stops the run."""
+        """Flush the pending steps at a log point, and evaluate, sample and save on
+        schedule (each after a flush); True when the run stops (a collapse or SIGTERM)."""
         cfg, info, step = self.cfg, self.info, progress.step
         last = step == progress.total_steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-            self._validate(progress)
-        if info.is_main and cfg.sample_every and step % cfg.sample_every == 0 and not last:
-            text = sample_text(self.model, self.tokenizer, cfg.sample_prompt,
-                               cfg.sample_tokens, seed=cfg.seed)
-            self.logger.write({"step": step, "sample": text})
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            self._save(progress)
-        if last or not terminate.agreed(info):
+        evaluate = bool(cfg.eval_every and step % cfg.eval_every == 0) or last
+        sample = bool(info.is_main and cfg.sample_every and step % cfg.sample_every == 0
+                      and not last)
+        save = bool(cfg.save_every and step % cfg.save_every == 0) or last
+        # the same on every rank: the SIGTERM agreement below is a collective
+        shared_point = last or step % cfg.log_every == 0 or evaluate or save
+        if shared_point or sample:
+            if not self._flush(progress):
+                return True
+            if evaluate:
+                self._validate(progress)
+            if sample:
+                text = sample_text(self.model, self.tokenizer, cfg.sample_prompt,
+                                   cfg.sample_tokens, seed=cfg.seed)
+                self.logger.write({"step": step, "sample": text})
+            if save:
+                self._save(progress)
+            _synchronize(info.device)
+            self.interval_start = time.time()
+        # one process reads its SIGTERM flag at every step for free; ranks must agree
+        # through a collective (a host sync), so they do at the shared points only
+        if last or (info.distributed and not shared_point) or not terminate.agreed(info):
             return False
+        if self.pending and not self._flush(progress):
+            return True
         if progress.last_saved != step:
             self._save(progress)
         progress.status = "interrupted"
