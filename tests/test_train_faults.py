@@ -109,20 +109,31 @@ def test_sigterm_saves_then_resume_is_exact(tmp_path, corpus, reference, monkeyp
     assert losses(run) == losses(reference)
 
 
-def test_sigterm_to_the_process_exits_0_and_resumes(tmp_path, corpus, reference):
-    run = tmp_path / "run"
-    env = {**os.environ, SAVE_SLEEP_ENV: "1@4"}
+def _signal_during_save(run, corpus, save: str, signals: list[int]) -> tuple[int, str, str]:
+    """Run the training CLI (8 steps, a save every 2) and send it `signals`, 0.5 s apart,
+    while it saves step S (`save` is "SECONDS@S": that save sleeps SECONDS);
+    (exit code, stdout, stderr)."""
+    env = {**os.environ, SAVE_SLEEP_ENV: save}
     proc = subprocess.Popen(train_cli(run, corpus, 8), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    saving = run / "checkpoints" / ".tmp_step_000004" / "train_state.pt"
+    step = int(save.split("@")[1])
+    saving = run / "checkpoints" / f".tmp_step_{step:06d}" / "train_state.pt"
     deadline = time.time() + 120
     while not saving.exists():
         assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, "the save of step 4 never started"
+        assert time.time() < deadline, f"the save of step {step} never started"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    for signum in signals:
+        proc.send_signal(signum)
+        time.sleep(0.5)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err
+
+
+def test_sigterm_to_the_process_exits_0_and_resumes(tmp_path, corpus, reference):
+    run = tmp_path / "run"
+    code, out, err = _signal_during_save(run, corpus, "1@4", [signal.SIGTERM])
+    assert code == 0, err
     assert "SIGTERM at step 4" in out and "--resume" in out
     assert latest_training_checkpoint(run).name == "step_000004"
     # the CLI's settings are small_config's (train_helpers.train_cli): resume in-process
@@ -147,28 +158,9 @@ def test_ctrl_c_saves_then_resume_is_exact(tmp_path, corpus, reference, monkeypa
     assert losses(run) == losses(reference)
 
 
-def _interrupt_during_save(run, corpus, env_sleep: str, signals: int):
-    """Start the training CLI, send `signals` SIGINTs while it saves step 2 (which sleeps
-    `env_sleep`); (exit code, stdout, stderr)."""
-    env = {**os.environ, SAVE_SLEEP_ENV: env_sleep}
-    proc = subprocess.Popen(train_cli(run, corpus, 8), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    saving = run / "checkpoints" / ".tmp_step_000002" / "train_state.pt"
-    deadline = time.time() + 120
-    while not saving.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, "the save of step 2 never started"
-        time.sleep(0.05)
-    for _ in range(signals):
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
-
-
 def test_ctrl_c_to_the_process_exits_0_with_one_line_and_resumes(tmp_path, corpus, reference):
     run = tmp_path / "run"
-    code, out, err = _interrupt_during_save(run, corpus, "2@2", 1)
+    code, out, err = _signal_during_save(run, corpus, "2@2", [signal.SIGINT])
     assert code == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "SIGINT at step 2: saved checkpoint step_000002" in out and "--resume" in out
@@ -182,7 +174,7 @@ def test_ctrl_c_to_the_process_exits_0_with_one_line_and_resumes(tmp_path, corpu
 
 def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, corpus):
     run = tmp_path / "run"
-    code, _, err = _interrupt_during_save(run, corpus, "30@2", 2)  # (not the 30 s)
+    code, _, err = _signal_during_save(run, corpus, "30@2", [signal.SIGINT] * 2)  # not 30 s
     assert code == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "loopedlm train: interrupted (Ctrl-C)"

@@ -301,8 +301,10 @@ class Scheduler:
         """One engine step for the running sequences; `joined`: the slots admitted just
         before it (the suspects if it fails)."""
         for attempt in range(2):
+            stepped = False
             try:
                 output = self.engine.step()
+                stepped = True
                 tokens, loops = output.host()
                 logprobs = self._logprobs(output, self.running)
                 break
@@ -310,10 +312,11 @@ class Scheduler:
                 self._failed("a decode step", exc)
                 self.stats["failed_steps"] += 1
                 # a batched step cannot say which row failed it: first suspect the rows that
-                # joined since the last good step and retry without them, then every row
+                # joined since the last good step and retry without them (a step that raised
+                # moved no row on; one whose results could not be read may have), then all
                 older = [slot for slot in self.running if slot not in joined]
-                suspects = joined if attempt == 0 and joined and older else list(self.running)
-                for slot in suspects:
+                retry = attempt == 0 and not stepped and joined and older
+                for slot in joined if retry else list(self.running):
                     if slot in self.running:
                         self._finish(slot, self.running[slot], "error")
                 if not self.running:
