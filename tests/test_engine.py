@@ -370,10 +370,10 @@ def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
         reported[slot].append(engine.output().host_logprobs()[slot])
     for _ in range(4):
         out = engine.step()
-        for slot, (token, row) in enumerate(zip(out.tokens.tolist(), out.host_logprobs(),
-                                                strict=True)):
+        rows = out.host_logprobs()  # (every slot's)
+        for slot, token in enumerate(out.tokens.tolist()):
             tokens[slot].append(token)
-            reported[slot].append(row)
+            reported[slot].append(rows[slot])
     for slot in (0, 1):
         ids = requests[slot]["prompt_ids"]
         full = model(torch.tensor([ids + tokens[slot]]),

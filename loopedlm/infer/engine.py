@@ -144,9 +144,10 @@ class StepOutput:
     """One step's result, device tensors over the step's bucket of rows: `tokens[b]` the
     token slot b sampled (-1 if it was inactive or had finished), `finished[b]` whether
     slot b is done (it sampled a stop id, used its token budget or filled the cache),
-    `loops[b]` the loops it ran for this token. For rows whose params ask for `logprobs`:
-    `logprobs[b]` the sampled token's log-probability, `top_ids[b]` / `top_logprobs[b]` the
-    MAX_LOGPROBS most likely tokens' (other rows: stale values)."""
+    `loops[b]` the loops it ran for this token. For slots whose params ask for `logprobs`
+    (these three span every slot, not only the bucket): `logprobs[b]` the sampled token's
+    log-probability, `top_ids[b]` / `top_logprobs[b]` the MAX_LOGPROBS most likely tokens'
+    (other slots: stale values)."""
 
     tokens: torch.Tensor
     finished: torch.Tensor
@@ -556,9 +557,10 @@ class DecodeEngine:
         current bucket), as views of the engine's static buffers."""
         batch = self._bucket() if batch is None else batch
         state = self.state
+        # (the logprob buffers whole, over every slot: no view to build in each step)
         return StepOutput(state.out_tokens[:batch], state.finished[:batch],
-                          state.out_loops[:batch], state.out_logprobs[:batch],
-                          state.out_top_ids[:batch], state.out_top_logprobs[:batch])
+                          state.out_loops[:batch], state.out_logprobs, state.out_top_ids,
+                          state.out_top_logprobs)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
