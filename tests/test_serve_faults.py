@@ -193,11 +193,17 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read_whole(model_and_tokeni
         r = httpx.post(f"{url}/v1/completions", content=iter([big[:1500], big[1500:]]),
                        headers=headers)
         assert r.status_code == 413 and "more than 2000 bytes" in r.json()["error"]["message"]
+        # a body far beyond what the sockets buffer: the server reads the rest before it
+        # answers, so the client, still sending, gets the 413 and not a reset connection
+        huge = json.dumps({"prompt": "To be " * 400_000}).encode()
+        for content in (huge, iter([huge[:1500], huge[1500:]])):
+            r = httpx.post(f"{url}/v1/completions", content=content, headers=headers)
+            assert r.status_code == 413
         chunked_ok = json.dumps({"prompt": "To be", "max_tokens": 2}).encode()
         r = httpx.post(f"{url}/v1/completions", content=iter([chunked_ok[:5], chunked_ok[5:]]),
                        headers=headers)
         assert r.status_code == 200
-        assert 'loopedlm_requests_total{status="413"} 2.0' in httpx.get(f"{url}/metrics").text
+        assert 'loopedlm_requests_total{status="413"} 4.0' in httpx.get(f"{url}/metrics").text
 
 
 def test_too_many_prompts_get_a_400_naming_the_limit(model_and_tokenizer):

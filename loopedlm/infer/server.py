@@ -533,9 +533,15 @@ class CompletionServer:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413 without being read whole
-    (at once from its Content-Length, else as soon as the streamed body passes the limit);
-    a body within it is handed on to the app as it came."""
+    """ASGI middleware: a request body over `max_bytes` gets 413 without being kept or
+    parsed (known at once from its Content-Length, else as soon as the streamed body passes
+    the limit); a body within it is handed on to the app as it came.
+
+    Before the 413 is sent, the rest of the body is read and dropped (up to DRAIN_BYTES): a
+    server that closes a connection with unread data resets it, and the client, still
+    sending, would see the reset instead of the 413."""
+
+    DRAIN_BYTES = 64 << 20
 
     def __init__(self, app: Any, max_bytes: int, on_reject: Callable[[int], None]):
         self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
@@ -546,7 +552,7 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self.reject(scope, receive, send, f"{int(declared)} bytes")
+            await self.reject(scope, receive, send, f"{int(declared)} bytes", more=True)
             return
         messages, size = [], 0
         while True:
@@ -556,7 +562,8 @@ class BodyLimit:
                 break
             size += len(message.get("body", b""))
             if size > self.max_bytes:
-                await self.reject(scope, receive, send, f"more than {self.max_bytes} bytes")
+                await self.reject(scope, receive, send, f"more than {self.max_bytes} bytes",
+                                  more=message.get("more_body", False))
                 return
             if not message.get("more_body", False):
                 break
@@ -565,7 +572,15 @@ class BodyLimit:
             return messages.pop(0) if messages else await receive()
         await self.app(scope, replay, send)
 
-    async def reject(self, scope: dict, receive: Callable, send: Callable, size: str) -> None:
+    async def reject(self, scope: dict, receive: Callable, send: Callable, size: str, *,
+                     more: bool) -> None:
+        drained = 0
+        while more and drained <= self.DRAIN_BYTES:  # (`more`: the body goes on)
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
         self.on_reject(413)
         error = ApiError(413, f"the request body has {size}; this server takes at most "
                               f"{self.max_bytes} (--max-body-bytes)", code="body_too_large")
