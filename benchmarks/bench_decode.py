@@ -108,7 +108,8 @@ def train_byte_model(args) -> LoopedGPT:
     for step in range(args.train_steps):
         lr = 3e-3 * min(1.0, (args.train_steps - step) / (0.2 * args.train_steps))
         for group in opt.param_groups:
-            group["lr"] = lr  # constant, then linear to zero over the last 20% (SPEC 5)
+            # constant, then linear to zero over the last 20% (docs/design.md#training-recipe)
+            group["lr"] = lr
         starts = torch.randint(0, len(train) - seq - 1, (batch,), generator=gen)
         window = torch.stack([train[s:s + seq + 1] for s in starts])
         loss = model(window[:, :-1], window[:, 1:])
@@ -141,7 +142,7 @@ def held_out_rows(args, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bpb(nll: torch.Tensor, n_bytes: torch.Tensor) -> float:
-    keep = n_bytes > 0  # SPEC 7: special tokens count in neither sum
+    keep = n_bytes > 0  # docs/design.md#evaluation: special tokens count in neither sum
     return float(nll[keep].sum() / (math.log(2) * n_bytes[keep].sum()))
 
 

@@ -1,4 +1,4 @@
-"""Evaluation wall time across loop counts (SPEC 7 budget evaluation).
+"""Evaluation wall time across loop counts (docs/design.md#evaluation: the budget evaluation).
 
     python benchmarks/bench_eval.py [--run RUN] [--loops 1,3,6,9,12] [--max-examples 20]
                                     [--tasks downstream] [--data-dir DIR]

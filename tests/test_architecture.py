@@ -28,30 +28,45 @@ def test_one_kv_cache_and_its_writers_name_one_protocol():
     assert sum(w.endswith("(Protocol)") for w in writers) == 1
 
 
-# left to the CLI's engineer (issue 21 is reworking cli/): make cli.eval's helper public
-KNOWN_PRIVATE_TEST_ACCESSES = {"tests/test_eval_tasks.py ._skip_unavailable"}
-
-
 def test_no_test_touches_a_private_name():
-    # "tests/x.py:12 ._name" -> "tests/x.py ._name"
-    found = {f"{a.split(':')[0]} {a.rsplit(' ', 1)[-1]}"
-             for a in arch.test_private_accesses(arch.test_files())}
-    assert found <= KNOWN_PRIVATE_TEST_ACCESSES
+    assert arch.test_private_accesses(arch.test_files()) == []
 
 
 def test_no_test_file_imports_another():
     assert arch.test_cross_imports(arch.test_files()) == []
 
 
+def test_the_n_loops_default_is_filled_and_checked_in_one_place():
+    loops = arch.n_loops_default(arch.package_files())
+    assert [f.rsplit(" ", 1)[-1] for f in loops["fills"]] == ["ModelConfig.loops"]
+    # besides the model's one check: the HTTP schema's and the server's cap (max_loops)
+    assert {c.rsplit(" ", 1)[-1] for c in loops["checks"]} <= {
+        "ModelConfig.loops", "Field", "ServeConfig.__post_init__"}
+
+
+def _last_words(found: list[str]) -> list[str]:
+    return [f.rsplit(" ", 1)[-1] for f in found]
+
+
 def test_consolidation_checkers_see_what_they_count(tmp_path):
     code = tmp_path / "code.py"
     code.write_text("class KVCache:\n    def insert(self, loop, layer, k, v):\n        pass\n\n\n"
                     "def f(cfg, n):\n    n = cfg.n_loops if n is None else n\n"
-                    "    if n < 1:\n        raise ValueError(f'n_loops={n}')\n")
+                    "    if n < 1:\n        raise ValueError(f'n_loops={n}')\n\n\n"
+                    "def g(cfg, n_loops, engine):\n    if n_loops is None:\n"
+                    "        n_loops = cfg.n_loops\n    if engine is None:\n"
+                    "        engine = make(max_loops=cfg.n_loops)\n"
+                    "    check(is_int(n_loops), 'n_loops', n_loops, '>= 1')\n\n\n"
+                    "def h(cfg, n_loops, given):\n    a = given if given is not None else 3\n"
+                    "    b = cfg.loops(n_loops)\n    return a, b, n_loops or cfg.n_loops\n\n\n"
+                    "def not_a_fill(args, default):\n"
+                    "    return default if args.n_loops is None else args.n_loops\n")
     caches, writers = arch.cache_classes([code])
     assert len(caches) == 1 and len(writers) == 1
-    fills, checks = arch.n_loops_default([code])
-    assert [f.rsplit(" ", 1)[-1] for f in fills] == ["f"] and len(checks) == 1
+    loops = arch.n_loops_default([code])
+    assert _last_words(loops["fills"]) == ["f", "g", "h"]
+    assert _last_words(loops["checks"]) == ["f", "g"]
+    assert _last_words(loops["calls"]) == ["h"]
     test = tmp_path / "test_x.py"
     test.write_text("from test_y import helper\nfrom loopedlm.x import _private\n\n\n"
                     "def test_a(engine):\n    engine._steps.clear()\n")

@@ -1,4 +1,4 @@
-"""Diagnostics (SPEC 6): collapse detection on synthetic loss curves, gradient norms,
+"""Diagnostics (docs/design.md#diagnostics): collapse detection on synthetic loss curves, gradient norms,
 bits-per-byte, MFU."""
 
 from __future__ import annotations

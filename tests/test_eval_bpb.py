@@ -1,4 +1,4 @@
-"""Bits per byte and perplexity (SPEC 7): the formula, exclusions, WikiText-2 layouts,
+"""Bits per byte and perplexity (docs/design.md#evaluation): the formula, exclusions, WikiText-2 layouts,
 the validation shard."""
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_cli_eval_writes_the_budget_table(run_dir, tmp_path, capsys):
-    rc = main(["eval", str(run_dir), "--loops", "1,2", "--tasks", "none", "--wikitext",
+    rc = main(["eval", str(run_dir), "--n-loops", "1,2", "--tasks", "none", "--wikitext",
                str(run_dir / "wiki.valid.raw"), "--out", str(tmp_path / "ev")])
     assert rc == 0
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
@@ -79,7 +79,7 @@ def test_cli_eval_writes_the_budget_table(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--loops", "0"], "loop count 0 is not allowed"),
+    (["--n-loops", "0"], "loop count 0 is not allowed"),
     (["--tasks", "arc_easyy"], "did you mean 'arc_easy'"),
     (["--wikitext", "/nonexistent/wiki.raw"], "does not exist"),
 ])
@@ -98,7 +98,7 @@ def test_cli_not_a_run(tmp_path, capsys):
 @pytest.mark.parametrize("flag,expected", [("all", 6), ("4", 4)])
 def test_cli_max_examples_all_evaluates_every_item(run_dir, tmp_path, monkeypatch, flag, expected):
     monkeypatch.setattr(budget, "load_task", synthetic_task)
-    rc = main(["eval", str(run_dir), "--loops", "1", "--tasks", "piqa", "--max-examples", flag,
+    rc = main(["eval", str(run_dir), "--n-loops", "1", "--tasks", "piqa", "--max-examples", flag,
                "--out", str(tmp_path / "ev")])
     assert rc == 0
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
@@ -124,3 +124,51 @@ def test_load_eval_target_of_a_run_and_its_outputs(run_dir, tmp_path, caplog):
     assert set(results["metrics"]["wikitext_ppl"]) == {"1", "2"}
     assert results["settings"]["batch_size"] == 2
     assert json.loads(paths["json"].read_text())["metrics"] == results["metrics"]
+
+
+# ---- the estimate printed before an evaluation, and the presets (issue 21) ---------------
+def test_cli_eval_says_how_long_it_will_take_and_where_results_go(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--n-loops", "1,2", "--tasks", "none", "--wikitext",
+                 str(run_dir / "wiki.valid.raw")]) == 0
+    err = capsys.readouterr().err
+    out_dir = run_dir / "checkpoints" / "step_000010" / "eval"  # the checkpoint's folder
+    assert f"results -> {out_dir}" in err
+    assert "estimated time on cpu: about " in err
+    assert (out_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize("flags,tasks,max_examples", [
+    ([], "core", 200),
+    (["--preset", "quick"], "downstream", 20),
+    (["--preset", "quick", "--max-examples", "3"], "downstream", 3),
+    (["--preset", "quick", "--tasks", "piqa"], "piqa", 20),
+])
+def test_cli_eval_presets_fill_what_the_flags_do_not_say(run_dir, tmp_path, task_data_fixtures,
+                                                          flags, tasks, max_examples):
+    from loopedlm.evaluate.tasks import resolve_task_names
+
+    assert main(["eval", str(run_dir), "--n-loops", "1", *flags, "--out", str(tmp_path)]) == 0
+    settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+    shipped = [t for t in resolve_task_names(tasks) if t not in ("winograd", "agi_eval_lsat_ar")]
+    assert settings["tasks"] == shipped
+    assert settings["max_examples"] == max_examples
+
+
+def test_the_estimate_counts_the_tokens_that_are_scored(task_data_fixtures):
+    from loopedlm.evaluate.estimate import estimate_evaluation, format_duration, seconds_per_token
+    from loopedlm.evaluate.prompts import prepare_example, select_examples
+    from loopedlm.evaluate.tasks import load_task
+
+    model, tok = tiny_random_model(sequence_len=256), ByteTokenizer()  # no prompt is cropped
+    tasks = {name: load_task(name) for name in ("piqa", "winogrande", "jeopardy")}
+    scored = 0
+    for spec, items in tasks.values():  # 3 examples each: every one is sampled
+        evaluated = [items[i] for i in select_examples(len(items), None)]
+        scored += sum(len(s) for pos in range(len(evaluated))
+                      for s in prepare_example(evaluated, pos, spec, tok).sequences)
+    estimate = estimate_evaluation(model, tok, [1, 4], tasks, max_examples=None, val_tokens=100)
+    assert estimate.tokens_per_loop_count == scored + 100
+    assert estimate.seconds > 0 and "tokens scored at each loop count" in estimate.describe()
+    per_token = seconds_per_token(model, [1, 3, 12])
+    assert 0 < per_token[1] <= per_token[3] <= per_token[12]  # a loop never costs less
+    assert [format_duration(s) for s in (4.2, 600, 12_000)] == ["4 s", "10 min", "3 h 20 min"]

@@ -89,7 +89,7 @@ def test_cli_eval_of_a_hf_folder_has_one_column(hf_folder, tmp_path, monkeypatch
     monkeypatch.setattr(budget, "load_task", synthetic_task)
     wiki = tmp_path / "wiki.valid.raw"
     wiki.write_text(TEXT)
-    rc = main(["eval", str(hf_folder), "--loops", "1,3", "--tasks", "piqa", "--wikitext",
+    rc = main(["eval", str(hf_folder), "--n-loops", "1,3", "--tasks", "piqa", "--wikitext",
                str(wiki), "--out", str(tmp_path / "ev"), "--max-examples", "4"])
     assert rc == 0
     results = json.loads((tmp_path / "ev" / "results.json").read_text())

@@ -236,7 +236,7 @@ def test_sample_eval_serve_and_info_take_an_exported_folder(trained, monkeypatch
     assert meta["step"] == 6 and meta["train"]["steps"] == 6
     args = ["--prompt", "The king", "--temperature", "0", "--max-tokens", "6"]
     assert cli(["sample", str(trained.out), *args])[1] == cli(["sample", str(trained.run), *args])[1]
-    code, table, _ = cli(["eval", str(trained.out), "--loops", "1,2", "--tasks", "none",
+    code, table, _ = cli(["eval", str(trained.out), "--n-loops", "1,2", "--tasks", "none",
                           "--val-batches", "1", "--out", str(trained.root / "eval_out")])
     assert code == 0 and "val_bpb" in table
     assert cli(["info", str(trained.out), "--json"])[0] == 0
@@ -265,7 +265,7 @@ def serve_once(folder: Path, monkeypatch) -> str:
 
 def test_budget_table_of_loopedlm_eval_goes_in_the_card(trained):
     checkpoint = sorted((trained.run / "checkpoints").glob("step_*"))[-1]
-    assert cli(["eval", str(trained.run), "--loops", "1,2", "--tasks", "none",
+    assert cli(["eval", str(trained.run), "--n-loops", "1,2", "--tasks", "none",
                 "--val-batches", "1"])[0] == 0
     assert (checkpoint / "eval" / "results.json").is_file()
     out = export_hf(trained.run, trained.root / "hf_budget")

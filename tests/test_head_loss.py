@@ -123,7 +123,7 @@ def plain_model_loss(model, idx, targets, n_loops):
     inputs, previous, losses = model.prepare(idx), None, []
     for loop in range(n_loops):
         previous = norm(model.loop(inputs, previous, loop))
-        if loop in model.loss_loops(n_loops):
+        if loop in model.supervised_loops(n_loops):
             losses.append(F.cross_entropy(model.logits(previous).flatten(0, 1),
                                           targets.flatten(), ignore_index=-1))
     return torch.stack(losses).mean()

@@ -1,4 +1,5 @@
-"""SPEC 1-4 invariants of LoopedGPT."""
+"""Invariants of LoopedGPT (docs/design.md#invariants): the backbone, the loop modes, the attention
+variants and residual scaling."""
 
 import math
 
@@ -355,7 +356,7 @@ def test_activation_checkpointing_runs_only_where_gradients_are_recorded(monkeyp
     idx = idx_for(model.config)
     model(idx, idx).backward()
     assert len(calls) == 3
-    model(idx, idx, grad_loops=1).backward()
+    model(idx, idx, backprop_loops=1).backward()
     assert len(calls) == 3 + 1
     calls.clear()
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The optimiser recipe (SPEC 5): parameter groups, rates, schedule, Muon's update rule."""
+"""The optimiser recipe (docs/design.md#training-recipe): parameter groups, rates, schedule,
+Muon's update rule."""
 
 from __future__ import annotations
 

@@ -66,3 +66,19 @@ def test_sample_and_serve_report_a_missing_tokenizer_in_one_line(runs, command, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"loopedlm {command[0]}: error: {run} has no tokenizer/ folder beside its "
                    f"checkpoints"]
+
+
+@pytest.mark.parametrize("omp,threads", [(None, 1), ("2", 2)])
+def test_sample_decodes_on_one_cpu_thread_unless_told(runs, monkeypatch, capsys, omp, threads):
+    """Decoding's small products gain nothing from more threads (issue 21); training and
+    evaluation keep torch's default. OMP_NUM_THREADS, when set, is the user's choice."""
+    root, _, _ = runs
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    torch.set_num_threads(2)  # as a process starts on 2 cores (conftest restores it)
+    assert main(["sample", str(root / "with"), "--prompt", "Now", "--max-tokens", "2",
+                 "--device", "cpu"]) == 0
+    assert "tokens/s" in capsys.readouterr().err
+    assert torch.get_num_threads() == threads

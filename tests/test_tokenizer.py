@@ -111,7 +111,7 @@ def test_batch_encoding_matches_single(request, which):
 
 def test_qwen3_is_the_real_vocabulary(qwen3):
     assert qwen3.vocab_size == QWEN3_VOCAB_SIZE
-    # SPEC 5: BOS is <|im_start|> (151644), as the FLT authors' get_bos_token_id
+    # docs/design.md#training-recipe: BOS is <|im_start|> (151644), as the FLT authors' get_bos_token_id
     assert qwen3.bos_id == 151_644 and qwen3.decode([qwen3.bos_id]) == "<|im_start|>"
     assert len(qwen3.special_ids) == QWEN3_VOCAB_SIZE - 151_643
     # Qwen's published ids for this string (the vocabulary is the real one, not a look-alike)

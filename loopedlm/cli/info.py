@@ -1,9 +1,9 @@
 """`loopedlm info` (what a preset or run is: sizes, FLOPs per loop) and
 `loopedlm import-nanochat` (convert an FLT-authors checkpoint into a loopedlm model folder).
 
-    loopedlm info small                          # a preset
-    loopedlm info tiny --n_loops=6 --loop_mode=lt  # with ModelConfig fields changed
-    loopedlm info runs/x --json                  # a run or checkpoint folder, as JSON
+    loopedlm info small                            # a preset
+    loopedlm info tiny --n-loops 6 --loop_mode=lt  # with ModelConfig fields changed
+    loopedlm info runs/x --json                    # a run or checkpoint folder, as JSON
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ import json
 from functools import partial
 from pathlib import Path
 
-from loopedlm.cli.settings import TrailingSettings
-from loopedlm.data.tokenizer import nanochat_tokenizer
-from loopedlm.experiments.info import describe, format_table, preset_overrides, target_config
-from loopedlm.model.checkpoint import save_model
+from loopedlm.cli import TrailingSettings, add_command
 from loopedlm.model.config import PRESETS
-from loopedlm.model.interop import import_nanochat_checkpoint
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +29,8 @@ def _cmd_info(trailing: TrailingSettings, args: argparse.Namespace) -> int:
     settings = trailing.parse(args)
     if settings is None:
         return 0
+    from loopedlm.experiments.info import describe, format_table, preset_overrides, target_config
+
     config = target_config(args.target, preset_overrides(settings, args.set))
     info = describe(config)
     print(json.dumps(info, indent=2) if args.json else format_table(args.target, info))
@@ -40,6 +38,10 @@ def _cmd_info(trailing: TrailingSettings, args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
+    from loopedlm.data.tokenizer import nanochat_tokenizer
+    from loopedlm.model.checkpoint import save_model
+    from loopedlm.model.interop import import_nanochat_checkpoint
+
     model, meta = import_nanochat_checkpoint(args.source, step=args.step)
     out = save_model(args.out, model, {"imported_from": str(Path(args.source).resolve()),
                                        "nanochat_meta": meta})
@@ -55,16 +57,15 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="sizes and FLOPs of a preset or a run",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(subparsers, "info", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a run/checkpoint folder")
     trailing = TrailingSettings(p, _add_options,
-                                help="ModelConfig fields of a preset or run, e.g. --n_loops=6 "
-                                     "--loop_mode=lt (the syntax of `loopedlm train`)")
+                                help="ModelConfig fields of a preset or run, e.g. --n-loops 6 "
+                                     "--loop_mode=lt (the syntax of `loopedlm train`; "
+                                     "--n-loops N is --n_loops=N)")
     p.set_defaults(func=partial(_cmd_info, trailing))
-    p = subparsers.add_parser("import-nanochat",
-                              help="convert an FLT-authors (nanochat fork) checkpoint")
+    p = add_command(subparsers, "import-nanochat")
     p.add_argument("source", help="folder with model_<step>.pt + meta_<step>.json, or the .pt file")
     p.add_argument("out", help="output model folder (model.safetensors + config.json)")
     p.add_argument("--step", type=int, default=None, help="step to import (default: the latest)")

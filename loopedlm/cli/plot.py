@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loopedlm.experiments.plot import collapse_events, plot_runs
+from loopedlm.cli import add_command
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from loopedlm.experiments.plot import collapse_events, plot_runs
+
     first = Path(args.runs[0])
     out = args.out or ((first if first.is_dir() else first.parent) / "plots")
     for path in plot_runs(args.runs, out):
@@ -25,8 +27,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("plot", help="draw loss / residual-norm / grad-norm figures",
-                                   description=__doc__)
+    parser = add_command(subparsers, "plot", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run folders (each with a log.jsonl)")
     parser.add_argument("--out", help="output folder (default: FIRST_RUN/plots)")
     parser.set_defaults(func=_cmd_plot)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loopedlm.data.tokenizer import load_tokenizer
-from loopedlm.data.tokenizer_training import split_compression, train_tokenizer_on_corpus
+from loopedlm.cli import add_command
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from loopedlm.data.tokenizer_training import split_compression, train_tokenizer_on_corpus
+
     tok, out = train_tokenizer_on_corpus(args.data, args.vocab_size, args.out,
                                          max_chars=args.max_chars)
     ratio = split_compression(tok, args.data, "val")
@@ -19,6 +20,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from loopedlm.data.tokenizer import load_tokenizer
+    from loopedlm.data.tokenizer_training import split_compression
+
     tok = load_tokenizer(args.tokenizer)
     print(f"tokenizer:   {tok.name}")
     print(f"vocab size:  {tok.vocab_size}")
@@ -32,7 +36,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `loopedlm tokenizer train|info` to the command line."""
-    parser = subparsers.add_parser("tokenizer", help="train or inspect tokenizers")
+    parser = add_command(subparsers, "tokenizer")
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train a byte-level BPE on a Parquet corpus")
     train.add_argument("--data", required=True, help="folder of Parquet shards (`text` column)")

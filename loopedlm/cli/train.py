@@ -1,4 +1,4 @@
-"""`loopedlm train`: the paper's training recipe (SPEC 5) with live diagnostics (SPEC 6),
+"""`loopedlm train`: the paper's training recipe with live diagnostics,
 atomic checkpoints, exact resume, and torchrun/DDP.
 
 Configuration is three sections, each a validated dataclass:
@@ -6,11 +6,13 @@ Configuration is three sections, each a validated dataclass:
   [model]    `ModelConfig` overrides --model.n_loops=6    TOML: [model] n_loops = 6
   [optim]    `OptimConfig`           --optim.lr_scale=2   TOML: [optim] lr_scale = 2.0
   [collapse] `CollapseThresholds`    --collapse.spike_ratio=1
+`--n-loops N` (the loop count's spelling on every command) is `--model.n_loops=N`.
 A recipe (`recipes/NAME.toml` or a path) is read first, then `--key=value` overrides.
 The model starts from `preset` and the [model] section overrides its fields.
 
     loopedlm train                         # recipes/tiny.toml on the bundled corpus
     loopedlm train small --steps=1000      # recipes/small.toml
+    loopedlm train --n-loops 6             # the tiny recipe at N=6
     torchrun --nproc_per_node=8 -m loopedlm.train base
     loopedlm train --run_dir=runs/x --resume
     loopedlm train small --print-config    # the resolved settings, without running
@@ -24,17 +26,21 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from loopedlm.cli import HELP_FLAGS, add_command
 from loopedlm.cli.exit_codes import error_exit
 from loopedlm.common.overrides import BOOL_SPELLINGS
-from loopedlm.train.config import TrainConfig, build_config, parse_train_args
-from loopedlm.train.trainer import FAILURE_EXIT_CODES, TrainingCollapsed, train
+
+if TYPE_CHECKING:
+    from loopedlm.train.config import TrainConfig
 
 
 def settings_help(cfg: TrainConfig | None = None, source: str = "") -> str:
     """Every setting with its value in `cfg` (default: the built-in defaults) as
     `--key=value` lines."""
+    from loopedlm.train.config import TrainConfig
+
     cfg = cfg or TrainConfig()
     lines = [f"settings ({source or 'built-in defaults'}):"]
     for f in dataclasses.fields(TrainConfig):
@@ -56,7 +62,6 @@ def settings_help(cfg: TrainConfig | None = None, source: str = "") -> str:
 
 
 PRINT_CONFIG_FLAGS = ("--print-config", "--print_config", "--dry-run", "--dry_run")
-HELP_FLAGS = ("-h", "--help")
 
 
 def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -71,6 +76,9 @@ def run_cli(args: list[str]) -> int:
     Exit codes: 0 done (or stopped by SIGTERM or Ctrl-C after saving), 2 bad input, 3
     collapsed (non-finite loss), 4 out of memory, 5 a checkpoint could not be written, 130 a
     second Ctrl-C (stopped at once) (loopedlm.cli.exit_codes)."""
+    from loopedlm.train.config import build_config, parse_train_args
+    from loopedlm.train.trainer import FAILURE_EXIT_CODES, TrainingCollapsed, train
+
     settings = [a for a in args if a not in HELP_FLAGS + PRINT_CONFIG_FLAGS]
     if any(a in HELP_FLAGS for a in args):
         print(__doc__)
@@ -114,13 +122,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     # '+' as the option prefix: every `--key=value` reaches `settings` untouched (argparse
     # would reject them as unknown options); -h/--help is handled by run_cli.
-    parser = subparsers.add_parser(
-        "train", help="train a looped model (recipe + --key=value overrides)",
+    parser = add_command(
+        subparsers, "train",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         prefix_chars="+", add_help=False)
     parser.add_argument("settings", nargs="*",
-                        help="[RECIPE] [--key=value ...] [--model.KEY=VALUE ...] "
-                             "[--optim.KEY=VALUE ...]")
+                        help="[RECIPE] [--n-loops N] [--key=value ...] "
+                             "[--model.KEY=VALUE ...] [--optim.KEY=VALUE ...]")
     parser.set_defaults(func=_cmd_train)
 
 

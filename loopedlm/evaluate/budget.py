@@ -1,4 +1,5 @@
-"""Budget evaluation (SPEC 7): one checkpoint, every metric at every loop count, in one run.
+"""Budget evaluation (docs/design.md#evaluation): one checkpoint, every metric at every loop
+count, in one run.
 
 The same weights run at each `n_loops` (the forward pass takes the loop count as an
 argument). The results go to `results.json`, a Markdown table `results.md`, and
@@ -18,11 +19,18 @@ from typing import Any
 from loopedlm.evaluate.core import core_metric, evaluate_task
 from loopedlm.evaluate.loading import EvalTarget, val_settings
 from loopedlm.evaluate.perplexity import evaluate_text, evaluate_val_shard, read_wikitext
-from loopedlm.evaluate.tasks import CORE_TASKS, DOWNSTREAM_TASKS, load_task, paper_alias
+from loopedlm.evaluate.tasks import (
+    CORE_TASKS,
+    DOWNSTREAM_TASKS,
+    EVAL_BATCH_SIZE,
+    EVAL_PRESETS,
+    EVAL_VAL_BATCHES,
+    load_task,
+    paper_alias,
+)
 
 logger = logging.getLogger(__name__)
 
-PAPER_LOOPS = (1, 3, 6, 9, 12)
 CORE_TASK_COUNT = len(CORE_TASKS)  # 22
 
 
@@ -47,8 +55,9 @@ def parse_loops(text: str | Sequence[int]) -> list[int]:
 
 def evaluate_budget(model: Any, tokenizer: Any, loops: Sequence[int], *,
                     tasks: Sequence[str] = (), data_dir: str | Path | None = None,
-                    wikitext: str | Path | None = None, max_examples: int | None = 200,
-                    val_batches: int | None = 20, batch_size: int = 8,
+                    wikitext: str | Path | None = None,
+                    max_examples: int | None = EVAL_PRESETS["full"]["max_examples"],
+                    val_batches: int | None = EVAL_VAL_BATCHES, batch_size: int = EVAL_BATCH_SIZE,
                     val_batch_size: int | None = None, val_seq_len: int | None = None,
                     device: str = "cpu",
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The DCLM CORE evaluator (SPEC 7): in-context tasks of three types, scored from logits.
+"""The DCLM CORE evaluator (docs/design.md#evaluation): in-context tasks of three types, scored from logits.
 
 An *item* is a dict whose fields depend on the task type (the DCLM / MosaicML eval-bundle
 JSONL format):

@@ -27,6 +27,7 @@ from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from loopedlm.evaluate.scoring import score_sequences
+from loopedlm.evaluate.tasks import EVAL_BATCH_SIZE
 
 MODEL_NAME = "loopedlm"
 logger = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class LoopedLMEval(LM):
         self.n_loops = n
         self.max_length = model.config.sequence_len
         self.max_gen_toks = int(max_gen_toks)
-        self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else 8
+        self.batch_size = int(batch_size) if str(batch_size or "").isdigit() \
+            else EVAL_BATCH_SIZE
 
     # ---- helpers ---------------------------------------------------------------------------
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:

@@ -14,6 +14,7 @@ from typing import Any
 from loopedlm.common.distributed import resolve_device
 from loopedlm.data.runs import load_run
 from loopedlm.evaluate.external import load_external, model_kind
+from loopedlm.evaluate.tasks import EVAL_BATCH_SIZE, EVAL_VAL_BATCHES
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +54,18 @@ def val_settings(meta: dict[str, Any], model: Any, batch_size: int | None,
                  val_batches: int | None) -> dict[str, Any]:
     """How to read the validation split: by default the batches that training measured
     (the run's device_batch_size x sequence_len, eval_tokens of them), so `eval` and
-    `train` report the same val_bpb for a checkpoint; else 20 batches of 8 sequences."""
+    `train` report the same val_bpb for a checkpoint; else EVAL_VAL_BATCHES batches of
+    EVAL_BATCH_SIZE sequences."""
     train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
     if batch_size is None and val_batches is None and train.get("eval_tokens"):
-        size = int(train.get("device_batch_size") or 8)
+        size = int(train.get("device_batch_size") or EVAL_BATCH_SIZE)
         seq_len = int(train.get("sequence_len") or model.config.sequence_len)
         return {"val_batch_size": size, "val_seq_len": seq_len,
                 "val_batches": max(1, int(train["eval_tokens"]) // (size * seq_len)),
-                "batch_size": 8}
-    return {"val_batch_size": batch_size or 8, "val_seq_len": None,
-            "val_batches": val_batches or 20, "batch_size": batch_size or 8}
+                "batch_size": EVAL_BATCH_SIZE}
+    batch_size = batch_size or EVAL_BATCH_SIZE
+    return {"val_batch_size": batch_size, "val_seq_len": None,
+            "val_batches": val_batches or EVAL_VAL_BATCHES, "batch_size": batch_size}
 
 
 @dataclass

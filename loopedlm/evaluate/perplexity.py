@@ -1,4 +1,4 @@
-"""Perplexity on WikiText-2 (a local file) and on the held-out validation shard (SPEC 7).
+"""Perplexity on WikiText-2 (a local file) and on the held-out validation shard (docs/design.md#evaluation).
 
 WikiText-2 ships in no package, so the user gives its path, in either standard layout:
 - the raw release: `wiki.valid.raw` (from `wikitext-2-raw-v1.zip`), or its folder;
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from loopedlm.evaluate.bpb import evaluate_bpb
+from loopedlm.evaluate.tasks import EVAL_BATCH_SIZE
 
 RAW_NAMES = ("wiki.valid.raw", "wiki.valid.tokens")
 PARQUET_GLOBS = ("validation-*.parquet", "*valid*.parquet", "wikitext-2-raw-v1/validation-*.parquet")
@@ -84,7 +85,7 @@ def token_windows(tokens: list[int], seq_len: int, batch_size: int,
 
 
 def evaluate_text(model: Any, tokenizer: Any, text: str, *, n_loops: int | None = None,
-                  seq_len: int | None = None, batch_size: int = 8,
+                  seq_len: int | None = None, batch_size: int = EVAL_BATCH_SIZE,
                   max_tokens: int | None = None,
                   device: str | torch.device = "cpu") -> dict[str, float]:
     """Perplexity and BPB of `model` on `text` (see the module docstring)."""
@@ -110,7 +111,7 @@ def evaluate_wikitext(model: Any, tokenizer: Any, path: str | Path, **kwargs: An
 
 
 def evaluate_val_shard(model: Any, tokenizer: Any, data_dir: str | Path, *,
-                       n_loops: int | None = None, batch_size: int = 8,
+                       n_loops: int | None = None, batch_size: int = EVAL_BATCH_SIZE,
                        seq_len: int | None = None, max_batches: int | None = None,
                        device: str | torch.device = "cpu") -> dict[str, float]:
     """BPB and perplexity on the held-out validation shard (one pass, DDP-aware)."""

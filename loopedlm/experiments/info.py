@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from loopedlm.common.overrides import coerce_fields, parse_overrides
+from loopedlm.evaluate.tasks import PAPER_LOOPS
 from loopedlm.model.checkpoint import CONFIG_FILE, resolve_model_folder
 from loopedlm.model.config import PRESETS, ModelConfig
 from loopedlm.model.gpt import LoopedGPT
@@ -25,7 +26,7 @@ def describe(config: ModelConfig) -> dict:
         "config": config.to_dict(),
         "params": model.num_params(),
         "params_non_embedding": model.num_params(exclude_embedding=True),
-        "train_flops_per_token": {n: model.estimate_flops(n) for n in (1, 3, 6, 9, 12)},
+        "train_flops_per_token": {n: model.estimate_flops(n) for n in PAPER_LOOPS},
     }
 
 
@@ -50,7 +51,8 @@ def preset_overrides(settings: Sequence[str] = (), pairs: Sequence[str] = ()) ->
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"override {pair!r} must look like key=value")
-    _, overrides = parse_overrides([*(f"--{pair}" for pair in pairs), *settings])
+    _, overrides = parse_overrides([*(f"--{pair}" for pair in pairs), *settings],
+                                   shorthands={"n_loops": "n_loops"})  # --n-loops 6 too
     return coerce_fields(ModelConfig, overrides)
 
 

@@ -55,7 +55,13 @@ from loopedlm.common.overrides import flatten, parse_overrides
 from loopedlm.common.paths import RECIPE_DIRS
 from loopedlm.common.validation import ConfigError
 from loopedlm.model.checkpoint import latest_training_checkpoint
-from loopedlm.train.config import SECTIONS, build_config, check_setting_names, parse_train_args
+from loopedlm.train.config import (
+    SECTIONS,
+    SHORTHANDS,
+    build_config,
+    check_setting_names,
+    parse_train_args,
+)
 from loopedlm.train.trainer import FAILURE_EXIT_CODES, train
 
 log = logging.getLogger(__name__)
@@ -166,7 +172,7 @@ class Sweep:
 def train_overrides(settings: Sequence[str]) -> dict[str, Any]:
     """`--key=value` train settings (the syntax of `loopedlm train`) -> the dotted keys of
     `Sweep.overrides`; a ConfigError names an unknown setting or one the sweep owns."""
-    _, nested = parse_overrides(settings, sections=tuple(SECTIONS))
+    _, nested = parse_overrides(settings, sections=tuple(SECTIONS), shorthands=SHORTHANDS)
     check_setting_names(nested)
     flat = flatten(nested)
     for key in flat:

@@ -6,17 +6,27 @@ device-side sampling (`sampling`), and the public entry points `generate`, `stre
 `decode_nll` (`generate`).
 Serving: `loopedlm serve`, an OpenAI-compatible HTTP server (`server`: the app, its schema,
 errors and metrics) whose scheduler (`scheduler`: queue, admission, timeouts, cancellation,
-text) drives the engine directly."""
+text) drives the engine directly.
+The names below are imported on first use (`loopedlm.common.lazy`)."""
 
-from loopedlm.infer.cache import StaticKVCache, loop_slot_map
-from loopedlm.infer.engine import (
-    AdaptiveLoops,
-    DecodeEngine,
-    SequenceParams,
-    StepOutput,
-    batch_buckets,
-)
-from loopedlm.infer.sampling import SamplingParams, sample_rows
+from typing import TYPE_CHECKING
+
+from loopedlm.common.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from loopedlm.infer.cache import StaticKVCache, loop_slot_map
+    from loopedlm.infer.engine import (
+        AdaptiveLoops,
+        DecodeEngine,
+        SequenceParams,
+        StepOutput,
+        batch_buckets,
+    )
+    from loopedlm.infer.sampling import SamplingParams, sample_rows
 
 __all__ = ["DecodeEngine", "SequenceParams", "StaticKVCache", "StepOutput", "batch_buckets",
            "AdaptiveLoops", "loop_slot_map", "SamplingParams", "sample_rows"]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "DecodeEngine": "engine", "SequenceParams": "engine", "StepOutput": "engine",
+    "batch_buckets": "engine", "AdaptiveLoops": "engine", "StaticKVCache": "cache",
+    "loop_slot_map": "cache", "SamplingParams": "sampling", "sample_rows": "sampling"})

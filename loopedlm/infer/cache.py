@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 
 from loopedlm.common.validation import is_int
+from loopedlm.infer.options import SLOT_POLICIES
 from loopedlm.model.config import ModelConfig
-
-SLOT_POLICIES = ("block", "modulo")
 
 Entry = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (batch, n_kv_head, length, head_dim)
 

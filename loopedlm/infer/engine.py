@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from loopedlm.common.validation import is_int
 from loopedlm.infer.cache import ChunkWrites, StaticKVCache, StepWrites, loop_slot_map
+from loopedlm.infer.options import COMPILE_MODES, CRITERIA
 from loopedlm.infer.sampling import SamplingParams, sample_rows
 from loopedlm.model.attention import AttentionPlan, attention_masks, norm, rotary_at
 from loopedlm.model.config import check_token_ids
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
 MAX_LOGPROBS = 5  # most likely tokens a step reports per row (as OpenAI's `logprobs` <= 5)
-CRITERIA = ("state", "kl")
-COMPILE_MODES = (False, True, "step", "loop")
 
 
 # ---- the per-row options -----------------------------------------------------------------------

@@ -28,14 +28,12 @@ import torch.nn.functional as F
 
 from loopedlm.common.validation import is_int
 from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams, StepOutput
+from loopedlm.infer.options import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.model.gpt import LoopedGPT
 
 log = logging.getLogger(__name__)
 
-# New tokens per prompt when none is asked for: OpenAI's completions default, so that the
-# library, `loopedlm sample` and a server request without max_tokens all give the same.
-DEFAULT_MAX_TOKENS = 16
 SYNC_EVERY = 8  # generate checks for finished rows (a host sync) every this many steps
 
 

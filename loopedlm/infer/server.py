@@ -68,7 +68,7 @@ from starlette.exceptions import HTTPException
 from loopedlm.common.validation import is_int
 from loopedlm.data.runs import load_run
 from loopedlm.infer.engine import MAX_LOGPROBS, AdaptiveLoops, DecodeEngine, SequenceParams
-from loopedlm.infer.generate import DEFAULT_MAX_TOKENS
+from loopedlm.infer.options import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.infer.scheduler import (
     Delta,

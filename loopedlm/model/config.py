@@ -7,9 +7,10 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from loopedlm.common.validation import ConfigError, check, check_choice, close_match, is_int
 from loopedlm.model.loop_modes import LOOP_MODES
@@ -78,8 +79,7 @@ class ModelConfig:
         check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head,
                f"must divide n_head={self.n_head}")
         check_choice("loop_mode", self.loop_mode, tuple(LOOP_MODES))
-        check(is_int(self.n_loops) and self.n_loops >= 1, "n_loops", self.n_loops,
-               "an integer >= 1")
+        self.loops()  # the one check of a loop count
         check_choice("loss_loops", self.loss_loops, LOSS_LOOPS)
         check_choice("attn_type", self.attn_type, ATTN_TYPES)
         check(is_int(self.kv_rank) and self.kv_rank >= 1, "kv_rank", self.kv_rank,
@@ -99,9 +99,10 @@ class ModelConfig:
 
     def loops(self, n_loops: int | None = None) -> int:
         """The loop count of a call: `n_loops`, or this config's when None. The one code that
-        fills the default and checks a count, called where a count enters: the model's
-        forward, the decode engine and the commands; a ValueError names a count that is not
-        an integer >= 1."""
+        fills the default and checks a count (this config's own too, in `validate`), called
+        where a count enters: the model's forward and `estimate_flops`, the decode engine,
+        the evaluators and the commands; a ValueError names a count that is not an integer
+        >= 1."""
         n_loops = self.n_loops if n_loops is None else n_loops
         check(is_int(n_loops) and n_loops >= 1, "n_loops", n_loops, "an integer >= 1")
         return n_loops
@@ -176,7 +177,8 @@ def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int, what: st
     [0, vocab_size) (`ignore`, e.g. -1 for ignored targets, is allowed too). It reads the
     values, so it runs where ids enter (the decode engine, the server, the model's forward on
     CPU), never on an accelerator's hot path."""
-    if isinstance(ids, torch.Tensor):
+    if hasattr(ids, "numel"):  # a tensor (duck-typed: this module imports no torch, so that
+        # the CLI reads configs and presets without it)
         values = ids[ids != ignore] if ignore is not None else ids
         if values.numel() == 0:
             return

@@ -165,15 +165,15 @@ class LoopedGPT(nn.Module):
             "lm_head": list(self.lm_head.parameters()),
         }
 
-    def estimate_flops(self, n_loops: int | None = None, grad_loops: int | None = None) -> float:
+    def estimate_flops(self, n_loops: int | None = None, backprop_loops: int = 0) -> float:
         """Training FLOPs per token (forward + backward), counting every loop.
-        With `grad_loops=k` (truncated backprop: `forward(grad_loops=)`) the first N - k
-        loops count their forward pass only (a third of forward + backward)."""
+        With `backprop_loops=k` (truncated backprop: `forward(backprop_loops=)`) the first
+        N - k loops count their forward pass only (a third of forward + backward)."""
         cfg = self.config
         n_loops = cfg.loops(n_loops)
-        backward = n_loops if grad_loops is None else min(grad_loops, n_loops)
+        backward = min(backprop_loops, n_loops) if backprop_loops else n_loops
         block_params = sum(p.numel() for p in self.transformer.h.parameters())
-        head_evals = len(self.supervised_loops(n_loops, grad_loops))
+        head_evals = len(self.supervised_loops(n_loops, backprop_loops))
         # forward 2 FLOPs per parameter per token, backward 4
         block = (2 * n_loops + 4 * backward) * block_params
         matmul = block + 6 * self.lm_head.weight.numel() * head_evals
@@ -181,24 +181,20 @@ class LoopedGPT(nn.Module):
                    for w in cfg.window_sizes()) * (n_loops + 2 * backward)
         return float(matmul + attn)
 
-    def loss_loops(self, n_loops: int) -> range:
-        """0-based loops whose output is supervised (`loss_loops`,
-        docs/design.md#loss-over-loops)."""
-        return {
+    def supervised_loops(self, n_loops: int, backprop_loops: int = 0) -> range:
+        """The 0-based loops whose output enters the loss: the config's `loss_loops` ("last",
+        "all", "last_third"; docs/design.md#loss-over-loops) of `n_loops`, and, when
+        gradients flow through the last `backprop_loops` loops only, those inside that
+        window (the earlier ones run without a graph, so their loss could teach nothing).
+        Never empty: every `loss_loops` option supervises the last loop."""
+        loops = {
             "last": range(n_loops - 1, n_loops),
             "all": range(n_loops),
             "last_third": range(2 * n_loops // 3, n_loops),
         }[self.config.loss_loops]
-
-    def supervised_loops(self, n_loops: int, grad_loops: int | None = None) -> range:
-        """The `loss_loops` that enter the loss when gradients flow through the last
-        `grad_loops` loops only: those inside that window (the earlier ones run without
-        a graph, so their loss could teach nothing). Never empty: every `loss_loops`
-        option supervises the last loop."""
-        loops = self.loss_loops(n_loops)
-        if grad_loops is None or grad_loops >= n_loops:
+        if not backprop_loops or backprop_loops >= n_loops:
             return loops
-        return range(max(loops.start, n_loops - grad_loops), loops.stop)
+        return range(max(loops.start, n_loops - backprop_loops), loops.stop)
 
     # ---- the per-loop API (forward, decoding and checkpointing all use it) -------
     def prepare(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
@@ -293,24 +289,25 @@ class LoopedGPT(nn.Module):
     # ---- forward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 n_loops: int | None = None, attention_mask: torch.Tensor | None = None,
-                return_residual_norms: bool = False, grad_loops: int | None = None):
+                return_residual_norms: bool = False, backprop_loops: int = 0):
         """Logits (B, T, vocab_size), or the mean loss when `targets` is given.
 
         n_loops:        loop count for this call (default: the config's).
         attention_mask: (B, T) bool, False marks padding (left padding for ragged prompts).
         return_residual_norms: also return a (n_loops,) tensor of each loop's residual
                         state norm before its final norm (docs/design.md#diagnostics).
-        grad_loops:     truncated backprop through loops: gradients flow through the last
-                        `grad_loops` loops only; the earlier ones run under no_grad (no
-                        activations saved), as if h^{N-k} were detached. Only supervised
-                        loops inside the window enter the loss (`supervised_loops`).
-                        None (or >= n_loops): every loop.
+        backprop_loops: truncated backprop through loops (TrainConfig.backprop_loops):
+                        gradients flow through the last `backprop_loops` loops only; the
+                        earlier ones run under no_grad (no activations saved), as if
+                        h^{N-k} were detached. Only supervised loops inside the window enter
+                        the loss (`supervised_loops`). 0 (or >= n_loops): every loop.
         """
-        n_loops = self._check_inputs(idx, targets, n_loops, attention_mask, grad_loops)
+        n_loops = self.config.loops(n_loops)  # the default, filled (and checked) here
+        self._check_inputs(idx, targets, attention_mask, backprop_loops)
         inputs = self.prepare(idx, attention_mask=attention_mask)
-        supervised = (self.supervised_loops(n_loops, grad_loops) if targets is not None
+        supervised = (self.supervised_loops(n_loops, backprop_loops) if targets is not None
                       else [n_loops - 1])
-        no_grad_loops = 0 if grad_loops is None else max(0, n_loops - grad_loops)
+        no_grad_loops = max(0, n_loops - backprop_loops) if backprop_loops else 0
         wrapped = self.loop if self._loop_wrapper is None else self._loop_wrapper(self.loop)
         previous, outputs, norms = None, [], []
         for loop in range(n_loops):  # h^t = norm(x_L^t), loop t starting from h^{t-1}
@@ -329,14 +326,14 @@ class LoopedGPT(nn.Module):
             return result, torch.stack(norms)
         return result
 
-    def _check_inputs(self, idx, targets, n_loops, attention_mask, grad_loops) -> int:
+    def _check_inputs(self, idx, targets, attention_mask, backprop_loops) -> None:
         """Shapes and types always; token-id ranges only where they cost no host-device
         sync (CPU tensors, eager): on an accelerator, ids are checked where they enter
         (the decode engine, the server, the evaluators) before the transfer."""
         cfg = self.config
-        n_loops = cfg.loops(n_loops)
-        if grad_loops is not None and (not is_int(grad_loops) or grad_loops < 1):
-            raise ValueError(f"grad_loops={grad_loops!r} is not allowed: an integer >= 1 (or None)")
+        if not is_int(backprop_loops) or backprop_loops < 0:
+            raise ValueError(f"backprop_loops={backprop_loops!r} is not allowed: an integer >= 0 "
+                             "(0 = every loop)")
         if not isinstance(idx, torch.Tensor):
             raise ValueError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
         if idx.dtype not in (torch.int64, torch.int32):
@@ -359,7 +356,6 @@ class LoopedGPT(nn.Module):
             check_token_ids(idx, cfg.vocab_size)
             if targets is not None:
                 check_token_ids(targets, cfg.vocab_size, "target id", ignore=-1)
-        return n_loops
 
     # ---- construction helpers -----------------------------------------------
     @classmethod

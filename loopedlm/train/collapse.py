@@ -1,5 +1,5 @@
-"""Collapse detection (SPEC 6): thresholds, events, the online detector that a training run
-feeds every step, and `replay_log`, which runs it over a finished run's log."""
+"""Collapse detection (docs/design.md#diagnostics): thresholds, events, the online detector
+that a training run feeds every step, and `replay_log`, which runs it over a finished run's log."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class CollapseThresholds:
         more than `spike_ratio` (relative).
 
     Residual-state rules (the paper's collapse: the loss stalls early while the state
-    keeps growing; fed the per-loop residual-state norms of SPEC 6, their maximum over
+    keeps growing; fed the per-loop residual-state norms (docs/design.md#diagnostics), their maximum over
     loops is watched). Over the last `state_window` steps after `min_steps`, compare the
     first quarter with the last (mean loss, median norm). The loss is *stalled* when it
     improved by less than `stall_improvement` (relative) between the two quarters.

@@ -6,7 +6,8 @@ Configuration is three sections, each a validated dataclass:
   [model]    `ModelConfig` overrides --model.n_loops=6    TOML: [model] n_loops = 6
   [optim]    `OptimConfig`           --optim.lr_scale=2   TOML: [optim] lr_scale = 2.0
   [collapse] `CollapseThresholds`    --collapse.spike_ratio=1
-A recipe (`recipes/NAME.toml` or a path) is read first, then the overrides
+`--n-loops N` is the shorthand of `--model.n_loops=N` (the loop count has one spelling on
+every command). A recipe (`recipes/NAME.toml` or a path) is read first, then the overrides
 (`build_config`). The model starts from `preset` and the [model] section overrides its fields.
 """
 
@@ -47,6 +48,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 PARAM_BASES = ("all", "non_embedding")
 # the dotted sections of the settings, and the dataclass each one builds
 SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "collapse": CollapseThresholds}
+# `--n-loops N` (every command's spelling of the loop count) is `--model.n_loops=N`
+SHORTHANDS = {"n_loops": "model.n_loops"}
 
 
 @dataclass
@@ -175,16 +178,9 @@ class TrainConfig:
                               "embedding would get no gradient): use 0, or a mode that "
                               "re-injects the input (lti, ltai, flt_res, flt)")
 
-    def loop_sampler(self, n_loops: int | None = None) -> LoopSampling:
-        """The parsed `loop_sampling` ("fixed" uses `n_loops`, default the model's)."""
-        if n_loops is None:
-            n_loops = self.model_config().n_loops
+    def loop_sampler(self, n_loops: int) -> LoopSampling:
+        """The parsed `loop_sampling` ("fixed" uses `n_loops`, the model's loop count)."""
         return LoopSampling.parse(self.loop_sampling, n_loops)
-
-    @property
-    def grad_loops(self) -> int | None:
-        """`backprop_loops` as the model's forward argument (None = every loop)."""
-        return self.backprop_loops or None
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The preset with the [model] overrides (and the tokenizer's vocabulary size
@@ -222,7 +218,8 @@ def check_setting_names(settings: dict[str, Any]) -> None:
 
 def parse_train_args(args: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
     """`[RECIPE] [--key=value | --flag ...]` -> (recipe, nested overrides)."""
-    return parse_overrides(args, sections=tuple(SECTIONS), positional="recipe")
+    return parse_overrides(args, sections=tuple(SECTIONS), positional="recipe",
+                           shorthands=SHORTHANDS)
 
 
 def find_recipe(name: str) -> Path:
@@ -272,5 +269,5 @@ def build_config(recipe: str | None = None, overrides: dict[str, Any] | None = N
     return TrainConfig(**values)
 
 
-__all__ = ["TrainConfig", "DTYPES", "PARAM_BASES", "SECTIONS", "check_setting_names",
+__all__ = ["TrainConfig", "DTYPES", "PARAM_BASES", "SECTIONS", "SHORTHANDS", "check_setting_names",
            "parse_train_args", "find_recipe", "build_config"]

@@ -1,5 +1,5 @@
-"""How big a run is: its horizon in steps and FLOPs (SPEC 5), the gradient accumulation
-that lays the global batch out over devices, and what to shrink after running out of
+"""How big a run is: its horizon in steps and FLOPs (docs/design.md#training-recipe), the
+gradient accumulation that lays the global batch out over devices, and what to shrink after running out of
 memory."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from loopedlm.train.config import TrainConfig
 
 
 def horizon(cfg: TrainConfig, model: LoopedGPT) -> int:
-    """Number of optimizer steps (SPEC 5)."""
+    """Number of optimizer steps (docs/design.md#training-recipe: the horizon)."""
     if cfg.steps is not None:
         return cfg.steps
     if cfg.flops_budget is not None:
@@ -28,7 +28,7 @@ def expected_flops_per_token(cfg: TrainConfig, model: LoopedGPT) -> float:
     """Training FLOPs per token averaged over the loop-count distribution (the loops
     actually run, backward only through the last `backprop_loops`)."""
     sampler = cfg.loop_sampler(model.config.n_loops)
-    return sum(p * model.estimate_flops(n, cfg.grad_loops)
+    return sum(p * model.estimate_flops(n, cfg.backprop_loops)
                for n, p in sampler.distribution().items())
 
 

@@ -235,7 +235,7 @@ class Trainer:
         rates = self.optimizer.set_step(progress.step, progress.total_steps)
         # the same N on every rank: a function of (seed, step) only
         n_loops = self.sampler.sample(cfg.seed, progress.step)
-        step_flops_per_token = self.model.estimate_flops(n_loops, cfg.grad_loops)
+        step_flops_per_token = self.model.estimate_flops(n_loops, cfg.backprop_loops)
         stats = self._forward_backward(n_loops)
         norms = list(grad_norms(self.watched).values())
         total_norm = None
@@ -281,7 +281,7 @@ class Trainer:
             with sync:
                 with self.autocast:
                     loss, norms = self.train_model(inputs, targets, return_residual_norms=True,
-                                                   n_loops=n_loops, grad_loops=self.cfg.grad_loops)
+                                                   n_loops=n_loops, backprop_loops=self.cfg.backprop_loops)
                 (loss / self.grad_accum).backward()
             stats += torch.cat([loss.detach().float().view(1), norms.float()])
         return all_reduce_mean(stats / self.grad_accum)

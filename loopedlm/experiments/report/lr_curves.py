@@ -1,6 +1,6 @@
-"""The residual-scaling paper's measurement (SPEC 4): val BPB against the learning-rate
-multiplier, one curve per (loop mode, residual scaling, horizon, N), over seeds, with the
-optimum interpolated between grid points."""
+"""The residual-scaling paper's measurement (docs/design.md#residual-scaling): val BPB
+against the learning-rate multiplier, one curve per (loop mode, residual scaling, horizon,
+N), over seeds, with the optimum interpolated between grid points."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The residual-scaling paper's section (SPEC 4): the best learning-rate multiplier per
-residual scaling, loop count and horizon; whether it moves with N; the paper's claims;
-and one figure of val BPB against the multiplier per scaling."""
+"""The residual-scaling paper's section (docs/design.md#residual-scaling): the best
+learning-rate multiplier per residual scaling, loop count and horizon; whether it moves
+with N; the paper's claims; and one figure of val BPB against the multiplier per scaling."""
 
 from __future__ import annotations
 
