@@ -54,7 +54,7 @@ def test_every_command_and_sub_command_answers_help(command, capsys):
         # lm_eval's CLI gave its logger a handler on this test's captured stderr, which is
         # closed after the test: later tests that run lm-eval would log "Logging error"s
         for handler in logging.getLogger("lm_eval").handlers:
-            if isinstance(handler, logging.StreamHandler):
+            if type(handler) is logging.StreamHandler:  # (not pytest's own, a subclass)
                 handler.setStream(sys.__stderr__)
     assert ("usage: lm-eval" if command == "lm-eval" else f"loopedlm {command}") in out
     if "  ACTION" in out.splitlines():
