@@ -166,6 +166,11 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     return out
 
 
+# torch.Tensor's own underscored attributes (torch's business, not a loopedlm module's): a
+# view's base, and the in-place version counter that tells a weight was changed
+TENSOR_ATTRIBUTES = {"_base", "_version"}
+
+
 def private_accesses(files: list[Path]) -> list[str]:
     """`obj._name` where obj is not self/cls, `_name` is not defined in the same module, and
     obj is not a module from outside loopedlm (torch._dynamo and the like are other
@@ -195,7 +200,8 @@ def private_accesses(files: list[Path]) -> list[str]:
             if not isinstance(node, ast.Attribute) or node.attr in own:
                 continue
             attr = node.attr
-            if not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")):
+            if not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")) \
+                    or attr in TENSOR_ATTRIBUTES:
                 continue
             base = node.value
             while isinstance(base, ast.Attribute):

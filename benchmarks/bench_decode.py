@@ -1,65 +1,328 @@
-"""Decoding with the KV cache (issue 6): speed, cache memory, adaptive loops, shared slots.
+"""Decoding speed (issues 6, 25): one table of the decode modes against the authors' naive
+generate, the server's throughput with adaptive loops, self-speculative decoding on a trained
+model, the default path's targets, and (issue 6) the quality cost of adaptive loops and
+shared cache slots.
 
-1. Speed: decode tokens/s of the `tiny` preset at N = 1, 4, 12 with the cache (the decode
-   engine's eager teacher-forced step, `DecodeEngine.decode`), at 512 tokens of context, and
-   the speed-up over recomputing the full sequence for each new token. The tiny preset's
-   sequence_len is 256, so the model here is built with sequence_len=1024 (everything else
-   as the preset). Batch 1, weights from
-   init_weights() (speed does not depend on their values).
-2. KV-cache bytes per token at each N (fp32 and bf16).
-3. Quality cost, measured by teacher-forced token-by-token decoding (the generation path,
-   `decode_nll`) over held-out text, as bits per byte:
-   - adaptive loops (state and KL criteria, several thresholds) vs fixed N: the change in
-     bpb, the average loops spent, and decode time per token at batch 1;
-   - shared cache slots (K < N slots, `block` and `modulo` policies) vs exact.
-   With `--run RUN --text FILE`, a trained loopedlm run (with its tokenizer) and a
-   held-out text file are used. Otherwise (the default) a stand-in is trained here: a
-   byte-level model (1 token = 1 byte, so bpb = NLL / ln 2) with the tiny preset's shape,
-   `flt` at `--train-loops`, trained with AdamW on the English text of Python's bundled
-   documentation (`pydoc_data.topics`), the last 10% held out. It is cached in
-   `--model-cache` so that reruns skip the training.
+Sections (all by default; `--sections` picks some):
 
-    python benchmarks/bench_decode.py [--threads 1] [--train-steps 600] [--skip-speed]
+- `table`: tokens/s of default (`compile="auto"`, what `generate()`, `loopedlm sample` and
+  the server use), eager (`compile=False`), compiled (`compile="step"`, timed after its
+  compile), speculative (`draft_loops`) and adaptive (`adaptive_threshold`), at N = 1, 3,
+  12 and batch 1, 16, next to the naive baseline measured in the same run: the authors'
+  generate, recomputing the whole sequence at every token (`vs naive` = tokens/s over the
+  naive's at the same N and batch). The model is the trained stand-in (below), prompts are
+  held-out text; every row decodes greedily `--tokens` tokens after `--warmup` steps.
+- `server`: the server's scheduler (`loopedlm.infer.scheduler.Scheduler`, in process, no
+  HTTP) with 16 slots and 16 clients, each sending `--requests` requests in a row: all at
+  N=12 against adaptive loops, with the threshold chosen (on other prompts) so that the
+  mean is about `--adaptive-mean` loops. Target: >= 2.5x.
+- `speculative`: the trained stand-in at N=12, batch 1, greedy: plain against
+  `draft_loops` K (several), the same text token for token (checked), the acceptance rate
+  and the mean tokens per verify pass. Target: >= 2x plain N=12.
+- `targets`: the default path at the issue's shape (the tiny preset: 2 blocks, d=128, vocab
+  4096; sequence_len 1024, a 512-token prompt, batch 1, random weights): tokens/s of
+  `generate()` with its defaults at N=1 and 12 over `--target-tokens` tokens, against the
+  naive generate; and the seconds from `loopedlm sample RUN --max-tokens 1` to its exit (a
+  stand-in run, random weights). Targets: >= 1,000 tok/s at N=1, >= 200 at N=12, <= 10 s.
+- `quality` (issue 6): teacher-forced bits per byte of adaptive loops and shared cache
+  slots against fixed N, and KV-cache bytes per token.
+
+The trained stand-in: a byte-level FLT (1 token = 1 byte) with the tiny preset's shape,
+trained here with AdamW and the every-loop loss at N=12 (so that fewer loops already
+predict: what drafts and adaptive loops need) on the English text of Python's bundled
+documentation (`pydoc_data.topics`), the last 10% held out; cached in `--model-cache`.
+`--run RUN --text FILE` uses a trained loopedlm run instead. Timings are wall clock on
+`--threads` threads (default 1); the load average is printed first: on a shared machine
+compare ratios, not absolute figures.
+
+    python benchmarks/bench_decode.py [--sections table server speculative targets quality]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from loopedlm import LoopedGPT, ModelConfig
-from loopedlm.infer import AdaptiveLoops, DecodeEngine, SequenceParams, loop_slot_map
-from loopedlm.infer.generate import decode_nll
+from loopedlm.infer import (
+    AdaptiveLoops,
+    DecodeEngine,
+    SamplingParams,
+    SequenceParams,
+    loop_slot_map,
+)
+from loopedlm.infer.generate import decode_nll, generate
+from loopedlm.infer.scheduler import Scheduler, Sequence
 
-CONTEXT = 512
+GREEDY = SamplingParams(temperature=0)
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+clock = CLOCKS["wall"]  # set by --clock
+SECTIONS = ("table", "server", "speculative", "targets", "quality")
 
 
-# ---- 1-2. speed and memory -----------------------------------------------------------
+# ---- the naive baseline ------------------------------------------------------------------
 @torch.no_grad()
-def decode_speed(model: LoopedGPT, n_loops: int, n_decode: int, n_recompute: int):
-    """(cached tokens/s, recompute tokens/s) for one row at CONTEXT tokens of context."""
-    vocab = model.config.vocab_size
-    idx = torch.randint(0, vocab, (1, CONTEXT + n_decode))
-    engine = DecodeEngine(model, max_batch=1, max_loops=n_loops, max_len=CONTEXT + n_decode)
-    engine.prefill(0, idx[0, :CONTEXT], SequenceParams(n_loops=n_loops))
-    times = []
-    for t in range(CONTEXT, CONTEXT + n_decode):
-        start = time.perf_counter()
-        engine.decode(idx[:, t])
-        times.append(time.perf_counter() - start)
-    recompute = []
-    for _ in range(n_recompute):
-        start = time.perf_counter()
-        model(idx[:, :CONTEXT + 1], n_loops=n_loops)  # the sequence with the new token
-        recompute.append(time.perf_counter() - start)
-    return 1 / statistics.median(times), 1 / statistics.median(recompute)
+def naive_rate(model: LoopedGPT, prompts: torch.Tensor, n_loops: int, n_tokens: int) -> float:
+    """Tokens/s of the authors' generate: the whole sequence recomputed for each new token
+    (no cache), greedy, for the rows of `prompts` (B, T) together."""
+    idx = prompts
+    model(idx, n_loops=n_loops)  # warm-up
+    start = clock()
+    for _ in range(n_tokens):
+        logits = model(idx, n_loops=n_loops)[:, -1]
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], 1)
+    return prompts.size(0) * n_tokens / (clock() - start)
 
 
+# ---- the table ---------------------------------------------------------------------------
+@torch.no_grad()
+def engine_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, n_tokens: int,
+                warmup: int, compile_mode, wait_compiled: bool = False
+                ) -> tuple[float, DecodeEngine, float]:
+    """(tokens/s, the engine, mean loops per token) of decoding n_tokens tokens per row of
+    `prompts` after `warmup` steps (a compiled engine: after its compile, when
+    wait_compiled)."""
+    batch, length = prompts.shape
+    n_loops = params.n_loops
+    engine = DecodeEngine(model, max_batch=batch, max_loops=n_loops, compile=compile_mode,
+                          max_len=min(model.config.sequence_len,
+                                      length + warmup + n_tokens + 2 * params.draft_tokens + 4))
+    for slot in range(batch):
+        engine.add(slot, prompts[slot].tolist(), params)
+    for _ in range(warmup):
+        engine.step()
+    if wait_compiled:
+        engine.wait_compiled(1800)
+    emitted, loops = 0, 0
+    start = clock()
+    for _ in range(n_tokens):
+        tokens, spent = engine.step().host()
+        emitted += sum(t >= 0 for t in tokens)
+        loops += sum(n for t, n in zip(tokens, spent, strict=True) if t >= 0)
+    seconds = clock() - start
+    engine.wait_compiled(1800)  # a compile still running on a worker thread: not in the next
+    return emitted / seconds, engine, loops / max(emitted, 1)
+
+
+def table_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
+    print(f"\n== decode modes: trained stand-in, {args.prompt}-token held-out prompts, "
+          f"{args.tokens} tokens per row after {args.warmup} warm-up steps, greedy")
+    print(f"{'mode':<12} {'N':>3} {'batch':>5} {'tok/s':>9} {'vs naive':>9} "
+          f"{'loops/tok':>9}  notes")
+    for n_loops in args.loops:
+        for batch in args.batches:
+            prompts = held_out[:batch, :args.prompt]
+            naive = naive_rate(model, prompts, n_loops, args.naive_tokens)
+            print(f"{'naive':<12} {n_loops:>3} {batch:>5} {naive:>9.1f} {1.0:>8.1f}x "
+                  f"{n_loops:>9.2f}  authors' generate: no cache, recompute per token",
+                  flush=True)
+            rows = [("eager", SequenceParams(n_loops=n_loops, sampling=GREEDY), False, ""),
+                    ("default", SequenceParams(n_loops=n_loops, sampling=GREEDY), "auto",
+                     "compile='auto': first tokens of a fresh engine")]
+            if "compiled" in args.modes:
+                rows.append(("compiled", SequenceParams(n_loops=n_loops, sampling=GREEDY),
+                             "step", "compile='step', after its compile"))
+            if n_loops > 1:
+                draft = max(1, n_loops // 4)
+                rows.append(("speculative", SequenceParams(n_loops=n_loops, sampling=GREEDY,
+                                                           draft_loops=draft),
+                             False, f"draft_loops={draft}"))
+                rows.append(("adaptive", SequenceParams(
+                    n_loops=n_loops, sampling=GREEDY,
+                    adaptive=AdaptiveLoops(args.threshold, "state")), False,
+                    f"state < {args.threshold:g}"))
+            for name, params, compile_mode, note in rows:
+                if name not in args.modes:
+                    continue
+                start = clock()
+                rate, engine, loops = engine_rate(model, prompts, params, args.tokens,
+                                                  args.warmup, compile_mode,
+                                                  wait_compiled=compile_mode == "step")
+                if compile_mode == "step":
+                    note += f" ({clock() - start:.0f} s in all)"
+                if name == "speculative":
+                    note += (f", acceptance {engine.speculation.acceptance:.2f}, "
+                             f"{engine.speculation.tokens_per_round:.2f} tokens/verify")
+                print(f"{name:<12} {n_loops:>3} {batch:>5} {rate:>9.1f} {rate / naive:>8.1f}x "
+                      f"{loops:>9.2f}  {note}", flush=True)
+
+
+# ---- the server's throughput ---------------------------------------------------------------
+class _Bytes:
+    """The scheduler's tokenizer: one token per byte."""
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("latin-1")
+
+
+@torch.no_grad()
+def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, clients: int,
+               requests: int, max_tokens: int) -> tuple[float, float]:
+    """(generated tokens/s, mean loops per token) of `clients` clients, each sending
+    `requests` requests in a row (prompts: rows of `prompts`), through the server's
+    scheduler over one engine of `clients` slots."""
+    engine = DecodeEngine(model, max_batch=clients, max_loops=params.n_loops,
+                          max_len=prompts.size(1) + max_tokens + 2)
+    scheduler = Scheduler(engine, _Bytes(), max_queue=clients)
+    finished, tokens, loops = threading.Semaphore(0), [0], [0]
+
+    def client(index: int) -> None:
+        for r in range(requests):
+            done = threading.Event()
+
+            def sink(delta, done=done):
+                if delta.finish_reason is not None:
+                    done.set()
+            seq = Sequence(prompt=prompts[(index * requests + r) % len(prompts)].tolist(),
+                           params=params, max_tokens=max_tokens, sink=sink)
+            scheduler.submit([seq])
+            done.wait()
+            tokens[0] += len(seq.tokens)
+            loops[0] += sum(seq.loops)
+        finished.release()
+    scheduler.start()
+    try:
+        start = clock()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = clock() - start
+    finally:
+        scheduler.close()
+    return tokens[0] / seconds, loops[0] / tokens[0]
+
+
+@torch.no_grad()
+def adaptive_mean_loops(model, prompts, n_loops, threshold, n_tokens) -> float:
+    params = SequenceParams(n_loops=n_loops, sampling=GREEDY,
+                            adaptive=AdaptiveLoops(threshold, "state"))
+    return engine_rate(model, prompts, params, n_tokens, 0, False)[2]
+
+
+def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
+    n_loops, clients = 12, args.clients
+    calibration = held_out[-clients:, :args.prompt]
+    # the threshold: the first of a descending ladder whose mean reaches the target's
+    # neighbourhood, measured on other prompts than the timed ones
+    chosen, mean = None, None
+    for threshold in args.server_thresholds:
+        mean = adaptive_mean_loops(model, calibration, n_loops, threshold, 16)
+        chosen = threshold
+        if mean >= args.adaptive_mean:
+            break
+    print(f"\n== the server's throughput: {clients} clients x {args.requests} requests of "
+          f"{args.server_tokens} tokens, {args.prompt}-token held-out prompts, greedy, "
+          f"N={n_loops}; adaptive threshold state < {chosen:g} (calibration mean "
+          f"{mean:.2f} loops, target ~{args.adaptive_mean:g})")
+    prompts = held_out[:clients * args.requests, :args.prompt]
+    plain, _ = serve_rate(model, prompts, SequenceParams(n_loops=n_loops, sampling=GREEDY),
+                          clients, args.requests, args.server_tokens)
+    adaptive, loops = serve_rate(model, prompts, SequenceParams(
+        n_loops=n_loops, sampling=GREEDY, adaptive=AdaptiveLoops(chosen, "state")),
+        clients, args.requests, args.server_tokens)
+    print(f"{'all at N=12':<28} {plain:>9.1f} tok/s  loops/token {n_loops:.2f}")
+    print(f"{'adaptive':<28} {adaptive:>9.1f} tok/s  loops/token {loops:.2f}  "
+          f"({adaptive / plain:.2f}x; target >= 2.5x)")
+
+
+# ---- self-speculative decoding --------------------------------------------------------------
+def speculative_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
+    n_loops = 12
+    prompts = held_out[:1, :args.prompt]
+    print(f"\n== self-speculative decoding: trained stand-in at N={n_loops}, batch 1, greedy, "
+          f"{args.spec_tokens} tokens after a {args.prompt}-token held-out prompt, "
+          f"{args.spec_rounds} rounds (configurations alternated; median)")
+    configs = {"plain N=12": SequenceParams(n_loops=n_loops, sampling=GREEDY)}
+    for k in args.draft_loops:
+        for d in args.draft_tokens:
+            configs[f"draft_loops={k} tokens={d}"] = SequenceParams(
+                n_loops=n_loops, sampling=GREEDY, draft_loops=k, draft_tokens=d)
+    rates = {name: [] for name in configs}
+    stats = {}
+    for _ in range(args.spec_rounds):
+        for name, params in configs.items():
+            rate, engine, _ = engine_rate(model, prompts, params, args.spec_tokens, 2, False)
+            rates[name].append(rate)
+            stats[name] = engine.speculation
+    outputs = {name: generate(model, prompts[0].tolist(), max_tokens=args.spec_tokens,
+                              temperature=0, n_loops=n_loops, add_bos=False,
+                              draft_loops=params.draft_loops,
+                              draft_tokens=params.draft_tokens).tokens[0]
+               for name, params in configs.items()}
+    base = statistics.median(rates["plain N=12"])
+    print(f"{'':<28} {'tok/s':>8} {'vs plain':>9} {'acceptance':>11} {'tokens/verify':>14} "
+          f"{'same text':>10}")
+    for name in configs:
+        rate = statistics.median(rates[name])
+        accept = "" if name.startswith("plain") else f"{stats[name].acceptance:.2f}"
+        per = "" if name.startswith("plain") else f"{stats[name].tokens_per_round:.2f}"
+        same = outputs[name] == outputs["plain N=12"]
+        print(f"{name:<28} {rate:>8.1f} {rate / base:>8.2f}x {accept:>11} {per:>14} "
+              f"{str(same):>10}")
+
+
+# ---- the default path's targets -------------------------------------------------------------
+def first_token_seconds(args) -> float:
+    """Seconds from launching `loopedlm sample RUN --max-tokens 1` to its exit (a stand-in
+    run of the tiny shape, random weights, made once in a temporary folder)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_serve import stand_in_run
+
+    with tempfile.TemporaryDirectory() as folder:
+        run = stand_in_run(Path(folder))
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        command = [sys.executable, "-m", "loopedlm", "sample", str(run), "--prompt", "The",
+                   "--max-tokens", "1", "--device", "cpu"]
+        times = []
+        for _ in range(args.startup_repeats):
+            start = time.perf_counter()
+            subprocess.run(command, env=env, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def targets_section(args) -> None:
+    cfg = ModelConfig.preset("tiny", sequence_len=1024)
+    model = LoopedGPT.from_config(cfg, seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 512), generator=gen)
+    print(f"\n== the default path's targets: tiny preset (vocab {cfg.vocab_size}), sequence_len "
+          f"1024, a 512-token prompt, batch 1, generate() with its defaults, "
+          f"{args.target_tokens} tokens (prefill excluded)")
+    print(f"{'N':>3} {'default tok/s':>14} {'naive tok/s':>12} {'vs naive':>9}  target")
+    for n_loops, target in ((1, 1000), (12, 200)):
+        naive = naive_rate(model, ids, n_loops, args.naive_tokens)
+        generate(model, ids[0].tolist(), max_tokens=1, n_loops=n_loops)  # the prefill alone
+        start = clock()
+        generate(model, ids[0].tolist(), max_tokens=1, n_loops=n_loops)
+        prefill = clock() - start
+        start = clock()
+        out = generate(model, ids[0].tolist(), max_tokens=args.target_tokens, n_loops=n_loops,
+                       temperature=0)
+        seconds = clock() - start - prefill
+        rate = (len(out.tokens[0]) - 1) / seconds
+        print(f"{n_loops:>3} {rate:>14.1f} {naive:>12.2f} {rate / naive:>8.1f}x  >= {target:,}"
+              f" tok/s: {'met' if rate >= target else 'NOT met'}", flush=True)
+    seconds = first_token_seconds(args)
+    print(f"command to first token (`loopedlm sample RUN --max-tokens 1`, launch to exit, "
+          f"median of {args.startup_repeats}): {seconds:.1f} s; target <= 10 s: "
+          f"{'met' if seconds <= 10 else 'NOT met'}")
+
+
+# ---- quality (issue 6) --------------------------------------------------------------------
 def cache_bytes(model: LoopedGPT, n_loops: int) -> int:
     """KV-cache bytes per token at `n_loops` loops, fp32, one entry per (loop, layer)."""
     engine = DecodeEngine(model, max_batch=1, max_len=1, max_loops=n_loops,
@@ -67,23 +330,6 @@ def cache_bytes(model: LoopedGPT, n_loops: int) -> int:
     return engine.cache.bytes_per_token()
 
 
-def speed_section(args) -> None:
-    cfg = ModelConfig.preset("tiny", sequence_len=1024)
-    model = LoopedGPT.from_config(cfg, seed=0).eval()
-    print(f"== decode speed: tiny preset with sequence_len=1024 (preset: 256), batch 1, "
-          f"{CONTEXT} tokens of context, {torch.get_num_threads()} thread(s)")
-    print(f"{'N':>3} {'cached tok/s':>13} {'recompute tok/s':>16} {'speed-up':>9} "
-          f"{'KV bytes/token fp32':>20} {'bf16':>7}")
-    for n_loops in (1, 4, 12):
-        cached, recomputed = decode_speed(model, n_loops, args.decode_tokens, args.recompute)
-        per_token = cache_bytes(model, n_loops)
-        print(f"{n_loops:>3} {cached:>13.1f} {recomputed:>16.2f} {cached / recomputed:>8.1f}x "
-              f"{per_token:>20,} {per_token // 2:>7,}")
-    print("(KV bytes/token = 2 (k, v) x N loops x depth x n_kv_head x head_dim x bytes; "
-          "shared slots replace N by K)")
-
-
-# ---- 3. quality -----------------------------------------------------------------------
 def corpus_bytes() -> bytes:
     import pydoc_data.topics as topics
 
@@ -93,7 +339,8 @@ def corpus_bytes() -> bytes:
 def train_byte_model(args) -> LoopedGPT:
     """The stand-in: a byte-level flt model, tiny-preset shape, trained here on CPU."""
     path = Path(args.model_cache)
-    cfg = ModelConfig.preset("tiny", vocab_size=256, loop_mode="flt", n_loops=args.train_loops)
+    cfg = ModelConfig.preset("tiny", vocab_size=256, loop_mode="flt", n_loops=args.train_loops,
+                             loss_loops=args.train_loss_loops)
     model = LoopedGPT.from_config(cfg, seed=0)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -104,7 +351,7 @@ def train_byte_model(args) -> LoopedGPT:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     seq, batch = args.train_seq, args.train_batch
-    start = time.perf_counter()
+    start = clock()
     for step in range(args.train_steps):
         lr = 3e-3 * min(1.0, (args.train_steps - step) / (0.2 * args.train_steps))
         for group in opt.param_groups:
@@ -119,7 +366,7 @@ def train_byte_model(args) -> LoopedGPT:
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == args.train_steps - 1:
             print(f"  train step {step:>4}: loss {loss.item():.3f} "
-                  f"({time.perf_counter() - start:.0f}s)")
+                  f"({clock() - start:.0f}s)")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
@@ -158,9 +405,9 @@ def times_per_token(model, row, n_loops, options: dict[str, dict]) -> dict[str, 
         engines[name].prefill(0, row[:1], SequenceParams(n_loops=n_loops, **kw))
     for t in range(1, row.numel()):
         for name in options:
-            start = time.perf_counter()
+            start = clock()
             _, spent = engines[name].decode(row[t:t + 1])
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
             loops[name].append(int(spent[0]))
     return {name: (statistics.mean(times[name]), statistics.mean(loops[name]))
             for name in options}
@@ -183,9 +430,9 @@ def quality_section(args) -> None:
           f"decoding, N={n_loops}")
 
     def run(label, **kw):
-        start = time.perf_counter()
+        start = clock()
         score = decode_nll(model, rows, n_loops=kw.pop("n", n_loops), **kw)
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
         return label, bpb(score.nll, n_bytes), float(score.loops[:, 1:].float().mean()), seconds
 
     def show(results, reference):
@@ -234,39 +481,97 @@ def quality_section(args) -> None:
           f"{per_slot * n_loops:,}; K slots = K x {per_slot:,}")
 
 
+def trained_model(args) -> tuple[LoopedGPT, torch.Tensor, str]:
+    """(model, `--prompt-rows` held-out rows (B, T), its description)."""
+    prompt_rows = argparse.Namespace(**{**vars(args), "eval_rows": args.prompt_rows})
+    if args.run:
+        from loopedlm.data.runs import load_run
+
+        model, tokenizer, _, _ = load_run(args.run)
+        rows, _ = held_out_rows(prompt_rows, tokenizer)
+        return model.eval(), rows, f"trained run {args.run}"
+    model = train_byte_model(args)
+    rows, _ = held_out_rows(prompt_rows)
+    return model, rows, (f"stand-in byte-level flt (tiny shape, vocab 256, trained "
+                         f"{args.train_steps} steps at N={args.train_loops}, loss on "
+                         f"{args.train_loss_loops} loops)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: batch-1 decoding of tiny models is "
                              "fastest on one, and the shared machine is noisy)")
-    parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--recompute", type=int, default=5)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall clock (default), or this process's CPU time (all its "
+                             "threads): steadier on a busy shared machine")
+    parser.add_argument("--modes", nargs="*", default=["eager", "default", "compiled",
+                                                       "speculative", "adaptive"])
+    parser.add_argument("--loops", type=int, nargs="*", default=[1, 3, 12])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--prompt", type=int, default=24, help="prompt tokens (table, server, "
+                        "speculative; the stand-in is trained on 64-token windows)")
+    parser.add_argument("--prompt-rows", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--naive-tokens", type=int, default=4)
+    parser.add_argument("--threshold", type=float, default=0.1,
+                        help="the table's adaptive threshold (state criterion)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=2)
+    parser.add_argument("--server-tokens", type=int, default=32)
+    parser.add_argument("--adaptive-mean", type=float, default=3.0)
+    parser.add_argument("--server-thresholds", type=float, nargs="*",
+                        default=[0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01])
+    parser.add_argument("--draft-loops", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--draft-tokens", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--spec-tokens", type=int, default=32)
+    parser.add_argument("--spec-rounds", type=int, default=3)
+    parser.add_argument("--target-tokens", type=int, default=128)
+    parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--run", default=None, help="a trained loopedlm run (needs --text)")
     parser.add_argument("--text", default=None, help="held-out text file for --run")
-    parser.add_argument("--model-cache", default="/tmp/loopedlm_bench_decode/byte_flt.pt")
-    parser.add_argument("--train-steps", type=int, default=600)
-    parser.add_argument("--train-loops", type=int, default=4)
-    parser.add_argument("--train-seq", type=int, default=128)
-    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--model-cache",
+                        default="/tmp/loopedlm_bench_decode/byte_flt_n12_all_300.pt")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-loops", type=int, default=12)
+    parser.add_argument("--train-loss-loops", default="all")
+    parser.add_argument("--train-seq", type=int, default=64)
+    parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--eval-loops", type=int, default=None)
     parser.add_argument("--eval-rows", type=int, default=32)
-    parser.add_argument("--eval-len", type=int, default=192)
-    parser.add_argument("--timing-len", type=int, default=96)
+    parser.add_argument("--eval-len", type=int, default=64)
+    parser.add_argument("--timing-len", type=int, default=64)
     parser.add_argument("--state-thresholds", type=float, nargs="*",
                         default=[0.3, 0.2, 0.1, 0.05])
     parser.add_argument("--kl-thresholds", type=float, nargs="*", default=[0.1, 0.01])
     parser.add_argument("--slots", type=int, nargs="*", default=[1, 2])
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     if args.run and not args.text:
         parser.error("--run needs --text (a held-out text file)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if not args.skip_speed:
-        speed_section(args)
-    if not args.skip_quality:
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s), "
+          f"torch {torch.__version__}, timed by the {args.clock} clock")
+    needs_model = {"table", "server", "speculative", "quality"} & set(args.sections)
+    if needs_model:
+        model, held_out, source = trained_model(args)
+        print(f"model: {source}")
+    if "table" in args.sections:
+        table_section(args, model, held_out)
+    if "server" in args.sections:
+        server_section(args, model, held_out)
+    if "speculative" in args.sections:
+        speculative_section(args, model, held_out)
+    if "targets" in args.sections:
+        targets_section(args)
+    if "quality" in args.sections:
         quality_section(args)
+    print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

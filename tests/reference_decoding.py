@@ -9,11 +9,13 @@ of tokens (no padding). A helper module, not a test file.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from loopedlm.infer.engine import AdaptiveLoops
-from loopedlm.model.attention import AttentionPlan, norm
+from loopedlm.model.attention import AttentionPlan
 from loopedlm.model.gpt import LoopedGPT
 
 
@@ -74,9 +76,10 @@ def _plan(model: LoopedGPT, start: int, end: int, writes: _Writes) -> AttentionP
         if window is not None:
             mask = mask & (q - k < window)
         masks[window] = (mask, False)
+    # the rotation tables at full head width: (cos, cos) and (sin, -sin)
     cos = model.cos[start:end][None, :, None, :]
     sin = model.sin[start:end][None, :, None, :]
-    return AttentionPlan(cos, sin, masks, writes)
+    return AttentionPlan(torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1), masks, writes)
 
 
 @torch.no_grad()
@@ -88,9 +91,10 @@ def prefill(model: LoopedGPT, idx: torch.Tensor, cache: ReferenceCache, n_loops:
     inputs = model.prepare(idx, plan=_plan(model, start, end, writes))
     previous = None
     for loop in range(n_loops):
-        previous = norm(model.loop(inputs, previous, loop))
+        previous = model.loop_state(model.loop(inputs, previous, loop))
+    logits = model.logits(previous, inputs.plan)  # (a coda's keys are written here)
     writes.commit(idx.size(1))
-    return model.logits(previous)
+    return logits
 
 
 @torch.no_grad()
@@ -98,9 +102,13 @@ def decode_step(model: LoopedGPT, tokens: torch.Tensor, cache: ReferenceCache, n
                 adaptive: AdaptiveLoops | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Append one token per row (`tokens` (B,)); the next-token logits (B, V) and the loops
     spent per row (B,). With `adaptive`, a row stops after the first loop t >= min_loops
-    whose state converged; it leaves the batch, and its skipped loops' keys are copies of
-    its last computed loop's."""
+    whose state converged (or, criterion "gate", whose cumulative exit probability
+    reached the threshold; "kl_previous", KL(p_{t-1} || p_t)); it leaves the batch, and its
+    skipped loops' keys are copies of its last computed loop's."""
     batch, depth = tokens.size(0), model.config.depth
+    if adaptive is not None:  # the criterion and min_loops the model takes by default
+        adaptive = adaptive.resolved(model.exit_gate is not None)
+    cdf, remaining = torch.zeros(batch), torch.ones(batch)
     writes = _Writes(cache, batch)
     plan = _plan(model, cache.length, cache.length + 1, writes)
     all_inputs = model.prepare(tokens[:, None], plan=plan)
@@ -110,31 +118,45 @@ def decode_step(model: LoopedGPT, tokens: torch.Tensor, cache: ReferenceCache, n
     active = torch.arange(batch)
     previous = previous_logp = None
     for loop in range(n_loops):
-        h = norm(model.loop(inputs, previous, loop))
+        h = model.loop_state(model.loop(inputs, previous, loop))
         spent[active] += 1
         if loop == n_loops - 1:
             final[active] = h
             break
-        kl = adaptive is not None and adaptive.criterion == "kl"
-        logp = F.log_softmax(model.logits(h[:, -1]), dim=-1) if kl else None
+        criterion = None if adaptive is None else adaptive.criterion
+        kl, gate = criterion in ("kl", "kl_previous"), criterion == "gate"
+        logp = F.log_softmax(model.logits(h, inputs.plan)[:, -1], dim=-1) if kl else None
+        if gate:  # p_t = lambda_t * (what is left), summed
+            lam = model.exit_probability(h[:, -1])
+            cdf = cdf + lam * remaining
+            remaining = remaining * (1 - lam)
         if adaptive is None or loop + 1 < adaptive.min_loops:
             previous, previous_logp = h, logp
             continue
-        if not kl:
+        if gate:
+            converged = cdf >= adaptive.threshold
+        elif not kl:
             change = (h - previous).float().norm(dim=-1) / h.float().norm(dim=-1)
             converged = change[:, -1] < adaptive.threshold
-        else:
+        elif criterion == "kl":
             converged = (logp.exp() * (logp - previous_logp)).sum(-1) < adaptive.threshold
+        else:  # Huginn's: KL(p_{t-1} || p_t), p_0 uniform
+            before = torch.full_like(logp, -math.log(logp.size(-1))) if previous_logp is None \
+                else previous_logp
+            converged = (before.exp() * (before - logp)).sum(-1) < adaptive.threshold
         if converged.any():
             done = active[converged]
             final[done] = h[converged]
             writes.fill(loop, done, n_loops, depth)
             active, h = active[~converged], h[~converged]
+            cdf, remaining = cdf[~converged], remaining[~converged]
             logp = None if logp is None else logp[~converged]
             if active.numel() == 0:
                 break
             writes.rows = active
             inputs = all_inputs.select_rows(active, plan)
         previous, previous_logp = h, logp
+    writes.rows = torch.arange(batch)
+    logits = model.logits(final, all_inputs.plan)[:, -1]
     writes.commit(1)
-    return model.logits(final[:, -1]), spent
+    return logits, spent

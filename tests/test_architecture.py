@@ -39,9 +39,10 @@ def test_no_test_file_imports_another():
 def test_the_n_loops_default_is_filled_and_checked_in_one_place():
     loops = arch.n_loops_default(arch.package_files())
     assert [f.rsplit(" ", 1)[-1] for f in loops["fills"]] == ["ModelConfig.loops"]
-    # besides the model's one check: the HTTP schema's and the server's cap (max_loops)
+    # besides the model's one check: the HTTP schema's, the server's cap (max_loops) and the
+    # one check of the draft's own count (draft_loops, below the model's)
     assert {c.rsplit(" ", 1)[-1] for c in loops["checks"]} <= {
-        "ModelConfig.loops", "Field", "ServeConfig.__post_init__"}
+        "ModelConfig.loops", "Field", "ServeConfig.__post_init__", "check_draft_loops"}
 
 
 def _last_words(found: list[str]) -> list[str]:

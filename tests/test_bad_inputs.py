@@ -23,6 +23,8 @@ from unittest import mock
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from reference_huginn import huginn_weights, tiny_huginn_config, write_huginn_folder
+from reference_ouro import ouro_weights, tiny_ouro_config, write_ouro_folder
 from train_helpers import make_corpus
 
 from loopedlm.cli import exit_codes, main
@@ -84,9 +86,28 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
     bad_manifest = damaged("bad_manifest", lambda c: (c / "manifest.json").write_text("[]"))
     bad_state = damaged("truncated_state", lambda c: cut(c / "train_state.pt"))
     ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    def ouro(name: str, drop: str = "", add: str = "", **config_changes) -> str:
+        """A tiny Ouro folder (published format), with a changed config or weights."""
+        weights = ouro_weights(tiny_ouro_config())
+        weights.pop(drop, None)
+        if add:
+            weights[add] = weights["model.norm.weight"].clone()
+        return str(write_ouro_folder(root / "ouro" / name, tiny_ouro_config(**config_changes),
+                                     weights))
+
+    def huginn(name: str, drop: str = "", add: str = "", **config_changes) -> str:
+        """A tiny Huginn folder (published format), with a changed config or weights."""
+        weights = huginn_weights(tiny_huginn_config())
+        weights.pop(drop, None)
+        if add:
+            weights[add] = weights["transformer.ln_f.weight"].clone()
+        return str(write_huginn_folder(root / "huginn" / name,
+                                       tiny_huginn_config(**config_changes), weights))
+
     r, t = str(run), [f"--data_dir={data_dir}", f"--tokenizer={tok}", *TINY]
     d = lambda name: [f"--data_dir={bad[name]}", f"--tokenizer={tok}", *TINY]  # noqa: E731
     fresh = lambda name: [f"--run_dir={root / 'new' / name}"]  # noqa: E731
+    syn = lambda name: ["--out", str(root / "synthetic" / name)]  # noqa: E731
     return [
         # ---- command line
         ("cli", "no command", []),
@@ -103,6 +124,9 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
         ("cli", "adaptive threshold below 0",
          ["sample", r, "--prompt", "a", "--adaptive-threshold", "-1"]),
         ("cli", "0 cache slots", ["sample", r, "--prompt", "a", "--cache-slots", "0"]),
+        ("cli", "draft loops not below n_loops",
+         ["sample", r, "--prompt", "a", "--n-loops", "2", "--draft-loops", "2"]),
+        ("cli", "0 draft loops", ["sample", r, "--prompt", "a", "--draft-loops", "0"]),
         ("cli", "eval at 0 loops", ["eval", r, "--n-loops", "0"]),
         ("cli", "eval loops not numbers", ["eval", r, "--n-loops", "a,b"]),
         ("cli", "misspelt task", ["eval", r, "--tasks", "helaswag"]),
@@ -122,6 +146,28 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
           str(root / "tok")]),
         ("cli", "tokenizer info of a missing tokenizer", ["tokenizer", "info", "nope"]),
         ("cli", "FineWeb-Edu with 1 shard", ["data", "fineweb-edu", "--shards", "1"]),
+        ("cli", "synthetic: unknown task", ["data", "synthetic", "sudoku", *syn("s1")]),
+        ("cli", "synthetic: 0 hops", ["data", "synthetic", "chain", "--hops", "0-4", *syn("s2")]),
+        ("cli", "synthetic: hops not a range", ["data", "synthetic", "chain", "--hops", "1,3",
+                                                *syn("s3")]),
+        ("cli", "synthetic: hops not numbers", ["data", "synthetic", "chain", "--hops", "a-b",
+                                                *syn("s4")]),
+        ("cli", "synthetic: documents too short for the hops",
+         ["data", "synthetic", "chain", "--seq-len", "40", *syn("s5")]),
+        ("cli", "synthetic: an option of the other task",
+         ["data", "synthetic", "chain", "--alphabet", "4", *syn("s6")]),
+        ("cli", "synthetic: 0 training documents",
+         ["data", "synthetic", "phop", "--train-docs", "0", *syn("s7")]),
+        ("cli", "synthetic: perm asking every letter",
+         ["data", "synthetic", "perm", "--asked", "16", *syn("s8")]),
+        ("cli", "eval --tasks synthetic of a run trained on text", ["eval", r, "--tasks",
+                                                                    "synthetic"]),
+        ("cli", "eval adaptive threshold not a number",
+         ["eval", r, "--tasks", "synthetic", "--adaptive-threshold", "fast"]),
+        ("cli", "eval adaptive threshold below 0",
+         ["eval", r, "--tasks", "synthetic", "--adaptive-threshold", "-0.1"]),
+        ("cli", "eval adaptive threshold without synthetic tasks",
+         ["eval", r, "--adaptive-threshold", "0.1"]),
         ("cli", "plot of a missing run", ["plot", str(root / "no_run")]),
         ("cli", "sweep file missing", ["sweep", str(root / "no_sweep.toml")]),
         ("cli", "sweep with a misspelt train setting", ["sweep", "loop_scaling_tiny", "--stepz=2"]),
@@ -198,6 +244,31 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
          ["export", str(flipped), str(root / "hf"), "--checkpoint", ckpt.name]),
         ("export", "--checkpoint of a step the run lacks",
          ["export", r, str(root / "hf"), "--checkpoint", "99"]),
+        # ---- public looped models (a Hugging Face folder: Ouro)
+        ("public model", "import-hf of another architecture",
+         ["import-hf", ouro("llama", model_type="llama"), str(root / "imported")]),
+        ("public model", "sample a folder of another architecture",
+         ["sample", ouro("qwen2", model_type="qwen2"), "--prompt", "a"]),
+        ("public model", "a RoPE scaling type",
+         ["import-hf", ouro("yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+          str(root / "imported")]),
+        ("public model", "sliding-window attention",
+         ["eval", ouro("swa", use_sliding_window=True, sliding_window=8), "--tasks", "none"]),
+        ("public model", "a weight missing",
+         ["sample", ouro("missing", drop="model.norm.weight"), "--prompt", "a"]),
+        ("public model", "an unknown weight",
+         ["import-hf", ouro("extra", add="model.layers.0.self_attn.q_norm.weight"),
+          str(root / "imported")]),
+        ("public model", "a Huginn with another injection type",
+         ["sample", huginn("additive", injection_type="additive"), "--prompt", "a"]),
+        ("public model", "a Huginn weight missing",
+         ["eval", huginn("missing", drop="transformer.adapter.weight"), "--tasks", "none"]),
+        ("public model", "an unknown Huginn weight",
+         ["sample", huginn("extra", add="transformer.core_block.0.attn.q_norm.weight"),
+          "--prompt", "a"]),
+        ("public model", "exit gate criterion for a model without one",
+         ["sample", r, "--prompt", "a", "--adaptive-threshold", "0.5",
+          "--adaptive-criterion", "gate"]),
         # ---- prompts
         ("prompt", "empty prompt", ["sample", r, "--prompt", "", "--max-tokens", "2"]),
         ("prompt", "stop id outside the vocabulary",

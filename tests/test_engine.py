@@ -4,20 +4,26 @@ procedure and its freedom from host syncs are checked here on CPU) and the sampl
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loopedlm import LoopedGPT
 from loopedlm.infer import (
+    AdaptiveLoops,
     DecodeEngine,
     SamplingParams,
     SequenceParams,
     batch_buckets,
     sample_rows,
 )
+from loopedlm.infer.engine import capture_step
 from loopedlm.infer.sampling import uniform_noise
 
 GREEDY = SamplingParams(temperature=0)
@@ -387,3 +393,223 @@ def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="logprobs=6"):
         SequenceParams(logprobs=6)
+    with pytest.raises(ValueError, match="logprobs=0 is not allowed with draft_loops=1"):
+        SequenceParams(n_loops=3, draft_loops=1, logprobs=0)
+
+
+# ---- CUDA graphs and dtypes, checked on CPU (issue 24) ---------------------------------------
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls of a graph capture, recording what they are given:
+    on which device the capture runs, and into which memory pool it records."""
+
+    def __init__(self):
+        self.devices, self.streams, self.pools, self.replays = [], [], [], 0
+        fake = self
+
+        class Graph:
+            def capture_begin(self, *pool):
+                fake.pools.append(pool)
+
+            def capture_end(self):
+                pass
+
+            def replay(self):
+                fake.replays += 1
+
+        self.CUDAGraph = Graph
+
+    def device(self, device):
+        self.devices.append(torch.device(device))
+        return contextlib.nullcontext()
+
+    def Stream(self, device=None):  # noqa: N802 (torch.cuda's name)
+        self.streams.append(torch.device(device))
+        return self
+
+    def current_stream(self, device=None):
+        self.streams.append(torch.device(device))
+        return self
+
+    def wait_stream(self, other):
+        pass
+
+    def stream(self, stream):
+        return contextlib.nullcontext()
+
+
+def test_graph_capture_runs_on_the_engines_device_into_the_given_pool(monkeypatch):
+    """Serving on cuda:1 must capture on cuda:1 whatever device the thread has current; a
+    capture records into the pool it is given (the engine gives all its captures its one
+    pool, `torch.cuda.graph_pool_handle()`), with no synchronise and cache flush; the
+    warm-up advances the state and the capture procedure puts it back."""
+    fake = _FakeCuda()
+    for name in ("device", "Stream", "current_stream", "stream", "CUDAGraph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    flushes = []  # torch.cuda.graph synchronises and empties the allocator's cache each time
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, name=name: flushes.append(name))
+    state = [torch.zeros(3)]
+
+    def body():
+        state[0].add_(1)
+    replay = capture_step(body, state, torch.device("cuda", 1), pool="the-pool")
+    assert fake.devices == [torch.device("cuda", 1)]
+    assert set(fake.streams) == {torch.device("cuda", 1)}
+    assert fake.pools == [("the-pool",)]
+    assert state[0].tolist() == [1, 1, 1]  # two warm-ups undone, then the capture's call
+    replay()
+    assert fake.replays == 1
+    assert flushes == []
+
+
+@torch.no_grad()
+def test_a_bf16_model_decodes_on_cpu_without_autocast():
+    """A bf16 model (no autocast anywhere) decodes in bf16: the cache, the additive masks and
+    the RoPE tables follow the weights' dtype (a fp32 cache would make SDPA raise on the
+    q/k dtype mismatch); its logits stay close to the fp32 model's, and its greedy tokens
+    agree with the fp32 model's."""
+    model = make_model("flt", "gqa", std=0.3, sequence_len=32)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    engine = DecodeEngine(bf16, max_batch=2, max_loops=3)
+    assert engine.dtype == torch.bfloat16 and engine.model is bf16  # no cast copy
+    ids = prompt(1, 9)
+    engine.prefill(0, ids[:6], SequenceParams(n_loops=3))
+    engine.prefill(1, ids[:4], SequenceParams(n_loops=3))
+    logits, _ = engine.decode(torch.tensor([ids[6], ids[4]]))
+    full = model(torch.tensor([ids[:7]]), n_loops=3)[0, -1]
+    torch.testing.assert_close(logits[0].float(), full, atol=0.1, rtol=0.05)
+    engine.reset()
+    requests = {0: seq(ids, n_loops=3, sampling=GREEDY), 1: seq(ids[:5], n_loops=2, sampling=GREEDY)}
+    tokens = run_slots(engine, requests, 6)
+    fp32 = run_slots(DecodeEngine(model, max_batch=2, max_loops=3), requests, 6)
+    agree = sum(a == b for slot in requests for a, b in zip(tokens[slot], fp32[slot], strict=True))
+    assert agree >= 0.8 * sum(len(t) for t in fp32.values())  # bf16 rounding may flip a near-tie
+
+
+@torch.no_grad()
+def test_compile_auto_on_cpu_switches_to_the_compiled_step_and_keeps_the_tokens(monkeypatch):
+    """compile="auto" on CPU: a step variant runs eagerly until it has run AUTO_COMPILE_AFTER
+    times, is then compiled on a worker thread, warmed on stand-ins of the step's tensors
+    (the real ones are never touched by it), and later steps run compiled, with no
+    recompile for the real tensors and the eager engine's tokens."""
+    from torch._dynamo.utils import counters
+
+    import loopedlm.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_AFTER", 3)
+    model = make_model("flt", "swa", sequence_len=32)
+    requests = {0: seq(prompt(1, 5), n_loops=3, sampling=SamplingParams(seed=1, top_k=5)),
+                1: seq(prompt(2, 3), n_loops=2, sampling=GREEDY)}
+    eager = run_slots(DecodeEngine(model, max_batch=2, max_loops=3, compile=False),
+                      requests, 12)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = DecodeEngine(model, max_batch=2, max_loops=3, compile="auto",
+                          compile_options=dict(backend="eager", fullgraph=True))
+    tokens = {slot: [int(engine.add(slot, **kw))] for slot, kw in requests.items()}
+    for step in range(12):
+        out = engine.step().tokens.tolist()
+        for slot in requests:
+            tokens[slot].append(out[slot])
+        if step == 3:  # the compile started after the third run
+            assert engine.wait_compiled(60)
+    assert tokens == eager
+    assert engine.compiled_steps == 1
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, on the stand-ins
+    torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """The host syncs made inside the block (.item(), .tolist(), bool(tensor): each waits
+    for the device on a GPU), as a list of their names."""
+    calls: list[str] = []
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__")}
+
+    def counted(name, method):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            return method(self, *args, **kwargs)
+        return call
+    try:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, counted(name, method))
+        yield calls
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@torch.no_grad()
+def test_a_masked_forward_makes_no_host_sync():
+    """Ragged prompts (left padding, an attention mask) go through the model with no host
+    sync: no `bool(k_valid.all())` on each masked forward."""
+    model = make_model("flt", "gqa", std=0.3, sequence_len=32)
+    idx = torch.tensor([prompt(1, 8), prompt(2, 8)])
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    with host_syncs() as calls:
+        model(idx, attention_mask=mask, n_loops=3)
+    assert calls == []
+
+
+@pytest.mark.parametrize("threshold, loops", [(0.0, 6), (1e9, 2)])
+@torch.no_grad()
+def test_adaptive_decoding_syncs_once_per_loop_that_may_stop_a_row(threshold, loops):
+    """Adaptive loops learn on the host which rows stop: one sync per loop from min_loops on,
+    none before it and none at a loop that is every row's last (was about 5 per loop).
+    Threshold 0: no row converges, every row runs its 6 loops (syncs at loops 2..5);
+    a huge threshold: every row stops at min_loops=2 (one sync)."""
+    model = make_model("flt", "mha", std=0.3, sequence_len=32)
+    engine = DecodeEngine(model, max_batch=4, max_loops=6, compile=False)
+    for slot in range(4):
+        engine.add(slot, prompt(slot, 4), SequenceParams(
+            n_loops=6, sampling=GREEDY, adaptive=AdaptiveLoops(threshold, min_loops=2)))
+    engine.step()
+    with host_syncs() as calls:
+        out = engine.step()
+    assert out.loops.tolist() == [loops] * 4
+    assert len(calls) == (4 if loops == 6 else 1)
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops dispatched inside the block, by name, views and other metadata-only
+    ops left out (they launch no kernel)."""
+
+    METADATA = {"view", "_unsafe_view", "t", "slice", "transpose", "select", "unsqueeze",
+                "split", "expand", "as_strided", "permute", "squeeze", "detach", "alias"}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.METADATA:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def test_a_decode_loop_adds_only_the_layers_kernels_and_no_mask_work():
+    """The masks are built once per step (additive biases) and q/k/v are one fused
+    projection: each extra loop adds the layers' own kernels only, no mask op (no
+    bitwise op, where, masked_fill or dtype conversion per layer), and at most 34 kernels
+    per layer (about 35 before; 4 loops more of a 2-layer model here)."""
+    model = make_model("flt", "mha", std=0.3, sequence_len=32)
+    counts = {}
+    for n_loops in (2, 6):
+        engine = DecodeEngine(model, max_batch=2, max_loops=n_loops, compile=False)
+        for slot in range(2):
+            engine.add(slot, prompt(slot, 3 + slot), SequenceParams(n_loops=n_loops,
+                                                                    sampling=GREEDY))
+        engine.step()
+        with _Ops() as ops:
+            engine.step()
+        counts[n_loops] = ops.counts
+    extra = {name: counts[6].get(name, 0) - counts[2].get(name, 0) for name in counts[6]}
+    mask_ops = {"bitwise_and", "bitwise_or", "bitwise_not", "where", "masked_fill",
+                "_to_copy", "logical_and", "logical_or", "eq", "lt", "le", "ge", "gt"}
+    assert {name: n for name, n in extra.items() if name in mask_ops and n} == {}
+    per_layer = sum(extra.values()) / (4 * model.config.depth)
+    assert per_layer <= 34, extra

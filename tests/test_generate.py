@@ -66,6 +66,28 @@ def test_a_reused_engine_generates_what_a_fresh_one_does():
             [s.tokens for s in stream(model, prompts, **call)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_reused_engine_follows_the_weights_as_they_train(dtype):
+    """An engine kept across training steps (the trainer's) decodes with the weights of
+    the moment: its fused projections, and its cast copy when it has one, are brought up to
+    date as each sequence starts. The model's own parameters and keys are left alone."""
+    model = make_model("flt")
+    keys, params = list(model.state_dict()), [p.clone() for p in model.parameters()]
+    engine = DecodeEngine(model, max_batch=1, max_len=24, max_loops=3, dtype=dtype)
+    assert list(model.state_dict()) == keys
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2, 3, 4, 5]])).backward()
+        optimizer.step()
+        fresh = generate(model, [1, 2, 3], max_tokens=8, temperature=0, n_loops=3,
+                         dtype=dtype)
+        reused = generate(model, [1, 2, 3], max_tokens=8, temperature=0, n_loops=3,
+                          engine=engine)
+        assert reused.tokens == fresh.tokens
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_tokens=30), "at most 16 positions"),
     (dict(n_loops=5), "n_loops=5 is not allowed: an integer in \\[1, 4\\]"),

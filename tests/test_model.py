@@ -385,3 +385,26 @@ def test_a_deepcopy_of_a_compiled_model_runs_its_own_weights():
         torch.testing.assert_close(twin(idx), halved(idx))
         assert torch.equal(model(idx), before)
         torch.testing.assert_close(copy.deepcopy(model).double()(idx), before)  # (fp32 logits)
+
+
+# ---- the per-loop view -------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_loop_logits_are_the_forward_at_each_loop_count(mode):
+    model = tiny_model(loop_mode=mode, n_loops=3)
+    idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(1))
+    logits, per_loop = model(idx, n_loops=5, return_loop_logits=True)
+    assert per_loop.shape == (5, 2, 10, 61)
+    assert torch.equal(per_loop[-1], logits)
+    assert torch.equal(logits, model(idx, n_loops=5))  # the default outputs are unchanged
+    for t in range(1, 6):  # no loop reads a later one
+        torch.testing.assert_close(per_loop[t - 1], model(idx, n_loops=t), rtol=0, atol=0)
+
+
+def test_loop_logits_with_residual_norms_and_not_with_targets():
+    model = tiny_model(n_loops=3)
+    idx = torch.randint(0, 61, (1, 8))
+    logits, per_loop, norms = model(idx, return_loop_logits=True, return_residual_norms=True)
+    assert per_loop.shape[0] == norms.shape[0] == 3
+    assert torch.equal(norms, model(idx, return_residual_norms=True)[1])
+    with pytest.raises(ValueError, match="return_loop_logits=True is for logits"):
+        model(idx, idx, return_loop_logits=True)

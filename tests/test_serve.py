@@ -351,6 +351,42 @@ def test_load_64_streaming_clients_x_20_requests_nothing_lost_duplicated_or_mixe
     assert 'loopedlm_requests_total{status="429"}' not in metrics
 
 
+# ---- the per-loop view the web page reads -----------------------------------------------------
+def test_loop_trace_is_the_per_loop_view_of_a_completion(model_and_tokenizer):
+    from loopedlm.infer.trace import trace_loops
+
+    model, tokenizer = model_and_tokenizer
+    done = reference(model_and_tokenizer, "To be", n_loops=2, max_tokens=6, temperature=0)
+    ids = done.tokens[0]
+    server, _ = start(model_and_tokenizer)
+    with server as url:
+        by_ids = httpx.post(f"{url}/v1/loop_trace", json={
+            "prompt": "To be", "completion": ids, "n_loops": 4, "top_k": 3}).json()
+        text = httpx.post(f"{url}/v1/completions", json={
+            "prompt": "To be", "max_tokens": 6, "temperature": 0, "n_loops": 2}).json()
+        completion = text["choices"][0]["text"]
+        by_text = httpx.post(f"{url}/v1/loop_trace", json={
+            "prompt": "To be", "completion": completion}).json()
+        too_many = httpx.post(f"{url}/v1/loop_trace", json={
+            "prompt": "To be", "completion": ids, "n_loops": 7})
+    expected = trace_loops(model, [tokenizer.bos_id, *tokenizer.encode("To be")], ids,
+                           n_loops=4, top_k=3)
+    assert by_ids["n_loops"] == 4 and len(by_ids["tokens"]) == len(ids)
+    for got, want in zip(by_ids["tokens"], expected, strict=True):
+        assert got["token"] == want["token"] and len(got["loops"]) == 4
+        for step, ref in zip(got["loops"], want["loops"], strict=True):
+            assert step["p"] == pytest.approx(ref["p"]) and \
+                step["entropy"] == pytest.approx(ref["entropy"])
+            assert [t["text"] for t in step["top"]] == [tokenizer.decode([i]) for i, _ in ref["top"]]
+        # greedy at N=2: the token is loop 2's top token
+        assert got["loops"][1]["top"][0]["text"] == tokenizer.decode([got["token"]])
+    assert "".join(t["text"] for t in by_ids["tokens"]) == tokenizer.decode(ids)
+    # text is tokenized alone; its pieces put together give it back, at the model's loops
+    assert "".join(t["text"] for t in by_text["tokens"]) == completion
+    assert by_text["n_loops"] == model.config.n_loops
+    assert too_many.status_code == 400 and "1 .. 6" in too_many.json()["error"]["message"]
+
+
 def chromium_driver():
     """Headless Debian chromium through chromedriver (skips where they are missing)."""
     import shutil
@@ -419,5 +455,31 @@ def test_web_page_streams_tokens_shaded_by_their_loops(model_and_tokenizer, tmp_
             shades = {loops: colour for _, loops, colour in fixed + more + adaptive}
             assert len(set(shades.values())) == len(shades)  # one shade per loop count
             browser.save_screenshot(str(tmp_path / "serve_page.png"))
+    finally:
+        browser.quit()
+
+
+@pytest.mark.slow
+def test_web_page_shows_each_loops_top_tokens_when_a_token_is_hovered(model_and_tokenizer):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium_driver()
+    server, _ = start(model_and_tokenizer)
+    try:
+        with server as url:
+            shown = use_page(browser, url, "To be", n_loops=3, max_tokens=6)
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#output .tok.traced"))
+            first = browser.find_elements(By.CSS_SELECTOR, "#output .tok")[0]
+            ActionChains(browser).move_to_element(first).perform()
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#trace tr.loop"))
+            rows = browser.find_elements(By.CSS_SELECTOR, "#trace tr.loop")
+            assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == ["1", "2", "3"]
+            # greedy at N=3: the hovered token is the last loop's top token (marked)
+            top = rows[-1].find_elements(By.CSS_SELECTOR, "td:nth-child(4) > span")
+            assert top[0].get_attribute("class") == "hit"
+            assert shown and len(top) == 5
     finally:
         browser.quit()

@@ -232,6 +232,11 @@ def test_fields_this_server_does_not_implement_get_a_400_naming_them(model_and_t
         r = post(url, {"prompt": "To", "max_tokens": 1, "echo": True, "logprobs": 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
         assert post(url, {"prompt": "To", "logprobs": 6}).status_code == 400
+        # speculative decoding does not report logprobs: refused, naming both fields
+        r = post(url, {"prompt": "To", "max_tokens": 1, "n_loops": 3, "draft_loops": 1,
+                       "logprobs": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+        assert "draft_loops=1" in r.text
 
 
 # ---- logprobs and echo (D11) ---------------------------------------------------------------------

@@ -92,6 +92,8 @@ VALID = {
     "logit_bias": st.just({}),
     "n_loops": st.integers(1, 6),
     "adaptive_threshold": st.floats(0, 2),
+    "adaptive_criterion": st.sampled_from(["state", "kl", "kl_previous", "gate"]),
+    "draft_loops": st.integers(1, 5),
     "return_loops": st.booleans(),
     "timeout": st.floats(1e-3, 30),
 }

@@ -56,7 +56,7 @@ def test_dry_run_lists_commands(tmp_path):
     assert len(rows) == 10 and all(r["status"] == "planned" for r in rows)
     cmd = rows[0]["train_cmd"]
     assert cmd[1:4] == ["-m", "loopedlm", "train"] and "--steps=3" in cmd
-    assert rows[0]["eval_cmd"][-2:] == ["--loops", "1,3"]
+    assert rows[0]["eval_cmd"][-2:] == ["--n-loops", "1,3"]
 
 
 def test_several_grids_in_order_with_their_own_seeds(tmp_path):

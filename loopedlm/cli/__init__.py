@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-nanochat": ("loopedlm.cli.info", "convert an FLT-authors (nanochat fork) checkpoint"),
     "serve": ("loopedlm.cli.serve", "serve a run over an OpenAI-compatible HTTP API"),
     "export": ("loopedlm.cli.export", "write a run as a Hugging Face folder (transformers, lm-eval)"),
+    "import-hf": ("loopedlm.cli.import_hf",
+                  "run or import a public looped model's Hugging Face folder (Ouro, Huginn)"),
 }
 
 

@@ -37,8 +37,88 @@ def _cmd_fineweb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hop_list(text: str) -> list[int]:
+    """"1-8" -> [1, ..., 8]; "1,2,4" -> [1, 2, 4] (the values are checked by the config)."""
+    values: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            values += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a hop list such as 1-8 or "
+                                             f"1,2,4") from None
+    return values
+
+
+def _cmd_synthetic(args: argparse.Namespace) -> int:
+    from loopedlm.data.synthetic import SyntheticConfig, write_synthetic
+
+    hops = args.hops
+    if len(hops) < 1 or hops != list(range(hops[0], hops[-1] + 1)):
+        raise ValueError(f"--hops {','.join(map(str, hops))} is not allowed: a range LO-HI "
+                         f"such as 1-8")
+    options = {name: getattr(args, name) for name in TASK_OPTIONS
+               if getattr(args, name) is not None}
+    config = SyntheticConfig(task=args.task, seq_len=args.seq_len, hops=(hops[0], hops[-1]),
+                             hop_mix=args.hop_mix,
+                             eval_hops=tuple(args.eval_hops), train_docs=args.train_docs,
+                             val_docs=args.val_docs, eval_docs=args.eval_docs,
+                             curriculum=args.curriculum, seed=args.seed, task_options=options)
+    out = write_synthetic(config, args.out, overwrite=args.overwrite)
+    print(f"{args.task} data in {out}: {config.train_docs} training documents of "
+          f"{config.seq_len} words (hops {hops[0]}-{hops[-1]}), test sets for hops "
+          f"{', '.join(map(str, config.eval_hops))} in {out / 'eval'}")
+    print(f"train on it with: loopedlm train --data_dir={out} --sequence_len={config.seq_len} "
+          f"--model.sequence_len={config.seq_len}")
+    return 0
+
+
+# the tasks' own options (the task classes' fields): one flag each, None = the default
+TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
+                "alphabet": "phop, perm, pointer: letters", "prefix": "phop: random letters before the "
+                                                       "first query",
+                "asked": "perm, pointer: letters asked per document"}
+
+
+def _add_synthetic(sub: Any) -> None:
+    from loopedlm.data.synthetic import HOP_MIXES, TASKS, SyntheticConfig  # torch-free
+
+    defaults = SyntheticConfig()
+    synth = sub.add_parser("synthetic", help="write a synthetic reasoning task (variable "
+                           "chains, p-hop induction) as Parquet shards with held-out test sets")
+    synth.add_argument("task", choices=sorted(TASKS), metavar="TASK",
+                       help=f"one of: {', '.join(sorted(TASKS))}")
+    synth.add_argument("--out", default=None, help="folder (default $LOOPEDLM_HOME/data/"
+                                                   "synthetic/TASK)")
+    synth.add_argument("--seq-len", type=int, default=defaults.seq_len,
+                       help="words per document (train with sequence_len = this; default: "
+                            "the task's: 128, or for perm and pointer one unpadded document)")
+    synth.add_argument("--hops", type=_hop_list, default=list(range(defaults.hops[0],
+                                                                      defaults.hops[1] + 1)),
+                       help="training hop range LO-HI (default %(default)s)")
+    synth.add_argument("--hop-mix", choices=HOP_MIXES, default=defaults.hop_mix,
+                       help="how training hop counts are drawn: uniform, or inverse (odds "
+                            "1/h)")
+    synth.add_argument("--eval-hops", type=_hop_list, default=list(defaults.eval_hops),
+                       help="held-out test sets, one per hop count: 1-12 or 1,2,4")
+    synth.add_argument("--train-docs", type=int, default=defaults.train_docs)
+    synth.add_argument("--val-docs", type=int, default=defaults.val_docs)
+    synth.add_argument("--eval-docs", type=int, default=defaults.eval_docs,
+                       help="documents per test set")
+    synth.add_argument("--curriculum", type=float, default=defaults.curriculum,
+                       help="fraction of the training documents over which the largest hop "
+                            "count grows from LO to HI (0: none)")
+    synth.add_argument("--seed", type=int, default=defaults.seed)
+    for name, text in TASK_OPTIONS.items():
+        synth.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
+                           help=text)
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace a data set made with other settings")
+    synth.set_defaults(func=_cmd_synthetic)
+
+
 def register(subparsers: Any) -> None:
-    """Add `loopedlm data prepare|fineweb-edu` to the command line."""
+    """Add `loopedlm data prepare|fineweb-edu|synthetic` to the command line."""
     parser = add_command(subparsers, "data")
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     prepare = sub.add_parser("prepare", help="build the bundled Shakespeare + Milton corpus")
@@ -54,3 +134,4 @@ def register(subparsers: Any) -> None:
                          help="where the shards live (default: FineWeb-Edu on the Hugging Face "
                               "hub)")
     fineweb.set_defaults(func=_cmd_fineweb)
+    _add_synthetic(sub)

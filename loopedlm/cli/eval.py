@@ -3,6 +3,8 @@
     loopedlm eval RUN_OR_CHECKPOINT --n-loops 1,3,6,9,12 [--preset full|quick] [--tasks core]
                   [--max-examples 200|all] [--wikitext PATH] [--data-dir DIR] [--out DIR]
                   [--device auto]
+    loopedlm eval RUN --tasks synthetic --n-loops 1,2,4,8,12,16 [--adaptive-threshold 0.05]
+                  (a run trained on `loopedlm data synthetic`: accuracy per hops x loops)
 
 It prints an estimate of its time before it starts; `--preset quick` (the paper's six tasks,
 20 examples each) is a first look that a CPU finishes in minutes. The results (results.json,
@@ -62,6 +64,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     # validated before the (slow) model load; the paper's loop counts unless given
     loops = parse_loops(PAPER_LOOPS if args.n_loops is None else args.n_loops)
+    if args.tasks == "synthetic":
+        return _cmd_eval_synthetic(args, loops)
+    if args.adaptive_threshold:
+        raise ValueError("--adaptive-threshold is for --tasks synthetic only")
     preset = EVAL_PRESETS[args.preset]  # what the flags do not say comes from the preset
     task_names = args.tasks if args.tasks is not None else preset["tasks"]
     tasks = resolve_task_names(task_names) if task_names != "none" else []
@@ -94,6 +100,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _cmd_eval_synthetic(args: argparse.Namespace, loops: list[int]) -> int:
+    from loopedlm.evaluate.loading import load_eval_target
+    from loopedlm.evaluate.synthetic import markdown_synthetic, run_synthetic_evaluation
+
+    thresholds = _thresholds(args.adaptive_threshold)
+    target = load_eval_target(args.run, loops, device=args.device, tokenizer=args.tokenizer,
+                              data_dir=args.data_dir)
+    out = Path(args.out) if args.out else target.default_out
+    print(f"evaluating {target.folder} on its synthetic test sets at N={target.loops}; "
+          f"results -> {out}", file=sys.stderr)
+    max_docs = None if args.max_examples in (None, "all") else int(args.max_examples)
+    results, paths = run_synthetic_evaluation(target, out, batch_size=args.batch_size or 32,
+                                              max_docs=max_docs,
+                                              adaptive_thresholds=thresholds)
+    print(markdown_synthetic(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _thresholds(text: str | None) -> list[float]:
+    values = []
+    for part in (text or "").split(","):
+        if part.strip():
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise ValueError(f"--adaptive-threshold {part.strip()!r} is not a number; "
+                                 f"give a comma list such as 0.05,0.1") from None
+    return values
 
 
 def _skip_unavailable(tasks: list[str]) -> list[str]:
@@ -173,7 +210,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tasks", default=None,
                    help="comma list of task names or groups: core (22 DCLM tasks, those "
                         "present), downstream (the paper's six), all, none (default: the "
-                        "preset's)")
+                        "preset's); or synthetic (the held-out test sets of the run's "
+                        "`loopedlm data synthetic` data)")
+    p.add_argument("--adaptive-threshold", default=None,
+                   help="synthetic: also decode each answer with adaptive loops at these "
+                        "state-change thresholds (comma list), reporting the loops spent")
     p.add_argument("--wikitext", default=None,
                    help="WikiText-2 validation: wiki.valid.raw, a validation-*.parquet, or a "
                         "folder holding one")

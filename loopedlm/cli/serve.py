@@ -12,7 +12,7 @@ from loopedlm.cli import add_command, decoding_device
 from loopedlm.cli.exit_codes import CANNOT_LISTEN
 
 FLAGS = ("host", "port", "max_batch", "max_queue", "max_loops", "timeout", "max_body_bytes",
-         "max_prompts")
+         "max_prompts", "max_len")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -53,6 +53,9 @@ def register(subparsers: Any) -> None:
                    help="largest request body; 413 beyond it")
     p.add_argument("--max-prompts", type=int, default=None,
                    help="most prompts in one request; 400 beyond it")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per sequence, prompt included (default: the model's "
+                        "sequence_len; set it for public models, whose context is long)")
     p.add_argument("--name", default=None, help="model name in the API (default: the folder's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_serve)

@@ -28,10 +28,13 @@ class LoadedRun(NamedTuple):
 
 def load_run(path: str | Path, device: str | torch.device = "cpu",
              tokenizer: str | None = None) -> LoadedRun:
-    """The model and tokenizer of a run folder or a checkpoint folder. `tokenizer` (`qwen3`
-    or a tokenizer folder) replaces the one saved with the run."""
+    """The model and tokenizer of a run folder, a checkpoint folder or a public looped model's
+    Hugging Face folder (its own tokenizer.json). `tokenizer` (`qwen3` or a tokenizer folder)
+    replaces the one saved with the run."""
     folder = resolve_model_folder(path)
     model, meta = load_model(folder, device=device)
+    if tokenizer is None and "public" in meta:
+        tokenizer = str(folder)
     if tokenizer is None:
         saved = find_tokenizer_dir(folder)
         if saved is None:

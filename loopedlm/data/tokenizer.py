@@ -15,6 +15,14 @@ UTF-8 byte length of every token that bits-per-byte needs (docs/design.md#evalua
 - trained BPE: HF `tokenizers` byte-level BPE with the GPT-4 split pattern (as nanochat),
   no normaliser (so `decode(encode(s)) == s` exactly) and one special token, `<|bos|>`;
   `loopedlm.data.tokenizer_training` trains one.
+- a Hugging Face model folder's `tokenizer.json` (public looped models, docs/public_models.md:
+  `load_hf_folder_tokenizer`), read by `tokenizers` too, with the BOS and end-of-text token
+  its `tokenizer_config.json` / `config.json` name.
+- words: a small fixed vocabulary of whitespace-separated words, nothing trained (the
+  synthetic reasoning tasks of `loopedlm.data.synthetic`, whose answers are single tokens).
+
+`stop_ids` are the tokens that end a generated text: BOS (documents are BOS-delimited in
+training) and a model folder's end-of-text token.
 
 Special-token strings that occur in ordinary text are encoded as text, never as the special
 id, so a document can not forge a document boundary.
@@ -51,6 +59,12 @@ class Tokenizer:
     vocab_size: int
     bos_id: int
     special_ids: set[int]
+    eos_id: int | None = None  # an end-of-text token other than BOS (HF model folders)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end a generated text: BOS, and the end-of-text token if any."""
+        return tuple(dict.fromkeys(i for i in (self.bos_id, self.eos_id) if i is not None))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS; special-token strings count as plain text)."""
@@ -201,20 +215,27 @@ def byte_decoder() -> dict[str, int]:
 
 
 class BPETokenizer(Tokenizer):
-    """A byte-level BPE (HF `tokenizers`) with one special token, BOS."""
+    """An HF `tokenizers` tokenizer (a byte-level BPE) with a BOS token (`<|bos|>` for the
+    ones loopedlm trains) and, for a model folder's, an end-of-text token."""
 
-    def __init__(self, hf_tokenizer: Any, name: str = "bpe") -> None:
+    def __init__(self, hf_tokenizer: Any, name: str = "bpe", bos_token: str = BOS_TOKEN,
+                 eos_token: str | None = None) -> None:
         self._tok = hf_tokenizer
         # special-token strings inside documents are text, not ids (see module docstring)
         self._tok.encode_special_tokens = True
         self.name = name
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-        bos = self._tok.token_to_id(BOS_TOKEN)
-        if bos is None:
-            raise ValueError(f"tokenizer {name!r} has no {BOS_TOKEN} token")
-        self.bos_id = int(bos)
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = self._token_id(bos_token)
+        self.eos_id = None if eos_token is None else self._token_id(eos_token)
         self.special_ids = {int(i) for i, tok in self._tok.get_added_tokens_decoder().items()
                             if tok.special}
+
+    def _token_id(self, token: str) -> int:
+        found = self._tok.token_to_id(token)
+        if found is None:
+            raise ValueError(f"tokenizer {self.name!r} has no {token} token")
+        return int(found)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = _check_texts(texts)
@@ -233,8 +254,12 @@ class BPETokenizer(Tokenizer):
         decoder = byte_decoder()
         lengths = torch.zeros(self.vocab_size, dtype=torch.long)
         for token, i in self._tok.get_vocab(with_added_tokens=True).items():
-            if i not in self.special_ids:
-                lengths[i] = len(bytes(decoder[c] for c in token))
+            if i in self.special_ids:
+                continue
+            if all(c in decoder for c in token):  # byte-level: one character per byte
+                lengths[i] = len(token)
+            else:  # a token stored as text (an added, non-special token)
+                lengths[i] = len(token.encode("utf-8"))
         return lengths
 
     def save(self, directory: str | Path) -> Path:
@@ -244,7 +269,63 @@ class BPETokenizer(Tokenizer):
         self._tok.save(str(tmp))
         tmp.replace(directory / HF_FILE)
         _write_meta(directory, {"kind": "bpe", "vocab_size": self.vocab_size,
-                                "bos_token": BOS_TOKEN})
+                                "bos_token": self.bos_token, "eos_token": self.eos_token})
+        return directory
+
+
+class WordTokenizer(Tokenizer):
+    """A fixed vocabulary of whitespace-separated words: no BPE, nothing to train.
+
+    Ids: `<|bos|>` = 0, `<unk>` = 1, then `words` in order. Text is split on whitespace and
+    `decode` joins words with single spaces, so `decode(encode(s)) == s` for any text of
+    known words separated by single spaces. A word outside the vocabulary encodes as
+    `<unk>` (with a warning): a prompt such as the trainer's default sample prompt still
+    runs, and the warning says which word was not known.
+    """
+
+    UNK_TOKEN = "<unk>"
+
+    def __init__(self, words: Sequence[str], name: str = "words") -> None:
+        words = list(words)
+        specials = [BOS_TOKEN, self.UNK_TOKEN]
+        bad = [w for w in words if not isinstance(w, str) or not w or w.split() != [w]
+               or w in specials]
+        if bad:
+            raise ValueError(f"word {bad[0]!r} can not be a token of a word vocabulary (a "
+                             f"non-empty string without whitespace, not {specials})")
+        if len(set(words)) != len(words):
+            dup = next(w for w in words if words.count(w) > 1)
+            raise ValueError(f"word {dup!r} appears twice in the vocabulary")
+        self.words = words
+        self._tokens = specials + words
+        self._ids = {w: i for i, w in enumerate(self._tokens)}
+        self.name = name
+        self.vocab_size = len(self._tokens)
+        self.bos_id, self.unk_id = 0, 1
+        self.special_ids = {0, 1}
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        texts = _check_texts(texts)
+        out = [[self._ids.get(w, self.unk_id) for w in t.split()] for t in texts]
+        if any(self.unk_id in ids for ids in out):
+            unknown = next(w for t in texts for w in t.split() if w not in self._ids)
+            logger.warning("%s: %r (and maybe other words) are not in the vocabulary: encoded "
+                           "as %s", self.name, unknown, self.UNK_TOKEN)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self._tokens[i] for i in self._check_ids(ids))
+
+    def token_bytes(self) -> torch.Tensor:
+        # a word's bytes and the space that separates it from the next (bits per byte)
+        return torch.tensor([0 if i in self.special_ids else len(w.encode("utf-8")) + 1
+                             for i, w in enumerate(self._tokens)], dtype=torch.long)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_meta(directory, {"kind": "words", "vocab_size": self.vocab_size,
+                                "bos_token": BOS_TOKEN, "words": self.words})
         return directory
 
 
@@ -262,8 +343,65 @@ def nanochat_tokenizer(config: ModelConfig):
     return Qwen3Tokenizer(bos_token=QWEN3_BOS_TOKEN)
 
 
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+def _named_token(value: Any) -> str | None:
+    """A token as tokenizer_config.json stores it: a string or {"content": string}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load_hf_folder_tokenizer(folder: str | Path) -> BPETokenizer:
+    """The tokenizer of a Hugging Face model folder (`tokenizer.json`, read by `tokenizers`;
+    no `transformers` needed). A prompt starts with the token the tokenizer itself puts first
+    (its BOS, if its post-processor adds one), else its document separator `<|endoftext|>`,
+    else its BOS or EOS: the token that preceded documents in pre-training (the rule of
+    `loopedlm.evaluate.external`). The end-of-text token is tokenizer_config.json's
+    `eos_token`, else config.json's `eos_token_id`."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folder = Path(folder)
+    try:
+        hf = HFTokenizer.from_file(str(folder / HF_FILE))
+    except Exception as exc:  # tokenizers raises its own exception type
+        raise ValueError(f"{folder / HF_FILE} could not be read as a tokenizer: {exc}") from None
+    settings = _read_json_object(folder / HF_TOKENIZER_CONFIG)
+    model_config = _read_json_object(folder / "config.json")
+
+    def by_id(key: str) -> str | None:
+        token_id = model_config.get(key)
+        return hf.id_to_token(token_id) if isinstance(token_id, int) else None
+    bos = _named_token(settings.get("bos_token")) or by_id("bos_token_id")
+    eos = _named_token(settings.get("eos_token")) or by_id("eos_token_id")
+    first = hf.encode("a", add_special_tokens=True).ids[:1]
+    if bos is not None and first == [hf.token_to_id(bos)]:
+        prompt_token = bos  # the tokenizer adds it: the model was trained so
+    elif hf.token_to_id(DOCUMENT_SEPARATOR) is not None:
+        prompt_token = DOCUMENT_SEPARATOR
+    elif bos or eos:
+        prompt_token = bos or eos
+    else:
+        raise ValueError(f"{folder}: the tokenizer has no BOS, {DOCUMENT_SEPARATOR} or EOS "
+                         f"token to start a prompt with")
+    return BPETokenizer(hf, name=str(folder), bos_token=prompt_token, eos_token=eos)
+
+
 def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
-    """`qwen3`, or a folder written by `Tokenizer.save` (a run folder's `tokenizer/` also works)."""
+    """`qwen3`, or a folder written by `Tokenizer.save` (a run folder's `tokenizer/` also
+    works), or a Hugging Face model folder's `tokenizer.json` (`load_hf_folder_tokenizer`)."""
     if str(name_or_dir) in NAMED_TOKENIZERS:
         return Qwen3Tokenizer()
     path = Path(name_or_dir)
@@ -272,6 +410,8 @@ def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
                                 f"({', '.join(NAMED_TOKENIZERS)}) nor an existing folder")
     if not (path / META_FILE).exists() and (path / "tokenizer" / META_FILE).exists():
         path = path / "tokenizer"
+    if not (path / META_FILE).exists() and (path / HF_FILE).exists():
+        return load_hf_folder_tokenizer(path)
     meta_path = path / META_FILE
     if not meta_path.exists():
         raise ValueError(f"{path} is not a loopedlm tokenizer folder: it has no {META_FILE} "
@@ -295,9 +435,16 @@ def load_tokenizer(name_or_dir: str | Path) -> Tokenizer:
             hf = HFTokenizer.from_file(str(path / HF_FILE))
         except Exception as exc:
             raise ValueError(f"{path / HF_FILE} could not be read as a tokenizer: {exc}") from None
-        tok = BPETokenizer(hf, name=str(path))
+        tok = BPETokenizer(hf, name=str(path), bos_token=meta.get("bos_token", BOS_TOKEN),
+                           eos_token=meta.get("eos_token"))
         if meta.get("vocab_size") not in (None, tok.vocab_size):
             raise ValueError(f"{path}: {HF_FILE} has {tok.vocab_size} ids but {META_FILE} says "
                              f"{meta['vocab_size']}")
         return tok
-    raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r} (allowed: 'qwen3', 'bpe')")
+    if kind == "words":
+        words = meta.get("words")
+        if not isinstance(words, list):
+            raise ValueError(f"{meta_path}: a 'words' tokenizer needs its list of words")
+        return WordTokenizer(words, name=str(path))
+    raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r} (allowed: 'qwen3', 'bpe', "
+                     f"'words')")

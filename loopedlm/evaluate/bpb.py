@@ -17,8 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from loopedlm.model.attention import norm
-
 
 def _last_loop_nats(model: Any, inputs: torch.Tensor, targets: torch.Tensor,
                     n_loops: int | None) -> torch.Tensor:
@@ -29,10 +27,11 @@ def _last_loop_nats(model: Any, inputs: torch.Tensor, targets: torch.Tensor,
         n_loops = model.config.loops(n_loops)
         loop_inputs, previous = model.prepare(inputs), None
         for loop in range(n_loops):
-            previous = norm(model.loop(loop_inputs, previous, loop))
+            previous = model.loop_state(model.loop(loop_inputs, previous, loop))
         count = (targets >= 0).sum()
         # mean over the counted targets, times their count (0 when none: no 0/0 = nan)
-        return torch.where(count > 0, model.loss(previous, targets).double() * count, 0.0)
+        return torch.where(count > 0, model.loss(previous, targets, loop_inputs.plan).double() * count,
+                           0.0)
     kwargs = {} if n_loops is None else {"n_loops": n_loops}
     logits = model(inputs, **kwargs).float()
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),

@@ -59,6 +59,7 @@ def model_kind(path: str | Path) -> str:
     raises FileNotFoundError / ValueError naming what is allowed."""
     from loopedlm.model.checkpoint import MODEL_FILE
     from loopedlm.model.hf_folder import is_exported_folder
+    from loopedlm.model.public import public_model_type
 
     path = Path(path)
     if not path.exists():
@@ -67,6 +68,8 @@ def model_kind(path: str | Path) -> str:
         if path.suffix.lower() == ".gguf":
             return "gguf"
         raise ValueError(f"{path} is a file but not a .gguf model: give {ALLOWED_MODELS}")
+    if public_model_type(path) is not None:  # a public looped model (Ouro): loopedlm runs it
+        return "loopedlm"
     if _is_hf_folder(path) and not is_exported_folder(path):  # `loopedlm export` folders are ours
         return "hf"
     if not (path / MODEL_FILE).exists() and not any(path.glob(f"checkpoints/*/{MODEL_FILE}")):

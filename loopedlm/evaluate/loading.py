@@ -43,6 +43,10 @@ def run_data_dir(model_folder: Path, meta: dict[str, Any]) -> Path | None:
     for config in configs:
         value = _find_key(config, "data_dir")
         if value is not None:
+            from loopedlm.data.synthetic import synthetic_spec_dir
+
+            if value and synthetic_spec_dir(value) is not None:
+                return synthetic_spec_dir(value)
             if value:
                 return Path(value)
             from loopedlm.data.corpus import default_data_dir

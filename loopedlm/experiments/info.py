@@ -3,7 +3,6 @@ token at several loop counts."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,9 @@ import torch
 
 from loopedlm.common.overrides import coerce_fields, parse_overrides
 from loopedlm.evaluate.tasks import PAPER_LOOPS
-from loopedlm.model.checkpoint import CONFIG_FILE, resolve_model_folder
+from loopedlm.model.checkpoint import resolve_model_folder, saved_model_config
 from loopedlm.model.config import PRESETS, ModelConfig
 from loopedlm.model.gpt import LoopedGPT
-from loopedlm.model.hf_folder import exported_meta
 
 
 def describe(config: ModelConfig) -> dict:
@@ -65,8 +63,7 @@ def target_config(target: str, overrides: dict[str, Any] | None = None) -> Model
         raise FileNotFoundError(f"{target!r} is neither a preset ({', '.join(PRESETS)}) "
                                 "nor a run or checkpoint folder")
     folder = resolve_model_folder(target)
-    saved = (exported_meta(folder) or json.loads((folder / CONFIG_FILE).read_text()))["model"]
-    return ModelConfig.from_dict({**saved, **(overrides or {})})
+    return ModelConfig.from_dict({**saved_model_config(folder), **(overrides or {})})
 
 
 __all__ = ["describe", "format_table", "preset_overrides", "target_config"]

@@ -291,7 +291,7 @@ def _eval_command(sweep: Sweep, spec: RunSpec, run_dir: Path) -> list[str] | Non
         loops = [trained] if trained is not None else None
     cmd = [sys.executable, "-m", "loopedlm", "eval", str(run_dir), "--out", str(run_dir / "eval")]
     if loops:
-        cmd += ["--loops", ",".join(str(n) for n in loops)]
+        cmd += ["--n-loops", ",".join(str(n) for n in loops)]
     return cmd + [str(a) for a in sweep.eval.get("args", [])]
 
 

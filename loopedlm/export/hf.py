@@ -25,6 +25,7 @@ from loopedlm.data.tokenizer import Tokenizer, load_tokenizer
 from loopedlm.export.hf_tokenizer import SpecialTokens, special_tokens, write_hf_tokenizer
 from loopedlm.export.model_card import model_card
 from loopedlm.export.run_record import run_record
+from loopedlm.model.backbones import NANOCHAT
 from loopedlm.model.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -82,6 +83,10 @@ def write_hf_model(model: LoopedGPT, folder: str | Path, *, tokenizer: Tokenizer
     """Write `model` (and, when given, its tokenizer and the run's record) into `folder` as a
     Hugging Face folder. Without a tokenizer, no tokenizer files, generation config or BOS
     are written (enough for the logits)."""
+    if model.config.backbone != NANOCHAT:  # the exported code is loopedlm's own model
+        raise ValueError(f"loopedlm export writes loopedlm's own models; this one has backbone="
+                         f"{model.config.backbone!r}, a public model whose own Hugging Face "
+                         f"folder and code are the export")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     special = None

@@ -49,13 +49,16 @@ class StaticKVCache:
 
     `slot_of_loop[t]` is loop t's cache slot (`loop_slot_map`). With `share_first_layer`,
     layer 0 has a single entry that every loop reads (its keys and values do not depend on
-    the loop in `flt`/`ltai`: `LoopMode.first_layer_kv_invariant`)."""
+    the loop in `flt`/`ltai`: `LoopMode.first_layer_kv_invariant`). Layers outside the loop
+    (a prelude's and a coda's, numbered after the `depth` looped ones: Huginn) have a single
+    entry too, written by every pass that runs them."""
 
     def __init__(self, config: ModelConfig, max_batch: int, max_len: int,
                  slot_of_loop: list[int], *, share_first_layer: bool,
                  dtype: torch.dtype, device: torch.device | str):
         self.slot_of_loop = list(slot_of_loop)
         self.share_first_layer = share_first_layer
+        self.dtype = dtype
         self.max_batch, self.max_len = max_batch, max_len
         n_slots = max(slot_of_loop) + 1
         shape = (max_batch, config.n_kv_head, max_len, config.head_dim)
@@ -65,19 +68,22 @@ class StaticKVCache:
                      torch.zeros(shape, dtype=dtype, device=device)) for _ in range(count)]
         self.entries = [entries(1) * n_slots if layer == 0 and share_first_layer
                         else entries(n_slots) for layer in range(config.depth)]
+        self.entries += [entries(1) * n_slots for _ in range(config.n_layers - config.depth)]
 
     def entry(self, loop: int, layer: int) -> Entry:
         """The (keys, values) tensors that loop `loop` (0-based) of `layer` uses."""
         return self.entries[layer][self.slot_of_loop[loop]]
 
-    def loop_entries(self, loop: int, batch: int, kv_len: int) -> list[Entry]:
-        """Loop `loop`'s entries of every layer, as views of rows [0, batch) and key
-        positions [0, kv_len): what one loop of a decode step reads and writes."""
-        return [(k[:batch, :, :kv_len], v[:batch, :, :kv_len])
+    def loop_entries(self, loop: int, batch: int, kv_len: int, start: int = 0) -> list[Entry]:
+        """Loop `loop`'s entries of every layer, as views of rows [start, start + batch) and
+        key positions [0, kv_len): what one loop of a decode pass reads and writes."""
+        rows = slice(start, start + batch)
+        return [(k[rows, :, :kv_len], v[rows, :, :kv_len])
                 for k, v in (self.entry(loop, layer) for layer in range(len(self.entries)))]
 
     def writes(self, loop: int, layer: int) -> bool:
-        """Whether this loop writes its keys/values (a shared first layer: loop 0 only)."""
+        """Whether this loop writes its keys/values (a shared first layer: loop 0 only; a
+        layer outside the loop: every time it runs)."""
         return not (layer == 0 and self.share_first_layer and loop > 0)
 
     def nbytes(self) -> int:
@@ -118,14 +124,17 @@ class ChunkWrites:
 
 
 class StepWrites:
-    """A `CacheWriter` for one loop of a decode step, one token per row.
+    """A `CacheWriter` for one loop of a decode pass: T new tokens per row (T = 1 in a decode
+    step; the drafted tokens and the one before them in a verify pass of speculative
+    decoding).
 
     entries: that loop's (keys, values) per layer (`StaticKVCache.loop_entries`). Row
-    rows[b] writes its token at pos[b], except where `live` is False (with shared cache
-    slots, a row past its own loop count: the slot holds another loop's keys).
-    write_first: whether layer 0 writes (a shared first layer is written by loop 0 only).
-    gather: `rows` is a strict subset (adaptive rows still looping): attention reads those
-    rows only, gathered.
+    rows[b] (an index into the entries' rows) writes its tokens at positions pos[b] ..
+    pos[b] + T - 1, except where `live` is False (with shared cache slots, a row past its
+    own loop count: the slot holds another loop's keys; T = 1). write_first: whether layer 0
+    writes (a shared first layer is written by loop 0 only). gather: `rows` is a strict
+    subset of the entries' rows (adaptive rows still looping, speculative rows): attention
+    reads those rows only, gathered.
 
     The loop index `insert` gets is not used: the entries are this loop's already, so that
     one compiled graph serves every loop (`compile="loop"`)."""
@@ -134,17 +143,26 @@ class StepWrites:
                  write_first: bool, live: torch.Tensor | None = None, gather: bool = False):
         self.entries, self.rows, self.pos = entries, rows, pos
         self.write_first, self.live, self.gather = write_first, live, gather
+        self._positions: torch.Tensor | None = None
 
     def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> Entry:
         k_all, v_all = self.entries[layer]
         if layer > 0 or self.write_first:
-            new_k, new_v = k[:, :, 0], v[:, :, 0]
-            if self.live is not None:
-                live = self.live[:, None, None]
-                new_k = torch.where(live, new_k, k_all[self.rows, :, self.pos])
-                new_v = torch.where(live, new_v, v_all[self.rows, :, self.pos])
-            k_all[self.rows, :, self.pos] = new_k
-            v_all[self.rows, :, self.pos] = new_v
+            if k.size(2) == 1:
+                new_k, new_v = k[:, :, 0], v[:, :, 0]
+                if self.live is not None:
+                    live = self.live[:, None, None]
+                    new_k = torch.where(live, new_k, k_all[self.rows, :, self.pos])
+                    new_v = torch.where(live, new_v, v_all[self.rows, :, self.pos])
+                k_all[self.rows, :, self.pos] = new_k
+                v_all[self.rows, :, self.pos] = new_v
+            else:
+                if self._positions is None:
+                    span = torch.arange(k.size(2), device=self.pos.device)
+                    self._positions = self.pos[:, None] + span
+                rows = self.rows[:, None]
+                k_all[rows, :, self._positions] = k.transpose(1, 2)
+                v_all[rows, :, self._positions] = v.transpose(1, 2)
         if self.gather:
             return k_all[self.rows], v_all[self.rows]
         return k_all, v_all

@@ -34,9 +34,13 @@ fallback, measured in benchmarks/bench_engine.py.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
+import os
 import random
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,11 +48,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loopedlm.common.paths import loopedlm_home
 from loopedlm.common.validation import is_int
-from loopedlm.infer.cache import ChunkWrites, StaticKVCache, StepWrites, loop_slot_map
-from loopedlm.infer.options import COMPILE_MODES, CRITERIA
-from loopedlm.infer.sampling import SamplingParams, sample_rows
-from loopedlm.model.attention import AttentionPlan, attention_masks, norm, rotary_at
+from loopedlm.infer.cache import ChunkWrites, Entry, StaticKVCache, StepWrites, loop_slot_map
+from loopedlm.infer.exits import (
+    EXIT_CRITERIA,
+    LoopSignals,
+    check_criterion,
+    default_criterion,
+    rows_converged,
+    update_exit_cdf,
+)
+from loopedlm.infer.options import (
+    COMPILE_MODES,
+    CRITERIA,
+    DEFAULT_DRAFT_TOKENS,
+    MAX_DRAFT_TOKENS,
+)
+from loopedlm.infer.sampling import (
+    CORRECT,
+    DRAFT,
+    SamplingParams,
+    row_probs,
+    sample_rows,
+    speculative_accept,
+)
+from loopedlm.model.attention import AttentionPlan, attention_masks, rotary_at
 from loopedlm.model.config import check_token_ids
 from loopedlm.model.gpt import LoopedGPT, LoopInputs
 
@@ -56,39 +81,55 @@ log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
 MAX_LOGPROBS = 5  # most likely tokens a step reports per row (as OpenAI's `logprobs` <= 5)
+# compile="auto" on CPU: a step variant is compiled (on a worker thread) once it has run this
+# many times, so short generations never pay for a compile (measured in bench_decode.py)
+AUTO_COMPILE_AFTER = 32
+COMPILED_VARIANTS = 256  # graphs of the compiled step (one per step variant) before eager
 
 
 # ---- the per-row options -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AdaptiveLoops:
-    """Stop looping a decoded token once its loop state has converged (the prompt always runs
+    """Stop looping a decoded token once its exit criterion says so (the prompt always runs
     every loop). The skipped loops' cache entries at that position get the keys and values of
     the token's last computed loop: convergence means the loop map is (nearly) at a fixed
     point for this token, so the next loop would write (nearly) the same keys; copying them
     is the best estimate that costs no compute (docs/design.md#decoding).
 
-    criterion "state" (default): relative change of the loop output,
-        ||h^t - h^{t-1}|| / ||h^t|| < threshold. Free: h^t is computed anyway, and it is
-        what the next loop reads.
-    criterion "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
+    criterion: one of `loopedlm.infer.exits.EXIT_CRITERIA`; None (default): the model's own,
+        `gate` for a model with an exit gate (Ouro), else `state`.
+      "state": relative change of the loop output, ||h^t - h^{t-1}|| / ||h^t|| < threshold.
+        Free: h^t is computed anyway, and it is what the next loop reads.
+      "kl": KL(p_t || p_{t-1}) < threshold between successive loops' next-token
         distributions (nats). Closer to what the user sees, but it costs one LM-head
         evaluation per loop, which for small models is as large as a loop itself.
-    min_loops: never stop before this many loops (>= 2: a change needs two loops).
+      "kl_previous": Huginn's: KL(p_{t-1} || p_t) < threshold, p_0 uniform.
+      "gate": Ouro's rule: the cumulative exit probability of its gate reaches threshold.
+    min_loops: never stop before this many loops (None: the criterion's earliest, 2 for a
+        change between loops, 1 for the gate and kl_previous).
     """
 
     threshold: float
-    criterion: str = "state"
-    min_loops: int = 2
+    criterion: str | None = None
+    min_loops: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, int | float) or math.isnan(self.threshold) \
                 or self.threshold < 0:
             raise ValueError(f"adaptive_threshold={self.threshold!r} is not allowed: a number >= 0")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"adaptive_criterion={self.criterion!r} is not allowed: choose one "
-                             f"of {list(CRITERIA)}")
-        if not is_int(self.min_loops) or self.min_loops < 2:
-            raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= 2")
+        if self.criterion is not None:
+            check_criterion(self.criterion, has_exit_gate=True)
+        first = 1 if self.criterion is None else EXIT_CRITERIA[self.criterion].first_loop
+        if self.min_loops is not None and (not is_int(self.min_loops) or self.min_loops < first):
+            raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= {first}")
+
+    def resolved(self, has_exit_gate: bool) -> AdaptiveLoops:
+        """These settings for a model (`has_exit_gate`): criterion and min_loops filled, and
+        checked against it."""
+        criterion = default_criterion(has_exit_gate) if self.criterion is None else self.criterion
+        check_criterion(criterion, has_exit_gate)
+        return AdaptiveLoops(self.threshold, criterion, EXIT_CRITERIA[criterion].first_loop
+                             if self.min_loops is None else self.min_loops)
 
 
 @dataclass(frozen=True)
@@ -103,6 +144,10 @@ class SequenceParams:
     logprobs: None, or report each sampled token's log-probability and the `logprobs` (0 ..
         MAX_LOGPROBS) most likely tokens' (`StepOutput.host_logprobs`): the model's
         distribution, before temperature and top-k/top-p.
+    draft_loops: self-speculative decoding (docs/design.md#decoding): the same weights at
+        this many loops (1 .. n_loops - 1) draft `draft_tokens` tokens, which one pass at
+        n_loops verifies; the output is the n_loops output exactly (greedy: token for token;
+        sampling: in distribution). None: off.
     """
 
     n_loops: int | None = None
@@ -110,6 +155,8 @@ class SequenceParams:
     max_new_tokens: int | None = None
     stop_ids: tuple[int, ...] = ()
     adaptive: AdaptiveLoops | None = None
+    draft_loops: int | None = None
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +172,17 @@ class SequenceParams:
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs={self.logprobs!r} is not allowed: an integer in "
                              f"[0, {MAX_LOGPROBS}] (or None)")
+        check_draft_loops(self.draft_loops, self.n_loops)
+        if not is_int(self.draft_tokens) or not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft_tokens={self.draft_tokens!r} is not allowed: an integer "
+                             f"in [1, {MAX_DRAFT_TOKENS}]")
+        if self.draft_loops is not None and self.adaptive is not None:
+            raise ValueError("draft_loops and adaptive loops do not combine: speculative "
+                             "decoding verifies at a fixed n_loops")
+        if self.logprobs is not None and self.draft_loops is not None:
+            raise ValueError(f"logprobs={self.logprobs!r} is not allowed with "
+                             f"draft_loops={self.draft_loops!r}: speculative decoding does not "
+                             f"report logprobs (leave out one of them)")
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
 
     @property
@@ -176,7 +234,9 @@ class StepKey:
 
     batch: the bucket. n_loops: the loops it runs (the largest of its rows). kv_len: key
     positions attended. mixed: rows differ in n_loops. filtered: a row uses top-k/top-p.
-    greedy: every row is greedy (no noise to draw). logprobs: a row asks for logprobs."""
+    greedy: every row is greedy (no noise to draw). speculative: some rows decode
+    speculatively (they take their tokens from their verified ones instead). logprobs: a row
+    asks for logprobs."""
 
     batch: int
     n_loops: int
@@ -184,7 +244,24 @@ class StepKey:
     mixed: bool
     filtered: bool
     greedy: bool
+    speculative: bool = False
     logprobs: bool = False
+
+
+def check_draft_loops(draft_loops: int | None, n_loops: int | None) -> None:
+    """A ValueError naming both counts unless the draft runs fewer loops than the model it
+    drafts for (where a speculative request enters: `SequenceParams`, the engine, the
+    server); n_loops None (not known yet): an integer >= 1. The one check of draft_loops."""
+    if draft_loops is None:
+        return
+    if n_loops is None:
+        if not (is_int(draft_loops) and draft_loops >= 1):
+            raise ValueError(f"draft_loops={draft_loops!r} is not allowed: an integer >= 1, "
+                             f"below n_loops (or None)")
+    elif not (is_int(draft_loops) and 1 <= draft_loops < n_loops):
+        raise ValueError(f"draft_loops={draft_loops!r} is not allowed with n_loops={n_loops}: "
+                         f"the draft runs fewer loops than the model it drafts for "
+                         f"(1 .. {n_loops - 1})")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -197,34 +274,112 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def capture_step(body: Callable[[], None], state: list[torch.Tensor],
-                 device: torch.device) -> Callable[[], None]:
+                 device: torch.device, pool: Any = None) -> Callable[[], None]:
     """CUDA-graph capture of a step `body` that updates the tensors `state` in place: warm
-    up (which advances the state), put the state back, then record. Keys/values the warm-up
-    wrote lie at or after each row's position, so the real steps rewrite them before any
-    query can read them. Off CUDA the same procedure runs and the 'replay' is a plain call
-    (tested on CPU)."""
+    up (which advances the state), put the state back, then record, on `device` (the
+    engine's, whichever device the calling thread has current) and into memory `pool`
+    (`torch.cuda.graph_pool_handle()`: one pool that all of an engine's graphs share;
+    None: a private one). Keys/values the warm-up wrote lie at or after each row's position,
+    so the real steps rewrite them before any query can read them. Unlike
+    `torch.cuda.graph`, the capture does not synchronise and empty the allocator's cache
+    each time. Off CUDA the same procedure runs and the 'replay' is a plain call (tested on
+    CPU)."""
     saved = [t.clone() for t in state]
     on_cuda = device.type == "cuda"
-    stream = torch.cuda.Stream() if on_cuda else None
-    try:
-        if on_cuda:
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    body()
-            torch.cuda.current_stream().wait_stream(stream)
-        else:
-            for _ in range(2):
-                body()
-    finally:  # also when the warm-up fails: a failed step leaves every slot as it was
+
+    def restore() -> None:
         for tensor, value in zip(state, saved, strict=True):
             tensor.copy_(value)
     if not on_cuda:
+        try:
+            for _ in range(2):
+                body()
+        finally:  # also when the warm-up fails: a failed step leaves every slot as it was
+            restore()
         return body
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(stream):
+                try:
+                    for _ in range(2):
+                        body()
+                finally:  # (as above)
+                    restore()
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(*(() if pool is None else (pool,)))
+                try:
+                    body()
+                finally:
+                    graph.capture_end()
+        finally:
+            torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay
+
+
+def use_compile_cache() -> None:
+    """Keep torch.compile's on-disk caches (Inductor's FX-graph and AOTAutograd caches) under
+    $LOOPEDLM_HOME/torch_compile, unless TORCHINDUCTOR_CACHE_DIR is set: the kernels a run
+    compiles are reused by the next run, which then compiles in seconds."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(loopedlm_home() / "torch_compile"))
+
+
+def stand_ins(tree: Any) -> Any:
+    """`tree` (objects, lists, tuples of tensors) with every tensor replaced by a zero
+    tensor of the same shape, strides, dtype and device, tensors that share storage mapped
+    to views of one new storage: what a compile sees is the same, and warming it up on the
+    stand-ins leaves the real tensors alone."""
+    storages: dict[int, torch.Tensor] = {}
+    seen: dict[int, Any] = {}
+
+    def stand_in(t: torch.Tensor) -> torch.Tensor:
+        # a view's base too has the shape and strides of the real one (a compile guards it)
+        real = t if t._base is None else t._base
+        base = storages.get(real.untyped_storage().data_ptr())
+        if base is None:
+            base = torch.empty_strided(real.size(), real.stride(), dtype=real.dtype,
+                                       device=real.device).zero_()
+            storages[real.untyped_storage().data_ptr()] = base
+        return base if t is real else base.as_strided(t.size(), t.stride(), t.storage_offset())
+
+    def walk(x: Any) -> Any:
+        if id(x) in seen:
+            return seen[id(x)]
+        if isinstance(x, torch.Tensor):
+            out = stand_in(x)
+        elif isinstance(x, list | tuple):
+            out = type(x)(walk(item) for item in x)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            out = copy.copy(x)
+            for name, value in vars(x).items():
+                if isinstance(value, torch.Tensor | list | tuple):
+                    setattr(out, name, walk(value))
+        else:
+            out = x
+        seen[id(x)] = out
+        return out
+    return walk(tree)
+
+
+@dataclass
+class SpeculationStats:
+    """Self-speculative decoding so far: verify passes (one per row per round), tokens
+    drafted, tokens emitted (the kept drafts and the verify pass's own token)."""
+
+    rounds: int = 0
+    drafted: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Share of the drafted tokens that the verify passes kept."""
+        return (self.emitted - self.rounds) / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Mean tokens out of one verify pass (1 .. draft_tokens + 1)."""
+        return self.emitted / self.rounds if self.rounds else float("nan")
 
 
 # ---- per-slot state ----------------------------------------------------------------------------
@@ -234,6 +389,8 @@ class SlotInfo:
 
     params: SequenceParams
     length: int = 0  # tokens in the cache (an upper bound once finished)
+    pending: int = 0  # speculative: verified tokens not yet emitted
+    ending: bool = False  # speculative: the pending tokens finish the sequence
 
 
 class SlotState:
@@ -261,6 +418,14 @@ class SlotState:
         self.active = state(torch.bool, False)
         self.finished = state(torch.bool, False)
         self.stop_table = torch.full((max_batch, 1), -1, dtype=torch.long, device=device)
+        self.rows = torch.arange(max_batch, device=device)  # each row's index (constant)
+        # self-speculative decoding: a row's verified tokens wait here (`pending`), and the
+        # next steps emit them one per step (`pending_at`: the next one to emit)
+        self.speculative = state(torch.bool, False)
+        self.draft_loops = state(torch.long, 1)
+        self.pending = torch.zeros((max_batch, MAX_DRAFT_TOKENS + 1), dtype=torch.long,
+                                   device=device)
+        self.pending_at = state(torch.long)
         # the step's static outputs
         self.out_tokens = state(torch.long, -1)
         self.out_loops = state(torch.long)
@@ -297,6 +462,9 @@ class SlotState:
         self.counter[slot] = 0
         self.finished[slot] = False
         self.active[slot] = True
+        self.speculative[slot] = params.draft_loops is not None
+        self.draft_loops[slot] = params.draft_loops or 1
+        self.pending_at[slot] = 0
         return grew
 
     def close(self, slot: int) -> None:
@@ -332,35 +500,133 @@ class SlotState:
         self.counter[rows] = counter
         self.finished[rows] = self.finished[rows] | (live & done)
 
+    def pop_pending(self, rows: slice, sampled: torch.Tensor) -> torch.Tensor:
+        """`sampled` (rows,) with each speculative row's next verified token instead (the
+        row moves on to the one after)."""
+        speculative = self.speculative[rows]
+        at = self.pending_at[rows]
+        verified = self.pending[rows].gather(1, at[:, None])[:, 0]
+        self.pending_at[rows] = at + speculative.long()
+        return torch.where(speculative, verified, sampled)
+
     def step_state(self) -> list[torch.Tensor]:
         """The tensors a step changes (what a capture's warm-up must put back)."""
         return [self.tokens, self.pos, self.counter, self.finished, self.out_tokens,
-                self.out_loops, self.out_logprobs, self.out_top_ids, self.out_top_logprobs]
+                self.out_loops, self.out_logprobs, self.out_top_ids, self.out_top_logprobs,
+                self.pending_at]
+
+# ---- the passes: a plan, one loop of a decode step, the fixed-loop step ---------------------------
+def pass_plan(model: LoopedGPT, slots: torch.Tensor, n_keys: int, dtype: torch.dtype, *,
+              from_start: bool = False, cache: Any = None,
+              fused: list[torch.Tensor | None] | None = None) -> AttentionPlan:
+    """The plan of a decoding pass whose queries sit at positions `slots` (B|1, T) over key
+    positions [0, n_keys), built once per pass for every layer and loop: the RoPE tables in
+    the weights' dtype (the model keeps them in bf16, as nanochat, and an fp32 stream would
+    promote them in every multiply; converting once is exact), the masks additive (SDPA
+    would convert a boolean mask in every layer) and the fused projections."""
+    cos, sin = rotary_at(model.cos, model.sin, slots)
+    masks = attention_masks(model.config, slots, n_keys, from_start=from_start, dtype=dtype)
+    return AttentionPlan(cos.to(dtype), sin.to(dtype), masks, cache, fused)
 
 
-# ---- one loop of a decode step ---------------------------------------------------------------
 def decode_loop(model: LoopedGPT, inputs: LoopInputs, previous: torch.Tensor | None,
                 writes: StepWrites) -> torch.Tensor:
     """h^t of one loop of a decode step: the model's own loop, on the step's plan with this
     loop's cache writer. A function of its arguments alone (the writer holds this loop's
     entries, so the loop index is not needed), so that torch.compile builds two graphs for
     it (the first loop and every later one), not one per loop."""
-    plan = AttentionPlan(inputs.plan.cos, inputs.plan.sin, inputs.plan.masks, writes)
-    return norm(model.loop(LoopInputs(inputs.x0, inputs.embedded, plan, inputs.first_kv),
-                           previous, 0))
+    plan = inputs.plan
+    plan = AttentionPlan(plan.cos, plan.sin, plan.masks, writes, plan.fused, plan.rows)
+    return model.loop_state(model.loop(replace(inputs, plan=plan), previous, 0))
 
 
-def adaptive_row_settings(adaptive: list[AdaptiveLoops | None], device: torch.device
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (threshold, uses the KL criterion, min_loops) tensors; a row without
-    adaptive loops never converges (threshold -inf)."""
-    def per_row(value, dtype):
-        return torch.tensor(value, dtype=dtype, device=device)
-    inf = float("inf")
-    threshold = per_row([a.threshold if a else -inf for a in adaptive], torch.float32)
-    use_kl = per_row([bool(a and a.criterion == "kl") for a in adaptive], torch.bool)
-    min_loops = per_row([a.min_loops if a else 1 for a in adaptive], torch.long)
-    return threshold, use_kl, min_loops
+def outer_writes(model: LoopedGPT, entries: list[Entry], rows: torch.Tensor,
+                 pos: torch.Tensor, gather: bool = False) -> StepWrites | None:
+    """The cache writer of the layers outside the loop (Huginn's prelude and coda: one entry
+    each, which every loop's `entries` hold), for `rows` of the entries at positions `pos`
+    (`gather`: a subset, read gathered); None for a model without such layers. They write at
+    every pass that runs them, so a coda read out again overwrites its keys."""
+    if model.config.n_layers == model.config.depth:
+        return None
+    return StepWrites(entries, rows, pos, write_first=True, gather=gather)
+
+
+def decode_pass(model: LoopedGPT, tokens: torch.Tensor, pos: torch.Tensor,
+                n_loops: torch.Tensor, rows: torch.Tensor, cache: StaticKVCache,
+                entries: list[list[Entry]], fused: list[torch.Tensor | None], *,
+                max_loops: int, mixed: bool, gather: bool = False,
+                loop_fn: Callable = decode_loop) -> torch.Tensor:
+    """The logits (R, T, V) of `tokens` (R, T) fed at positions pos[r] .. pos[r]+T-1:
+    every row runs `max_loops` loops and (`mixed`: rows differ in `n_loops`) reads out
+    its own last loop's state; with shared cache slots, a row past its own count writes
+    no keys. `entries[loop]`: that loop's cache views (`StaticKVCache.loop_entries`); row r
+    is rows[r] of them (`gather`: a subset, read gathered). Their length is the keys
+    attended (a dynamic size when compiled). Layers outside the loop (a prelude, a coda)
+    write their single entries as they run."""
+    n_keys = entries[0][0][0].size(2)
+    slots = pos[:, None] if tokens.size(1) == 1 else \
+        pos[:, None] + torch.arange(tokens.size(1), device=pos.device)
+    outer = outer_writes(model, entries[0], rows, pos, gather)
+    inputs = model.prepare(tokens, plan=pass_plan(model, slots, n_keys, cache.dtype,
+                                                  cache=outer, fused=fused))
+    shared = mixed and cache.slot_of_loop != list(range(len(cache.slot_of_loop)))
+    previous = final = None
+    for loop in range(max_loops):
+        writes = StepWrites(entries[loop], rows, pos, write_first=cache.writes(loop, 0),
+                            live=(n_loops > loop) if shared else None, gather=gather)
+        h = loop_fn(model, inputs, previous, writes)
+        if mixed:  # each row's output is its own last loop's
+            final = h if final is None else torch.where((n_loops > loop)[:, None, None], h, final)
+        previous = h
+    return model.logits(final if mixed else previous, inputs.plan)
+
+
+def step_logits(model: LoopedGPT, key: StepKey, tokens: torch.Tensor, pos: torch.Tensor,
+                n_loops: torch.Tensor, rows: torch.Tensor, cache: StaticKVCache,
+                key_slots: torch.Tensor, fused: list[torch.Tensor | None],
+                loop_fn: Callable = decode_loop,
+                entries: list[list[Entry]] | None = None) -> torch.Tensor:
+    """Logits (batch, V) of `tokens` (batch,) fed at positions `pos` (`decode_pass` at
+    `key.n_loops`). The keys attended are those at positions `key_slots` (0 .. kv_len-1: a
+    tensor, so that a compiled step takes the length as a dynamic size); `entries[loop]`:
+    that loop's cache views, if made already."""
+    if entries is None:
+        entries = [cache.loop_entries(loop, tokens.size(0), key_slots.size(0))
+                   for loop in range(key.n_loops)]
+    logits = decode_pass(model, tokens[:, None], pos, n_loops, rows, cache, entries, fused,
+                         max_loops=key.n_loops, mixed=key.mixed, loop_fn=loop_fn)
+    return logits[:, -1]
+
+
+def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKVCache,
+               key_slots: torch.Tensor, fused: list[torch.Tensor | None],
+               loop_fn: Callable = decode_loop,
+               entries: list[list[Entry]] | None = None) -> None:
+    """One fixed-loop decode step of rows [0, key.batch): feed each row its last token,
+    sample the next, record it (`SlotState.record`). Static shapes and no host sync: what
+    torch.compile compiles whole (`compile="step"`) and a CUDA graph captures. A function of
+    its arguments, so that a compile can be warmed on stand-ins of the same shapes."""
+    rows = slice(0, key.batch)
+    live = state.active[rows] & ~state.finished[rows]
+    logits = step_logits(model, key, state.tokens[rows], state.pos[rows], state.n_loops[rows],
+                         state.rows[rows], cache, key_slots, fused, loop_fn, entries)
+    if key.greedy:
+        sampled = logits.argmax(dim=-1)
+    else:
+        sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
+    if key.speculative:  # their computed token is discarded (their cache writes are the
+        sampled = state.pop_pending(rows, sampled)  # verified ones again: same inputs)
+    # (a speculative row never asks for logprobs: SequenceParams refuses the pair)
+    state.record(rows, sampled, live, state.n_loops[rows],
+                 logits=logits if key.logprobs else None)
+
+
+def pop_step(state: SlotState, batch: int) -> None:
+    """A step in which every live row is speculative: each emits its next verified token,
+    and nothing is computed."""
+    rows = slice(0, batch)
+    live = state.active[rows] & ~state.finished[rows]
+    state.record(rows, state.pop_pending(rows, state.tokens[rows]), live, state.n_loops[rows])
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -377,10 +643,15 @@ class DecodeEngine:
                  the model is cast once (a copy) if it differs, never per step.
     graphs:      capture each step variant as a CUDA graph (default: on CUDA). On CPU, True
                  runs the same capture procedure (warm-up, state restore) and replays eagerly.
-    compile:     torch.compile the whole step (True or "step": one graph per step variant,
-                 attending over all max_len positions) or one loop ("loop": two graphs); off
-                 by default (see benchmarks/README.md for what it buys). compile_options:
-                 more torch.compile keyword arguments (backend, fullgraph, mode, ...).
+    compile:     "auto" (the default): where it pays: on CUDA the loop ("loop"), replayed in
+                 CUDA graphs; on CPU each step variant runs eagerly until it has run
+                 AUTO_COMPILE_AFTER times, is then compiled whole on a worker thread (warmed
+                 on stand-ins of the step's tensors) while decoding goes on eagerly, and runs
+                 compiled from then on. True or "step": the whole step compiled at once (one
+                 graph per step variant, attending over all max_len positions); "loop": one
+                 loop (two graphs at any loop count); False: eager. torch.compile's caches
+                 live under $LOOPEDLM_HOME/torch_compile. compile_options: more
+                 torch.compile keyword arguments (backend, fullgraph, mode, ...).
 
     It satisfies the server scheduler's `SlotEngine` protocol (`loopedlm.infer.scheduler`).
     """
@@ -389,7 +660,7 @@ class DecodeEngine:
                  max_loops: int | None = None, cache_slots: int | None = None,
                  slot_policy: str = "block", share_first_layer: bool = True,
                  dtype: torch.dtype | None = None, graphs: bool | None = None,
-                 compile: bool | str = False, compile_options: dict[str, Any] | None = None):
+                 compile: bool | str = "auto", compile_options: dict[str, Any] | None = None):
         cfg = model.config
         device = model.lm_head.weight.device
         self.source = model  # the model as given (self.model may be a cast copy)
@@ -400,8 +671,8 @@ class DecodeEngine:
             raise ValueError(f"max_len={max_len!r} is not allowed: an integer in "
                              f"[1, sequence_len={cfg.sequence_len}]")
         if compile not in COMPILE_MODES:
-            raise ValueError(f"compile={compile!r} is not allowed: False, True (= 'step') "
-                             f"or 'loop'")
+            raise ValueError(f"compile={compile!r} is not allowed: 'auto', False, True "
+                             f"(= 'step'), 'step' or 'loop'")
         # the engine's capacity: as many loops as the model runs by default, unless asked
         self.max_loops = cfg.loops(max_loops)
         if dtype is None:
@@ -419,15 +690,66 @@ class DecodeEngine:
         self.state = SlotState(max_batch, max_len, cfg.vocab_size, device)
         self.graphs = device.type == "cuda" if graphs is None else graphs
         self.compile, self.compile_options = compile, dict(compile_options or {})
-        self.loop_fn = torch.compile(decode_loop, **self.compile_options) \
-            if compile == "loop" else decode_loop
-        self.row_index = torch.arange(max_batch, device=device)
+        # what is compiled: "none", "step" (the whole step, at its first run), "loop" (one
+        # loop, two graphs, dynamic shapes so that the eager steps' growing key length and
+        # the batch bucket need no recompile) or "background" (CPU "auto": the whole step,
+        # compiled on a worker thread for a variant that keeps running; eager until then)
+        self.compiles = {False: "none", True: "step", "step": "step", "loop": "loop",
+                         "auto": "loop" if device.type == "cuda" else "background"}[compile]
+        if self.compiles != "none":
+            use_compile_cache()
+        self.loop_fn = decode_loop
+        if self.compiles == "loop":
+            self.loop_fn = torch.compile(decode_loop, **{"dynamic": True, **self.compile_options})
+        self._compiled_step = None
+        if self.compiles in ("step", "background"):
+            dynamic = self.compiles == "background"  # eager-sized key lengths: see _kv_len
+            self._compiled_step = torch.compile(fixed_step,
+                                                **{"dynamic": dynamic, **self.compile_options})
         self._steps: dict[StepKey, Callable[[], None]] = {}
+        self._graph_pool: Any = None  # `_pool`
+        self._entries: dict[tuple[int, int], list[list[Entry]]] = {}
+        self._slots: dict[int, torch.Tensor] = {}
+        self._compile_runs: dict[StepKey, int] = {}  # background: eager runs per variant
+        self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
+        self.speculation = SpeculationStats()
+        # q, k and v projections in one matrix per layer, derived once (and again only if the
+        # weights change: `_sync_weights`); the model's parameters stay as they are
+        self.fused = [block.attn.fused_weight() for block in model.blocks()]
+        self._weights_seen = self._weights_version()
+
+    # ---- the weights ------------------------------------------------------------------------------
+    def _weights_version(self) -> list[tuple[int, int]]:
+        """Where the source model's parameters live and how often they were written in place
+        (an optimizer step, load_state_dict): a change means the engine's derived weights
+        (a cast copy, the fused projections) are stale."""
+        return [(p.data_ptr(), p._version) for p in self.source.parameters()]
+
+    @torch.no_grad()
+    def _sync_weights(self) -> None:
+        """Bring the derived weights up to date with the source model if it changed since
+        (checked as each sequence starts): a model trained between samples decodes with its
+        new weights. Copied in place, so captured CUDA graphs stay valid."""
+        seen = self._weights_version()
+        if seen == self._weights_seen:
+            return
+        if self.model is not self.source:
+            for mine, theirs in zip(self.model.parameters(), self.source.parameters(), strict=True):
+                mine.copy_(theirs)
+        for fused, block in zip(self.fused, self.model.blocks(), strict=True):
+            if fused is not None:
+                fused.copy_(block.attn.fused_weight())
+        self._weights_seen = seen
 
     # ---- slots (the scheduler's protocol: add, step, output, release) ----------------------------
     @property
     def active_slots(self) -> list[int]:
         return sorted(self.state.infos)
+
+    @property
+    def compiled_steps(self) -> int:
+        """Step variants compiled on worker threads and in use (compile="auto" on CPU)."""
+        return sum(self._compiled.values())
 
     @property
     def step_variants(self) -> int:
@@ -473,7 +795,8 @@ class DecodeEngine:
 
     def _resolve(self, params: SequenceParams | None) -> SequenceParams:
         """`params` with n_loops filled (the model's by default, checked against this
-        engine's max_loops) and its stop ids checked against the vocabulary."""
+        engine's max_loops), adaptive loops resolved for the model (`AdaptiveLoops.resolved`)
+        and its stop ids checked against the vocabulary."""
         params = SequenceParams() if params is None else params
         if not isinstance(params, SequenceParams):
             raise ValueError(f"params={params!r} must be a SequenceParams or None")
@@ -481,11 +804,17 @@ class DecodeEngine:
         if n_loops > self.max_loops:
             raise ValueError(f"n_loops={n_loops!r} is not allowed: an integer in "
                              f"[1, {self.max_loops}] (the engine's max_loops)")
+        if params.draft_loops is not None:
+            check_draft_loops(params.draft_loops, n_loops)
+            if self.cache.slot_of_loop != list(range(self.max_loops)):
+                raise ValueError("draft_loops needs the exact cache: with shared cache slots "
+                                 "(cache_slots) a verify pass would read other loops' keys")
         vocab = self.config.vocab_size
         bad = [s for s in params.stop_ids if not is_int(s) or not 0 <= s < vocab]
         if bad:
             raise ValueError(f"unknown stop token {bad[0]!r}: ids lie in [0, {vocab})")
-        return replace(params, n_loops=n_loops)
+        adaptive = params.adaptive and params.adaptive.resolved(self.model.exit_gate is not None)
+        return replace(params, n_loops=n_loops, adaptive=adaptive)
 
     def _prompt(self, slot: int, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Checked token ids (1, T) on the engine's device: where ids enter decoding."""
@@ -525,6 +854,7 @@ class DecodeEngine:
                              f"longer than the context (" + (f"the engine's max_len={limit}"
                              if limit else f"sequence_len={self.config.sequence_len}") + ")")
         n_loops = (params if info is None else info.params).n_loops
+        self._sync_weights()
         logits = self._chunk_logits(slot, idx, start, n_loops)
         if info is None:
             if self.state.open(slot, params):
@@ -543,12 +873,22 @@ class DecodeEngine:
         retried, with or without some slots released."""
         batch = self._bucket()
         infos = list(self.state.infos.values())
+        speculative = [slot for slot, info in self.state.infos.items()
+                       if info.params.draft_loops is not None]
+        if speculative:
+            due = [slot for slot in speculative if not self.state.infos[slot].pending
+                   and not self.state.infos[slot].ending]
+            if due:
+                self._speculate(due)
         if any(info.params.adaptive is not None for info in infos):
             self._adaptive_step(batch)
+        elif len(speculative) == len(infos):  # every row emits a verified token
+            pop_step(self.state, batch)
         else:
             self._runner(self._step_key(batch))()
         for info in infos:
             info.length = min(info.length + 1, self.max_len)
+            info.pending = max(0, info.pending - 1)
         return self.output(batch)
 
     def output(self, batch: int | None = None) -> StepOutput:
@@ -574,6 +914,9 @@ class DecodeEngine:
             raise ValueError(f"slot {full[0]} holds max_len={self.max_len} tokens: no room "
                              f"for another")
         infos = list(state.infos.values())
+        if any(info.params.draft_loops is not None for info in infos):
+            raise ValueError("decode() feeds given tokens: speculative rows (draft_loops) "
+                             "only generate")
         live = state.active[:batch].clone()
         if any(info.params.adaptive is not None for info in infos):
             logits, loops = self._adaptive_logits(tokens, batch)
@@ -592,9 +935,10 @@ class DecodeEngine:
         return next(b for b in self.buckets if b >= highest)
 
     def _kv_len(self) -> int:
-        """Key positions a step attends over: all of them in a captured or compiled step (one
-        graph per variant); in eager steps the longest filled length, rounded up."""
-        if self.graphs or self.compile in (True, "step"):
+        """Key positions a step attends over: all of them in a captured or a statically
+        compiled step (one graph per variant); elsewhere the longest filled length, rounded
+        up."""
+        if self.graphs or self.compiles == "step":
             return self.max_len
         longest = max(info.length for info in self.state.infos.values()) + 1
         return min(self.max_len, -(-longest // KV_LEN_STEP) * KV_LEN_STEP)
@@ -606,141 +950,325 @@ class DecodeEngine:
                        mixed=any(p.n_loops != n_loops for p in params),
                        filtered=any(p.filtered for p in params),
                        greedy=all(p.greedy for p in params),
+                       speculative=any(p.draft_loops is not None for p in params),
                        logprobs=any(p.logprobs is not None for p in params))
+
+    def _loop_entries(self, batch: int, kv_len: int) -> list[list[Entry]]:
+        """Every loop's cache views for rows [0, batch) and key positions [0, kv_len),
+        made once per shape (views of tensors that never move)."""
+        shape = (batch, kv_len)
+        if shape not in self._entries:
+            self._entries[shape] = [self.cache.loop_entries(loop, batch, kv_len)
+                                    for loop in range(self.max_loops)]
+        return self._entries[shape]
+
+    def _key_slots(self, kv_len: int) -> torch.Tensor:
+        """Key positions 0 .. kv_len-1 (made once per length)."""
+        if kv_len not in self._slots:
+            self._slots[kv_len] = torch.arange(kv_len, device=self.device)
+        return self._slots[kv_len]
 
     def _runner(self, key: StepKey) -> Callable[[], None]:
         """The step variant `key`, built once: eager, compiled, or captured as a CUDA graph."""
         if key in self._steps:
             return self._steps[key]
-
-        def body() -> None:
-            self._step_body(key)
-        if self.compile in (True, "step"):
-            body = torch.compile(body, **{"dynamic": False, **self.compile_options})
+        args = (self.model, key, self.state, self.cache, self._key_slots(key.kv_len),
+                self.fused, self.loop_fn)
+        if self.compiles == "step":
+            body = functools.partial(self._compile_step, args)
+        elif self.compiles == "background":
+            body = functools.partial(self._step_or_compile, args)
+        else:  # eager: the cache views made once
+            body = functools.partial(fixed_step, *args,
+                                     entries=self._loop_entries(key.batch, key.kv_len))
         if self.graphs:
-            body = capture_step(body, self.state.step_state(), self.device)
+            body = capture_step(body, self.state.step_state(), self.device, self._pool())
         self._steps[key] = body
         return body
 
-    def _step_body(self, key: StepKey) -> None:
-        state, rows = self.state, slice(0, key.batch)
-        live = state.active[rows] & ~state.finished[rows]
-        logits = self._step_logits(state.tokens[rows], key)
-        if key.greedy:
-            sampled = logits.argmax(dim=-1)
-        else:
-            sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
-        state.record(rows, sampled, live, state.n_loops[rows],
-                     logits=logits if key.logprobs else None)
+    def _compile_step(self, args: tuple) -> None:
+        """Run the compiled step; its first run compiles it. Each variant is one more graph of
+        `fixed_step`: the recompile limit is raised for that compile so that a server's many
+        variants never fall back to eager without a word."""
+        key = args[1]
+        if key in self._compiled:
+            self._compiled_step(*args)
+            return
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+            self._compiled_step(*args)
+        self._compiled[key] = True
+
+    def _step_or_compile(self, args: tuple) -> None:
+        """compile="auto" on CPU: run the variant compiled once a worker thread has compiled
+        it; until then eagerly, and once it has run AUTO_COMPILE_AFTER times (a compile pays
+        only for a variant that keeps running), start that compile, warmed on stand-ins of
+        the step's tensors (`stand_ins`), so that decoding never waits for it."""
+        model, key, *rest = args
+        variant = replace(key, kv_len=0)  # the key length is a dynamic shape
+        done = self._compiled.get(variant)
+        if done:
+            self._compiled_step(model, variant, *rest)
+            return
+        runs = self._compile_runs.get(variant, 0) + 1
+        self._compile_runs[variant] = runs
+        if runs == AUTO_COMPILE_AFTER and done is None:
+            threading.Thread(target=self._compile_in_background, args=(variant, args),
+                             name="loopedlm-compile", daemon=True).start()
+        fixed_step(*args, entries=self._loop_entries(key.batch, key.kv_len))
+
+    def _compile_in_background(self, variant: StepKey, args: tuple) -> None:
+        model, _, state, cache, key_slots, fused, loop_fn = args
+        start = time.perf_counter()
+        try:
+            state, cache = stand_ins((state, cache))
+            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+                self._compiled_step(model, variant, state, cache, key_slots, fused, loop_fn)
+        except Exception:  # the eager step stays: correct, only slower
+            log.warning("decode engine: compiling the step %s failed; it stays eager", variant,
+                        exc_info=True)
+            self._compiled[variant] = False
+            return
+        log.info("decode engine: step %s compiled in %.1fs", variant, time.perf_counter() - start)
+        self._compiled[variant] = True
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until the step variants being compiled on worker threads are (compile="auto"
+        on CPU); whether none is still compiling. For benchmarks and warm-ups."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threading.enumerate():
+            if thread.name == "loopedlm-compile":
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.name == "loopedlm-compile" and t.is_alive()
+                       for t in threading.enumerate())
+
+    def _pool(self) -> Any:
+        """One CUDA-graph memory pool that every captured step of this engine shares."""
+        if self._graph_pool is None and self.device.type == "cuda":
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
 
     # ---- the passes: a prefill chunk, a fixed-loop step, an adaptive step ----------------------
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables at `positions`, in the weights' dtype: the model keeps them in bf16 (as
-        nanochat), and an fp32 stream would promote them in each of the 8 multiplies per
-        layer; converting once per pass is exact."""
-        cos, sin = rotary_at(self.model.cos, self.model.sin, positions)
-        return cos.to(self.dtype), sin.to(self.dtype)
-
-    def _step_plan(self, pos: torch.Tensor, kv_len: int) -> AttentionPlan:
-        """The plan of one token per row at positions `pos`, over key positions [0, kv_len)."""
-        cos, sin = self._rotary(pos[:, None])
-        return AttentionPlan(cos, sin, attention_masks(self.config, pos[:, None], kv_len))
+    def _plan(self, slots: torch.Tensor, n_keys: int, *, from_start: bool = False,
+              cache: Any = None) -> AttentionPlan:
+        return pass_plan(self.model, slots, n_keys, self.dtype, from_start=from_start,
+                         cache=cache, fused=self.fused)
 
     def _chunk_logits(self, slot: int, ids: torch.Tensor, start: int, n_loops: int
                       ) -> torch.Tensor:
         """Logits (T, vocab_size) of `ids` (1, T) appended to `slot`'s cache at `start`."""
         model, end = self.model, start + ids.size(1)
         slots = torch.arange(start, end, device=self.device)[None]
-        cos, sin = self._rotary(slots)
-        plan = AttentionPlan(cos, sin, attention_masks(self.config, slots, end,
-                                                       from_start=start == 0),
-                             ChunkWrites(self.cache, slot, start, end))
+        plan = self._plan(slots, end, from_start=start == 0,
+                          cache=ChunkWrites(self.cache, slot, start, end))
         inputs = model.prepare(ids, plan=plan)
         previous = None
         for loop in range(n_loops):
-            previous = norm(model.loop(inputs, previous, loop))
-        return model.logits(previous)[0]
+            previous = model.loop_state(model.loop(inputs, previous, loop))
+        return model.logits(previous, inputs.plan)[0]
 
     def _step_logits(self, tokens: torch.Tensor, key: StepKey) -> torch.Tensor:
-        """Logits (batch, V) of `tokens` fed at the rows' positions, every row running
-        `key.n_loops` loops and reading its output at its own loop count; with shared cache
-        slots, a row past its own count writes no keys."""
-        model, batch, cache = self.model, tokens.size(0), self.cache
-        pos, n_loops = self.state.pos[:batch], self.state.n_loops[:batch]
-        inputs = model.prepare(tokens[:, None], plan=self._step_plan(pos, key.kv_len))
-        rows = self.row_index[:batch]
-        shared = key.mixed and cache.slot_of_loop != list(range(self.max_loops))
-        previous = final = None
-        for loop in range(key.n_loops):
-            writes = StepWrites(cache.loop_entries(loop, batch, key.kv_len), rows, pos,
-                                write_first=cache.writes(loop, 0),
-                                live=(n_loops > loop) if shared else None)
-            h = self.loop_fn(model, inputs, previous, writes)
-            if key.mixed:  # each row's output is its own last loop's
-                final = h if final is None else torch.where(
-                    (n_loops > loop)[:, None, None], h, final)
-            previous = h
-        return model.logits((final if key.mixed else previous)[:, -1])
+        """`step_logits` of `tokens` (batch,) fed at the rows' positions."""
+        batch, state = tokens.size(0), self.state
+        return step_logits(self.model, key, tokens, state.pos[:batch], state.n_loops[:batch],
+                           state.rows[:batch], self.cache, self._key_slots(key.kv_len),
+                           self.fused, self.loop_fn, self._loop_entries(batch, key.kv_len))
+
+    def _rows_pass(self, slots: list[int], tokens: torch.Tensor, pos: torch.Tensor,
+                   n_loops: list[int], kv_len: int) -> torch.Tensor:
+        """`decode_pass` (logits (R, T, V)) of the rows `slots` only (T tokens each): views
+        of their cache rows when they are contiguous, else gathered."""
+        count, first = len(slots), slots[0]
+        contiguous = slots == list(range(first, first + count))
+        batch = count if contiguous else self._bucket()
+        start = first if contiguous else 0
+        entries = [self.cache.loop_entries(loop, batch, kv_len, start)
+                   for loop in range(max(n_loops))]
+        rows = self.state.rows[:count] if contiguous else \
+            torch.tensor(slots, device=self.device)
+        loops = torch.tensor(n_loops, device=self.device)
+        return decode_pass(self.model, tokens, pos, loops, rows, self.cache, entries,
+                           self.fused, max_loops=max(n_loops),
+                           mixed=len(set(n_loops)) > 1, gather=not contiguous)
+
+    @torch.no_grad()
+    def _speculate(self, slots: list[int]) -> None:
+        """One round of self-speculative decoding for `slots`, whose verified tokens are all
+        emitted (docs/design.md#decoding). From the fed token on, each row drafts G tokens
+        at its draft_loops, one token at a time; one pass at its n_loops then runs the fed
+        token and the drafts, and speculative sampling (`speculative_accept`) keeps the
+        drafts that the n_loops model confirms, plus one of its own: its next G + 1
+        distributions are those of plain decoding at n_loops (the cache holds the n_loops
+        keys of every earlier position). The kept tokens wait in `SlotState.pending`.
+
+        The draft writes cache entries of loops 0 .. draft_loops-1 at the drafted positions,
+        and the verify pass every loop at them; entries past the kept tokens are stale, but
+        every later pass writes a position before any query reads it (a query reads only
+        positions at or before its own), so nothing needs rolling back. One host sync."""
+        state, infos = self.state, [self.state.infos[slot] for slot in slots]
+        rows = torch.tensor(slots, device=self.device)
+        params = [info.params for info in infos]
+        room = min(self.max_len - 1 - info.length for info in infos)
+        n_drafts = max(0, min(min(p.draft_tokens for p in params), room))
+        longest = max(info.length for info in infos) + n_drafts + 1
+        kv_len = min(self.max_len, -(-longest // KV_LEN_STEP) * KV_LEN_STEP)
+        pos, fed, counter = state.pos[rows], state.tokens[rows], state.counter[rows]
+        temperature, top_k, top_p, seed = (t[rows] for t in (state.temperature, state.top_k,
+                                                              state.top_p, state.seed))
+        filtered = any(p.filtered for p in params)
+        drafts, draft_probs, token = [], [], fed
+        for i in range(n_drafts):
+            logits = self._rows_pass(slots, token[:, None], pos + i,
+                                     [p.draft_loops for p in params], kv_len)[:, -1]
+            draft_probs.append(row_probs(logits, temperature, top_k, top_p, filtered=filtered))
+            token = sample_rows(logits, temperature, top_k, top_p, seed, counter + i,
+                                filtered=filtered, stream=DRAFT)
+            drafts.append(token)
+        chunk = torch.stack([fed, *drafts], 1)
+        logits = self._rows_pass(slots, chunk, pos, [p.n_loops for p in params], kv_len)
+        span = n_drafts + 1
+        logits = logits.flatten(0, 1)
+        target = row_probs(logits, temperature.repeat_interleave(span),
+                           top_k.repeat_interleave(span), top_p.repeat_interleave(span),
+                           filtered=filtered).view(len(slots), span, -1)
+        if n_drafts:
+            tokens, emitted = speculative_accept(torch.stack(draft_probs, 1),
+                                                 torch.stack(drafts, 1), target, seed, counter)
+        else:
+            tokens = sample_rows(logits, temperature, top_k, top_p, seed, counter,
+                                 filtered=filtered, stream=CORRECT)[:, None]
+            emitted = torch.ones_like(counter)
+        state.pending[rows, :span] = tokens
+        state.pending_at[rows] = 0
+        # do the kept tokens end the sequence (a stop id, the token budget, the cache)?
+        kept = torch.arange(span, device=self.device) < emitted[:, None]
+        stop = ((tokens[:, :, None] == state.stop_table[rows][:, None, :]).any(-1) & kept).any(1)
+        ends = stop | (counter + emitted >= state.max_new[rows]) | (pos + emitted >= self.max_len)
+        emitted_host, ends_host = torch.stack([emitted, ends.long()]).tolist()
+        for info, count, end in zip(infos, emitted_host, ends_host, strict=True):
+            info.pending, info.ending = count, bool(end)
+        self.speculation.rounds += len(slots)
+        self.speculation.drafted += n_drafts * len(slots)
+        self.speculation.emitted += sum(emitted_host)
 
     def _adaptive_step(self, batch: int) -> None:
         state, rows = self.state, slice(0, batch)
         live = state.active[rows] & ~state.finished[rows]
         logits, loops = self._adaptive_logits(state.tokens[rows], batch)
+        sampled = state.pop_pending(rows, sample_rows(logits, *state.sampling(rows)))
         logprobs = any(info.params.logprobs is not None for info in state.infos.values())
-        state.record(rows, sample_rows(logits, *state.sampling(rows)), live, loops,
-                     logits=logits if logprobs else None)
+        state.record(rows, sampled, live, loops, logits=logits if logprobs else None)
 
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (batch, V), loops spent (batch,)) of `tokens` fed at the rows' positions.
-        Each row stops after the first loop t >= its min_loops whose state converged, or at
-        its own n_loops; stopped rows leave the batch (their blocks do not run) and the cache
-        entries of their skipped loops get the last computed loop's keys/values."""
+        Each row stops after the first loop t >= its min_loops at which its exit criterion
+        says so (`loopedlm.infer.exits`), or at its own n_loops, and leaves the batch: the
+        later loops run the rows still looping only (their attention reads the keys of their
+        own rows of the cache in place, `AttentionPlan.rows`), and the cache entries of a
+        stopped row's skipped loops get its last computed loop's keys/values. A row is read
+        out once, with its last loop's state (and at every loop for a criterion that reads
+        logits; Huginn's coda writes its keys at each read-out, the last one's stay). Open
+        slots only (speculative rows emit verified tokens; the other rows' logits are
+        zeros); one host sync per loop from a row's min_loops on, to learn which rows stop,
+        none at a loop that is every row's last."""
         model, state, cache = self.model, self.state, self.cache
         kv_len = self._kv_len()
-        pos, n_loops = state.pos[:batch], state.n_loops[:batch]
-        adaptive = [info.params.adaptive if info else None
-                    for info in (state.infos.get(r) for r in range(batch))]
-        threshold, use_kl, min_loops = adaptive_row_settings(adaptive, pos.device)
-        any_kl = bool(use_kl.any())
-        all_inputs = model.prepare(tokens[:, None], plan=self._step_plan(pos, kv_len))
-        inputs = all_inputs
-        final = torch.empty_like(all_inputs.embedded)
-        spent = torch.zeros(batch, dtype=torch.long, device=pos.device)
-        active = self.row_index[:batch]
+        slots = [slot for slot in range(batch) if slot in state.infos
+                 and state.infos[slot].params.draft_loops is None]
+        params = [state.infos[slot].params for slot in slots]
+        pos = state.pos[:batch]
+        entries = self._loop_entries(batch, kv_len)
+        # masks of every row, built once; the prelude (Huginn) runs for every row
+        plan = self._plan(pos[:, None], kv_len,
+                          cache=outer_writes(model, entries[0], state.rows[:batch], pos))
+        all_inputs = model.prepare(tokens[:, None], plan=plan)
+        final = torch.zeros_like(all_inputs.embedded)
+        spent = torch.zeros(batch, dtype=torch.long, device=self.device)
+        # the rows still looping, on the host: their loop budget and earliest stop (adaptive
+        # settings are resolved: `_resolve`); on the device: their criteria's settings
+        adaptive = [p.adaptive for p in params]
+        budget = [p.n_loops for p in params]
+        earliest = [min(a.min_loops, n) if a else n for a, n in zip(adaptive, budget, strict=True)]
+        used = sorted({CRITERIA.index(a.criterion) for a in adaptive if a})
+        criterion_ids = torch.tensor([CRITERIA.index(a.criterion) if a else 0 for a in adaptive],
+                                     device=self.device)
+        # a row without adaptive loops never converges (threshold -inf under `state`)
+        threshold = torch.tensor([a.threshold if a else -math.inf for a in adaptive],
+                                 dtype=torch.float32, device=self.device)
+        needs_logits = any(EXIT_CRITERIA[CRITERIA[i]].needs_logits for i in used)
+        needs_gate = any(EXIT_CRITERIA[CRITERIA[i]].needs_gate for i in used)
+        exit_cdf = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
+        remaining = torch.ones_like(exit_cdf)
+        computed = active = torch.tensor(slots, device=self.device)
+        inputs = self._rows_inputs(all_inputs, active, batch, entries)
         previous = previous_logp = None
-        for loop in range(max(info.params.n_loops for info in state.infos.values())):
-            writes = StepWrites(cache.loop_entries(loop, batch, kv_len), active, pos[active],
-                                write_first=cache.writes(loop, 0),
-                                gather=active.numel() < batch)
+        for loop in range(max(budget, default=0)):
+            writes = StepWrites(entries[loop], active, pos[active],
+                                write_first=cache.writes(loop, 0))
             h = decode_loop(model, inputs, previous, writes)
-            spent[active] += 1
-            logp = F.log_softmax(model.logits(h[:, -1]), dim=-1) if any_kl else None
-            last = n_loops[active] == loop + 1
-            if previous is None:
-                converged = torch.zeros_like(last)
+            logp = None
+            if needs_logits:
+                logp = F.log_softmax(model.logits(h, inputs.plan)[:, -1], dim=-1)
+            if needs_gate:
+                exit_cdf, remaining = update_exit_cdf(exit_cdf, remaining,
+                                                      model.exit_probability(h[:, -1]))
+            if loop + 1 < min(earliest):  # no row can stop yet: no host sync
+                previous, previous_logp = h, logp
+                continue
+            last = torch.tensor([n == loop + 1 for n in budget], device=self.device)
+            ready = torch.tensor([loop + 1 >= e for e in earliest], device=self.device)
+            signals = LoopSignals(loop, h[:, -1], None if previous is None else previous[:, -1],
+                                  logp, previous_logp, exit_cdf if needs_gate else None)
+            converged = rows_converged(signals, criterion_ids, threshold, used) & ready & ~last
+            if all(n == loop + 1 for n in budget):  # every row's last loop: no need to ask
+                stops = [True] * len(budget)
             else:
-                measure = ((h - previous).float().norm(dim=-1) / h.float().norm(dim=-1))[:, -1]
-                if any_kl:
-                    kl = (logp.exp() * (logp - previous_logp)).sum(-1)
-                    measure = torch.where(use_kl[active], kl, measure)
-                converged = (measure < threshold[active]) & (loop + 1 >= min_loops[active])
-            stop = last | converged
-            if bool(stop.any()):
-                final[active[stop]] = h[stop]
-                filled = active[converged & ~last]
-                if filled.numel():
-                    cache.fill_skipped_loops(loop, filled, pos[filled])
-                keep = ~stop
-                active, h = active[keep], h[keep]
-                logp = None if logp is None else logp[keep]
-                if active.numel() == 0:
-                    break
-                inputs = all_inputs.select_rows(active, self._step_plan(pos[active], kv_len))
-            previous, previous_logp = h, logp
-        return model.logits(final[:, -1]), spent
+                stops = (converged | last).tolist()  # the loop's one host sync
+            if not any(stops):
+                previous, previous_logp = h, logp
+                continue
+            stopped = [i for i, stop in enumerate(stops) if stop]
+            at = torch.tensor(stopped, device=self.device)
+            final.index_copy_(0, active[at], h[at])
+            spent.index_fill_(0, active[at], loop + 1)
+            early = [i for i in stopped if budget[i] > loop + 1]
+            if early:
+                rows = active[torch.tensor(early, device=self.device)]
+                cache.fill_skipped_loops(loop, rows, pos[rows])
+            kept = [i for i, stop in enumerate(stops) if not stop]
+            if not kept:
+                break
+            keep = torch.tensor(kept, device=self.device)
+            active, previous = active[keep], h[keep]
+            previous_logp = None if logp is None else logp[keep]
+            threshold, criterion_ids = threshold[keep], criterion_ids[keep]
+            exit_cdf, remaining = exit_cdf[keep], remaining[keep]
+            budget = [budget[i] for i in kept]
+            earliest = [earliest[i] for i in kept]
+            inputs = self._rows_inputs(all_inputs, active, batch, entries)
+        # the read-out of the rows computed (a coda attends, so it runs on theirs alone)
+        read = self._rows_inputs(all_inputs, computed, batch, entries)
+        if read is all_inputs:
+            return model.logits(final, plan)[:, -1], spent
+        logits = model.logits(final[computed], read.plan)[:, -1]
+        every = logits.new_zeros((batch, logits.size(-1))).index_copy_(0, computed, logits)
+        return every, spent
+
+    def _rows_inputs(self, inputs: LoopInputs, active: torch.Tensor, batch: int,
+                     entries: list[list[Entry]]) -> LoopInputs:
+        """The loop inputs of rows `active` of a batch whose masks and cache rows stay whole
+        (`AttentionPlan.rows`): what a loop of the rows still looping, and their read-out,
+        run on (the layers outside the loop write those rows' entries: `outer_writes`)."""
+        if active.numel() == batch:  # every row, in order (the rows are 0 .. batch-1)
+            return inputs
+        plan, pos = inputs.plan, self.state.pos[active]
+        rows_plan = AttentionPlan(plan.cos[active], plan.sin[active], plan.masks,
+                                  outer_writes(self.model, entries[0], active, pos),
+                                  plan.fused, rows=active)
+        return inputs.select_rows(active, rows_plan)
 
 
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
-           "SlotState", "batch_buckets", "capture_step", "decode_loop", "CRITERIA",
-           "MAX_LOGPROBS"]
+           "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
+           "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop",
+           "outer_writes", "CRITERIA", "MAX_LOGPROBS"]

@@ -27,8 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from loopedlm.common.validation import is_int
-from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams, StepOutput
-from loopedlm.infer.options import DEFAULT_MAX_TOKENS
+from loopedlm.infer.engine import (
+    AdaptiveLoops,
+    DecodeEngine,
+    SequenceParams,
+    SpeculationStats,
+    StepOutput,
+)
+from loopedlm.infer.options import DEFAULT_DRAFT_TOKENS, DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.model.gpt import LoopedGPT
 
@@ -42,25 +48,29 @@ SYNC_EVERY = 8  # generate checks for finished rows (a host sync) every this man
 class GenerationStep:
     """One streamed step. `tokens[r]` is row r's new token, or None when row r produced
     none (it had finished, or it just sampled a stop token, which is not part of the
-    output); `loops[r]` the loops spent on it; `done[r]` whether row r has finished."""
+    output); `loops[r]` the loops spent on it; `done[r]` whether row r has finished;
+    `speculation`: with draft_loops, the speculative decoding's counts so far."""
 
     index: int
     tokens: list[int | None]
     loops: list[int]
     done: list[bool]
+    speculation: SpeculationStats | None = None
 
 
 @dataclass
 class GenerationResult:
     """Generated tokens per row (stop tokens excluded), loops spent per token, why each row
-    ended ("stop", "length": max_tokens, "context": sequence_len reached), and the texts
-    when a tokenizer was given."""
+    ended ("stop", "length": max_tokens, "context": sequence_len reached), the texts
+    when a tokenizer was given, and with draft_loops the speculative decoding's counts
+    (acceptance, tokens per verify pass)."""
 
     tokens: list[list[int]]
     loops: list[list[int]]
     finish_reasons: list[str]
     texts: list[str] | None = None
     seconds: float = 0.0
+    speculation: SpeculationStats | None = None
 
     @property
     def mean_loops(self) -> float:
@@ -76,11 +86,17 @@ class GenerationOptions:
     temperature (0 = greedy), top_k, top_p in (0, 1], seed (same seed and prompt, same
         text, whatever else is in the batch).
     stop: token id(s) or single-token string(s); a row ends when it samples one.
-    adaptive_threshold / adaptive_criterion ("state" | "kl") / min_loops: adaptive loops
-        (`AdaptiveLoops`). cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
+    adaptive_threshold / adaptive_criterion ("state" | "kl" | "kl_previous" | "gate"; None:
+        the model's own) / min_loops (None: the criterion's earliest): adaptive loops
+        (`AdaptiveLoops`).
+    cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
+    draft_loops / draft_tokens: self-speculative decoding (`SequenceParams`): the model at
+        draft_loops loops drafts draft_tokens tokens that one pass at n_loops verifies; the
+        output is that of n_loops (greedy: the same tokens).
     add_bos: text prompts start with BOS, as documents in training.
     dtype: weights and cache (default: bf16 on CUDA, else the model's); compile:
-        torch.compile the decode step or loop ("step", "loop"; `DecodeEngine`).
+        torch.compile the decode step or loop ("auto", the default, compiles where it pays;
+        False, "step", "loop": `DecodeEngine`).
     """
 
     n_loops: int | None = None
@@ -91,13 +107,15 @@ class GenerationOptions:
     seed: int | None = None
     stop: Any = None
     adaptive_threshold: float | None = None
-    adaptive_criterion: str = "state"
-    min_loops: int = 2
+    adaptive_criterion: str | None = None
+    min_loops: int | None = None
+    draft_loops: int | None = None
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
     cache_slots: int | None = None
     slot_policy: str = "block"
     add_bos: bool = True
     dtype: torch.dtype | None = None
-    compile: bool | str = False
+    compile: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if not is_int(self.max_tokens) or self.max_tokens < 1:
@@ -120,7 +138,7 @@ class GenerationOptions:
             n_loops=self.n_loops,
             sampling=SamplingParams(self.temperature, self.top_k, self.top_p, self.seed),
             max_new_tokens=self.max_tokens, stop_ids=tuple(sorted(stop_ids)),
-            adaptive=adaptive)
+            adaptive=adaptive, draft_loops=self.draft_loops, draft_tokens=self.draft_tokens)
 
 
 def _prompt_ids(prompts: Any, tokenizer: Any, add_bos: bool, sequence_len: int
@@ -209,6 +227,7 @@ def _start(model: LoopedGPT, prompts: Any, tokenizer: Any, options: GenerationOp
     else:
         _check_engine(engine, model, len(rows), max_len, options)
         engine.reset()
+    engine.speculation = SpeculationStats()  # this call's
     for slot, ids in enumerate(rows):
         engine.add(slot, ids, params)
     return _Started(engine, len(rows), stop_ids, max(rooms) - 1)
@@ -225,8 +244,8 @@ def _check_engine(engine: DecodeEngine, model: LoopedGPT, batch: int, max_len: i
         if need > has:
             raise ValueError(f"the engine holds at most {has} {name}; this call needs {need}: "
                              f"build a larger DecodeEngine")
-    if options.dtype is not None or options.compile or options.cache_slots is not None \
-            or options.slot_policy != "block":
+    if options.dtype is not None or options.compile != "auto" \
+            or options.cache_slots is not None or options.slot_policy != "block":
         raise ValueError("dtype, compile, cache_slots and slot_policy belong to the "
                          "DecodeEngine when engine= is given: set them when building it")
 
@@ -236,14 +255,16 @@ def stream(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
            engine: DecodeEngine | None = None, **options: Any) -> Iterator[GenerationStep]:
     """Generate, yielding one `GenerationStep` per sampled position (the options are
     `generate`'s); the tokens of each step come to the host in one transfer."""
-    run = _start(model, prompts, tokenizer, GenerationOptions.of(options), engine)
+    opts = GenerationOptions.of(options)
+    run = _start(model, prompts, tokenizer, opts, engine)
+    speculation = None if opts.draft_loops is None else run.engine.speculation
     out = run.engine.output(run.batch)
     for index in range(run.steps + 1):
         tokens, finished, loops = torch.stack([out.tokens, out.finished.long(),
                                                out.loops]).tolist()
         new = [None if t < 0 or t in run.stop_ids else t for t in tokens]
         done = [bool(f) for f in finished]
-        yield GenerationStep(index, new, loops, done)
+        yield GenerationStep(index, new, loops, done, speculation)
         if all(done):
             return
         out = run.engine.step()
@@ -258,8 +279,8 @@ def generate(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
         add_bos=False), or a list of token ids, or a list of such lists. Prompts of
         different lengths are batched, each in its own cache slot with its own positions.
     options: the fields of `GenerationOptions` (n_loops, max_tokens, temperature, top_k,
-        top_p, seed, stop, adaptive_threshold, adaptive_criterion, min_loops, cache_slots,
-        slot_policy, add_bos, dtype, compile).
+        top_p, seed, stop, adaptive_threshold, adaptive_criterion, min_loops, draft_loops,
+        draft_tokens, cache_slots, slot_policy, add_bos, dtype, compile).
     engine: a `DecodeEngine` of this model to reuse across calls (large enough for the
         prompts, their lengths and n_loops): no new cache, cast copy or CUDA-graph
         capture per call. Without it each call builds its own.
@@ -292,7 +313,9 @@ def generate(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
         if not reason:
             reasons[r] = "length" if len(tokens[r]) >= opts.max_tokens else "context"
     texts = [tokenizer.decode(t) for t in tokens] if tokenizer is not None else None
-    return GenerationResult(tokens, loops, reasons, texts, time.perf_counter() - start)
+    speculation = None if opts.draft_loops is None else run.engine.speculation
+    return GenerationResult(tokens, loops, reasons, texts, time.perf_counter() - start,
+                            speculation)
 
 
 def _snapshot(out: StepOutput) -> torch.Tensor:

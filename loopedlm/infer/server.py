@@ -8,10 +8,13 @@ Endpoints (FastAPI + uvicorn):
   (server-sent events ending in `data: [DONE]`; `stream_options.include_usage`),
   `logprobs` (0 .. 5), `echo`, `usage`. Extra request fields: `n_loops` (loops per token,
   default the model's), `adaptive_threshold` (stop looping a token once its loop state
-  changes less than this; n_loops is then the most it may use), `return_loops` (also list
-  the loops spent on every token), `timeout` (seconds, at most the server's). Every choice
-  reports `mean_loops` (and `loops` when asked). Finish reasons: "stop", "length",
-  "timeout".
+  changes less than this, or for Ouro once its exit gate's cumulative probability reaches
+  it; n_loops is then the most it may use), `adaptive_criterion` (`state`, `kl`,
+  `kl_previous`, `gate`; default the model's own), `draft_loops` (self-speculative
+  decoding: the model at this many loops drafts tokens that n_loops verifies; same output),
+  `return_loops` (also list the loops spent on every token), `timeout` (seconds, at most
+  the server's). Every choice reports `mean_loops` (and `loops` when asked). Finish
+  reasons: "stop", "length", "timeout".
 * `GET /v1/models`, `GET /health` (503 when the server cannot generate), `GET /metrics`
   (Prometheus text format).
 * `GET /`: a web page to try prompts at any loop budget, each token shaded by the loops
@@ -67,7 +70,13 @@ from starlette.exceptions import HTTPException
 
 from loopedlm.common.validation import is_int
 from loopedlm.data.runs import load_run
-from loopedlm.infer.engine import MAX_LOGPROBS, AdaptiveLoops, DecodeEngine, SequenceParams
+from loopedlm.infer.engine import (
+    MAX_LOGPROBS,
+    AdaptiveLoops,
+    DecodeEngine,
+    SequenceParams,
+    check_draft_loops,
+)
 from loopedlm.infer.options import DEFAULT_MAX_TOKENS
 from loopedlm.infer.sampling import SamplingParams
 from loopedlm.infer.scheduler import (
@@ -79,6 +88,7 @@ from loopedlm.infer.scheduler import (
     TokenLogprob,
     Unavailable,
 )
+from loopedlm.infer.trace import DEFAULT_TOP_K, trace_loops
 from loopedlm.model.config import check_token_ids
 
 log = logging.getLogger(__name__)
@@ -117,6 +127,8 @@ class CompletionRequest(BaseModel):
     # loopedlm's own
     n_loops: int | None = Field(None, ge=1)
     adaptive_threshold: float | None = Field(None, ge=0)
+    adaptive_criterion: str | None = None
+    draft_loops: int | None = Field(None, ge=1)
     return_loops: bool = False
     timeout: float | None = Field(None, gt=0)
 
@@ -125,6 +137,17 @@ class CompletionRequest(BaseModel):
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""), "best_of": (None, 1), "frequency_penalty": (None, 0),
     "presence_penalty": (None, 0), "logit_bias": (None, {})}
+
+
+class LoopTraceRequest(BaseModel):
+    """The body of POST /v1/loop_trace (the web page's per-loop view of a completion)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    prompt: str | list[int]
+    completion: str | list[int]
+    n_loops: int | None = Field(None, ge=1)
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=50)
 
 
 class ApiError(Exception):
@@ -360,7 +383,9 @@ class ServeConfig:
     new requests get 429. max_loops: the largest n_loops a request may ask for (None:
     4 x the model's). timeout: the longest a request may take, in seconds.
     max_body_bytes: the largest request body (413 beyond it, before it is read whole).
-    max_prompts: the most prompts in one request (400 beyond it).
+    max_prompts: the most prompts in one request (400 beyond it). max_len: tokens per
+    sequence, prompt included (None: the model's sequence_len; public models' is long, and
+    the KV cache holds max_batch x max_len positions per loop and layer).
     """
 
     host: str = "127.0.0.1"
@@ -371,6 +396,7 @@ class ServeConfig:
     timeout: float = 300.0
     max_body_bytes: int = 1 << 20
     max_prompts: int = 32
+    max_len: int | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1),
@@ -381,6 +407,8 @@ class ServeConfig:
         if not is_int(self.port) or not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port!r} is not allowed: an integer in [0, 65535] "
                              f"(0: any free port)")
+        if self.max_len is not None and (not is_int(self.max_len) or self.max_len < 2):
+            raise ValueError(f"max_len={self.max_len!r} is not allowed: an integer >= 2")
         if self.max_loops is not None and (not is_int(self.max_loops)
                                            or self.max_loops < 1):
             raise ValueError(f"max_loops={self.max_loops!r} is not allowed: an integer >= 1")
@@ -405,8 +433,10 @@ class CompletionServer:
                  engine: SlotEngine | None = None):
         self.model, self.tokenizer, self.name, self.config = model, tokenizer, name, config
         self.max_loops = config.max_loops or 4 * model.config.n_loops
+        max_len = None if config.max_len is None \
+            else min(config.max_len, model.config.sequence_len)
         self.engine = engine or DecodeEngine(model, max_batch=config.max_batch,
-                                             max_loops=self.max_loops)
+                                             max_loops=self.max_loops, max_len=max_len)
         self.context_len = self.engine.max_len
         self.scheduler = Scheduler(self.engine, tokenizer, max_queue=config.max_queue)
         # a token stands for at most this many bytes (so characters) of text, x4 for a
@@ -456,9 +486,11 @@ class CompletionServer:
             sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p,
                                       seed=body.seed)
             adaptive = None if body.adaptive_threshold is None \
-                else AdaptiveLoops(body.adaptive_threshold)
+                else AdaptiveLoops(body.adaptive_threshold, body.adaptive_criterion).resolved(
+                    self.model.exit_gate is not None)
+            check_draft_loops(body.draft_loops, self.model.config.loops(body.n_loops))
             return SequenceParams(n_loops=body.n_loops, sampling=sampling, adaptive=adaptive,
-                                  logprobs=body.logprobs)
+                                  draft_loops=body.draft_loops, logprobs=body.logprobs)
         except ValueError as exc:
             raise ApiError(400, str(exc), param=str(exc).split("=", 1)[0]) from None
 
@@ -506,6 +538,38 @@ class CompletionServer:
             texts.append(p if isinstance(p, str) else self.tokenizer.decode(ids))
         return rows, texts
 
+    def loop_trace(self, body: LoopTraceRequest) -> dict[str, Any]:
+        """The per-loop view (`loopedlm.infer.trace`) of `body.completion` after
+        `body.prompt`, with each token's text: one teacher-forced forward of the model as
+        loaded (on CUDA the engine decodes a bf16 copy, so the trace can differ from what
+        was sampled in the last digits). A completion given as text is tokenized alone."""
+        if body.n_loops is not None and body.n_loops > self.max_loops:
+            raise ApiError(400, f"n_loops={body.n_loops} is not allowed: 1 .. {self.max_loops} "
+                                f"(this server's --max-loops)", param="n_loops")
+        n_loops = self.model.config.loops(body.n_loops)  # (None: the model's)
+        prompt = self.prompt_ids(self.prompts(body.prompt)[:1])[0][0]
+        completion = body.completion
+        if isinstance(completion, str):
+            completion = self._encode(completion, 0)
+        try:
+            check_token_ids(completion, self.model.config.vocab_size, "completion: token id")
+            trace = trace_loops(self.model, prompt, completion, n_loops=n_loops,
+                                top_k=body.top_k)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="completion") from None
+        decode = self.tokenizer.decode
+        texts, done = [], ""
+        for k in range(len(completion)):  # each token's own piece of the completion's text
+            text = decode(completion[:k + 1])
+            texts.append(text[len(done):])
+            done = text
+        return {"object": "loop_trace", "model": self.name, "n_loops": n_loops,
+                "tokens": [{"text": piece, "token": entry["token"], "loops": [
+                    {"entropy": step["entropy"], "p": step["p"],
+                     "top": [{"text": decode([i]), "p": p} for i, p in step["top"]]}
+                    for step in entry["loops"]]}
+                    for piece, entry in zip(texts, trace, strict=True)]}
+
     def _encode(self, text: str, index: int) -> list[int]:
         try:
             return self.tokenizer.encode(text)
@@ -523,9 +587,11 @@ class CompletionServer:
                                 f"{longest} tokens and the context {self.context_len}, so at "
                                 f"most {room} new tokens fit", param="max_tokens",
                            code="context_length_exceeded")
+        # BOS ends a text (documents are BOS-delimited), and so does a model folder's EOS
+        stop_ids = frozenset(getattr(self.tokenizer, "stop_ids", (self.tokenizer.bos_id,)))
         return [Sequence(prompt=ids, params=plan.params, max_tokens=body.max_tokens,
-                         sink=sink_for(i), stop=plan.stop,
-                         stop_ids=frozenset({self.tokenizer.bos_id}), timeout=plan.timeout)
+                         sink=sink_for(i), stop=plan.stop, stop_ids=stop_ids,
+                         timeout=plan.timeout)
                 for i, ids in enumerate(rows)]
 
     def count(self, status: int) -> None:
@@ -611,6 +677,7 @@ def create_app(model: Any, tokenizer: Any, *, name: str = "loopedlm",
     _add_error_handlers(app, server)
     _add_info_routes(app, server)
     _add_completions_route(app, server)
+    _add_trace_route(app, server)
     return app
 
 
@@ -681,6 +748,15 @@ def _add_completions_route(app: FastAPI, server: CompletionServer) -> None:
         response = await completion.collect(request)
         server.count(response.status_code)
         return response
+
+
+def _add_trace_route(app: FastAPI, server: CompletionServer) -> None:
+    """POST /v1/loop_trace: each completion token's distribution after every loop."""
+    @app.post("/v1/loop_trace")
+    async def loop_trace(body: LoopTraceRequest) -> dict[str, Any]:
+        result = await asyncio.to_thread(server.loop_trace, body)  # the event loop stays free
+        server.count(200)
+        return result
 
 
 # ---- running it ---------------------------------------------------------------------------

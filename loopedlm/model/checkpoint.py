@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from loopedlm.common.files import atomic_write_json, fsync_dir, sha256_file
 from loopedlm.model.config import ModelConfig
-from loopedlm.model.gpt import LoopedGPT
-from loopedlm.model.hf_folder import exported_meta
+from loopedlm.model.gpt import LoopedGPT, tied_keys
+from loopedlm.model.hf_folder import MODEL_TYPE, exported_meta
+from loopedlm.model.public import load_public_model, public_config, public_model_type
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ def save_model(folder: str | Path, model: LoopedGPT, meta: dict[str, Any] | None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST_FILE).unlink(missing_ok=True)  # the files are about to change
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k not in tied_keys(model.config)}
     tmp = folder / (MODEL_FILE + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, folder / MODEL_FILE)
@@ -143,10 +145,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_model_folder(path: str | Path) -> Path:
-    """A model folder (verified), or a run folder (its newest intact checkpoint)."""
+    """A model folder (verified), or a run folder (its newest intact checkpoint), or a
+    public looped model's Hugging Face folder (`loopedlm.model.public`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if public_model_type(path, others=(MODEL_TYPE,)) is not None:
+        return path
     if (path / MODEL_FILE).exists() or (path / MANIFEST_FILE).exists():
         verify_checkpoint(path)
         return path
@@ -178,10 +183,25 @@ def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch
                               ) from None
 
 
+def saved_model_config(folder: str | Path) -> dict[str, Any]:
+    """The ModelConfig fields of a resolved model folder: a loopedlm checkpoint's, an
+    exported folder's or a public looped model's (translated from its own config.json)."""
+    folder = Path(folder)
+    if public_model_type(folder) is not None:
+        return public_config(folder)[0].to_dict()
+    meta = exported_meta(folder) or _read_json(folder / CONFIG_FILE)
+    if "model" not in meta:
+        raise ValueError(f"{folder / CONFIG_FILE} has no 'model' section: not a loopedlm checkpoint")
+    return meta["model"]
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[LoopedGPT, dict[str, Any]]:
-    """Load a model from a model folder or a run folder; returns (model, config.json dict)."""
+    """Load a model from a model folder, a run folder or a public looped model's Hugging
+    Face folder; returns (model, config.json dict: `{"model": ModelConfig fields, ...}`)."""
     folder = resolve_model_folder(path)
+    if public_model_type(folder) is not None:
+        return load_public_model(folder, device, dtype)
     meta = exported_meta(folder) or _read_json(folder / CONFIG_FILE)  # a `loopedlm export` folder
     if "model" not in meta:
         raise ValueError(f"{folder / CONFIG_FILE} has no 'model' section: not a loopedlm checkpoint")
@@ -191,7 +211,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     state = _read_safetensors(folder / MODEL_FILE, device)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
+    for key, source in tied_keys(config).items():
+        state.setdefault(key, state.get(source))
     model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
     model.reset_rotary()
     model.eval()
     return model, meta

@@ -13,15 +13,15 @@ if TYPE_CHECKING:
     import torch
 
 from loopedlm.common.validation import ConfigError, check, check_choice, close_match, is_int
+from loopedlm.model.backbones import BACKBONES, NANOCHAT, ROTARY_LENGTH_FACTOR, Backbone
 from loopedlm.model.loop_modes import LOOP_MODES
 
 LOSS_LOOPS = ("last", "all", "last_third")
+STATE_INITS = ("zeros", "random")
 ATTN_TYPES = ("full", "mla")
 RESIDUAL_SCALES = ("none", "inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_depth")
 
 QWEN3_VOCAB_SIZE = 151_669
-# The authors' model precomputes RoPE for 10x sequence_len and never crops an evaluation prompt
-ROTARY_LENGTH_FACTOR = 10
 
 
 @dataclass
@@ -29,8 +29,16 @@ class ModelConfig:
     """Everything that defines a looped GPT's architecture.
 
     `d_model`, `n_head` and `n_kv_head` default to the nanochat rule
-    (`64 * depth`, `ceil(d_model / 128)`, `n_head`) and are resolved on construction,
-    so the stored config is always explicit.
+    (`64 * depth`, `ceil(d_model / 128)`, `n_head`), and `mlp_hidden` to `4 * d_model`;
+    they are resolved on construction, so the stored config is always explicit.
+
+    `backbone` names the layer family (`loopedlm.model.backbones`): `nanochat` is loopedlm's
+    own; the others (public models, docs/public_models.md) take their per-model values from
+    `mlp_hidden`, `norm_eps` (their RMSNorm epsilon), `rope_base`, `softcap` (None: plain
+    logits), `tie_embeddings` (the LM head is the embedding), `qk_bias` (biases on the query
+    and key projections) and, for Huginn, `n_prelude` / `n_coda` (plain layers before and
+    after the looped `depth` ones) and `state_init` ("zeros" or "random": the state the
+    first loop's adapter reads).
     """
 
     vocab_size: int = QWEN3_VOCAB_SIZE
@@ -49,7 +57,15 @@ class ModelConfig:
     residual_lambda: float = 1.0
     pad_vocab_to: int = 64
     rope_base: float = 10000.0
-    softcap: float = 15.0
+    softcap: float | None = 15.0
+    backbone: str = NANOCHAT
+    mlp_hidden: int | None = None
+    norm_eps: float | None = None
+    tie_embeddings: bool = False
+    qk_bias: bool = False
+    n_prelude: int = 0
+    n_coda: int = 0
+    state_init: str = "zeros"
 
     def __post_init__(self) -> None:
         check(is_int(self.depth) and self.depth >= 1, "depth", self.depth, "an integer >= 1")
@@ -59,6 +75,8 @@ class ModelConfig:
             self.n_head = max(1, math.ceil(self.d_model / 128))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.mlp_hidden is None and is_int(self.d_model):
+            self.mlp_hidden = 4 * self.d_model
         self.validate()
 
     def validate(self) -> None:
@@ -94,8 +112,44 @@ class ModelConfig:
                self.pad_vocab_to, "an integer >= 1")
         check(isinstance(self.rope_base, int | float) and self.rope_base > 1, "rope_base",
                self.rope_base, "a number > 1")
-        check(isinstance(self.softcap, int | float) and self.softcap > 0, "softcap",
-               self.softcap, "a number > 0")
+        check(self.softcap is None or (isinstance(self.softcap, int | float)
+                                       and self.softcap > 0), "softcap", self.softcap,
+              "a number > 0 (or None: no cap)")
+        check(is_int(self.mlp_hidden) and self.mlp_hidden >= 1, "mlp_hidden", self.mlp_hidden,
+              "an integer >= 1")
+        check_choice("backbone", self.backbone, tuple(BACKBONES))
+        self._validate_backbone()
+
+    def _validate_backbone(self) -> None:
+        """What a backbone family allows (`Backbone.loop_modes`; public models run full
+        attention with no residual scaling, and their norms need an epsilon)."""
+        spec = self.backbone_spec
+        check(self.loop_mode in spec.loop_modes, "loop_mode", self.loop_mode,
+              f"backbone {self.backbone!r} runs {list(spec.loop_modes)}")
+        if spec.learned_norms:
+            check(isinstance(self.norm_eps, int | float) and self.norm_eps > 0, "norm_eps",
+                  self.norm_eps, f"a number > 0 (backbone {self.backbone!r})")
+        else:
+            check(self.norm_eps is None, "norm_eps", self.norm_eps,
+                  f"None: backbone {self.backbone!r} has parameter-free norms")
+        for name in ("tie_embeddings", "qk_bias"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        check_choice("state_init", self.state_init, STATE_INITS)
+        outer = spec.adapter  # only a backbone whose loops enter through an adapter has them
+        for name in ("n_prelude", "n_coda"):
+            value = getattr(self, name)
+            check(is_int(value) and value >= 0 and (outer or value == 0), name, value,
+                  "an integer >= 0" if outer else f"0 (backbone {self.backbone!r})")
+        if self.backbone == NANOCHAT:
+            for name, default in (("tie_embeddings", False), ("qk_bias", False)):
+                check(getattr(self, name) == default, name, getattr(self, name),
+                      f"{default} (backbone {self.backbone!r})")
+        else:
+            for name, ok, allowed in (
+                    ("attn_type", self.attn_type == "full", "'full'"),
+                    ("window_pattern", set(self.window_pattern.upper()) == {"L"}, "'L'"),
+                    ("residual_scale", self.residual_scale == "none", "'none'")):
+                check(ok, name, getattr(self, name), f"{allowed} (backbone {self.backbone!r})")
 
     def loops(self, n_loops: int | None = None) -> int:
         """The loop count of a call: `n_loops`, or this config's when None. The one code that
@@ -109,6 +163,11 @@ class ModelConfig:
 
     # ---- derived quantities -------------------------------------------------
     @property
+    def backbone_spec(self) -> Backbone:
+        """The backbone family's table entry (`loopedlm.model.backbones`)."""
+        return BACKBONES[self.backbone]
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
@@ -119,20 +178,28 @@ class ModelConfig:
 
     @property
     def rotary_len(self) -> int:
-        """Positions the RoPE tables cover (10 x sequence_len, as the authors' model): the
-        longest input a forward without targets takes. Training stays at `sequence_len`."""
-        return ROTARY_LENGTH_FACTOR * self.sequence_len
+        """Positions the RoPE tables cover (nanochat: 10 x sequence_len, as the authors' model;
+        public models: sequence_len): the longest input a forward without targets takes.
+        Training stays at `sequence_len`."""
+        return self.backbone_spec.rotary_length_factor * self.sequence_len
 
     @property
     def short_window(self) -> int:
         """An 'S' layer sees the last `sequence_len // 4` keys (docs/design.md#attention-variants)."""
         return max(self.sequence_len // 4, 1)
 
+    @property
+    def n_layers(self) -> int:
+        """Layers with attention: the looped `depth` ones (numbered first), then the prelude's
+        and the coda's (Huginn), which run once per pass."""
+        return self.depth + self.n_prelude + self.n_coda
+
     def window_sizes(self) -> list[int | None]:
-        """Per-layer sliding window (None = full context); the last layer is always full."""
+        """Per-layer sliding window (None = full context), over all `n_layers`; the last
+        layer is always full."""
         pattern = self.window_pattern.upper()
         sizes = [self.short_window if pattern[i % len(pattern)] == "S" else None
-                 for i in range(self.depth)]
+                 for i in range(self.n_layers)]
         sizes[-1] = None
         return sizes
 
@@ -202,5 +269,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 __all__ = ["ModelConfig", "PRESETS", "LOOP_MODES", "check_token_ids", "LOSS_LOOPS", "ATTN_TYPES",
-           "RESIDUAL_SCALES",
+           "RESIDUAL_SCALES", "ROTARY_LENGTH_FACTOR",
            "QWEN3_VOCAB_SIZE"]

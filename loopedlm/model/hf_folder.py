@@ -19,6 +19,10 @@ from loopedlm.model.config import ModelConfig
 
 MODEL_TYPE = "loopedlm"  # config.json's model_type (also in export/hf_code/configuration_loopedlm.py)
 RECORD_FILE = "loopedlm.json"  # the run's record: what the model card is written from
+# ModelConfig fields added after `loopedlm export` first wrote folders: absent, they take
+# their defaults (loopedlm's own backbone), which is what those folders hold
+LATER_FIELDS = frozenset({"backbone", "mlp_hidden", "norm_eps", "tie_embeddings", "qk_bias",
+                          "n_prelude", "n_coda", "state_init"})
 
 
 def is_exported_folder(path: str | Path) -> bool:
@@ -41,7 +45,7 @@ def exported_meta(folder: str | Path) -> dict[str, Any] | None:
         return None
     data = json.loads((folder / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    missing = sorted(fields - set(data))
+    missing = sorted(fields - set(data) - LATER_FIELDS)
     if missing:
         raise ValueError(f"{folder / 'config.json'} lacks the ModelConfig field(s) {missing}: "
                          f"not written by `loopedlm export`")
@@ -50,7 +54,7 @@ def exported_meta(folder: str | Path) -> dict[str, Any] | None:
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{record_path} is not readable JSON ({exc})") from None
-    return {**record, "model": {name: data[name] for name in fields}}
+    return {**record, "model": {name: data[name] for name in fields if name in data}}
 
 
 __all__ = ["MODEL_TYPE", "RECORD_FILE", "is_exported_folder", "exported_meta"]

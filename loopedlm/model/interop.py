@@ -68,6 +68,9 @@ def config_from_nanochat(model_config: dict[str, Any]) -> ModelConfig:
 
 def config_to_nanochat(config: ModelConfig) -> dict[str, Any]:
     """The authors' GPTConfig dict for a ModelConfig (the inverse of config_from_nanochat)."""
+    if config.backbone != "nanochat":
+        raise ValueError(f"backbone={config.backbone!r} has no equivalent in the authors' code: "
+                         "only loopedlm's own ('nanochat') can be exported")
     if config.residual_scale != "none":
         raise ValueError(f"residual_scale={config.residual_scale!r} has no equivalent in the "
                          "authors' code: only 'none' can be exported")

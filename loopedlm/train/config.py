@@ -67,8 +67,12 @@ class TrainConfig:
     """
 
     run_dir: str = ""  # "" -> runs/<preset>-<timestamp>
-    data_dir: str = ""  # "" -> the bundled corpus (loopedlm.data.corpus.default_data_dir())
-    tokenizer: str = "auto"  # "qwen3" | "bpe" | "bpe:VOCAB" | a saved tokenizer folder
+    # "" -> the bundled corpus (loopedlm.data.corpus.default_data_dir()); "synthetic:TASK" ->
+    # a synthetic reasoning task with its default settings (loopedlm.data.synthetic)
+    data_dir: str = ""
+    # "auto" (the data folder's own tokenizer/, else qwen3 or a BPE by the model's vocab size)
+    # | "qwen3" | "bpe" | "bpe:VOCAB" | a saved tokenizer folder
+    tokenizer: str = "auto"
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -13,6 +13,7 @@ from loopedlm.common.distributed import DistInfo, barrier
 from loopedlm.common.paths import loopedlm_home
 from loopedlm.data.corpus import prepare_default_corpus
 from loopedlm.data.loader import ParquetTokenLoader, iter_texts, split_shards
+from loopedlm.data.synthetic import DATA_DIR_PREFIX, prepare_synthetic
 from loopedlm.data.tokenizer import load_tokenizer
 from loopedlm.data.tokenizer_training import train_tokenizer
 from loopedlm.model.config import QWEN3_VOCAB_SIZE
@@ -21,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class ParquetData:
-    """The default data source: Parquet shards through loopedlm.data.loader."""
+    """The default data source: Parquet shards through loopedlm.data.loader ("": the
+    bundled corpus; "synthetic:TASK": a synthetic reasoning task, loopedlm.data.synthetic)."""
 
     def __init__(self, data_dir: str):
-        if data_dir:
+        if data_dir.startswith(DATA_DIR_PREFIX):
+            self.data_dir = prepare_synthetic(data_dir)
+        elif data_dir:
             self.data_dir = Path(data_dir)
         else:
             self.data_dir = prepare_default_corpus()
@@ -63,13 +67,19 @@ def _cached_bpe(data, vocab_size: int, info: DistInfo):
 
 def resolve_tokenizer(spec: str, vocab_size: int, data: ParquetData, run_dir: Path,
                       info: DistInfo):
-    """Load (or train and cache) the tokenizer and save it into RUN/tokenizer."""
+    """Load (or train and cache) the tokenizer and save it into RUN/tokenizer. "auto" is
+    the data folder's own `tokenizer/` when it has one, else qwen3 for the Qwen3
+    vocabulary size, else a BPE of `vocab_size` trained on the data."""
     saved = run_dir / "tokenizer"
     # every rank looks before rank 0 may write it (below), so none sees a half-written folder
     exists = saved.is_dir() and any(saved.iterdir())
     barrier()
     if exists:
         return load_tokenizer(str(saved))
+    own = Path(getattr(data, "data_dir", "")) / "tokenizer"
+    if spec == "auto" and own.is_dir():
+        # a data set that brings its own tokenizer (loopedlm.data.synthetic's fixed words)
+        spec = str(own)
     if spec == "auto":
         spec = "qwen3" if vocab_size == QWEN3_VOCAB_SIZE else f"bpe:{vocab_size}"
     if spec == "bpe":

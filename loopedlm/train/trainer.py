@@ -81,15 +81,16 @@ def train(cfg: TrainConfig, *, data=None, tokenizer=None) -> dict[str, Any]:
 
 
 def sample_text(model: LoopedGPT, tokenizer, prompt: str, max_tokens: int, *,
-                temperature: float = 0.8, seed: int = 0) -> str:
-    """A short sample (KV-cached decoding through loopedlm.infer.generate)."""
+                temperature: float = 0.8, seed: int = 0, engine=None) -> str:
+    """A short sample (KV-cached decoding through loopedlm.infer.generate), on `engine`
+    (a `DecodeEngine` of `model` kept across samples; None: one for this sample)."""
     from loopedlm.infer.generate import generate, strip_trailing_spaces
 
     was_training = model.training
     model.eval()
     prompt = strip_trailing_spaces(prompt)
     result = generate(model, prompt, tokenizer=tokenizer, max_tokens=max_tokens,
-                      temperature=temperature, seed=seed)
+                      temperature=temperature, seed=seed, engine=engine)
     model.train(was_training)
     return prompt + result.texts[0]
 
@@ -140,6 +141,7 @@ class Trainer:
         self.seq_len, self.grad_accum = run.seq_len, run.grad_accum
         self.data, self.tokenizer, self.model_cfg = run.data, run.tokenizer, run.model_cfg
         self.resume_from = run.resume_from
+        self.sample_engine = None  # `_sample`: one decode engine for the run's samples
 
     # ---- the run, step by step ----------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -312,8 +314,7 @@ class Trainer:
             if evaluate:
                 self._validate(progress)
             if sample:
-                text = sample_text(self.model, self.tokenizer, cfg.sample_prompt,
-                                   cfg.sample_tokens, seed=cfg.seed)
+                text = self._sample()
                 self.logger.write({"step": step, "sample": text})
             if save:
                 self._save(progress)
@@ -333,6 +334,18 @@ class Trainer:
                             f"--run_dir={self.run_dir} --resume")
         log.warning(progress.message)
         return True
+
+    def _sample(self) -> str:
+        """A sample of the model as it is now, through one decode engine kept for the whole
+        run: its cache, any cast copy and captured CUDA graphs are made once, and it takes
+        the weights up as they train. No compile: samples are short."""
+        if self.sample_engine is None:
+            from loopedlm.infer.engine import DecodeEngine
+
+            self.sample_engine = DecodeEngine(self.model, max_batch=1, compile=False)
+        cfg = self.cfg
+        return sample_text(self.model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                           seed=cfg.seed, engine=self.sample_engine)
 
     def _validate(self, progress: _Progress) -> None:
         progress.val_bpb, val_tokens = self._evaluate()
@@ -376,8 +389,7 @@ class Trainer:
                    **self.memory.summary()}
         if self.info.is_main:
             if progress.status == "completed":
-                summary["sample"] = sample_text(model, self.tokenizer, cfg.sample_prompt,
-                                                cfg.sample_tokens, seed=cfg.seed)
+                summary["sample"] = self._sample()
                 self.logger.write({"step": progress.step, "sample": summary["sample"]})
             atomic_write_json(self.run_dir / "summary.json", summary)
             self.logger.close()

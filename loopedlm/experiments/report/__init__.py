@@ -13,5 +13,6 @@ mean +- standard deviation (and min..max bands in figures).
 - `lr_curves`, `claims`, `residual_scaling`: the residual-scaling paper's learning-rate
   curves, its claims decided from them, and its section
 - `variable_loops`: variable-N against fixed-N training (issue 14)
+- `reasoning`: the synthetic reasoning tasks, accuracy by hops and loops (issue 28)
 - `write`: one report per sweep, the section chosen by the sweep's experiment
 """

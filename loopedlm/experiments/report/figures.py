@@ -96,8 +96,11 @@ def figure_curves(runs, keys, path: Path, title: str, caption: str,
 
 def figure_xy(lines: dict[str, tuple[list[float], list[float]]], path: Path, title: str,
               xlabel: str, ylabel: str, caption: str, log_x: bool = False,
-              errors: dict[str, list[float]] | None = None) -> str:
-    """One line per name (optionally with error bars `errors[name]`)."""
+              errors: dict[str, list[float]] | None = None,
+              ylim: tuple[float, float] | None = None,
+              baseline: tuple[str, float] | None = None) -> str:
+    """One line per name (optionally with error bars `errors[name]`); `ylim` fixes the y
+    range, `baseline` (label, y) draws a dotted horizontal line (a guessing score)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (xs, ys) in lines.items():
@@ -106,4 +109,8 @@ def figure_xy(lines: dict[str, tuple[list[float], list[float]]], path: Path, tit
     ax.set_ylabel(ylabel)
     if log_x:
         ax.set_xscale("log")
+    if baseline is not None:
+        ax.axhline(baseline[1], linestyle=":", color="grey", label=baseline[0])
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     return finish_figure(fig, ax, path, title, caption)

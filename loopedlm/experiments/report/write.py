@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loopedlm.experiments.report.reasoning import section_reasoning
 from loopedlm.experiments.report.residual_scaling import section_residual_scaling
 from loopedlm.experiments.report.runs import load_runs
 from loopedlm.experiments.report.sections import (
@@ -19,7 +20,7 @@ from loopedlm.experiments.report.variable_loops import section_variable_loops
 SECTIONS = {"loop_scaling": section_loop_scaling, "stability": section_stability,
             "attention": section_attention, "test_time": section_test_time,
             "residual_scaling": section_residual_scaling,
-            "variable_loops": section_variable_loops}
+            "variable_loops": section_variable_loops, "reasoning": section_reasoning}
 EXPERIMENTS = (*SECTIONS, "custom")  # a custom sweep's report has no section: its runs only
 
 

@@ -21,6 +21,7 @@ CHOICES = {
     "loss_loops": ("last", "all", "last_third"),
     "attn_type": ("full", "mla"),
     "residual_scale": ("none", "inv_sqrt_loops", "inv_loops", "lambda_loops_sqrt_depth"),
+    "backbone": ("nanochat",),
 }
 
 
@@ -43,7 +44,9 @@ class LoopedLMConfig(transformers.PretrainedConfig):
     def __init__(self, vocab_size=151669, sequence_len=1024, depth=6, d_model=None, n_head=None,
                  n_kv_head=None, loop_mode="flt", n_loops=3, loss_loops="last", attn_type="full",
                  kv_rank=128, window_pattern="L", residual_scale="none", residual_lambda=1.0,
-                 pad_vocab_to=64, rope_base=10000.0, softcap=15.0, use_cache=True,
+                 pad_vocab_to=64, rope_base=10000.0, softcap=15.0, backbone="nanochat",
+                 mlp_hidden=None, norm_eps=None, tie_embeddings=False, qk_bias=False,
+                 n_prelude=0, n_coda=0, state_init="zeros", use_cache=True,
                  bos_token_id=None, eos_token_id=None, pad_token_id=None, trained_loops=None,
                  **kwargs):
         self.vocab_size = vocab_size
@@ -63,6 +66,12 @@ class LoopedLMConfig(transformers.PretrainedConfig):
         self.pad_vocab_to = pad_vocab_to
         self.rope_base = rope_base
         self.softcap = softcap
+        self.backbone = backbone  # loopedlm's own: the only one this code runs
+        self.mlp_hidden = 4 * self.d_model if mlp_hidden is None else mlp_hidden
+        self.norm_eps = norm_eps
+        # public models' fields (docs/public_models.md): loopedlm's own models leave them so
+        self.tie_embeddings, self.qk_bias = tie_embeddings, qk_bias
+        self.n_prelude, self.n_coda, self.state_init = n_prelude, n_coda, state_init
         self.use_cache = use_cache
         # the loop count the residual scale was fixed at: n_loops may be overridden (it is the
         # default loop count of a call, e.g. lm-eval's --model_args ...,n_loops=6), this not

@@ -1,0 +1,395 @@
+"""The synthetic reasoning tasks themselves (issue 28): how a document of each task is
+drawn, and how its queries are answered from its words alone. `loopedlm.data.synthetic`
+writes them as a data set; the module docstring there describes the tasks."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loopedlm.common.validation import check, is_int
+
+PAD = "."
+MAX_TRIES = 1000  # resampling an unanswerable query
+
+
+@dataclass(frozen=True)
+class Query:
+    """One answer in a document: `index` is the answer word's index in the document's words
+    (the model predicts it from the word before), `hops` the lookups it takes, `guess` the
+    chance of getting it right without doing them."""
+
+    index: int
+    answer: str
+    hops: int
+    guess: float
+
+
+# ---- variable chains -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChainTask:
+    """Variable chains (module docstring). A document holds ten root variables `r = d`,
+    one per digit (twenty, two per digit, in documents of at most 2 hops: twice the 1-hop
+    lookups); every query's leaf hangs below a root drawn uniformly at random, at exactly
+    its hop count: a root itself is 1 hop away from its digit, and a leaf of h >= 2 hops
+    ends a new path grown from a node of that root's tree (the root, or an inner node of
+    an earlier path) of depth < h. Queried variables are leaves (or roots, whose digit the
+    program states anyway): no answer in the document shortens another's lookup. The
+    root of each query is drawn afresh, so the digits in view and the answers already
+    given say nothing about the next one (`guess` = 1/10), except for 1-hop queries, which
+    ask each root at most once (their `guess` counts the roots not asked yet)."""
+
+    n_vars: int = 64
+
+    name = "chain"
+    DIGITS = 10
+    EASY_HOPS = 2  # documents of at most this many hops have two roots per digit
+
+    def validate(self) -> None:
+        check(is_int(self.n_vars) and self.n_vars >= 2 * self.DIGITS, "n_vars", self.n_vars,
+              f"an integer >= {2 * self.DIGITS}")
+
+    def words(self) -> list[str]:
+        return [str(d) for d in range(self.DIGITS)] + [f"v{i}" for i in range(self.n_vars)] \
+            + ["=", "?", PAD]
+
+    def default_seq_len(self) -> int:
+        return 128
+
+    def min_length(self, hops: int) -> int:
+        """Words of the shortest document with one query of `hops` hops."""
+        return 3 * self.DIGITS + 3 * max(0, hops - 1) + 3
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words, queries added while they fit: each of `query_hops`
+        hops, or of a hop count drawn from 1..max_hops (`weights`: their odds; default
+        uniform)."""
+        hops_needed = query_hops or 1
+        if seq_len < self.min_length(hops_needed):
+            raise ValueError(f"seq_len={seq_len} is too short for chain documents with "
+                             f"{hops_needed} hops: at least {self.min_length(hops_needed)} "
+                             f"words")
+        per_digit = 2 if query_hops is None and max_hops <= self.EASY_HOPS else 1
+        names = [f"v{i}" for i in rng.sample(range(self.n_vars), self.n_vars)]
+        roots = names[:self.DIGITS * per_digit]
+        free = names[len(roots):]
+        digits = [d for d in range(self.DIGITS) for _ in range(per_digit)]
+        rng.shuffle(digits)
+        assignments = [(r, str(d)) for r, d in zip(roots, digits, strict=True)]
+        grow = [[(r, 1)] for r in roots]  # per root: (variable, depth) that paths grow from
+        unasked = list(range(len(roots)))  # roots not asked yet (1-hop queries)
+        queries: list[tuple[str, str]] = []
+        used, misses = 3 * len(assignments), 0
+        while misses < 8:
+            hops = query_hops if query_hops is not None else \
+                rng.choices(range(1, max_hops + 1), weights=weights)[0]
+            if hops == 1:
+                if not unasked:
+                    misses += 1
+                    continue
+                root = unasked.pop(rng.randrange(len(unasked)))
+                if used + 3 > seq_len:
+                    break
+                used += 3
+                queries.append((roots[root], str(digits[root])))
+                continue
+            root = rng.randrange(len(roots))
+            parent, depth = rng.choice([(v, d) for v, d in grow[root] if d < hops])
+            cost = 3 * (hops - depth) + 3
+            if used + cost > seq_len or hops - depth > len(free):
+                misses += 1
+                continue
+            used += cost
+            for k in range(depth + 1, hops + 1):
+                node = free.pop()
+                assignments.append((node, parent))
+                if k < hops:
+                    grow[root].append((node, k))
+                parent = node
+            queries.append((parent, str(digits[root])))
+        rng.shuffle(assignments)
+        words = [w for lhs, rhs in assignments for w in (lhs, "=", rhs)]
+        for var, value in queries:
+            words += ["?", var, value]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every query of a document, answered from its assignments."""
+        values: dict[str, str] = {}
+        out = []
+        i = 0
+        while i + 2 < len(words) and words[i + 1] == "=":
+            values[words[i]] = words[i + 2]
+            i += 3
+        unasked = [v for v in values.values() if v.isdigit()]  # the digits of unasked roots
+        while i + 2 < len(words) and words[i] == "?":
+            var, hops = words[i + 1], 0
+            while var in values:
+                var, hops = values[var], hops + 1
+            guess = 1.0 / self.DIGITS
+            if hops == 1:  # the roots not asked yet, their most common digit
+                guess = max(unasked.count(d) for d in set(unasked)) / len(unasked)
+                unasked.remove(var)
+            out.append(Query(index=i + 2, answer=var, hops=hops, guess=guess))
+            i += 3
+        return out
+
+
+# ---- p-hop induction -------------------------------------------------------------------
+@dataclass(frozen=True)
+class PHopTask:
+    """p-hop induction (module docstring): a marker `hP`, a random prefix of `prefix`
+    letters, then (letter, answer) pairs to the document's end."""
+
+    alphabet: int = 16
+    prefix: int = 64
+
+    name = "phop"
+    MAX_HOPS = 32
+
+    def validate(self) -> None:
+        check(is_int(self.alphabet) and 2 <= self.alphabet <= 26, "alphabet", self.alphabet,
+              "an integer in 2..26 (letters a..z)")
+        check(is_int(self.prefix) and self.prefix >= 1, "prefix", self.prefix,
+              "an integer >= 1")
+
+    def letters(self) -> list[str]:
+        return [chr(ord("a") + k) for k in range(self.alphabet)]
+
+    def words(self) -> list[str]:
+        return self.letters() + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)]
+
+    def default_seq_len(self) -> int:
+        return 128
+
+    def min_length(self, hops: int) -> int:
+        return 1 + self.prefix + 2
+
+    @staticmethod
+    def answer_at(sequence: Sequence[str], i: int, hops: int) -> str | None:
+        """The letter at hop^hops(i), or None where a hop finds no earlier occurrence."""
+        for _ in range(hops):
+            j = i - 1
+            while j >= 0 and sequence[j] != sequence[i]:
+                j -= 1
+            if j < 0:
+                return None
+            i = j + 1
+        return sequence[i]
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words whose hop count is drawn from 1..max_hops
+        (`weights`: their odds; default uniform), or is `query_hops`."""
+        if seq_len < self.min_length(1):
+            raise ValueError(f"seq_len={seq_len} is too short for phop documents with "
+                             f"prefix={self.prefix}: at least {self.min_length(1)} words")
+        if (query_hops or max_hops) > self.MAX_HOPS:
+            raise ValueError(f"phop documents have at most {self.MAX_HOPS} hops, not "
+                             f"{query_hops or max_hops}")
+        hops = query_hops if query_hops is not None else \
+            rng.choices(range(1, max_hops + 1), weights=weights)[0]
+        letters = self.letters()
+        sequence = [rng.choice(letters) for _ in range(self.prefix)]
+        while 1 + len(sequence) + 2 <= seq_len:
+            for _ in range(MAX_TRIES):
+                letter = rng.choice(letters)
+                answer = self.answer_at(sequence + [letter], len(sequence), hops)
+                if answer is not None:
+                    break
+            else:
+                raise ValueError(f"no answerable {hops}-hop query after {MAX_TRIES} tries: "
+                                 f"make the prefix longer than {self.prefix}")
+            sequence += [letter, answer]
+        # a word left over is one more random letter (not a query)
+        return [f"h{hops}", *sequence] + [rng.choice(letters)] * (seq_len - 1 - len(sequence))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every (letter, answer) pair after the prefix, answered from the sequence."""
+        hops = int(words[0][1:])
+        sequence = list(words[1:])
+        out = []
+        for i in range(self.prefix, len(sequence) - 1, 2):
+            answer = self.answer_at(sequence, i, hops)
+            if answer is not None:
+                out.append(Query(index=i + 2, answer=answer, hops=hops,
+                                 guess=1.0 / self.alphabet))
+        return out
+
+
+# ---- pointer chasing on an in-context permutation ------------------------------------------
+@dataclass(frozen=True)
+class PermTask:
+    """Pointer chasing (module docstring of `loopedlm.data.synthetic`): a marker `hK`, a
+    random cyclic permutation of the first `alphabet` letters written as shuffled arrow
+    words `a>f` (one word per arrow: a hop is then one attention lookup keyed on the word's
+    first letter, with no previous-token step to learn first), then `asked` distinct
+    letters in random order, each followed by its answer: the letter K arrows on. The
+    permutation is one cycle through every letter, so for K < alphabet the answer is never
+    the letter asked, and K hops differ from any other hop count below `alphabet`: too few
+    or too many lookups are wrong. Answers are distinct (K steps around a cycle are a
+    bijection), so a guesser can rule out the letter asked and the answers already given:
+    `guess` is that best blind guess, 1 / (letters left), and only half the letters are
+    asked (`asked`), which keeps it near 1 / alphabet."""
+
+    alphabet: int = 16
+    asked: int = 8
+
+    name = "perm"
+    MAX_HOPS = 32
+
+    def validate(self) -> None:
+        check(is_int(self.alphabet) and 3 <= self.alphabet <= 26, "alphabet", self.alphabet,
+              "an integer in 3..26 (letters a..z)")
+        check(is_int(self.asked) and 1 <= self.asked < self.alphabet, "asked", self.asked,
+              f"an integer in 1..{self.alphabet - 1} (fewer than alphabet={self.alphabet})")
+
+    def letters(self) -> list[str]:
+        return [chr(ord("a") + k) for k in range(self.alphabet)]
+
+    def words(self) -> list[str]:
+        letters = self.letters()
+        return letters + [f"{a}>{b}" for a in letters for b in letters if a != b] \
+            + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)] + [PAD]
+
+    def default_seq_len(self) -> int:
+        """Marker, arrows and the letters asked: no padding."""
+        return 1 + self.alphabet + 2 * self.asked
+
+    def min_length(self, hops: int) -> int:
+        return 1 + self.alphabet + 2
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words whose hop count is drawn from 1..max_hops
+        (`weights`: their odds; default uniform), or is `query_hops`."""
+        if seq_len < self.min_length(1):
+            raise ValueError(f"seq_len={seq_len} is too short for perm documents with "
+                             f"alphabet={self.alphabet}: at least {self.min_length(1)} words")
+        hops = query_hops if query_hops is not None else \
+            rng.choices(range(1, max_hops + 1), weights=weights)[0]
+        if hops > self.MAX_HOPS:
+            raise ValueError(f"perm documents have at most {self.MAX_HOPS} hops, not {hops}")
+        cycle = self.letters()
+        rng.shuffle(cycle)
+        arrows = [f"{a}>{b}" for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)]
+        rng.shuffle(arrows)
+        position = {letter: k for k, letter in enumerate(cycle)}
+        queries = self.letters()
+        rng.shuffle(queries)
+        room = min(self.asked, (seq_len - 1 - len(arrows)) // 2)
+        pairs = [w for q in queries[:room]
+                 for w in (q, cycle[(position[q] + hops) % len(cycle)])]
+        words = [f"h{hops}", *arrows, *pairs]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every (letter, answer) pair after the arrows, answered by following them."""
+        hops = int(words[0][1:])
+        arrow = dict(w.split(">") for w in words[1:1 + self.alphabet])
+        out: list[Query] = []
+        for i in range(1 + self.alphabet, len(words) - 1, 2):
+            if words[i] == PAD:
+                break
+            answer = words[i]
+            for _ in range(hops):
+                answer = arrow[answer]
+            ruled_out = {q.answer for q in out} | {words[i]}
+            out.append(Query(index=i + 1, answer=answer, hops=hops,
+                             guess=1.0 / (self.alphabet - len(ruled_out))))
+        return out
+
+
+# ---- pointer chasing with two-word arrows -------------------------------------------------
+@dataclass(frozen=True)
+class PointerTask:
+    """Pointer chasing as `perm`, with each arrow written as two words, `A b` (a -> b: the
+    letter it leaves in upper case, the one it reaches in lower case), then `|`, then
+    `asked` distinct upper-case letters, each followed by its answer in lower case, K
+    arrows on. A hop is the induction step (find the arrow that leaves the current letter,
+    read the word after it) with one letter-matching rule shared by every letter, instead
+    of one association per arrow word (`perm`'s 240, which a first run never learned).
+    The cycle, the distinct answers and `guess` (the best elimination guess) are as in
+    `perm`."""
+
+    alphabet: int = 16
+    asked: int = 8
+
+    name = "pointer"
+    MAX_HOPS = 32
+    SEPARATOR = "|"
+
+    def validate(self) -> None:
+        check(is_int(self.alphabet) and 3 <= self.alphabet <= 26, "alphabet", self.alphabet,
+              "an integer in 3..26 (letters a..z)")
+        check(is_int(self.asked) and 1 <= self.asked < self.alphabet, "asked", self.asked,
+              f"an integer in 1..{self.alphabet - 1} (fewer than alphabet={self.alphabet})")
+
+    def letters(self) -> list[str]:
+        return [chr(ord("a") + k) for k in range(self.alphabet)]
+
+    def words(self) -> list[str]:
+        return self.letters() + [c.upper() for c in self.letters()] \
+            + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)] + [self.SEPARATOR, PAD]
+
+    def default_seq_len(self) -> int:
+        """Marker, arrows, separator and the letters asked: no padding."""
+        return 2 + 2 * self.alphabet + 2 * self.asked
+
+    def min_length(self, hops: int) -> int:
+        return 2 + 2 * self.alphabet + 2
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words whose hop count is drawn from 1..max_hops
+        (`weights`: their odds; default uniform), or is `query_hops`."""
+        if seq_len < self.min_length(1):
+            raise ValueError(f"seq_len={seq_len} is too short for pointer documents with "
+                             f"alphabet={self.alphabet}: at least {self.min_length(1)} words")
+        hops = query_hops if query_hops is not None else \
+            rng.choices(range(1, max_hops + 1), weights=weights)[0]
+        if hops > self.MAX_HOPS:
+            raise ValueError(f"pointer documents have at most {self.MAX_HOPS} hops, not {hops}")
+        cycle = self.letters()
+        rng.shuffle(cycle)
+        arrows = list(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+        rng.shuffle(arrows)
+        position = {letter: k for k, letter in enumerate(cycle)}
+        queries = self.letters()
+        rng.shuffle(queries)
+        room = min(self.asked, (seq_len - self.min_length(1) + 2) // 2)
+        pairs = [w for q in queries[:room]
+                 for w in (q.upper(), cycle[(position[q] + hops) % len(cycle)])]
+        words = [f"h{hops}", *[w for a, b in arrows for w in (a.upper(), b)], self.SEPARATOR,
+                 *pairs]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every (letter, answer) pair after the separator, answered by following arrows."""
+        hops = int(words[0][1:])
+        end = words.index(self.SEPARATOR)
+        arrow = {words[k].lower(): words[k + 1] for k in range(1, end, 2)}
+        out: list[Query] = []
+        for i in range(end + 1, len(words) - 1, 2):
+            if words[i] == PAD:
+                break
+            answer = words[i].lower()
+            for _ in range(hops):
+                answer = arrow[answer]
+            ruled_out = {q.answer for q in out} | {words[i].lower()}
+            out.append(Query(index=i + 1, answer=answer, hops=hops,
+                             guess=1.0 / (self.alphabet - len(ruled_out))))
+        return out
+
+
+TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask, "pointer": PointerTask}
+HOP_MIXES = ("uniform", "inverse")
+
+
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "TASKS", "HOP_MIXES", "PAD"]
