@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The slow checks: the serving stack (the slow tier of tests/test_serve.py: the 64 x 20 load
-# test and the web page in headless chromium; the serving benchmark), exported Hugging
+# test and the web page in headless chromium; the serving benchmark; the API fuzzed with 2,500
+# requests; a 10 MB prompt), exported Hugging
 # Face folders (the slow tier of tests/test_export_hf.py: the `lm_eval` command line, and
 # every loop mode and attention variant under the oldest transformers the README claims, in
 # a scratch venv under /tmp), and inductor's own code for the head's compiled chunk body.
@@ -10,6 +11,10 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -m pytest -m slow tests/test_serve.py
 python benchmarks/bench_serve.py ${1:+--run "$1"}
+# the HTTP API fuzzed: 2,500 requests against one live server under 4 streaming clients; the
+# summary line gives the count, the failures and the slowest /health (issue 22)
+LOOPEDLM_FUZZ_EXAMPLES=2500 LOOPEDLM_FUZZ_LOAD=4 python -m pytest -s -p no:logging tests/test_serve_fuzz.py
+python benchmarks/bench_serve_big_prompt.py
 
 # the oldest transformers an exported folder supports (README, "Export to Hugging Face")
 OLDEST_TRANSFORMERS=4.56.2

@@ -15,8 +15,10 @@ import io
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,7 +27,7 @@ from reference_huginn import huginn_weights, tiny_huginn_config, write_huginn_fo
 from reference_ouro import ouro_weights, tiny_ouro_config, write_ouro_folder
 from train_helpers import make_corpus
 
-from loopedlm.cli import main
+from loopedlm.cli import exit_codes, main
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
 TINY = ["--model.depth=2", "--model.d_model=32", "--model.n_head=2", "--model.sequence_len=32",
@@ -278,6 +280,50 @@ def _cases(root: Path, data_dir: Path, tok: Path, run: Path) -> list[tuple[str, 
     ]
 
 
+PORT_IN_USE = 47123  # the table holds it (if another program does, it is in use all the same)
+
+
+def _path_cases(root: Path, data_dir: Path, tok: Path, run: Path
+                ) -> list[tuple[str, str, list[str], dict[str, str]]]:
+    """(area, what is wrong, argv, environment) of every command given a path it cannot
+    write (a folder under a file: /dev/null/x, unwritable even for root), a LOOPEDLM_HOME
+    that is a file, or a port it cannot listen on (issue 22: D6, D9)."""
+    r, t = str(run), [f"--data_dir={data_dir}", f"--tokenizer={tok}", *TINY]
+    home = {"LOOPEDLM_HOME": str(root / "notes.txt")}
+    bad = "/dev/null/x"
+    return [
+        ("paths", "data prepare into a folder under a file", ["data", "prepare", "--out", bad], {}),
+        ("paths", "data prepare with LOOPEDLM_HOME a file", ["data", "prepare"], home),
+        ("paths", "data fineweb-edu into a folder under a file",
+         ["data", "fineweb-edu", "--shards", "2", "--out", bad], {}),
+        ("paths", "tokenizer train into a folder under a file",
+         ["tokenizer", "train", "--data", str(data_dir), "--vocab-size", "300", "--out", bad], {}),
+        ("paths", "train into a folder under a file", ["train", *t, f"--run_dir={bad}"], {}),
+        ("paths", "train with LOOPEDLM_HOME a file (the default corpus lives there)",
+         ["train", f"--run_dir={root / 'new' / 'home'}", *TINY], home),
+        ("paths", "plot into a folder under a file", ["plot", r, "--out", bad], {}),
+        ("paths", "eval into a folder under a file", ["eval", r, "--tasks", "none", "--out", bad],
+         {}),
+        ("paths", "lm-eval of a path under a file",
+         ["lm-eval", "run", "--model", "loopedlm", "--model_args", f"path={bad}", "--tasks",
+          "hellaswag"], {}),
+        ("paths", "sample of a path under a file", ["sample", bad, "--prompt", "a"], {}),
+        ("paths", "sweep into a folder under a file",
+         ["sweep", "loop_scaling_tiny", "--out", bad, "--steps=1"], {}),
+        ("paths", "report of a path under a file", ["report", bad], {}),
+        ("paths", "info of a path under a file", ["info", bad], {}),
+        ("paths", "import-nanochat of a path under a file", ["import-nanochat", bad, bad], {}),
+        ("paths", "export into a folder under a file", ["export", r, bad], {}),
+        ("paths", "serve a path under a file", ["serve", bad, "--port", "0"], {}),
+        ("paths", "serve on port 99999", ["serve", r, "--port", "99999"], {}),
+        ("paths", "serve on port -1", ["serve", r, "--port", "-1"], {}),
+        ("paths", "serve on a port in use", ["serve", r, "--port", str(PORT_IN_USE)], {}),
+        ("paths", "serve on an address that is not this machine's",
+         ["serve", r, "--host", "192.0.2.1", "--port", "0"], {}),
+        ("paths", "serve with a body limit of 0", ["serve", r, "--max-body-bytes", "0"], {}),
+    ]
+
+
 def _run(argv: list[str]) -> tuple[int, str]:
     """(exit code, stderr; stdout where stderr is empty, as for `loopedlm` alone)."""
     err, out = io.StringIO(), io.StringIO()
@@ -319,11 +365,19 @@ def table(tmp_path_factory) -> tuple[str, list[tuple[str, str, int, str]]]:
     assert main(["train", f"--run_dir={run}", f"--data_dir={data_dir}", f"--tokenizer={tok}",
                  *TINY, "--save_every=1"]) == 0
     rows = []
-    for area, what, argv in _cases(root, data_dir, tok, run):
-        code, stderr = _run(argv)
+    in_use = socket.socket()
+    with contextlib.suppress(OSError):  # (already in use: as good)
+        in_use.bind(("127.0.0.1", PORT_IN_USE))
+        in_use.listen()
+    cases = [(*case, {}) for case in _cases(root, data_dir, tok, run)]
+    for area, what, argv, env in cases + _path_cases(root, data_dir, tok, run):
+        with mock.patch.dict(os.environ, env):
+            code, stderr = _run(argv)
         # an accepted input's output is a sample and a timing: not reproducible, not shown
         first = "(accepted)" if code == 0 else _clean(_first_line(stderr), root)
-        rows.append((area, what, code, _show(argv, root), first, stderr))
+        shown = " ".join([*(f"{k}={v}" for k, v in env.items()), _show(argv, root)])
+        rows.append((area, what, code, shown.replace(str(root), "<tmp>"), first, stderr))
+    in_use.close()
     lines = ["# Bad inputs and what loopedlm says",
              "",
              "Generated by `tests/test_bad_inputs.py` (the test fails when this file is out of",
@@ -333,7 +387,8 @@ def table(tmp_path_factory) -> tuple[str, list[tuple[str, str, int, str]]]:
              "with `error`, else the first). `<tmp>` is a temporary folder; train cases also",
              "pass a small test corpus, its tokenizer and tiny-model settings (not shown).",
              "Exit codes: 0 accepted on purpose, 2 bad input, 4 out of memory, 5 a checkpoint",
-             "could not be written (see the README, \"When things go wrong\").",
+             "could not be written, 6 the server cannot listen on its port (all of them:",
+             "[exit_codes.md](exit_codes.md)).",
              "",
              "| # | area | input | exit | message |",
              "|---|---|---|---|---|"]
@@ -346,8 +401,14 @@ def table(tmp_path_factory) -> tuple[str, list[tuple[str, str, int, str]]]:
 def test_every_bad_input_is_one_clear_line(table):
     _, rows = table
     assert len(rows) >= 60
+    documented = {value for name, value in vars(exit_codes).items()
+                  if name.isupper() and isinstance(value, int)}
     for area, what, code, _shown, first, stderr in rows:
         assert "Traceback" not in stderr, (what, stderr)
+        assert code in documented, (what, code, stderr)
+        if area == "paths":  # every command, a path, home or port it cannot use
+            assert code in (exit_codes.BAD_INPUT, exit_codes.CANNOT_LISTEN), (what, stderr)
+            assert len([line for line in stderr.splitlines() if "error:" in line]) == 1, stderr
         if area == "prompt" and code == 0:
             continue  # accepted on purpose: an empty or odd prompt still samples
         assert code != 0, (what, stderr)

@@ -5,6 +5,7 @@ before doing anything, `--help` included)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -49,6 +50,12 @@ def test_every_command_and_sub_command_answers_help(command, capsys):
     if command == "lm-eval":
         pytest.importorskip("lm_eval")
     out = _help([command, "--help"], capsys)
+    if command == "lm-eval":
+        # lm_eval's CLI gave its logger a handler on this test's captured stderr, which is
+        # closed after the test: later tests that run lm-eval would log "Logging error"s
+        for handler in logging.getLogger("lm_eval").handlers:
+            if type(handler) is logging.StreamHandler:  # (not pytest's own, a subclass)
+                handler.setStream(sys.__stderr__)
     assert ("usage: lm-eval" if command == "lm-eval" else f"loopedlm {command}") in out
     if "  ACTION" in out.splitlines():
         actions = _listed(out, "ACTION")

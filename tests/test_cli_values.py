@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
 
 import pytest
 from conftest import tiny_model
@@ -132,9 +133,14 @@ def test_serve_flags_left_unset_take_serve_configs_defaults(run_dir, monkeypatch
     from loopedlm.infer import server
 
     listened = []
-    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: listened.append(kw))
+
+    def listen(host, port):  # where serve takes its port (before loading), recorded
+        listened.append((host, port))
+        return socket.socket()
+
+    monkeypatch.setattr(server, "listen", listen)
+    monkeypatch.setattr(server.uvicorn.Server, "run", lambda self, sockets=None: None)
     assert _cli(["serve", str(run_dir), "--device", "cpu"])[0] == 0
     assert _cli(["serve", str(run_dir), "--device", "cpu", "--port", "8123"])[0] == 0
     default = server.ServeConfig()
-    assert [(kw["host"], kw["port"]) for kw in listened] == [(default.host, default.port),
-                                                            (default.host, 8123)]
+    assert listened == [(default.host, default.port), (default.host, 8123)]

@@ -394,6 +394,49 @@ def test_a_failure_after_the_prefill_frees_the_slot(monkeypatch):
     assert engine.active_slots == [0]
 
 
+# ---- logprobs (issue 22, D11) ----------------------------------------------------------------
+@pytest.mark.parametrize("compile", [False, "step"])
+@torch.no_grad()
+def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
+    """Rows that ask get each sampled token's log-probability and the 5 most likely tokens'
+    under the model's distribution (the full forward's log-softmax), whatever else is in the
+    batch; the step still compiles whole (no host sync: fullgraph=True raises on one)."""
+    model = make_model("flt", "mha", sequence_len=32)
+    requests = {0: seq(prompt(1, 4), n_loops=2, sampling=GREEDY, logprobs=3),
+                1: seq(prompt(2, 3), n_loops=3, sampling=SamplingParams(seed=4, top_p=0.9),
+                       logprobs=0),
+                2: seq(prompt(3, 5), n_loops=1, sampling=GREEDY)}
+    torch._dynamo.reset()
+    engine = DecodeEngine(model, max_batch=3, max_loops=3, compile=compile,
+                          compile_options=dict(backend="eager", fullgraph=True))
+    tokens = {slot: [] for slot in requests}
+    reported = {slot: [] for slot in requests}
+    for slot, kw in requests.items():
+        tokens[slot].append(int(engine.add(slot, **kw)))
+        reported[slot].append(engine.output().host_logprobs()[slot])
+    for _ in range(4):
+        out = engine.step()
+        rows = out.host_logprobs()  # (every slot's)
+        for slot, token in enumerate(out.tokens.tolist()):
+            tokens[slot].append(token)
+            reported[slot].append(rows[slot])
+    for slot in (0, 1):
+        ids = requests[slot]["prompt_ids"]
+        full = model(torch.tensor([ids + tokens[slot]]),
+                     n_loops=requests[slot]["params"].n_loops)[0].float().log_softmax(-1)
+        for i, (logprob, top) in enumerate(reported[slot]):
+            expected = full[len(ids) - 1 + i]
+            assert logprob == pytest.approx(expected[tokens[slot][i]].item(), abs=1e-4)
+            values, best = expected.topk(5)
+            assert [token for token, _ in top] == best.tolist()
+            assert [value for _, value in top] == pytest.approx(values.tolist(), abs=1e-4)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="logprobs=6"):
+        SequenceParams(logprobs=6)
+    with pytest.raises(ValueError, match="logprobs=0 is not allowed with draft_loops=1"):
+        SequenceParams(n_loops=3, draft_loops=1, logprobs=0)
+
+
 # ---- CUDA graphs and dtypes, checked on CPU (issue 24) ---------------------------------------
 class _FakeCuda:
     """Stand-ins for the torch.cuda calls of a graph capture, recording what they are given:

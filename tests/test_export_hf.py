@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -253,8 +254,11 @@ def serve_once(folder: Path, monkeypatch) -> str:
     from loopedlm.infer import server as server_module
 
     apps = []
-    monkeypatch.setattr(server_module.uvicorn, "run", lambda app, **kw: apps.append(app))
-    assert cli(["serve", str(folder), "--device", "cpu"])[0] == 0
+    with monkeypatch.context() as patch:  # `serve` builds its app, takes no port, runs nothing
+        patch.setattr(server_module, "listen", lambda host, port: socket.socket())
+        patch.setattr(server_module.uvicorn.Server, "run",
+                      lambda self, sockets=None: apps.append(self.config.app))
+        assert cli(["serve", str(folder), "--device", "cpu"])[0] == 0
     with server_module.serve_in_background(apps[0]) as url:
         body = {"prompt": "The king", "max_tokens": 5, "temperature": 0}
         request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),

@@ -56,7 +56,8 @@ def test_a_tokenizer_larger_than_the_model_is_refused(runs, tmp_path):
         load_run(root / "with", tokenizer=str(tmp_path / "big"))
 
 
-@pytest.mark.parametrize("command", [["sample", "--prompt", "a"], ["serve"]])
+# (serve takes its port before it loads the run: --port 0, as 8000 may be in use here)
+@pytest.mark.parametrize("command", [["sample", "--prompt", "a"], ["serve", "--port", "0"]])
 def test_sample_and_serve_report_a_missing_tokenizer_in_one_line(runs, command, capsys):
     if command[0] == "serve":
         pytest.importorskip("fastapi")

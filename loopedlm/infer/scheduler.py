@@ -11,6 +11,14 @@ The engine runs on one worker thread (`Scheduler.start`); everything else may ca
 worker thread) a `Delta` per token that produced new text, and a last one with its
 `finish_reason`: "stop" (a stop string or the end-of-text token), "length" (max_tokens,
 or the context is full), "timeout", "cancelled" or "error".
+
+Failures stay with the sequence that caused them, as far as the scheduler can tell: a
+failed prefill or a token that cannot be delivered ends that sequence alone ("error"). A
+failed step ends the sequences that joined the batch since the last good step, and the
+step is retried without them (a failed step has moved no slot on); only if it fails again
+does every running sequence end. After any failure the engine counts as failing
+(`health`) until a step succeeds again: when nothing is running, the worker checks it with
+a one-token canary sequence, and again every `CHECK_EVERY` seconds while it fails.
 """
 
 from __future__ import annotations
@@ -26,8 +34,12 @@ from typing import Any, Protocol
 
 from loopedlm.common.validation import is_int
 from loopedlm.infer.engine import SequenceParams, StepOutput
+from loopedlm.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+CHECK_EVERY = 5.0  # seconds between canary checks of an engine that failed
+CANARY = SequenceParams(sampling=SamplingParams(temperature=0), max_new_tokens=2)
 
 
 class SlotEngine(Protocol):
@@ -43,7 +55,8 @@ class SlotEngine(Protocol):
         ...
 
     def step(self) -> StepOutput:
-        """Feed every held sequence its last sampled token; sample one more for each."""
+        """Feed every held sequence its last sampled token; sample one more for each. One
+        that raises has moved no sequence on (it may be retried)."""
         ...
 
     def output(self, batch: int | None = None) -> StepOutput:
@@ -59,14 +72,38 @@ class QueueFull(Exception):
     """The waiting queue cannot take these sequences (HTTP 429)."""
 
 
+class Unavailable(Exception):
+    """The scheduler is not running (shutting down, or its worker stopped): HTTP 503."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log-probability, the most likely tokens [(id, logprob)] at its
+    place, and where its text starts in the completion (characters)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int
+
+
 @dataclass
 class Delta:
-    """New text of a sequence, the loops spent on each token it came from, and, on the
-    last delta only, why the sequence ended."""
+    """New text of a sequence, the loops spent on each token it came from (and their
+    logprobs, when asked for), and, on the last delta only, why the sequence ended."""
 
     text: str
     loops: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether the scheduler can generate: `ok`, else `reason`."""
+
+    ok: bool
+    reason: str = ""
 
 
 @dataclass(eq=False)
@@ -82,6 +119,7 @@ class Sequence:
     timeout: float | None = None
     tokens: list[int] = field(default_factory=list)
     loops: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     finish_reason: str | None = None
     id: int = field(default_factory=itertools.count().__next__)
 
@@ -92,6 +130,8 @@ class Sequence:
         self._text = ""         # the completion's text so far (cut at a stop string)
         self._text_sent = 0     # characters of it already sent
         self._loops_sent = 0    # tokens whose loops were already sent
+        self._logprobs_sent = 0  # tokens whose logprobs were already sent
+        self._cut = False       # the text was cut at a stop string
 
     @property
     def text(self) -> str:
@@ -115,8 +155,11 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.engine_error: str | None = None  # the last failure, until a step succeeds
+        self._next_check = 0.0  # when to run the canary of a failing engine (monotonic)
         # totals for /metrics
-        self.stats = dict(steps=0, tokens=0, loops=0, prompt_tokens=0, sequences=0)
+        self.stats = dict(steps=0, tokens=0, loops=0, prompt_tokens=0, sequences=0,
+                          failed_steps=0)
         self.finished: dict[str, int] = {}
 
     # ---- any thread ---------------------------------------------------------------------
@@ -133,10 +176,13 @@ class Scheduler:
             self._thread.join()
 
     def submit(self, sequences: list[Sequence]) -> None:
-        """Queue sequences (all or none); QueueFull when they do not fit."""
+        """Queue sequences (all or none); QueueFull when they do not fit, Unavailable when
+        the worker is not running."""
         with self._cond:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise Unavailable("the server is shutting down")
+            if self._thread is None or not self._thread.is_alive():
+                raise Unavailable("the decode worker is not running (see the server's log)")
             if len(self.waiting) + len(sequences) > self.max_queue:
                 raise QueueFull(f"the queue is full ({len(self.waiting)} of {self.max_queue} "
                                 f"waiting); retry later")
@@ -149,6 +195,18 @@ class Scheduler:
             sequence._cancelled = True
             self._cond.notify_all()
 
+    def health(self) -> Health:
+        """Whether sequences submitted now can be generated."""
+        if self._stopping:
+            return Health(False, "the server is shutting down")
+        if self._thread is None or not self._thread.is_alive():
+            return Health(False, "the decode worker is not running (see the server's log)")
+        error = self.engine_error
+        if error is not None:
+            return Health(False, f"the decode engine failed ({error}); it is checked again "
+                                 f"every {CHECK_EVERY:g} s")
+        return Health(True)
+
     @property
     def queue_length(self) -> int:
         return len(self.waiting)
@@ -159,34 +217,39 @@ class Scheduler:
 
     # ---- the worker thread --------------------------------------------------------------
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and not self.running:
+                        if self.engine_error is not None:  # wake for the next canary
+                            wait = self._next_check - time.monotonic()
+                            if wait <= 0:
+                                break
+                            self._cond.wait(wait)
+                        else:
+                            self._cond.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._take_admissible()
+                try:
+                    self._expire()
+                    joined = [slot for slot, sequence in admitted if self._start(slot, sequence)]
+                    if self.running:
+                        self._step(joined)
+                    elif self.engine_error is not None and time.monotonic() >= self._next_check:
+                        self._check_engine()
+                except Exception:  # a bug of the scheduler itself: end what it held, go on
+                    log.exception("the scheduler failed")
+                    for slot in list(self.running):
+                        self._finish(slot, self.running[slot], "error")
+        finally:  # closed, or the worker died: nothing is left waiting for a token
+            reason = "cancelled" if self._stopping else "error"
+            for slot in list(self.running):
+                self._finish(slot, self.running[slot], reason)
             with self._cond:
-                while not self._stopping and not self.waiting and not self.running:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                admitted = self._take_admissible()
-            try:
-                self._expire()
-                for slot, sequence in admitted:
-                    self._start(slot, sequence)
-                if self.running:
-                    tokens, loops = self.engine.step().host()
-                    self.stats["steps"] += 1
-                    for slot in sorted(self.running):
-                        if tokens[slot] < 0:  # the engine ended it (its cache is full)
-                            raise RuntimeError(f"slot {slot} produced no token")
-                        self._deliver(slot, tokens[slot], loops[slot])
-            except Exception:  # the engine failed: end what it held, keep serving
-                log.exception("decode step failed")
-                for slot in list(self.running):
-                    self._finish(slot, self.running[slot], "error")
-        for slot in list(self.running):
-            self._finish(slot, self.running[slot], "cancelled")
-        with self._cond:
-            waiting, self.waiting = list(self.waiting), deque()
-        for sequence in waiting:
-            self._end(sequence, "cancelled")
+                waiting, self.waiting = list(self.waiting), deque()
+            for sequence in waiting:
+                self._end(sequence, reason)
 
     def _take_admissible(self) -> list[tuple[int, Sequence]]:
         """Pop waiting sequences into free slots (FIFO); drop cancelled/expired ones."""
@@ -210,26 +273,111 @@ class Scheduler:
             elif sequence.deadline is not None and now > sequence.deadline:
                 self._finish(slot, sequence, "timeout")
 
-    def _start(self, slot: int, sequence: Sequence) -> None:
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Note an engine failure: `health` reports it until a step succeeds."""
+        log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+        self.engine_error = f"{what}: {type(exc).__name__}: {exc}"[:300]
+        self._next_check = time.monotonic()
+
+    def _start(self, slot: int, sequence: Sequence) -> bool:
+        """Prefill `sequence` into `slot`; whether it is running (a failure ends it alone)."""
         try:
             self.engine.add(slot, sequence.prompt, sequence.params)
-            tokens, loops = self.engine.output().host()
-        except Exception:
-            log.exception("prefill failed")
+            output = self.engine.output()
+            tokens, loops = output.host()
+            logprobs = self._logprobs(output, {slot: sequence})
+        except Exception as exc:
+            self._failed("a prefill", exc)
             self.engine.release(slot)  # whatever the engine did, the slot is free again
             self._end(sequence, "error")
-            return
+            return False
         self.running[slot] = sequence
         self.stats["prompt_tokens"] += len(sequence.prompt)
         self.stats["sequences"] += 1
-        self._deliver(slot, tokens[slot], loops[slot])
+        self._deliver_or_fail(slot, tokens[slot], loops[slot], logprobs.get(slot))
+        return slot in self.running
 
-    def _deliver(self, slot: int, token: int, loops: int) -> None:
+    def _step(self, joined: list[int]) -> None:
+        """One engine step for the running sequences; `joined`: the slots admitted just
+        before it (the suspects if it fails)."""
+        for attempt in range(2):
+            stepped = False
+            try:
+                output = self.engine.step()
+                stepped = True
+                tokens, loops = output.host()
+                logprobs = self._logprobs(output, self.running)
+                break
+            except Exception as exc:
+                self._failed("a decode step", exc)
+                self.stats["failed_steps"] += 1
+                # a batched step cannot say which row failed it: first suspect the rows that
+                # joined since the last good step and retry without them (a step that raised
+                # moved no row on; one whose results could not be read may have), then all
+                older = [slot for slot in self.running if slot not in joined]
+                retry = attempt == 0 and not stepped and joined and older
+                for slot in joined if retry else list(self.running):
+                    if slot in self.running:
+                        self._finish(slot, self.running[slot], "error")
+                if not self.running:
+                    return
+        else:
+            return
+        self.engine_error = None
+        self.stats["steps"] += 1
+        for slot in sorted(self.running):
+            self._deliver_or_fail(slot, tokens[slot], loops[slot], logprobs.get(slot))
+
+    def _check_engine(self) -> None:
+        """A one-token canary sequence on slot 0 (the engine is idle): does it generate?"""
+        self._next_check = time.monotonic() + CHECK_EVERY
+        try:
+            try:
+                self.engine.add(0, [0], CANARY)
+                self.engine.step().host()
+            finally:
+                self.engine.release(0)
+        except Exception as exc:
+            self._failed("the canary check", exc)
+            self._next_check = time.monotonic() + CHECK_EVERY
+            return
+        log.info("the decode engine works again (canary check)")
+        self.engine_error = None
+
+    @staticmethod
+    def _logprobs(output: StepOutput, sequences: dict[int, Sequence]
+                  ) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """(logprob, top tokens) of the `sequences` (slot -> sequence) that ask for them
+        (brought to the host only then)."""
+        wanted = [slot for slot, seq in sequences.items() if seq.params.logprobs is not None]
+        if not wanted:
+            return {}
+        rows = output.host_logprobs()
+        return {slot: rows[slot] for slot in wanted}
+
+    def _deliver_or_fail(self, slot: int, token: int, loops: int,
+                         logprob: tuple[float, list[tuple[int, float]]] | None) -> None:
+        """Deliver a token; a failure (no token, a tokenizer error) ends this sequence alone."""
+        sequence = self.running[slot]
+        try:
+            if token < 0:  # the engine ended it (its cache is full)
+                raise RuntimeError(f"slot {slot} produced no token")
+            self._deliver(slot, token, loops, logprob)
+        except Exception:
+            log.exception("delivering a token of sequence %d failed", sequence.id)
+            if self.running.get(slot) is sequence:
+                self._finish(slot, sequence, "error")
+
+    def _deliver(self, slot: int, token: int, loops: int,
+                 logprob: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         """Sequence `slot` sampled `token`, spending `loops` loops on it."""
         sequence = self.running[slot]
         if token in sequence.stop_ids:
             self._finish(slot, sequence, "stop")
             return
+        if logprob is not None and sequence.params.logprobs is not None:
+            sequence.logprobs.append(TokenLogprob(token, logprob[0], logprob[1],
+                                                  safe_length(sequence._text, ())))
         sequence.tokens.append(token)
         sequence.loops.append(loops)
         self.stats["tokens"] += 1
@@ -238,7 +386,7 @@ class Scheduler:
         sequence._text = text
         cut = find_stop(text, sequence.stop, sequence._text_sent)
         if cut is not None:
-            sequence._text = text[:cut]
+            sequence._text, sequence._cut = text[:cut], True
             self._finish(slot, sequence, "stop")
             return
         room = self.engine.max_len - len(sequence.prompt) + 1
@@ -254,16 +402,25 @@ class Scheduler:
     def _send(self, sequence: Sequence, upto: int, reason: str | None) -> None:
         text = sequence.text[sequence._text_sent:upto]
         loops = sequence.loops[sequence._loops_sent:]
+        # the logprobs of the tokens whose text starts in what is sent (at the end: all,
+        # but those cut off with a stop string)
+        logprobs = [entry for entry in sequence.logprobs[sequence._logprobs_sent:]
+                    if entry.offset < upto or (reason is not None and not sequence._cut)]
         sequence._text_sent, sequence._loops_sent = upto, len(sequence.loops)
+        sequence._logprobs_sent += len(logprobs)
+        if reason is not None:
+            del sequence.logprobs[sequence._logprobs_sent:]
         try:
-            sequence.sink(Delta(text, loops, reason))
+            sequence.sink(Delta(text, loops, reason, logprobs))
         except Exception:
             log.exception("a sequence's sink failed")
 
     def _finish(self, slot: int, sequence: Sequence, reason: str) -> None:
         del self.running[slot]
-        self.engine.release(slot)
-        self._end(sequence, reason)
+        try:
+            self.engine.release(slot)
+        finally:
+            self._end(sequence, reason)
 
     def _end(self, sequence: Sequence, reason: str) -> None:
         sequence.finish_reason = reason
@@ -298,4 +455,5 @@ def safe_length(text: str, stops: tuple[str, ...], hold_incomplete: bool = True)
     return end - hold
 
 
-__all__ = ["Scheduler", "SlotEngine", "Sequence", "Delta", "QueueFull", "find_stop", "safe_length"]
+__all__ = ["Scheduler", "SlotEngine", "Sequence", "Delta", "TokenLogprob", "Health", "QueueFull",
+           "Unavailable", "find_stop", "safe_length", "CHECK_EVERY"]

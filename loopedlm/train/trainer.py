@@ -329,8 +329,9 @@ class Trainer:
         if progress.last_saved != step:
             self._save(progress)
         progress.status = "interrupted"
-        progress.message = (f"SIGTERM at step {step}: saved checkpoint step_{step:06d}; "
-                            f"continue with --run_dir={self.run_dir} --resume")
+        progress.message = (f"{terminate.signal_name or 'SIGTERM'} at step {step}: saved "
+                            f"checkpoint step_{step:06d}; continue with "
+                            f"--run_dir={self.run_dir} --resume")
         log.warning(progress.message)
         return True
 
