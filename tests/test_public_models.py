@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 
 import pytest
 import torch
@@ -417,9 +418,12 @@ def test_serve_command_takes_a_bf16_folder(tmp_path, monkeypatch, family):
     folder, _, _ = FOLDERS[family](tmp_path, vocab_size=290, dtype=torch.bfloat16)
     write_tokenizer(folder)
     apps = []
-    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: apps.append(app))
-    assert main(["serve", str(folder), "--device", "cpu", "--max-len", "24",
-                 "--max-batch", "2"]) == 0
+    with monkeypatch.context() as patch:  # `serve` builds its app, takes no port, runs nothing
+        patch.setattr(server, "listen", lambda host, port: socket.socket())
+        patch.setattr(server.uvicorn.Server, "run",
+                      lambda self, sockets=None: apps.append(self.config.app))
+        assert main(["serve", str(folder), "--device", "cpu", "--max-len", "24",
+                     "--max-batch", "2"]) == 0
     with server.serve_in_background(apps[0]) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         name = client.models.list().data[0].id
