@@ -31,7 +31,7 @@ def config(task: str = "chain", **overrides) -> SyntheticConfig:
     values = dict(SMALL, task=task)
     if task == "phop":
         values["task_options"] = {"alphabet": 6, "prefix": 24}
-    if task in ("perm", "pointer"):
+    if task in ("perm", "pointer", "compose"):
         values["task_options"] = {"alphabet": 6, "asked": 5}
     values.update(overrides)
     return SyntheticConfig(**values)
@@ -115,8 +115,44 @@ def solve_pointer(words: list[str]) -> list[tuple[int, str, int]]:
             for k, (_, answer, hops) in enumerate(solve_perm(as_perm))]
 
 
+def compose_function(texts: list[str]) -> dict[str, str]:
+    """f of a compose data set, read off its 1-hop queries (each `x h1 y` says f(x) = y),
+    checked to be one function: the documents must agree on it."""
+    f: dict[str, str] = {}
+    for text in texts:
+        words = text.split()
+        for k in range(0, len(words) - 2, 3):
+            if words[k + 1] == "h1":
+                assert f.setdefault(words[k], words[k + 2]) == words[k + 2]
+    return f
+
+
+COMPOSE_F: dict[str, str] = {}  # filled by solve's caller from the training documents
+
+
+def solve_compose(words: list[str]) -> list[tuple[int, str, int]]:
+    """(answer index, answer, K) of every `x hK y` of a compose document: f (read off the
+    training documents' 1-hop answers) applied K times."""
+    out = []
+    starts = []
+    for k in range(0, len(words) - 2, 3):
+        if words[k] == ".":
+            break
+        x, hops = words[k], int(words[k + 1][1:])
+        starts.append(x)
+        y = x
+        for _ in range(hops):
+            y = COMPOSE_F[y]
+        out.append((k + 2, y, hops))
+    assert len(set(starts)) == len(starts)  # each symbol asked once: no answer to copy
+    return out
+
+
 def solve(task: str, words: list[str]) -> list[tuple[int, str, int]]:
-    solvers = {"chain": solve_chain, "perm": solve_perm, "pointer": solve_pointer}
+    if task == "compose" and not COMPOSE_F:
+        COMPOSE_F.update(compose_function(list(documents(config("compose"), "train"))))
+    solvers = {"chain": solve_chain, "perm": solve_perm, "pointer": solve_pointer,
+               "compose": solve_compose}
     return solvers.get(task, lambda w: solve_phop(w, 24))(words)
 
 
@@ -151,6 +187,11 @@ def test_every_answer_follows_from_the_document(task):
                 earlier = {a for i, a, _ in expected if i < index}  # the earlier answers)
                 ruled_out = earlier | {words[index - 1].lower()}
                 assert query.guess == pytest.approx(1 / (6 - len(ruled_out)))
+            elif task == "compose":  # the symbol asked (unless f^K is the identity: K a
+                # multiple of the cycle's length) and the earlier answers of the same K
+                earlier = {a for i, a, h in expected if i < index and h == hops}
+                ruled_out = earlier | ({words[index - 2]} if hops % 6 else set())
+                assert query.guess == pytest.approx(1 / (6 - len(ruled_out)))
             elif hops > 1 or task == "phop":  # the root (or letter) is drawn uniformly
                 assert query.guess == pytest.approx(0.1 if task == "chain" else 1 / 6)
             else:  # each root is asked once at most: the digits of roots not asked yet
@@ -165,6 +206,35 @@ def test_perm_documents_fill_their_default_length_with_half_the_letters_asked():
         assert "." not in words and len(solve_perm(words)) == 8
         # K hops around one 16-cycle never land on the letter asked
         assert all(words[i - 1] != answer for i, answer, _ in solve_perm(words))
+
+
+def test_compose_applies_one_fixed_cycle_in_every_document():
+    cfg = config("compose", train_docs=200)
+    f = compose_function(list(documents(cfg, "train")))
+    # every symbol's f is seen, it is one cycle through all six, and it is the task's own
+    assert len(f) == 6
+    seen, symbol = [], "s0"
+    for _ in range(6):
+        seen.append(symbol)
+        symbol = f[symbol]
+    assert symbol == "s0" and sorted(seen) == sorted(f)
+    assert cfg.make_task().function == f
+    # the same in a data set of another seed (documents differ, f does not) ...
+    other = config("compose", train_docs=200, seed=3)
+    assert compose_function(list(documents(other, "train"))) == f
+    assert list(documents(other, "train")) != list(documents(cfg, "train"))
+    # ... and another with another function_seed
+    assert config("compose", task_options={"alphabet": 6, "asked": 5,
+                                                    "function_seed": 1}).make_task() \
+        .function != f
+    # the default documents: 12 queries of 3 words, no padding; the guess is near 1/32
+    default = SyntheticConfig(task="compose", train_docs=50)
+    queries = [q for t in documents(default, "train")
+               for q in default.make_task().queries(t.split())]
+    assert default.seq_len == 36 and len(queries) == 50 * 12
+    assert all(1 / 31 <= q.guess <= 1 / 20 for q in queries)
+    with pytest.raises(ValueError, match="asked"):
+        SyntheticConfig(task="compose", task_options={"alphabet": 6, "asked": 7})
 
 
 def test_chain_queries_are_leaves_of_distinct_paths():

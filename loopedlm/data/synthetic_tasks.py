@@ -4,6 +4,7 @@ writes them as a data set; the module docstring there describes the tasks."""
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -388,8 +389,102 @@ class PointerTask:
         return out
 
 
-TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask, "pointer": PointerTask}
+# ---- composing a fixed function, held in the weights ----------------------------------------
+@dataclass(frozen=True)
+class ComposeTask:
+    """In-weights function composition: a fixed random permutation f of `alphabet` symbols
+    `s0 s1 ...` (one cycle through every symbol, drawn from `function_seed`: the same in
+    every document and every data set with these options), and queries `x hK y`, y = f^K(x),
+    K drawn per query. Nothing in the document says what f is: the model must hold f in its
+    weights, a lookup that a tiny model learns quickly (no search of the context), and
+    apply it K times; a loop body that applies f once per loop answers K hops in K loops.
+    The start symbols of a document are distinct, so no answer can be copied from an
+    earlier query; f is one cycle, so for K < alphabet the answer is never x and K hops
+    differ from any other hop count below `alphabet`. `guess` is the best blind guess:
+    1 / (symbols left once x and the earlier answers with the same K, which differ from
+    this one because f^K is a bijection, are ruled out)."""
+
+    alphabet: int = 32
+    asked: int = 12
+    function_seed: int = 0
+
+    name = "compose"
+    MAX_HOPS = 32
+
+    def validate(self) -> None:
+        check(is_int(self.alphabet) and 3 <= self.alphabet <= 256, "alphabet", self.alphabet,
+              "an integer in 3..256 (symbols s0, s1, ...)")
+        check(is_int(self.asked) and 1 <= self.asked <= self.alphabet, "asked", self.asked,
+              f"an integer in 1..{self.alphabet} (at most alphabet={self.alphabet}: the "
+              f"start symbols of a document are distinct)")
+        check(is_int(self.function_seed) and self.function_seed >= 0, "function_seed",
+              self.function_seed, "an integer >= 0")
+
+    def symbols(self) -> list[str]:
+        return [f"s{k}" for k in range(self.alphabet)]
+
+    @functools.cached_property
+    def function(self) -> dict[str, str]:
+        """f: symbol -> symbol, one cycle through every symbol."""
+        cycle = self.symbols()
+        random.Random(f"compose/{self.function_seed}/{self.alphabet}").shuffle(cycle)
+        return dict(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+
+    def words(self) -> list[str]:
+        return self.symbols() + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)] + [PAD]
+
+    def default_seq_len(self) -> int:
+        """`asked` queries of three words: no padding."""
+        return 3 * self.asked
+
+    def min_length(self, hops: int) -> int:
+        return 3
+
+    def apply(self, symbol: str, hops: int) -> str:
+        f = self.function
+        for _ in range(hops):
+            symbol = f[symbol]
+        return symbol
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words: min(asked, seq_len // 3) queries, each of
+        `query_hops` hops or of a hop count drawn from 1..max_hops (`weights`: their odds;
+        default uniform)."""
+        if seq_len < self.min_length(1):
+            raise ValueError(f"seq_len={seq_len} is too short for compose documents: at "
+                             f"least {self.min_length(1)} words")
+        if (query_hops or max_hops) > self.MAX_HOPS:
+            raise ValueError(f"compose documents have at most {self.MAX_HOPS} hops, not "
+                             f"{query_hops or max_hops}")
+        starts = rng.sample(self.symbols(), min(self.asked, seq_len // 3))
+        words: list[str] = []
+        for x in starts:
+            hops = query_hops if query_hops is not None else \
+                rng.choices(range(1, max_hops + 1), weights=weights)[0]
+            words += [x, f"h{hops}", self.apply(x, hops)]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every `x hK y`, answered by applying f K times."""
+        out: list[Query] = []
+        for i in range(0, len(words) - 2, 3):
+            if words[i] == PAD:
+                break
+            x, hops = words[i], int(words[i + 1][1:])
+            ruled_out = {q.answer for q in out if q.hops == hops}
+            if hops % self.alphabet:
+                ruled_out.add(x)
+            out.append(Query(index=i + 2, answer=self.apply(x, hops), hops=hops,
+                             guess=1.0 / (self.alphabet - len(ruled_out))))
+        return out
+
+
+TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask, "pointer": PointerTask,
+         "compose": ComposeTask}
 HOP_MIXES = ("uniform", "inverse")
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "TASKS", "HOP_MIXES", "PAD"]
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "ComposeTask", "TASKS",
+           "HOP_MIXES", "PAD"]
