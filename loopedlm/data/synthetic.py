@@ -25,10 +25,10 @@ Tasks (`TASKS`):
   arrows on (`PermTask`).
 - `pointer`: the same, with each arrow written as two words `A b`, so that every hop is
   the same induction step (`PointerTask`).
-- `compose` (in-weights function composition): a fixed random permutation f of 32
-  symbols, the same in every document, and queries `x hK y` with y = f^K(x)
-  (`ComposeTask`): f lives in the weights, so a hop is a memorised lookup, not a search of
-  the context.
+- `compose` (in-weights function composition): 4 fixed random permutations `f1..f4` of 32
+  symbols, the same in every document, and queries `x f3 f1 f1 = y`, the functions applied
+  in turn (`ComposeTask`): they live in the weights, so a hop is a memorised lookup, not a
+  search of the context.
 
 Documents are exactly `seq_len` words (padded with `.`), so with the BOS the loader
 prepends, training rows of `sequence_len = seq_len` hold one whole document each: none is
@@ -97,8 +97,8 @@ class SyntheticConfig:
     grows from lo to hi, in equal steps (0: no curriculum); the loader reads the documents
     in order, so training follows it. task_options: the task's own fields (`ChainTask`,
     `PHopTask`, `PermTask`, `PointerTask`, `ComposeTask`). seq_len: words per document (None: the task's
-    `default_seq_len()`, 128, or for perm, pointer and compose exactly one unpadded
-    document).
+    `default_seq_len()`: 128, 64 for compose, or for perm and pointer exactly one
+    unpadded document).
     """
 
     task: str = "chain"

@@ -389,95 +389,104 @@ class PointerTask:
         return out
 
 
-# ---- composing a fixed function, held in the weights ----------------------------------------
+# ---- composing fixed functions, held in the weights ----------------------------------------
 @dataclass(frozen=True)
 class ComposeTask:
-    """In-weights function composition: a fixed random permutation f of `alphabet` symbols
-    `s0 s1 ...` (one cycle through every symbol, drawn from `function_seed`: the same in
-    every document and every data set with these options), and queries `x hK y`, y = f^K(x),
-    K drawn per query. Nothing in the document says what f is: the model must hold f in its
-    weights, a lookup that a tiny model learns quickly (no search of the context), and
-    apply it K times; a loop body that applies f once per loop answers K hops in K loops.
-    The start symbols of a document are distinct, so no answer can be copied from an
-    earlier query; f is one cycle, so for K < alphabet the answer is never x and K hops
-    differ from any other hop count below `alphabet`. `guess` is the best blind guess:
-    1 / (symbols left once x and the earlier answers with the same K, which differ from
-    this one because f^K is a bijection, are ruled out)."""
+    """In-weights function composition: `functions` fixed random permutations of `alphabet`
+    symbols `s0 s1 ...`, named `f1 f2 ...` (each one cycle through every symbol, drawn from
+    `function_seed`: the same in every document and every data set with these options), and
+    queries `x g1 g2 ... gK = y` with y = gK(...g2(g1(x))), K = hops. Nothing in the
+    document says what the functions are: the model must hold them in its weights (a
+    memorised lookup per hop, no search of the context) and apply them in turn. With
+    several functions the answer depends on the whole word, so the table of every (x, word)
+    is alphabet x functions^K entries (32 x 4^8 = 2M at 8 hops): too many to memorise, where
+    the functions themselves are 128; a first version with one function and `x hK y`
+    queries was answered at one loop from a memorised (x, K) table (docs/reasoning.md). With
+    `functions=1` the word is K marks `f1 f1 ...`: the hop count written as a count.
+    Queries are added while they fit; their start symbols are distinct, so no answer can be
+    copied from an earlier query. `guess` is 1 / alphabet."""
 
     alphabet: int = 32
-    asked: int = 12
+    functions: int = 4
     function_seed: int = 0
 
     name = "compose"
-    MAX_HOPS = 32
+    EQUALS = "="
 
     def validate(self) -> None:
-        check(is_int(self.alphabet) and 3 <= self.alphabet <= 256, "alphabet", self.alphabet,
-              "an integer in 3..256 (symbols s0, s1, ...)")
-        check(is_int(self.asked) and 1 <= self.asked <= self.alphabet, "asked", self.asked,
-              f"an integer in 1..{self.alphabet} (at most alphabet={self.alphabet}: the "
-              f"start symbols of a document are distinct)")
+        check(is_int(self.alphabet) and 2 <= self.alphabet <= 256, "alphabet", self.alphabet,
+              "an integer in 2..256 (symbols s0, s1, ...)")
+        check(is_int(self.functions) and 1 <= self.functions <= 64, "functions",
+              self.functions, "an integer in 1..64")
         check(is_int(self.function_seed) and self.function_seed >= 0, "function_seed",
               self.function_seed, "an integer >= 0")
 
     def symbols(self) -> list[str]:
         return [f"s{k}" for k in range(self.alphabet)]
 
+    def names(self) -> list[str]:
+        return [f"f{k}" for k in range(1, self.functions + 1)]
+
     @functools.cached_property
-    def function(self) -> dict[str, str]:
-        """f: symbol -> symbol, one cycle through every symbol."""
-        cycle = self.symbols()
-        random.Random(f"compose/{self.function_seed}/{self.alphabet}").shuffle(cycle)
-        return dict(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+    def table(self) -> dict[str, dict[str, str]]:
+        """Each function by name: symbol -> symbol, one cycle through every symbol."""
+        rng = random.Random(f"compose/{self.function_seed}/{self.alphabet}")
+        out = {}
+        for name in self.names():
+            cycle = self.symbols()
+            rng.shuffle(cycle)
+            out[name] = dict(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+        return out
 
     def words(self) -> list[str]:
-        return self.symbols() + [f"h{p}" for p in range(1, self.MAX_HOPS + 1)] + [PAD]
+        return self.symbols() + self.names() + [self.EQUALS, PAD]
 
     def default_seq_len(self) -> int:
-        """`asked` queries of three words: no padding."""
-        return 3 * self.asked
+        return 64
 
     def min_length(self, hops: int) -> int:
-        return 3
+        """Words of one query of `hops` hops."""
+        return hops + 3
 
-    def apply(self, symbol: str, hops: int) -> str:
-        f = self.function
-        for _ in range(hops):
-            symbol = f[symbol]
+    def apply(self, symbol: str, word: Sequence[str]) -> str:
+        for name in word:
+            symbol = self.table[name][symbol]
         return symbol
 
     def document(self, rng: random.Random, max_hops: int, seq_len: int,
                  query_hops: int | None = None,
                  weights: Sequence[float] | None = None) -> list[str]:
-        """A document of `seq_len` words: min(asked, seq_len // 3) queries, each of
-        `query_hops` hops or of a hop count drawn from 1..max_hops (`weights`: their odds;
-        default uniform)."""
-        if seq_len < self.min_length(1):
-            raise ValueError(f"seq_len={seq_len} is too short for compose documents: at "
-                             f"least {self.min_length(1)} words")
-        if (query_hops or max_hops) > self.MAX_HOPS:
-            raise ValueError(f"compose documents have at most {self.MAX_HOPS} hops, not "
-                             f"{query_hops or max_hops}")
-        starts = rng.sample(self.symbols(), min(self.asked, seq_len // 3))
+        """A document of `seq_len` words: queries added while they fit, each of `query_hops`
+        hops or of a hop count drawn from 1..max_hops (`weights`: their odds; default
+        uniform)."""
+        hops_needed = query_hops or 1
+        if seq_len < self.min_length(hops_needed):
+            raise ValueError(f"seq_len={seq_len} is too short for compose documents with "
+                             f"{hops_needed} hops: at least {self.min_length(hops_needed)} "
+                             f"words")
+        starts = self.symbols()
+        rng.shuffle(starts)
         words: list[str] = []
-        for x in starts:
+        while starts:
             hops = query_hops if query_hops is not None else \
                 rng.choices(range(1, max_hops + 1), weights=weights)[0]
-            words += [x, f"h{hops}", self.apply(x, hops)]
+            if len(words) + self.min_length(hops) > seq_len:
+                break
+            x = starts.pop()
+            word = rng.choices(self.names(), k=hops)
+            words += [x, *word, self.EQUALS, self.apply(x, word)]
         return words + [PAD] * (seq_len - len(words))
 
     def queries(self, words: Sequence[str]) -> list[Query]:
-        """Every `x hK y`, answered by applying f K times."""
+        """Every `x g1 ... gK = y`, answered by applying the functions in turn."""
         out: list[Query] = []
-        for i in range(0, len(words) - 2, 3):
-            if words[i] == PAD:
-                break
-            x, hops = words[i], int(words[i + 1][1:])
-            ruled_out = {q.answer for q in out if q.hops == hops}
-            if hops % self.alphabet:
-                ruled_out.add(x)
-            out.append(Query(index=i + 2, answer=self.apply(x, hops), hops=hops,
-                             guess=1.0 / (self.alphabet - len(ruled_out))))
+        i = 0
+        while i < len(words) and words[i] != PAD:
+            end = words.index(self.EQUALS, i)
+            word = words[i + 1:end]
+            out.append(Query(index=end + 1, answer=self.apply(words[i], word), hops=len(word),
+                             guess=1.0 / self.alphabet))
+            i = end + 2
         return out
 
 
