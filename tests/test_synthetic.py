@@ -33,6 +33,8 @@ def config(task: str = "chain", **overrides) -> SyntheticConfig:
         values["task_options"] = {"alphabet": 6, "prefix": 24}
     if task in ("perm", "pointer"):
         values["task_options"] = {"alphabet": 6, "asked": 5}
+    if task == "compose":
+        values["task_options"] = {"alphabet": 6, "functions": 3}
     values.update(overrides)
     return SyntheticConfig(**values)
 
@@ -115,8 +117,47 @@ def solve_pointer(words: list[str]) -> list[tuple[int, str, int]]:
             for k, (_, answer, hops) in enumerate(solve_perm(as_perm))]
 
 
+def compose_functions(texts: list[str]) -> dict[str, dict[str, str]]:
+    """The functions of a compose data set, read off its 1-hop queries (each `x g = y` says
+    g(x) = y), checked to be functions: the documents must agree on them."""
+    table: dict[str, dict[str, str]] = {}
+    for text in texts:
+        words = text.split()
+        for k in range(len(words) - 3):
+            if words[k + 2] == "=" and words[k].startswith("s"):  # x g = y
+                f = table.setdefault(words[k + 1], {})
+                assert f.setdefault(words[k], words[k + 3]) == words[k + 3]
+    return table
+
+
+COMPOSE_TABLE: dict[str, dict[str, str]] = {}  # read off the test config's training set
+
+
+def solve_compose(words: list[str]) -> list[tuple[int, str, int]]:
+    """(answer index, answer, K) of every `x g1 ... gK = y` of a compose document: the
+    functions (read off the training documents' 1-hop answers) applied in turn."""
+    out = []
+    starts = []
+    k = 0
+    while k < len(words) and words[k] != ".":
+        x, end = words[k], words.index("=", k)
+        starts.append(x)
+        for g in words[k + 1:end]:
+            x = COMPOSE_TABLE[g][x]
+        out.append((end + 1, x, end - k - 1))
+        k = end + 2
+    assert all(w == "." for w in words[k:])
+    assert len(set(starts)) == len(starts)  # each symbol asked once: no answer to copy
+    return out
+
+
 def solve(task: str, words: list[str]) -> list[tuple[int, str, int]]:
-    solvers = {"chain": solve_chain, "perm": solve_perm, "pointer": solve_pointer}
+    if task == "compose" and not COMPOSE_TABLE:
+        COMPOSE_TABLE.update(compose_functions(list(documents(config("compose",
+                                                                      train_docs=200),
+                                                               "train"))))
+    solvers = {"chain": solve_chain, "perm": solve_perm, "pointer": solve_pointer,
+               "compose": solve_compose}
     return solvers.get(task, lambda w: solve_phop(w, 24))(words)
 
 
@@ -151,7 +192,7 @@ def test_every_answer_follows_from_the_document(task):
                 earlier = {a for i, a, _ in expected if i < index}  # the earlier answers)
                 ruled_out = earlier | {words[index - 1].lower()}
                 assert query.guess == pytest.approx(1 / (6 - len(ruled_out)))
-            elif hops > 1 or task == "phop":  # the root (or letter) is drawn uniformly
+            elif hops > 1 or task in ("phop", "compose"):  # the root (or letter) is drawn uniformly
                 assert query.guess == pytest.approx(0.1 if task == "chain" else 1 / 6)
             else:  # each root is asked once at most: the digits of roots not asked yet
                 assert 0.1 <= query.guess <= 1
@@ -165,6 +206,36 @@ def test_perm_documents_fill_their_default_length_with_half_the_letters_asked():
         assert "." not in words and len(solve_perm(words)) == 8
         # K hops around one 16-cycle never land on the letter asked
         assert all(words[i - 1] != answer for i, answer, _ in solve_perm(words))
+
+
+def test_compose_applies_fixed_cycles_named_in_the_query():
+    cfg = config("compose", train_docs=200)
+    table = compose_functions(list(documents(cfg, "train")))
+    # three functions, every symbol's image seen, each one cycle through all six symbols,
+    # and they are the task's own
+    assert sorted(table) == ["f1", "f2", "f3"]
+    for f in table.values():
+        seen, symbol = [], "s0"
+        for _ in range(6):
+            seen.append(symbol)
+            symbol = f[symbol]
+        assert symbol == "s0" and sorted(seen) == sorted(f)
+    assert cfg.make_task().table == table
+    # the same in a data set of another seed (documents differ, functions do not) ...
+    other = config("compose", train_docs=200, seed=3)
+    assert compose_functions(list(documents(other, "train"))) == table
+    assert list(documents(other, "train")) != list(documents(cfg, "train"))
+    # ... and others with another function_seed
+    assert config("compose", task_options={"alphabet": 6, "functions": 3,
+                                            "function_seed": 1}).make_task().table != table
+    # the default documents: 64 words, about 8 queries; the functions word is random
+    default = SyntheticConfig(task="compose", train_docs=50)
+    queries = [q for t in documents(default, "train")
+               for q in default.make_task().queries(t.split())]
+    assert default.seq_len == 64 and 6 * 50 <= len(queries) <= 16 * 50
+    assert all(q.guess == 1 / 32 for q in queries)
+    with pytest.raises(ValueError, match="functions"):
+        SyntheticConfig(task="compose", task_options={"functions": 0})
 
 
 def test_chain_queries_are_leaves_of_distinct_paths():

@@ -75,9 +75,10 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
 
 # the tasks' own options (the task classes' fields): one flag each, None = the default
 TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
-                "alphabet": "phop, perm, pointer: letters", "prefix": "phop: random letters before the "
-                                                       "first query",
-                "asked": "perm, pointer: letters asked per document"}
+                "alphabet": "phop, perm, pointer: letters; compose: symbols",
+                "prefix": "phop: random letters before the first query",
+                "asked": "perm, pointer: letters asked per document",
+                "functions": "compose: fixed functions to compose"}
 
 
 def _add_synthetic(sub: Any) -> None:
@@ -92,7 +93,7 @@ def _add_synthetic(sub: Any) -> None:
                                                    "synthetic/TASK)")
     synth.add_argument("--seq-len", type=int, default=defaults.seq_len,
                        help="words per document (train with sequence_len = this; default: "
-                            "the task's: 128, or for perm and pointer one unpadded document)")
+                            "the task's: 128, 64 for compose, or for perm and pointer one unpadded document)")
     synth.add_argument("--hops", type=_hop_list, default=list(range(defaults.hops[0],
                                                                       defaults.hops[1] + 1)),
                        help="training hop range LO-HI (default %(default)s)")

@@ -25,6 +25,10 @@ Tasks (`TASKS`):
   arrows on (`PermTask`).
 - `pointer`: the same, with each arrow written as two words `A b`, so that every hop is
   the same induction step (`PointerTask`).
+- `compose` (in-weights function composition): 4 fixed random permutations `f1..f4` of 32
+  symbols, the same in every document, and queries `x f3 f1 f1 = y`, the functions applied
+  in turn (`ComposeTask`): they live in the weights, so a hop is a memorised lookup, not a
+  search of the context.
 
 Documents are exactly `seq_len` words (padded with `.`), so with the BOS the loader
 prepends, training rows of `sequence_len = seq_len` hold one whole document each: none is
@@ -65,6 +69,7 @@ from loopedlm.data.synthetic_tasks import (
     HOP_MIXES,
     TASKS,
     ChainTask,
+    ComposeTask,
     PermTask,
     PHopTask,
     PointerTask,
@@ -91,8 +96,9 @@ class SyntheticConfig:
     curriculum: the fraction of the training documents over which the largest hop count
     grows from lo to hi, in equal steps (0: no curriculum); the loader reads the documents
     in order, so training follows it. task_options: the task's own fields (`ChainTask`,
-    `PHopTask`, `PermTask`). seq_len: words per document (None: the task's
-    `default_seq_len()`, 128, or for perm exactly one unpadded document).
+    `PHopTask`, `PermTask`, `PointerTask`, `ComposeTask`). seq_len: words per document (None: the task's
+    `default_seq_len()`: 128, 64 for compose, or for perm and pointer exactly one
+    unpadded document).
     """
 
     task: str = "chain"
@@ -136,7 +142,7 @@ class SyntheticConfig:
             raise ValueError(f"seq_len={self.seq_len} is too short for {self.task} documents "
                              f"with {longest} hops: at least {task.min_length(longest)} words")
 
-    def make_task(self) -> ChainTask | PHopTask | PermTask | PointerTask:
+    def make_task(self) -> ChainTask | PHopTask | PermTask | PointerTask | ComposeTask:
         cls = TASKS[self.task]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(self.task_options) - known)
@@ -297,7 +303,7 @@ def load_config(manifest: dict[str, Any]) -> SyntheticConfig:
     return SyntheticConfig(**manifest["config"])
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "TASKS",
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "ComposeTask", "TASKS",
            "SyntheticConfig", "documents",
            "default_synthetic_dir", "synthetic_spec_dir", "prepare_synthetic",
            "write_synthetic", "read_synthetic_manifest", "load_config",

@@ -4,6 +4,7 @@ writes them as a data set; the module docstring there describes the tasks."""
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -388,8 +389,111 @@ class PointerTask:
         return out
 
 
-TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask, "pointer": PointerTask}
+# ---- composing fixed functions, held in the weights ----------------------------------------
+@dataclass(frozen=True)
+class ComposeTask:
+    """In-weights function composition: `functions` fixed random permutations of `alphabet`
+    symbols `s0 s1 ...`, named `f1 f2 ...` (each one cycle through every symbol, drawn from
+    `function_seed`: the same in every document and every data set with these options), and
+    queries `x g1 g2 ... gK = y` with y = gK(...g2(g1(x))), K = hops. Nothing in the
+    document says what the functions are: the model must hold them in its weights (a
+    memorised lookup per hop, no search of the context) and apply them in turn. With
+    several functions the answer depends on the whole word, so the table of every (x, word)
+    is alphabet x functions^K entries (32 x 4^8 = 2M at 8 hops): too many to memorise, where
+    the functions themselves are 128; a first version with one function and `x hK y`
+    queries was answered at one loop from a memorised (x, K) table (docs/reasoning.md). With
+    `functions=1` the word is K marks `f1 f1 ...`: the hop count written as a count.
+    Queries are added while they fit; their start symbols are distinct, so no answer can be
+    copied from an earlier query. `guess` is 1 / alphabet."""
+
+    alphabet: int = 32
+    functions: int = 4
+    function_seed: int = 0
+
+    name = "compose"
+    EQUALS = "="
+
+    def validate(self) -> None:
+        check(is_int(self.alphabet) and 2 <= self.alphabet <= 256, "alphabet", self.alphabet,
+              "an integer in 2..256 (symbols s0, s1, ...)")
+        check(is_int(self.functions) and 1 <= self.functions <= 64, "functions",
+              self.functions, "an integer in 1..64")
+        check(is_int(self.function_seed) and self.function_seed >= 0, "function_seed",
+              self.function_seed, "an integer >= 0")
+
+    def symbols(self) -> list[str]:
+        return [f"s{k}" for k in range(self.alphabet)]
+
+    def names(self) -> list[str]:
+        return [f"f{k}" for k in range(1, self.functions + 1)]
+
+    @functools.cached_property
+    def table(self) -> dict[str, dict[str, str]]:
+        """Each function by name: symbol -> symbol, one cycle through every symbol."""
+        rng = random.Random(f"compose/{self.function_seed}/{self.alphabet}")
+        out = {}
+        for name in self.names():
+            cycle = self.symbols()
+            rng.shuffle(cycle)
+            out[name] = dict(zip(cycle, cycle[1:] + cycle[:1], strict=True))
+        return out
+
+    def words(self) -> list[str]:
+        return self.symbols() + self.names() + [self.EQUALS, PAD]
+
+    def default_seq_len(self) -> int:
+        return 64
+
+    def min_length(self, hops: int) -> int:
+        """Words of one query of `hops` hops."""
+        return hops + 3
+
+    def apply(self, symbol: str, word: Sequence[str]) -> str:
+        for name in word:
+            symbol = self.table[name][symbol]
+        return symbol
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words: queries added while they fit, each of `query_hops`
+        hops or of a hop count drawn from 1..max_hops (`weights`: their odds; default
+        uniform)."""
+        hops_needed = query_hops or 1
+        if seq_len < self.min_length(hops_needed):
+            raise ValueError(f"seq_len={seq_len} is too short for compose documents with "
+                             f"{hops_needed} hops: at least {self.min_length(hops_needed)} "
+                             f"words")
+        starts = self.symbols()
+        rng.shuffle(starts)
+        words: list[str] = []
+        while starts:
+            hops = query_hops if query_hops is not None else \
+                rng.choices(range(1, max_hops + 1), weights=weights)[0]
+            if len(words) + self.min_length(hops) > seq_len:
+                break
+            x = starts.pop()
+            word = rng.choices(self.names(), k=hops)
+            words += [x, *word, self.EQUALS, self.apply(x, word)]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every `x g1 ... gK = y`, answered by applying the functions in turn."""
+        out: list[Query] = []
+        i = 0
+        while i < len(words) and words[i] != PAD:
+            end = words.index(self.EQUALS, i)
+            word = words[i + 1:end]
+            out.append(Query(index=end + 1, answer=self.apply(words[i], word), hops=len(word),
+                             guess=1.0 / self.alphabet))
+            i = end + 2
+        return out
+
+
+TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask, "pointer": PointerTask,
+         "compose": ComposeTask}
 HOP_MIXES = ("uniform", "inverse")
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "TASKS", "HOP_MIXES", "PAD"]
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "ComposeTask", "TASKS",
+           "HOP_MIXES", "PAD"]
