@@ -45,7 +45,7 @@ def tiny_model(seed: int = 0, std: float | None = 0.3, **overrides) -> LoopedGPT
 
 @pytest.fixture(autouse=True)
 def _no_background_compile(monkeypatch):
-    """The decode engine's compile="auto" compiles a step variant on a worker thread once it
+    """The decode engine's compile="background" compiles a step variant on a worker thread once it
     has run AUTO_COMPILE_AFTER times; a test's long-lived engine (the server's) would start
     an Inductor compile that takes minutes of CPU. Tests of that path set it lower."""
     import loopedlm.infer.engine as engine

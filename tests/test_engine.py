@@ -527,8 +527,8 @@ def test_a_bf16_model_decodes_on_cpu_without_autocast():
 
 
 @torch.no_grad()
-def test_compile_auto_on_cpu_switches_to_the_compiled_step_and_keeps_the_tokens(monkeypatch):
-    """compile="auto" on CPU: a step variant runs eagerly until it has run AUTO_COMPILE_AFTER
+def test_compile_background_switches_to_the_compiled_step_and_keeps_the_tokens(monkeypatch):
+    """compile="background": a step variant runs eagerly until it has run AUTO_COMPILE_AFTER
     times, is then compiled on a worker thread, warmed on stand-ins of the step's tensors
     (the real ones are never touched by it), and later steps run compiled, with no
     recompile for the real tensors and the eager engine's tokens."""
@@ -544,7 +544,7 @@ def test_compile_auto_on_cpu_switches_to_the_compiled_step_and_keeps_the_tokens(
                       requests, 12)
     torch._dynamo.reset()
     counters.clear()
-    engine = DecodeEngine(model, max_batch=2, max_loops=3, compile="auto",
+    engine = DecodeEngine(model, max_batch=2, max_loops=3, compile="background",
                           compile_options=dict(backend="eager", fullgraph=True))
     tokens = {slot: [int(engine.add(slot, **kw))] for slot, kw in requests.items()}
     for step in range(12):

@@ -135,10 +135,11 @@ def register(subparsers: Any) -> None:
                    help="then print, for each generated token, the top tokens, the entropy "
                         "and the token's probability after every loop (the per-loop view)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--compile", choices=["auto", "none", "step", "loop"], default=None,
+    p.add_argument("--compile", choices=["auto", "none", "step", "loop", "background"],
+                   default=None,
                    help="torch.compile the decode step or one loop (default auto: where it "
-                        "pays: the loop, in CUDA graphs, on a GPU; on CPU the step, compiled on "
-                        "a worker thread for long outputs while decoding goes on eagerly)")
+                        "pays: the loop, in CUDA graphs, on a GPU; eager on a CPU; background: "
+                        "the step compiled on a worker thread while decoding goes on eagerly)")
     p.set_defaults(func=_cmd_sample)
 
 

@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
 MAX_LOGPROBS = 5  # most likely tokens a step reports per row (as OpenAI's `logprobs` <= 5)
-# compile="auto" on CPU: a step variant is compiled (on a worker thread) once it has run this
+# compile="background": a step variant is compiled (on a worker thread) once it has run this
 # many times, so short generations never pay for a compile (measured in bench_decode.py)
 AUTO_COMPILE_AFTER = 32
 COMPILED_VARIANTS = 256  # graphs of the compiled step (one per step variant) before eager
@@ -645,10 +645,13 @@ class DecodeEngine:
     graphs:      capture each step variant as a CUDA graph (default: on CUDA). On CPU, True
                  runs the same capture procedure (warm-up, state restore) and replays eagerly.
     compile:     "auto" (the default): where it pays: on CUDA the loop ("loop"), replayed in
-                 CUDA graphs; on CPU each step variant runs eagerly until it has run
-                 AUTO_COMPILE_AFTER times, is then compiled whole on a worker thread (warmed
-                 on stand-ins of the step's tensors) while decoding goes on eagerly, and runs
-                 compiled from then on. True or "step": the whole step compiled at once (one
+                 CUDA graphs; on CPU eager (a compile on a worker thread competes with
+                 decoding for the CPU: on 2 cores, with a cold cache, it slowed a 128-token
+                 N=12 generate() to 1.8 tok/s against 59.5 eager). "background": each step
+                 variant runs eagerly until it has run AUTO_COMPILE_AFTER times, is then
+                 compiled whole on a worker thread (warmed on stand-ins of the step's
+                 tensors) while decoding goes on eagerly, and runs compiled from then on
+                 (pays for long outputs and servers). True or "step": the whole step compiled at once (one
                  graph per step variant, attending over all max_len positions); "loop": one
                  loop (two graphs at any loop count); False: eager. torch.compile's caches
                  live under $LOOPEDLM_HOME/torch_compile. compile_options: more
@@ -673,7 +676,7 @@ class DecodeEngine:
                              f"[1, sequence_len={cfg.sequence_len}]")
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r} is not allowed: 'auto', False, True "
-                             f"(= 'step'), 'step' or 'loop'")
+                             f"(= 'step'), 'step', 'loop' or 'background'")
         # the engine's capacity: as many loops as the model runs by default, unless asked
         self.max_loops = cfg.loops(max_loops)
         if dtype is None:
@@ -693,10 +696,11 @@ class DecodeEngine:
         self.compile, self.compile_options = compile, dict(compile_options or {})
         # what is compiled: "none", "step" (the whole step, at its first run), "loop" (one
         # loop, two graphs, dynamic shapes so that the eager steps' growing key length and
-        # the batch bucket need no recompile) or "background" (CPU "auto": the whole step,
+        # the batch bucket need no recompile) or "background" (the whole step,
         # compiled on a worker thread for a variant that keeps running; eager until then)
         self.compiles = {False: "none", True: "step", "step": "step", "loop": "loop",
-                         "auto": "loop" if device.type == "cuda" else "background"}[compile]
+                         "background": "background",
+                         "auto": "loop" if device.type == "cuda" else "none"}[compile]
         if self.compiles != "none":
             use_compile_cache()
         self.loop_fn = decode_loop
@@ -749,7 +753,7 @@ class DecodeEngine:
 
     @property
     def compiled_steps(self) -> int:
-        """Step variants compiled on worker threads and in use (compile="auto" on CPU)."""
+        """Step variants compiled on worker threads and in use (compile="background")."""
         return sum(self._compiled.values())
 
     @property
@@ -1013,7 +1017,7 @@ class DecodeEngine:
         self._compiled[key] = True
 
     def _step_or_compile(self, args: tuple) -> None:
-        """compile="auto" on CPU: run the variant compiled once a worker thread has compiled
+        """compile="background": run the variant compiled once a worker thread has compiled
         it; until then eagerly, and once it has run AUTO_COMPILE_AFTER times (a compile pays
         only for a variant that keeps running), start that compile, warmed on stand-ins of
         the step's tensors (`stand_ins`), so that decoding never waits for it."""
@@ -1046,7 +1050,7 @@ class DecodeEngine:
         self._compiled[variant] = True
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Wait until the step variants being compiled on worker threads are (compile="auto"
+        """Wait until the step variants being compiled on worker threads are (compile="background"
         on CPU); whether none is still compiling. For benchmarks and warm-ups."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threading.enumerate():

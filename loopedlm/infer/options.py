@@ -12,7 +12,7 @@ CRITERIA = ("state", "kl", "kl_previous", "gate")
 SLOT_POLICIES = ("block", "modulo")
 # torch.compile of the decode step: where it pays (the default), off, the whole step, or one
 # loop (loopedlm.infer.engine.DecodeEngine)
-COMPILE_MODES = ("auto", False, True, "step", "loop")
+COMPILE_MODES = ("auto", False, True, "step", "loop", "background")
 # self-speculative decoding: tokens drafted per verify pass (measured in bench_decode.py)
 DEFAULT_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 16
