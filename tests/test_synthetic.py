@@ -519,7 +519,10 @@ def test_report_section_reads_synthetic_results(tmp_path):
             ("flt4", {"model.loop_mode": "flt", "model.n_loops": 4}, 1.0),
             ("lt4", {"model.loop_mode": "lt", "model.n_loops": 4}, 0.0),
             ("tt", {"model.loop_mode": "flt", "model.n_loops": 6, "loop_sampling": "fixed"},
-             1.0)]:
+             1.0),
+            # another setting that the sweep varies names its own group (not a seed of flt4)
+            ("ctl", {"model.loop_mode": "flt", "model.n_loops": 4,
+                     "model.full_last_layer": True}, 0.0)]:
         run = tmp_path / name
         (run / "eval").mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps({"status": "completed", "step": 5}))
@@ -535,6 +538,7 @@ def test_report_section_reads_synthetic_results(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| flt N=4 | 1 | 1.0000 | 0.6000 | 0 |" in text  # hops 2 and 8 at trained N=4
     assert "| lt N=4 | 1 | 0.1000 | 0.1000 | 0 |" in text
+    assert "| flt N=4, full_last_layer=True | 1 | 0.1000 | 0.1000 | 0 |" in text
     assert "| guessing | | 0.100 | 0.100 |" in text
     assert "**flt N=6: accuracy at each test-time loop count**" in text
     assert "- flt N=4: 0.350 at N=2 -> 1.000 at N=8 (+65.0 points): met" in text
