@@ -289,6 +289,23 @@ def test_fully_windowed_model_reach_grows_by_loop(mode):
         assert torch.equal(a, b) == (n * per_loop < T - 1), n
 
 
+def test_flt_carries_nothing_through_a_run_of_one_token():
+    """FLT's state enters a loop only as attention queries; where every key in a window
+    holds the same token the values are alike, so no query changes what a layer reads: a
+    change before such a run reaches no farther than one loop's layers, whatever N (hence
+    the reach task's open cells of several kinds). LT carries it on."""
+    w, depth, T = 3, 2, 20
+    idx = torch.full((1, T), 5)
+    idx[0, 0] = 7
+    other = idx.clone()
+    other[0, 0] = 8
+    for mode, reached in (("flt", False), ("lt", True)):
+        model = tiny_model(loop_mode=mode, depth=depth, window_pattern="S", window_size=w,
+                           full_last_layer=False, sequence_len=T)
+        gap = (model(idx, n_loops=8)[0, -1] - model(other, n_loops=8)[0, -1]).abs().max()
+        assert gap > 1e-3 if reached else gap < 1e-6, (mode, float(gap))
+
+
 def test_config_suggests_close_mode():
     with pytest.raises(ValueError, match="did you mean 'flt'"):
         tiny_config(loop_mode="fl")
