@@ -660,8 +660,8 @@ def test_a_warming_process_that_fails_marks_nothing_and_frees_its_lock(compile_h
 def test_auto_on_a_cpu_compiles_a_warm_variant_only_where_it_pays(compile_home, monkeypatch,
                                                                    long_lived, warm_seconds,
                                                                    compiled):
-    """compile="auto" on a CPU: with the variant marked warm, the engine compiles it on a
-    worker thread once the steps left (a server's: unbounded; else the token budget) repay
+    """compile="auto" on a CPU: with the variant marked warm, the engine compiles it (at
+    once) once the steps left (a server's: unbounded; else the token budget) repay
     its compile, and the tokens stay the eager engine's. Nothing is warmed in a process."""
     import loopedlm.infer.engine as engine_module
 

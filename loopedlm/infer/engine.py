@@ -677,7 +677,7 @@ class DecodeEngine:
                  runs the same capture procedure (warm-up, state restore) and replays eagerly.
     compile:     "auto" (the default): where it pays: on CUDA the loop ("loop"), replayed in
                  CUDA graphs; on CPU each step variant runs eagerly, and is compiled whole
-                 (on a worker thread) only once torch.compile's on-disk caches hold it and
+                 (at once: seconds) only once torch.compile's on-disk caches hold it and
                  the steps still to run repay the compile; a variant not compiled on this
                  machine before that has run AUTO_COMPILE_AFTER steps is compiled into the
                  caches by a separate low-priority process, for later runs
@@ -757,7 +757,7 @@ class DecodeEngine:
         self._slots: dict[int, torch.Tensor] = {}
         self._compile_runs: dict[StepKey, int] = {}  # background: eager runs per variant
         self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
-        self._compiling: set[StepKey] = set()  # variants being compiled on a worker thread
+        self._compiling: set[StepKey] = set()  # variants whose compile has started
         self._eager_time: dict[StepKey, list[float]] = {}  # auto: [seconds, runs] timed
         self.speculation = SpeculationStats()
         # q, k and v projections in one matrix per layer, derived once (and again only if the
@@ -1060,11 +1060,12 @@ class DecodeEngine:
         self._compiled[key] = True
 
     def _step_or_compile(self, args: tuple) -> None:
-        """compile="background" and "auto" on a CPU: run the variant compiled once a worker
-        thread has compiled it; until then eagerly. "background" starts that compile (warmed
-        on stand-ins of the step's tensors, `stand_ins`, so that decoding never waits for it)
-        once the variant has run AUTO_COMPILE_AFTER times (a compile pays only for a variant
-        that keeps running); "auto" every AUTO_COMPILE_AFTER runs asks `_compile_pays`."""
+        """compile="background" and "auto" on a CPU: run the variant compiled once it is;
+        until then eagerly. "background" compiles it on a worker thread (warmed on stand-ins
+        of the step's tensors, `stand_ins`, so that decoding never waits for it) once it has
+        run AUTO_COMPILE_AFTER times (a compile pays only for a variant that keeps running);
+        "auto" every AUTO_COMPILE_AFTER runs asks `_compile_pays`, and compiles it at once
+        (from warm caches: seconds) where it pays."""
         model, key, *rest = args
         variant = replace(key, kv_len=0)  # the key length is a dynamic shape
         done = self._compiled.get(variant)
@@ -1073,12 +1074,20 @@ class DecodeEngine:
             return
         runs = self._compile_runs.get(variant, 0) + 1
         self._compile_runs[variant] = runs
-        if done is None and variant not in self._compiling and (
-                runs == AUTO_COMPILE_AFTER if self.compiles == "background"
-                else runs % AUTO_COMPILE_AFTER == 0 and self._compile_pays(variant)):
-            self._compiling.add(variant)
-            threading.Thread(target=self._compile_in_background, args=(variant, args),
-                             name="loopedlm-compile", daemon=True).start()
+        if done is None and variant not in self._compiling:
+            if self.compiles == "background" and runs == AUTO_COMPILE_AFTER:
+                self._compiling.add(variant)
+                threading.Thread(target=self._compile_in_background, args=(variant, args),
+                                 name="loopedlm-compile", daemon=True).start()
+            elif self.compiles == "auto" and runs % AUTO_COMPILE_AFTER == 0 \
+                    and self._compile_pays(variant):
+                # here and now: from warm caches it takes seconds, where on a worker thread,
+                # sharing the GIL with decoding, it took 3-5x as long and slowed decoding 3x
+                self._compiling.add(variant)
+                self._compile_in_background(variant, args)
+                if self._compiled.get(variant):
+                    self._compiled_step(model, variant, *rest)
+                    return
         start = time.perf_counter()
         fixed_step(*args, entries=self._loop_entries(key.batch, key.kv_len))
         if self.compiles == "auto" and runs > 1:  # the first run builds the cache views

@@ -6,7 +6,7 @@ On a CPU the compiled decode step runs about twice as fast as the eager one, but
 costs 40-70 s with cold caches and 5-10 s once torch.compile's on-disk caches hold it
 (`benchmarks/bench_decode.py --sections compile`). So the engine's `compile="auto"` on a CPU:
 
-- compiles a step variant (on a worker thread, decoding going on eagerly meanwhile) only when
+- compiles a step variant (at once, in the step that finds it pays: seconds) only when
   its compile is warm on disk (a marker written here says so) and the steps still to run
   repay it (`compile_pays`);
 - otherwise, once a variant has run `AUTO_COMPILE_AFTER` steps, has a separate process at
