@@ -441,8 +441,46 @@ def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="logprobs=6"):
         SequenceParams(logprobs=6)
-    with pytest.raises(ValueError, match="logprobs=0 is not allowed with draft_loops=1"):
-        SequenceParams(n_loops=3, draft_loops=1, logprobs=0)
+
+
+@pytest.mark.parametrize("compile", [False, "step"])
+@torch.no_grad()
+def test_speculative_rows_report_the_n_loop_models_logprobs(compile):
+    """A self-speculative row (draft_loops) that asks for logprobs gets, for each emitted
+    token, the n_loops model's (from the verify pass): what plain decoding reports, beside a
+    plain row that asks too and one that does not."""
+    model = make_model("flt", "mha", sequence_len=40)
+    requests = {0: seq(prompt(1, 4), n_loops=3, sampling=GREEDY, draft_loops=1, draft_tokens=3,
+                       logprobs=2),
+                1: seq(prompt(2, 3), n_loops=2, sampling=GREEDY, logprobs=1),
+                2: seq(prompt(3, 5), n_loops=3, sampling=SamplingParams(seed=4), draft_loops=2,
+                       logprobs=0)}
+    torch._dynamo.reset()
+    engine = DecodeEngine(model, max_batch=3, max_loops=3, compile=compile,
+                          compile_options=dict(backend="eager", fullgraph=True))
+    tokens = {slot: [] for slot in requests}
+    reported = {slot: [] for slot in requests}
+    for slot, kw in requests.items():
+        tokens[slot].append(int(engine.add(slot, **kw)))
+        reported[slot].append(engine.output().host_logprobs()[slot])
+    for _ in range(9):
+        out = engine.step()
+        rows = out.host_logprobs()
+        for slot, token in enumerate(out.tokens.tolist()):
+            tokens[slot].append(token)
+            reported[slot].append(rows[slot])
+    assert engine.speculation.rounds > 0
+    for slot in requests:
+        ids = requests[slot]["prompt_ids"]
+        full = model(torch.tensor([ids + tokens[slot]]),
+                     n_loops=requests[slot]["params"].n_loops)[0].float().log_softmax(-1)
+        for i, (logprob, top) in enumerate(reported[slot]):
+            expected = full[len(ids) - 1 + i]
+            assert logprob == pytest.approx(expected[tokens[slot][i]].item(), abs=1e-4)
+            values, best = expected.topk(5)
+            assert [token for token, _ in top] == best.tolist()
+            assert [value for _, value in top] == pytest.approx(values.tolist(), abs=1e-4)
+    torch._dynamo.reset()
 
 
 # ---- CUDA graphs and dtypes, checked on CPU (issue 24) ---------------------------------------

@@ -190,10 +190,6 @@ class SequenceParams:
         if self.draft_loops is not None and self.adaptive is not None:
             raise ValueError("draft_loops and adaptive loops do not combine: speculative "
                              "decoding verifies at a fixed n_loops")
-        if self.logprobs is not None and self.draft_loops is not None:
-            raise ValueError(f"logprobs={self.logprobs!r} is not allowed with "
-                             f"draft_loops={self.draft_loops!r}: speculative decoding does not "
-                             f"report logprobs (leave out one of them)")
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
 
     @property
@@ -461,10 +457,15 @@ class SlotState:
         self.pending = torch.zeros((max_batch, MAX_DRAFT_TOKENS + 1), dtype=torch.long,
                                    device=device)
         self.pending_at = state(torch.long)
+        top = min(MAX_LOGPROBS, vocab_size)
+        span = MAX_DRAFT_TOKENS + 1  # the verify pass's logprobs of the verified tokens
+        self.pending_logprobs = torch.zeros((max_batch, span), dtype=torch.float32, device=device)
+        self.pending_top_ids = torch.zeros((max_batch, span, top), dtype=torch.long, device=device)
+        self.pending_top_logprobs = torch.zeros((max_batch, span, top), dtype=torch.float32,
+                                                device=device)
         # the step's static outputs
         self.out_tokens = state(torch.long, -1)
         self.out_loops = state(torch.long)
-        top = min(MAX_LOGPROBS, vocab_size)
         self.out_logprobs = state(torch.float32)
         self.out_top_ids = torch.zeros((max_batch, top), dtype=torch.long, device=device)
         self.out_top_logprobs = torch.zeros((max_batch, top), dtype=torch.float32, device=device)
@@ -514,15 +515,24 @@ class SlotState:
 
     def record(self, rows: slice, sampled: torch.Tensor, live: torch.Tensor,
                loops: torch.Tensor, *, advance: bool = True,
-               logits: torch.Tensor | None = None) -> None:
+               logits: torch.Tensor | None = None, speculative: bool = False) -> None:
         """Store the tokens `rows` sampled (those `live`), move their position past the
         token just fed (`advance`; not after a prefill), and flag the finished ones; given
-        the `logits` they were sampled from, also their logprobs (`StepOutput`)."""
+        the `logits` they were sampled from, also their logprobs (`StepOutput`), but for
+        the speculative rows when `speculative` (theirs came with their verified tokens:
+        `pop_pending`)."""
         if logits is not None:
             logp = logits.float().log_softmax(dim=-1)
-            self.out_logprobs[rows] = logp.gather(1, sampled[:, None])[:, 0]
+            chosen = logp.gather(1, sampled[:, None])[:, 0]
             top = logp.topk(self.out_top_ids.size(1), dim=-1)
-            self.out_top_logprobs[rows], self.out_top_ids[rows] = top.values, top.indices
+            values, ids = top.values, top.indices
+            if speculative:
+                keep = self.speculative[rows]
+                chosen = torch.where(keep, self.out_logprobs[rows], chosen)
+                values = torch.where(keep[:, None], self.out_top_logprobs[rows], values)
+                ids = torch.where(keep[:, None], self.out_top_ids[rows], ids)
+            self.out_logprobs[rows] = chosen
+            self.out_top_logprobs[rows], self.out_top_ids[rows] = values, ids
         pos = self.pos[rows] + live.long() if advance else self.pos[rows]
         counter = self.counter[rows] + live.long()
         stop = (sampled[:, None] == self.stop_table[rows]).any(1)
@@ -535,13 +545,26 @@ class SlotState:
         self.counter[rows] = counter
         self.finished[rows] = self.finished[rows] | (live & done)
 
-    def pop_pending(self, rows: slice, sampled: torch.Tensor) -> torch.Tensor:
+    def pop_pending(self, rows: slice, sampled: torch.Tensor, logprobs: bool = False
+                    ) -> torch.Tensor:
         """`sampled` (rows,) with each speculative row's next verified token instead (the
-        row moves on to the one after)."""
+        row moves on to the one after); with `logprobs`, that token's logprobs (from the
+        verify pass) go to the speculative rows' outputs."""
         speculative = self.speculative[rows]
-        at = self.pending_at[rows]
+        at = self.pending_at[rows].clone()  # (a view, which the line below moves on)
         verified = self.pending[rows].gather(1, at[:, None])[:, 0]
         self.pending_at[rows] = at + speculative.long()
+        if logprobs:
+            index = at[:, None, None].expand(-1, 1, self.pending_top_ids.size(2))
+            self.out_logprobs[rows] = torch.where(
+                speculative, self.pending_logprobs[rows].gather(1, at[:, None])[:, 0],
+                self.out_logprobs[rows])
+            self.out_top_ids[rows] = torch.where(
+                speculative[:, None], self.pending_top_ids[rows].gather(1, index)[:, 0],
+                self.out_top_ids[rows])
+            self.out_top_logprobs[rows] = torch.where(
+                speculative[:, None], self.pending_top_logprobs[rows].gather(1, index)[:, 0],
+                self.out_top_logprobs[rows])
         return torch.where(speculative, verified, sampled)
 
     def step_state(self) -> list[torch.Tensor]:
@@ -650,18 +673,19 @@ def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKV
     else:
         sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
     if key.speculative:  # their computed token is discarded (their cache writes are the
-        sampled = state.pop_pending(rows, sampled)  # verified ones again: same inputs)
-    # (a speculative row never asks for logprobs: SequenceParams refuses the pair)
+        # verified ones again: same inputs)
+        sampled = state.pop_pending(rows, sampled, logprobs=key.logprobs)
     state.record(rows, sampled, live, state.n_loops[rows],
-                 logits=logits if key.logprobs else None)
+                 logits=logits if key.logprobs else None, speculative=key.speculative)
 
 
-def pop_step(state: SlotState, batch: int) -> None:
-    """A step in which every live row is speculative: each emits its next verified token,
-    and nothing is computed."""
+def pop_step(state: SlotState, batch: int, logprobs: bool = False) -> None:
+    """A step in which every live row is speculative: each emits its next verified token
+    (and, with `logprobs`, its logprobs from the verify pass), and nothing is computed."""
     rows = slice(0, batch)
     live = state.active[rows] & ~state.finished[rows]
-    state.record(rows, state.pop_pending(rows, state.tokens[rows]), live, state.n_loops[rows])
+    state.record(rows, state.pop_pending(rows, state.tokens[rows], logprobs), live,
+                 state.n_loops[rows])
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -946,7 +970,7 @@ class DecodeEngine:
         if any(info.params.adaptive is not None for info in infos):
             self._adaptive_step(batch)
         elif len(speculative) == len(infos):  # every row emits a verified token
-            pop_step(self.state, batch)
+            pop_step(self.state, batch, any(info.params.logprobs is not None for info in infos))
         else:
             self._runner(self._step_key(batch))()
         for info in infos:
@@ -1283,6 +1307,13 @@ class DecodeEngine:
             emitted = torch.ones_like(counter)
         state.pending[rows, :span] = tokens
         state.pending_at[rows] = 0
+        if any(p.logprobs is not None for p in params):  # the n_loops model's, as plain decoding
+            logp = logits.float().log_softmax(dim=-1)  # (rows * span, V)
+            top = logp.topk(state.pending_top_ids.size(2), dim=-1)
+            state.pending_logprobs[rows, :span] = logp.gather(
+                1, tokens.reshape(-1, 1))[:, 0].view(len(slots), span)
+            state.pending_top_ids[rows, :span] = top.indices.view(len(slots), span, -1)
+            state.pending_top_logprobs[rows, :span] = top.values.view(len(slots), span, -1)
         # do the kept tokens end the sequence (a stop id, the token budget, the cache)?
         kept = torch.arange(span, device=self.device) < emitted[:, None]
         stop = ((tokens[:, :, None] == state.stop_table[rows][:, None, :]).any(-1) & kept).any(1)
@@ -1298,9 +1329,10 @@ class DecodeEngine:
         state, rows = self.state, slice(0, batch)
         live = state.active[rows] & ~state.finished[rows]
         logits, loops = self._adaptive_logits(state.tokens[rows], batch)
-        sampled = state.pop_pending(rows, sample_rows(logits, *state.sampling(rows)))
         logprobs = any(info.params.logprobs is not None for info in state.infos.values())
-        state.record(rows, sampled, live, loops, logits=logits if logprobs else None)
+        sampled = state.pop_pending(rows, sample_rows(logits, *state.sampling(rows)), logprobs)
+        state.record(rows, sampled, live, loops, logits=logits if logprobs else None,
+                     speculative=True)
 
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
