@@ -403,6 +403,36 @@ def test_a_failure_after_the_prefill_frees_the_slot(monkeypatch):
 
 
 # ---- logprobs (issue 22, D11) ----------------------------------------------------------------
+def check_logprobs(model, requests: dict[int, dict], n_steps: int, compile, slots) -> DecodeEngine:
+    """Run `requests` (`run_slots`' form) n_steps steps and check that each of `slots` got,
+    for every token, its log-probability and the 5 most likely tokens' under the model's
+    distribution at its n_loops (the full forward's log-softmax). The engine, for more checks."""
+    engine = DecodeEngine(model, max_batch=len(requests), max_loops=3, compile=compile,
+                          compile_options=dict(backend="eager", fullgraph=True))
+    tokens = {slot: [] for slot in requests}
+    reported = {slot: [] for slot in requests}
+    for slot, kw in requests.items():
+        tokens[slot].append(int(engine.add(slot, **kw)))
+        reported[slot].append(engine.output().host_logprobs()[slot])
+    for _ in range(n_steps):
+        out = engine.step()
+        rows = out.host_logprobs()  # (every slot's)
+        for slot, token in enumerate(out.tokens.tolist()):
+            tokens[slot].append(token)
+            reported[slot].append(rows[slot])
+    for slot in slots:
+        ids = requests[slot]["prompt_ids"]
+        full = model(torch.tensor([ids + tokens[slot]]),
+                     n_loops=requests[slot]["params"].n_loops)[0].float().log_softmax(-1)
+        for i, (logprob, top) in enumerate(reported[slot]):
+            expected = full[len(ids) - 1 + i]
+            assert logprob == pytest.approx(expected[tokens[slot][i]].item(), abs=1e-4)
+            values, best = expected.topk(5)
+            assert [token for token, _ in top] == best.tolist()
+            assert [value for _, value in top] == pytest.approx(values.tolist(), abs=1e-4)
+    return engine
+
+
 @pytest.mark.parametrize("compile", [False, "step"])
 @torch.no_grad()
 def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
@@ -415,29 +445,7 @@ def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
                        logprobs=0),
                 2: seq(prompt(3, 5), n_loops=1, sampling=GREEDY)}
     torch._dynamo.reset()
-    engine = DecodeEngine(model, max_batch=3, max_loops=3, compile=compile,
-                          compile_options=dict(backend="eager", fullgraph=True))
-    tokens = {slot: [] for slot in requests}
-    reported = {slot: [] for slot in requests}
-    for slot, kw in requests.items():
-        tokens[slot].append(int(engine.add(slot, **kw)))
-        reported[slot].append(engine.output().host_logprobs()[slot])
-    for _ in range(4):
-        out = engine.step()
-        rows = out.host_logprobs()  # (every slot's)
-        for slot, token in enumerate(out.tokens.tolist()):
-            tokens[slot].append(token)
-            reported[slot].append(rows[slot])
-    for slot in (0, 1):
-        ids = requests[slot]["prompt_ids"]
-        full = model(torch.tensor([ids + tokens[slot]]),
-                     n_loops=requests[slot]["params"].n_loops)[0].float().log_softmax(-1)
-        for i, (logprob, top) in enumerate(reported[slot]):
-            expected = full[len(ids) - 1 + i]
-            assert logprob == pytest.approx(expected[tokens[slot][i]].item(), abs=1e-4)
-            values, best = expected.topk(5)
-            assert [token for token, _ in top] == best.tolist()
-            assert [value for _, value in top] == pytest.approx(values.tolist(), abs=1e-4)
+    check_logprobs(model, requests, 4, compile, slots=(0, 1))
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="logprobs=6"):
         SequenceParams(logprobs=6)
@@ -448,7 +456,7 @@ def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
 def test_speculative_rows_report_the_n_loop_models_logprobs(compile):
     """A self-speculative row (draft_loops) that asks for logprobs gets, for each emitted
     token, the n_loops model's (from the verify pass): what plain decoding reports, beside a
-    plain row that asks too and one that does not."""
+    plain row that asks too."""
     model = make_model("flt", "mha", sequence_len=40)
     requests = {0: seq(prompt(1, 4), n_loops=3, sampling=GREEDY, draft_loops=1, draft_tokens=3,
                        logprobs=2),
@@ -456,30 +464,8 @@ def test_speculative_rows_report_the_n_loop_models_logprobs(compile):
                 2: seq(prompt(3, 5), n_loops=3, sampling=SamplingParams(seed=4), draft_loops=2,
                        logprobs=0)}
     torch._dynamo.reset()
-    engine = DecodeEngine(model, max_batch=3, max_loops=3, compile=compile,
-                          compile_options=dict(backend="eager", fullgraph=True))
-    tokens = {slot: [] for slot in requests}
-    reported = {slot: [] for slot in requests}
-    for slot, kw in requests.items():
-        tokens[slot].append(int(engine.add(slot, **kw)))
-        reported[slot].append(engine.output().host_logprobs()[slot])
-    for _ in range(9):
-        out = engine.step()
-        rows = out.host_logprobs()
-        for slot, token in enumerate(out.tokens.tolist()):
-            tokens[slot].append(token)
-            reported[slot].append(rows[slot])
+    engine = check_logprobs(model, requests, 9, compile, slots=(0, 1, 2))
     assert engine.speculation.rounds > 0
-    for slot in requests:
-        ids = requests[slot]["prompt_ids"]
-        full = model(torch.tensor([ids + tokens[slot]]),
-                     n_loops=requests[slot]["params"].n_loops)[0].float().log_softmax(-1)
-        for i, (logprob, top) in enumerate(reported[slot]):
-            expected = full[len(ids) - 1 + i]
-            assert logprob == pytest.approx(expected[tokens[slot][i]].item(), abs=1e-4)
-            values, best = expected.topk(5)
-            assert [token for token, _ in top] == best.tolist()
-            assert [value for _, value in top] == pytest.approx(values.tolist(), abs=1e-4)
     torch._dynamo.reset()
 
 
