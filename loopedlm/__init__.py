@@ -9,6 +9,7 @@ part of loopedlm does not import torch before it is needed."""
 
 from typing import TYPE_CHECKING
 
+import loopedlm.common.paths  # noqa: F401  (reads the user's TORCHINDUCTOR_CACHE_DIR first)
 from loopedlm.common.lazy import lazy_exports
 from loopedlm.common.validation import ConfigError
 

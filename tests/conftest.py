@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,12 @@ def tiny_model(seed: int = 0, std: float | None = 0.3, **overrides) -> LoopedGPT
     if std is not None:
         randomize_(model, seed=seed, std=std)
     return model.eval()
+
+
+# compile="auto" on a CPU starts a low-priority process that compiles a decode step for later
+# runs once it has run 32 times: minutes of CPU that no test wants (servers and CLI commands
+# started by tests inherit this). Tests of that process turn it back on.
+os.environ["LOOPEDLM_COMPILE_WARMUP"] = "0"
 
 
 @pytest.fixture(autouse=True)

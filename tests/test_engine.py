@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +29,9 @@ from loopedlm.infer import (
     SequenceParams,
     batch_buckets,
     sample_rows,
+    warm,
 )
-from loopedlm.infer.engine import capture_step
+from loopedlm.infer.engine import StepKey, capture_step
 from loopedlm.infer.sampling import uniform_noise
 
 GREEDY = SamplingParams(temperature=0)
@@ -395,6 +403,36 @@ def test_a_failure_after_the_prefill_frees_the_slot(monkeypatch):
 
 
 # ---- logprobs (issue 22, D11) ----------------------------------------------------------------
+def check_logprobs(model, requests: dict[int, dict], n_steps: int, compile, slots) -> DecodeEngine:
+    """Run `requests` (`run_slots`' form) n_steps steps and check that each of `slots` got,
+    for every token, its log-probability and the 5 most likely tokens' under the model's
+    distribution at its n_loops (the full forward's log-softmax). The engine, for more checks."""
+    engine = DecodeEngine(model, max_batch=len(requests), max_loops=3, compile=compile,
+                          compile_options=dict(backend="eager", fullgraph=True))
+    tokens = {slot: [] for slot in requests}
+    reported = {slot: [] for slot in requests}
+    for slot, kw in requests.items():
+        tokens[slot].append(int(engine.add(slot, **kw)))
+        reported[slot].append(engine.output().host_logprobs()[slot])
+    for _ in range(n_steps):
+        out = engine.step()
+        rows = out.host_logprobs()  # (every slot's)
+        for slot, token in enumerate(out.tokens.tolist()):
+            tokens[slot].append(token)
+            reported[slot].append(rows[slot])
+    for slot in slots:
+        ids = requests[slot]["prompt_ids"]
+        full = model(torch.tensor([ids + tokens[slot]]),
+                     n_loops=requests[slot]["params"].n_loops)[0].float().log_softmax(-1)
+        for i, (logprob, top) in enumerate(reported[slot]):
+            expected = full[len(ids) - 1 + i]
+            assert logprob == pytest.approx(expected[tokens[slot][i]].item(), abs=1e-4)
+            values, best = expected.topk(5)
+            assert [token for token, _ in top] == best.tolist()
+            assert [value for _, value in top] == pytest.approx(values.tolist(), abs=1e-4)
+    return engine
+
+
 @pytest.mark.parametrize("compile", [False, "step"])
 @torch.no_grad()
 def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
@@ -407,34 +445,28 @@ def test_logprobs_are_the_models_own_for_each_sampled_token(compile):
                        logprobs=0),
                 2: seq(prompt(3, 5), n_loops=1, sampling=GREEDY)}
     torch._dynamo.reset()
-    engine = DecodeEngine(model, max_batch=3, max_loops=3, compile=compile,
-                          compile_options=dict(backend="eager", fullgraph=True))
-    tokens = {slot: [] for slot in requests}
-    reported = {slot: [] for slot in requests}
-    for slot, kw in requests.items():
-        tokens[slot].append(int(engine.add(slot, **kw)))
-        reported[slot].append(engine.output().host_logprobs()[slot])
-    for _ in range(4):
-        out = engine.step()
-        rows = out.host_logprobs()  # (every slot's)
-        for slot, token in enumerate(out.tokens.tolist()):
-            tokens[slot].append(token)
-            reported[slot].append(rows[slot])
-    for slot in (0, 1):
-        ids = requests[slot]["prompt_ids"]
-        full = model(torch.tensor([ids + tokens[slot]]),
-                     n_loops=requests[slot]["params"].n_loops)[0].float().log_softmax(-1)
-        for i, (logprob, top) in enumerate(reported[slot]):
-            expected = full[len(ids) - 1 + i]
-            assert logprob == pytest.approx(expected[tokens[slot][i]].item(), abs=1e-4)
-            values, best = expected.topk(5)
-            assert [token for token, _ in top] == best.tolist()
-            assert [value for _, value in top] == pytest.approx(values.tolist(), abs=1e-4)
+    check_logprobs(model, requests, 4, compile, slots=(0, 1))
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="logprobs=6"):
         SequenceParams(logprobs=6)
-    with pytest.raises(ValueError, match="logprobs=0 is not allowed with draft_loops=1"):
-        SequenceParams(n_loops=3, draft_loops=1, logprobs=0)
+
+
+@pytest.mark.parametrize("compile", [False, "step"])
+@torch.no_grad()
+def test_speculative_rows_report_the_n_loop_models_logprobs(compile):
+    """A self-speculative row (draft_loops) that asks for logprobs gets, for each emitted
+    token, the n_loops model's (from the verify pass): what plain decoding reports, beside a
+    plain row that asks too."""
+    model = make_model("flt", "mha", sequence_len=40)
+    requests = {0: seq(prompt(1, 4), n_loops=3, sampling=GREEDY, draft_loops=1, draft_tokens=3,
+                       logprobs=2),
+                1: seq(prompt(2, 3), n_loops=2, sampling=GREEDY, logprobs=1),
+                2: seq(prompt(3, 5), n_loops=3, sampling=SamplingParams(seed=4), draft_loops=2,
+                       logprobs=0)}
+    torch._dynamo.reset()
+    engine = check_logprobs(model, requests, 9, compile, slots=(0, 1, 2))
+    assert engine.speculation.rounds > 0
+    torch._dynamo.reset()
 
 
 # ---- CUDA graphs and dtypes, checked on CPU (issue 24) ---------------------------------------
@@ -557,6 +589,137 @@ def test_compile_background_switches_to_the_compiled_step_and_keeps_the_tokens(m
     assert engine.compiled_steps == 1
     assert counters["stats"]["unique_graphs"] == 1  # compiled once, on the stand-ins
     torch._dynamo.reset()
+
+
+# ---- compile="auto" on a CPU: compiled where it pays, warmed for later runs ------------------
+@pytest.fixture
+def compile_home(tmp_path, monkeypatch):
+    """torch.compile's caches and loopedlm's warm markers in a temporary folder."""
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_compile"))
+    return tmp_path
+
+
+def test_compile_caches_live_under_loopedlm_home_though_torch_set_its_default(tmp_path):
+    """Building a model makes torch set TORCHINDUCTOR_CACHE_DIR to its /tmp default; the
+    engine's caches still go under $LOOPEDLM_HOME unless the user chose a folder."""
+    code = ("import os; from loopedlm import LoopedGPT, ModelConfig; "
+            "from loopedlm.common.paths import use_compile_cache; "
+            "LoopedGPT.from_config(ModelConfig.preset('tiny'), seed=0); "
+            "print(use_compile_cache()); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(LOOPEDLM_HOME=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(tmp_path / "torch_compile")] * 2
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(tmp_path / "mine")] * 2
+
+
+def test_a_compile_pays_when_the_steps_left_save_more_than_it_costs():
+    # a compiled step takes half an eager one: 100 steps of 0.1 s save 5 s
+    assert warm.compile_pays(100, 0.1, 4.9)
+    assert not warm.compile_pays(100, 0.1, 5.1)
+    assert not warm.compile_pays(0, 0.1, 0.5)
+    assert warm.compile_pays(math.inf, 0.001, 30.0)  # a server: unbounded steps
+
+
+def test_warm_markers_name_the_spec_and_record_a_warm_compiles_seconds(compile_home):
+    engine = DecodeEngine(make_model(), max_batch=2, max_loops=3)
+    one = engine.warm_spec(StepKey(1, 3, 64, False, False, True))
+    assert one == engine.warm_spec(StepKey(1, 3, 128, False, False, True))  # any key length
+    other = engine.warm_spec(StepKey(2, 3, 64, False, False, True))
+    assert one.signature() != other.signature()
+    assert warm.WarmSpec.from_json(one.to_json()) == one
+    assert warm.warm_seconds(one) is None
+    warm.record(one)
+    assert warm.warm_seconds(one) == warm.DEFAULT_WARM_SECONDS
+    warm.record(one, 3.5)
+    assert warm.warm_seconds(one) == 3.5
+    assert warm.warm_seconds(other) is None
+    assert (compile_home / "torch_compile" / "loopedlm_warm").is_dir()
+
+
+def test_warming_is_off_when_asked_warm_already_or_under_way(compile_home, monkeypatch):
+    engine = DecodeEngine(make_model(), max_batch=1, max_loops=3)
+    spec = engine.warm_spec(StepKey(1, 3, 0, False, False, True))
+    monkeypatch.setenv(warm.WARMUP_ENV, "0")
+    assert not warm.start_warming(spec)
+    monkeypatch.setenv(warm.WARMUP_ENV, "1")
+    lock = warm.markers_dir() / f"{spec.signature()}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()  # another process is warming it
+    assert not warm.start_warming(spec)
+    lock.unlink()
+    warm.record(spec)
+    assert not warm.start_warming(spec)
+
+
+def test_a_warming_process_that_fails_marks_nothing_and_frees_its_lock(compile_home, monkeypatch):
+    """The process is started (detached, low priority) and its lock is removed however it
+    ends; a spec it cannot compile (an unknown config field) is never marked warm."""
+    monkeypatch.setenv(warm.WARMUP_ENV, "1")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    engine = DecodeEngine(make_model(), max_batch=1, max_loops=3)
+    spec = engine.warm_spec(StepKey(1, 3, 0, False, False, True))
+    broken = replace(spec, config={**spec.config, "no_such_field": 1})
+    assert warm.start_warming(broken)
+    lock = warm.markers_dir() / f"{broken.signature()}.lock"
+    deadline = time.monotonic() + 120
+    while lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not lock.exists()
+    assert warm.warm_seconds(broken) is None
+    assert "no_such_field" in (warm.markers_dir() / f"{broken.signature()}.log").read_text()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("long_lived,warm_seconds,compiled", [
+    (True, 1e9, 1),    # a server: unbounded steps repay any compile
+    (False, 1e-3, 1),  # 12 tokens left repay a cheap compile
+    (False, 1e9, 0),   # but not a dear one
+])
+def test_auto_on_a_cpu_compiles_a_warm_variant_only_where_it_pays(compile_home, monkeypatch,
+                                                                   long_lived, warm_seconds,
+                                                                   compiled):
+    """compile="auto" on a CPU: with the variant marked warm, the engine compiles it (at
+    once) once the steps left (a server's: unbounded; else the token budget) repay
+    its compile, and the tokens stay the eager engine's. Nothing is warmed in a process."""
+    import loopedlm.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_AFTER", 3)
+    monkeypatch.setenv(warm.WARMUP_ENV, "0")
+    model = make_model(sequence_len=32)
+    requests = {0: seq(prompt(1, 5), n_loops=3, sampling=GREEDY, max_new_tokens=13)}
+    eager = run_slots(DecodeEngine(model, max_batch=1, max_loops=3, compile=False), requests, 12)
+    torch._dynamo.reset()
+    engine = DecodeEngine(model, max_batch=1, max_loops=3, long_lived=long_lived,
+                          compile_options=dict(backend="eager", fullgraph=True))
+    warm.record(engine.warm_spec(StepKey(1, 3, 0, False, False, True)), warm_seconds)
+    tokens = {slot: [int(engine.add(slot, **kw))] for slot, kw in requests.items()}
+    for step in range(12):
+        tokens[0].append(engine.step().tokens.tolist()[0])
+        if step == 3:
+            assert engine.wait_compiled(120)
+    assert tokens == eager
+    assert engine.compiled_steps == compiled
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_auto_on_a_cpu_never_compiles_a_cold_variant_in_process(compile_home, monkeypatch):
+    """A variant this machine never compiled stays eager in this process (its compile would
+    compete with decoding), however long the engine lives."""
+    import loopedlm.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_AFTER", 2)
+    monkeypatch.setenv(warm.WARMUP_ENV, "0")
+    engine = DecodeEngine(make_model(sequence_len=32), max_batch=1, max_loops=3, long_lived=True)
+    run_slots(engine, {0: seq(prompt(1, 5), n_loops=3, sampling=GREEDY)}, 12)
+    assert engine.wait_compiled(10)
+    assert engine.compiled_steps == 0
 
 
 @contextlib.contextmanager

@@ -232,17 +232,13 @@ def test_fields_this_server_does_not_implement_get_a_400_naming_them(model_and_t
         r = post(url, {"prompt": "To", "max_tokens": 1, "echo": True, "logprobs": 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
         assert post(url, {"prompt": "To", "logprobs": 6}).status_code == 400
-        # speculative decoding does not report logprobs: refused, naming both fields
-        r = post(url, {"prompt": "To", "max_tokens": 1, "n_loops": 3, "draft_loops": 1,
-                       "logprobs": 1})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
-        assert "draft_loops=1" in r.text
 
 
 # ---- logprobs and echo (D11) ---------------------------------------------------------------------
 @torch.no_grad()
 def test_logprobs_are_the_models_and_stream_as_they_come(model_and_tokenizer):
-    """D11: logprobs were accepted and ignored (null); now OpenAI's, from the model."""
+    """D11: logprobs were accepted and ignored (null); now OpenAI's, from the model, with
+    self-speculative decoding (draft_loops) too."""
     model, tokenizer = model_and_tokenizer
     expected = reference(model_and_tokenizer, "To be", n_loops=2, max_tokens=12, temperature=0)
     prompt = [tokenizer.bos_id, *tokenizer.encode("To be")]
@@ -251,6 +247,8 @@ def test_logprobs_are_the_models_and_stream_as_they_come(model_and_tokenizer):
     server, _ = start(model_and_tokenizer)
     with server as url:
         r = post(url, {**GREEDY, "logprobs": 2}).json()
+        # self-speculative decoding reports the same (the verify pass's, at n_loops)
+        speculative = post(url, {**GREEDY, "logprobs": 2, "draft_loops": 1}).json()
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
                           json={**GREEDY, "logprobs": 2, "stream": True}) as s:
             events = [json.loads(line[6:]) for line in s.iter_lines()
@@ -272,6 +270,11 @@ def test_logprobs_are_the_models_and_stream_as_they_come(model_and_tokenizer):
     streamed = {key: [v for e in events for v in e["choices"][0]["logprobs"][key]]
                 for key in got}
     assert streamed == got
+    drafted = speculative["choices"][0]
+    assert drafted["text"] == choice["text"] and drafted["logprobs"]["tokens"] == got["tokens"]
+    assert drafted["logprobs"]["token_logprobs"] == pytest.approx(got["token_logprobs"], abs=1e-4)
+    for mine, theirs in zip(drafted["logprobs"]["top_logprobs"], got["top_logprobs"], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-4)
 
 
 def test_echo_puts_the_prompt_before_the_completion(model_and_tokenizer):

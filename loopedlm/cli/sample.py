@@ -138,8 +138,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--compile", choices=["auto", "none", "step", "loop", "background"],
                    default=None,
                    help="torch.compile the decode step or one loop (default auto: where it "
-                        "pays: the loop, in CUDA graphs, on a GPU; eager on a CPU; background: "
-                        "the step compiled on a worker thread while decoding goes on eagerly)")
+                        "pays: the loop, in CUDA graphs, on a GPU; on a CPU the step, only once "
+                        "torch.compile's on-disk caches hold it and the tokens left repay the "
+                        "compile, eager until then (a step not compiled on this machine before "
+                        "is compiled for later runs by a low-priority background process; "
+                        "LOOPEDLM_COMPILE_WARMUP=0 turns it off); background: the step "
+                        "compiled on a worker thread while decoding goes on eagerly)")
     p.set_defaults(func=_cmd_sample)
 
 

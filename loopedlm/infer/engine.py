@@ -33,6 +33,7 @@ fallback, measured in benchmarks/bench_engine.py.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import functools
@@ -43,13 +44,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from loopedlm.common.paths import loopedlm_home
+from loopedlm.common.paths import use_compile_cache
 from loopedlm.common.validation import is_int
 from loopedlm.infer.cache import ChunkWrites, Entry, StaticKVCache, StepWrites, loop_slot_map
 from loopedlm.infer.exits import (
@@ -74,8 +75,15 @@ from loopedlm.infer.sampling import (
     sample_rows,
     speculative_accept,
 )
+from loopedlm.infer.warm import (
+    WarmSpec,
+    compile_pays,
+    record,
+    start_warming,
+    warm_seconds,
+)
 from loopedlm.model.attention import AttentionPlan, attention_masks, rotary_at
-from loopedlm.model.config import check_token_ids
+from loopedlm.model.config import ModelConfig, check_token_ids
 from loopedlm.model.gpt import LoopedGPT, LoopInputs
 
 log = logging.getLogger(__name__)
@@ -83,9 +91,11 @@ log = logging.getLogger(__name__)
 KV_LEN_STEP = 64  # eager steps attend over the filled length rounded up to this
 MAX_LOGPROBS = 5  # most likely tokens a step reports per row (as OpenAI's `logprobs` <= 5)
 # compile="background": a step variant is compiled (on a worker thread) once it has run this
-# many times, so short generations never pay for a compile (measured in bench_decode.py)
+# many times, so short generations never pay for a compile (measured in bench_decode.py);
+# compile="auto" on a CPU weighs a compile (`loopedlm.infer.warm`) every this many runs
 AUTO_COMPILE_AFTER = 32
 COMPILED_VARIANTS = 256  # graphs of the compiled step (one per step variant) before eager
+COMPILE_EXIT_WAIT = 120.0  # seconds an exiting process waits for a compile on a worker thread
 
 
 # ---- the per-row options -----------------------------------------------------------------------
@@ -180,10 +190,6 @@ class SequenceParams:
         if self.draft_loops is not None and self.adaptive is not None:
             raise ValueError("draft_loops and adaptive loops do not combine: speculative "
                              "decoding verifies at a fixed n_loops")
-        if self.logprobs is not None and self.draft_loops is not None:
-            raise ValueError(f"logprobs={self.logprobs!r} is not allowed with "
-                             f"draft_loops={self.draft_loops!r}: speculative decoding does not "
-                             f"report logprobs (leave out one of them)")
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
 
     @property
@@ -319,11 +325,34 @@ def capture_step(body: Callable[[], None], state: list[torch.Tensor],
     return graph.replay
 
 
-def use_compile_cache() -> None:
-    """Keep torch.compile's on-disk caches (Inductor's FX-graph and AOTAutograd caches) under
-    $LOOPEDLM_HOME/torch_compile, unless TORCHINDUCTOR_CACHE_DIR is set: the kernels a run
-    compiles are reused by the next run, which then compiles in seconds."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(loopedlm_home() / "torch_compile"))
+def join_compiles(timeout: float = COMPILE_EXIT_WAIT) -> None:
+    """Wait (up to `timeout` seconds each) for step compiles still running on worker threads.
+    Run at exit: a daemon thread stopped inside a compile aborts the interpreter ("terminate
+    called without an active exception")."""
+    for thread in threading.enumerate():
+        if thread.name == "loopedlm-compile" and thread.is_alive():
+            log.info("decode engine: waiting for a decode-step compile to finish before exiting")
+            thread.join(timeout)
+
+
+atexit.register(join_compiles)
+
+
+def dynamic_compile_config() -> contextlib.ExitStack:
+    """Settings for compiling the step with dynamic shapes (compile="background", "auto" on a
+    CPU): the recompile limit raised (one graph per step variant), and no duck sizing, so
+    that sizes which happen to be equal (a key length of 128 and d_model 128) get separate
+    symbols: the graph compiled on stand-ins by a warming process is then the one a run with
+    other lengths looks up in the on-disk caches."""
+    import torch.fx.experimental._config as fx_config
+
+    stack = contextlib.ExitStack()
+    # floats (a power, a scale) stay constants: traced as symbols they were specialized
+    # anyway, after a restart of the whole trace that doubled a warm compile's time
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS,
+                                                   specialize_float=True))
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    return stack
 
 
 def stand_ins(tree: Any) -> Any:
@@ -390,6 +419,7 @@ class SlotInfo:
 
     params: SequenceParams
     length: int = 0  # tokens in the cache (an upper bound once finished)
+    start: int = 0  # the prompt's length (where the token budget starts)
     pending: int = 0  # speculative: verified tokens not yet emitted
     ending: bool = False  # speculative: the pending tokens finish the sequence
 
@@ -427,10 +457,15 @@ class SlotState:
         self.pending = torch.zeros((max_batch, MAX_DRAFT_TOKENS + 1), dtype=torch.long,
                                    device=device)
         self.pending_at = state(torch.long)
+        top = min(MAX_LOGPROBS, vocab_size)
+        span = MAX_DRAFT_TOKENS + 1  # the verify pass's logprobs of the verified tokens
+        self.pending_logprobs = torch.zeros((max_batch, span), dtype=torch.float32, device=device)
+        self.pending_top_ids = torch.zeros((max_batch, span, top), dtype=torch.long, device=device)
+        self.pending_top_logprobs = torch.zeros((max_batch, span, top), dtype=torch.float32,
+                                                device=device)
         # the step's static outputs
         self.out_tokens = state(torch.long, -1)
         self.out_loops = state(torch.long)
-        top = min(MAX_LOGPROBS, vocab_size)
         self.out_logprobs = state(torch.float32)
         self.out_top_ids = torch.zeros((max_batch, top), dtype=torch.long, device=device)
         self.out_top_logprobs = torch.zeros((max_batch, top), dtype=torch.float32, device=device)
@@ -480,15 +515,24 @@ class SlotState:
 
     def record(self, rows: slice, sampled: torch.Tensor, live: torch.Tensor,
                loops: torch.Tensor, *, advance: bool = True,
-               logits: torch.Tensor | None = None) -> None:
+               logits: torch.Tensor | None = None, speculative: bool = False) -> None:
         """Store the tokens `rows` sampled (those `live`), move their position past the
         token just fed (`advance`; not after a prefill), and flag the finished ones; given
-        the `logits` they were sampled from, also their logprobs (`StepOutput`)."""
+        the `logits` they were sampled from, also their logprobs (`StepOutput`), but for
+        the speculative rows when `speculative` (theirs came with their verified tokens:
+        `pop_pending`)."""
         if logits is not None:
             logp = logits.float().log_softmax(dim=-1)
-            self.out_logprobs[rows] = logp.gather(1, sampled[:, None])[:, 0]
+            chosen = logp.gather(1, sampled[:, None])[:, 0]
             top = logp.topk(self.out_top_ids.size(1), dim=-1)
-            self.out_top_logprobs[rows], self.out_top_ids[rows] = top.values, top.indices
+            values, ids = top.values, top.indices
+            if speculative:
+                keep = self.speculative[rows]
+                chosen = torch.where(keep, self.out_logprobs[rows], chosen)
+                values = torch.where(keep[:, None], self.out_top_logprobs[rows], values)
+                ids = torch.where(keep[:, None], self.out_top_ids[rows], ids)
+            self.out_logprobs[rows] = chosen
+            self.out_top_logprobs[rows], self.out_top_ids[rows] = values, ids
         pos = self.pos[rows] + live.long() if advance else self.pos[rows]
         counter = self.counter[rows] + live.long()
         stop = (sampled[:, None] == self.stop_table[rows]).any(1)
@@ -501,13 +545,26 @@ class SlotState:
         self.counter[rows] = counter
         self.finished[rows] = self.finished[rows] | (live & done)
 
-    def pop_pending(self, rows: slice, sampled: torch.Tensor) -> torch.Tensor:
+    def pop_pending(self, rows: slice, sampled: torch.Tensor, logprobs: bool = False
+                    ) -> torch.Tensor:
         """`sampled` (rows,) with each speculative row's next verified token instead (the
-        row moves on to the one after)."""
+        row moves on to the one after); with `logprobs`, that token's logprobs (from the
+        verify pass) go to the speculative rows' outputs."""
         speculative = self.speculative[rows]
-        at = self.pending_at[rows]
+        at = self.pending_at[rows].clone()  # (a view, which the line below moves on)
         verified = self.pending[rows].gather(1, at[:, None])[:, 0]
         self.pending_at[rows] = at + speculative.long()
+        if logprobs:
+            index = at[:, None, None].expand(-1, 1, self.pending_top_ids.size(2))
+            self.out_logprobs[rows] = torch.where(
+                speculative, self.pending_logprobs[rows].gather(1, at[:, None])[:, 0],
+                self.out_logprobs[rows])
+            self.out_top_ids[rows] = torch.where(
+                speculative[:, None], self.pending_top_ids[rows].gather(1, index)[:, 0],
+                self.out_top_ids[rows])
+            self.out_top_logprobs[rows] = torch.where(
+                speculative[:, None], self.pending_top_logprobs[rows].gather(1, index)[:, 0],
+                self.out_top_logprobs[rows])
         return torch.where(speculative, verified, sampled)
 
     def step_state(self) -> list[torch.Tensor]:
@@ -616,18 +673,19 @@ def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKV
     else:
         sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
     if key.speculative:  # their computed token is discarded (their cache writes are the
-        sampled = state.pop_pending(rows, sampled)  # verified ones again: same inputs)
-    # (a speculative row never asks for logprobs: SequenceParams refuses the pair)
+        # verified ones again: same inputs)
+        sampled = state.pop_pending(rows, sampled, logprobs=key.logprobs)
     state.record(rows, sampled, live, state.n_loops[rows],
-                 logits=logits if key.logprobs else None)
+                 logits=logits if key.logprobs else None, speculative=key.speculative)
 
 
-def pop_step(state: SlotState, batch: int) -> None:
-    """A step in which every live row is speculative: each emits its next verified token,
-    and nothing is computed."""
+def pop_step(state: SlotState, batch: int, logprobs: bool = False) -> None:
+    """A step in which every live row is speculative: each emits its next verified token
+    (and, with `logprobs`, its logprobs from the verify pass), and nothing is computed."""
     rows = slice(0, batch)
     live = state.active[rows] & ~state.finished[rows]
-    state.record(rows, state.pop_pending(rows, state.tokens[rows]), live, state.n_loops[rows])
+    state.record(rows, state.pop_pending(rows, state.tokens[rows], logprobs), live,
+                 state.n_loops[rows])
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -645,9 +703,12 @@ class DecodeEngine:
     graphs:      capture each step variant as a CUDA graph (default: on CUDA). On CPU, True
                  runs the same capture procedure (warm-up, state restore) and replays eagerly.
     compile:     "auto" (the default): where it pays: on CUDA the loop ("loop"), replayed in
-                 CUDA graphs; on CPU eager (a compile on a worker thread competes with
-                 decoding for the CPU: on 2 cores, with a cold cache, it slowed a 128-token
-                 N=12 generate() to 1.8 tok/s against 59.5 eager). "background": each step
+                 CUDA graphs; on CPU each step variant runs eagerly, and is compiled whole
+                 (at once: seconds) only once torch.compile's on-disk caches hold it and
+                 the steps still to run repay the compile; a variant not compiled on this
+                 machine before that has run AUTO_COMPILE_AFTER steps is compiled into the
+                 caches by a separate low-priority process, for later runs
+                 (`loopedlm.infer.warm`; LOOPEDLM_COMPILE_WARMUP=0: none). "background": each step
                  variant runs eagerly until it has run AUTO_COMPILE_AFTER times, is then
                  compiled whole on a worker thread (warmed on stand-ins of the step's
                  tensors) while decoding goes on eagerly, and runs compiled from then on
@@ -656,6 +717,9 @@ class DecodeEngine:
                  loop (two graphs at any loop count); False: eager. torch.compile's caches
                  live under $LOOPEDLM_HOME/torch_compile. compile_options: more
                  torch.compile keyword arguments (backend, fullgraph, mode, ...).
+    long_lived:  the engine serves sequence after sequence (a server): under compile="auto"
+                 on a CPU a compile is weighed against an unbounded number of steps rather
+                 than the active sequences' remaining token budgets.
 
     It satisfies the server scheduler's `SlotEngine` protocol (`loopedlm.infer.scheduler`).
     """
@@ -664,7 +728,8 @@ class DecodeEngine:
                  max_loops: int | None = None, cache_slots: int | None = None,
                  slot_policy: str = "block", share_first_layer: bool = True,
                  dtype: torch.dtype | None = None, graphs: bool | None = None,
-                 compile: bool | str = "auto", compile_options: dict[str, Any] | None = None):
+                 compile: bool | str = "auto", compile_options: dict[str, Any] | None = None,
+                 long_lived: bool = False):
         cfg = model.config
         device = model.lm_head.weight.device
         self.source = model  # the model as given (self.model may be a cast copy)
@@ -687,6 +752,7 @@ class DecodeEngine:
         self.model, self.config, self.dtype, self.device = model, cfg, dtype, device
         self.max_batch, self.max_len = max_batch, max_len
         self.buckets = batch_buckets(max_batch)
+        self._cache_args = (cache_slots, slot_policy)
         self.cache = StaticKVCache(
             cfg, max_batch, max_len, loop_slot_map(self.max_loops, cache_slots, slot_policy),
             dtype=dtype, device=device,
@@ -700,15 +766,16 @@ class DecodeEngine:
         # compiled on a worker thread for a variant that keeps running; eager until then)
         self.compiles = {False: "none", True: "step", "step": "step", "loop": "loop",
                          "background": "background",
-                         "auto": "loop" if device.type == "cuda" else "none"}[compile]
+                         "auto": "loop" if device.type == "cuda" else "auto"}[compile]
         if self.compiles != "none":
             use_compile_cache()
         self.loop_fn = decode_loop
         if self.compiles == "loop":
             self.loop_fn = torch.compile(decode_loop, **{"dynamic": True, **self.compile_options})
         self._compiled_step = None
-        if self.compiles in ("step", "background"):
-            dynamic = self.compiles == "background"  # eager-sized key lengths: see _kv_len
+        self.long_lived = bool(long_lived)
+        if self.compiles in ("step", "background", "auto"):
+            dynamic = self.compiles != "step"  # eager-sized key lengths: see _kv_len
             self._compiled_step = torch.compile(fixed_step,
                                                 **{"dynamic": dynamic, **self.compile_options})
         self._steps: dict[StepKey, Callable[[], None]] = {}
@@ -717,6 +784,8 @@ class DecodeEngine:
         self._slots: dict[int, torch.Tensor] = {}
         self._compile_runs: dict[StepKey, int] = {}  # background: eager runs per variant
         self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
+        self._compiling: set[StepKey] = set()  # variants whose compile has started
+        self._eager_time: dict[StepKey, list[float]] = {}  # auto: [seconds, runs] timed
         self.speculation = SpeculationStats()
         # q, k and v projections in one matrix per layer, derived once (and again only if the
         # weights change: `_sync_weights`); the model's parameters stay as they are
@@ -865,6 +934,7 @@ class DecodeEngine:
             if self.state.open(slot, params):
                 self._steps.clear()
             info = self.state.infos[slot]
+            info.start = end
         info.length = end
         self.state.pos[slot] = end
         return logits
@@ -900,7 +970,7 @@ class DecodeEngine:
         if any(info.params.adaptive is not None for info in infos):
             self._adaptive_step(batch)
         elif len(speculative) == len(infos):  # every row emits a verified token
-            pop_step(self.state, batch)
+            pop_step(self.state, batch, any(info.params.logprobs is not None for info in infos))
         else:
             self._runner(self._step_key(batch))()
         for info in infos:
@@ -994,7 +1064,7 @@ class DecodeEngine:
                 self.fused, self.loop_fn)
         if self.compiles == "step":
             body = functools.partial(self._compile_step, args)
-        elif self.compiles == "background":
+        elif self.compiles in ("background", "auto"):
             body = functools.partial(self._step_or_compile, args)
         else:  # eager: the cache views made once
             body = functools.partial(fixed_step, *args,
@@ -1017,10 +1087,12 @@ class DecodeEngine:
         self._compiled[key] = True
 
     def _step_or_compile(self, args: tuple) -> None:
-        """compile="background": run the variant compiled once a worker thread has compiled
-        it; until then eagerly, and once it has run AUTO_COMPILE_AFTER times (a compile pays
-        only for a variant that keeps running), start that compile, warmed on stand-ins of
-        the step's tensors (`stand_ins`), so that decoding never waits for it."""
+        """compile="background" and "auto" on a CPU: run the variant compiled once it is;
+        until then eagerly. "background" compiles it on a worker thread (warmed on stand-ins
+        of the step's tensors, `stand_ins`, so that decoding never waits for it) once it has
+        run AUTO_COMPILE_AFTER times (a compile pays only for a variant that keeps running);
+        "auto" every AUTO_COMPILE_AFTER runs asks `_compile_pays`, and compiles it at once
+        (from warm caches: seconds) where it pays."""
         model, key, *rest = args
         variant = replace(key, kv_len=0)  # the key length is a dynamic shape
         done = self._compiled.get(variant)
@@ -1029,25 +1101,102 @@ class DecodeEngine:
             return
         runs = self._compile_runs.get(variant, 0) + 1
         self._compile_runs[variant] = runs
-        if runs == AUTO_COMPILE_AFTER and done is None:
-            threading.Thread(target=self._compile_in_background, args=(variant, args),
-                             name="loopedlm-compile", daemon=True).start()
+        if done is None and variant not in self._compiling:
+            if self.compiles == "background" and runs == AUTO_COMPILE_AFTER:
+                self._compiling.add(variant)
+                threading.Thread(target=self._compile_in_background, args=(variant, args),
+                                 name="loopedlm-compile", daemon=True).start()
+            elif self.compiles == "auto" and runs % AUTO_COMPILE_AFTER == 0 \
+                    and self._compile_pays(variant):
+                # here and now: from warm caches it takes seconds, where on a worker thread,
+                # sharing the GIL with decoding, it took 3-5x as long and slowed decoding 3x
+                self._compiling.add(variant)
+                self._compile_in_background(variant, args)
+                if self._compiled.get(variant):
+                    self._compiled_step(model, variant, *rest)
+                    return
+        start = time.perf_counter()
         fixed_step(*args, entries=self._loop_entries(key.batch, key.kv_len))
+        if self.compiles == "auto" and runs > 1:  # the first run builds the cache views
+            timed = self._eager_time.setdefault(variant, [0.0, 0])
+            timed[0] += time.perf_counter() - start
+            timed[1] += 1
 
     def _compile_in_background(self, variant: StepKey, args: tuple) -> None:
         model, _, state, cache, key_slots, fused, loop_fn = args
         start = time.perf_counter()
         try:
             state, cache = stand_ins((state, cache))
-            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+            with torch.no_grad(), dynamic_compile_config():
                 self._compiled_step(model, variant, state, cache, key_slots, fused, loop_fn)
         except Exception:  # the eager step stays: correct, only slower
             log.warning("decode engine: compiling the step %s failed; it stays eager", variant,
                         exc_info=True)
             self._compiled[variant] = False
             return
-        log.info("decode engine: step %s compiled in %.1fs", variant, time.perf_counter() - start)
+        finally:
+            self._compiling.discard(variant)
+        seconds = time.perf_counter() - start
+        log.info("decode engine: step %s compiled in %.1fs", variant, seconds)
+        if self.compiles == "auto":  # it was warm on disk: what a warm compile takes here
+            with contextlib.suppress(OSError, TypeError, ValueError):
+                record(self.warm_spec(variant), seconds)
         self._compiled[variant] = True
+
+    def warm_spec(self, variant: StepKey) -> WarmSpec:
+        """What a separate process needs to compile `variant` of this engine's step."""
+        cache = self.cache
+        return WarmSpec(config=self.config.to_dict(), dtype=str(self.dtype).removeprefix("torch."),
+                        max_batch=self.max_batch, max_loops=self.max_loops,
+                        cache_slots=self._cache_args[0], slot_policy=self._cache_args[1],
+                        share_first_layer=cache.share_first_layer,
+                        variant=asdict(replace(variant, kv_len=0)),
+                        compile_options=self.compile_options, short_len=self.max_len == 1)
+
+    def _horizon(self) -> float:
+        """Steps the engine will still run: unbounded when long-lived (a server), else the
+        most any active row has left of its token budget and of the context."""
+        if self.long_lived:
+            return math.inf
+        left = 0
+        for info in self.state.infos.values():
+            budget = info.params.max_new_tokens
+            end = self.max_len if budget is None else min(self.max_len, info.start + budget - 1)
+            left = max(left, end - info.length)
+        return left
+
+    def _compile_pays(self, variant: StepKey) -> bool:
+        """compile="auto" on a CPU: whether to compile `variant` now: its compile is warm on
+        disk and the steps left repay it (`loopedlm.infer.warm.compile_pays`, with this
+        variant's measured eager step). A variant never compiled on this machine is handed
+        to a low-priority process that compiles it for later runs."""
+        try:
+            spec = self.warm_spec(variant)
+        except (TypeError, ValueError):  # compile_options that do not travel: never warmed
+            return False
+        seconds = warm_seconds(spec)
+        if seconds is None:
+            start_warming(spec)
+            return False
+        total, runs = self._eager_time.get(variant, (0.0, 0))
+        return runs > 0 and compile_pays(self._horizon(), total / runs, seconds)
+
+    def compile_variant(self, variant: StepKey, kv_len: int = 2 * KV_LEN_STEP) -> float:
+        """Compile the step variant `variant` now (compile="background" or "auto" on a CPU),
+        on stand-ins of the engine's tensors, so nothing real is touched; its seconds. What
+        the warming process runs (`warm_main`)."""
+        if self._compiled_step is None or self.compiles == "step":
+            raise ValueError(f"compile={self.compile!r}: compile_variant needs 'background' "
+                             f"(or 'auto' on a CPU)")
+        variant = replace(variant, kv_len=0)
+        start = time.perf_counter()
+        state, cache = stand_ins((self.state, self.cache))
+        with torch.no_grad(), dynamic_compile_config():
+            self._compiled_step(self.model, variant, state, cache,
+                                self._key_slots(min(kv_len, self.max_len)), self.fused,
+                                self.loop_fn)
+        self._compiled[variant] = True
+        return time.perf_counter() - start
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait until the step variants being compiled on worker threads are (compile="background"
@@ -1158,6 +1307,13 @@ class DecodeEngine:
             emitted = torch.ones_like(counter)
         state.pending[rows, :span] = tokens
         state.pending_at[rows] = 0
+        if any(p.logprobs is not None for p in params):  # the n_loops model's, as plain decoding
+            logp = logits.float().log_softmax(dim=-1)  # (rows * span, V)
+            top = logp.topk(state.pending_top_ids.size(2), dim=-1)
+            state.pending_logprobs[rows, :span] = logp.gather(
+                1, tokens.reshape(-1, 1))[:, 0].view(len(slots), span)
+            state.pending_top_ids[rows, :span] = top.indices.view(len(slots), span, -1)
+            state.pending_top_logprobs[rows, :span] = top.values.view(len(slots), span, -1)
         # do the kept tokens end the sequence (a stop id, the token budget, the cache)?
         kept = torch.arange(span, device=self.device) < emitted[:, None]
         stop = ((tokens[:, :, None] == state.stop_table[rows][:, None, :]).any(-1) & kept).any(1)
@@ -1173,9 +1329,10 @@ class DecodeEngine:
         state, rows = self.state, slice(0, batch)
         live = state.active[rows] & ~state.finished[rows]
         logits, loops = self._adaptive_logits(state.tokens[rows], batch)
-        sampled = state.pop_pending(rows, sample_rows(logits, *state.sampling(rows)))
         logprobs = any(info.params.logprobs is not None for info in state.infos.values())
-        state.record(rows, sampled, live, loops, logits=logits if logprobs else None)
+        sampled = state.pop_pending(rows, sample_rows(logits, *state.sampling(rows)), logprobs)
+        state.record(rows, sampled, live, loops, logits=logits if logprobs else None,
+                     speculative=True)
 
     def _adaptive_logits(self, tokens: torch.Tensor, batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1287,7 +1444,38 @@ class DecodeEngine:
         return inputs.select_rows(active, rows_plan)
 
 
+def warm_main(argv: list[str] | None = None) -> int:
+    """The compile-warming process (`loopedlm.infer.warm.start_warming`): a `WarmSpec` as JSON
+    on stdin; compiles its step variant on a model of its shape (random weights: a compile
+    does not depend on them) into torch.compile's on-disk caches, and marks it warm.
+    argv[0]: the lock file to remove at the end, however it ends."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(10)
+    try:
+        spec = WarmSpec.from_json(sys.stdin.read())
+        torch.set_num_threads(1)
+        model = LoopedGPT.from_config(ModelConfig.from_dict(spec.config), seed=0).eval()
+        engine = DecodeEngine(model, max_batch=spec.max_batch,
+                              max_len=1 if spec.short_len else None, max_loops=spec.max_loops,
+                              cache_slots=spec.cache_slots, slot_policy=spec.slot_policy,
+                              share_first_layer=spec.share_first_layer,
+                              dtype=getattr(torch, spec.dtype), compile="background",
+                              compile_options=spec.compile_options)
+        seconds = engine.compile_variant(StepKey(**spec.variant))
+        record(spec)
+        log.info("compiled %s in %.1f s", spec.signature(), seconds)
+        return 0
+    finally:
+        if argv:
+            with contextlib.suppress(OSError):
+                os.unlink(argv[0])
+
+
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
            "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop",
-           "outer_writes", "CRITERIA", "MAX_LOGPROBS"]
+           "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main"]

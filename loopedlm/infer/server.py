@@ -436,7 +436,8 @@ class CompletionServer:
         max_len = None if config.max_len is None \
             else min(config.max_len, model.config.sequence_len)
         self.engine = engine or DecodeEngine(model, max_batch=config.max_batch,
-                                             max_loops=self.max_loops, max_len=max_len)
+                                             max_loops=self.max_loops, max_len=max_len,
+                                             long_lived=True)
         self.context_len = self.engine.max_len
         self.scheduler = Scheduler(self.engine, tokenizer, max_queue=config.max_queue)
         # a token stands for at most this many bytes (so characters) of text, x4 for a
