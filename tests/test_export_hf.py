@@ -525,3 +525,11 @@ def test_oldest_supported_transformers(trained, tmp_path):
     assert result.returncode == 0 and len(reports) == len(folders), \
         result.stdout + result.stderr[-3000:]
     assert all(r["ok"] for r in reports)
+
+
+@pytest.mark.parametrize("setting", [dict(window_size=3), dict(full_last_layer=False)])
+def test_window_settings_the_exported_code_lacks_are_refused(tmp_path, setting):
+    model = tiny_model(window_pattern="S", **setting)
+    with pytest.raises(ValueError, match="cannot be exported"):
+        write_hf_model(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

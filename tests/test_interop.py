@@ -9,6 +9,7 @@ from conftest import tiny_model
 from loopedlm.model.interop import (
     MODEL_TYPES,
     config_from_nanochat,
+    config_to_nanochat,
     export_nanochat_checkpoint,
     import_nanochat_checkpoint,
 )
@@ -134,3 +135,10 @@ def test_import_of_another_vocabulary_saves_no_tokenizer(tmp_path, capsys):
     assert main(["import-nanochat", str(tmp_path / "theirs"), str(tmp_path / "ours")]) == 0
     assert not (tmp_path / "ours" / "tokenizer").exists()
     assert "--tokenizer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting", [dict(window_size=3), dict(full_last_layer=False)])
+def test_window_settings_the_authors_code_lacks_are_refused(setting):
+    config = tiny_model(window_pattern="S", **setting).config
+    with pytest.raises(ValueError, match="no equivalent in the authors' code"):
+        config_to_nanochat(config)

@@ -20,6 +20,8 @@ VARIANTS = {
     "gqa": dict(n_head=4, n_kv_head=2),
     "mla": dict(attn_type="mla", kv_rank=8),
     "swa": dict(window_pattern="SL", sequence_len=16),
+    # every layer windowed, the last too (the reach task's models)
+    "swa_all": dict(window_pattern="S", window_size=3, full_last_layer=False),
 }
 LOOPS = [1, 2, 5]
 ATOL = 1e-5

@@ -231,6 +231,9 @@ def test_flops_count_every_loop():
     (dict(n_head=4, n_kv_head=3), "n_kv_head"),
     (dict(window_pattern="LX"), "window_pattern"),
     (dict(window_pattern=""), "window_pattern"),
+    (dict(window_size=0), "window_size"),
+    (dict(window_size=2.5), "window_size"),
+    (dict(full_last_layer="no"), "full_last_layer"),
     (dict(kv_rank=0), "kv_rank"),
     (dict(loss_loops="first"), "loss_loops"),
     (dict(attn_type="linear"), "attn_type"),
@@ -243,6 +246,64 @@ def test_config_rejects_bad_values(bad, field):
     with pytest.raises(ValueError, match=field) as err:
         tiny_config(**bad)
     assert repr(list(bad.values())[0]) in str(err.value)
+
+
+# ---- sliding windows ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+def test_window_settings_leave_presets_unchanged(name):
+    """The window_size / full_last_layer defaults give the authors' rule: 'S' layers see
+    sequence_len // 4 keys and the last layer is full."""
+    config = ModelConfig.preset(name, window_pattern="SL")
+    assert (config.window_size, config.full_last_layer) == (None, True)
+    w = config.sequence_len // 4
+    assert config.window_sizes() == [w if i % 2 == 0 else None for i in range(config.depth)]
+    assert ModelConfig.preset(name).window_sizes() == [None] * config.depth
+    assert ModelConfig.preset("tiny", window_pattern="S").window_sizes() == [64, None]
+
+
+def test_window_size_and_full_last_layer():
+    assert tiny_config(window_pattern="S", window_size=3).window_sizes() == [3, None]
+    assert tiny_config(window_pattern="S", window_size=3,
+                       full_last_layer=False).window_sizes() == [3, 3]
+    # an old checkpoint's config (no such fields) loads with the defaults
+    data = tiny_config(window_pattern="S").to_dict()
+    del data["window_size"], data["full_last_layer"]
+    assert ModelConfig.from_dict(data).window_sizes() == [6, None]
+
+
+@pytest.mark.parametrize("mode", ["lt", "flt_res"])
+def test_fully_windowed_model_reach_grows_by_loop(mode):
+    """With every layer windowed (w keys), one loop of `depth` layers carries a token at
+    most depth * (w - 1) positions on: changing the first token changes the last position's
+    logits only once the loops reach it (why loops pay on the reach task)."""
+    w, depth, T = 3, 2, 20
+    model = tiny_model(loop_mode=mode, depth=depth, window_pattern="S", window_size=w,
+                       full_last_layer=False, sequence_len=T)
+    idx = torch.randint(1, 61, (1, T), generator=torch.Generator().manual_seed(0))
+    other = idx.clone()
+    other[0, 0] = (idx[0, 0] + 1) % 61
+    per_loop = depth * (w - 1)  # 4: position 19 is reached by loop 5 (19 / 4 -> 5 loops)
+    for n in range(1, 7):
+        a = model(idx, n_loops=n)[0, -1]
+        b = model(other, n_loops=n)[0, -1]
+        assert torch.equal(a, b) == (n * per_loop < T - 1), n
+
+
+def test_flt_carries_nothing_through_a_run_of_one_token():
+    """FLT's state enters a loop only as attention queries; where every key in a window
+    holds the same token the values are alike, so no query changes what a layer reads: a
+    change before such a run reaches no farther than one loop's layers, whatever N (hence
+    the reach task's open cells of several kinds). LT carries it on."""
+    w, depth, T = 3, 2, 20
+    idx = torch.full((1, T), 5)
+    idx[0, 0] = 7
+    other = idx.clone()
+    other[0, 0] = 8
+    for mode, reached in (("flt", False), ("lt", True)):
+        model = tiny_model(loop_mode=mode, depth=depth, window_pattern="S", window_size=w,
+                           full_last_layer=False, sequence_len=T)
+        gap = (model(idx, n_loops=8)[0, -1] - model(other, n_loops=8)[0, -1]).abs().max()
+        assert gap > 1e-3 if reached else gap < 1e-6, (mode, float(gap))
 
 
 def test_config_suggests_close_mode():

@@ -35,6 +35,8 @@ def config(task: str = "chain", **overrides) -> SyntheticConfig:
         values["task_options"] = {"alphabet": 6, "asked": 5}
     if task == "compose":
         values["task_options"] = {"alphabet": 6, "functions": 3}
+    if task == "reach":
+        values["task_options"] = {"open_kinds": 2}
     values.update(overrides)
     return SyntheticConfig(**values)
 
@@ -151,13 +153,28 @@ def solve_compose(words: list[str]) -> list[tuple[int, str, int]]:
     return out
 
 
+def solve_reach(words: list[str]) -> list[tuple[int, str, int]]:
+    """(answer index, answer, distance) of every `? y|n` of a reach document: flood the row
+    from each source rightwards until a wall; every run starts with a marker."""
+    reached, out, last_marker = [], [], None
+    for k, word in enumerate(words):
+        if word in ("S", "#"):
+            last_marker = k
+        flooded = word == "S" or (word != "#" and bool(reached) and reached[-1])
+        reached.append(flooded)
+        if word == "?":
+            assert last_marker is not None and words[k + 1] in ("y", "n")
+            out.append((k + 1, "y" if flooded else "n", k - last_marker))
+    return out
+
+
 def solve(task: str, words: list[str]) -> list[tuple[int, str, int]]:
     if task == "compose" and not COMPOSE_TABLE:
         COMPOSE_TABLE.update(compose_functions(list(documents(config("compose",
                                                                       train_docs=200),
                                                                "train"))))
     solvers = {"chain": solve_chain, "perm": solve_perm, "pointer": solve_pointer,
-               "compose": solve_compose}
+               "compose": solve_compose, "reach": solve_reach}
     return solvers.get(task, lambda w: solve_phop(w, 24))(words)
 
 
@@ -192,6 +209,8 @@ def test_every_answer_follows_from_the_document(task):
                 earlier = {a for i, a, _ in expected if i < index}  # the earlier answers)
                 ruled_out = earlier | {words[index - 1].lower()}
                 assert query.guess == pytest.approx(1 / (6 - len(ruled_out)))
+            elif task == "reach":  # the marker is a source or a wall with odds 1/2
+                assert query.guess == 0.5
             elif hops > 1 or task in ("phop", "compose"):  # the root (or letter) is drawn uniformly
                 assert query.guess == pytest.approx(0.1 if task == "chain" else 1 / 6)
             else:  # each root is asked once at most: the digits of roots not asked yet
@@ -236,6 +255,29 @@ def test_compose_applies_fixed_cycles_named_in_the_query():
     assert all(q.guess == 1 / 32 for q in queries)
     with pytest.raises(ValueError, match="functions"):
         SyntheticConfig(task="compose", task_options={"functions": 0})
+
+
+def test_reach_answers_hand_checked_and_no_answer_tells_the_next():
+    task = SyntheticConfig(task="reach", train_docs=4, val_docs=1, eval_docs=1).make_task()
+    words = "S b a d ? y # c ? n S ? y # ? n . .".split()
+    assert [(q.index, q.answer, q.hops) for q in task.queries(words)] == \
+        [(5, "y", 4), (9, "n", 2), (12, "y", 1), (15, "n", 1)]
+    # a row that starts open is walled at its start
+    assert [(q.answer, q.hops) for q in task.queries("a ? n".split())] == [("n", 2)]
+    cfg = config("reach", train_docs=200)
+    answers = []
+    for text in documents(cfg, "train"):
+        words = text.split()
+        # a marker between any two questions: the answer in view never tells the next one
+        asks = [i for i, w in enumerate(words) if w == "?"]
+        for a, b in zip(asks, asks[1:], strict=False):
+            assert {"S", "#"} & set(words[a + 2:b])
+        assert set(words) <= {"a", "b", "S", "#", "?", "y", "n", "."}
+        assert all(x != y or x not in "ab" for x, y in zip(words, words[1:], strict=False))
+        answers += [a for _, a, _ in solve_reach(words)]
+    assert 0.45 < answers.count("y") / len(answers) < 0.55  # a fair coin: guess 1/2
+    with pytest.raises(ValueError, match="open_kinds"):
+        SyntheticConfig(task="reach", task_options={"open_kinds": 0})
 
 
 def test_chain_queries_are_leaves_of_distinct_paths():
@@ -418,6 +460,15 @@ def test_evaluator_on_a_real_model_matches_the_forward_and_the_engine(tmp_path):
 
 
 # ---- the command line, end to end --------------------------------------------------------
+def test_cli_seq_len_defaults_to_the_tasks_own(tmp_path, capsys):
+    """Regression: `--seq-len` defaulted to the default task's 128 words for every task."""
+    out = tmp_path / "reach"
+    assert main(["data", "synthetic", "reach", "--out", str(out), "--train-docs", "4",
+                 "--val-docs", "1", "--eval-docs", "1"]) == 0
+    assert read_synthetic_manifest(out)["sequence_len"] == 64
+    assert "--sequence_len=64" in capsys.readouterr().out
+
+
 def test_cli_data_train_eval_end_to_end(tmp_path, capsys):
     data = tmp_path / "data"
     assert main(["data", "synthetic", "chain", "--out", str(data), "--seq-len", "96",
@@ -468,7 +519,10 @@ def test_report_section_reads_synthetic_results(tmp_path):
             ("flt4", {"model.loop_mode": "flt", "model.n_loops": 4}, 1.0),
             ("lt4", {"model.loop_mode": "lt", "model.n_loops": 4}, 0.0),
             ("tt", {"model.loop_mode": "flt", "model.n_loops": 6, "loop_sampling": "fixed"},
-             1.0)]:
+             1.0),
+            # another setting that the sweep varies names its own group (not a seed of flt4)
+            ("ctl", {"model.loop_mode": "flt", "model.n_loops": 4,
+                     "model.full_last_layer": True}, 0.0)]:
         run = tmp_path / name
         (run / "eval").mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps({"status": "completed", "step": 5}))
@@ -484,6 +538,7 @@ def test_report_section_reads_synthetic_results(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| flt N=4 | 1 | 1.0000 | 0.6000 | 0 |" in text  # hops 2 and 8 at trained N=4
     assert "| lt N=4 | 1 | 0.1000 | 0.1000 | 0 |" in text
+    assert "| flt N=4, full_last_layer=True | 1 | 0.1000 | 0.1000 | 0 |" in text
     assert "| guessing | | 0.100 | 0.100 |" in text
     assert "**flt N=6: accuracy at each test-time loop count**" in text
     assert "- flt N=4: 0.350 at N=2 -> 1.000 at N=8 (+65.0 points): met" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -78,7 +79,8 @@ TASK_OPTIONS = {"n_vars": "chain: variable names to draw from",
                 "alphabet": "phop, perm, pointer: letters; compose: symbols",
                 "prefix": "phop: random letters before the first query",
                 "asked": "perm, pointer: letters asked per document",
-                "functions": "compose: fixed functions to compose"}
+                "functions": "compose: fixed functions to compose",
+                "open_kinds": "reach: kinds of open cell (letters a, b, ...)"}
 
 
 def _add_synthetic(sub: Any) -> None:
@@ -91,9 +93,12 @@ def _add_synthetic(sub: Any) -> None:
                        help=f"one of: {', '.join(sorted(TASKS))}")
     synth.add_argument("--out", default=None, help="folder (default $LOOPEDLM_HOME/data/"
                                                    "synthetic/TASK)")
-    synth.add_argument("--seq-len", type=int, default=defaults.seq_len,
+    # the field's default (None): the task's own length, not the default task's
+    field_defaults = {f.name: f.default for f in dataclasses.fields(SyntheticConfig)}
+    synth.add_argument("--seq-len", type=int, default=field_defaults["seq_len"],
                        help="words per document (train with sequence_len = this; default: "
-                            "the task's: 128, 64 for compose, or for perm and pointer one unpadded document)")
+                            "the task's: 128, 64 for compose and reach, or for perm and "
+                            "pointer one unpadded document)")
     synth.add_argument("--hops", type=_hop_list, default=list(range(defaults.hops[0],
                                                                       defaults.hops[1] + 1)),
                        help="training hop range LO-HI (default %(default)s)")

@@ -29,6 +29,10 @@ Tasks (`TASKS`):
   symbols, the same in every document, and queries `x f3 f1 f1 = y`, the functions applied
   in turn (`ComposeTask`): they live in the weights, so a hop is a memorised lookup, not a
   search of the context.
+- `reach` (1-D flood fill): a row of cells (source `S`, wall `#`, open `a b c d`) with
+  asked cells `?`, each followed by `y` when the nearest marker to its left is a source
+  (`ReachTask`); the difficulty is that marker's distance. Made for models whose every
+  layer sees a short window, where only more loops carry a marker farther.
 
 Documents are exactly `seq_len` words (padded with `.`), so with the BOS the loader
 prepends, training rows of `sequence_len = seq_len` hold one whole document each: none is
@@ -74,6 +78,7 @@ from loopedlm.data.synthetic_tasks import (
     PHopTask,
     PointerTask,
     Query,
+    ReachTask,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,9 +101,9 @@ class SyntheticConfig:
     curriculum: the fraction of the training documents over which the largest hop count
     grows from lo to hi, in equal steps (0: no curriculum); the loader reads the documents
     in order, so training follows it. task_options: the task's own fields (`ChainTask`,
-    `PHopTask`, `PermTask`, `PointerTask`, `ComposeTask`). seq_len: words per document (None: the task's
-    `default_seq_len()`: 128, 64 for compose, or for perm and pointer exactly one
-    unpadded document).
+    `PHopTask`, `PermTask`, `PointerTask`, `ComposeTask`, `ReachTask`). seq_len: words per
+    document (None: the task's `default_seq_len()`: 128, 64 for compose and reach, or for perm and
+    pointer exactly one unpadded document). For `reach`, "hops" is the distance in cells.
     """
 
     task: str = "chain"
@@ -142,7 +147,8 @@ class SyntheticConfig:
             raise ValueError(f"seq_len={self.seq_len} is too short for {self.task} documents "
                              f"with {longest} hops: at least {task.min_length(longest)} words")
 
-    def make_task(self) -> ChainTask | PHopTask | PermTask | PointerTask | ComposeTask:
+    def make_task(self) -> ChainTask | PHopTask | PermTask | PointerTask | ComposeTask \
+            | ReachTask:
         cls = TASKS[self.task]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(self.task_options) - known)
@@ -303,7 +309,8 @@ def load_config(manifest: dict[str, Any]) -> SyntheticConfig:
     return SyntheticConfig(**manifest["config"])
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "ComposeTask", "TASKS",
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "ComposeTask",
+           "ReachTask", "TASKS",
            "SyntheticConfig", "documents",
            "default_synthetic_dir", "synthetic_spec_dir", "prepare_synthetic",
            "write_synthetic", "read_synthetic_manifest", "load_config",

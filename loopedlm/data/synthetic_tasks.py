@@ -490,10 +490,95 @@ class ComposeTask:
         return out
 
 
+# ---- reachability along a row (1-D flood fill) ---------------------------------------------
+@dataclass(frozen=True)
+class ReachTask:
+    """1-D reachability: a row of cells, each a source `S`, a wall `#` or open (one of
+    `open_kinds` letters `a b ...`, drawn at random: they all mean "open"). An asked cell
+    `?` (open) is followed by its answer: `y` when the nearest non-open cell to its left is
+    a source (the cell is reached by flooding rightwards from it), `n` when it is a wall.
+    The difficulty (`hops`) is the distance in cells from that marker to `?`:
+
+        S b a d ? y # c ? n S ? y ...      (distances 4, 2, 1)
+
+    A document is a series of runs `marker, open x (d - 1), ?, answer`, so a marker lies
+    between any two questions: an answer in view never tells the next one (were every cell
+    answered in place, each answer would be the previous one's copy, a one-step rule that
+    needs no depth). The marker is a source or a wall with odds 1/2, independent of all
+    else, so a blind guess is right half the time (`guess` 1/2), at every distance. A model
+    whose layers all see only the last w positions (`window_size`, `full_last_layer=False`)
+    cannot answer a distance beyond what its layers together reach: more loops carry the
+    marker farther (docs/reasoning.md). The open cells are of several kinds, each unlike
+    the one before, because a loop mode whose state enters only as attention queries
+    (`flt`) can carry nothing through a run of identical tokens: their values are all
+    alike, so no choice of attention weights changes what a layer reads."""
+
+    open_kinds: int = 4
+
+    name = "reach"
+    SOURCE, WALL, ASK, YES, NO = "S", "#", "?", "y", "n"
+
+    def validate(self) -> None:
+        check(is_int(self.open_kinds) and 1 <= self.open_kinds <= 26, "open_kinds",
+              self.open_kinds, "an integer in 1..26 (letters a..z)")
+
+    def cells(self) -> list[str]:
+        return [chr(ord("a") + k) for k in range(self.open_kinds)]
+
+    def words(self) -> list[str]:
+        return self.cells() + [self.SOURCE, self.WALL, self.ASK, self.YES, self.NO, PAD]
+
+    def default_seq_len(self) -> int:
+        return 64
+
+    def min_length(self, hops: int) -> int:
+        """Words of one run of distance `hops`: marker, hops - 1 open cells, ?, answer."""
+        return hops + 2
+
+    def document(self, rng: random.Random, max_hops: int, seq_len: int,
+                 query_hops: int | None = None,
+                 weights: Sequence[float] | None = None) -> list[str]:
+        """A document of `seq_len` words: runs added while they fit, each of distance
+        `query_hops` or of one drawn from 1..max_hops (`weights`: their odds; default
+        uniform)."""
+        hops_needed = query_hops or 1
+        if seq_len < self.min_length(hops_needed):
+            raise ValueError(f"seq_len={seq_len} is too short for reach documents with "
+                             f"distance {hops_needed}: at least {self.min_length(hops_needed)} "
+                             f"words")
+        cells = self.cells()
+        words: list[str] = []
+        while True:
+            hops = query_hops if query_hops is not None else \
+                rng.choices(range(1, max_hops + 1), weights=weights)[0]
+            if len(words) + self.min_length(hops) > seq_len:
+                break
+            source = rng.random() < 0.5
+            run = []
+            for _ in range(hops - 1):  # each open cell unlike the one before (see above)
+                run.append(rng.choice([c for c in cells if not run or c != run[-1]] or cells))
+            words += [self.SOURCE if source else self.WALL, *run, self.ASK,
+                      self.YES if source else self.NO]
+        return words + [PAD] * (seq_len - len(words))
+
+    def queries(self, words: Sequence[str]) -> list[Query]:
+        """Every `?`, answered from the nearest marker to its left (none: as a wall at the
+        row's start, one cell before it)."""
+        out: list[Query] = []
+        marker, at = self.WALL, -1
+        for i, word in enumerate(words[:-1]):
+            if word in (self.SOURCE, self.WALL):
+                marker, at = word, i
+            elif word == self.ASK:
+                out.append(Query(index=i + 1, answer=self.YES if marker == self.SOURCE
+                                 else self.NO, hops=i - at, guess=0.5))
+        return out
+
+
 TASKS = {"chain": ChainTask, "phop": PHopTask, "perm": PermTask, "pointer": PointerTask,
-         "compose": ComposeTask}
+         "compose": ComposeTask, "reach": ReachTask}
 HOP_MIXES = ("uniform", "inverse")
 
 
-__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "ComposeTask", "TASKS",
-           "HOP_MIXES", "PAD"]
+__all__ = ["Query", "ChainTask", "PHopTask", "PermTask", "PointerTask", "ComposeTask",
+           "ReachTask", "TASKS", "HOP_MIXES", "PAD"]

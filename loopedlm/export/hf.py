@@ -87,6 +87,11 @@ def write_hf_model(model: LoopedGPT, folder: str | Path, *, tokenizer: Tokenizer
         raise ValueError(f"loopedlm export writes loopedlm's own models; this one has backbone="
                          f"{model.config.backbone!r}, a public model whose own Hugging Face "
                          f"folder and code are the export")
+    if model.config.window_size is not None or not model.config.full_last_layer:
+        # the exported code windows 'S' layers by sequence_len // 4 and keeps the last full
+        raise ValueError(f"window_size={model.config.window_size!r} / full_last_layer="
+                         f"{model.config.full_last_layer!r} cannot be exported: the Hugging Face "
+                         "code runs only the defaults (None / true)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     special = None

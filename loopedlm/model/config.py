@@ -39,6 +39,12 @@ class ModelConfig:
     and key projections) and, for Huginn, `n_prelude` / `n_coda` (plain layers before and
     after the looped `depth` ones) and `state_init` ("zeros" or "random": the state the
     first loop's adapter reads).
+
+    Sliding windows (docs/design.md#attention-variants): `window_pattern` tiles `L` (full)
+    and `S` (windowed) over the layers; an `S` layer sees the last `window_size` keys (None:
+    `sequence_len // 4`), and the last layer is full unless `full_last_layer` is False (then
+    it follows the pattern too, so no layer sees past its window: a task whose answers lie
+    farther away must then be carried there loop by loop, docs/reasoning.md).
     """
 
     vocab_size: int = QWEN3_VOCAB_SIZE
@@ -53,6 +59,8 @@ class ModelConfig:
     attn_type: str = "full"
     kv_rank: int = 128
     window_pattern: str = "L"
+    window_size: int | None = None
+    full_last_layer: bool = True
     residual_scale: str = "none"
     residual_lambda: float = 1.0
     pad_vocab_to: int = 64
@@ -105,6 +113,10 @@ class ModelConfig:
         check(isinstance(self.window_pattern, str) and len(self.window_pattern) > 0
                and set(self.window_pattern.upper()) <= {"L", "S"},
                "window_pattern", self.window_pattern, "a non-empty string of 'L' and 'S'")
+        check(self.window_size is None or (is_int(self.window_size) and self.window_size >= 1),
+              "window_size", self.window_size, "an integer >= 1 (or None: sequence_len // 4)")
+        check(isinstance(self.full_last_layer, bool), "full_last_layer", self.full_last_layer,
+              "true or false")
         check_choice("residual_scale", self.residual_scale, RESIDUAL_SCALES)
         check(isinstance(self.residual_lambda, int | float) and self.residual_lambda > 0,
                "residual_lambda", self.residual_lambda, "a number > 0")
@@ -148,6 +160,8 @@ class ModelConfig:
             for name, ok, allowed in (
                     ("attn_type", self.attn_type == "full", "'full'"),
                     ("window_pattern", set(self.window_pattern.upper()) == {"L"}, "'L'"),
+                    ("window_size", self.window_size is None, "None"),
+                    ("full_last_layer", self.full_last_layer is True, "true"),
                     ("residual_scale", self.residual_scale == "none", "'none'")):
                 check(ok, name, getattr(self, name), f"{allowed} (backbone {self.backbone!r})")
 
@@ -185,7 +199,10 @@ class ModelConfig:
 
     @property
     def short_window(self) -> int:
-        """An 'S' layer sees the last `sequence_len // 4` keys (docs/design.md#attention-variants)."""
+        """An 'S' layer sees the last `window_size` keys, by default `sequence_len // 4`
+        (docs/design.md#attention-variants)."""
+        if self.window_size is not None:
+            return self.window_size
         return max(self.sequence_len // 4, 1)
 
     @property
@@ -196,11 +213,12 @@ class ModelConfig:
 
     def window_sizes(self) -> list[int | None]:
         """Per-layer sliding window (None = full context), over all `n_layers`; the last
-        layer is always full."""
+        layer is full unless `full_last_layer` is False."""
         pattern = self.window_pattern.upper()
         sizes = [self.short_window if pattern[i % len(pattern)] == "S" else None
                  for i in range(self.n_layers)]
-        sizes[-1] = None
+        if self.full_last_layer:
+            sizes[-1] = None
         return sizes
 
     def residual_eps(self) -> float:

@@ -74,6 +74,10 @@ def config_to_nanochat(config: ModelConfig) -> dict[str, Any]:
     if config.residual_scale != "none":
         raise ValueError(f"residual_scale={config.residual_scale!r} has no equivalent in the "
                          "authors' code: only 'none' can be exported")
+    if config.window_size is not None or not config.full_last_layer:
+        raise ValueError(f"window_size={config.window_size!r} / full_last_layer="
+                         f"{config.full_last_layer!r} have no equivalent in the authors' code: "
+                         "only the defaults (None / true) can be exported")
     model_types = {v: k for k, v in MODEL_TYPES.items()}
     loss_types = {v: k for k, v in LOSS_TYPES.items()}
     return {

@@ -20,24 +20,32 @@ from pathlib import Path
 from typing import Any
 
 from loopedlm.experiments.report.figures import figure_xy, finish_figure, pyplot
-from loopedlm.experiments.report.runs import collapsed, setting
+from loopedlm.experiments.report.runs import collapsed, setting, varying_keys
 from loopedlm.experiments.report.tables import mean_std
 
 PREFIX = "synthetic/hops="
 TARGET_HOPS, TARGET_GAIN = 8, 0.40  # issue 28: 8-hop accuracy at N=8 >= N=2 + 40 points
 
 
-def _group_name(run: dict[str, Any]) -> str:
+NAMED = ("model.loop_mode", "model.n_loops", "loop_sampling")  # always in a group's name
+
+
+def _group_name(run: dict[str, Any], other_keys: list[str]) -> str:
+    """"flt N=8", "+ (uniform:1,8)" for a variable N, then any other setting the sweep
+    varies that this run sets (e.g. ", full_last_layer=True")."""
     sampling = setting(run, "loop_sampling", "fixed")
     name = f"{setting(run, 'model.loop_mode')} N={setting(run, 'model.n_loops')}"
-    return name + ("" if sampling == "fixed" else f" ({sampling})")
+    name += "" if sampling == "fixed" else f" ({sampling})"
+    return name + "".join(f", {k.rpartition('.')[2]}={run['settings'][k]}"
+                          for k in other_keys if k in run["settings"])
 
 
 def _groups(runs) -> dict[str, list[dict[str, Any]]]:
+    other_keys = [k for k in varying_keys(runs) if k not in NAMED]
     groups: dict[str, list] = defaultdict(list)
     for run in runs:
         if (run["eval"] or {}).get("curve"):
-            groups[_group_name(run)].append(run)
+            groups[_group_name(run, other_keys)].append(run)
     return dict(groups)
 
 

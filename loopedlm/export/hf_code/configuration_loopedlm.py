@@ -43,7 +43,8 @@ class LoopedLMConfig(transformers.PretrainedConfig):
 
     def __init__(self, vocab_size=151669, sequence_len=1024, depth=6, d_model=None, n_head=None,
                  n_kv_head=None, loop_mode="flt", n_loops=3, loss_loops="last", attn_type="full",
-                 kv_rank=128, window_pattern="L", residual_scale="none", residual_lambda=1.0,
+                 kv_rank=128, window_pattern="L", window_size=None, full_last_layer=True,
+                 residual_scale="none", residual_lambda=1.0,
                  pad_vocab_to=64, rope_base=10000.0, softcap=15.0, backbone="nanochat",
                  mlp_hidden=None, norm_eps=None, tie_embeddings=False, qk_bias=False,
                  n_prelude=0, n_coda=0, state_init="zeros", use_cache=True,
@@ -61,6 +62,10 @@ class LoopedLMConfig(transformers.PretrainedConfig):
         self.attn_type = attn_type
         self.kv_rank = kv_rank
         self.window_pattern = window_pattern
+        # loopedlm exports only these defaults ('S' layers see sequence_len // 4 keys, the
+        # last layer is full: window_sizes in modeling_loopedlm.py); kept for the record
+        self.window_size = window_size
+        self.full_last_layer = full_last_layer
         self.residual_scale = residual_scale
         self.residual_lambda = residual_lambda
         self.pad_vocab_to = pad_vocab_to
