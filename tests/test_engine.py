@@ -653,6 +653,10 @@ def test_warming_is_off_when_asked_warm_already_or_under_way(compile_home, monke
     lock.touch()  # another process is warming it
     assert not warm.start_warming(spec)
     lock.unlink()
+    other = warm.markers_dir() / "another-spec.lock"
+    other.touch()  # one warming process at a time
+    assert not warm.start_warming(spec)
+    other.unlink()
     warm.record(spec)
     assert not warm.start_warming(spec)
 

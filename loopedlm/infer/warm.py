@@ -137,14 +137,19 @@ def warming_enabled() -> bool:
 
 def start_warming(spec: WarmSpec) -> bool:
     """Start a low-priority process that compiles `spec` into the on-disk caches, unless
-    warming is off (LOOPEDLM_COMPILE_WARMUP=0), the spec is warm already or another process
-    is warming it. Whether one was started. Never raises: decoding goes on either way."""
+    warming is off (LOOPEDLM_COMPILE_WARMUP=0), the spec is warm already or a process is
+    warming it or another spec. Whether one was started. Never raises: decoding goes on."""
     if not warming_enabled() or warm_seconds(spec) is not None:
         return False
     folder = markers_dir()
     lock = folder / f"{spec.signature()}.lock"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # one warming process at a time on a machine (a server has many step variants): the
+        # engine asks again every AUTO_COMPILE_AFTER steps, so the next one starts later
+        if any(time.time() - other.stat().st_mtime < STALE_LOCK_SECONDS
+               for other in folder.glob("*.lock") if other != lock):
+            return False
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
