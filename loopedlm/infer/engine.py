@@ -1123,12 +1123,8 @@ class DecodeEngine:
             timed[1] += 1
 
     def _compile_in_background(self, variant: StepKey, args: tuple) -> None:
-        model, _, state, cache, key_slots, fused, loop_fn = args
-        start = time.perf_counter()
         try:
-            state, cache = stand_ins((state, cache))
-            with torch.no_grad(), dynamic_compile_config():
-                self._compiled_step(model, variant, state, cache, key_slots, fused, loop_fn)
+            seconds = self._compile_on_stand_ins(variant, args)
         except Exception:  # the eager step stays: correct, only slower
             log.warning("decode engine: compiling the step %s failed; it stays eager", variant,
                         exc_info=True)
@@ -1136,12 +1132,22 @@ class DecodeEngine:
             return
         finally:
             self._compiling.discard(variant)
-        seconds = time.perf_counter() - start
         log.info("decode engine: step %s compiled in %.1fs", variant, seconds)
         if self.compiles == "auto":  # it was warm on disk: what a warm compile takes here
             with contextlib.suppress(OSError, TypeError, ValueError):
                 record(self.warm_spec(variant), seconds)
+
+    def _compile_on_stand_ins(self, variant: StepKey, args: tuple) -> float:
+        """Compile the step variant `variant` for the step's arguments `args`, run on
+        stand-ins of its state and cache (`stand_ins`: the real ones are never touched);
+        marks it compiled and returns the seconds."""
+        model, _, state, cache, key_slots, fused, loop_fn = args
+        start = time.perf_counter()
+        state, cache = stand_ins((state, cache))
+        with torch.no_grad(), dynamic_compile_config():
+            self._compiled_step(model, variant, state, cache, key_slots, fused, loop_fn)
         self._compiled[variant] = True
+        return time.perf_counter() - start
 
     def warm_spec(self, variant: StepKey) -> WarmSpec:
         """What a separate process needs to compile `variant` of this engine's step."""
@@ -1189,14 +1195,9 @@ class DecodeEngine:
             raise ValueError(f"compile={self.compile!r}: compile_variant needs 'background' "
                              f"(or 'auto' on a CPU)")
         variant = replace(variant, kv_len=0)
-        start = time.perf_counter()
-        state, cache = stand_ins((self.state, self.cache))
-        with torch.no_grad(), dynamic_compile_config():
-            self._compiled_step(self.model, variant, state, cache,
-                                self._key_slots(min(kv_len, self.max_len)), self.fused,
-                                self.loop_fn)
-        self._compiled[variant] = True
-        return time.perf_counter() - start
+        return self._compile_on_stand_ins(variant, (
+            self.model, variant, self.state, self.cache,
+            self._key_slots(min(kv_len, self.max_len)), self.fused, self.loop_fn))
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Wait until the step variants being compiled on worker threads are (compile="background"
