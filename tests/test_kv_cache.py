@@ -153,3 +153,37 @@ def test_the_cache_rejects_what_does_not_fit():
         engine.prefill(0, [5, 6, 7])
     with pytest.raises(ValueError, match="cache_slots=0"):
         DecodeEngine(model, max_batch=1, max_loops=3, cache_slots=0)
+
+
+@pytest.mark.parametrize("slots,share_first", [(None, True), (3, False), (2, True)])
+def test_filling_skipped_loops_copies_the_last_loops_entry_to_every_later_loop(slots,
+                                                                               share_first):
+    """`fill_skipped_loops` (one write per layer) gives every loop after the last computed
+    one, through its own cache slot, the last loop's keys and values at the rows' positions,
+    and touches nothing else: the same as copying loop after loop, entry after entry."""
+    from loopedlm.infer.cache import StaticKVCache, loop_slot_map
+
+    config = make_model("flt", "mha").config
+    n_loops, gen = 6, torch.Generator().manual_seed(0)
+    cache = StaticKVCache(config, 4, 8, loop_slot_map(n_loops, slots), dtype=torch.float32,
+                          device="cpu", share_first_layer=share_first)
+    for k, v in cache.stores:
+        k.copy_(torch.randn(k.shape, generator=gen))
+        v.copy_(torch.randn(v.shape, generator=gen))
+    expected = [[t.clone() for t in kv] for kv in cache.stores]
+    rows, pos, last = torch.tensor([0, 2]), torch.tensor([5, 1]), 1
+    for k_store, v_store in expected:  # the copy, loop after loop
+        if k_store.size(0) == 1:
+            continue
+        source = cache.slot_of_loop[last]
+        for loop in range(last + 1, n_loops):
+            slot = cache.slot_of_loop[loop]
+            if slot != source:
+                for store in (k_store, v_store):
+                    store[slot, rows, :, pos] = store[source, rows, :, pos]
+    cache.fill_skipped_loops(last, rows, pos)
+    for got, want in zip(cache.stores, expected, strict=True):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # the entries are views of the stores: what a pass reads is what was filled
+    k_last, _ = cache.entry(n_loops - 1, 1)
+    assert torch.equal(k_last[rows, :, pos], cache.entry(last, 1)[0][rows, :, pos])

@@ -62,13 +62,18 @@ class StaticKVCache:
         self.max_batch, self.max_len = max_batch, max_len
         n_slots = max(slot_of_loop) + 1
         shape = (max_batch, config.n_kv_head, max_len, config.head_dim)
-
-        def entries(count: int) -> list[Entry]:
-            return [(torch.zeros(shape, dtype=dtype, device=device),
-                     torch.zeros(shape, dtype=dtype, device=device)) for _ in range(count)]
-        self.entries = [entries(1) * n_slots if layer == 0 and share_first_layer
-                        else entries(n_slots) for layer in range(config.depth)]
-        self.entries += [entries(1) * n_slots for _ in range(config.n_layers - config.depth)]
+        # per layer, the keys and the values of all its entries in one tensor (entry, *shape),
+        # so that filling an adaptive row's skipped loops is one write per layer
+        counts = [1 if layer == 0 and share_first_layer else n_slots
+                  for layer in range(config.depth)]
+        counts += [1] * (config.n_layers - config.depth)
+        self.stores = [(torch.zeros((count, *shape), dtype=dtype, device=device),
+                        torch.zeros((count, *shape), dtype=dtype, device=device))
+                       for count in counts]
+        # entries[layer][slot]: views of the stores (a single entry: every slot's view)
+        self.entries = [[(k[min(slot, k.size(0) - 1)], v[min(slot, k.size(0) - 1)])
+                         for slot in range(n_slots)] for k, v in self.stores]
+        self._fill_slots: dict[int, torch.Tensor | None] = {}
 
     def entry(self, loop: int, layer: int) -> Entry:
         """The (keys, values) tensors that loop `loop` (0-based) of `layer` uses."""
@@ -87,8 +92,7 @@ class StaticKVCache:
         return not (layer == 0 and self.share_first_layer and loop > 0)
 
     def nbytes(self) -> int:
-        unique = {id(t): t for layer in self.entries for kv in layer for t in kv}
-        return sum(t.numel() * t.element_size() for t in unique.values())
+        return sum(t.numel() * t.element_size() for kv in self.stores for t in kv)
 
     def bytes_per_token(self) -> int:
         """Cache bytes per (sequence, position)."""
@@ -97,14 +101,29 @@ class StaticKVCache:
     def fill_skipped_loops(self, last_loop: int, rows: torch.Tensor, pos: torch.Tensor) -> None:
         """Give the loops after `last_loop` the keys/values `last_loop` wrote at `pos` for
         `rows`: the loops an adaptive row skipped (`AdaptiveLoops`: a converged state means
-        the next loop would write nearly the same keys, and copying them costs nothing)."""
-        for layer in range(len(self.entries)):
-            src_k, src_v = self.entry(last_loop, layer)
-            for loop in range(last_loop + 1, len(self.slot_of_loop)):
-                dst_k, dst_v = self.entry(loop, layer)
-                if dst_k is not src_k:
-                    dst_k[rows, :, pos] = src_k[rows, :, pos]
-                    dst_v[rows, :, pos] = src_v[rows, :, pos]
+        the next loop would write nearly the same keys, and copying them costs nothing).
+        One write per layer for keys and one for values: every skipped loop's entry at once
+        (a layer with a single entry has nothing to fill)."""
+        targets = self._skipped_slots(last_loop)
+        if targets is None:
+            return
+        source = self.slot_of_loop[last_loop]
+        at = (targets[:, None], rows[None, :], slice(None), pos[None, :])
+        for k, v in self.stores:
+            if k.size(0) > 1:
+                k[at] = k[source, rows, :, pos]
+                v[at] = v[source, rows, :, pos]
+
+    def _skipped_slots(self, last_loop: int) -> torch.Tensor | None:
+        """The cache slots of the loops after `last_loop`, other than its own (None: none)."""
+        if last_loop not in self._fill_slots:
+            source = self.slot_of_loop[last_loop]
+            slots = sorted({self.slot_of_loop[t] for t in range(last_loop + 1,
+                                                                len(self.slot_of_loop))}
+                           - {source})
+            device = self.stores[0][0].device
+            self._fill_slots[last_loop] = torch.tensor(slots, device=device) if slots else None
+        return self._fill_slots[last_loop]
 
 
 class ChunkWrites:
