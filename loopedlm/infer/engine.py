@@ -1330,8 +1330,14 @@ class DecodeEngine:
         state, rows = self.state, slice(0, batch)
         live = state.active[rows] & ~state.finished[rows]
         logits, loops = self._adaptive_logits(state.tokens[rows], batch)
-        logprobs = any(info.params.logprobs is not None for info in state.infos.values())
-        sampled = state.pop_pending(rows, sample_rows(logits, *state.sampling(rows)), logprobs)
+        params = [info.params for info in state.infos.values()]
+        logprobs = any(p.logprobs is not None for p in params)
+        if all(p.greedy for p in params):  # as a fixed step: no noise, no sort
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = sample_rows(logits, *state.sampling(rows),
+                                  filtered=any(p.filtered for p in params))
+        sampled = state.pop_pending(rows, sampled, logprobs)
         state.record(rows, sampled, live, loops, logits=logits if logprobs else None,
                      speculative=True)
 
