@@ -73,6 +73,7 @@ from loopedlm.infer import (
 )
 from loopedlm.infer.generate import decode_nll, generate
 from loopedlm.infer.scheduler import Scheduler, Sequence
+from loopedlm.infer.warm import markers_dir
 
 GREEDY = SamplingParams(temperature=0)
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -184,12 +185,16 @@ class _Bytes:
 @torch.no_grad()
 def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, clients: int,
                requests: int, max_tokens: int, compile_mode="auto") -> tuple[float, float]:
-    """(generated tokens/s, mean loops per token) of `clients` clients, each sending
-    `requests` requests in a row (prompts: rows of `prompts`), through the server's
-    scheduler over one engine of `clients` slots (`compile_mode`: the engine's compile;
-    "loop" is warmed up first by one untimed round, so that its compiles are not timed)."""
+    """(generated tokens/s, mean loops per token, compiled step variants) of `clients`
+    clients, each sending `requests` requests in a row (prompts: rows of `prompts`), through
+    the server's scheduler over one engine of `clients` slots, long-lived as `loopedlm
+    serve`'s (`compile_mode`: the engine's compile). A compiling engine is warmed up first by
+    untimed rounds, so that its compiles are not timed: "loop" one round; "auto" one round,
+    then (once the warming process it may have started is done) more, until the step
+    variants now warm on disk are compiled (at most 4)."""
     engine = DecodeEngine(model, max_batch=clients, max_loops=params.n_loops,
-                          max_len=prompts.size(1) + max_tokens + 2, compile=compile_mode)
+                          max_len=prompts.size(1) + max_tokens + 2, compile=compile_mode,
+                          long_lived=True)
     scheduler = Scheduler(engine, _Bytes(), max_queue=clients)
     finished, tokens, loops = threading.Semaphore(0), [0], [0]
 
@@ -207,15 +212,24 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
             tokens[0] += len(seq.tokens)
             loops[0] += sum(seq.loops)
         finished.release()
+    def warm_up() -> None:
+        warmup = [threading.Thread(target=client, args=(i, 1)) for i in range(clients)]
+        for thread in warmup:
+            thread.start()
+        for thread in warmup:
+            thread.join()
+        tokens[0] = loops[0] = 0
+
     scheduler.start()
     try:
-        if compile_mode == "loop":
-            warmup = [threading.Thread(target=client, args=(i, 1)) for i in range(clients)]
-            for thread in warmup:
-                thread.start()
-            for thread in warmup:
-                thread.join()
-            tokens[0] = loops[0] = 0
+        if compile_mode in ("loop", "auto"):
+            warm_up()
+        if compile_mode == "auto":  # the variants warm on disk compile at a later check
+            for _ in range(4):
+                wait_warmed(markers_dir())
+                warm_up()
+                if engine.compiled_steps:
+                    break
         start = clock()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for thread in threads:
@@ -225,7 +239,7 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
         seconds = clock() - start
     finally:
         scheduler.close()
-    return tokens[0] / seconds, loops[0] / tokens[0]
+    return tokens[0] / seconds, loops[0] / tokens[0], engine.compiled_steps
 
 
 @torch.no_grad()
@@ -252,13 +266,13 @@ def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
           f"{mean:.2f} loops, target ~{args.adaptive_mean:g})")
     prompts = held_out[:clients * args.requests, :args.prompt]
     for mode in args.server_compile:
-        plain, _ = serve_rate(model, prompts, SequenceParams(n_loops=n_loops, sampling=GREEDY),
-                              clients, args.requests, args.server_tokens, mode)
-        adaptive, loops = serve_rate(model, prompts, SequenceParams(
+        plain, _, compiled = serve_rate(model, prompts, SequenceParams(
+            n_loops=n_loops, sampling=GREEDY), clients, args.requests, args.server_tokens, mode)
+        adaptive, loops, _ = serve_rate(model, prompts, SequenceParams(
             n_loops=n_loops, sampling=GREEDY, adaptive=AdaptiveLoops(chosen, "state")),
             clients, args.requests, args.server_tokens, mode)
         print(f"compile={mode!r:<8} {'all at N=12':<18} {plain:>9.1f} tok/s  loops/token "
-              f"{n_loops:.2f}")
+              f"{n_loops:.2f}  ({compiled} step variant(s) compiled)")
         print(f"compile={mode!r:<8} {'adaptive':<18} {adaptive:>9.1f} tok/s  loops/token "
               f"{loops:.2f}  ({adaptive / plain:.2f}x; target >= 2.5x)", flush=True)
 
@@ -387,12 +401,11 @@ def warm_rounds(args, home: str, n_loops: int, long_lived: bool, tokens: int, ro
             if line.startswith("ROUND")]
 
 
-def wait_warmed(home: str, timeout: float = 900) -> float:
-    """Seconds until no warming process holds a lock under `home` (at most `timeout`)."""
+def wait_warmed(folder: Path, timeout: float = 900) -> float:
+    """Seconds until no warming process holds a lock in the markers' `folder` (at most
+    `timeout`)."""
     start = time.perf_counter()
-    folder = Path(home) / "torch_compile" / "loopedlm_warm"
-    while time.perf_counter() - start < timeout and (
-            not folder.is_dir() or any(folder.glob("*.lock"))):
+    while time.perf_counter() - start < timeout and any(folder.glob("*.lock")):
         time.sleep(1)
     return time.perf_counter() - start
 
@@ -407,7 +420,7 @@ def warm_section(args) -> None:
     for n_loops in (1, 12):
         with tempfile.TemporaryDirectory() as home:
             first = warm_rounds(args, home, n_loops, False, args.target_tokens, 1)
-            waited = wait_warmed(home)
+            waited = wait_warmed(Path(home) / "torch_compile" / "loopedlm_warm")
             markers = list((Path(home) / "torch_compile" / "loopedlm_warm").glob("*.json"))
             print(f"N={n_loops:<3} run 1, generate(): {first[0][0]:.1f} tok/s (eager); the "
                   f"warming process ended {waited:.0f} s later, {len(markers)} step variant(s) "
