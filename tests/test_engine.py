@@ -820,3 +820,83 @@ def test_a_decode_loop_adds_only_the_layers_kernels_and_no_mask_work():
     assert {name: n for name, n in extra.items() if name in mask_ops and n} == {}
     per_layer = sum(extra.values()) / (4 * model.config.depth)
     assert per_layer <= 34, extra
+
+
+# ---- several prompts prefilled together (add_many) -----------------------------------------
+def _steps_after(engine: DecodeEngine, n_steps: int) -> list[list[int]]:
+    out = [engine.output().tokens.tolist()]
+    return out + [engine.step().tokens.tolist() for _ in range(n_steps)]
+
+
+@pytest.mark.parametrize("mode,variant", [("flt", "mha"), ("lt", "gqa"), ("ltai", "swa"),
+                                          ("flt_res", "mla")])
+def test_add_many_prefills_prompts_together_as_adding_them_one_by_one(mode, variant):
+    """Prompts of different lengths (right-padded in one pass per loop count) give the
+    tokens, and the cache entries of every real position, that adding them one by one
+    gives; the prompts that share a loop count run their loops once, together."""
+    model = make_model(mode, variant, std=0.3)
+    requests = [(0, prompt(1, 5), SequenceParams(n_loops=3, sampling=GREEDY)),
+                (1, prompt(2, 9), SequenceParams(n_loops=3, sampling=SamplingParams(
+                    temperature=0.9, seed=4))),
+                (2, prompt(3, 3), SequenceParams(n_loops=2, sampling=GREEDY)),
+                (3, prompt(4, 7), SequenceParams(n_loops=3, sampling=GREEDY,
+                                                 max_new_tokens=4))]
+    one_by_one = DecodeEngine(model, max_batch=4, max_loops=3, max_len=16, compile=False)
+    together = DecodeEngine(model, max_batch=4, max_loops=3, max_len=16, compile=False)
+    for slot, ids, params in requests:
+        one_by_one.add(slot, ids, params)
+    loops = []
+    original = type(model).loop
+
+    def counted(self, *args, **kwargs):
+        loops.append(args[0].embedded.size(0))  # rows of the pass
+        return original(self, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "loop", counted)
+        assert together.add_many(requests) == [None] * 4
+    assert loops == [3] * 3 + [1] * 2  # the three 3-loop prompts together, then the other
+    assert _steps_after(together, 6) == _steps_after(one_by_one, 6)
+    for (k1, v1), (k2, v2) in zip(one_by_one.cache.stores, together.cache.stores, strict=True):
+        for slot, ids, _ in requests:
+            real = slice(0, len(ids) + 6)
+            torch.testing.assert_close(k2[:, slot, :, real], k1[:, slot, :, real], atol=1e-5,
+                                       rtol=0)
+            torch.testing.assert_close(v2[:, slot, :, real], v1[:, slot, :, real], atol=1e-5,
+                                       rtol=0)
+
+
+def test_add_many_refuses_a_bad_request_alone_and_a_failed_pass_frees_every_slot():
+    """Each bad request gets its own clear error and leaves its slot free while the others
+    start; a pass that raises leaves every slot of the call free (nothing half-added)."""
+    model = make_model()
+    engine = DecodeEngine(model, max_batch=4, max_loops=3, max_len=8, compile=False)
+    engine.add(3, prompt(0, 2), SequenceParams(n_loops=2))
+    good = SequenceParams(n_loops=2, sampling=GREEDY)
+    errors = engine.add_many([
+        (0, prompt(1, 4), good),
+        (9, prompt(2, 4), good),  # no such slot
+        (3, prompt(3, 4), good),  # in use
+        (1, prompt(4, 9), good),  # longer than max_len=8
+        (0, prompt(5, 4), good),  # slot 0 again in this call
+        (2, [1, 2, 10**6], good),  # not a token id
+        (1, prompt(6, 4), SequenceParams(n_loops=4)),  # over max_loops=3
+        (2, prompt(7, 3), good),
+    ])
+    assert errors[0] is None and errors[7] is None
+    for i, words in [(1, ["slot 9", "[0, 4)"]), (2, ["slot 3", "in use"]),
+                     (3, ["9 tokens", "max_len=8"]), (4, ["slot 0", "in use"]),
+                     (5, ["token id 1000000"]), (6, ["n_loops=4", "max_loops"])]:
+        assert isinstance(errors[i], ValueError), i
+        assert all(w in str(errors[i]) for w in words), (i, errors[i])
+    assert engine.active_slots == [0, 2, 3]
+    for slot in (0, 2):
+        engine.release(slot)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "_prompts_logits", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.add_many([(0, prompt(1, 4), good), (1, prompt(2, 4), good),
+                             (2, prompt(3, 3), SequenceParams(n_loops=3))])
+    assert engine.active_slots == [3]

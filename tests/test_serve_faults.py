@@ -57,6 +57,12 @@ class FaultyEngine(SlowEngine):
             self.poisoned.add(slot)
         return first
 
+    def add_many(self, requests):
+        errors = super().add_many(requests)
+        self.poisoned |= {slot for (slot, ids, _), error in zip(requests, errors, strict=True)
+                          if error is None and POISON in list(ids)}
+        return errors
+
     def release(self, slot):
         self.poisoned.discard(slot)
         super().release(slot)
@@ -109,6 +115,45 @@ def test_a_step_failing_on_a_joining_request_fails_only_that_request(model_and_t
         again = post(url, GREEDY)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == expected.texts[0]
         assert engine.active_slots == []  # every slot was given back
+
+
+class RefusingEngine(SlowEngine):
+    """A decode engine whose `add_many` refuses a sequence whose prompt holds POISON (sent to
+    a slot that does not exist) and counts the requests of each call."""
+
+    def __init__(self, model, delay: float = 0.0, **options):
+        super().__init__(model, delay, **options)
+        self.calls: list[int] = []
+
+    def add_many(self, requests):
+        self.calls.append(len(requests))
+        return super().add_many([(self.max_batch if POISON in list(ids) else slot, ids, params)
+                                 for slot, ids, params in requests])
+
+
+def test_requests_admitted_together_are_prefilled_together_and_a_refused_one_ends_alone(
+        model_and_tokenizer):
+    """Requests that wait while a step runs are admitted together and prefilled in one
+    `add_many`; one the engine refuses gets a 500 while the others get their exact text."""
+    _, tokenizer = model_and_tokenizer
+    expected = reference(model_and_tokenizer, "To be", n_loops=2, max_tokens=12, temperature=0)
+    server, engine = start(model_and_tokenizer, engine_class=RefusingEngine)
+    engine.gate.clear()
+    with server as url, ThreadPoolExecutor(4) as pool:
+        first = pool.submit(post, url, GREEDY)
+        wait_until(lambda: httpx.get(f"{url}/health").json()["batch_size"] == 1)
+        later = [pool.submit(post, url, GREEDY),
+                 pool.submit(post, url, {"prompt": [tokenizer.bos_id, POISON, 3],
+                                         "max_tokens": 4}),
+                 pool.submit(post, url, GREEDY)]
+        wait_until(lambda: httpx.get(f"{url}/health").json()["queue_length"] == 3)
+        engine.gate.set()
+        assert later[1].result().status_code == 500
+        for response in (first.result(), later[0].result(), later[2].result()):
+            assert response.status_code == 200
+            assert response.json()["choices"][0]["text"] == expected.texts[0]
+    assert engine.calls == [3]
+    assert engine.active_slots == []
 
 
 def test_health_is_503_while_the_engine_cannot_generate_and_ok_once_it_can(

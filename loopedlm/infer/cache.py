@@ -7,8 +7,9 @@ token reads every earlier token's keys of that same loop (the authors' code cach
 loop only, which makes earlier loops see a single token while decoding).
 
 Attention writes through the `CacheWriter` protocol (`loopedlm.model.attention`): the
-plan of a pass carries a `ChunkWrites` (a prefill: a chunk of tokens of one slot) or a
-`StepWrites` (one loop of a decode step: one token per row, at each row's own position).
+plan of a pass carries a `ChunkWrites` (a prefill: a chunk of tokens of one slot), a
+`PromptWrites` (the prompts of several new sequences at once) or a `StepWrites` (one loop
+of a decode step: one token per row, at each row's own position).
 """
 
 from __future__ import annotations
@@ -142,6 +143,25 @@ class ChunkWrites:
         return k_all[row, :, : self.end], v_all[row, :, : self.end]
 
 
+class PromptWrites:
+    """A `CacheWriter` for the prompts of several new sequences prefilled together: row r of
+    the pass is slot `slots[r]`, its tokens at positions 0 .. width-1, right-padded to the
+    longest prompt. Each row attends over its own keys from position 0, which are exactly
+    the ones this pass computes, so they are returned as they are (no read back). A padding
+    position's keys lie past its row's end: the row's next token overwrites them before any
+    query reads them (a step writes its position, then attends)."""
+
+    def __init__(self, cache: StaticKVCache, slots: torch.Tensor, width: int):
+        self.cache, self.slots, self.width = cache, slots, width
+
+    def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> Entry:
+        if self.cache.writes(loop, layer):
+            k_all, v_all = self.cache.entry(loop, layer)
+            k_all[self.slots, :, : self.width] = k
+            v_all[self.slots, :, : self.width] = v
+        return k, v
+
+
 class StepWrites:
     """A `CacheWriter` for one loop of a decode pass: T new tokens per row (T = 1 in a decode
     step; the drafted tokens and the one before them in a verify pass of speculative
@@ -187,4 +207,4 @@ class StepWrites:
         return k_all, v_all
 
 
-__all__ = ["StaticKVCache", "ChunkWrites", "StepWrites", "loop_slot_map", "SLOT_POLICIES"]
+__all__ = ["StaticKVCache", "ChunkWrites", "PromptWrites", "StepWrites", "loop_slot_map", "SLOT_POLICIES"]

@@ -52,7 +52,14 @@ import torch.nn.functional as F
 
 from loopedlm.common.paths import use_compile_cache
 from loopedlm.common.validation import is_int
-from loopedlm.infer.cache import ChunkWrites, Entry, StaticKVCache, StepWrites, loop_slot_map
+from loopedlm.infer.cache import (
+    ChunkWrites,
+    Entry,
+    PromptWrites,
+    StaticKVCache,
+    StepWrites,
+    loop_slot_map,
+)
 from loopedlm.infer.exits import (
     EXIT_CRITERIA,
     LoopSignals,
@@ -842,16 +849,73 @@ class DecodeEngine:
         # everything is checked above; a failure from here on frees the slot again, so one
         # bad sequence never leaves the engine holding a slot nobody owns
         try:
-            logits = self.prefill(slot, ids, params)[-1:]
-            rows = slice(slot, slot + 1)
-            first = sample_rows(logits, *self.state.sampling(rows))
-            self.state.record(rows, first, self.state.active[rows].clone(),
-                              self.state.n_loops[rows].clone(), advance=False,
-                              logits=None if params.logprobs is None else logits)
+            first = self._first_token(slot, self.prefill(slot, ids, params)[-1:], params)
         except BaseException:
             self.release(slot)
             raise
         return first[0]
+
+    def _first_token(self, slot: int, logits: torch.Tensor, params: SequenceParams
+                     ) -> torch.Tensor:
+        """Sample and record the first token (1,) of the sequence just opened in `slot` from
+        its prompt's last logits (1, vocab_size)."""
+        rows = slice(slot, slot + 1)
+        first = sample_rows(logits, *self.state.sampling(rows))
+        self.state.record(rows, first, self.state.active[rows].clone(),
+                          self.state.n_loops[rows].clone(), advance=False,
+                          logits=None if params.logprobs is None else logits)
+        return first
+
+    @torch.no_grad()
+    def add_many(self, requests: Sequence[tuple[int, Sequence[int] | torch.Tensor,
+                                                SequenceParams | None]]
+                 ) -> list[ValueError | None]:
+        """Start several sequences, as `add` does each (slot, prompt ids, params), with their
+        prompts prefilled together: one pass per loop count among them, the prompts
+        right-padded to the longest (`PromptWrites`), so a server admitting many requests
+        runs one prefill, not one each. The first tokens are in `output()`.
+
+        Returns, per request, None (started) or the ValueError that refused it (a bad slot
+        or prompt, or parameters `add` would refuse): it fails alone and its slot stays
+        free. An error of a pass itself is raised, with every slot of the call free again.
+        A model with coda layers (Huginn) prefills one prompt at a time (its read-out
+        attends over the whole prompt)."""
+        errors: list[ValueError | None] = [None] * len(requests)
+        groups: dict[int, list[tuple[int, torch.Tensor, SequenceParams]]] = {}
+        taken: set[int] = set()
+        for i, (slot, ids, params) in enumerate(requests):
+            try:
+                self._check_slot(slot)
+                if slot in self.state.infos or slot in taken:
+                    raise ValueError(f"slot {slot} is in use: release it first")
+                params = self._resolve(params)
+                idx = self._prompt(slot, ids)
+                self._check_room(0, idx.size(1))
+            except ValueError as error:
+                errors[i] = error
+                continue
+            taken.add(slot)
+            groups.setdefault(params.n_loops, []).append((slot, idx, params))
+        together = not len(getattr(self.model.transformer, "coda", ()))
+        started: list[int] = []
+        try:
+            for n_loops, group in groups.items():
+                if len(group) == 1 or not together:
+                    for slot, idx, params in group:
+                        started.append(slot)
+                        self.add(slot, idx, params)
+                    continue
+                logits = self._prompts_logits([slot for slot, _, _ in group],
+                                              [idx for _, idx, _ in group], n_loops)
+                for (slot, idx, params), row in zip(group, logits, strict=True):
+                    started.append(slot)
+                    self._open(slot, params, idx.size(1))
+                    self._first_token(slot, row[None], params)
+        except BaseException:
+            for slot in started:
+                self.release(slot)
+            raise
+        return errors
 
     def release(self, slot: int) -> None:
         """Free `slot` (its cache contents are simply overwritten by the next sequence)."""
@@ -922,22 +986,32 @@ class DecodeEngine:
         idx = self._prompt(slot, ids)
         start = 0 if info is None else info.length
         end = start + idx.size(1)
+        self._check_room(start, end)
+        n_loops = (params if info is None else info.params).n_loops
+        self._sync_weights()
+        logits = self._chunk_logits(slot, idx, start, n_loops)
+        if info is None:
+            self._open(slot, params, end)
+        else:
+            info.length = end
+            self.state.pos[slot] = end
+        return logits
+
+    def _check_room(self, start: int, end: int) -> None:
+        """A prompt that would fill a slot's positions start .. end-1 must fit the context."""
         if end > self.max_len:
             limit = self.max_len if self.max_len < self.config.sequence_len else None
             raise ValueError(f"prompt of {end} tokens{f' ({start} cached)' if start else ''} is "
                              f"longer than the context (" + (f"the engine's max_len={limit}"
                              if limit else f"sequence_len={self.config.sequence_len}") + ")")
-        n_loops = (params if info is None else info.params).n_loops
-        self._sync_weights()
-        logits = self._chunk_logits(slot, idx, start, n_loops)
-        if info is None:
-            if self.state.open(slot, params):
-                self._steps.clear()
-            info = self.state.infos[slot]
-            info.start = end
-        info.length = end
-        self.state.pos[slot] = end
-        return logits
+
+    def _open(self, slot: int, params: SequenceParams, length: int) -> None:
+        """Open `slot` for a sequence whose prompt of `length` tokens is in the cache."""
+        if self.state.open(slot, params):
+            self._steps.clear()
+        info = self.state.infos[slot]
+        info.start = info.length = length
+        self.state.pos[slot] = length
 
     # ---- the decode step ----------------------------------------------------------------------
     def _variants_allowed(self) -> Any:
@@ -1233,6 +1307,28 @@ class DecodeEngine:
         for loop in range(n_loops):
             previous = model.loop_state(model.loop(inputs, previous, loop))
         return model.logits(previous, inputs.plan)[0]
+
+    def _prompts_logits(self, slots: list[int], prompts: list[torch.Tensor], n_loops: int
+                        ) -> torch.Tensor:
+        """The last logits (R, vocab_size) of the prompts (1, T_r) of new sequences in
+        `slots`, prefilled together from position 0 (`PromptWrites`): right-padded to the
+        longest, which takes the causal path of a full forward; only the last real
+        position of each row is read out."""
+        model, width = self.model, max(p.size(1) for p in prompts)
+        self._sync_weights()
+        idx = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            idx[row, : prompt.size(1)] = prompt[0]
+        writes = PromptWrites(self.cache, torch.tensor(slots, device=self.device), width)
+        plan = self._plan(torch.arange(width, device=self.device)[None], width,
+                          from_start=True, cache=writes)
+        inputs = model.prepare(idx, plan=plan)
+        previous = None
+        for loop in range(n_loops):
+            previous = model.loop_state(model.loop(inputs, previous, loop))
+        last = torch.tensor([p.size(1) - 1 for p in prompts], device=self.device)
+        return model.logits(previous[torch.arange(len(prompts), device=self.device), last][:, None],
+                            inputs.plan)[:, 0]
 
     def _step_logits(self, tokens: torch.Tensor, key: StepKey) -> torch.Tensor:
         """`step_logits` of `tokens` (batch,) fed at the rows' positions."""

@@ -54,6 +54,13 @@ class SlotEngine(Protocol):
         """Start a sequence in a free `slot`: prefill its prompt, sample its first token."""
         ...
 
+    def add_many(self, requests: list[tuple[int, list[int], SequenceParams]]
+                 ) -> list[Exception | None]:
+        """`add` for several (slot, prompt ids, params) at once, their prompts prefilled
+        together. Per request: None (started) or the error that refused it (it alone);
+        an error of the whole call leaves every slot of it free."""
+        ...
+
     def step(self) -> StepOutput:
         """Feed every held sequence its last sampled token; sample one more for each. One
         that raises has moved no sequence on (it may be retried)."""
@@ -233,7 +240,7 @@ class Scheduler:
                     admitted = self._take_admissible()
                 try:
                     self._expire()
-                    joined = [slot for slot, sequence in admitted if self._start(slot, sequence)]
+                    joined = self._start_all(admitted)
                     if self.running:
                         self._step(joined)
                     elif self.engine_error is not None and time.monotonic() >= self._next_check:
@@ -278,6 +285,40 @@ class Scheduler:
         log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
         self.engine_error = f"{what}: {type(exc).__name__}: {exc}"[:300]
         self._next_check = time.monotonic()
+
+    def _start_all(self, admitted: list[tuple[int, Sequence]]) -> list[int]:
+        """Prefill the admitted sequences, together (`SlotEngine.add_many`: one pass for
+        many prompts); the slots now running. A refused sequence ends alone; a failed pass
+        ends every sequence of it."""
+        if len(admitted) < 2:
+            return [slot for slot, sequence in admitted if self._start(slot, sequence)]
+        try:
+            errors = self.engine.add_many([(slot, sequence.prompt, sequence.params)
+                                           for slot, sequence in admitted])
+            started = {slot: sequence for (slot, sequence), error
+                       in zip(admitted, errors, strict=True) if error is None}
+            tokens = loops = []
+            logprobs = {}
+            if started:
+                output = self.engine.output()
+                tokens, loops = output.host()
+                logprobs = self._logprobs(output, started)
+        except Exception as exc:
+            self._failed("a prefill", exc)
+            for slot, sequence in admitted:
+                self.engine.release(slot)  # whatever the engine did, the slot is free again
+                self._end(sequence, "error")
+            return []
+        for (_, sequence), error in zip(admitted, errors, strict=True):
+            if error is not None:
+                self._failed("a prefill", error)
+                self._end(sequence, "error")
+        for slot, sequence in started.items():
+            self.running[slot] = sequence
+            self.stats["prompt_tokens"] += len(sequence.prompt)
+            self.stats["sequences"] += 1
+            self._deliver_or_fail(slot, tokens[slot], loops[slot], logprobs.get(slot))
+        return [slot for slot in started if slot in self.running]
 
     def _start(self, slot: int, sequence: Sequence) -> bool:
         """Prefill `sequence` into `slot`; whether it is running (a failure ends it alone)."""
