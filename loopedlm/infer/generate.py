@@ -228,8 +228,12 @@ def _start(model: LoopedGPT, prompts: Any, tokenizer: Any, options: GenerationOp
         _check_engine(engine, model, len(rows), max_len, options)
         engine.reset()
     engine.speculation = SpeculationStats()  # this call's
-    for slot, ids in enumerate(rows):
-        engine.add(slot, ids, params)
+    # the prompts prefilled together (one pass); a refused one refuses the call
+    errors = engine.add_many([(slot, ids, params) for slot, ids in enumerate(rows)])
+    refused = next((error for error in errors if error is not None), None)
+    if refused is not None:
+        engine.reset()
+        raise refused
     return _Started(engine, len(rows), stop_ids, max(rooms) - 1)
 
 
