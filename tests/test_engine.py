@@ -900,3 +900,21 @@ def test_add_many_refuses_a_bad_request_alone_and_a_failed_pass_frees_every_slot
             engine.add_many([(0, prompt(1, 4), good), (1, prompt(2, 4), good),
                              (2, prompt(3, 3), SequenceParams(n_loops=3))])
     assert engine.active_slots == [3]
+
+
+def test_prefill_many_gives_each_prompts_last_logits_as_prefill_does():
+    """`prefill_many` (no token sampled) opens the slots and returns what `prefill` returns
+    last for each prompt; a refused request comes back as its error, in its place."""
+    model = make_model("flt", "gqa", std=0.3)
+    requests = [(0, prompt(1, 6), SequenceParams(n_loops=3)), (1, prompt(2, 2), None),
+                (2, [], SequenceParams(n_loops=3)), (3, prompt(3, 4), SequenceParams(n_loops=3))]
+    alone = DecodeEngine(model, max_batch=4, max_loops=3, max_len=8, compile=False)
+    expected = [alone.prefill(slot, ids, params)[-1] for slot, ids, params in requests
+                if ids]
+    together = DecodeEngine(model, max_batch=4, max_loops=3, max_len=8, compile=False)
+    got = together.prefill_many(requests)
+    assert isinstance(got[2], ValueError) and "empty" in str(got[2])
+    for logits, want in zip([got[0], got[1], got[3]], expected, strict=True):
+        torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+    assert together.active_slots == [0, 1, 3]
+    assert together.state.pos[:4].tolist() == [6, 2, 0, 4]

@@ -871,17 +871,38 @@ class DecodeEngine:
                                                 SequenceParams | None]]
                  ) -> list[ValueError | None]:
         """Start several sequences, as `add` does each (slot, prompt ids, params), with their
-        prompts prefilled together: one pass per loop count among them, the prompts
-        right-padded to the longest (`PromptWrites`), so a server admitting many requests
+        prompts prefilled together (`prefill_many`), so a server admitting many requests
         runs one prefill, not one each. The first tokens are in `output()`.
 
         Returns, per request, None (started) or the ValueError that refused it (a bad slot
         or prompt, or parameters `add` would refuse): it fails alone and its slot stays
-        free. An error of a pass itself is raised, with every slot of the call free again.
-        A model with coda layers (Huginn) prefills one prompt at a time (its read-out
-        attends over the whole prompt)."""
-        errors: list[ValueError | None] = [None] * len(requests)
-        groups: dict[int, list[tuple[int, torch.Tensor, SequenceParams]]] = {}
+        free. An error of a pass itself is raised, with every slot of the call free again."""
+        results = self.prefill_many(requests)
+        started = [slot for (slot, _, _), result in zip(requests, results, strict=True)
+                   if isinstance(result, torch.Tensor)]
+        try:
+            for slot, result in zip(started, (r for r in results
+                                              if isinstance(r, torch.Tensor)), strict=True):
+                self._first_token(slot, result[None], self.state.infos[slot].params)
+        except BaseException:
+            for slot in started:
+                self.release(slot)
+            raise
+        return [None if isinstance(r, torch.Tensor) else r for r in results]
+
+    @torch.no_grad()
+    def prefill_many(self, requests: Sequence[tuple[int, Sequence[int] | torch.Tensor,
+                                                    SequenceParams | None]]
+                     ) -> list[torch.Tensor | ValueError]:
+        """Open several free slots with their prompts (slot, prompt ids, params), prefilled
+        together: one pass per loop count among them, the prompts right-padded to the
+        longest (`PromptWrites`). Per request: its prompt's last logits (vocab_size,), or
+        the ValueError that refused it (a bad slot or prompt, parameters `prefill` would
+        refuse), which leaves its slot free. An error of a pass itself is raised, with
+        every slot of the call free again. A model with coda layers (Huginn) prefills one
+        prompt at a time (its read-out attends over the whole prompt)."""
+        results: list[torch.Tensor | ValueError | None] = [None] * len(requests)
+        groups: dict[int, list[tuple[int, int, torch.Tensor, SequenceParams]]] = {}
         taken: set[int] = set()
         for i, (slot, ids, params) in enumerate(requests):
             try:
@@ -892,30 +913,30 @@ class DecodeEngine:
                 idx = self._prompt(slot, ids)
                 self._check_room(0, idx.size(1))
             except ValueError as error:
-                errors[i] = error
+                results[i] = error
                 continue
             taken.add(slot)
-            groups.setdefault(params.n_loops, []).append((slot, idx, params))
+            groups.setdefault(params.n_loops, []).append((i, slot, idx, params))
         together = not len(getattr(self.model.transformer, "coda", ()))
-        started: list[int] = []
+        opened: list[int] = []
         try:
             for n_loops, group in groups.items():
                 if len(group) == 1 or not together:
-                    for slot, idx, params in group:
-                        started.append(slot)
-                        self.add(slot, idx, params)
+                    for i, slot, idx, params in group:
+                        opened.append(slot)
+                        results[i] = self.prefill(slot, idx, params)[-1]
                     continue
-                logits = self._prompts_logits([slot for slot, _, _ in group],
-                                              [idx for _, idx, _ in group], n_loops)
-                for (slot, idx, params), row in zip(group, logits, strict=True):
-                    started.append(slot)
+                logits = self._prompts_logits([slot for _, slot, _, _ in group],
+                                              [idx for _, _, idx, _ in group], n_loops)
+                for (i, slot, idx, params), row in zip(group, logits, strict=True):
+                    opened.append(slot)
                     self._open(slot, params, idx.size(1))
-                    self._first_token(slot, row[None], params)
+                    results[i] = row
         except BaseException:
-            for slot in started:
+            for slot in opened:
                 self.release(slot)
             raise
-        return errors
+        return [result for result in results if result is not None]  # (every one is set)
 
     def release(self, slot: int) -> None:
         """Free `slot` (its cache contents are simply overwritten by the next sequence)."""

@@ -358,8 +358,12 @@ def decode_nll(model: LoopedGPT, tokens: torch.Tensor, *, n_loops: int | None = 
                           cache_slots=cache_slots, slot_policy=slot_policy,
                           dtype=model.lm_head.weight.dtype)
     params = SequenceParams(n_loops=n_loops, adaptive=adaptive)
-    logits = torch.stack([engine.prefill(r, tokens[r, :prefill], params)[-1]
-                          for r in range(batch)])
+    # the rows' first `prefill` tokens in one pass
+    prefilled = engine.prefill_many([(r, tokens[r, :prefill], params) for r in range(batch)])
+    refused = next((p for p in prefilled if isinstance(p, ValueError)), None)
+    if refused is not None:
+        raise refused
+    logits = torch.stack(prefilled)
     spent = engine.state.n_loops[:batch].clone()  # the prefill runs every loop
     nll, loops = [], []
     for t in range(prefill, length):
