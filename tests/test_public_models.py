@@ -595,3 +595,26 @@ def test_sample_info_and_eval_take_a_bf16_folder(tmp_path, capsys, task_data_fix
     assert all(math.isfinite(v) for v in results["metrics"]["wikitext_ppl"].values())
     assert results["tasks"] and all(set(by_loops) == loops for by_loops in results["tasks"].values())
     assert "| wikitext_ppl |" in table and (out / "budget.png").exists()
+
+
+@pytest.mark.parametrize("family", list(FOLDERS))
+@torch.no_grad()
+def test_prompts_prefilled_together_equal_prompts_prefilled_one_by_one(tmp_path, family):
+    """`prefill_many` on a public model: Ouro's prompts run in one pass, Huginn's one at a
+    time (its coda's read-out attends over the whole prompt); either way each prompt's last
+    logits and the decoding after them equal prefilling the prompts one by one."""
+    folder, _, _ = FOLDERS[family](tmp_path)
+    model, _ = load_model(folder)
+    idx = tokens(model, (3, 10), seed=8)
+    lengths = [4, 7, 5]
+    params = SequenceParams(n_loops=4)
+    alone = DecodeEngine(model, max_batch=3, max_loops=4)
+    expected = [alone.prefill(r, idx[r, :n], params)[-1] for r, n in enumerate(lengths)]
+    together = DecodeEngine(model, max_batch=3, max_loops=4)
+    got = together.prefill_many([(r, idx[r, :n], params) for r, n in enumerate(lengths)])
+    for logits, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+    for t in range(2):  # each row's next token (its own position), teacher-forced
+        feed = torch.stack([idx[r, n + t] for r, n in enumerate(lengths)])
+        torch.testing.assert_close(together.decode(feed)[0], alone.decode(feed)[0], atol=ATOL,
+                                   rtol=0)

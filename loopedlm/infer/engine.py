@@ -878,17 +878,16 @@ class DecodeEngine:
         or prompt, or parameters `add` would refuse): it fails alone and its slot stays
         free. An error of a pass itself is raised, with every slot of the call free again."""
         results = self.prefill_many(requests)
-        started = [slot for (slot, _, _), result in zip(requests, results, strict=True)
-                   if isinstance(result, torch.Tensor)]
+        started = [(slot, logits) for (slot, _, _), logits in zip(requests, results, strict=True)
+                   if isinstance(logits, torch.Tensor)]
         try:
-            for slot, result in zip(started, (r for r in results
-                                              if isinstance(r, torch.Tensor)), strict=True):
-                self._first_token(slot, result[None], self.state.infos[slot].params)
+            for slot, logits in started:
+                self._first_token(slot, logits[None], self.state.infos[slot].params)
         except BaseException:
-            for slot in started:
+            for slot, _ in started:
                 self.release(slot)
             raise
-        return [None if isinstance(r, torch.Tensor) else r for r in results]
+        return [None if isinstance(result, torch.Tensor) else result for result in results]
 
     @torch.no_grad()
     def prefill_many(self, requests: Sequence[tuple[int, Sequence[int] | torch.Tensor,
@@ -917,7 +916,8 @@ class DecodeEngine:
                 continue
             taken.add(slot)
             groups.setdefault(params.n_loops, []).append((i, slot, idx, params))
-        together = not len(getattr(self.model.transformer, "coda", ()))
+        transformer = self.model.transformer
+        together = "coda" not in transformer or not len(transformer.coda)
         opened: list[int] = []
         try:
             for n_loops, group in groups.items():
