@@ -15,6 +15,24 @@ PAD = "."
 MAX_TRIES = 1000  # resampling an unanswerable query
 
 
+def check_fits(seq_len: int, needed: int, documents: str) -> None:
+    """A document of `seq_len` words must hold the `needed` ones of its smallest content."""
+    if seq_len < needed:
+        raise ValueError(f"seq_len={seq_len} is too short for {documents}: at least {needed} "
+                         f"words")
+
+
+def draw_hops(rng: random.Random, max_hops: int, query_hops: int | None,
+              weights: Sequence[float] | None, limit: int, documents: str) -> int:
+    """A document's hop count: `query_hops`, or drawn from 1..max_hops (`weights`: their
+    odds; default uniform); at most `limit`."""
+    hops = query_hops if query_hops is not None else \
+        rng.choices(range(1, max_hops + 1), weights=weights)[0]
+    if hops > limit:
+        raise ValueError(f"{documents} have at most {limit} hops, not {hops}")
+    return hops
+
+
 @dataclass(frozen=True)
 class Query:
     """One answer in a document: `index` is the answer word's index in the document's words
@@ -69,10 +87,8 @@ class ChainTask:
         hops, or of a hop count drawn from 1..max_hops (`weights`: their odds; default
         uniform)."""
         hops_needed = query_hops or 1
-        if seq_len < self.min_length(hops_needed):
-            raise ValueError(f"seq_len={seq_len} is too short for chain documents with "
-                             f"{hops_needed} hops: at least {self.min_length(hops_needed)} "
-                             f"words")
+        check_fits(seq_len, self.min_length(hops_needed),
+                   f"chain documents with {hops_needed} hops")
         per_digit = 2 if query_hops is None and max_hops <= self.EASY_HOPS else 1
         names = [f"v{i}" for i in rng.sample(range(self.n_vars), self.n_vars)]
         roots = names[:self.DIGITS * per_digit]
@@ -186,9 +202,7 @@ class PHopTask:
                  weights: Sequence[float] | None = None) -> list[str]:
         """A document of `seq_len` words whose hop count is drawn from 1..max_hops
         (`weights`: their odds; default uniform), or is `query_hops`."""
-        if seq_len < self.min_length(1):
-            raise ValueError(f"seq_len={seq_len} is too short for phop documents with "
-                             f"prefix={self.prefix}: at least {self.min_length(1)} words")
+        check_fits(seq_len, self.min_length(1), f"phop documents with prefix={self.prefix}")
         if (query_hops or max_hops) > self.MAX_HOPS:
             raise ValueError(f"phop documents have at most {self.MAX_HOPS} hops, not "
                              f"{query_hops or max_hops}")
@@ -269,13 +283,8 @@ class PermTask:
                  weights: Sequence[float] | None = None) -> list[str]:
         """A document of `seq_len` words whose hop count is drawn from 1..max_hops
         (`weights`: their odds; default uniform), or is `query_hops`."""
-        if seq_len < self.min_length(1):
-            raise ValueError(f"seq_len={seq_len} is too short for perm documents with "
-                             f"alphabet={self.alphabet}: at least {self.min_length(1)} words")
-        hops = query_hops if query_hops is not None else \
-            rng.choices(range(1, max_hops + 1), weights=weights)[0]
-        if hops > self.MAX_HOPS:
-            raise ValueError(f"perm documents have at most {self.MAX_HOPS} hops, not {hops}")
+        check_fits(seq_len, self.min_length(1), f"perm documents with alphabet={self.alphabet}")
+        hops = draw_hops(rng, max_hops, query_hops, weights, self.MAX_HOPS, "perm documents")
         cycle = self.letters()
         rng.shuffle(cycle)
         arrows = [f"{a}>{b}" for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)]
@@ -350,13 +359,9 @@ class PointerTask:
                  weights: Sequence[float] | None = None) -> list[str]:
         """A document of `seq_len` words whose hop count is drawn from 1..max_hops
         (`weights`: their odds; default uniform), or is `query_hops`."""
-        if seq_len < self.min_length(1):
-            raise ValueError(f"seq_len={seq_len} is too short for pointer documents with "
-                             f"alphabet={self.alphabet}: at least {self.min_length(1)} words")
-        hops = query_hops if query_hops is not None else \
-            rng.choices(range(1, max_hops + 1), weights=weights)[0]
-        if hops > self.MAX_HOPS:
-            raise ValueError(f"pointer documents have at most {self.MAX_HOPS} hops, not {hops}")
+        check_fits(seq_len, self.min_length(1),
+                   f"pointer documents with alphabet={self.alphabet}")
+        hops = draw_hops(rng, max_hops, query_hops, weights, self.MAX_HOPS, "pointer documents")
         cycle = self.letters()
         rng.shuffle(cycle)
         arrows = list(zip(cycle, cycle[1:] + cycle[:1], strict=True))
@@ -460,10 +465,8 @@ class ComposeTask:
         hops or of a hop count drawn from 1..max_hops (`weights`: their odds; default
         uniform)."""
         hops_needed = query_hops or 1
-        if seq_len < self.min_length(hops_needed):
-            raise ValueError(f"seq_len={seq_len} is too short for compose documents with "
-                             f"{hops_needed} hops: at least {self.min_length(hops_needed)} "
-                             f"words")
+        check_fits(seq_len, self.min_length(hops_needed),
+                   f"compose documents with {hops_needed} hops")
         starts = self.symbols()
         rng.shuffle(starts)
         words: list[str] = []
@@ -542,10 +545,8 @@ class ReachTask:
         `query_hops` or of one drawn from 1..max_hops (`weights`: their odds; default
         uniform)."""
         hops_needed = query_hops or 1
-        if seq_len < self.min_length(hops_needed):
-            raise ValueError(f"seq_len={seq_len} is too short for reach documents with "
-                             f"distance {hops_needed}: at least {self.min_length(hops_needed)} "
-                             f"words")
+        check_fits(seq_len, self.min_length(hops_needed),
+                   f"reach documents with distance {hops_needed}")
         cells = self.cells()
         words: list[str] = []
         while True:
