@@ -4,7 +4,8 @@
 # requests; a 10 MB prompt), exported Hugging
 # Face folders (the slow tier of tests/test_export_hf.py: the `lm_eval` command line, and
 # every loop mode and attention variant under the oldest transformers the README claims, in
-# a scratch venv under /tmp), and inductor's own code for the head's compiled chunk body.
+# a scratch venv under /tmp), and inductor's own code for the head's compiled chunk body and
+# for the decode step on a CPU.
 #   bash benchmarks/nightly.sh [RUN]     # RUN: a trained run folder (default: a stand-in)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,3 +28,7 @@ LOOPEDLM_OLDEST_TRANSFORMERS_PYTHON="$OLD_VENV/bin/python" python -m pytest -m s
 # the slow tier of the training-side GPU-readiness tests (issue 24): inductor's own code for
 # the head's compiled chunk body
 python -m pytest -m slow tests/test_head_loss.py
+
+# inductor's own code for the decode step on a CPU (the C++ wrapper, the default there)
+# against the eager engine's tokens (issue 25)
+python -m pytest -m slow tests/test_engine.py

@@ -332,6 +332,21 @@ def capture_step(body: Callable[[], None], state: list[torch.Tensor],
     return graph.replay
 
 
+def cpu_compile_options(device: torch.device, options: dict[str, Any] | None) -> dict[str, Any]:
+    """torch.compile keyword arguments for a decode step on `device`: `options` as given, and
+    on a CPU with inductor (the default backend, no `mode`) inductor's C++ wrapper unless
+    `options["options"]` says otherwise. A decode step is a few hundred small kernels, so
+    the Python wrapper that calls them costs more than they do: the C++ one made the
+    compiled step of the tiny preset 1.2-2x faster at N=1 and 12 (docs/design.md#decoding,
+    `benchmarks/bench_decode.py`). On CUDA the step is replayed in CUDA graphs, which skip
+    the wrapper anyway."""
+    options = dict(options or {})
+    if device.type != "cpu" or options.get("backend", "inductor") != "inductor" \
+            or "mode" in options:
+        return options
+    return {**options, "options": {"cpp_wrapper": True, **options.get("options", {})}}
+
+
 def join_compiles(timeout: float = COMPILE_EXIT_WAIT) -> None:
     """Wait (up to `timeout` seconds each) for step compiles still running on worker threads.
     Run at exit: a daemon thread stopped inside a compile aborts the interpreter ("terminate
@@ -723,7 +738,9 @@ class DecodeEngine:
                  graph per step variant, attending over all max_len positions); "loop": one
                  loop (two graphs at any loop count); False: eager. torch.compile's caches
                  live under $LOOPEDLM_HOME/torch_compile. compile_options: more
-                 torch.compile keyword arguments (backend, fullgraph, mode, ...).
+                 torch.compile keyword arguments (backend, fullgraph, mode, ...); on a CPU
+                 inductor's C++ wrapper is on unless they say otherwise
+                 (`cpu_compile_options`).
     long_lived:  the engine serves sequence after sequence (a server): under compile="auto"
                  on a CPU a compile is weighed against an unbounded number of steps rather
                  than the active sequences' remaining token budgets.
@@ -766,7 +783,7 @@ class DecodeEngine:
             share_first_layer=share_first_layer and model.mode.first_layer_kv_invariant)
         self.state = SlotState(max_batch, max_len, cfg.vocab_size, device)
         self.graphs = device.type == "cuda" if graphs is None else graphs
-        self.compile, self.compile_options = compile, dict(compile_options or {})
+        self.compile, self.compile_options = compile, cpu_compile_options(device, compile_options)
         # what is compiled: "none", "step" (the whole step, at its first run), "loop" (one
         # loop, two graphs, dynamic shapes so that the eager steps' growing key length and
         # the batch bucket need no recompile) or "background" (the whole step,
@@ -1602,4 +1619,4 @@ def warm_main(argv: list[str] | None = None) -> int:
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
            "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop",
-           "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main"]
+           "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main", "cpu_compile_options"]

@@ -2,9 +2,10 @@
 machine has compiled before, whether compiling one pays, and the process that compiles one
 into torch.compile's on-disk caches for the next run.
 
-On a CPU the compiled decode step runs about twice as fast as the eager one, but compiling it
-costs 40-70 s with cold caches and 5-10 s once torch.compile's on-disk caches hold it
-(`benchmarks/bench_decode.py --sections compile`). So the engine's `compile="auto"` on a CPU:
+On a CPU the compiled decode step (inductor's C++ wrapper) runs about three times as fast as
+the eager one, but compiling it costs 40-70 s with cold caches and about 4-10 s once
+torch.compile's on-disk caches hold it (`benchmarks/bench_decode.py --sections compile`).
+So the engine's `compile="auto"` on a CPU:
 
 - compiles a step variant (at once, in the step that finds it pays: seconds) only when
   its compile is warm on disk (a marker written here says so) and the steps still to run
@@ -40,9 +41,9 @@ log = logging.getLogger(__name__)
 
 WARMUP_ENV = "LOOPEDLM_COMPILE_WARMUP"
 # a compiled step's time as a share of the eager one's (bench_decode.py, tiny preset, one
-# thread: 0.40 at N=12, 0.48 at N=1), taken at the high end so that a compile is not
-# started where it would barely pay
-COMPILED_SHARE = 0.5
+# thread, the C++ wrapper: 0.30-0.35 at N=12, 0.26-0.38 at N=1), taken at the high end so
+# that a compile is not started where it would barely pay
+COMPILED_SHARE = 0.4
 # a warm compile's seconds until one has been measured on this machine (5-10 s measured)
 DEFAULT_WARM_SECONDS = 10.0
 # the warming process: `loopedlm.infer.engine.warm_main` (the engine compiles; this module,
