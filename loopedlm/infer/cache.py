@@ -14,6 +14,8 @@ of a decode step: one token per row, at each row's own position).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from loopedlm.common.validation import is_int
@@ -44,6 +46,13 @@ def loop_slot_map(n_loops: int, cache_slots: int | None = None,
     return [t % cache_slots for t in range(n_loops)]
 
 
+def entry_views(stores: list[tuple[torch.Tensor, torch.Tensor]], n_slots: int
+                ) -> list[list[Entry]]:
+    """entries[layer][slot]: views of each layer's stores (a single entry: every slot's)."""
+    return [[(k[min(slot, k.size(0) - 1)], v[min(slot, k.size(0) - 1)])
+             for slot in range(n_slots)] for k, v in stores]
+
+
 class StaticKVCache:
     """Preallocated keys and values: per (cache slot, layer) one tensor of shape
     (max_batch, n_kv_head, max_len, head_dim), written in place, never reallocated.
@@ -71,10 +80,17 @@ class StaticKVCache:
         self.stores = [(torch.zeros((count, *shape), dtype=dtype, device=device),
                         torch.zeros((count, *shape), dtype=dtype, device=device))
                        for count in counts]
-        # entries[layer][slot]: views of the stores (a single entry: every slot's view)
-        self.entries = [[(k[min(slot, k.size(0) - 1)], v[min(slot, k.size(0) - 1)])
-                         for slot in range(n_slots)] for k, v in self.stores]
+        self.entries = entry_views(self.stores, n_slots)
         self._fill_slots: dict[int, torch.Tensor | None] = {}
+
+    def on(self, stores: list[tuple[torch.Tensor, torch.Tensor]]) -> StaticKVCache:
+        """This cache's layout over other stores of the same kind (a traced step's inputs):
+        a copy whose entries are views of `stores`, made as this cache's are."""
+        other = copy.copy(self)
+        other.stores = list(stores)
+        other.entries = entry_views(other.stores, max(self.slot_of_loop) + 1)
+        other._fill_slots = {}
+        return other
 
     def entry(self, loop: int, layer: int) -> Entry:
         """The (keys, values) tensors that loop `loop` (0-based) of `layer` uses."""

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from loopedlm.common.paths import use_compile_cache
 from loopedlm.common.validation import is_int
+from loopedlm.infer import packaged
 from loopedlm.infer.cache import (
     ChunkWrites,
     Entry,
@@ -85,6 +86,8 @@ from loopedlm.infer.sampling import (
 from loopedlm.infer.warm import (
     WarmSpec,
     compile_pays,
+    package_path,
+    package_state,
     record,
     start_warming,
     warm_seconds,
@@ -810,6 +813,8 @@ class DecodeEngine:
         self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
         self._compiling: set[StepKey] = set()  # variants whose compile has started
         self._eager_time: dict[StepKey, list[float]] = {}  # auto: [seconds, runs] timed
+        # auto on a CPU: (variant, input shapes) -> its AOTInductor package, None if none yet
+        self._packages: dict[tuple, packaged.StepPackage | None] = {}
         self.speculation = SpeculationStats()
         # q, k and v projections in one matrix per layer, derived once (and again only if the
         # weights change: `_sync_weights`); the model's parameters stay as they are
@@ -837,6 +842,9 @@ class DecodeEngine:
         for fused, block in zip(self.fused, self.model.blocks(), strict=True):
             if fused is not None:
                 fused.copy_(block.attn.fused_weight())
+        for package in self._packages.values():
+            if package is not None:
+                package.bind(self)
         self._weights_seen = seen
 
     # ---- slots (the scheduler's protocol: add, step, output, release) ----------------------------
@@ -1207,11 +1215,20 @@ class DecodeEngine:
         (from warm caches: seconds) where it pays."""
         model, key, *rest = args
         variant = replace(key, kv_len=0)  # the key length is a dynamic shape
+        runs = self._compile_runs.get(variant, 0) + 1
+        if self.compiles == "auto":
+            package = self._package(variant, look=runs == 1 or runs % AUTO_COMPILE_AFTER == 0)
+            # a package attends over fewer than all positions (see `packaged`): as many as
+            # the eager step, or all but the last where those are all yet not all needed
+            kv_len = min(key.kv_len, self.max_len - 1)
+            needed = max(info.length for info in self.state.infos.values()) + 1
+            if package is not None and kv_len >= needed and package.fits(self, kv_len):
+                package.run(self, self._key_slots(kv_len))
+                return
         done = self._compiled.get(variant)
         if done:
             self._compiled_step(model, variant, *rest)
             return
-        runs = self._compile_runs.get(variant, 0) + 1
         self._compile_runs[variant] = runs
         if done is None and variant not in self._compiling:
             if self.compiles == "background" and runs == AUTO_COMPILE_AFTER:
@@ -1270,6 +1287,32 @@ class DecodeEngine:
                         share_first_layer=cache.share_first_layer,
                         variant=asdict(replace(variant, kv_len=0)),
                         compile_options=self.compile_options, short_len=self.max_len == 1)
+
+    def package_spec(self, variant: StepKey) -> WarmSpec:
+        """What a separate process needs to build `variant`'s AOTInductor package for this
+        engine: the warm spec, the cache length and the inputs' shapes."""
+        return replace(self.warm_spec(variant), package=True, max_len=self.max_len,
+                       shapes=packaged.input_shapes(self))
+
+    def _package(self, variant: StepKey, look: bool) -> packaged.StepPackage | None:
+        """compile="auto" on a CPU: `variant`'s package for the inputs as they are now,
+        loaded once it is on disk (`look`: check the disk if none is loaded yet; a package
+        this machine never built is handed to the warming process, which builds it)."""
+        shapes = tuple(tuple(shape) for shape in packaged.input_shapes(self))
+        found = self._packages.get((variant, shapes))
+        if found is not None or not look:
+            return found
+        try:
+            spec = self.package_spec(variant)
+        except (TypeError, ValueError):  # options that do not travel, a state of views
+            return None
+        state = package_state(spec)
+        if state == "ready":
+            found = self._packages[(variant, shapes)] = packaged.load(package_path(spec), self)
+        elif state is None and self.max_len >= 4 and \
+                self._compile_runs.get(variant, 0) + 1 >= AUTO_COMPILE_AFTER:
+            start_warming(spec)
+        return found
 
     def _horizon(self) -> float:
         """Steps the engine will still run: unbounded when long-lived (a server), else the
@@ -1585,6 +1628,30 @@ class DecodeEngine:
         return inputs.select_rows(active, rows_plan)
 
 
+def _build_package(engine: DecodeEngine, spec: WarmSpec) -> int:
+    """The warming process's part for a package spec: an engine of the spec's shapes (the
+    stop-id table widened as the spec's is), its variant built into the package; a failure
+    is marked, so that engines run that variant without a package rather than ask again."""
+    try:
+        names = [name for name, _ in packaged.state_tensors(engine)]
+        shapes = spec.shapes or []
+        if len(shapes) == len(packaged.input_shapes(engine)):
+            stops = shapes[len(shapes) - len(names) + names.index("stop_table")]
+            engine.state.stop_table = torch.full(tuple(stops), -1, dtype=torch.long,
+                                                 device=engine.device)
+        if packaged.input_shapes(engine) != shapes:
+            raise ValueError(f"this engine's inputs {packaged.input_shapes(engine)} are not "
+                             f"the spec's {shapes}")
+        seconds = packaged.build(engine, StepKey(**spec.variant), package_path(spec))
+    except Exception:
+        log.exception("building the packaged step %s failed", spec.signature())
+        record(spec, failed=True)
+        return 1
+    record(spec)
+    log.info("packaged %s in %.1f s", spec.signature(), seconds)
+    return 0
+
+
 def warm_main(argv: list[str] | None = None) -> int:
     """The compile-warming process (`loopedlm.infer.warm.start_warming`): a `WarmSpec` as JSON
     on stdin; compiles its step variant on a model of its shape (random weights: a compile
@@ -1601,11 +1668,15 @@ def warm_main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         model = LoopedGPT.from_config(ModelConfig.from_dict(spec.config), seed=0).eval()
         engine = DecodeEngine(model, max_batch=spec.max_batch,
-                              max_len=1 if spec.short_len else None, max_loops=spec.max_loops,
+                              max_len=spec.max_len or (1 if spec.short_len else None),
+                              max_loops=spec.max_loops,
                               cache_slots=spec.cache_slots, slot_policy=spec.slot_policy,
                               share_first_layer=spec.share_first_layer,
-                              dtype=getattr(torch, spec.dtype), compile="background",
+                              dtype=getattr(torch, spec.dtype),
+                              compile="background" if not spec.package else False,
                               compile_options=spec.compile_options)
+        if spec.package:
+            return _build_package(engine, spec)
         seconds = engine.compile_variant(StepKey(**spec.variant))
         record(spec)
         log.info("compiled %s in %.1f s", spec.signature(), seconds)

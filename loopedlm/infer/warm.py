@@ -88,6 +88,11 @@ class WarmSpec:
     variant: dict[str, Any]
     compile_options: dict[str, Any] = field(default_factory=dict)
     short_len: bool = False  # max_len 1: a size torch.compile specializes
+    # an AOTInductor package (`loopedlm.infer.packaged`) rather than torch.compile's caches:
+    # built for the engine's cache length and its inputs' exact shapes
+    package: bool = False
+    max_len: int | None = None
+    shapes: list[list[int]] | None = None
 
     def signature(self) -> str:
         """The marker's name: this spec, the torch version and loopedlm's source."""
@@ -109,6 +114,23 @@ def markers_dir() -> Path:
     return use_compile_cache() / "loopedlm_warm"
 
 
+def package_path(spec: WarmSpec) -> Path:
+    """Where the package of a `spec.package` spec lives (beside its marker)."""
+    return markers_dir() / f"{spec.signature()}.pt2"
+
+
+def package_state(spec: WarmSpec) -> str | None:
+    """A package spec's state on this machine: "ready" (built and on disk), "failed" (its
+    build failed here: the step runs without one), or None (never built)."""
+    try:
+        failed = json.loads((markers_dir() / f"{spec.signature()}.json").read_text()).get("failed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if failed:
+        return "failed"
+    return "ready" if package_path(spec).is_file() else None
+
+
 def warm_seconds(spec: WarmSpec) -> float | None:
     """The seconds a compile of `spec` takes with warm caches, if this machine compiled it
     before (DEFAULT_WARM_SECONDS until one was measured); None if it did not."""
@@ -120,14 +142,16 @@ def warm_seconds(spec: WarmSpec) -> float | None:
     return DEFAULT_WARM_SECONDS if not isinstance(seconds, int | float) else float(seconds)
 
 
-def record(spec: WarmSpec, warm_seconds: float | None = None) -> None:
-    """Mark `spec` compiled on this machine (with a warm compile's seconds, once measured);
-    written to a temporary file and renamed, so a reader never sees half a marker."""
+def record(spec: WarmSpec, warm_seconds: float | None = None, failed: bool = False) -> None:
+    """Mark `spec` compiled on this machine (with a warm compile's seconds, once measured), or
+    its compile `failed`; written to a temporary file and renamed, so a reader never sees
+    half a marker."""
     folder = markers_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{spec.signature()}.json"
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"warm_seconds": warm_seconds, "spec": dataclasses.asdict(spec),
+    tmp.write_text(json.dumps({"warm_seconds": warm_seconds, "failed": failed,
+                               "spec": dataclasses.asdict(spec),
                                "written": time.time()}, default=str))
     os.replace(tmp, path)
 

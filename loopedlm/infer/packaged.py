@@ -1,0 +1,166 @@
+"""Decode steps compiled ahead of time by AOTInductor and kept on disk (docs/design.md#decoding).
+
+A compiled step pays on a CPU only once it is running: torch.compile in a fresh process
+imports dynamo and inductor (about 3 s here) and traces the step again (about 5 s at N=12)
+even when its caches hold every kernel. An AOTInductor package is the step exported once
+(`torch.export`) and compiled to one shared library, run from C++ with no Python between its
+kernels: it loads in about 10 ms, without importing the compiler, and then runs as fast as
+the compiled step does. So `compile="auto"` on a CPU uses a package from the first step of
+a run wherever this machine has built one, and has the compile-warming process
+(`loopedlm.infer.warm`) build one for a step variant that keeps running eagerly.
+
+A package is one step variant at the engine's exact tensor shapes (batch slots, cache
+length, stop-id table), with the key length a dynamic size below the cache length (a step
+that attends over every position runs as it would without one). The weights are not in it:
+the engine's own tensors are bound to it when it is loaded (and again when they change), so
+one package serves every model of the shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # the engine imports this module
+    from loopedlm.infer.engine import DecodeEngine, StepKey
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model"  # the name of the exported program inside a package
+INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}  # weights bound at load
+
+
+def state_tensors(engine: DecodeEngine) -> list[tuple[str, torch.Tensor]]:
+    """The slot state's tensors (name, tensor), in a fixed order: the package's inputs after
+    the cache's stores. Each must own its storage (none is a view of another)."""
+    found = [(name, value) for name, value in vars(engine.state).items()
+             if isinstance(value, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr() for _, t in found}
+    if any(t._base is not None for _, t in found) or len(storages) != len(found):
+        raise ValueError("the slot state holds views: it cannot be a package's input")
+    return found
+
+
+def step_inputs(engine: DecodeEngine) -> list[torch.Tensor]:
+    """The tensors a packaged step reads and writes in place: the cache's stores (keys and
+    values of each layer), then the slot state's tensors."""
+    stores = [t for pair in engine.cache.stores for t in pair]
+    return stores + [t for _, t in state_tensors(engine)]
+
+
+def input_shapes(engine: DecodeEngine) -> list[list[int]]:
+    """What a package is built for, beside the step variant: its inputs' shapes."""
+    return [list(t.shape) for t in step_inputs(engine)]
+
+
+def constants(engine: DecodeEngine) -> dict[str, torch.Tensor]:
+    """The engine's weights by the names a package gives them."""
+    model = engine.model
+    named = {f"model.{name}": t for name, t in model.named_parameters()}
+    named.update({f"model.{name}": t for name, t in model.named_buffers()})
+    named.update({f"fused{i}": t for i, t in enumerate(engine.fused) if t is not None})
+    return {name: t.detach() for name, t in named.items()}
+
+
+class _StepProgram(torch.nn.Module):
+    """`fixed_step` of one variant as a module of its tensors, for torch.export: the model is
+    a submodule and the fused projections buffers (the package's constants); the stores and
+    the slot state are inputs, written in place."""
+
+    def __init__(self, engine: DecodeEngine, variant: StepKey):
+        super().__init__()
+        self.model = engine.model
+        self.engine, self.variant = engine, variant
+        self.fused_at = [i for i, f in enumerate(engine.fused) if f is not None]
+        for i in self.fused_at:
+            self.register_buffer(f"fused{i}", engine.fused[i])
+
+    def forward(self, tensors: list[torch.Tensor], key_slots: torch.Tensor) -> torch.Tensor:
+        from loopedlm.infer.engine import decode_loop, fixed_step
+
+        engine = self.engine
+        n = 2 * len(engine.cache.stores)
+        cache = engine.cache.on([(tensors[i], tensors[i + 1]) for i in range(0, n, 2)])
+        state = copy.copy(engine.state)
+        for (name, _), tensor in zip(state_tensors(engine), tensors[n:], strict=True):
+            setattr(state, name, tensor)
+        fused = [getattr(self, f"fused{i}") if i in self.fused_at else None
+                 for i in range(len(engine.fused))]
+        fixed_step(self.model, self.variant, state, cache, key_slots, fused, decode_loop)
+        return key_slots[:1]  # an export needs an output; the step's are its writes
+
+
+def build(engine: DecodeEngine, variant: StepKey, path: Path) -> float:
+    """Export `variant` of the engine's step and compile it into a package at `path` (written
+    to a temporary name and renamed: a reader never sees half of one); its seconds. The
+    engine's tensors are only traced, never written."""
+    from torch._inductor import aoti_compile_and_package
+
+    if engine.max_len < 4:
+        raise ValueError(f"max_len={engine.max_len}: too short for a packaged step")
+    start = time.perf_counter()
+    inputs = step_inputs(engine)
+    kv = torch.export.Dim("kv_len", min=2, max=engine.max_len - 1)
+    key_slots = torch.arange(min(engine.max_len - 1, 64), device=engine.device)
+    program = _StepProgram(engine, variant).eval()
+    with torch.no_grad():
+        exported = torch.export.export(
+            program, (inputs, key_slots), dynamic_shapes=([None] * len(inputs), {0: kv}),
+            strict=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{time.time_ns()}.tmp.pt2")
+    try:
+        aoti_compile_and_package(exported, package_path=str(tmp),
+                                 inductor_configs=dict(INDUCTOR_CONFIGS))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return time.perf_counter() - start
+
+
+class StepPackage:
+    """A loaded package: `run(engine, kv_len)` runs one step of its variant on the engine's
+    tensors. Bound to the engine's weights at load; `bind` again after they change."""
+
+    def __init__(self, path: Path, engine: DecodeEngine):
+        self.path = path
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), MODEL_NAME, True, 1, -1)
+        self.shapes = input_shapes(engine)
+        self.bind(engine)
+
+    def bind(self, engine: DecodeEngine) -> None:
+        """Point the package's constants at the engine's weights (no copy)."""
+        named = constants(engine)
+        wanted = self.loader.get_constant_fqns()
+        missing = [name for name in wanted if name not in named]
+        if missing:
+            raise ValueError(f"{self.path.name}: weights this engine lacks: {missing[:5]}")
+        self.loader.load_constants({name: named[name] for name in wanted}, False, True, True)
+
+    def fits(self, engine: DecodeEngine, kv_len: int) -> bool:
+        """Whether a step of `kv_len` keys on the engine's tensors as they are now fits."""
+        return 2 <= kv_len < engine.max_len and input_shapes(engine) == self.shapes
+
+    def run(self, engine: DecodeEngine, key_slots: torch.Tensor) -> None:
+        self.loader.run([*step_inputs(engine), key_slots])
+
+
+def load(path: Path, engine: DecodeEngine) -> StepPackage | None:
+    """The package at `path` bound to the engine, or None (missing, or it does not load:
+    the step runs without it)."""
+    if not path.is_file():
+        return None
+    try:
+        return StepPackage(path, engine)
+    except Exception as error:  # a package is only ever an optimisation
+        log.warning("decode engine: the packaged step %s does not load (%s): decoding "
+                    "without it", path, error)
+        return None
+
+
+__all__ = ["StepPackage", "build", "load", "step_inputs", "input_shapes", "constants"]

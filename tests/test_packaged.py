@@ -1,0 +1,125 @@
+"""Decode steps packaged by AOTInductor (loopedlm.infer.packaged): built by the warming
+process on random weights, loaded by compile="auto" on a CPU from a run's first step,
+bound to the engine's own weights, and giving the eager engine's tokens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import GREEDY, make_model, prompt, seq
+
+from loopedlm.infer import DecodeEngine, SequenceParams, packaged, warm
+from loopedlm.infer.engine import StepKey, _build_package
+
+N_LOOPS, MAX_LEN = 3, 24
+VARIANT = StepKey(1, N_LOOPS, 0, False, False, True)
+
+
+def engine_of(model, **kw) -> DecodeEngine:
+    return DecodeEngine(model, max_batch=1, max_len=MAX_LEN, max_loops=N_LOOPS, **kw)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One package, built as an engine has it built: by the warming process (a separate
+    process, from the spec alone: the model's shape, random weights), under a temporary
+    LOOPEDLM_HOME. (home, spec)."""
+    home = tmp_path_factory.mktemp("home")
+    env_home = {"LOOPEDLM_HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": str(home / "torch_compile")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env_home.items():
+            patch.setenv(name, value)
+        spec = engine_of(make_model(seed=5)).package_spec(VARIANT)
+        lock = warm.markers_dir() / "test.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+        code = "import sys; from loopedlm.infer.engine import warm_main; sys.exit(warm_main())"
+        env = {**os.environ, **env_home,
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run([sys.executable, "-c", code, str(lock)], input=spec.to_json(),
+                              text=True, env=env, capture_output=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not lock.exists()
+        assert warm.package_state(spec) == "ready"
+    return home, spec
+
+
+@pytest.fixture
+def home(built, monkeypatch):
+    monkeypatch.setenv("LOOPEDLM_HOME", str(built[0]))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(built[0] / "torch_compile"))
+    monkeypatch.setenv(warm.WARMUP_ENV, "0")
+    return built[0]
+
+
+def decode(engine: DecodeEngine, ids: list[int], steps: int) -> list[int]:
+    tokens = [int(engine.add(0, **seq(ids, n_loops=N_LOOPS, sampling=GREEDY)))]
+    for _ in range(steps):
+        tokens.append(int(engine.step().tokens[0]))
+    return tokens
+
+
+@torch.no_grad()
+def test_auto_runs_a_built_package_from_the_first_step_with_the_eager_tokens(home, monkeypatch):
+    """compile="auto" on a CPU loads the package at a variant's first step and runs it,
+    bound to this engine's weights (not the random ones it was built on), to the end of the
+    cache (the last steps, attending over every position, run without it); the tokens are
+    the eager engine's."""
+    runs = []
+    real_run = packaged.StepPackage.run
+    monkeypatch.setattr(packaged.StepPackage, "run",
+                        lambda self, *a: runs.append(1) or real_run(self, *a))
+    model = make_model(std=0.3)
+    ids = prompt(1, 5)
+    steps = MAX_LEN - len(ids)
+    eager = decode(engine_of(model, compile=False), ids, steps)
+    auto = engine_of(model)
+    assert decode(auto, ids, steps) == eager
+    assert len(runs) >= steps - 2  # every step but those over all MAX_LEN positions
+    # the weights change in place (a training step): the package decodes with the new ones
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    auto.reset()
+    eager = decode(engine_of(model, compile=False), ids, steps)
+    assert decode(auto, ids, steps) == eager
+
+
+@torch.no_grad()
+def test_a_package_is_not_used_where_the_shapes_differ(home, monkeypatch):
+    """A package is for its inputs' exact shapes: a wider stop-id table or another cache
+    length runs without it (and asks for its own), with the eager tokens."""
+    runs = []
+    monkeypatch.setattr(packaged.StepPackage, "run", lambda self, *a: runs.append(1))
+    model = make_model(std=0.3)
+    ids = prompt(2, 4)
+    engine = engine_of(model)
+    params = dict(n_loops=N_LOOPS, sampling=GREEDY, stop_ids=[59, 60])
+    engine.add(0, ids, SequenceParams(**params))
+    engine.step()
+    other = DecodeEngine(model, max_batch=1, max_len=MAX_LEN - 1, max_loops=N_LOOPS)
+    assert decode(other, ids, 3) == decode(engine_of(model, compile=False), ids, 3)
+    assert runs == []
+
+
+def test_a_package_build_that_fails_is_marked_so_and_not_asked_again(home):
+    spec = engine_of(make_model()).package_spec(VARIANT)
+    broken = replace(spec, shapes=[[1]])
+    engine = engine_of(make_model())
+    assert _build_package(engine, broken) == 1
+    assert warm.package_state(broken) == "failed"
+    assert warm.package_state(spec) == "ready"
+
+
+def test_the_slot_state_is_tensors_of_their_own():
+    """A package takes the slot state's tensors as inputs: none may be a view of another."""
+    engine = engine_of(make_model())
+    names = [name for name, _ in packaged.state_tensors(engine)]
+    assert "stop_table" in names and "tokens" in names
+    assert len(packaged.step_inputs(engine)) == 2 * len(engine.cache.stores) + len(names)
