@@ -382,14 +382,14 @@ for r in range(rounds):
     start = time.perf_counter()
     generate(model, ids, max_tokens=tokens + 1, n_loops=n_loops, temperature=0, engine=engine)
     rate = tokens / (time.perf_counter() - start - prefill)
-    print(f"ROUND {r} {rate:.1f} {engine.compiled_steps}", flush=True)
+    print(f"ROUND {r} {rate:.1f} {engine.compiled_steps + engine.packaged_steps}", flush=True)
 """
 
 
 def warm_rounds(args, home: str, n_loops: int, long_lived: bool, tokens: int, rounds: int
                 ) -> list[tuple[float, int]]:
-    """(tok/s, compiled step variants) of each round of a fresh process's engine, default
-    compile ("auto"), its caches and warm markers under `home`."""
+    """(tok/s, step variants compiled or packaged) of each round of a fresh process's engine,
+    default compile ("auto"), its caches, packages and warm markers under `home`."""
     env = {**os.environ, "LOOPEDLM_HOME": home, "OMP_NUM_THREADS": str(args.threads),
            "LOOPEDLM_COMPILE_WARMUP": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -427,12 +427,12 @@ def warm_section(args) -> None:
                   f"marked warm", flush=True)
             plain = warm_rounds(args, home, n_loops, False, args.target_tokens, 2)
             print(f"N={n_loops:<3} run 2, generate() twice: "
-                  + ", ".join(f"{rate:.1f} tok/s ({'compiled' if c else 'eager'})"
+                  + ", ".join(f"{rate:.1f} tok/s ({'compiled or packaged' if c else 'eager'})"
                               for rate, c in plain), flush=True)
             served = warm_rounds(args, home, n_loops, True, args.target_tokens, 6)
             print(f"N={n_loops:<3} run 3, a long-lived engine (a server's), 6 rounds: "
                   + ", ".join(f"{rate:.1f}{'*' if c else ''}" for rate, c in served)
-                  + " tok/s (* = compiled step in use)", flush=True)
+                  + " tok/s (* = a compiled or packaged step in use)", flush=True)
 
 
 # ---- compile time, cold and warm on-disk caches --------------------------------------------

@@ -123,3 +123,26 @@ def test_the_slot_state_is_tensors_of_their_own():
     names = [name for name, _ in packaged.state_tensors(engine)]
     assert "stop_table" in names and "tokens" in names
     assert len(packaged.step_inputs(engine)) == 2 * len(engine.cache.stores) + len(names)
+
+
+@torch.no_grad()
+def test_generate_sizes_its_caches_in_steps_so_that_prompts_of_other_lengths_share_a_package(
+        monkeypatch):
+    """A package is built for its cache length: generate() rounds that length up (to
+    CACHE_LEN_STEP, at most the context), so prompts of other lengths share one."""
+    from loopedlm.infer import generate as generate_module
+
+    lengths = []
+    real = generate_module.DecodeEngine
+
+    def spy(*args, **kw):
+        lengths.append(kw["max_len"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(generate_module, "DecodeEngine", spy)
+    model = make_model(sequence_len=64)
+    for length in (3, 9):
+        generate_module.generate(model, prompt(length, length), max_tokens=4, n_loops=2,
+                                 temperature=0)
+    step = min(generate_module.CACHE_LEN_STEP, 64)
+    assert lengths == [step, step]

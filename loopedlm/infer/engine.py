@@ -858,6 +858,12 @@ class DecodeEngine:
         return sum(self._compiled.values())
 
     @property
+    def packaged_steps(self) -> int:
+        """Step variants (at their input shapes) running packaged by AOTInductor
+        (compile="auto" on a CPU, `loopedlm.infer.packaged`)."""
+        return sum(package is not None for package in self._packages.values())
+
+    @property
     def step_variants(self) -> int:
         """Step variants built so far (each captured as one CUDA graph when `graphs`)."""
         return len(self._steps)

@@ -41,6 +41,7 @@ from loopedlm.model.gpt import LoopedGPT
 log = logging.getLogger(__name__)
 
 SYNC_EVERY = 8  # generate checks for finished rows (a host sync) every this many steps
+CACHE_LEN_STEP = 256  # generate's engines have cache lengths in multiples of this
 
 
 # ---- generation ------------------------------------------------------------------------
@@ -220,7 +221,10 @@ def _start(model: LoopedGPT, prompts: Any, tokenizer: Any, options: GenerationOp
                     cfg.sequence_len, max(len(r) for r in rows), min(rooms))
     max_len = min(cfg.sequence_len, max(len(ids) + max_tokens - 1 for ids in rows))
     if engine is None:
-        engine = DecodeEngine(model, max_batch=len(rows), max_len=max_len,
+        # the cache's length rounded up, so that runs with other prompt lengths share one
+        # packaged step (a package is built for its cache length; `loopedlm.infer.packaged`)
+        capacity = min(cfg.sequence_len, -(-max_len // CACHE_LEN_STEP) * CACHE_LEN_STEP)
+        engine = DecodeEngine(model, max_batch=len(rows), max_len=capacity,
                               max_loops=options.n_loops, cache_slots=options.cache_slots,
                               slot_policy=options.slot_policy, dtype=options.dtype,
                               compile=options.compile)
