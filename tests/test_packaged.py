@@ -12,12 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import GREEDY, make_model, prompt, seq
+from conftest import tiny_model
 
-from loopedlm.infer import DecodeEngine, SequenceParams, packaged, warm
-from loopedlm.infer.engine import StepKey, _build_package
+from loopedlm.infer import DecodeEngine, SamplingParams, SequenceParams, packaged, warm
+from loopedlm.infer.engine import StepKey, build_package
 
 N_LOOPS, MAX_LEN = 3, 24
+GREEDY = SamplingParams(temperature=0)
+
+
+def make_model(std: float = 0.1, seed: int = 0, **overrides):
+    return tiny_model(seed=seed, std=std, loop_mode="flt", **overrides)
+
+
+def prompt(seed: int, length: int, vocab: int = 61) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def seq(prompt_ids: list[int], **params) -> dict:
+    return dict(prompt_ids=prompt_ids, params=SequenceParams(**params))
 VARIANT = StepKey(1, N_LOOPS, 0, False, False, True)
 
 
@@ -112,7 +125,7 @@ def test_a_package_build_that_fails_is_marked_so_and_not_asked_again(home):
     spec = engine_of(make_model()).package_spec(VARIANT)
     broken = replace(spec, shapes=[[1]])
     engine = engine_of(make_model())
-    assert _build_package(engine, broken) == 1
+    assert build_package(engine, broken) == 1
     assert warm.package_state(broken) == "failed"
     assert warm.package_state(spec) == "ready"
 
@@ -146,3 +159,29 @@ def test_generate_sizes_its_caches_in_steps_so_that_prompts_of_other_lengths_sha
                                  temperature=0)
     step = min(generate_module.CACHE_LEN_STEP, 64)
     assert lengths == [step, step]
+
+
+@torch.no_grad()
+def test_a_package_that_raises_is_dropped_and_the_step_runs_without_it(built, tmp_path,
+                                                                       monkeypatch):
+    """A package is only an optimisation: one that raises at run time is dropped (and marked
+    failed, so no later run loads it) and the step runs as it would without it."""
+    import shutil
+
+    shutil.copytree(built[0], tmp_path / "home")
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "home" / "torch_compile"))
+    monkeypatch.setenv(warm.WARMUP_ENV, "0")
+    calls = []
+
+    def broken(self, *args):
+        calls.append(1)
+        raise RuntimeError("the package's kernels refused")
+
+    monkeypatch.setattr(packaged.StepPackage, "run", broken)
+    model = make_model(std=0.3)
+    ids = prompt(3, 6)
+    auto = engine_of(model)
+    assert decode(auto, ids, 6) == decode(engine_of(model, compile=False), ids, 6)
+    assert calls == [1] and auto.packaged_steps == 0
+    assert warm.package_state(built[1]) == "failed"

@@ -50,9 +50,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import loopedlm.infer.packaged as packaged
 from loopedlm.common.paths import use_compile_cache
 from loopedlm.common.validation import is_int
-from loopedlm.infer import packaged
 from loopedlm.infer.cache import (
     ChunkWrites,
     Entry,
@@ -1228,8 +1228,8 @@ class DecodeEngine:
             # the eager step, or all but the last where those are all yet not all needed
             kv_len = min(key.kv_len, self.max_len - 1)
             needed = max(info.length for info in self.state.infos.values()) + 1
-            if package is not None and kv_len >= needed and package.fits(self, kv_len):
-                package.run(self, self._key_slots(kv_len))
+            if package is not None and kv_len >= needed and package.fits(self, kv_len) \
+                    and self._run_package(package, variant, kv_len):
                 return
         done = self._compiled.get(variant)
         if done:
@@ -1294,6 +1294,25 @@ class DecodeEngine:
                         variant=asdict(replace(variant, kv_len=0)),
                         compile_options=self.compile_options, short_len=self.max_len == 1)
 
+    def _run_package(self, package: packaged.StepPackage, variant: StepKey, kv_len: int
+                     ) -> bool:
+        """Run one step from `package`; False (the step runs as it would without one, and
+        the package is dropped and marked failed) if it raises. Its writes before the error
+        are the cache keys of this step's own position, which the step rewrites, and the
+        slot state is written last."""
+        try:
+            package.run(self, self._key_slots(kv_len))
+            return True
+        except Exception as error:  # a package is only ever an optimisation
+            log.warning("decode engine: the packaged step %s failed (%s): decoding without it",
+                        package.path.name, error)
+            for key, value in list(self._packages.items()):
+                if value is package:
+                    self._packages[key] = None
+            with contextlib.suppress(TypeError, ValueError, OSError):
+                record(self.package_spec(variant), failed=True)
+            return False
+
     def package_spec(self, variant: StepKey) -> WarmSpec:
         """What a separate process needs to build `variant`'s AOTInductor package for this
         engine: the warm spec, the cache length and the inputs' shapes."""
@@ -1315,6 +1334,8 @@ class DecodeEngine:
         state = package_state(spec)
         if state == "ready":
             found = self._packages[(variant, shapes)] = packaged.load(package_path(spec), self)
+            if found is None:  # it does not load here: never asked for again
+                record(spec, failed=True)
         elif state is None and self.max_len >= 4 and \
                 self._compile_runs.get(variant, 0) + 1 >= AUTO_COMPILE_AFTER:
             start_warming(spec)
@@ -1634,7 +1655,7 @@ class DecodeEngine:
         return inputs.select_rows(active, rows_plan)
 
 
-def _build_package(engine: DecodeEngine, spec: WarmSpec) -> int:
+def build_package(engine: DecodeEngine, spec: WarmSpec) -> int:
     """The warming process's part for a package spec: an engine of the spec's shapes (the
     stop-id table widened as the spec's is), its variant built into the package; a failure
     is marked, so that engines run that variant without a package rather than ask again."""
@@ -1648,7 +1669,8 @@ def _build_package(engine: DecodeEngine, spec: WarmSpec) -> int:
         if packaged.input_shapes(engine) != shapes:
             raise ValueError(f"this engine's inputs {packaged.input_shapes(engine)} are not "
                              f"the spec's {shapes}")
-        seconds = packaged.build(engine, StepKey(**spec.variant), package_path(spec))
+        seconds = packaged.build(engine, StepKey(**spec.variant), package_path(spec),
+                                 functools.partial(fixed_step, loop_fn=decode_loop))
     except Exception:
         log.exception("building the packaged step %s failed", spec.signature())
         record(spec, failed=True)
@@ -1682,7 +1704,7 @@ def warm_main(argv: list[str] | None = None) -> int:
                               compile="background" if not spec.package else False,
                               compile_options=spec.compile_options)
         if spec.package:
-            return _build_package(engine, spec)
+            return build_package(engine, spec)
         seconds = engine.compile_variant(StepKey(**spec.variant))
         record(spec)
         log.info("compiled %s in %.1f s", spec.signature(), seconds)
@@ -1696,4 +1718,5 @@ def warm_main(argv: list[str] | None = None) -> int:
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
            "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop",
-           "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main", "cpu_compile_options"]
+           "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main", "cpu_compile_options",
+           "build_package"]

@@ -21,15 +21,18 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # the engine imports this module
-    from loopedlm.infer.engine import DecodeEngine, StepKey
-
 log = logging.getLogger(__name__)
+
+# a `loopedlm.infer.engine.DecodeEngine` and one of its `StepKey`s: the engine imports this
+# module, so they are passed in rather than imported
+DecodeEngine = Any
+StepKey = Any
 
 MODEL_NAME = "model"  # the name of the exported program inside a package
 INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}  # weights bound at load
@@ -72,17 +75,15 @@ class _StepProgram(torch.nn.Module):
     a submodule and the fused projections buffers (the package's constants); the stores and
     the slot state are inputs, written in place."""
 
-    def __init__(self, engine: DecodeEngine, variant: StepKey):
+    def __init__(self, engine: DecodeEngine, variant: StepKey, step: Callable[..., None]):
         super().__init__()
         self.model = engine.model
-        self.engine, self.variant = engine, variant
+        self.engine, self.variant, self.step = engine, variant, step
         self.fused_at = [i for i, f in enumerate(engine.fused) if f is not None]
         for i in self.fused_at:
             self.register_buffer(f"fused{i}", engine.fused[i])
 
     def forward(self, tensors: list[torch.Tensor], key_slots: torch.Tensor) -> torch.Tensor:
-        from loopedlm.infer.engine import decode_loop, fixed_step
-
         engine = self.engine
         n = 2 * len(engine.cache.stores)
         cache = engine.cache.on([(tensors[i], tensors[i + 1]) for i in range(0, n, 2)])
@@ -91,14 +92,16 @@ class _StepProgram(torch.nn.Module):
             setattr(state, name, tensor)
         fused = [getattr(self, f"fused{i}") if i in self.fused_at else None
                  for i in range(len(engine.fused))]
-        fixed_step(self.model, self.variant, state, cache, key_slots, fused, decode_loop)
+        self.step(self.model, self.variant, state, cache, key_slots, fused)
         return key_slots[:1]  # an export needs an output; the step's are its writes
 
 
-def build(engine: DecodeEngine, variant: StepKey, path: Path) -> float:
-    """Export `variant` of the engine's step and compile it into a package at `path` (written
-    to a temporary name and renamed: a reader never sees half of one); its seconds. The
-    engine's tensors are only traced, never written."""
+def build(engine: DecodeEngine, variant: StepKey, path: Path, step: Callable[..., None]
+          ) -> float:
+    """Export `variant` of the engine's `step` (`fixed_step(model, variant, state, cache,
+    key_slots, fused)`) and compile it into a package at `path` (written to a temporary name
+    and renamed: a reader never sees half of one); its seconds. The engine's tensors are
+    only traced, never written."""
     from torch._inductor import aoti_compile_and_package
 
     if engine.max_len < 4:
@@ -107,7 +110,7 @@ def build(engine: DecodeEngine, variant: StepKey, path: Path) -> float:
     inputs = step_inputs(engine)
     kv = torch.export.Dim("kv_len", min=2, max=engine.max_len - 1)
     key_slots = torch.arange(min(engine.max_len - 1, 64), device=engine.device)
-    program = _StepProgram(engine, variant).eval()
+    program = _StepProgram(engine, variant, step).eval()
     with torch.no_grad():
         exported = torch.export.export(
             program, (inputs, key_slots), dynamic_shapes=([None] * len(inputs), {0: kv}),

@@ -1,6 +1,8 @@
 """Compiled decode steps kept across runs (docs/design.md#decoding): which step variants this
-machine has compiled before, whether compiling one pays, and the process that compiles one
-into torch.compile's on-disk caches for the next run.
+machine has packaged or compiled before, whether compiling one pays, and the process that
+builds one for the next run: an AOTInductor package (`loopedlm.infer.packaged`, the first
+choice: it loads in milliseconds) or, where a package cannot be built, torch.compile's
+on-disk caches.
 
 On a CPU the compiled decode step (inductor's C++ wrapper) runs about three times as fast as
 the eager one, but compiling it costs 40-70 s with cold caches and about 4-10 s once
