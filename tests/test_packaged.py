@@ -185,3 +185,64 @@ def test_a_package_that_raises_is_dropped_and_the_step_runs_without_it(built, tm
     assert decode(auto, ids, 6) == decode(engine_of(model, compile=False), ids, 6)
     assert calls == [1] and auto.packaged_steps == 0
     assert warm.package_state(built[1]) == "failed"
+
+
+@pytest.mark.slow
+@torch.no_grad()
+@pytest.mark.parametrize("mode,variant,rows", [
+    # two rows: a seeded top-k/top-p row with logprobs beside a greedy one at fewer loops
+    ("flt", "gqa", "mixed"),
+    ("lt", "mla", "mixed"),
+    ("ltai", "swa", "greedy"),
+    ("flt_res", "mla_swa", "seeded"),
+])
+def test_packages_of_every_kind_give_the_eager_tokens(tmp_path, monkeypatch, mode, variant,
+                                                      rows):
+    """Packages built (on another model's weights) for loop modes, attention variants and
+    step variants beyond the default test's: mixed loop counts, seeded filtered sampling,
+    logprobs. Each runs, and gives the eager engine's tokens and logprobs."""
+    from conftest import VARIANTS
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_compile"))
+    monkeypatch.setenv(warm.WARMUP_ENV, "0")
+    seeded = SamplingParams(temperature=0.8, top_k=7, top_p=0.9, seed=4)
+    requests = {
+        "mixed": [dict(n_loops=3, sampling=seeded, logprobs=2), dict(n_loops=2, sampling=GREEDY)],
+        "greedy": [dict(n_loops=3, sampling=GREEDY), dict(n_loops=3, sampling=GREEDY)],
+        "seeded": [dict(n_loops=3, sampling=seeded)],
+    }[rows]
+    shape = {**VARIANTS[variant], "loop_mode": mode}
+
+    def engine(seed, **kw):
+        return DecodeEngine(tiny_model(seed=seed, std=0.3, **shape), max_batch=len(requests),
+                            max_loops=N_LOOPS, **kw)
+
+    def run(e, steps=6):
+        out = []
+        for slot, params in enumerate(requests):
+            e.add(slot, prompt(slot + 7, 4), SequenceParams(**params))
+        for _ in range(steps):
+            step = e.step()
+            out.append((step.tokens.tolist(), step.host_logprobs() if rows == "mixed" else None))
+        return out
+
+    # the variant the engine steps through, packaged on a model of another seed
+    key = {"mixed": StepKey(2, N_LOOPS, 0, mixed=True, filtered=True, greedy=False,
+                            logprobs=True),
+           "greedy": StepKey(2, N_LOOPS, 0, mixed=False, filtered=False, greedy=True),
+           "seeded": StepKey(1, N_LOOPS, 0, mixed=False, filtered=True, greedy=False)}[rows]
+    spec = engine(0).package_spec(key)
+    assert build_package(engine(9, compile=False), spec) == 0
+    runs = []
+    real_run = packaged.StepPackage.run
+    monkeypatch.setattr(packaged.StepPackage, "run",
+                        lambda self, *a: runs.append(1) or real_run(self, *a))
+    packaged_out, eager_out = run(engine(0)), run(engine(0, compile=False))
+    assert [tokens for tokens, _ in packaged_out] == [tokens for tokens, _ in eager_out]
+    for (_, mine), (_, theirs) in zip(packaged_out, eager_out, strict=True):
+        if theirs is not None:
+            flat = [(lp, *[x for pair in top for x in pair]) for lp, top in theirs]
+            assert [(lp, *[x for pair in top for x in pair]) for lp, top in mine] == \
+                [pytest.approx(row, abs=1e-5) for row in flat]
+    assert runs  # the package ran
