@@ -246,3 +246,12 @@ def test_packages_of_every_kind_give_the_eager_tokens(tmp_path, monkeypatch, mod
             assert [(lp, *[x for pair in top for x in pair]) for lp, top in mine] == \
                 [pytest.approx(row, abs=1e-5) for row in flat]
     assert runs  # the package ran
+
+
+def test_a_package_is_named_for_the_cpu_it_was_built_on(monkeypatch):
+    """A LOOPEDLM_HOME shared between machines must not hand an AVX-512 package to a CPU
+    without AVX-512: the CPU's kind is part of a package's (and a marker's) name."""
+    spec = engine_of(make_model()).package_spec(VARIANT)
+    here = spec.signature()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_TEST")
+    assert spec.signature() != here

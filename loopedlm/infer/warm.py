@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -97,11 +98,15 @@ class WarmSpec:
     shapes: list[list[int]] | None = None
 
     def signature(self) -> str:
-        """The marker's name: this spec, the torch version and loopedlm's source."""
+        """The marker's name: this spec, the torch version, loopedlm's source and the CPU's
+        kind (a package built for AVX-512 must not be loaded where only AVX2 runs, by a
+        LOOPEDLM_HOME shared between machines)."""
         import torch
 
         text = json.dumps({"spec": dataclasses.asdict(self), "torch": torch.__version__,
-                           "source": source_digest()}, sort_keys=True, default=str)
+                           "source": source_digest(), "machine": platform.machine(),
+                           "cpu": torch.backends.cpu.get_cpu_capability()},
+                          sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def to_json(self) -> str:
