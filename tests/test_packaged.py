@@ -195,6 +195,7 @@ def test_a_package_that_raises_is_dropped_and_the_step_runs_without_it(built, tm
     ("lt", "mla", "mixed"),
     ("ltai", "swa", "greedy"),
     ("flt_res", "mla_swa", "seeded"),
+    ("flt", "mha", "speculative"),
 ])
 def test_packages_of_every_kind_give_the_eager_tokens(tmp_path, monkeypatch, mode, variant,
                                                       rows):
@@ -211,6 +212,9 @@ def test_packages_of_every_kind_give_the_eager_tokens(tmp_path, monkeypatch, mod
         "mixed": [dict(n_loops=3, sampling=seeded, logprobs=2), dict(n_loops=2, sampling=GREEDY)],
         "greedy": [dict(n_loops=3, sampling=GREEDY), dict(n_loops=3, sampling=GREEDY)],
         "seeded": [dict(n_loops=3, sampling=seeded)],
+        # a speculative row beside a plain one: the step pops its verified tokens
+        "speculative": [dict(n_loops=3, sampling=GREEDY, draft_loops=1, draft_tokens=3),
+                        dict(n_loops=3, sampling=GREEDY)],
     }[rows]
     shape = {**VARIANTS[variant], "loop_mode": mode}
 
@@ -231,7 +235,9 @@ def test_packages_of_every_kind_give_the_eager_tokens(tmp_path, monkeypatch, mod
     key = {"mixed": StepKey(2, N_LOOPS, 0, mixed=True, filtered=True, greedy=False,
                             logprobs=True),
            "greedy": StepKey(2, N_LOOPS, 0, mixed=False, filtered=False, greedy=True),
-           "seeded": StepKey(1, N_LOOPS, 0, mixed=False, filtered=True, greedy=False)}[rows]
+           "seeded": StepKey(1, N_LOOPS, 0, mixed=False, filtered=True, greedy=False),
+           "speculative": StepKey(2, N_LOOPS, 0, mixed=False, filtered=False, greedy=True,
+                                  speculative=True)}[rows]
     spec = engine(0).package_spec(key)
     assert build_package(engine(9, compile=False), spec) == 0
     runs = []
@@ -255,3 +261,11 @@ def test_a_package_is_named_for_the_cpu_it_was_built_on(monkeypatch):
     here = spec.signature()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_TEST")
     assert spec.signature() != here
+
+
+def test_a_step_that_draws_random_numbers_is_not_packaged():
+    """Huginn's random initial state is drawn from torch's global generator when decoding
+    eagerly; a package would draw from its own: such a model is never packaged."""
+    engine = DecodeEngine(tiny_model(std=0.3, state_init="random"), max_batch=1, max_len=MAX_LEN)
+    with pytest.raises(ValueError, match="random initial state"):
+        engine.package_spec(VARIANT)

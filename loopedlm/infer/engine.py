@@ -1315,7 +1315,11 @@ class DecodeEngine:
 
     def package_spec(self, variant: StepKey) -> WarmSpec:
         """What a separate process needs to build `variant`'s AOTInductor package for this
-        engine: the warm spec, the cache length and the inputs' shapes."""
+        engine: the warm spec, the cache length and the inputs' shapes. A ValueError for a
+        model whose step draws random numbers (Huginn's random initial state: a package would
+        draw them from its own generator, not torch's global one, as eager decoding does)."""
+        if self.config.state_init == "random":
+            raise ValueError("a step with a random initial state is not packaged")
         return replace(self.warm_spec(variant), package=True, max_len=self.max_len,
                        shapes=packaged.input_shapes(self))
 
