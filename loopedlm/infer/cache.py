@@ -46,13 +46,6 @@ def loop_slot_map(n_loops: int, cache_slots: int | None = None,
     return [t % cache_slots for t in range(n_loops)]
 
 
-def entry_views(stores: list[tuple[torch.Tensor, torch.Tensor]], n_slots: int
-                ) -> list[list[Entry]]:
-    """entries[layer][slot]: views of each layer's stores (a single entry: every slot's)."""
-    return [[(k[min(slot, k.size(0) - 1)], v[min(slot, k.size(0) - 1)])
-             for slot in range(n_slots)] for k, v in stores]
-
-
 class StaticKVCache:
     """Preallocated keys and values: per (cache slot, layer) one tensor of shape
     (max_batch, n_kv_head, max_len, head_dim), written in place, never reallocated.
@@ -80,7 +73,9 @@ class StaticKVCache:
         self.stores = [(torch.zeros((count, *shape), dtype=dtype, device=device),
                         torch.zeros((count, *shape), dtype=dtype, device=device))
                        for count in counts]
-        self.entries = entry_views(self.stores, n_slots)
+        # entries[layer][slot]: views of the stores (a single entry: every slot's view)
+        self.entries = [[(k[min(slot, k.size(0) - 1)], v[min(slot, k.size(0) - 1)])
+                         for slot in range(n_slots)] for k, v in self.stores]
         self._fill_slots: dict[int, torch.Tensor | None] = {}
 
     def on(self, stores: list[tuple[torch.Tensor, torch.Tensor]]) -> StaticKVCache:

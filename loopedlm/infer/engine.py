@@ -1223,13 +1223,16 @@ class DecodeEngine:
         variant = replace(key, kv_len=0)  # the key length is a dynamic shape
         runs = self._compile_runs.get(variant, 0) + 1
         if self.compiles == "auto":
-            package = self._package(variant, look=runs == 1 or runs % AUTO_COMPILE_AFTER == 0)
+            inputs = packaged.step_inputs(self)
+            shapes = tuple(tuple(t.shape) for t in inputs)  # a package is for its shapes
+            package = self._package(variant, shapes,
+                                    look=runs == 1 or runs % AUTO_COMPILE_AFTER == 0)
             # a package attends over fewer than all positions (see `packaged`): as many as
             # the eager step, or all but the last where those are all yet not all needed
             kv_len = min(key.kv_len, self.max_len - 1)
             needed = max(info.length for info in self.state.infos.values()) + 1
-            if package is not None and kv_len >= needed and package.fits(self, kv_len) \
-                    and self._run_package(package, variant, kv_len):
+            if package is not None and kv_len >= needed \
+                    and self._run_package(package, variant, inputs, kv_len):
                 return
         done = self._compiled.get(variant)
         if done:
@@ -1294,14 +1297,14 @@ class DecodeEngine:
                         variant=asdict(replace(variant, kv_len=0)),
                         compile_options=self.compile_options, short_len=self.max_len == 1)
 
-    def _run_package(self, package: packaged.StepPackage, variant: StepKey, kv_len: int
-                     ) -> bool:
+    def _run_package(self, package: packaged.StepPackage, variant: StepKey,
+                     inputs: list[torch.Tensor], kv_len: int) -> bool:
         """Run one step from `package`; False (the step runs as it would without one, and
         the package is dropped and marked failed) if it raises. Its writes before the error
         are the cache keys of this step's own position, which the step rewrites, and the
         slot state is written last."""
         try:
-            package.run(self, self._key_slots(kv_len))
+            package.run(inputs, self._key_slots(kv_len))
             return True
         except Exception as error:  # a package is only ever an optimisation
             log.warning("decode engine: the packaged step %s failed (%s): decoding without it",
@@ -1323,11 +1326,12 @@ class DecodeEngine:
         return replace(self.warm_spec(variant), package=True, max_len=self.max_len,
                        shapes=packaged.input_shapes(self))
 
-    def _package(self, variant: StepKey, look: bool) -> packaged.StepPackage | None:
-        """compile="auto" on a CPU: `variant`'s package for the inputs as they are now,
-        loaded once it is on disk (`look`: check the disk if none is loaded yet; a package
-        this machine never built is handed to the warming process, which builds it)."""
-        shapes = tuple(tuple(shape) for shape in packaged.input_shapes(self))
+    def _package(self, variant: StepKey, shapes: tuple, look: bool
+                 ) -> packaged.StepPackage | None:
+        """compile="auto" on a CPU: `variant`'s package for inputs of `shapes` (those of
+        `packaged.step_inputs` now), loaded once it is on disk (`look`: check the disk if
+        none is loaded yet; a package this machine never built is handed to the warming
+        process, which builds it)."""
         found = self._packages.get((variant, shapes))
         if found is not None or not look:
             return found

@@ -38,11 +38,16 @@ MODEL_NAME = "model"  # the name of the exported program inside a package
 INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}  # weights bound at load
 
 
+def _state_items(engine: DecodeEngine) -> list[tuple[str, torch.Tensor]]:
+    return [(name, value) for name, value in vars(engine.state).items()
+            if isinstance(value, torch.Tensor)]
+
+
 def state_tensors(engine: DecodeEngine) -> list[tuple[str, torch.Tensor]]:
     """The slot state's tensors (name, tensor), in a fixed order: the package's inputs after
-    the cache's stores. Each must own its storage (none is a view of another)."""
-    found = [(name, value) for name, value in vars(engine.state).items()
-             if isinstance(value, torch.Tensor)]
+    the cache's stores. Each must own its storage (none is a view of another): checked
+    here, where a package is specified or built, not at every step."""
+    found = _state_items(engine)
     storages = {t.untyped_storage().data_ptr() for _, t in found}
     if any(t._base is not None for _, t in found) or len(storages) != len(found):
         raise ValueError("the slot state holds views: it cannot be a package's input")
@@ -51,13 +56,15 @@ def state_tensors(engine: DecodeEngine) -> list[tuple[str, torch.Tensor]]:
 
 def step_inputs(engine: DecodeEngine) -> list[torch.Tensor]:
     """The tensors a packaged step reads and writes in place: the cache's stores (keys and
-    values of each layer), then the slot state's tensors."""
+    values of each layer), then the slot state's tensors (`state_tensors`)."""
     stores = [t for pair in engine.cache.stores for t in pair]
-    return stores + [t for _, t in state_tensors(engine)]
+    return stores + [t for _, t in _state_items(engine)]
 
 
 def input_shapes(engine: DecodeEngine) -> list[list[int]]:
-    """What a package is built for, beside the step variant: its inputs' shapes."""
+    """What a package is built for, beside the step variant: its inputs' shapes (a
+    ValueError if the slot state cannot be its input: `state_tensors`)."""
+    state_tensors(engine)
     return [list(t.shape) for t in step_inputs(engine)]
 
 
@@ -127,13 +134,13 @@ def build(engine: DecodeEngine, variant: StepKey, path: Path, step: Callable[...
 
 
 class StepPackage:
-    """A loaded package: `run(engine, kv_len)` runs one step of its variant on the engine's
-    tensors. Bound to the engine's weights at load; `bind` again after they change."""
+    """A loaded package: `run(inputs, key_slots)` runs one step of its variant on the
+    engine's `step_inputs`, which must have the shapes it was built for. Bound to the
+    engine's weights at load; `bind` again after they change."""
 
     def __init__(self, path: Path, engine: DecodeEngine):
         self.path = path
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), MODEL_NAME, True, 1, -1)
-        self.shapes = input_shapes(engine)
         self.bind(engine)
 
     def bind(self, engine: DecodeEngine) -> None:
@@ -145,19 +152,13 @@ class StepPackage:
             raise ValueError(f"{self.path.name}: weights this engine lacks: {missing[:5]}")
         self.loader.load_constants({name: named[name] for name in wanted}, False, True, True)
 
-    def fits(self, engine: DecodeEngine, kv_len: int) -> bool:
-        """Whether a step of `kv_len` keys on the engine's tensors as they are now fits."""
-        return 2 <= kv_len < engine.max_len and input_shapes(engine) == self.shapes
-
-    def run(self, engine: DecodeEngine, key_slots: torch.Tensor) -> None:
-        self.loader.run([*step_inputs(engine), key_slots])
+    def run(self, inputs: list[torch.Tensor], key_slots: torch.Tensor) -> None:
+        self.loader.run([*inputs, key_slots])
 
 
 def load(path: Path, engine: DecodeEngine) -> StepPackage | None:
-    """The package at `path` bound to the engine, or None (missing, or it does not load:
-    the step runs without it)."""
-    if not path.is_file():
-        return None
+    """The package at `path` bound to the engine, or None (it does not load: the step runs
+    without it)."""
     try:
         return StepPackage(path, engine)
     except Exception as error:  # a package is only ever an optimisation
