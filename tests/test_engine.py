@@ -213,6 +213,10 @@ def test_a_cpu_step_compiles_with_the_cpp_wrapper_unless_the_options_say_otherwi
     for kept in ({"backend": "eager"}, {"backend": "aot_eager"}, {"mode": "max-autotune"}):
         assert cpu_compile_options(cpu, kept) == kept
     assert cpu_compile_options(cuda, None) == {}
+    with pytest.raises(ValueError, match=r"compile_options='fast' is not allowed: a dict"):
+        DecodeEngine(make_model(sequence_len=16), compile_options="fast")
+    with pytest.raises(ValueError, match=r"compile_options\['options'\]=True is not allowed"):
+        cpu_compile_options(cpu, {"options": True})
     engine = DecodeEngine(make_model("flt", "mha", sequence_len=16), max_batch=1,
                           compile="background")
     assert engine.compile_options == {"options": {"cpp_wrapper": True}}

@@ -343,7 +343,13 @@ def cpu_compile_options(device: torch.device, options: dict[str, Any] | None) ->
     compiled step of the tiny preset 1.2-2x faster at N=1 and 12 (docs/design.md#decoding,
     `benchmarks/bench_decode.py`). On CUDA the step is replayed in CUDA graphs, which skip
     the wrapper anyway."""
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"compile_options={options!r} is not allowed: a dict of "
+                         f"torch.compile keyword arguments (backend, mode, options, ...)")
     options = dict(options or {})
+    if not isinstance(options.get("options", {}), dict):
+        raise ValueError(f"compile_options['options']={options['options']!r} is not allowed: "
+                         f"a dict of inductor settings, e.g. {{'cpp_wrapper': False}}")
     if device.type != "cpu" or options.get("backend", "inductor") != "inductor" \
             or "mode" in options:
         return options
