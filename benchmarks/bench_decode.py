@@ -191,7 +191,7 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
     serve`'s (`compile_mode`: the engine's compile). A compiling engine is warmed up first by
     untimed rounds, so that its compiles are not timed: "loop" one round; "auto" one round,
     then (once the warming process it may have started is done) more, until the step
-    variants now warm or packaged on disk are in use (at most 4)."""
+    variants now warm or packaged on disk are in use (at most 6)."""
     engine = DecodeEngine(model, max_batch=clients, max_loops=params.n_loops,
                           max_len=prompts.size(1) + max_tokens + 2, compile=compile_mode,
                           long_lived=True)
@@ -225,10 +225,13 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
         if compile_mode in ("loop", "auto"):
             warm_up()
         if compile_mode == "auto":  # the variants warm on disk compile at a later check
-            for _ in range(4):
+            # (an adaptive step's packages are two, its first loop and a later one, built
+            # one after the other)
+            wanted = 2 if params.adaptive is not None else 1
+            for _ in range(6):
                 wait_warmed(markers_dir())
                 warm_up()
-                if engine.compiled_steps or engine.packaged_steps:
+                if engine.compiled_steps or engine.packaged_steps >= wanted:
                     break
         start = clock()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]

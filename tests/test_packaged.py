@@ -269,3 +269,63 @@ def test_a_step_that_draws_random_numbers_is_not_packaged():
     engine = DecodeEngine(tiny_model(std=0.3, state_init="random"), max_batch=1, max_len=MAX_LEN)
     with pytest.raises(ValueError, match="random initial state"):
         engine.package_spec(VARIANT)
+
+
+def adaptive_requests(thresholds=(0.5, 1.0)) -> list[SequenceParams]:
+    """Rows of an adaptive step: adaptive rows of other thresholds and budgets (one with
+    min_loops), a plain row, and a speculative row (which the step does not compute)."""
+    from loopedlm.infer import AdaptiveLoops
+
+    return [SequenceParams(n_loops=4, sampling=GREEDY,
+                           adaptive=AdaptiveLoops(thresholds[0], "state")),
+            SequenceParams(n_loops=3, sampling=GREEDY),
+            SequenceParams(n_loops=4, sampling=GREEDY,
+                           adaptive=AdaptiveLoops(thresholds[1], "state", min_loops=2)),
+            SequenceParams(n_loops=4, sampling=GREEDY, draft_loops=1, draft_tokens=2)]
+
+
+def run_adaptive(engine: DecodeEngine, requests: list[SequenceParams], steps: int
+                 ) -> list[tuple[list[int], list[int]]]:
+    """(tokens, loops) of every step of `requests` decoded together from their own prompts."""
+    for slot, params in enumerate(requests):
+        engine.add(slot, prompt(slot + 11, 3 + slot), params)
+    out = []
+    for _ in range(steps):
+        step = engine.step()
+        out.append((step.tokens.tolist(), step.loops.tolist()))
+    return out
+
+
+@torch.no_grad()
+def test_adaptive_steps_run_packaged_loops_with_the_eager_tokens_and_loop_counts(
+        tmp_path, monkeypatch):
+    """compile="auto" on a CPU runs an adaptive step by packaged loops (`adaptive_loop`: the
+    first loop and a later one, built on another model's weights), every row of the batch
+    in each loop, a row that stopped writing no keys: each row's tokens and loop counts are
+    the eager step's, where stopped rows leave the batch, beside a plain and a speculative
+    row, to the end of the cache."""
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_compile"))
+    monkeypatch.setenv(warm.WARMUP_ENV, "0")
+    requests = adaptive_requests()
+
+    def engine(seed, **kw):
+        return DecodeEngine(make_model(std=0.3, seed=seed), max_batch=len(requests),
+                            max_len=MAX_LEN, max_loops=4, **kw)
+
+    for program in ("first", "later"):
+        key = StepKey(len(requests), 0, 0, False, False, False, loop_program=program)
+        assert build_package(engine(9, compile=False), engine(0).package_spec(key)) == 0
+    runs = []
+    real_run = packaged.StepPackage.run
+    monkeypatch.setattr(packaged.StepPackage, "run",
+                        lambda self, *a: runs.append(1) or real_run(self, *a))
+    steps = MAX_LEN - 3 - len(requests)
+    eager = run_adaptive(engine(0, compile=False), requests, steps)
+    assert runs == []
+    auto = engine(0)
+    assert run_adaptive(auto, requests, steps) == eager
+    assert auto.packaged_steps == 2 and len(runs) >= steps
+    # the adaptive rows stopped at every loop count they may: before their budget too
+    assert {counts[0] for _, counts in eager} == {2, 3, 4}
+    assert {counts[2] for _, counts in eager} == {2, 3, 4}

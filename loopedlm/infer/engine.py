@@ -44,7 +44,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -66,6 +66,7 @@ from loopedlm.infer.exits import (
     LoopSignals,
     check_criterion,
     default_criterion,
+    relative_change,
     rows_converged,
     update_exit_cdf,
 )
@@ -253,7 +254,9 @@ class StepKey:
     positions attended. mixed: rows differ in n_loops. filtered: a row uses top-k/top-p.
     greedy: every row is greedy (no noise to draw). speculative: some rows decode
     speculatively (they take their tokens from their verified ones instead). logprobs: a row
-    asks for logprobs."""
+    asks for logprobs. loop_program: not a step but one loop of an adaptive step
+    (`adaptive_loop`), "first" or "later" (a package's only; the other fields but `batch`
+    are then unused)."""
 
     batch: int
     n_loops: int
@@ -263,6 +266,7 @@ class StepKey:
     greedy: bool
     speculative: bool = False
     logprobs: bool = False
+    loop_program: str = ""
 
 
 def check_draft_loops(draft_loops: int | None, n_loops: int | None) -> None:
@@ -710,6 +714,66 @@ def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKV
                  logits=logits if key.logprobs else None, speculative=key.speculative)
 
 
+def adaptive_loop(model: LoopedGPT, variant: StepKey, cache: StaticKVCache,
+                  entries: list[Entry], rows: AdaptiveRows | list[torch.Tensor],
+                  key_slots: torch.Tensor,
+                  fused: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One loop of an adaptive step over every row of a batch, as a packaged adaptive step
+    runs it (`variant.loop_program`: "first", where `rows.previous` is unused, or "later"):
+    this loop's cache `entries` (rows [0, B), every position; the keys attended are those at
+    `key_slots`) and the rows' `AdaptiveRows`. Rows not looping write no keys (a row that
+    stopped, or one the step does not compute); their state is computed and discarded. A
+    looping row stops here at its budget, or from its earliest loop on once its state's
+    relative change is below its threshold (the `state` criterion, which cannot stop a row
+    in the first loop): its state goes to `final`, the loop count to `spent`, and it leaves
+    `looping` (all three written in place). Returns the states h (B, 1, d) and which rows
+    stopped here (B,)."""
+    if not isinstance(rows, AdaptiveRows):  # a package's inputs, in the fields' order
+        rows = AdaptiveRows(*rows)
+    n_keys = key_slots.size(0)
+    entries = [(k[:, :, :n_keys], v[:, :, :n_keys]) for k, v in entries]
+    inputs = model.prepare(rows.tokens[:, None], plan=pass_plan(model, rows.pos[:, None], n_keys,
+                                                                cache.dtype, fused=fused))
+    first = variant.loop_program == "first"
+    index = torch.arange(rows.tokens.size(0), device=rows.tokens.device)
+    writes = StepWrites(entries, index, rows.pos, write_first=cache.writes(0 if first else 1, 0),
+                        live=rows.looping)
+    h = decode_loop(model, inputs, None if first else rows.previous, writes)
+    count = rows.loop + 1  # this loop's number, 1-based (a tensor: one program, every loop)
+    stopping = rows.budget == count
+    if not first:
+        converged = relative_change(h[:, -1], rows.previous[:, -1]) < rows.threshold
+        stopping |= (count >= rows.earliest) & (rows.budget > count) & converged
+    stopping &= rows.looping
+    rows.final.copy_(torch.where(stopping[:, None, None], h, rows.final))
+    rows.spent.copy_(torch.where(stopping, count, rows.spent))
+    rows.looping.copy_(rows.looping & ~stopping)
+    return h, stopping
+
+
+@dataclass
+class AdaptiveRows:
+    """The rows of a packaged adaptive step (`adaptive_loop`), all (B,) but `previous` and
+    `final` (B, 1, d): the tokens fed and their positions; each row's loop budget, earliest
+    loop it may stop at and threshold (rows the step does not compute: budget 0); this loop
+    (0-based, shape (1,)); the previous loop's states; and what the loops write: whether a
+    row still loops, the state it stopped with, the loops it spent."""
+
+    tokens: torch.Tensor
+    pos: torch.Tensor
+    budget: torch.Tensor
+    earliest: torch.Tensor
+    threshold: torch.Tensor
+    loop: torch.Tensor
+    previous: torch.Tensor
+    looping: torch.Tensor
+    final: torch.Tensor
+    spent: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
 def pop_step(state: SlotState, batch: int, logprobs: bool = False) -> None:
     """A step in which every live row is speculative: each emits its next verified token
     (and, with `logprobs`, its logprobs from the verify pass), and nothing is computed."""
@@ -814,6 +878,9 @@ class DecodeEngine:
         self._steps: dict[StepKey, Callable[[], None]] = {}
         self._graph_pool: Any = None  # `_pool`
         self._entries: dict[tuple[int, int], list[list[Entry]]] = {}
+        self._loop_views: dict[tuple[int, int], list[torch.Tensor]] = {}  # _adaptive_entries
+        self._loop_numbers = [torch.tensor([loop], device=device)
+                              for loop in range(self.max_loops)]  # AdaptiveRows.loop
         self._slots: dict[int, torch.Tensor] = {}
         self._compile_runs: dict[StepKey, int] = {}  # background: eager runs per variant
         self._compiled: dict[StepKey, bool] = {}  # background: variant -> compiled (or failed)
@@ -1577,6 +1644,11 @@ class DecodeEngine:
         slots = [slot for slot in range(batch) if slot in state.infos
                  and state.infos[slot].params.draft_loops is None]
         params = [state.infos[slot].params for slot in slots]
+        packages = self._adaptive_packages(batch, params)
+        if packages is not None:
+            done = self._packaged_adaptive_logits(tokens, batch, slots, params, *packages)
+            if done is not None:
+                return done
         pos = state.pos[:batch]
         entries = self._loop_entries(batch, kv_len)
         # masks of every row, built once; the prelude (Huginn) runs for every row
@@ -1655,6 +1727,108 @@ class DecodeEngine:
         every = logits.new_zeros((batch, logits.size(-1))).index_copy_(0, computed, logits)
         return every, spent
 
+    def _adaptive_packages(self, batch: int, params: list[SequenceParams]
+                           ) -> tuple[packaged.StepPackage, packaged.StepPackage | None, int] | None:
+        """compile="auto" on a CPU: the packaged loops (the first, a later one) that run an
+        adaptive step of `batch` rows, and the key length they attend over; None where the
+        step runs eagerly: a criterion other than `state` (the others read logits or a gate
+        at every loop), layers outside the loop (Huginn), a random initial state, keys
+        beyond a package's reach, or no package yet (this looks for them, and has the
+        warming process build them, as `_package` does for fixed steps)."""
+        if self.compiles != "auto" or self.config.n_layers != self.config.depth or \
+                any(p.adaptive is not None and p.adaptive.criterion != "state" for p in params):
+            return None
+        kv_len = min(self._kv_len(), self.max_len - 1)
+        if kv_len < max(info.length for info in self.state.infos.values()) + 1:
+            return None
+        shapes = tuple(tuple(t.shape) for t in packaged.step_inputs(self))
+        found = []
+        for program in ("first", "later")[: min(2, self.max_loops)]:
+            variant = StepKey(batch, 0, 0, False, False, False, loop_program=program)
+            runs = self._compile_runs.get(variant, 0) + 1
+            found.append(self._package(variant, shapes,
+                                       look=runs == 1 or runs % AUTO_COMPILE_AFTER == 0))
+            self._compile_runs[variant] = runs
+        if any(package is None for package in found):
+            return None
+        return found[0], found[1] if len(found) > 1 else None, kv_len
+
+    def adaptive_rows(self, tokens: torch.Tensor, slots: list[int],
+                      params: list[SequenceParams]) -> AdaptiveRows:
+        """The `AdaptiveRows` of an adaptive step of rows [0, len(tokens)) that computes the
+        rows `slots` (with their `params`), at the first loop."""
+        batch, device = tokens.size(0), self.device
+        budget, earliest = [0] * batch, [0] * batch
+        threshold = [-math.inf] * batch
+        for slot, p in zip(slots, params, strict=True):
+            budget[slot] = p.n_loops
+            earliest[slot] = min(p.adaptive.min_loops, p.n_loops) if p.adaptive else p.n_loops
+            if p.adaptive:
+                threshold[slot] = p.adaptive.threshold
+        looping = torch.tensor([n > 0 for n in budget], device=device)
+        previous = torch.zeros((batch, 1, self.config.d_model), dtype=self.dtype, device=device)
+        return AdaptiveRows(tokens, self.state.pos[:batch], torch.tensor(budget, device=device),
+                            torch.tensor(earliest, device=device),
+                            torch.tensor(threshold, dtype=torch.float32, device=device),
+                            self._loop_numbers[0], previous, looping, torch.zeros_like(previous),
+                            torch.zeros(batch, dtype=torch.long, device=device))
+
+    def _packaged_adaptive_logits(self, tokens: torch.Tensor, batch: int, slots: list[int],
+                                  params: list[SequenceParams], first: packaged.StepPackage,
+                                  later: packaged.StepPackage | None, kv_len: int
+                                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`_adaptive_logits` by packaged loops (`adaptive_loop`): every row of the batch runs
+        each loop until every computed row (`slots`) has stopped, and a row that stopped
+        writes no keys, so each row's tokens are those of the eager step, where it leaves
+        the batch. On a dispatch-bound CPU a loop of all rows, packaged, costs less than a
+        loop of fewer rows run eagerly. One host sync per loop from the rows' earliest stop
+        on, to learn which rows stop. None if a package raises (the step is then run
+        eagerly, which rewrites every key this one wrote; the package is not used again)."""
+        rows = self.adaptive_rows(tokens, slots, params)
+        key_slots = self._key_slots(kv_len)
+        budget = {slot: p.n_loops for slot, p in zip(slots, params, strict=True)}
+        earliest = {slot: min(p.adaptive.min_loops, p.n_loops) if p.adaptive else p.n_loops
+                    for slot, p in zip(slots, params, strict=True)}
+        for loop in range(max(budget.values(), default=0)):
+            rows.loop = self._loop_numbers[loop]
+            try:
+                rows.previous, stopping = (first if loop == 0 else later).run(
+                    [*self._adaptive_entries(batch, loop), *rows.tensors()], key_slots)
+            except Exception as error:  # a package is only ever an optimisation
+                self._drop_adaptive_packages(batch, error)
+                return None
+            if loop + 1 < min(earliest[slot] for slot in budget):  # none stops: no sync
+                continue
+            if all(n == loop + 1 for n in budget.values()):  # every row's last loop
+                break
+            stops = [slot for slot, stop in enumerate(stopping.tolist()) if stop]
+            early = [slot for slot in stops if budget[slot] > loop + 1]
+            if early:
+                at = torch.tensor(early, device=self.device)
+                self.cache.fill_skipped_loops(loop, at, rows.pos[at])
+            for slot in stops:
+                del budget[slot], earliest[slot]
+            if not budget:
+                break
+        logits = self.model.logits(rows.final)[:, -1]  # rows not computed: zeros
+        return logits.masked_fill_((rows.budget == 0)[:, None], 0.0), rows.spent
+
+    def _adaptive_entries(self, batch: int, loop: int) -> list[torch.Tensor]:
+        """`packaged.loop_inputs`, made once per (batch, loop): views that never move."""
+        if (batch, loop) not in self._loop_views:
+            self._loop_views[(batch, loop)] = packaged.loop_inputs(self, batch, loop)
+        return self._loop_views[(batch, loop)]
+
+    def _drop_adaptive_packages(self, batch: int, error: Exception) -> None:
+        log.warning("decode engine: a packaged adaptive loop failed (%s): decoding without it",
+                    error)
+        for key in list(self._packages):
+            variant = key[0]
+            if variant.loop_program and variant.batch == batch:
+                self._packages[key] = None
+                with contextlib.suppress(TypeError, ValueError, OSError):
+                    record(self.package_spec(variant), failed=True)
+
     def _rows_inputs(self, inputs: LoopInputs, active: torch.Tensor, batch: int,
                      entries: list[list[Entry]]) -> LoopInputs:
         """The loop inputs of rows `active` of a batch whose masks and cache rows stay whole
@@ -1683,8 +1857,14 @@ def build_package(engine: DecodeEngine, spec: WarmSpec) -> int:
         if packaged.input_shapes(engine) != shapes:
             raise ValueError(f"this engine's inputs {packaged.input_shapes(engine)} are not "
                              f"the spec's {shapes}")
-        seconds = packaged.build(engine, StepKey(**spec.variant), package_path(spec),
-                                 functools.partial(fixed_step, loop_fn=decode_loop))
+        variant = StepKey(**spec.variant)
+        if variant.loop_program:
+            rows = engine.adaptive_rows(engine.state.tokens[: variant.batch], [], [])
+            seconds = packaged.build(engine, variant, package_path(spec), adaptive_loop,
+                                     rows.tensors())
+        else:
+            seconds = packaged.build(engine, variant, package_path(spec),
+                                     functools.partial(fixed_step, loop_fn=decode_loop))
     except Exception:
         log.exception("building the packaged step %s failed", spec.signature())
         record(spec, failed=True)
@@ -1731,6 +1911,6 @@ def warm_main(argv: list[str] | None = None) -> int:
 
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
-           "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop",
+           "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop", "adaptive_loop",
            "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main", "cpu_compile_options",
            "build_package"]

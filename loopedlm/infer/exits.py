@@ -56,9 +56,13 @@ class ExitCriterion:
     needs_gate: bool = False
 
 
+def relative_change(state: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """||h^t - h^{t-1}|| / ||h^t|| per row (the `state` criterion's signal), in fp32."""
+    return (state - previous).float().norm(dim=-1) / state.float().norm(dim=-1)
+
+
 def _relative_change(s: LoopSignals, threshold: torch.Tensor) -> torch.Tensor:
-    change = (s.state - s.previous).float().norm(dim=-1) / s.state.float().norm(dim=-1)
-    return change < threshold
+    return relative_change(s.state, s.previous) < threshold
 
 
 def _kl_to_previous(s: LoopSignals, threshold: torch.Tensor) -> torch.Tensor:
@@ -122,5 +126,5 @@ def rows_converged(signals: LoopSignals, criterion_ids: torch.Tensor, threshold:
     return converged
 
 
-__all__ = ["LoopSignals", "ExitCriterion", "EXIT_CRITERIA", "default_criterion",
+__all__ = ["LoopSignals", "ExitCriterion", "EXIT_CRITERIA", "default_criterion", "relative_change",
            "check_criterion", "update_exit_cdf", "rows_converged"]

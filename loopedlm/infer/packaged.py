@@ -77,18 +77,27 @@ def constants(engine: DecodeEngine) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in named.items()}
 
 
-class _StepProgram(torch.nn.Module):
-    """`fixed_step` of one variant as a module of its tensors, for torch.export: the model is
-    a submodule and the fused projections buffers (the package's constants); the stores and
-    the slot state are inputs, written in place."""
+class _Program(torch.nn.Module):
+    """A step function as a module of its tensors, for torch.export: the model is a submodule
+    and the fused projections buffers (the package's constants); everything else is an
+    input."""
 
-    def __init__(self, engine: DecodeEngine, variant: StepKey, step: Callable[..., None]):
+    def __init__(self, engine: DecodeEngine, variant: StepKey, step: Callable[..., Any]):
         super().__init__()
         self.model = engine.model
         self.engine, self.variant, self.step = engine, variant, step
         self.fused_at = [i for i, f in enumerate(engine.fused) if f is not None]
         for i in self.fused_at:
             self.register_buffer(f"fused{i}", engine.fused[i])
+
+    def fused(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f"fused{i}") if i in self.fused_at else None
+                for i in range(len(self.engine.fused))]
+
+
+class _StepProgram(_Program):
+    """`fixed_step` of one variant: the stores and the slot state are inputs, written in
+    place."""
 
     def forward(self, tensors: list[torch.Tensor], key_slots: torch.Tensor) -> torch.Tensor:
         engine = self.engine
@@ -97,31 +106,58 @@ class _StepProgram(torch.nn.Module):
         state = copy.copy(engine.state)
         for (name, _), tensor in zip(state_tensors(engine), tensors[n:], strict=True):
             setattr(state, name, tensor)
-        fused = [getattr(self, f"fused{i}") if i in self.fused_at else None
-                 for i in range(len(engine.fused))]
-        self.step(self.model, self.variant, state, cache, key_slots, fused)
+        self.step(self.model, self.variant, state, cache, key_slots, self.fused())
         return key_slots[:1]  # an export needs an output; the step's are its writes
 
 
-def build(engine: DecodeEngine, variant: StepKey, path: Path, step: Callable[..., None]
-          ) -> float:
-    """Export `variant` of the engine's `step` (`fixed_step(model, variant, state, cache,
-    key_slots, fused)`) and compile it into a package at `path` (written to a temporary name
-    and renamed: a reader never sees half of one); its seconds. The engine's tensors are
-    only traced, never written."""
+class _LoopProgram(_Program):
+    """One loop of an adaptive step (`adaptive_loop` in `loopedlm.infer.engine`, the first
+    loop or a later one): one loop's cache entries (keys and values of each layer, rows
+    [0, batch), every position) and the rows' tensors (`AdaptiveRows`, in its order) are
+    inputs, written in place; the loop's states and which rows stopped are the outputs."""
+
+    def forward(self, entries: list[torch.Tensor], rows: list[torch.Tensor],
+                key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [(entries[i], entries[i + 1]) for i in range(0, len(entries), 2)]
+        return self.step(self.model, self.variant, self.engine.cache, pairs, rows, key_slots,
+                         self.fused())
+
+
+def loop_inputs(engine: DecodeEngine, batch: int, loop: int) -> list[torch.Tensor]:
+    """The cache entries a packaged adaptive loop `loop` takes, flat (keys, values of each
+    layer): views of rows [0, batch) at every position."""
+    return [t for pair in engine.cache.loop_entries(loop, batch, engine.max_len) for t in pair]
+
+
+def build(engine: DecodeEngine, variant: StepKey, path: Path, step: Callable[..., Any],
+          rows: list[torch.Tensor] | None = None) -> float:
+    """Export `variant` of the engine's `step` and compile it into a package at `path`
+    (written to a temporary name and renamed: a reader never sees half of one); its
+    seconds. `step`: `fixed_step(model, variant, state, cache, key_slots, fused)`, or, for a
+    variant with a `loop_program`, one loop of an adaptive step (`_LoopProgram`), traced on
+    the example `rows`. The engine's tensors are only traced, never written."""
     from torch._inductor import aoti_compile_and_package
 
     if engine.max_len < 4:
         raise ValueError(f"max_len={engine.max_len}: too short for a packaged step")
     start = time.perf_counter()
-    inputs = step_inputs(engine)
     kv = torch.export.Dim("kv_len", min=2, max=engine.max_len - 1)
     key_slots = torch.arange(min(engine.max_len - 1, 64), device=engine.device)
-    program = _StepProgram(engine, variant, step).eval()
+    if variant.loop_program:
+        if rows is None:
+            raise ValueError("a loop program is traced on example rows")
+        loop = 0 if variant.loop_program == "first" else min(1, engine.max_loops - 1)
+        entries = loop_inputs(engine, variant.batch, loop)
+        program: _Program = _LoopProgram(engine, variant, step)
+        args = (entries, rows, key_slots)
+        dynamic = ([None] * len(entries), [None] * len(rows), {0: kv})
+    else:
+        inputs = step_inputs(engine)
+        program = _StepProgram(engine, variant, step)
+        args, dynamic = (inputs, key_slots), ([None] * len(inputs), {0: kv})
     with torch.no_grad():
-        exported = torch.export.export(
-            program, (inputs, key_slots), dynamic_shapes=([None] * len(inputs), {0: kv}),
-            strict=False)
+        exported = torch.export.export(program.eval(), args, dynamic_shapes=dynamic,
+                                       strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{time.time_ns()}.tmp.pt2")
     try:
@@ -135,8 +171,9 @@ def build(engine: DecodeEngine, variant: StepKey, path: Path, step: Callable[...
 
 class StepPackage:
     """A loaded package: `run(inputs, key_slots)` runs one step of its variant on the
-    engine's `step_inputs`, which must have the shapes it was built for. Bound to the
-    engine's weights at load; `bind` again after they change."""
+    engine's `step_inputs` (a loop program: its inputs), which must have the shapes it was
+    built for, and returns its outputs. Bound to the engine's weights at load; `bind` again
+    after they change."""
 
     def __init__(self, path: Path, engine: DecodeEngine):
         self.path = path
@@ -152,8 +189,8 @@ class StepPackage:
             raise ValueError(f"{self.path.name}: weights this engine lacks: {missing[:5]}")
         self.loader.load_constants({name: named[name] for name in wanted}, False, True, True)
 
-    def run(self, inputs: list[torch.Tensor], key_slots: torch.Tensor) -> None:
-        self.loader.run([*inputs, key_slots])
+    def run(self, inputs: list[torch.Tensor], key_slots: torch.Tensor) -> list[torch.Tensor]:
+        return self.loader.run([*inputs, key_slots])
 
 
 def load(path: Path, engine: DecodeEngine) -> StepPackage | None:
@@ -167,4 +204,5 @@ def load(path: Path, engine: DecodeEngine) -> StepPackage | None:
         return None
 
 
-__all__ = ["StepPackage", "build", "load", "step_inputs", "input_shapes", "constants"]
+__all__ = ["StepPackage", "build", "load", "step_inputs", "loop_inputs", "input_shapes",
+           "constants"]
