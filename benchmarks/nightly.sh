@@ -30,6 +30,6 @@ LOOPEDLM_OLDEST_TRANSFORMERS_PYTHON="$OLD_VENV/bin/python" python -m pytest -m s
 python -m pytest -m slow tests/test_head_loss.py
 
 # inductor's own code for the decode step on a CPU (the C++ wrapper, the default there), and
-# AOTInductor packages of every loop mode, attention variant and step kind, against the eager
-# engine's tokens (issue 25)
+# AOTInductor packages of every loop mode, attention variant and step kind (the packaged loops
+# of adaptive steps too, with shared cache slots), against the eager engine's tokens (issue 25)
 python -m pytest -m slow tests/test_engine.py tests/test_packaged.py

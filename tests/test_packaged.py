@@ -329,3 +329,38 @@ def test_adaptive_steps_run_packaged_loops_with_the_eager_tokens_and_loop_counts
     # the adaptive rows stopped at every loop count they may: before their budget too
     assert {counts[0] for _, counts in eager} == {2, 3, 4}
     assert {counts[2] for _, counts in eager} == {2, 3, 4}
+
+
+@pytest.mark.slow
+@torch.no_grad()
+@pytest.mark.parametrize("mode,variant,cache_slots", [
+    ("lt", "mla", None),          # every loop writes layer 0 (no shared first layer)
+    ("ltai", "swa", 2),           # loops share cache slots: a stopped row must write nothing
+    ("flt_res", "mla_swa", None),
+    ("flt", "gqa", 3),
+])
+def test_packaged_adaptive_loops_of_every_kind_give_the_eager_tokens(
+        tmp_path, monkeypatch, mode, variant, cache_slots):
+    """The packaged adaptive loops for loop modes, attention variants and shared cache
+    slots beyond the default test's: the eager step's tokens and loop counts."""
+    from conftest import VARIANTS
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_compile"))
+    monkeypatch.setenv(warm.WARMUP_ENV, "0")
+    requests = adaptive_requests()
+    shape = {**VARIANTS[variant], "loop_mode": mode}
+
+    def engine(seed, **kw):
+        return DecodeEngine(tiny_model(seed=seed, std=0.3, **shape), max_batch=len(requests),
+                            max_len=MAX_LEN, max_loops=4, cache_slots=cache_slots, **kw)
+
+    for program in ("first", "later"):
+        key = StepKey(len(requests), 0, 0, False, False, False, loop_program=program)
+        assert build_package(engine(9, compile=False), engine(0).package_spec(key)) == 0
+    steps = MAX_LEN - 3 - len(requests)
+    eager = run_adaptive(engine(0, compile=False), requests, steps)
+    auto = engine(0)
+    assert run_adaptive(auto, requests, steps) == eager
+    assert auto.packaged_steps == 2
+    assert min(counts[0] for _, counts in eager) < 4  # a row stopped before its budget
