@@ -156,11 +156,14 @@ def test_the_cache_rejects_what_does_not_fit():
 
 
 @pytest.mark.parametrize("slots,share_first", [(None, True), (3, False), (2, True)])
+@pytest.mark.parametrize("lasts", [(1, 1), (1, 3), (0, 5)])
 def test_filling_skipped_loops_copies_the_last_loops_entry_to_every_later_loop(slots,
-                                                                               share_first):
-    """`fill_skipped_loops` (one write per layer) gives every loop after the last computed
-    one, through its own cache slot, the last loop's keys and values at the rows' positions,
-    and touches nothing else: the same as copying loop after loop, entry after entry."""
+                                                                               share_first,
+                                                                               lasts):
+    """`fill_skipped_loops` (once per step, one write per layer) gives every loop after a
+    row's last computed one, through its own cache slot, that loop's keys and values at the
+    row's position, and touches nothing else: the same as copying loop after loop, entry
+    after entry, row after row (rows that stopped at the same loop, or at others)."""
     from loopedlm.infer.cache import StaticKVCache, loop_slot_map
 
     config = make_model("flt", "mha").config
@@ -171,19 +174,21 @@ def test_filling_skipped_loops_copies_the_last_loops_entry_to_every_later_loop(s
         k.copy_(torch.randn(k.shape, generator=gen))
         v.copy_(torch.randn(v.shape, generator=gen))
     expected = [[t.clone() for t in kv] for kv in cache.stores]
-    rows, pos, last = torch.tensor([0, 2]), torch.tensor([5, 1]), 1
-    for k_store, v_store in expected:  # the copy, loop after loop
+    rows, pos = torch.tensor([0, 2]), torch.tensor([5, 1])
+    for k_store, v_store in expected:  # the copy, row after row, loop after loop
         if k_store.size(0) == 1:
             continue
-        source = cache.slot_of_loop[last]
-        for loop in range(last + 1, n_loops):
-            slot = cache.slot_of_loop[loop]
-            if slot != source:
-                for store in (k_store, v_store):
-                    store[slot, rows, :, pos] = store[source, rows, :, pos]
-    cache.fill_skipped_loops(last, rows, pos)
+        for row, at, last in zip(rows.tolist(), pos.tolist(), lasts, strict=True):
+            source = cache.slot_of_loop[last]
+            for loop in range(last + 1, n_loops):
+                slot = cache.slot_of_loop[loop]
+                if slot != source:
+                    for store in (k_store, v_store):
+                        store[slot, row, :, at] = store[source, row, :, at]
+    cache.fill_skipped_loops(list(lasts), rows, pos)
     for got, want in zip(cache.stores, expected, strict=True):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     # the entries are views of the stores: what a pass reads is what was filled
     k_last, _ = cache.entry(n_loops - 1, 1)
-    assert torch.equal(k_last[rows, :, pos], cache.entry(last, 1)[0][rows, :, pos])
+    for i, last in enumerate(lasts):
+        assert torch.equal(k_last[rows[i], :, pos[i]], cache.entry(last, 1)[0][rows[i], :, pos[i]])

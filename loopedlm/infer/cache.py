@@ -115,21 +115,40 @@ class StaticKVCache:
         """Cache bytes per (sequence, position)."""
         return self.nbytes() // (self.max_batch * self.max_len)
 
-    def fill_skipped_loops(self, last_loop: int, rows: torch.Tensor, pos: torch.Tensor) -> None:
-        """Give the loops after `last_loop` the keys/values `last_loop` wrote at `pos` for
-        `rows`: the loops an adaptive row skipped (`AdaptiveLoops`: a converged state means
+    def fill_skipped_loops(self, last_loops: list[int], rows: torch.Tensor, pos: torch.Tensor
+                           ) -> None:
+        """Give row rows[i]'s loops after `last_loops[i]` the keys/values that loop wrote at
+        pos[i]: the loops an adaptive row skipped (`AdaptiveLoops`: a converged state means
         the next loop would write nearly the same keys, and copying them costs nothing).
-        One write per layer for keys and one for values: every skipped loop's entry at once
-        (a layer with a single entry has nothing to fill)."""
-        targets = self._skipped_slots(last_loop)
-        if targets is None:
+        Once per decode step, for every row that stopped early (a row that stopped writes
+        no keys, so its fill may wait for the step's end): per layer with entries of its
+        own per loop, one write of keys and one of values, covering every skipped entry of
+        every row."""
+        plans = [self._skipped_slots(last) for last in last_loops]
+        if all(plan is None for plan in plans):
             return
-        source = self.slot_of_loop[last_loop]
-        at = (targets[:, None], rows[None, :], slice(None), pos[None, :])
+        sources = [self.slot_of_loop[last] for last in last_loops]
+        if len(set(last_loops)) == 1:  # one source and one set of targets: read once
+            at = (plans[0][:, None], rows[None, :], slice(None), pos[None, :])
+            for k, v in self.stores:
+                if k.size(0) > 1:
+                    k[at] = k[sources[0], rows, :, pos]
+                    v[at] = v[sources[0], rows, :, pos]
+            return
+        device = self.stores[0][0].device
+        n_slots = max(self.slot_of_loop) + 1
+        targets = torch.zeros((len(plans), n_slots), dtype=torch.bool)
+        for i, last in enumerate(last_loops):
+            for loop in range(last + 1, len(self.slot_of_loop)):
+                targets[i, self.slot_of_loop[loop]] = self.slot_of_loop[loop] != sources[i]
+        targets = targets.to(device)[:, :, None, None]
+        source = torch.tensor(sources, device=device)
+        at = (slice(None), rows, slice(None), pos)  # read as (row, slot, head, dim)
         for k, v in self.stores:
             if k.size(0) > 1:
-                k[at] = k[source, rows, :, pos]
-                v[at] = v[source, rows, :, pos]
+                for store in (k, v):
+                    store[at] = torch.where(targets, store[source, rows, :, pos][:, None],
+                                            store[at])
 
     def _skipped_slots(self, last_loop: int) -> torch.Tensor | None:
         """The cache slots of the loops after `last_loop`, other than its own (None: none)."""

@@ -1673,6 +1673,7 @@ class DecodeEngine:
         exit_cdf = torch.zeros(len(slots), dtype=torch.float32, device=self.device)
         remaining = torch.ones_like(exit_cdf)
         computed = active = torch.tensor(slots, device=self.device)
+        active_slots, skipped = list(slots), {}  # slot -> its last loop, if before its budget
         inputs = self._rows_inputs(all_inputs, active, batch, entries)
         previous = previous_logp = None
         for loop in range(max(budget, default=0)):
@@ -1704,21 +1705,22 @@ class DecodeEngine:
             at = torch.tensor(stopped, device=self.device)
             final.index_copy_(0, active[at], h[at])
             spent.index_fill_(0, active[at], loop + 1)
-            early = [i for i in stopped if budget[i] > loop + 1]
-            if early:
-                rows = active[torch.tensor(early, device=self.device)]
-                cache.fill_skipped_loops(loop, rows, pos[rows])
+            for i in stopped:
+                if budget[i] > loop + 1:  # its skipped loops are filled at the step's end
+                    skipped[active_slots[i]] = loop
             kept = [i for i, stop in enumerate(stops) if not stop]
             if not kept:
                 break
             keep = torch.tensor(kept, device=self.device)
             active, previous = active[keep], h[keep]
+            active_slots = [active_slots[i] for i in kept]
             previous_logp = None if logp is None else logp[keep]
             threshold, criterion_ids = threshold[keep], criterion_ids[keep]
             exit_cdf, remaining = exit_cdf[keep], remaining[keep]
             budget = [budget[i] for i in kept]
             earliest = [earliest[i] for i in kept]
             inputs = self._rows_inputs(all_inputs, active, batch, entries)
+        self._fill_skipped(skipped)
         # the read-out of the rows computed (a coda attends, so it runs on theirs alone)
         read = self._rows_inputs(all_inputs, computed, batch, entries)
         if read is all_inputs:
@@ -1786,6 +1788,7 @@ class DecodeEngine:
         eagerly, which rewrites every key this one wrote; the package is not used again)."""
         rows = self.adaptive_rows(tokens, slots, params)
         key_slots = self._key_slots(kv_len)
+        skipped: dict[int, int] = {}  # slot -> its last loop, if before its budget
         budget = {slot: p.n_loops for slot, p in zip(slots, params, strict=True)}
         earliest = {slot: min(p.adaptive.min_loops, p.n_loops) if p.adaptive else p.n_loops
                     for slot, p in zip(slots, params, strict=True)}
@@ -1802,16 +1805,22 @@ class DecodeEngine:
             if all(n == loop + 1 for n in budget.values()):  # every row's last loop
                 break
             stops = [slot for slot, stop in enumerate(stopping.tolist()) if stop]
-            early = [slot for slot in stops if budget[slot] > loop + 1]
-            if early:
-                at = torch.tensor(early, device=self.device)
-                self.cache.fill_skipped_loops(loop, at, rows.pos[at])
             for slot in stops:
+                if budget[slot] > loop + 1:
+                    skipped[slot] = loop
                 del budget[slot], earliest[slot]
             if not budget:
                 break
+        self._fill_skipped(skipped)
         logits = self.model.logits(rows.final)[:, -1]  # rows not computed: zeros
         return logits.masked_fill_((rows.budget == 0)[:, None], 0.0), rows.spent
+
+    def _fill_skipped(self, skipped: dict[int, int]) -> None:
+        """Fill the skipped loops' cache entries of the rows that stopped early in this
+        step (`skipped`: slot -> its last loop; `StaticKVCache.fill_skipped_loops`)."""
+        if skipped:
+            rows = torch.tensor(list(skipped), device=self.device)
+            self.cache.fill_skipped_loops(list(skipped.values()), rows, self.state.pos[rows])
 
     def _adaptive_entries(self, batch: int, loop: int) -> list[torch.Tensor]:
         """`packaged.loop_inputs`, made once per (batch, loop): views that never move."""
