@@ -185,7 +185,7 @@ def test_filling_skipped_loops_copies_the_last_loops_entry_to_every_later_loop(s
                 if slot != source:
                     for store in (k_store, v_store):
                         store[slot, row, :, at] = store[source, row, :, at]
-    cache.fill_skipped_loops(list(lasts), rows, pos)
+    cache.fill_skipped_loops(list(lasts), rows.tolist(), pos)
     for got, want in zip(cache.stores, expected, strict=True):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     # the entries are views of the stores: what a pass reads is what was filled

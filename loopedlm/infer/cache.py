@@ -115,17 +115,17 @@ class StaticKVCache:
         """Cache bytes per (sequence, position)."""
         return self.nbytes() // (self.max_batch * self.max_len)
 
-    def fill_skipped_loops(self, last_loops: list[int], rows: torch.Tensor, pos: torch.Tensor
+    def fill_skipped_loops(self, last_loops: list[int], rows: list[int], pos: torch.Tensor
                            ) -> None:
         """Give row rows[i]'s loops after `last_loops[i]` the keys/values that loop wrote at
-        pos[i]: the loops an adaptive row skipped (`AdaptiveLoops`: a converged state means
-        the next loop would write nearly the same keys, and copying them costs nothing).
+        pos[i] (`pos` a tensor: no host sync): the loops an adaptive row skipped
+        (`AdaptiveLoops`: a converged state means the next loop would write nearly the same
+        keys, and copying them costs nothing).
         Once per decode step, for every row that stopped early (a row that stopped writes
         no keys, so its fill may wait for the step's end). The entries to copy are (slot,
         row, head) vectors at one position: gathered and scattered through flat indices, one
         read and one write per store with entries of its own per loop, whatever loops the
         rows stopped at (advanced indexing over the 5-d stores cost 10x as much, measured)."""
-        rows_host = rows.tolist()
         pairs = [(i, self.slot_of_loop[last], slot)
                  for i, last in enumerate(last_loops) for slot in self._skipped_slots(last)]
         stores = [t for kv in self.stores for t in kv if t.size(0) > 1]
@@ -134,7 +134,7 @@ class StaticKVCache:
         _, batch, heads, length, dim = stores[0].shape
         device = stores[0].device
         at, source, target = (torch.tensor(x, device=device) for x in zip(*pairs, strict=True))
-        row = torch.tensor(rows_host, device=device)[at]
+        row = torch.tensor(rows, device=device)[at]
         offsets = torch.arange(heads, device=device) * length + pos[at][:, None]  # (pairs, heads)
         reads = ((source * batch + row) * heads * length)[:, None] + offsets
         writes = ((target * batch + row) * heads * length)[:, None] + offsets

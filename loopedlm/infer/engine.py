@@ -1819,8 +1819,9 @@ class DecodeEngine:
         """Fill the skipped loops' cache entries of the rows that stopped early in this
         step (`skipped`: slot -> its last loop; `StaticKVCache.fill_skipped_loops`)."""
         if skipped:
-            rows = torch.tensor(list(skipped), device=self.device)
-            self.cache.fill_skipped_loops(list(skipped.values()), rows, self.state.pos[rows])
+            rows = list(skipped)
+            pos = self.state.pos[torch.tensor(rows, device=self.device)]
+            self.cache.fill_skipped_loops(list(skipped.values()), rows, pos)
 
     def _adaptive_entries(self, batch: int, loop: int) -> list[torch.Tensor]:
         """`packaged.loop_inputs`, made once per (batch, loop): views that never move."""
