@@ -26,9 +26,9 @@ cache slots, such writes are masked out). In `flt` and `ltai` the first layer's 
 values are the same in every loop: the model computes them once per token
 (`LoopedGPT.prepare`) and the cache keeps one entry for layer 0 instead of N.
 
-Adaptive loops (`AdaptiveLoops`) change the batch shape inside a step (rows that converge
-leave it), so a step with an adaptive row runs eagerly, never captured: the documented
-fallback, measured in benchmarks/bench_engine.py.
+Adaptive loops (`AdaptiveLoops`) stop rows inside a step. Eagerly, rows that converge leave
+the batch; under compile="auto" on a CPU, packaged loops (`adaptive_loop`) run every row and
+mask the stopped ones. A step with an adaptive row is never captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -1638,7 +1638,8 @@ class DecodeEngine:
         logits; Huginn's coda writes its keys at each read-out, the last one's stay). Open
         slots only (speculative rows emit verified tokens; the other rows' logits are
         zeros); one host sync per loop from a row's min_loops on, to learn which rows stop,
-        none at a loop that is every row's last."""
+        none at a loop that is every row's last. Under compile="auto" on a CPU the loops
+        may run packaged instead (`_adaptive_packages`), with the same tokens."""
         model, state, cache = self.model, self.state, self.cache
         kv_len = self._kv_len()
         slots = [slot for slot in range(batch) if slot in state.infos

@@ -13,7 +13,8 @@ A package is one step variant at the engine's exact tensor shapes (batch slots, 
 length, stop-id table), with the key length a dynamic size below the cache length (a step
 that attends over every position runs as it would without one). The weights are not in it:
 the engine's own tensors are bound to it when it is loaded (and again when they change), so
-one package serves every model of the shape.
+one package serves every model of the shape. An adaptive step is packaged as two loop
+programs (its first loop and any later one), which the engine calls loop by loop.
 """
 
 from __future__ import annotations
