@@ -18,6 +18,12 @@ Sections (all by default; `--sections` picks some):
   N=12 against adaptive loops, with the threshold chosen (on other prompts) so that the
   mean is about `--adaptive-mean` loops, for each engine compile in `--server-compile`
   (`loop` compiles adaptive steps too: like for like). Target: >= 2.5x.
+- `adaptive`: one long-lived engine of `--clients` slots per kind (all at N=12, adaptive at
+  the server section's threshold), prompts prefilled together, `--tokens` steps per round,
+  plain and adaptive rounds alternated `--adaptive-rounds` times (the first dropped), for
+  each compile in `--server-compile`: the medians and every round's ratio. Under `auto` the
+  steps' packages (the plain step; the adaptive step's two loops) are built first, here, as
+  the warming process builds them (so no round runs eagerly while they are missing).
 - `speculative`: the trained stand-in at N=12, batch 1, greedy: plain against
   `draft_loops` K (several), the same text token for token (checked), the acceptance rate
   and the mean tokens per verify pass. Target: >= 2x plain N=12.
@@ -73,12 +79,12 @@ from loopedlm.infer import (
 )
 from loopedlm.infer.generate import decode_nll, generate
 from loopedlm.infer.scheduler import Scheduler, Sequence
-from loopedlm.infer.warm import markers_dir
+from loopedlm.infer.warm import markers_dir, package_state
 
 GREEDY = SamplingParams(temperature=0)
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 clock = CLOCKS["wall"]  # set by --clock
-SECTIONS = ("table", "server", "speculative", "targets", "compile", "quality")
+SECTIONS = ("table", "server", "adaptive", "speculative", "targets", "compile", "quality")
 
 
 # ---- the naive baseline ------------------------------------------------------------------
@@ -246,6 +252,71 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
 
 
 @torch.no_grad()
+def adaptive_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
+    from loopedlm.infer.engine import StepKey, build_package
+
+    n_loops, batch = 12, args.clients
+    threshold, _ = choose_threshold(args, model, held_out)
+    prompts = held_out[:batch, :args.prompt]
+    kinds = {"all at N=12": SequenceParams(n_loops=n_loops, sampling=GREEDY),
+             "adaptive": SequenceParams(n_loops=n_loops, sampling=GREEDY,
+                                        adaptive=AdaptiveLoops(threshold, "state"))}
+    max_len = args.prompt + args.tokens + 2
+    print(f"\n== adaptive against all at N={n_loops}, engine level: batch {batch}, "
+          f"{args.prompt}-token prompts, {args.tokens} steps a round, state < {threshold:g}, "
+          f"{args.adaptive_rounds} rounds alternated (the first dropped)")
+    for mode in args.server_compile:
+        engines = {kind: DecodeEngine(model, max_batch=batch, max_loops=n_loops,
+                                      max_len=max_len, compile=mode, long_lived=True)
+                   for kind in kinds}
+        if mode == "auto":
+            plain = engines["all at N=12"]
+            for key in [StepKey(batch, n_loops, 0, False, False, True),
+                        *[StepKey(batch, 0, 0, False, False, False, loop_program=program)
+                          for program in ("first", "later")]]:
+                spec = plain.package_spec(key)
+                if package_state(spec) != "ready":
+                    start = clock()
+                    build_package(DecodeEngine(model, max_batch=batch, max_loops=n_loops,
+                                               max_len=max_len, compile=False), spec)
+                    print(f"  (built the package of {key.loop_program or 'the step'} in "
+                          f"{clock() - start:.0f} s)")
+        rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+        loops = {}
+        for round_ in range(args.adaptive_rounds):
+            for kind, params in kinds.items():
+                engine = engines[kind]
+                engine.reset()
+                engine.add_many([(i, prompts[i].tolist(), params) for i in range(batch)])
+                spent, start = 0, clock()
+                for _ in range(args.tokens):
+                    spent += int(engine.step().loops.sum())
+                if round_:
+                    rates[kind].append(batch * args.tokens / (clock() - start))
+                loops[kind] = spent / (batch * args.tokens)
+        plain, adaptive = (statistics.median(rates[kind]) for kind in kinds)
+        ratios = [a / p for p, a in zip(*rates.values(), strict=True)]
+        packaged_steps = sum(engine.packaged_steps for engine in engines.values())
+        print(f"compile={mode!r:<8} all at N=12 {plain:>9.1f} tok/s  adaptive {adaptive:>9.1f} "
+              f"tok/s ({loops['adaptive']:.2f} loops/token)  {adaptive / plain:.2f}x; rounds "
+              f"{min(ratios):.2f}-{max(ratios):.2f}x  ({packaged_steps} packaged)", flush=True)
+
+
+def choose_threshold(args, model: LoopedGPT, held_out: torch.Tensor) -> tuple[float, float]:
+    """(threshold, its mean loops) of the server and adaptive sections: the first of a
+    descending ladder whose mean loop count at N=12, measured on other prompts than the
+    timed ones, reaches `--adaptive-mean`."""
+    calibration = held_out[-args.clients:, :args.prompt]
+    chosen = mean = None
+    for threshold in args.server_thresholds:
+        mean = adaptive_mean_loops(model, calibration, 12, threshold, 16)
+        chosen = threshold
+        if mean >= args.adaptive_mean:
+            break
+    return chosen, mean
+
+
+@torch.no_grad()
 def adaptive_mean_loops(model, prompts, n_loops, threshold, n_tokens) -> float:
     params = SequenceParams(n_loops=n_loops, sampling=GREEDY,
                             adaptive=AdaptiveLoops(threshold, "state"))
@@ -254,15 +325,7 @@ def adaptive_mean_loops(model, prompts, n_loops, threshold, n_tokens) -> float:
 
 def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
     n_loops, clients = 12, args.clients
-    calibration = held_out[-clients:, :args.prompt]
-    # the threshold: the first of a descending ladder whose mean reaches the target's
-    # neighbourhood, measured on other prompts than the timed ones
-    chosen, mean = None, None
-    for threshold in args.server_thresholds:
-        mean = adaptive_mean_loops(model, calibration, n_loops, threshold, 16)
-        chosen = threshold
-        if mean >= args.adaptive_mean:
-            break
+    chosen, mean = choose_threshold(args, model, held_out)
     print(f"\n== the server's throughput: {clients} clients x {args.requests} requests of "
           f"{args.server_tokens} tokens, {args.prompt}-token held-out prompts, greedy, "
           f"N={n_loops}; adaptive threshold state < {chosen:g} (calibration mean "
@@ -688,6 +751,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--server-tokens", type=int, default=32)
     parser.add_argument("--adaptive-mean", type=float, default=3.0)
+    parser.add_argument("--adaptive-rounds", type=int, default=7)
     parser.add_argument("--server-compile", nargs="*", default=["auto", "loop", False],
                         type=lambda x: False if x == "False" else x,
                         help="the engines' compile in the server section (auto: the default; "
@@ -727,7 +791,7 @@ def main() -> None:
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s), "
           f"torch {torch.__version__}, timed by the {args.clock} clock")
-    needs_model = {"table", "server", "speculative", "quality"} & set(args.sections)
+    needs_model = {"table", "server", "adaptive", "speculative", "quality"} & set(args.sections)
     if needs_model:
         model, held_out, source = trained_model(args)
         print(f"model: {source}")
@@ -735,6 +799,8 @@ def main() -> None:
         table_section(args, model, held_out)
     if "server" in args.sections:
         server_section(args, model, held_out)
+    if "adaptive" in args.sections:
+        adaptive_section(args, model, held_out)
     if "speculative" in args.sections:
         speculative_section(args, model, held_out)
     if "targets" in args.sections:
