@@ -369,3 +369,29 @@ def test_packaged_adaptive_loops_of_every_kind_give_the_eager_tokens(
     assert auto.packaged_steps == 2
     # an adaptive row stopped before its budget
     assert min(min(counts[0], counts[2]) for _, counts in eager) < 4, eager
+
+
+@torch.no_grad()
+def test_an_adaptive_step_without_packages_has_the_warming_process_build_its_loops(
+        tmp_path, monkeypatch):
+    """Under compile="auto" on a CPU an adaptive variant that keeps running eagerly asks the
+    warming process for its two loop programs (as a fixed step asks for its package); the
+    specs travel as JSON and name the loop program."""
+    from loopedlm.infer import engine as engine_module
+
+    monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_compile"))
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_AFTER", 8)  # (the tests' default: never)
+    asked = []
+    monkeypatch.setattr(engine_module, "start_warming", lambda spec: asked.append(spec) or True)
+    requests = adaptive_requests(speculative=False)
+    engine = DecodeEngine(make_model(std=0.3, sequence_len=64), max_batch=len(requests),
+                          max_len=64, max_loops=4)
+    for slot, params in enumerate(requests):
+        engine.add(slot, prompt(slot, 4), params)
+    for _ in range(engine_module.AUTO_COMPILE_AFTER):
+        engine.step()
+    programs = [warm.WarmSpec.from_json(spec.to_json()) for spec in asked]
+    assert sorted(StepKey(**spec.variant).loop_program for spec in programs) == ["first", "later"]
+    assert all(spec.package and spec.variant["batch"] == len(requests) for spec in programs)
+    assert engine.packaged_steps == 0  # none built yet: the steps ran eagerly
