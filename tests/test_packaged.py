@@ -331,6 +331,21 @@ def test_adaptive_steps_run_packaged_loops_with_the_eager_tokens_and_loop_counts
     # the adaptive rows stopped at every loop count they may: before their budget too
     assert {counts[0] for _, counts in eager} == {2, 3, 4}
     assert {counts[2] for _, counts in eager} == {2, 3, 4}
+    # a loop package that raises mid-step: dropped (and marked failed), the step rerun
+    # eagerly over the keys it wrote, the tokens unchanged
+
+    def broken(self, *args):
+        runs.append(1)
+        if len(runs) % 3 == 0:
+            raise RuntimeError("the package's kernels refused")
+        return real_run(self, *args)
+
+    monkeypatch.setattr(packaged.StepPackage, "run", broken)
+    auto.reset()
+    assert run_adaptive(auto, requests, steps) == eager
+    assert auto.packaged_steps == 0
+    key = StepKey(len(requests), 0, 0, False, False, False, loop_program="first")
+    assert warm.package_state(auto.package_spec(key)) == "failed"
 
 
 @pytest.mark.slow
