@@ -204,6 +204,14 @@ class SequenceParams:
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
 
     @property
+    def earliest_stop(self) -> int:
+        """The first loop (1-based) after which an adaptive step may stop this row: its
+        min_loops, or its n_loops for a row without adaptive loops (n_loops resolved)."""
+        if self.adaptive is None:
+            return self.n_loops
+        return min(self.adaptive.min_loops, self.n_loops)
+
+    @property
     def filtered(self) -> bool:
         """Uses top-k or top-p (the step then sorts the logits)."""
         return self.sampling.top_k is not None or self.sampling.top_p < 1
@@ -1662,7 +1670,7 @@ class DecodeEngine:
         # settings are resolved: `_resolve`); on the device: their criteria's settings
         adaptive = [p.adaptive for p in params]
         budget = [p.n_loops for p in params]
-        earliest = [min(a.min_loops, n) if a else n for a, n in zip(adaptive, budget, strict=True)]
+        earliest = [p.earliest_stop for p in params]
         used = sorted({CRITERIA.index(a.criterion) for a in adaptive if a})
         criterion_ids = torch.tensor([CRITERIA.index(a.criterion) if a else 0 for a in adaptive],
                                      device=self.device)
@@ -1765,7 +1773,7 @@ class DecodeEngine:
         threshold = [-math.inf] * batch
         for slot, p in zip(slots, params, strict=True):
             budget[slot] = p.n_loops
-            earliest[slot] = min(p.adaptive.min_loops, p.n_loops) if p.adaptive else p.n_loops
+            earliest[slot] = p.earliest_stop
             if p.adaptive:
                 threshold[slot] = p.adaptive.threshold
         looping = torch.tensor([n > 0 for n in budget], device=device)
@@ -1791,8 +1799,7 @@ class DecodeEngine:
         key_slots = self._key_slots(kv_len)
         skipped: dict[int, int] = {}  # slot -> its last loop, if before its budget
         budget = {slot: p.n_loops for slot, p in zip(slots, params, strict=True)}
-        earliest = {slot: min(p.adaptive.min_loops, p.n_loops) if p.adaptive else p.n_loops
-                    for slot, p in zip(slots, params, strict=True)}
+        earliest = {slot: p.earliest_stop for slot, p in zip(slots, params, strict=True)}
         for loop in range(max(budget.values(), default=0)):
             rows.loop = self._loop_numbers[loop]
             try:
