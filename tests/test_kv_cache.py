@@ -160,10 +160,11 @@ def test_the_cache_rejects_what_does_not_fit():
 def test_filling_skipped_loops_copies_the_last_loops_entry_to_every_later_loop(slots,
                                                                                share_first,
                                                                                lasts):
-    """`fill_skipped_loops` (once per step, one write per layer) gives every loop after a
-    row's last computed one, through its own cache slot, that loop's keys and values at the
-    row's position, and touches nothing else: the same as copying loop after loop, entry
-    after entry, row after row (rows that stopped at the same loop, or at others)."""
+    """`fill_skipped_loops` (once per step, one write per layer, from device tensors) gives
+    every loop after a row's last computed one, through its own cache slot, that loop's keys
+    and values at the row's position, and touches nothing else (rows with nothing to fill,
+    rows beyond the batch): the same as copying loop after loop, entry after entry, row after
+    row (rows that stopped at the same loop, or at others)."""
     from loopedlm.infer.cache import StaticKVCache, loop_slot_map
 
     config = make_model("flt", "mha").config
@@ -185,7 +186,8 @@ def test_filling_skipped_loops_copies_the_last_loops_entry_to_every_later_loop(s
                 if slot != source:
                     for store in (k_store, v_store):
                         store[slot, row, :, at] = store[source, row, :, at]
-    cache.fill_skipped_loops(list(lasts), rows.tolist(), pos)
+    # rows [0, 3): row 1 has nothing to fill (-1, at the last position), row 3 is not given
+    cache.fill_skipped_loops(torch.tensor([lasts[0], -1, lasts[1]]), torch.tensor([5, 7, 1]))
     for got, want in zip(cache.stores, expected, strict=True):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     # the entries are views of the stores: what a pass reads is what was filled

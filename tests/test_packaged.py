@@ -303,9 +303,10 @@ def test_adaptive_steps_run_packaged_loops_with_the_eager_tokens_and_loop_counts
         tmp_path, monkeypatch):
     """compile="auto" on a CPU runs an adaptive step by packaged loops (`adaptive_loop`: the
     first loop and a later one, built on another model's weights), every row of the batch
-    in each loop, a row that stopped writing no keys: each row's tokens and loop counts are
-    the eager step's, where stopped rows leave the batch, beside a plain and a speculative
-    row, to the end of the cache."""
+    in each loop, a row that stopped writing no keys, and ends it by its packaged coda
+    (`adaptive_coda`: the skipped loops' fill, read-out, sampling, record): each row's
+    tokens and loop counts are the eager step's, where stopped rows leave the batch, beside
+    a plain and a speculative row, to the end of the cache."""
     monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch_compile"))
     monkeypatch.setenv(warm.WARMUP_ENV, "0")
@@ -315,37 +316,50 @@ def test_adaptive_steps_run_packaged_loops_with_the_eager_tokens_and_loop_counts
         return DecodeEngine(make_model(std=0.3, seed=seed), max_batch=len(requests),
                             max_len=MAX_LEN, max_loops=4, **kw)
 
-    for program in ("first", "later"):
-        key = StepKey(len(requests), 0, 0, False, False, False, loop_program=program)
+    keys = adaptive_keys(len(requests), speculative=True)
+    for key in keys:
         assert build_package(engine(9, compile=False), engine(0).package_spec(key)) == 0
+    coda = warm.package_path(engine(0).package_spec(keys[-1])).name
     runs = []
     real_run = packaged.StepPackage.run
     monkeypatch.setattr(packaged.StepPackage, "run",
-                        lambda self, *a: runs.append(1) or real_run(self, *a))
+                        lambda self, *a: runs.append(self.path.name) or real_run(self, *a))
     steps = MAX_LEN - 3 - len(requests)
     eager = run_adaptive(engine(0, compile=False), requests, steps)
     assert runs == []
     auto = engine(0)
     assert run_adaptive(auto, requests, steps) == eager
-    assert auto.packaged_steps == 2 and len(runs) >= steps
+    assert auto.packaged_steps == 3 and runs.count(coda) == steps and len(runs) >= 3 * steps
     # the adaptive rows stopped at every loop count they may: before their budget too
     assert {counts[0] for _, counts in eager} == {2, 3, 4}
     assert {counts[2] for _, counts in eager} == {2, 3, 4}
-    # a loop package that raises mid-step: dropped (and marked failed), the step rerun
-    # eagerly over the keys it wrote, the tokens unchanged
+    # a package that raises mid-step (a loop's or the coda's): dropped (and marked failed),
+    # the step rerun eagerly over the keys it wrote, the tokens unchanged
+    runs.clear()
+    failed = []
 
-    def broken(self, *args):
-        runs.append(1)
-        if len(runs) % 3 == 0:
+    def broken(self, *args):  # the coda's second run, then the third loop run after it
+        runs.append(self.path.name)
+        if self.path.name == coda and runs.count(coda) == 2 or \
+                failed and len(runs) == runs.index(coda, runs.index(coda) + 1) + 4:
+            failed.append(self.path.name)
             raise RuntimeError("the package's kernels refused")
         return real_run(self, *args)
 
     monkeypatch.setattr(packaged.StepPackage, "run", broken)
     auto.reset()
     assert run_adaptive(auto, requests, steps) == eager
-    assert auto.packaged_steps == 0
-    key = StepKey(len(requests), 0, 0, False, False, False, loop_program="first")
-    assert warm.package_state(auto.package_spec(key)) == "failed"
+    assert len(failed) == 2 and failed[0] == coda and failed[1] != coda
+    assert auto.packaged_steps == 1
+    assert [warm.package_state(auto.package_spec(key)) == "failed" for key in keys] == \
+        [warm.package_path(auto.package_spec(key)).name in failed for key in keys]
+
+
+def adaptive_keys(batch: int, speculative: bool) -> list[StepKey]:
+    """The packages of an adaptive step of greedy rows: its loops, then its coda."""
+    return [StepKey(batch, 0, 0, False, False, False, loop_program=program)
+            for program in ("first", "later")] + \
+        [StepKey(batch, 0, 0, False, False, True, speculative, loop_program="coda")]
 
 
 @pytest.mark.slow
@@ -374,14 +388,13 @@ def test_packaged_adaptive_loops_of_every_kind_give_the_eager_tokens(
         return DecodeEngine(tiny_model(seed=seed, std=0.3, **shape), max_batch=len(requests),
                             max_len=max_len, max_loops=4, cache_slots=cache_slots, **kw)
 
-    for program in ("first", "later"):
-        key = StepKey(len(requests), 0, 0, False, False, False, loop_program=program)
+    for key in adaptive_keys(len(requests), speculative=cache_slots is None):
         assert build_package(engine(9, compile=False), engine(0).package_spec(key)) == 0
     steps = max_len - 3 - len(requests)
     eager = run_adaptive(engine(0, compile=False), requests, steps)
     auto = engine(0)
     assert run_adaptive(auto, requests, steps) == eager
-    assert auto.packaged_steps == 2
+    assert auto.packaged_steps == 3
     # an adaptive row stopped before its budget
     assert min(min(counts[0], counts[2]) for _, counts in eager) < 4, eager
 
@@ -390,8 +403,8 @@ def test_packaged_adaptive_loops_of_every_kind_give_the_eager_tokens(
 def test_an_adaptive_step_without_packages_has_the_warming_process_build_its_loops(
         tmp_path, monkeypatch):
     """Under compile="auto" on a CPU an adaptive variant that keeps running eagerly asks the
-    warming process for its two loop programs (as a fixed step asks for its package); the
-    specs travel as JSON and name the loop program."""
+    warming process for its two loop programs and its coda (as a fixed step asks for its
+    package); the specs travel as JSON and name the program."""
     from loopedlm.infer import engine as engine_module
 
     monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path))
@@ -407,6 +420,7 @@ def test_an_adaptive_step_without_packages_has_the_warming_process_build_its_loo
     for _ in range(engine_module.AUTO_COMPILE_AFTER):
         engine.step()
     programs = [warm.WarmSpec.from_json(spec.to_json()) for spec in asked]
-    assert sorted(StepKey(**spec.variant).loop_program for spec in programs) == ["first", "later"]
+    assert sorted(StepKey(**spec.variant).loop_program for spec in programs) == \
+        ["coda", "first", "later"]
     assert all(spec.package and spec.variant["batch"] == len(requests) for spec in programs)
     assert engine.packaged_steps == 0  # none built yet: the steps ran eagerly

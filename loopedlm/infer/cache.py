@@ -76,7 +76,7 @@ class StaticKVCache:
         # entries[layer][slot]: views of the stores (a single entry: every slot's view)
         self.entries = [[(k[min(slot, k.size(0) - 1)], v[min(slot, k.size(0) - 1)])
                          for slot in range(n_slots)] for k, v in self.stores]
-        self._fill_slots: dict[int, list[int]] = {}
+        self._fill: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on(self, stores: list[tuple[torch.Tensor, torch.Tensor]]) -> StaticKVCache:
         """This cache's layout over other stores of the same shapes (a traced step's inputs):
@@ -89,7 +89,7 @@ class StaticKVCache:
                            v.as_strided(mv.size(), mv.stride(), mv.storage_offset()))
                           for mk, mv in mine]
                          for (k, v), mine in zip(other.stores, self.entries, strict=True)]
-        other._fill_slots = {}
+        other._fill = None
         return other
 
     def entry(self, loop: int, layer: int) -> Entry:
@@ -115,42 +115,55 @@ class StaticKVCache:
         """Cache bytes per (sequence, position)."""
         return self.nbytes() // (self.max_batch * self.max_len)
 
-    def fill_skipped_loops(self, last_loops: list[int], rows: list[int], pos: torch.Tensor
-                           ) -> None:
-        """Give row rows[i]'s loops after `last_loops[i]` the keys/values that loop wrote at
-        pos[i] (`pos` a tensor: no host sync): the loops an adaptive row skipped
-        (`AdaptiveLoops`: a converged state means the next loop would write nearly the same
-        keys, and copying them costs nothing).
+    def fill_skipped_loops(self, last: torch.Tensor, pos: torch.Tensor,
+                           tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Rows [0, B) of the batch (`last` and `pos` (B,) tensors: no host sync): give row
+        r's loops after `last[r]` the keys/values that loop wrote at pos[r] (-1: the row has
+        nothing to fill). These are the loops an adaptive row skipped (`AdaptiveLoops`: a
+        converged state means the next loop would write nearly the same keys, and copying
+        them costs nothing).
         Once per decode step, for every row that stopped early (a row that stopped writes
-        no keys, so its fill may wait for the step's end). The entries to copy are (slot,
-        row, head) vectors at one position: gathered and scattered through flat indices, one
-        read and one write per store with entries of its own per loop, whatever loops the
-        rows stopped at (advanced indexing over the 5-d stores cost 10x as much, measured)."""
-        pairs = [(i, self.slot_of_loop[last], slot)
-                 for i, last in enumerate(last_loops) for slot in self._skipped_slots(last)]
+        no keys, so its fill may wait for the step's end). Every (slot, row, head) vector at
+        the rows' positions is gathered and scattered through flat indices, itself where
+        there is nothing to copy: one read and one write per store with entries of its own
+        per loop, whatever loops the rows stopped at, from tables made once (host lists of
+        pairs cost 4x as much, and advanced indexing over the 5-d stores 10x, measured):
+        `fill_tables`, or `tables` (a packaged step takes them as inputs: a package holds
+        no tensors but the weights it is given)."""
         stores = [t for kv in self.stores for t in kv if t.size(0) > 1]
-        if not pairs or not stores:
+        if not stores:
             return
-        _, batch, heads, length, dim = stores[0].shape
+        n_slots, batch, heads, length, dim = stores[0].shape
         device = stores[0].device
-        at, source, target = (torch.tensor(x, device=device) for x in zip(*pairs, strict=True))
-        row = torch.tensor(rows, device=device)[at]
-        offsets = torch.arange(heads, device=device) * length + pos[at][:, None]  # (pairs, heads)
-        reads = ((source * batch + row) * heads * length)[:, None] + offsets
-        writes = ((target * batch + row) * heads * length)[:, None] + offsets
-        reads, writes = reads.flatten(), writes.flatten()
+        source, skipped = self.fill_tables(device) if tables is None else tables
+        at = last + 1  # the tables' row 0 is "nothing to fill"
+        rows = torch.arange(last.size(0), device=device)
+        # flat index of the vector (slot, row, head 0, pos) of each (slot, row): (S, R)
+        base = (torch.arange(n_slots, device=device)[:, None] * batch + rows) * heads * length \
+            + pos
+        reads = torch.where(skipped[at].T, ((source[at] * batch + rows) * heads * length + pos),
+                            base)
+        offsets = torch.arange(heads, device=device) * length
+        writes = (base[..., None] + offsets).flatten()
+        reads = (reads[..., None] + offsets).flatten()
         for store in stores:
             flat = store.view(-1, dim)
             flat.index_copy_(0, writes, flat.index_select(0, reads))
 
-    def _skipped_slots(self, last_loop: int) -> list[int]:
-        """The cache slots of the loops after `last_loop`, other than its own."""
-        if last_loop not in self._fill_slots:
-            source = self.slot_of_loop[last_loop]
-            self._fill_slots[last_loop] = sorted(
-                {self.slot_of_loop[t] for t in range(last_loop + 1, len(self.slot_of_loop))}
-                - {source})
-        return self._fill_slots[last_loop]
+    def fill_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fill_skipped_loops`'s tables, by a row's last loop + 1 (row 0: none): the cache
+        slot it copies from (max_loops + 1,), and the slots it fills (max_loops + 1,
+        n_slots): those of the later loops, other than its own."""
+        if self._fill is None:
+            n_slots = max(self.slot_of_loop) + 1
+            source = [0] + list(self.slot_of_loop)
+            skipped = [[False] * n_slots]
+            for last, own in enumerate(self.slot_of_loop):
+                later = {self.slot_of_loop[t] for t in range(last + 1, len(self.slot_of_loop))}
+                skipped.append([slot in later - {own} for slot in range(n_slots)])
+            self._fill = (torch.tensor(source, device=device),
+                          torch.tensor(skipped, device=device))
+        return self._fill
 
 
 class ChunkWrites:

@@ -262,9 +262,10 @@ class StepKey:
     positions attended. mixed: rows differ in n_loops. filtered: a row uses top-k/top-p.
     greedy: every row is greedy (no noise to draw). speculative: some rows decode
     speculatively (they take their tokens from their verified ones instead). logprobs: a row
-    asks for logprobs. loop_program: not a step but one loop of an adaptive step
-    (`adaptive_loop`), "first" or "later" (a package's only; the other fields but `batch`
-    are then unused)."""
+    asks for logprobs. loop_program: not a step but a part of an adaptive step (a package's
+    only): one of its loops (`adaptive_loop`), "first" or "later" (the other fields but
+    `batch` are then unused), or its end, "coda" (`adaptive_coda`: the sampling flags
+    count)."""
 
     batch: int
     n_loops: int
@@ -711,15 +712,25 @@ def fixed_step(model: LoopedGPT, key: StepKey, state: SlotState, cache: StaticKV
     live = state.active[rows] & ~state.finished[rows]
     logits = step_logits(model, key, state.tokens[rows], state.pos[rows], state.n_loops[rows],
                          state.rows[rows], cache, key_slots, fused, loop_fn, entries)
-    if key.greedy:
+    finish_step(state, key, logits, live, state.n_loops[rows])
+
+
+def finish_step(state: SlotState, key: StepKey, logits: torch.Tensor, live: torch.Tensor,
+                loops: torch.Tensor) -> None:
+    """The end of a decode step of rows [0, key.batch) (`live`: those open and not finished
+    when it began): sample from `logits` (batch, V) as the variant `key` says, give the
+    speculative rows their next verified token instead, and record the tokens and the
+    `loops` each row spent (`SlotState.record`)."""
+    rows = slice(0, key.batch)
+    if key.greedy:  # no noise, no sort
         sampled = logits.argmax(dim=-1)
     else:
         sampled = sample_rows(logits, *state.sampling(rows), filtered=key.filtered)
     if key.speculative:  # their computed token is discarded (their cache writes are the
         # verified ones again: same inputs)
         sampled = state.pop_pending(rows, sampled, logprobs=key.logprobs)
-    state.record(rows, sampled, live, state.n_loops[rows],
-                 logits=logits if key.logprobs else None, speculative=key.speculative)
+    state.record(rows, sampled, live, loops, logits=logits if key.logprobs else None,
+                 speculative=key.speculative)
 
 
 def adaptive_loop(model: LoopedGPT, variant: StepKey, cache: StaticKVCache,
@@ -757,6 +768,24 @@ def adaptive_loop(model: LoopedGPT, variant: StepKey, cache: StaticKVCache,
     rows.spent.copy_(torch.where(stopping, count, rows.spent))
     rows.looping.copy_(rows.looping & ~stopping)
     return h, stopping
+
+
+def adaptive_coda(model: LoopedGPT, variant: StepKey, state: SlotState, cache: StaticKVCache,
+                  ends: list[torch.Tensor]) -> None:
+    """The end of an adaptive step whose loops ran packaged (`adaptive_loop`), as a packaged
+    step runs it (`variant.loop_program` "coda"; its flags are the step's, as a fixed step's):
+    `ends` are the rows' loop budgets (B,) (0: a row the step does not compute), the loops
+    each spent (B,), the states they stopped with (B, 1, d) and the cache's `fill_tables`.
+    Fills the skipped loops' cache entries of the rows that stopped before their budget,
+    reads every row out (those not computed: zero logits), samples and records
+    (`finish_step`)."""
+    budget, spent, final, *tables = ends
+    rows = slice(0, variant.batch)
+    live = state.active[rows] & ~state.finished[rows]
+    cache.fill_skipped_loops(torch.where(spent < budget, spent - 1, -1), state.pos[rows],
+                             tables=(tables[0], tables[1]))
+    logits = model.logits(final)[:, -1].masked_fill((budget == 0)[:, None], 0.0)
+    finish_step(state, variant, logits, live, spent)
 
 
 @dataclass
@@ -887,6 +916,7 @@ class DecodeEngine:
         self._graph_pool: Any = None  # `_pool`
         self._entries: dict[tuple[int, int], list[list[Entry]]] = {}
         self._loop_views: dict[tuple[int, int], list[torch.Tensor]] = {}  # _adaptive_entries
+        self._input_shapes: dict[tuple[int, ...], tuple] = {}  # _step_input_shapes
         self._loop_numbers = [torch.tensor([loop], device=device)
                               for loop in range(self.max_loops)]  # AdaptiveRows.loop
         self._slots: dict[int, torch.Tensor] = {}
@@ -1305,7 +1335,7 @@ class DecodeEngine:
         runs = self._compile_runs.get(variant, 0) + 1
         if self.compiles == "auto":
             inputs = packaged.step_inputs(self)
-            shapes = tuple(tuple(t.shape) for t in inputs)  # a package is for its shapes
+            shapes = self._step_input_shapes()  # a package is for its shapes
             package = self._package(variant, shapes,
                                     look=runs == 1 or runs % AUTO_COMPILE_AFTER == 0)
             # a package attends over fewer than all positions (see `packaged`): as many as
@@ -1380,22 +1410,28 @@ class DecodeEngine:
 
     def _run_package(self, package: packaged.StepPackage, variant: StepKey,
                      inputs: list[torch.Tensor], kv_len: int) -> bool:
-        """Run one step from `package`; False (the step runs as it would without one, and
-        the package is dropped and marked failed) if it raises. Its writes before the error
-        are the cache keys of this step's own position, which the step rewrites, and the
-        slot state is written last."""
+        """Run one step (or an adaptive step's coda) from `package`; False (the step runs as
+        it would without one, and the package is dropped and marked failed) if it raises.
+        Its writes before the error are the cache keys of this step's own position (and
+        the skipped loops' copies), which the step rewrites, and the slot state is written
+        last."""
         try:
             package.run(inputs, self._key_slots(kv_len))
             return True
         except Exception as error:  # a package is only ever an optimisation
-            log.warning("decode engine: the packaged step %s failed (%s): decoding without it",
-                        package.path.name, error)
-            for key, value in list(self._packages.items()):
-                if value is package:
-                    self._packages[key] = None
-            with contextlib.suppress(TypeError, ValueError, OSError):
-                record(self.package_spec(variant), failed=True)
+            self._drop_package(package, variant, error)
             return False
+
+    def _drop_package(self, package: packaged.StepPackage, variant: StepKey,
+                      error: Exception) -> None:
+        """`package` (of `variant`) raised: never used again, and marked failed on disk."""
+        log.warning("decode engine: the packaged step %s failed (%s): decoding without it",
+                    package.path.name, error)
+        for key, value in list(self._packages.items()):
+            if value is package:
+                self._packages[key] = None
+        with contextlib.suppress(TypeError, ValueError, OSError):
+            record(self.package_spec(variant), failed=True)
 
     def package_spec(self, variant: StepKey) -> WarmSpec:
         """What a separate process needs to build `variant`'s AOTInductor package for this
@@ -1406,6 +1442,15 @@ class DecodeEngine:
             raise ValueError("a step with a random initial state is not packaged")
         return replace(self.warm_spec(variant), package=True, max_len=self.max_len,
                        shapes=packaged.input_shapes(self))
+
+    def _step_input_shapes(self) -> tuple:
+        """The shapes of `packaged.step_inputs`: fixed, but for the stop-id table's, which
+        grows with the most stop ids a sequence has had."""
+        stops = tuple(self.state.stop_table.shape)
+        if stops not in self._input_shapes:
+            self._input_shapes[stops] = tuple(tuple(t.shape)
+                                              for t in packaged.step_inputs(self))
+        return self._input_shapes[stops]
 
     def _package(self, variant: StepKey, shapes: tuple, look: bool
                  ) -> packaged.StepPackage | None:
@@ -1620,22 +1665,30 @@ class DecodeEngine:
         self.speculation.emitted += sum(emitted_host)
 
     def _adaptive_step(self, batch: int) -> None:
+        """A decode step with adaptive rows: its loops (`_adaptive_logits`), then the
+        sampling and record of a fixed step (`finish_step`, as the variant `_coda_key` says).
+        Where the loops ran packaged and the coda's package is built, the coda runs
+        packaged too (`adaptive_coda`: the skipped loops' fill, the read-out, sampling and
+        record in one call)."""
         state, rows = self.state, slice(0, batch)
         live = state.active[rows] & ~state.finished[rows]
-        logits, loops = self._adaptive_logits(state.tokens[rows], batch)
-        params = [info.params for info in state.infos.values()]
-        logprobs = any(p.logprobs is not None for p in params)
-        if all(p.greedy for p in params):  # as a fixed step: no noise, no sort
-            sampled = logits.argmax(dim=-1)
-        else:
-            sampled = sample_rows(logits, *state.sampling(rows),
-                                  filtered=any(p.filtered for p in params))
-        sampled = state.pop_pending(rows, sampled, logprobs)
-        state.record(rows, sampled, live, loops, logits=logits if logprobs else None,
-                     speculative=True)
+        coda = self._coda_key(batch)
+        logits, loops = self._adaptive_logits(state.tokens[rows], batch, coda)
+        if logits is not None:  # (else the coda's package ran)
+            finish_step(state, coda, logits, live, loops)
 
-    def _adaptive_logits(self, tokens: torch.Tensor, batch: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _coda_key(self, batch: int) -> StepKey:
+        """The variant of an adaptive step's end (`adaptive_coda`) for the open rows: how
+        they sample and what they record."""
+        params = [info.params for info in self.state.infos.values()]
+        return StepKey(batch, 0, 0, False, filtered=any(p.filtered for p in params),
+                       greedy=all(p.greedy for p in params),
+                       speculative=any(p.draft_loops is not None for p in params),
+                       logprobs=any(p.logprobs is not None for p in params),
+                       loop_program="coda")
+
+    def _adaptive_logits(self, tokens: torch.Tensor, batch: int, coda: StepKey | None = None
+                         ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(logits (batch, V), loops spent (batch,)) of `tokens` fed at the rows' positions.
         Each row stops after the first loop t >= its min_loops at which its exit criterion
         says so (`loopedlm.infer.exits`), or at its own n_loops, and leaves the batch: the
@@ -1647,17 +1700,28 @@ class DecodeEngine:
         slots only (speculative rows emit verified tokens; the other rows' logits are
         zeros); one host sync per loop from a row's min_loops on, to learn which rows stop,
         none at a loop that is every row's last. Under compile="auto" on a CPU the loops
-        may run packaged instead (`_adaptive_packages`), with the same tokens."""
+        may run packaged instead (`_adaptive_packages`), with the same tokens; and then,
+        given the step's `coda` variant, its package ends the step: logits None, the step
+        recorded (`adaptive_coda`)."""
         model, state, cache = self.model, self.state, self.cache
         kv_len = self._kv_len()
         slots = [slot for slot in range(batch) if slot in state.infos
                  and state.infos[slot].params.draft_loops is None]
         params = [state.infos[slot].params for slot in slots]
-        packages = self._adaptive_packages(batch, params)
+        packages = self._adaptive_packages(batch, params, coda)
         if packages is not None:
-            done = self._packaged_adaptive_logits(tokens, batch, slots, params, *packages)
-            if done is not None:
-                return done
+            first, later, ending, loops_len = packages
+            rows = self._packaged_adaptive_loops(tokens, batch, slots, params, first, later,
+                                                 loops_len)
+            if rows is not None:
+                ends = [rows.budget, rows.spent, rows.final, *cache.fill_tables(self.device)]
+                if ending is not None and self._run_package(
+                        ending, coda, [*packaged.step_inputs(self), *ends], loops_len):
+                    return None, rows.spent
+                cache.fill_skipped_loops(torch.where(rows.spent < rows.budget,
+                                                     rows.spent - 1, -1), rows.pos)
+                logits = model.logits(rows.final)[:, -1]  # rows not computed: zeros
+                return logits.masked_fill_((rows.budget == 0)[:, None], 0.0), rows.spent
         pos = state.pos[:batch]
         entries = self._loop_entries(batch, kv_len)
         # masks of every row, built once; the prelude (Huginn) runs for every row
@@ -1729,7 +1793,7 @@ class DecodeEngine:
             budget = [budget[i] for i in kept]
             earliest = [earliest[i] for i in kept]
             inputs = self._rows_inputs(all_inputs, active, batch, entries)
-        self._fill_skipped(skipped)
+        self._fill_skipped(skipped, batch)
         # the read-out of the rows computed (a coda attends, so it runs on theirs alone)
         read = self._rows_inputs(all_inputs, computed, batch, entries)
         if read is all_inputs:
@@ -1738,31 +1802,38 @@ class DecodeEngine:
         every = logits.new_zeros((batch, logits.size(-1))).index_copy_(0, computed, logits)
         return every, spent
 
-    def _adaptive_packages(self, batch: int, params: list[SequenceParams]
-                           ) -> tuple[packaged.StepPackage, packaged.StepPackage | None, int] | None:
+    def _adaptive_packages(self, batch: int, params: list[SequenceParams],
+                           coda: StepKey | None = None
+                           ) -> tuple[packaged.StepPackage, packaged.StepPackage | None,
+                                      packaged.StepPackage | None, int] | None:
         """compile="auto" on a CPU: the packaged loops (the first, a later one) that run an
-        adaptive step of `batch` rows, and the key length they attend over; None where the
-        step runs eagerly: a criterion other than `state` (the others read logits or a gate
-        at every loop), layers outside the loop (Huginn), a random initial state, keys
-        beyond a package's reach, or no package yet (this looks for them, and has the
-        warming process build them, as `_package` does for fixed steps)."""
+        adaptive step of `batch` rows, the package of its `coda` variant (None: not built
+        yet, or not asked for; the step then ends eagerly) and the key length they attend
+        over; None where the step runs eagerly: a criterion other than `state` (the others
+        read logits or a gate at every loop), layers outside the loop (Huginn), a random
+        initial state, keys beyond a package's reach, or no loop packages yet (this looks
+        for them, and has the warming process build them, as `_package` does for fixed
+        steps)."""
         if self.compiles != "auto" or self.config.n_layers != self.config.depth or \
                 any(p.adaptive is not None and p.adaptive.criterion != "state" for p in params):
             return None
         kv_len = min(self._kv_len(), self.max_len - 1)
         if kv_len < max(info.length for info in self.state.infos.values()) + 1:
             return None
-        shapes = tuple(tuple(t.shape) for t in packaged.step_inputs(self))
+        shapes = self._step_input_shapes()
+        variants = [StepKey(batch, 0, 0, False, False, False, loop_program=program)
+                    for program in ("first", "later")[: min(2, self.max_loops)]]
         found = []
-        for program in ("first", "later")[: min(2, self.max_loops)]:
-            variant = StepKey(batch, 0, 0, False, False, False, loop_program=program)
+        for variant in [*variants, *([coda] if coda is not None else [])]:
             runs = self._compile_runs.get(variant, 0) + 1
             found.append(self._package(variant, shapes,
                                        look=runs == 1 or runs % AUTO_COMPILE_AFTER == 0))
             self._compile_runs[variant] = runs
-        if any(package is None for package in found):
+        if any(package is None for package in found[: len(variants)]):
             return None
-        return found[0], found[1] if len(found) > 1 else None, kv_len
+        first, *rest = found
+        later = rest.pop(0) if len(variants) > 1 else None
+        return first, later, rest[0] if rest else None, kv_len
 
     def adaptive_rows(self, tokens: torch.Tensor, slots: list[int],
                       params: list[SequenceParams]) -> AdaptiveRows:
@@ -1784,68 +1855,58 @@ class DecodeEngine:
                             self._loop_numbers[0], previous, looping, torch.zeros_like(previous),
                             torch.zeros(batch, dtype=torch.long, device=device))
 
-    def _packaged_adaptive_logits(self, tokens: torch.Tensor, batch: int, slots: list[int],
-                                  params: list[SequenceParams], first: packaged.StepPackage,
-                                  later: packaged.StepPackage | None, kv_len: int
-                                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`_adaptive_logits` by packaged loops (`adaptive_loop`): every row of the batch runs
-        each loop until every computed row (`slots`) has stopped, and a row that stopped
-        writes no keys, so each row's tokens are those of the eager step, where it leaves
-        the batch. On a dispatch-bound CPU a loop of all rows, packaged, costs less than a
-        loop of fewer rows run eagerly. One host sync per loop from the rows' earliest stop
-        on, to learn which rows stop. None if a package raises (the step is then run
-        eagerly, which rewrites every key this one wrote; the package is not used again)."""
+    def _packaged_adaptive_loops(self, tokens: torch.Tensor, batch: int, slots: list[int],
+                                 params: list[SequenceParams], first: packaged.StepPackage,
+                                 later: packaged.StepPackage | None, kv_len: int
+                                 ) -> AdaptiveRows | None:
+        """The loops of `_adaptive_logits` by packaged loops (`adaptive_loop`): every row of
+        the batch runs each loop until every computed row (`slots`) has stopped, and a row
+        that stopped writes no keys, so each row's tokens are those of the eager step, where
+        it leaves the batch. On a dispatch-bound CPU a loop of all rows, packaged, costs
+        less than a loop of fewer rows run eagerly. One host sync per loop from the rows'
+        earliest stop on, to learn which rows stop. Returns the rows (their states, the
+        loops they spent; the skipped loops not filled yet), or None if a package raises
+        (the step is then run eagerly, which rewrites every key this one wrote; the package
+        is not used again)."""
         rows = self.adaptive_rows(tokens, slots, params)
         key_slots = self._key_slots(kv_len)
-        skipped: dict[int, int] = {}  # slot -> its last loop, if before its budget
         budget = {slot: p.n_loops for slot, p in zip(slots, params, strict=True)}
         earliest = {slot: p.earliest_stop for slot, p in zip(slots, params, strict=True)}
         for loop in range(max(budget.values(), default=0)):
             rows.loop = self._loop_numbers[loop]
+            package = first if loop == 0 else later
             try:
-                rows.previous, stopping = (first if loop == 0 else later).run(
+                rows.previous, stopping = package.run(
                     [*self._adaptive_entries(batch, loop), *rows.tensors()], key_slots)
             except Exception as error:  # a package is only ever an optimisation
-                self._drop_adaptive_packages(batch, error)
+                program = "first" if loop == 0 else "later"
+                self._drop_package(package, StepKey(batch, 0, 0, False, False, False,
+                                                    loop_program=program), error)
                 return None
             if loop + 1 < min(earliest[slot] for slot in budget):  # none stops: no sync
                 continue
             if all(n == loop + 1 for n in budget.values()):  # every row's last loop
                 break
-            stops = [slot for slot, stop in enumerate(stopping.tolist()) if stop]
-            for slot in stops:
-                if budget[slot] > loop + 1:
-                    skipped[slot] = loop
-                del budget[slot], earliest[slot]
+            for slot, stop in enumerate(stopping.tolist()):
+                if stop:
+                    del budget[slot], earliest[slot]
             if not budget:
                 break
-        self._fill_skipped(skipped)
-        logits = self.model.logits(rows.final)[:, -1]  # rows not computed: zeros
-        return logits.masked_fill_((rows.budget == 0)[:, None], 0.0), rows.spent
+        return rows
 
-    def _fill_skipped(self, skipped: dict[int, int]) -> None:
+    def _fill_skipped(self, skipped: dict[int, int], batch: int) -> None:
         """Fill the skipped loops' cache entries of the rows that stopped early in this
         step (`skipped`: slot -> its last loop; `StaticKVCache.fill_skipped_loops`)."""
         if skipped:
-            rows = list(skipped)
-            pos = self.state.pos[torch.tensor(rows, device=self.device)]
-            self.cache.fill_skipped_loops(list(skipped.values()), rows, pos)
+            last = torch.tensor([skipped.get(row, -1) for row in range(batch)],
+                                device=self.device)
+            self.cache.fill_skipped_loops(last, self.state.pos[:batch])
 
     def _adaptive_entries(self, batch: int, loop: int) -> list[torch.Tensor]:
         """`packaged.loop_inputs`, made once per (batch, loop): views that never move."""
         if (batch, loop) not in self._loop_views:
             self._loop_views[(batch, loop)] = packaged.loop_inputs(self, batch, loop)
         return self._loop_views[(batch, loop)]
-
-    def _drop_adaptive_packages(self, batch: int, error: Exception) -> None:
-        log.warning("decode engine: a packaged adaptive loop failed (%s): decoding without it",
-                    error)
-        for key in list(self._packages):
-            variant = key[0]
-            if variant.loop_program and variant.batch == batch:
-                self._packages[key] = None
-                with contextlib.suppress(TypeError, ValueError, OSError):
-                    record(self.package_spec(variant), failed=True)
 
     def _rows_inputs(self, inputs: LoopInputs, active: torch.Tensor, batch: int,
                      entries: list[list[Entry]]) -> LoopInputs:
@@ -1878,8 +1939,12 @@ def build_package(engine: DecodeEngine, spec: WarmSpec) -> int:
         variant = StepKey(**spec.variant)
         if variant.loop_program:
             rows = engine.adaptive_rows(engine.state.tokens[: variant.batch], [], [])
-            seconds = packaged.build(engine, variant, package_path(spec), adaptive_loop,
-                                     rows.tensors())
+            coda = variant.loop_program == "coda"
+            seconds = packaged.build(engine, variant, package_path(spec),
+                                     adaptive_coda if coda else adaptive_loop,
+                                     [rows.budget, rows.spent, rows.final,
+                                      *engine.cache.fill_tables(engine.device)] if coda
+                                     else rows.tensors())
         else:
             seconds = packaged.build(engine, variant, package_path(spec),
                                      functools.partial(fixed_step, loop_fn=decode_loop))
@@ -1930,5 +1995,6 @@ def warm_main(argv: list[str] | None = None) -> int:
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
            "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop", "adaptive_loop",
+           "adaptive_coda", "finish_step",
            "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main", "cpu_compile_options",
            "build_package"]

@@ -14,7 +14,8 @@ length, stop-id table), with the key length a dynamic size below the cache lengt
 that attends over every position runs as it would without one). The weights are not in it:
 the engine's own tensors are bound to it when it is loaded (and again when they change), so
 one package serves every model of the shape. An adaptive step is packaged as two loop
-programs (its first loop and any later one), which the engine calls loop by loop.
+programs (its first loop and any later one), which the engine calls loop by loop, and its
+coda (the skipped loops' fill, the read-out, sampling and record), of the step's flags.
 """
 
 from __future__ import annotations
@@ -101,14 +102,30 @@ class _StepProgram(_Program):
     place."""
 
     def forward(self, tensors: list[torch.Tensor], key_slots: torch.Tensor) -> torch.Tensor:
+        self.step(self.model, self.variant, *self.state_and_cache(tensors), key_slots,
+                  self.fused())
+        return key_slots[:1]  # an export needs an output; the step's are its writes
+
+    def state_and_cache(self, tensors: list[torch.Tensor]) -> tuple[Any, Any]:
+        """The engine's slot state and cache over `tensors` (`step_inputs`' order)."""
         engine = self.engine
         n = 2 * len(engine.cache.stores)
         cache = engine.cache.on([(tensors[i], tensors[i + 1]) for i in range(0, n, 2)])
         state = copy.copy(engine.state)
         for (name, _), tensor in zip(state_tensors(engine), tensors[n:], strict=True):
             setattr(state, name, tensor)
-        self.step(self.model, self.variant, state, cache, key_slots, self.fused())
-        return key_slots[:1]  # an export needs an output; the step's are its writes
+        return state, cache
+
+
+class _CodaProgram(_StepProgram):
+    """The end of an adaptive step (`adaptive_coda` in `loopedlm.infer.engine`): the stores
+    and the slot state (written in place) and the rows' budgets, loops spent and states."""
+
+    def forward(self, tensors: list[torch.Tensor], ends: list[torch.Tensor],
+                key_slots: torch.Tensor) -> torch.Tensor:
+        state, cache = self.state_and_cache(tensors)
+        self.step(self.model, self.variant, state, cache, ends)
+        return key_slots[:1]
 
 
 class _LoopProgram(_Program):
@@ -136,7 +153,8 @@ def build(engine: DecodeEngine, variant: StepKey, path: Path, step: Callable[...
     (written to a temporary name and renamed: a reader never sees half of one); its
     seconds. `step`: `fixed_step(model, variant, state, cache, key_slots, fused)`, or, for a
     variant with a `loop_program`, one loop of an adaptive step (`_LoopProgram`), traced on
-    the example `rows`. The engine's tensors are only traced, never written."""
+    the example `rows`, or an adaptive step's coda (`_CodaProgram`), traced on example ends
+    (budgets, loops spent, states). The engine's tensors are only traced, never written."""
     from torch._inductor import aoti_compile_and_package
 
     if engine.max_len < 4:
@@ -144,12 +162,17 @@ def build(engine: DecodeEngine, variant: StepKey, path: Path, step: Callable[...
     start = time.perf_counter()
     kv = torch.export.Dim("kv_len", min=2, max=engine.max_len - 1)
     key_slots = torch.arange(min(engine.max_len - 1, 64), device=engine.device)
-    if variant.loop_program:
-        if rows is None:
-            raise ValueError("a loop program is traced on example rows")
+    if variant.loop_program and rows is None:
+        raise ValueError("a loop program is traced on example rows")
+    if variant.loop_program == "coda":
+        inputs = step_inputs(engine)
+        program: _Program = _CodaProgram(engine, variant, step)
+        args = (inputs, rows, key_slots)
+        dynamic = ([None] * len(inputs), [None] * len(rows), {0: kv})
+    elif variant.loop_program:
         loop = 0 if variant.loop_program == "first" else min(1, engine.max_loops - 1)
         entries = loop_inputs(engine, variant.batch, loop)
-        program: _Program = _LoopProgram(engine, variant, step)
+        program = _LoopProgram(engine, variant, step)
         args = (entries, rows, key_slots)
         dynamic = ([None] * len(entries), [None] * len(rows), {0: kv})
     else:
