@@ -79,7 +79,7 @@ from loopedlm.infer import (
 )
 from loopedlm.infer.generate import decode_nll, generate
 from loopedlm.infer.scheduler import Scheduler, Sequence
-from loopedlm.infer.warm import markers_dir, package_state
+from loopedlm.infer.warm import WARMUP_ENV, markers_dir, package_state
 
 GREEDY = SamplingParams(temperature=0)
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -226,19 +226,23 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
             thread.join()
         tokens[0] = loops[0] = 0
 
+    warming = os.environ.get(WARMUP_ENV)
     scheduler.start()
     try:
         if compile_mode in ("loop", "auto"):
             warm_up()
         if compile_mode == "auto":  # the variants warm on disk compile at a later check
-            # (an adaptive step's packages are two, its first loop and a later one, built
-            # one after the other)
-            wanted = 2 if params.adaptive is not None else 1
+            # (an adaptive step's packages are three, its first loop, a later one and its
+            # coda, built one after the other)
+            wanted = 3 if params.adaptive is not None else 1
             for _ in range(6):
                 wait_warmed(markers_dir())
                 warm_up()
                 if engine.compiled_steps or engine.packaged_steps >= wanted:
                     break
+            wait_warmed(markers_dir())
+        # no warming process (building a package, on these 2 cores) during the timed part
+        os.environ[WARMUP_ENV] = "0"
         start = clock()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for thread in threads:
@@ -246,15 +250,37 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
         for thread in threads:
             thread.join()
         seconds = clock() - start
+        failed = scheduler.stats["failed_steps"]
     finally:
         scheduler.close()
+        restore_env(WARMUP_ENV, warming)
+    if failed:  # (requests ended in an error: the figure would not be a throughput)
+        raise RuntimeError(f"{failed} decode step(s) failed in the server section")
     return tokens[0] / seconds, loops[0] / tokens[0], engine.compiled_steps + engine.packaged_steps
+
+
+def build_packages(model: LoopedGPT, batch: int, n_loops: int, max_len: int) -> None:
+    """Build (where this machine has not yet) the packages that greedy decoding of `batch`
+    rows runs under compile="auto": the step at `n_loops`, and an adaptive step's loops and
+    coda, as the warming process would, so that no timed round overlaps a build."""
+    from loopedlm.infer.engine import StepKey, build_package
+
+    engine = DecodeEngine(model, max_batch=batch, max_loops=n_loops, max_len=max_len)
+    for key in [StepKey(batch, n_loops, 0, False, False, True),
+                *[StepKey(batch, 0, 0, False, False, False, loop_program=program)
+                  for program in ("first", "later")],
+                StepKey(batch, 0, 0, False, False, True, loop_program="coda")]:
+        spec = engine.package_spec(key)
+        if package_state(spec) != "ready":
+            start = clock()
+            build_package(DecodeEngine(model, max_batch=batch, max_loops=n_loops,
+                                       max_len=max_len, compile=False), spec)
+            print(f"  (built the package of {key.loop_program or 'the step'} in "
+                  f"{clock() - start:.0f} s)", flush=True)
 
 
 @torch.no_grad()
 def adaptive_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
-    from loopedlm.infer.engine import StepKey, build_package
-
     n_loops, batch = 12, args.clients
     threshold, _ = choose_threshold(args, model, held_out)
     prompts = held_out[:batch, :args.prompt]
@@ -270,17 +296,7 @@ def adaptive_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
                                       max_len=max_len, compile=mode, long_lived=True)
                    for kind in kinds}
         if mode == "auto":
-            plain = engines["all at N=12"]
-            for key in [StepKey(batch, n_loops, 0, False, False, True),
-                        *[StepKey(batch, 0, 0, False, False, False, loop_program=program)
-                          for program in ("first", "later")]]:
-                spec = plain.package_spec(key)
-                if package_state(spec) != "ready":
-                    start = clock()
-                    build_package(DecodeEngine(model, max_batch=batch, max_loops=n_loops,
-                                               max_len=max_len, compile=False), spec)
-                    print(f"  (built the package of {key.loop_program or 'the step'} in "
-                          f"{clock() - start:.0f} s)")
+            build_packages(model, batch, n_loops, max_len)
         rates: dict[str, list[float]] = {kind: [] for kind in kinds}
         loops = {}
         for round_ in range(args.adaptive_rounds):
@@ -329,21 +345,30 @@ def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
     print(f"\n== the server's throughput: {clients} clients x {args.requests} requests of "
           f"{args.server_tokens} tokens, {args.prompt}-token held-out prompts, greedy, "
           f"N={n_loops}; adaptive threshold state < {chosen:g} (calibration mean "
-          f"{mean:.2f} loops, target ~{args.adaptive_mean:g})")
+          f"{mean:.2f} loops, target ~{args.adaptive_mean:g}); {args.server_rounds} round(s) "
+          f"of each, alternated")
     prompts = held_out[:clients * args.requests, :args.prompt]
+    kinds = {"all at N=12": SequenceParams(n_loops=n_loops, sampling=GREEDY),
+             "adaptive": SequenceParams(n_loops=n_loops, sampling=GREEDY,
+                                        adaptive=AdaptiveLoops(chosen, "state"))}
     for mode in args.server_compile:
-        plain, _, compiled = serve_rate(model, prompts, SequenceParams(
-            n_loops=n_loops, sampling=GREEDY), clients, args.requests, args.server_tokens, mode)
-        adaptive, loops, _ = serve_rate(model, prompts, SequenceParams(
-            n_loops=n_loops, sampling=GREEDY, adaptive=AdaptiveLoops(chosen, "state")),
-            clients, args.requests, args.server_tokens, mode)
+        if mode == "auto":  # (a server's engine holds its prompts and outputs, + 2)
+            build_packages(model, clients, n_loops, args.prompt + args.server_tokens + 2)
+        rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for _ in range(args.server_rounds):
+            for kind, params in kinds.items():
+                rate, loops, compiled = serve_rate(model, prompts, params, clients,
+                                                   args.requests, args.server_tokens, mode)
+                rates[kind].append(rate)
+        plain, adaptive = (statistics.median(rates[kind]) for kind in kinds)
+        ratios = [a / p for p, a in zip(*rates.values(), strict=True)]
         print(f"compile={mode!r:<8} {'all at N=12':<18} {plain:>9.1f} tok/s  loops/token "
               f"{n_loops:.2f}  ({compiled} step variant(s) compiled or packaged)")
         print(f"compile={mode!r:<8} {'adaptive':<18} {adaptive:>9.1f} tok/s  loops/token "
-              f"{loops:.2f}  ({adaptive / plain:.2f}x; target >= 2.5x)", flush=True)
+              f"{loops:.2f}  ({adaptive / plain:.2f}x, rounds {min(ratios):.2f}-"
+              f"{max(ratios):.2f}x; target >= 2.5x)", flush=True)
 
 
-# ---- self-speculative decoding --------------------------------------------------------------
 def speculative_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
     n_loops = 12
     prompts = held_out[:1, :args.prompt]
@@ -465,6 +490,13 @@ def warm_rounds(args, home: str, n_loops: int, long_lived: bool, tokens: int, ro
                          capture_output=True, text=True).stdout
     return [(float(line.split()[2]), int(line.split()[3])) for line in out.splitlines()
             if line.startswith("ROUND")]
+
+
+def restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def wait_warmed(folder: Path, timeout: float = 900) -> float:
@@ -750,6 +782,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--server-tokens", type=int, default=32)
+    parser.add_argument("--server-rounds", type=int, default=2,
+                        help="server section: rounds of each kind, alternated (the median)")
     parser.add_argument("--adaptive-mean", type=float, default=3.0)
     parser.add_argument("--adaptive-rounds", type=int, default=7)
     parser.add_argument("--server-compile", nargs="*", default=["auto", "loop", False],

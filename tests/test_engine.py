@@ -113,6 +113,28 @@ def test_slots_join_and_leave_between_steps():
     assert run_slots(engine, {0: kw_a}, 6)[0] == alone_a  # slot 0 reused, slot 3 still there
 
 
+@pytest.mark.parametrize("adaptive", [None, AdaptiveLoops(0.5, "state")])
+@torch.no_grad()
+def test_free_slots_that_held_longer_sequences_do_not_break_a_step(adaptive):
+    """Regression: a step computes every row of its bucket, free ones too, and attends over
+    the open rows' longest length only. A free slot inside the bucket kept the position
+    of the long sequence it last held, beyond the keys the step attends: the fixed step
+    raised IndexError (and a package read out of bounds). Now the new sequences decode as
+    they do alone."""
+    model = make_model("flt", "gqa", sequence_len=160)
+    params = SequenceParams(n_loops=3, sampling=GREEDY, adaptive=adaptive)
+    engine = DecodeEngine(model, max_batch=4, max_len=160, max_loops=3)
+    run_slots(engine, {slot: seq(prompt(slot, 4), n_loops=3, sampling=GREEDY)
+                       for slot in range(4)}, 100)  # every slot past 64 positions
+    engine.reset()
+    fresh = {0: dict(prompt_ids=prompt(7, 5), params=params),
+             3: dict(prompt_ids=prompt(8, 3), params=params)}  # slots 1 and 2 free, in the bucket
+    got = run_slots(engine, fresh, 6)
+    for slot, kw in fresh.items():
+        assert got[slot] == run_slots(DecodeEngine(model, max_batch=1, max_len=160, max_loops=3),
+                                      {0: kw}, 6)[0]
+
+
 def test_batch_buckets():
     assert batch_buckets(1) == [1]
     assert batch_buckets(8) == [1, 2, 4, 8]

@@ -548,9 +548,13 @@ class SlotState:
         return grew
 
     def close(self, slot: int) -> None:
+        """Free `slot`. A step computes every row of its bucket, free ones too, over the keys
+        of the open rows' longest length: a free row goes back to position 0, so that it
+        never writes beyond them (its writes land in its own free slot)."""
         self.infos.pop(slot, None)
         self.active[slot] = False
         self.finished[slot] = False
+        self.pos[slot] = 0
 
     def sampling(self, rows: slice) -> tuple[torch.Tensor, ...]:
         """The per-row settings `sample_rows` takes, for `rows`."""
