@@ -261,22 +261,25 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
 
 def build_packages(model: LoopedGPT, batch: int, n_loops: int, max_len: int) -> None:
     """Build (where this machine has not yet) the packages that greedy decoding of `batch`
-    rows runs under compile="auto": the step at `n_loops`, and an adaptive step's loops and
-    coda, as the warming process would, so that no timed round overlaps a build."""
+    rows runs under compile="auto": the step at `n_loops`, and an adaptive step's loops, its
+    coda and its later loops over fewer rows, as the warming process would, so that no
+    timed round overlaps a build."""
     from loopedlm.infer.engine import StepKey, build_package
 
     engine = DecodeEngine(model, max_batch=batch, max_loops=n_loops, max_len=max_len)
     for key in [StepKey(batch, n_loops, 0, False, False, True),
                 *[StepKey(batch, 0, 0, False, False, False, loop_program=program)
                   for program in ("first", "later")],
-                StepKey(batch, 0, 0, False, False, True, loop_program="coda")]:
+                StepKey(batch, 0, 0, False, False, True, loop_program="coda"),
+                *[StepKey(batch, 0, 0, False, False, False, loop_program="later", rows=rows)
+                  for rows in engine.buckets if rows < batch]]:
         spec = engine.package_spec(key)
         if package_state(spec) != "ready":
             start = clock()
             build_package(DecodeEngine(model, max_batch=batch, max_loops=n_loops,
                                        max_len=max_len, compile=False), spec)
-            print(f"  (built the package of {key.loop_program or 'the step'} in "
-                  f"{clock() - start:.0f} s)", flush=True)
+            name = f"{key.loop_program or 'the step'}{f' ({key.rows} rows)' if key.rows else ''}"
+            print(f"  (built the package of {name} in {clock() - start:.0f} s)", flush=True)
 
 
 @torch.no_grad()

@@ -316,10 +316,10 @@ def test_adaptive_steps_run_packaged_loops_with_the_eager_tokens_and_loop_counts
         return DecodeEngine(make_model(std=0.3, seed=seed), max_batch=len(requests),
                             max_len=MAX_LEN, max_loops=4, **kw)
 
-    keys = adaptive_keys(len(requests), speculative=True)
+    keys = adaptive_keys(len(requests), speculative=True, fewer=(2,))
     for key in keys:
         assert build_package(engine(9, compile=False), engine(0).package_spec(key)) == 0
-    coda = warm.package_path(engine(0).package_spec(keys[-1])).name
+    coda, fewer = (warm.package_path(engine(0).package_spec(key)).name for key in keys[-1:1:-1])
     runs = []
     real_run = packaged.StepPackage.run
     monkeypatch.setattr(packaged.StepPackage, "run",
@@ -329,7 +329,8 @@ def test_adaptive_steps_run_packaged_loops_with_the_eager_tokens_and_loop_counts
     assert runs == []
     auto = engine(0)
     assert run_adaptive(auto, requests, steps) == eager
-    assert auto.packaged_steps == 3 and runs.count(coda) == steps and len(runs) >= 3 * steps
+    assert auto.packaged_steps == 4 and runs.count(coda) == steps and len(runs) >= 3 * steps
+    assert runs.count(fewer) > 0  # the later loops of the 2 rows still looping, gathered
     # the adaptive rows stopped at every loop count they may: before their budget too
     assert {counts[0] for _, counts in eager} == {2, 3, 4}
     assert {counts[2] for _, counts in eager} == {2, 3, 4}
@@ -350,15 +351,18 @@ def test_adaptive_steps_run_packaged_loops_with_the_eager_tokens_and_loop_counts
     auto.reset()
     assert run_adaptive(auto, requests, steps) == eager
     assert len(failed) == 2 and failed[0] == coda and failed[1] != coda
-    assert auto.packaged_steps == 1
+    assert auto.packaged_steps == 2
     assert [warm.package_state(auto.package_spec(key)) == "failed" for key in keys] == \
         [warm.package_path(auto.package_spec(key)).name in failed for key in keys]
 
 
-def adaptive_keys(batch: int, speculative: bool) -> list[StepKey]:
-    """The packages of an adaptive step of greedy rows: its loops, then its coda."""
+def adaptive_keys(batch: int, speculative: bool, fewer: tuple[int, ...] = ()) -> list[StepKey]:
+    """The packages of an adaptive step of greedy rows: its loops, later loops over `fewer`
+    rows, then its coda."""
     return [StepKey(batch, 0, 0, False, False, False, loop_program=program)
             for program in ("first", "later")] + \
+        [StepKey(batch, 0, 0, False, False, False, loop_program="later", rows=rows)
+         for rows in fewer] + \
         [StepKey(batch, 0, 0, False, False, True, speculative, loop_program="coda")]
 
 
@@ -372,8 +376,9 @@ def adaptive_keys(batch: int, speculative: bool) -> list[StepKey]:
 ])
 def test_packaged_adaptive_loops_of_every_kind_give_the_eager_tokens(
         tmp_path, monkeypatch, mode, variant, cache_slots):
-    """The packaged adaptive loops for loop modes, attention variants and shared cache
-    slots beyond the default test's: the eager step's tokens and loop counts."""
+    """The packaged adaptive loops (later loops over fewer rows, gathered, too) for loop
+    modes, attention variants and shared cache slots beyond the default test's: the eager
+    step's tokens and loop counts."""
     from conftest import VARIANTS
 
     monkeypatch.setenv("LOOPEDLM_HOME", str(tmp_path))
@@ -388,13 +393,13 @@ def test_packaged_adaptive_loops_of_every_kind_give_the_eager_tokens(
         return DecodeEngine(tiny_model(seed=seed, std=0.3, **shape), max_batch=len(requests),
                             max_len=max_len, max_loops=4, cache_slots=cache_slots, **kw)
 
-    for key in adaptive_keys(len(requests), speculative=cache_slots is None):
+    for key in adaptive_keys(len(requests), speculative=cache_slots is None, fewer=(1, 2)):
         assert build_package(engine(9, compile=False), engine(0).package_spec(key)) == 0
     steps = max_len - 3 - len(requests)
     eager = run_adaptive(engine(0, compile=False), requests, steps)
     auto = engine(0)
     assert run_adaptive(auto, requests, steps) == eager
-    assert auto.packaged_steps == 3
+    assert auto.packaged_steps == 5
     # an adaptive row stopped before its budget
     assert min(min(counts[0], counts[2]) for _, counts in eager) < 4, eager
 

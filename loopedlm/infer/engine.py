@@ -264,8 +264,9 @@ class StepKey:
     speculatively (they take their tokens from their verified ones instead). logprobs: a row
     asks for logprobs. loop_program: not a step but a part of an adaptive step (a package's
     only): one of its loops (`adaptive_loop`), "first" or "later" (the other fields but
-    `batch` are then unused), or its end, "coda" (`adaptive_coda`: the sampling flags
-    count)."""
+    `batch` and `rows` are then unused), or its end, "coda" (`adaptive_coda`: the sampling
+    flags count). rows: a later loop over only this many of the batch's rows, gathered
+    (the rows still looping, and rows that stopped to fill the bucket); 0: every row."""
 
     batch: int
     n_loops: int
@@ -276,6 +277,7 @@ class StepKey:
     speculative: bool = False
     logprobs: bool = False
     loop_program: str = ""
+    rows: int = 0
 
 
 def check_draft_loops(draft_loops: int | None, n_loops: int | None) -> None:
@@ -744,8 +746,9 @@ def adaptive_loop(model: LoopedGPT, variant: StepKey, cache: StaticKVCache,
     """One loop of an adaptive step over every row of a batch, as a packaged adaptive step
     runs it (`variant.loop_program`: "first", where `rows.previous` is unused, or "later"):
     this loop's cache `entries` (rows [0, B), every position; the keys attended are those at
-    `key_slots`) and the rows' `AdaptiveRows`. Rows not looping write no keys (a row that
-    stopped, or one the step does not compute); their state is computed and discarded. A
+    `key_slots`) and the rows' `AdaptiveRows` (all B, or those at `rows.index`). Rows not
+    looping write no keys (a row that stopped, or one the step does not compute; a stopped
+    row that fills a bucket of gathered rows); their state is computed and discarded. A
     looping row stops here at its budget, or from its earliest loop on once its state's
     relative change is below its threshold (the `state` criterion, which cannot stop a row
     in the first loop): its state goes to `final`, the loop count to `spent`, and it leaves
@@ -758,9 +761,11 @@ def adaptive_loop(model: LoopedGPT, variant: StepKey, cache: StaticKVCache,
     inputs = model.prepare(rows.tokens[:, None], plan=pass_plan(model, rows.pos[:, None], n_keys,
                                                                 cache.dtype, fused=fused))
     first = variant.loop_program == "first"
-    index = torch.arange(rows.tokens.size(0), device=rows.tokens.device)
+    gathered = rows.index is not None  # some rows of the batch: attention reads theirs only
+    index = rows.index if gathered else torch.arange(rows.tokens.size(0),
+                                                     device=rows.tokens.device)
     writes = StepWrites(entries, index, rows.pos, write_first=cache.writes(0 if first else 1, 0),
-                        live=rows.looping)
+                        live=rows.looping, gather=gathered)
     h = decode_loop(model, inputs, None if first else rows.previous, writes)
     count = rows.loop + 1  # this loop's number, 1-based (a tensor: one program, every loop)
     stopping = rows.budget == count
@@ -810,9 +815,37 @@ class AdaptiveRows:
     looping: torch.Tensor
     final: torch.Tensor
     spent: torch.Tensor
+    index: torch.Tensor | None = None  # the batch rows these are (None: rows 0 .. B-1)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
+        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
+
+    def gathered(self, index: torch.Tensor) -> AdaptiveRows:
+        """The batch rows `index` of these (every row of the batch), as a later loop over
+        fewer rows takes them (a copy: `scatter` writes back what its loops wrote)."""
+        return AdaptiveRows(*(t if f.name == "loop" else t.index_select(0, index)
+                              for f, t in zip(fields(self)[:-1], self.tensors(), strict=True)),
+                            index=index)
+
+    def scatter(self, into: AdaptiveRows) -> None:
+        """Write these gathered rows' loop results back `into` the batch's rows."""
+        for name in ("previous", "looping", "final", "spent"):
+            getattr(into, name).index_copy_(0, self.index, getattr(self, name))
+
+
+@dataclass
+class AdaptivePackages:
+    """The packages of an adaptive step (`DecodeEngine._adaptive_packages`): its first loop,
+    a later loop (None: one loop at most), its coda (None: not built yet; it then ends
+    eagerly), `fewer(rows)`: the later loop over that many rows of the batch (None: not
+    built yet; looked for, and asked for, only where a step would run it, so that a bucket
+    of rows that never pays is never built), and the key length they attend over."""
+
+    first: Any
+    later: Any
+    coda: Any
+    fewer: Callable[[int], Any]
+    kv_len: int
 
 
 def pop_step(state: SlotState, batch: int, logprobs: bool = False) -> None:
@@ -1714,13 +1747,12 @@ class DecodeEngine:
         params = [state.infos[slot].params for slot in slots]
         packages = self._adaptive_packages(batch, params, coda)
         if packages is not None:
-            first, later, ending, loops_len = packages
-            rows = self._packaged_adaptive_loops(tokens, batch, slots, params, first, later,
-                                                 loops_len)
+            rows = self._packaged_adaptive_loops(tokens, batch, slots, params, packages)
             if rows is not None:
                 ends = [rows.budget, rows.spent, rows.final, *cache.fill_tables(self.device)]
-                if ending is not None and self._run_package(
-                        ending, coda, [*packaged.step_inputs(self), *ends], loops_len):
+                if packages.coda is not None and self._run_package(
+                        packages.coda, coda, [*packaged.step_inputs(self), *ends],
+                        packages.kv_len):
                     return None, rows.spent
                 cache.fill_skipped_loops(torch.where(rows.spent < rows.budget,
                                                      rows.spent - 1, -1), rows.pos)
@@ -1807,17 +1839,14 @@ class DecodeEngine:
         return every, spent
 
     def _adaptive_packages(self, batch: int, params: list[SequenceParams],
-                           coda: StepKey | None = None
-                           ) -> tuple[packaged.StepPackage, packaged.StepPackage | None,
-                                      packaged.StepPackage | None, int] | None:
-        """compile="auto" on a CPU: the packaged loops (the first, a later one) that run an
-        adaptive step of `batch` rows, the package of its `coda` variant (None: not built
-        yet, or not asked for; the step then ends eagerly) and the key length they attend
-        over; None where the step runs eagerly: a criterion other than `state` (the others
-        read logits or a gate at every loop), layers outside the loop (Huginn), a random
-        initial state, keys beyond a package's reach, or no loop packages yet (this looks
-        for them, and has the warming process build them, as `_package` does for fixed
-        steps)."""
+                           coda: StepKey | None = None) -> AdaptivePackages | None:
+        """compile="auto" on a CPU: the packages that run an adaptive step of `batch` rows
+        (`AdaptivePackages`: those of its loops, of later loops over fewer rows, of its `coda`
+        variant), each looked for, and handed to the warming process to build, as `_package`
+        does for fixed steps; None where the step runs eagerly: a criterion other than
+        `state` (the others read logits or a gate at every loop), layers outside the loop
+        (Huginn), a random initial state, keys beyond a package's reach, or no loop
+        packages yet."""
         if self.compiles != "auto" or self.config.n_layers != self.config.depth or \
                 any(p.adaptive is not None and p.adaptive.criterion != "state" for p in params):
             return None
@@ -1825,19 +1854,24 @@ class DecodeEngine:
         if kv_len < max(info.length for info in self.state.infos.values()) + 1:
             return None
         shapes = self._step_input_shapes()
-        variants = [StepKey(batch, 0, 0, False, False, False, loop_program=program)
-                    for program in ("first", "later")[: min(2, self.max_loops)]]
-        found = []
-        for variant in [*variants, *([coda] if coda is not None else [])]:
+
+        def look(variant: StepKey) -> packaged.StepPackage | None:
             runs = self._compile_runs.get(variant, 0) + 1
-            found.append(self._package(variant, shapes,
-                                       look=runs == 1 or runs % AUTO_COMPILE_AFTER == 0))
             self._compile_runs[variant] = runs
-        if any(package is None for package in found[: len(variants)]):
+            return self._package(variant, shapes,
+                                 look=runs == 1 or runs % AUTO_COMPILE_AFTER == 0)
+
+        loops = [look(StepKey(batch, 0, 0, False, False, False, loop_program=program))
+                 for program in ("first", "later")[: min(2, self.max_loops)]]
+        ending = None if coda is None else look(coda)  # (asked for with the loops)
+        if any(package is None for package in loops):
             return None
-        first, *rest = found
-        later = rest.pop(0) if len(variants) > 1 else None
-        return first, later, rest[0] if rest else None, kv_len
+        def fewer(rows: int) -> packaged.StepPackage | None:  # asked for where it would run
+            return look(StepKey(batch, 0, 0, False, False, False, loop_program="later",
+                                rows=rows))
+
+        return AdaptivePackages(loops[0], loops[-1] if len(loops) > 1 else None, ending, fewer,
+                                kv_len)
 
     def adaptive_rows(self, tokens: torch.Tensor, slots: list[int],
                       params: list[SequenceParams]) -> AdaptiveRows:
@@ -1860,43 +1894,56 @@ class DecodeEngine:
                             torch.zeros(batch, dtype=torch.long, device=device))
 
     def _packaged_adaptive_loops(self, tokens: torch.Tensor, batch: int, slots: list[int],
-                                 params: list[SequenceParams], first: packaged.StepPackage,
-                                 later: packaged.StepPackage | None, kv_len: int
+                                 params: list[SequenceParams], packages: AdaptivePackages
                                  ) -> AdaptiveRows | None:
         """The loops of `_adaptive_logits` by packaged loops (`adaptive_loop`): every row of
         the batch runs each loop until every computed row (`slots`) has stopped, and a row
         that stopped writes no keys, so each row's tokens are those of the eager step, where
         it leaves the batch. On a dispatch-bound CPU a loop of all rows, packaged, costs
-        less than a loop of fewer rows run eagerly. One host sync per loop from the rows'
-        earliest stop on, to learn which rows stop. Returns the rows (their states, the
-        loops they spent; the skipped loops not filled yet), or None if a package raises
-        (the step is then run eagerly, which rewrites every key this one wrote; the package
-        is not used again)."""
-        rows = self.adaptive_rows(tokens, slots, params)
-        key_slots = self._key_slots(kv_len)
+        less than a loop of fewer rows run eagerly. Once the rows still looping fit a
+        smaller bucket whose package is built (`packages.fewer`), the later loops run on
+        those rows only, gathered (with stopped rows to fill the bucket). One host sync per
+        loop from the rows' earliest stop on, to learn which rows stop. Returns the rows
+        (their states, the loops they spent; the skipped loops not filled yet), or None if
+        a package raises (the step is then run eagerly, which rewrites every key this one
+        wrote; the package is not used again)."""
+        rows = every = self.adaptive_rows(tokens, slots, params)
+        order = list(range(batch))  # the batch row of each of `rows`' rows
+        gathered = None  # the package of the later loops over `order`, once gathered
+        key_slots = self._key_slots(packages.kv_len)
         budget = {slot: p.n_loops for slot, p in zip(slots, params, strict=True)}
         earliest = {slot: p.earliest_stop for slot, p in zip(slots, params, strict=True)}
         for loop in range(max(budget.values(), default=0)):
             rows.loop = self._loop_numbers[loop]
-            package = first if loop == 0 else later
+            package = packages.first if loop == 0 else gathered or packages.later
             try:
                 rows.previous, stopping = package.run(
                     [*self._adaptive_entries(batch, loop), *rows.tensors()], key_slots)
             except Exception as error:  # a package is only ever an optimisation
-                program = "first" if loop == 0 else "later"
-                self._drop_package(package, StepKey(batch, 0, 0, False, False, False,
-                                                    loop_program=program), error)
+                self._drop_package(package, StepKey(
+                    batch, 0, 0, False, False, False, loop_program="first" if loop == 0
+                    else "later", rows=len(order) if len(order) < batch else 0), error)
                 return None
             if loop + 1 < min(earliest[slot] for slot in budget):  # none stops: no sync
                 continue
             if all(n == loop + 1 for n in budget.values()):  # every row's last loop
                 break
-            for slot, stop in enumerate(stopping.tolist()):
+            for at, stop in enumerate(stopping.tolist()):
                 if stop:
-                    del budget[slot], earliest[slot]
+                    del budget[order[at]], earliest[order[at]]
             if not budget:
                 break
-        return rows
+            size = next(b for b in self.buckets if b >= len(budget))
+            fewer = packages.fewer(size) if size < len(order) else None
+            if fewer is not None:  # the later loops on fewer rows
+                if rows is not every:
+                    rows.scatter(every)
+                order = sorted(budget)
+                order += [row for row in range(batch) if row not in budget][: size - len(order)]
+                rows, gathered = every.gathered(torch.tensor(order, device=self.device)), fewer
+        if rows is not every:
+            rows.scatter(every)
+        return every
 
     def _fill_skipped(self, skipped: dict[int, int], batch: int) -> None:
         """Fill the skipped loops' cache entries of the rows that stopped early in this
@@ -1943,6 +1990,8 @@ def build_package(engine: DecodeEngine, spec: WarmSpec) -> int:
         variant = StepKey(**spec.variant)
         if variant.loop_program:
             rows = engine.adaptive_rows(engine.state.tokens[: variant.batch], [], [])
+            if variant.rows:
+                rows = rows.gathered(torch.arange(variant.rows, device=engine.device))
             coda = variant.loop_program == "coda"
             seconds = packaged.build(engine, variant, package_path(spec),
                                      adaptive_coda if coda else adaptive_loop,
@@ -1999,6 +2048,6 @@ def warm_main(argv: list[str] | None = None) -> int:
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
            "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop", "adaptive_loop",
-           "adaptive_coda", "finish_step",
+           "adaptive_coda", "finish_step", "AdaptiveRows", "AdaptivePackages",
            "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main", "cpu_compile_options",
            "build_package"]
