@@ -1866,6 +1866,7 @@ class DecodeEngine:
         ending = None if coda is None else look(coda)  # (asked for with the loops)
         if any(package is None for package in loops):
             return None
+
         def fewer(rows: int) -> packaged.StepPackage | None:  # asked for where it would run
             return look(StepKey(batch, 0, 0, False, False, False, loop_program="later",
                                 rows=rows))
