@@ -986,3 +986,37 @@ def test_prefill_many_gives_each_prompts_last_logits_as_prefill_does():
         torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
     assert together.active_slots == [0, 1, 3]
     assert together.state.pos[:4].tolist() == [6, 2, 0, 4]
+
+
+def test_adaptive_rows_gather_some_rows_and_scatter_their_loop_results_back():
+    """`AdaptiveRows.gathered` copies some rows of the batch (what a later loop over fewer
+    rows takes) and `scatter` writes their loop results (previous and final states,
+    looping, loops spent) back to those rows only; gathering gathered rows is refused."""
+    from loopedlm.infer.engine import AdaptiveRows
+
+    batch, d = 4, 3
+
+    def rows(fill: float) -> AdaptiveRows:
+        return AdaptiveRows(torch.arange(batch), torch.arange(batch) + 10,
+                            torch.full((batch,), 4), torch.full((batch,), 2),
+                            torch.full((batch,), 0.1), torch.tensor([1]),
+                            torch.full((batch, 1, d), fill), torch.ones(batch, dtype=torch.bool),
+                            torch.full((batch, 1, d), fill), torch.zeros(batch, dtype=torch.long))
+
+    every = rows(0.0)
+    some = every.gathered(torch.tensor([3, 1]))
+    assert some.pos.tolist() == [13, 11] and some.loop is every.loop
+    assert some.final.shape == (2, 1, d) and some.index.tolist() == [3, 1]
+    some.final.fill_(5.0)
+    some.previous.fill_(6.0)
+    some.spent.copy_(torch.tensor([3, 2]))
+    some.looping.copy_(torch.tensor([False, True]))
+    assert every.final.abs().sum() == 0  # a copy until scattered
+    some.scatter(every)
+    assert every.spent.tolist() == [0, 2, 0, 3]
+    assert every.looping.tolist() == [True, True, True, False]
+    assert every.final[:, 0, 0].tolist() == [0.0, 5.0, 0.0, 5.0]
+    assert every.previous[:, 0, 0].tolist() == [0.0, 6.0, 0.0, 6.0]
+    assert len(some.tensors()) == len(every.tensors()) + 1  # the index travels too
+    with pytest.raises(ValueError, match="gathered already"):
+        some.gathered(torch.tensor([0]))

@@ -823,8 +823,11 @@ class AdaptiveRows:
     def gathered(self, index: torch.Tensor) -> AdaptiveRows:
         """The batch rows `index` of these (every row of the batch), as a later loop over
         fewer rows takes them (a copy: `scatter` writes back what its loops wrote)."""
-        return AdaptiveRows(*(t if f.name == "loop" else t.index_select(0, index)
-                              for f, t in zip(fields(self)[:-1], self.tensors(), strict=True)),
+        if self.index is not None:
+            raise ValueError("these rows are gathered already: gather from the whole batch")
+        return AdaptiveRows(*(t if name == "loop" else t.index_select(0, index)
+                              for name, t in ((f.name, getattr(self, f.name))
+                                              for f in fields(self) if f.name != "index")),
                             index=index)
 
     def scatter(self, into: AdaptiveRows) -> None:
