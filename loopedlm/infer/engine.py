@@ -791,10 +791,20 @@ def adaptive_coda(model: LoopedGPT, variant: StepKey, state: SlotState, cache: S
     budget, spent, final, *tables = ends
     rows = slice(0, variant.batch)
     live = state.active[rows] & ~state.finished[rows]
-    cache.fill_skipped_loops(torch.where(spent < budget, spent - 1, -1), state.pos[rows],
-                             tables=(tables[0], tables[1]))
-    logits = model.logits(final)[:, -1].masked_fill((budget == 0)[:, None], 0.0)
+    logits = adaptive_read_out(model, cache, budget, spent, final, state.pos[rows],
+                               (tables[0], tables[1]))
     finish_step(state, variant, logits, live, spent)
+
+
+def adaptive_read_out(model: LoopedGPT, cache: StaticKVCache, budget: torch.Tensor,
+                      spent: torch.Tensor, final: torch.Tensor, pos: torch.Tensor,
+                      tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """After an adaptive step's packaged loops: fill the skipped loops' cache entries of the
+    rows that stopped before their `budget` (`StaticKVCache.fill_skipped_loops`, at `pos`)
+    and return every row's logits (B, V) from the state it stopped with (rows the step does
+    not compute, budget 0: zeros)."""
+    cache.fill_skipped_loops(torch.where(spent < budget, spent - 1, -1), pos, tables=tables)
+    return model.logits(final)[:, -1].masked_fill((budget == 0)[:, None], 0.0)
 
 
 @dataclass
@@ -1383,7 +1393,7 @@ class DecodeEngine:
             kv_len = min(key.kv_len, self.max_len - 1)
             needed = max(info.length for info in self.state.infos.values()) + 1
             if package is not None and kv_len >= needed \
-                    and self._run_package(package, variant, inputs, kv_len):
+                    and self._run_package(package, inputs, kv_len):
                 return
         done = self._compiled.get(variant)
         if done:
@@ -1448,8 +1458,8 @@ class DecodeEngine:
                         variant=asdict(replace(variant, kv_len=0)),
                         compile_options=self.compile_options, short_len=self.max_len == 1)
 
-    def _run_package(self, package: packaged.StepPackage, variant: StepKey,
-                     inputs: list[torch.Tensor], kv_len: int) -> bool:
+    def _run_package(self, package: packaged.StepPackage, inputs: list[torch.Tensor],
+                     kv_len: int) -> bool:
         """Run one step (or an adaptive step's coda) from `package`; False (the step runs as
         it would without one, and the package is dropped and marked failed) if it raises.
         Its writes before the error are the cache keys of this step's own position (and
@@ -1459,19 +1469,19 @@ class DecodeEngine:
             package.run(inputs, self._key_slots(kv_len))
             return True
         except Exception as error:  # a package is only ever an optimisation
-            self._drop_package(package, variant, error)
+            self._drop_package(package, error)
             return False
 
-    def _drop_package(self, package: packaged.StepPackage, variant: StepKey,
-                      error: Exception) -> None:
-        """`package` (of `variant`) raised: never used again, and marked failed on disk."""
+    def _drop_package(self, package: packaged.StepPackage, error: Exception) -> None:
+        """`package` raised: never used again, and its variant (the key it was loaded
+        under) marked failed on disk."""
         log.warning("decode engine: the packaged step %s failed (%s): decoding without it",
                     package.path.name, error)
-        for key, value in list(self._packages.items()):
+        for (variant, shapes), value in list(self._packages.items()):
             if value is package:
-                self._packages[key] = None
-        with contextlib.suppress(TypeError, ValueError, OSError):
-            record(self.package_spec(variant), failed=True)
+                self._packages[(variant, shapes)] = None
+                with contextlib.suppress(TypeError, ValueError, OSError):
+                    record(self.package_spec(variant), failed=True)
 
     def package_spec(self, variant: StepKey) -> WarmSpec:
         """What a separate process needs to build `variant`'s AOTInductor package for this
@@ -1752,15 +1762,12 @@ class DecodeEngine:
         if packages is not None:
             rows = self._packaged_adaptive_loops(tokens, batch, slots, params, packages)
             if rows is not None:
-                ends = [rows.budget, rows.spent, rows.final, *cache.fill_tables(self.device)]
                 if packages.coda is not None and self._run_package(
-                        packages.coda, coda, [*packaged.step_inputs(self), *ends],
+                        packages.coda, [*packaged.step_inputs(self), *self.coda_ends(rows)],
                         packages.kv_len):
                     return None, rows.spent
-                cache.fill_skipped_loops(torch.where(rows.spent < rows.budget,
-                                                     rows.spent - 1, -1), rows.pos)
-                logits = model.logits(rows.final)[:, -1]  # rows not computed: zeros
-                return logits.masked_fill_((rows.budget == 0)[:, None], 0.0), rows.spent
+                return adaptive_read_out(model, cache, rows.budget, rows.spent, rows.final,
+                                         rows.pos), rows.spent
         pos = state.pos[:batch]
         entries = self._loop_entries(batch, kv_len)
         # masks of every row, built once; the prelude (Huginn) runs for every row
@@ -1924,9 +1931,7 @@ class DecodeEngine:
                 rows.previous, stopping = package.run(
                     [*self._adaptive_entries(batch, loop), *rows.tensors()], key_slots)
             except Exception as error:  # a package is only ever an optimisation
-                self._drop_package(package, StepKey(
-                    batch, 0, 0, False, False, False, loop_program="first" if loop == 0
-                    else "later", rows=len(order) if len(order) < batch else 0), error)
+                self._drop_package(package, error)
                 return None
             if loop + 1 < min(earliest[slot] for slot in budget):  # none stops: no sync
                 continue
@@ -1948,6 +1953,11 @@ class DecodeEngine:
         if rows is not every:
             rows.scatter(every)
         return every
+
+    def coda_ends(self, rows: AdaptiveRows) -> list[torch.Tensor]:
+        """The `ends` an adaptive step's coda takes (`adaptive_coda`) after its loops ran on
+        `rows`."""
+        return [rows.budget, rows.spent, rows.final, *self.cache.fill_tables(self.device)]
 
     def _fill_skipped(self, skipped: dict[int, int], batch: int) -> None:
         """Fill the skipped loops' cache entries of the rows that stopped early in this
@@ -1999,9 +2009,7 @@ def build_package(engine: DecodeEngine, spec: WarmSpec) -> int:
             coda = variant.loop_program == "coda"
             seconds = packaged.build(engine, variant, package_path(spec),
                                      adaptive_coda if coda else adaptive_loop,
-                                     [rows.budget, rows.spent, rows.final,
-                                      *engine.cache.fill_tables(engine.device)] if coda
-                                     else rows.tensors())
+                                     engine.coda_ends(rows) if coda else rows.tensors())
         else:
             seconds = packaged.build(engine, variant, package_path(spec),
                                      functools.partial(fixed_step, loop_fn=decode_loop))
@@ -2052,6 +2060,7 @@ def warm_main(argv: list[str] | None = None) -> int:
 __all__ = ["DecodeEngine", "SequenceParams", "AdaptiveLoops", "StepOutput", "StepKey",
            "SpeculationStats", "check_draft_loops", "decode_pass", "step_logits", "fixed_step",
            "pop_step", "SlotState", "batch_buckets", "capture_step", "decode_loop", "adaptive_loop",
-           "adaptive_coda", "finish_step", "AdaptiveRows", "AdaptivePackages",
+           "adaptive_coda", "adaptive_read_out", "finish_step", "AdaptiveRows",
+           "AdaptivePackages",
            "outer_writes", "CRITERIA", "MAX_LOGPROBS", "warm_main", "cpu_compile_options",
            "build_package"]
