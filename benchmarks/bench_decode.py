@@ -823,6 +823,8 @@ def main() -> None:
     clock = CLOCKS[args.clock]
     if args.run and not args.text:
         parser.error("--run needs --text (a held-out text file)")
+    if args.server_rounds < 1:
+        parser.error(f"--server-rounds={args.server_rounds}: at least 1 round of each kind")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
