@@ -8,8 +8,9 @@ loop only, which makes earlier loops see a single token while decoding).
 
 Attention writes through the `CacheWriter` protocol (`loopedlm.model.attention`): the
 plan of a pass carries a `ChunkWrites` (a prefill: a chunk of tokens of one slot), a
-`PromptWrites` (the prompts of several new sequences at once) or a `StepWrites` (one loop
-of a decode step: one token per row, at each row's own position).
+`PromptWrites` (the prompts of several new sequences at once), a `TokenWrites` (a loop of an
+adaptive prompt over the tokens still looping) or a `StepWrites` (one loop of a decode step:
+one token per row, at each row's own position).
 """
 
 from __future__ import annotations
@@ -150,6 +151,26 @@ class StaticKVCache:
             flat = store.view(-1, dim)
             flat.index_copy_(0, writes, flat.index_select(0, reads))
 
+    def copy_loop(self, source: int, loops: range | list[int], slots: torch.Tensor,
+                  pos: torch.Tensor | slice) -> None:
+        """Give each of `loops` the keys/values that loop `source` holds at rows `slots` and
+        positions `pos` (a tensor of the same length as `slots`: one position each; or a
+        slice: those positions of every row), in every layer with entries of its own per
+        cache slot (a loop sharing `source`'s slot already holds them). How an adaptive
+        prompt's tokens that stopped looping get the entries of the loops they skip
+        (`loopedlm.infer.adaptive_prompt`)."""
+        index = (slots, slice(None), pos)
+        for layer, (keys, _) in enumerate(self.stores):
+            if keys.size(0) == 1:  # a single entry, which every loop reads
+                continue
+            k_from, v_from = self.entry(source, layer)
+            for loop in loops:
+                if self.slot_of_loop[loop] == self.slot_of_loop[source]:
+                    continue
+                k_to, v_to = self.entry(loop, layer)
+                k_to[index] = k_from[index]
+                v_to[index] = v_from[index]
+
     def fill_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """`fill_skipped_loops`'s tables, by a row's last loop + 1 (row 0: none): the cache
         slot it copies from (max_loops + 1,), and the slots it fills (max_loops + 1,
@@ -201,6 +222,30 @@ class PromptWrites:
         return k, v
 
 
+class TokenWrites:
+    """A `CacheWriter` for one loop of an adaptive prompt's pass over the tokens still looping
+    (`loopedlm.infer.adaptive_prompt`): row r of the pass is slot slots[r], its queries at
+    positions pos[r] (R, T), of which those `live` write their keys and values (the others
+    pad the row to the pass's width: tokens of it that stopped, or past its end, which write
+    nothing). Each row attends over its slot's keys at positions [0, n_keys), read back from
+    the cache, where the tokens that stopped hold the keys of their last loop."""
+
+    def __init__(self, cache: StaticKVCache, slots: torch.Tensor, pos: torch.Tensor,
+                 live: torch.Tensor, n_keys: int):
+        self.cache, self.slots, self.pos, self.n_keys = cache, slots, pos, n_keys
+        self.live = live[..., None, None]
+
+    def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> Entry:
+        k_all, v_all = self.cache.entry(loop, layer)
+        if self.cache.writes(loop, layer):
+            rows = self.slots[:, None]  # (R, T, H, D) at (row, position)
+            k_all[rows, :, self.pos] = torch.where(self.live, k.transpose(1, 2),
+                                                   k_all[rows, :, self.pos])
+            v_all[rows, :, self.pos] = torch.where(self.live, v.transpose(1, 2),
+                                                   v_all[rows, :, self.pos])
+        return k_all[self.slots, :, : self.n_keys], v_all[self.slots, :, : self.n_keys]
+
+
 class StepWrites:
     """A `CacheWriter` for one loop of a decode pass: T new tokens per row (T = 1 in a decode
     step; the drafted tokens and the one before them in a verify pass of speculative
@@ -246,4 +291,5 @@ class StepWrites:
         return k_all, v_all
 
 
-__all__ = ["StaticKVCache", "ChunkWrites", "PromptWrites", "StepWrites", "loop_slot_map", "SLOT_POLICIES"]
+__all__ = ["StaticKVCache", "ChunkWrites", "PromptWrites", "TokenWrites", "StepWrites", "loop_slot_map",
+           "SLOT_POLICIES"]

@@ -53,16 +53,19 @@ import torch.nn.functional as F
 import loopedlm.infer.packaged as packaged
 from loopedlm.common.paths import use_compile_cache
 from loopedlm.common.validation import is_int
+from loopedlm.infer.adaptive_prompt import adaptive_prefill
 from loopedlm.infer.cache import (
     ChunkWrites,
     Entry,
     PromptWrites,
     StaticKVCache,
     StepWrites,
+    TokenWrites,
     loop_slot_map,
 )
 from loopedlm.infer.exits import (
     EXIT_CRITERIA,
+    PROMPT_CRITERIA,
     LoopSignals,
     check_criterion,
     default_criterion,
@@ -112,11 +115,11 @@ COMPILE_EXIT_WAIT = 120.0  # seconds an exiting process waits for a compile on a
 # ---- the per-row options -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AdaptiveLoops:
-    """Stop looping a decoded token once its exit criterion says so (the prompt always runs
-    every loop). The skipped loops' cache entries at that position get the keys and values of
-    the token's last computed loop: convergence means the loop map is (nearly) at a fixed
-    point for this token, so the next loop would write (nearly) the same keys; copying them
-    is the best estimate that costs no compute (docs/design.md#decoding).
+    """Stop looping a decoded token once its exit criterion says so (and, with `prompt`, each
+    prompt token too). The skipped loops' cache entries at that position get the keys and
+    values of the token's last computed loop: convergence means the loop map is (nearly) at a
+    fixed point for this token, so the next loop would write (nearly) the same keys; copying
+    them is the best estimate that costs no compute (docs/design.md#decoding).
 
     criterion: one of `loopedlm.infer.exits.EXIT_CRITERIA`; None (default): the model's own,
         `gate` for a model with an exit gate (Ouro), else `state`.
@@ -129,11 +132,17 @@ class AdaptiveLoops:
       "gate": Ouro's rule: the cumulative exit probability of its gate reaches threshold.
     min_loops: never stop before this many loops (None: the criterion's earliest, 2 for a
         change between loops, 1 for the gate and kl_previous).
+    prompt: the prompt's tokens stop looping by the same rule (`state` and `gate` only: the
+        others read logits at every loop), each as if it had been decoded: its keys and
+        values, and so everything after it, are those it would have had as a decoded token
+        fed by `DecodeEngine.decode` (`loopedlm.infer.adaptive_prompt`). False (default):
+        the prompt runs every loop.
     """
 
     threshold: float
     criterion: str | None = None
     min_loops: int | None = None
+    prompt: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, int | float) or math.isnan(self.threshold) \
@@ -144,6 +153,13 @@ class AdaptiveLoops:
         first = 1 if self.criterion is None else EXIT_CRITERIA[self.criterion].first_loop
         if self.min_loops is not None and (not is_int(self.min_loops) or self.min_loops < first):
             raise ValueError(f"min_loops={self.min_loops!r} is not allowed: an integer >= {first}")
+        if not isinstance(self.prompt, bool):
+            raise ValueError(f"adaptive_prompt={self.prompt!r} is not allowed: True or False")
+        if self.prompt and self.criterion is not None \
+                and EXIT_CRITERIA[self.criterion].needs_logits:
+            raise ValueError(f"adaptive_prompt=True with adaptive_criterion={self.criterion!r} "
+                             f"is not allowed: a prompt stops by {list(PROMPT_CRITERIA)} (the "
+                             f"others read every token's logits at every loop)")
 
     def resolved(self, has_exit_gate: bool) -> AdaptiveLoops:
         """These settings for a model (`has_exit_gate`): criterion and min_loops filled, and
@@ -151,7 +167,7 @@ class AdaptiveLoops:
         criterion = default_criterion(has_exit_gate) if self.criterion is None else self.criterion
         check_criterion(criterion, has_exit_gate)
         return AdaptiveLoops(self.threshold, criterion, EXIT_CRITERIA[criterion].first_loop
-                             if self.min_loops is None else self.min_loops)
+                             if self.min_loops is None else self.min_loops, self.prompt)
 
 
 @dataclass(frozen=True)
@@ -468,6 +484,8 @@ class SlotInfo:
     start: int = 0  # the prompt's length (where the token budget starts)
     pending: int = 0  # speculative: verified tokens not yet emitted
     ending: bool = False  # speculative: the pending tokens finish the sequence
+    prompt_loops: int = 0  # loops its prompt's tokens ran, summed (adaptive prompts: fewer)
+    last_loops: int = 0  # loops the prompt's last token ran (its first token's read-out)
 
 
 class SlotState:
@@ -861,6 +879,12 @@ class AdaptivePackages:
     kv_len: int
 
 
+def prompt_exits(params: SequenceParams) -> AdaptiveLoops | None:
+    """The exit settings of a sequence whose prompt stops adaptively (`AdaptiveLoops.prompt`),
+    else None."""
+    return params.adaptive if params.adaptive is not None and params.adaptive.prompt else None
+
+
 def pop_step(state: SlotState, batch: int, logprobs: bool = False) -> None:
     """A step in which every live row is speculative: each emits its next verified token
     (and, with `logprobs`, its logprobs from the verify pass), and nothing is computed."""
@@ -1041,20 +1065,21 @@ class DecodeEngine:
         # everything is checked above; a failure from here on frees the slot again, so one
         # bad sequence never leaves the engine holding a slot nobody owns
         try:
-            first = self._first_token(slot, self.prefill(slot, ids, params)[-1:], params)
+            logits = self.prefill(slot, ids, params)[-1:]
+            first = self._first_token(slot, logits, params, self.state.infos[slot].last_loops)
         except BaseException:
             self.release(slot)
             raise
         return first[0]
 
-    def _first_token(self, slot: int, logits: torch.Tensor, params: SequenceParams
-                     ) -> torch.Tensor:
+    def _first_token(self, slot: int, logits: torch.Tensor, params: SequenceParams,
+                     loops: int) -> torch.Tensor:
         """Sample and record the first token (1,) of the sequence just opened in `slot` from
-        its prompt's last logits (1, vocab_size)."""
+        its prompt's last logits (1, vocab_size), whose token ran `loops` loops."""
         rows = slice(slot, slot + 1)
         first = sample_rows(logits, *self.state.sampling(rows))
         self.state.record(rows, first, self.state.active[rows].clone(),
-                          self.state.n_loops[rows].clone(), advance=False,
+                          torch.full((1,), loops, device=self.device), advance=False,
                           logits=None if params.logprobs is None else logits)
         return first
 
@@ -1074,7 +1099,8 @@ class DecodeEngine:
                    if isinstance(logits, torch.Tensor)]
         try:
             for slot, logits in started:
-                self._first_token(slot, logits[None], self.state.infos[slot].params)
+                info = self.state.infos[slot]
+                self._first_token(slot, logits[None], info.params, info.last_loops)
         except BaseException:
             for slot, _ in started:
                 self.release(slot)
@@ -1093,7 +1119,7 @@ class DecodeEngine:
         every slot of the call free again. A model with coda layers (Huginn) prefills one
         prompt at a time (its read-out attends over the whole prompt)."""
         results: list[torch.Tensor | ValueError | None] = [None] * len(requests)
-        groups: dict[int, list[tuple[int, int, torch.Tensor, SequenceParams]]] = {}
+        groups: dict[tuple[int, bool], list[tuple[int, int, torch.Tensor, SequenceParams]]] = {}
         taken: set[int] = set()
         for i, (slot, ids, params) in enumerate(requests):
             try:
@@ -1107,22 +1133,24 @@ class DecodeEngine:
                 results[i] = error
                 continue
             taken.add(slot)
-            groups.setdefault(params.n_loops, []).append((i, slot, idx, params))
+            groups.setdefault((params.n_loops, prompt_exits(params) is not None), []).append(
+                (i, slot, idx, params))
         transformer = self.model.transformer
         together = "coda" not in transformer or not len(transformer.coda)
         opened: list[int] = []
         try:
-            for n_loops, group in groups.items():
+            for (n_loops, _), group in groups.items():
                 if len(group) == 1 or not together:
                     for i, slot, idx, params in group:
                         opened.append(slot)
                         results[i] = self.prefill(slot, idx, params)[-1]
                     continue
-                logits = self._prompts_logits([slot for _, slot, _, _ in group],
-                                              [idx for _, _, idx, _ in group], n_loops)
-                for (i, slot, idx, params), row in zip(group, logits, strict=True):
+                logits, spent = self._prompts_logits(
+                    [slot for _, slot, _, _ in group], [idx for _, _, idx, _ in group], n_loops,
+                    [prompt_exits(params) for _, _, _, params in group])
+                for (i, slot, idx, params), row, loops in zip(group, logits, spent, strict=True):
                     opened.append(slot)
-                    self._open(slot, params, idx.size(1))
+                    self._open(slot, params, idx.size(1), loops)
                     results[i] = row
         except BaseException:
             for slot in opened:
@@ -1165,6 +1193,10 @@ class DecodeEngine:
         if bad:
             raise ValueError(f"unknown stop token {bad[0]!r}: ids lie in [0, {vocab})")
         adaptive = params.adaptive and params.adaptive.resolved(self.model.exit_gate is not None)
+        if adaptive and adaptive.prompt and self.config.n_layers != self.config.depth:
+            raise ValueError("adaptive_prompt=True is not allowed for this model: its layers "
+                             "outside the loop (a prelude, a coda) attend over the whole "
+                             "prompt, which then runs every loop")
         return replace(params, n_loops=n_loops, adaptive=adaptive)
 
     def _prompt(self, slot: int, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -1200,14 +1232,17 @@ class DecodeEngine:
         start = 0 if info is None else info.length
         end = start + idx.size(1)
         self._check_room(start, end)
-        n_loops = (params if info is None else info.params).n_loops
+        settings = params if info is None else info.params
         self._sync_weights()
-        logits = self._chunk_logits(slot, idx, start, n_loops)
+        logits, spent = self._chunk_logits(slot, idx, start, settings.n_loops,
+                                           prompt_exits(settings))
         if info is None:
-            self._open(slot, params, end)
+            self._open(slot, params, end, spent)
         else:
             info.length = end
             self.state.pos[slot] = end
+            info.prompt_loops += int(spent.sum())
+            info.last_loops = int(spent[-1])
         return logits
 
     def _check_room(self, start: int, end: int) -> None:
@@ -1218,12 +1253,15 @@ class DecodeEngine:
                              f"longer than the context (" + (f"the engine's max_len={limit}"
                              if limit else f"sequence_len={self.config.sequence_len}") + ")")
 
-    def _open(self, slot: int, params: SequenceParams, length: int) -> None:
-        """Open `slot` for a sequence whose prompt of `length` tokens is in the cache."""
+    def _open(self, slot: int, params: SequenceParams, length: int,
+              loops: torch.Tensor) -> None:
+        """Open `slot` for a sequence whose prompt of `length` tokens is in the cache, having
+        run `loops` loops each (length,)."""
         if self.state.open(slot, params):
             self._steps.clear()
         info = self.state.infos[slot]
         info.start = info.length = length
+        info.prompt_loops, info.last_loops = int(loops[:length].sum()), int(loops[length - 1])
         self.state.pos[slot] = length
 
     # ---- the decode step ----------------------------------------------------------------------
@@ -1587,40 +1625,64 @@ class DecodeEngine:
         return pass_plan(self.model, slots, n_keys, self.dtype, from_start=from_start,
                          cache=cache, fused=self.fused)
 
-    def _chunk_logits(self, slot: int, ids: torch.Tensor, start: int, n_loops: int
-                      ) -> torch.Tensor:
-        """Logits (T, vocab_size) of `ids` (1, T) appended to `slot`'s cache at `start`."""
+    def _chunk_logits(self, slot: int, ids: torch.Tensor, start: int, n_loops: int,
+                      adaptive: AdaptiveLoops | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (T, vocab_size) of `ids` (1, T) appended to `slot`'s cache at `start`, and
+        the loops each token ran (T,) (`adaptive`: the prompt's exits, `prompt_exits`)."""
         model, end = self.model, start + ids.size(1)
         slots = torch.arange(start, end, device=self.device)[None]
         plan = self._plan(slots, end, from_start=start == 0,
                           cache=ChunkWrites(self.cache, slot, start, end))
-        inputs = model.prepare(ids, plan=plan)
-        previous = None
-        for loop in range(n_loops):
-            previous = model.loop_state(model.loop(inputs, previous, loop))
-        return model.logits(previous, inputs.plan)[0]
+        final, spent = self._prompt_loops(torch.tensor([slot], device=self.device), ids,
+                                          model.prepare(ids, plan=plan), start, n_loops,
+                                          [adaptive])
+        return model.logits(final, plan)[0], spent[0]
 
-    def _prompts_logits(self, slots: list[int], prompts: list[torch.Tensor], n_loops: int
-                        ) -> torch.Tensor:
+    def _prompts_logits(self, slots: list[int], prompts: list[torch.Tensor], n_loops: int,
+                        adaptive: list[AdaptiveLoops | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """The last logits (R, vocab_size) of the prompts (1, T_r) of new sequences in
         `slots`, prefilled together from position 0 (`PromptWrites`): right-padded to the
         longest, which takes the causal path of a full forward; only the last real
-        position of each row is read out."""
+        position of each row is read out. Also the loops each prompt token ran (R, W), past
+        a row's end 0 (`adaptive`: each row's prompt exits, all None or none)."""
         model, width = self.model, max(p.size(1) for p in prompts)
         self._sync_weights()
         idx = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
         for row, prompt in enumerate(prompts):
             idx[row, : prompt.size(1)] = prompt[0]
-        writes = PromptWrites(self.cache, torch.tensor(slots, device=self.device), width)
+        rows = torch.tensor(slots, device=self.device)
         plan = self._plan(torch.arange(width, device=self.device)[None], width,
-                          from_start=True, cache=writes)
-        inputs = model.prepare(idx, plan=plan)
+                          from_start=True, cache=PromptWrites(self.cache, rows, width))
+        final, spent = self._prompt_loops(rows, idx, model.prepare(idx, plan=plan), 0, n_loops,
+                                          adaptive, [p.size(1) for p in prompts])
+        last = torch.tensor([p.size(1) - 1 for p in prompts], device=self.device)
+        every = torch.arange(len(prompts), device=self.device)
+        return model.logits(final[every, last][:, None], plan)[:, 0], spent
+
+    def _prompt_loops(self, slots: torch.Tensor, idx: torch.Tensor, inputs: LoopInputs,
+                      start: int, n_loops: int, adaptive: list[AdaptiveLoops | None],
+                      lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loops of a prefill of `idx` (R, W) into rows `slots` at positions start ..
+        start + W - 1, prepared (`inputs`): every loop for every token, or, for rows whose
+        prompt stops adaptively (`adaptive`, all None or none), each token until its exit
+        (`adaptive_prefill`). Returns the states each token stopped with (R, W, d) and the
+        loops it ran (R, W) (past a row's end, `lengths`: 0)."""
+        rows, width = idx.shape
+        lengths = [width] * rows if lengths is None else lengths
+        if adaptive[0] is not None:
+            n_keys = start + width
+
+            def plan(pos: torch.Tensor, writer: TokenWrites) -> AttentionPlan:
+                return self._plan(pos, n_keys, cache=writer)
+
+            return adaptive_prefill(self.model, self.cache, slots, idx, inputs, lengths, start,
+                                    n_loops, adaptive, plan)
         previous = None
         for loop in range(n_loops):
-            previous = model.loop_state(model.loop(inputs, previous, loop))
-        last = torch.tensor([p.size(1) - 1 for p in prompts], device=self.device)
-        return model.logits(previous[torch.arange(len(prompts), device=self.device), last][:, None],
-                            inputs.plan)[:, 0]
+            previous = self.model.loop_state(self.model.loop(inputs, previous, loop))
+        spent = (torch.arange(width, device=self.device)[None]
+                 < torch.tensor(lengths, device=self.device)[:, None]).long() * n_loops
+        return previous, spent
 
     def _step_logits(self, tokens: torch.Tensor, key: StepKey) -> torch.Tensor:
         """`step_logits` of `tokens` (batch,) fed at the rows' positions."""

@@ -88,6 +88,9 @@ EXIT_CRITERIA: dict[str, ExitCriterion] = {
     "gate": ExitCriterion(_gate_reached, first_loop=1, needs_gate=True),
 }
 
+# the criteria a prompt may stop by (`AdaptiveLoops.prompt`): none that reads logits
+PROMPT_CRITERIA = tuple(name for name, rule in EXIT_CRITERIA.items() if not rule.needs_logits)
+
 
 def default_criterion(has_exit_gate: bool) -> str:
     """A model's criterion when none is asked for: its own published rule where it has one
@@ -126,5 +129,5 @@ def rows_converged(signals: LoopSignals, criterion_ids: torch.Tensor, threshold:
     return converged
 
 
-__all__ = ["LoopSignals", "ExitCriterion", "EXIT_CRITERIA", "default_criterion", "relative_change",
-           "check_criterion", "update_exit_cdf", "rows_converged"]
+__all__ = ["LoopSignals", "ExitCriterion", "EXIT_CRITERIA", "PROMPT_CRITERIA", "default_criterion",
+           "relative_change", "check_criterion", "update_exit_cdf", "rows_converged"]
