@@ -190,8 +190,10 @@ class _Bytes:
 
 @torch.no_grad()
 def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, clients: int,
-               requests: int, max_tokens: int, compile_mode="auto") -> tuple[float, float]:
-    """(generated tokens/s, mean loops per token, step variants compiled or packaged) of `clients`
+               requests: int, max_tokens: int, compile_mode="auto"
+               ) -> tuple[float, float, float, int]:
+    """(generated tokens/s, mean loops per generated token, mean loops per prompt token, step
+    variants compiled or packaged) of `clients`
     clients, each sending `requests` requests in a row (prompts: rows of `prompts`), through
     the server's scheduler over one engine of `clients` slots, long-lived as `loopedlm
     serve`'s (`compile_mode`: the engine's compile). A compiling engine is warmed up first by
@@ -202,7 +204,7 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
                           max_len=prompts.size(1) + max_tokens + 2, compile=compile_mode,
                           long_lived=True)
     scheduler = Scheduler(engine, _Bytes(), max_queue=clients)
-    finished, tokens, loops = threading.Semaphore(0), [0], [0]
+    finished, tokens, loops, prompt = threading.Semaphore(0), [0], [0], [0, 0]
 
     def client(index: int, requests: int = requests) -> None:
         for r in range(requests):
@@ -217,6 +219,8 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
             done.wait()
             tokens[0] += len(seq.tokens)
             loops[0] += sum(seq.loops)
+            prompt[0] += len(seq.prompt)
+            prompt[1] += seq.prompt_loops
         finished.release()
     def warm_up() -> None:
         warmup = [threading.Thread(target=client, args=(i, 1)) for i in range(clients)]
@@ -224,7 +228,7 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
             thread.start()
         for thread in warmup:
             thread.join()
-        tokens[0] = loops[0] = 0
+        tokens[0] = loops[0] = prompt[0] = prompt[1] = 0
 
     warming = os.environ.get(WARMUP_ENV)
     scheduler.start()
@@ -256,7 +260,8 @@ def serve_rate(model: LoopedGPT, prompts: torch.Tensor, params: SequenceParams, 
         restore_env(WARMUP_ENV, warming)
     if failed:  # (requests ended in an error: the figure would not be a throughput)
         raise RuntimeError(f"{failed} decode step(s) failed in the server section")
-    return tokens[0] / seconds, loops[0] / tokens[0], engine.compiled_steps + engine.packaged_steps
+    return (tokens[0] / seconds, loops[0] / tokens[0], prompt[1] / prompt[0],
+            engine.compiled_steps + engine.packaged_steps)
 
 
 def build_packages(model: LoopedGPT, batch: int, n_loops: int, max_len: int) -> None:
@@ -353,23 +358,29 @@ def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
     prompts = held_out[:clients * args.requests, :args.prompt]
     kinds = {"all at N=12": SequenceParams(n_loops=n_loops, sampling=GREEDY),
              "adaptive": SequenceParams(n_loops=n_loops, sampling=GREEDY,
-                                        adaptive=AdaptiveLoops(chosen, "state"))}
+                                        adaptive=AdaptiveLoops(chosen, "state")),
+             "adaptive, prompt too": SequenceParams(
+                 n_loops=n_loops, sampling=GREEDY,
+                 adaptive=AdaptiveLoops(chosen, "state", prompt=True))}
     for mode in args.server_compile:
         if mode == "auto":  # (a server's engine holds its prompts and outputs, + 2)
             build_packages(model, clients, n_loops, args.prompt + args.server_tokens + 2)
         rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+        loops, prompt_loops = {}, {}
         for _ in range(args.server_rounds):
             for kind, params in kinds.items():
-                rate, loops, compiled = serve_rate(model, prompts, params, clients,
-                                                   args.requests, args.server_tokens, mode)
+                rate, loops[kind], prompt_loops[kind], compiled = serve_rate(
+                    model, prompts, params, clients, args.requests, args.server_tokens, mode)
                 rates[kind].append(rate)
-        plain, adaptive = (statistics.median(rates[kind]) for kind in kinds)
-        ratios = [a / p for p, a in zip(*rates.values(), strict=True)]
-        print(f"compile={mode!r:<8} {'all at N=12':<18} {plain:>9.1f} tok/s  loops/token "
-              f"{n_loops:.2f}  ({compiled} step variant(s) compiled or packaged)")
-        print(f"compile={mode!r:<8} {'adaptive':<18} {adaptive:>9.1f} tok/s  loops/token "
-              f"{loops:.2f}  ({adaptive / plain:.2f}x, rounds {min(ratios):.2f}-"
-              f"{max(ratios):.2f}x; target >= 2.5x)", flush=True)
+        plain = statistics.median(rates["all at N=12"])
+        for kind in kinds:
+            rate = statistics.median(rates[kind])
+            ratios = [a / p for p, a in zip(rates["all at N=12"], rates[kind], strict=True)]
+            versus = "" if kind == "all at N=12" else \
+                f"{rate / plain:.2f}x, rounds {min(ratios):.2f}-{max(ratios):.2f}x; target >= 2.5x; "
+            print(f"compile={mode!r:<8} {kind:<20} {rate:>9.1f} tok/s  loops/token "
+                  f"{loops[kind]:.2f}, prompt {prompt_loops[kind]:.2f}  ({versus}{compiled} "
+                  f"step variant(s) compiled or packaged)", flush=True)
 
 
 def speculative_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:

@@ -185,6 +185,8 @@ def test_text_prompts_stop_strings_and_context_limit():
     (dict(stop="x"), "stop='x'"),
     (dict(adaptive_threshold=-0.1), "adaptive_threshold=-0.1"),
     (dict(adaptive_threshold=0.1, adaptive_criterion="entropy"), "entropy"),
+    (dict(adaptive_prompt=True), "adaptive_prompt=True needs an adaptive_threshold"),
+    (dict(adaptive_threshold=0.1, adaptive_prompt=1), "adaptive_prompt=1 is not allowed"),
     (dict(cache_slots=0), "cache_slots=0"),
     (dict(cache_slots=1, slot_policy="random"), "random"),
 ])
@@ -320,13 +322,15 @@ def test_adaptive_batch_rows_equal_single_rows(criterion):
         assert torch.equal(batched.loops[r], alone.loops[0])
 
 
+@pytest.mark.parametrize("adaptive_prompt", [False, True])
 @torch.no_grad()
-def test_adaptive_ragged_batch_generates_what_each_prompt_generates_alone():
+def test_adaptive_ragged_batch_generates_what_each_prompt_generates_alone(adaptive_prompt):
     """Left padding gives every row its own positions and masks; the rows still looping
-    must keep theirs when converged rows leave the batch."""
+    must keep theirs when converged rows leave the batch (and, with adaptive prompts, when
+    a prompt's tokens do)."""
     model = make_model("flt", std=0.3, window_pattern="SL", sequence_len=32)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [4], [20, 21, 22], [30, 31]]
-    opts = dict(max_tokens=8, temperature=0, n_loops=6)
+    opts = dict(max_tokens=8, temperature=0, n_loops=6, adaptive_prompt=adaptive_prompt)
     for threshold in [1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3]:
         batch = generate(model, prompts, adaptive_threshold=threshold, **opts)
         if len({n for row in batch.loops for n in row[1:]}) > 1:

@@ -168,6 +168,15 @@ def test_openai_client_completions_streaming_and_loop_fields(model_and_tokenizer
         choice = r.model_dump()["choices"][0]
         assert choice["text"] == adaptive.texts[0] and choice["loops"] == adaptive.loops[0]
         assert choice["mean_loops"] == pytest.approx(adaptive.mean_loops)
+        # ... and with the prompt's tokens stopping by the same rule
+        adaptive = reference(model_and_tokenizer, "or not", n_loops=5, max_tokens=8,
+                             temperature=0, adaptive_threshold=0.4, adaptive_prompt=True)
+        r = client.completions.create(model="tinyrun", prompt="or not", max_tokens=8,
+                                      temperature=0, extra_body={
+                                          "n_loops": 5, "adaptive_threshold": 0.4,
+                                          "adaptive_prompt": True, "return_loops": True})
+        choice = r.model_dump()["choices"][0]
+        assert choice["text"] == adaptive.texts[0] and choice["loops"] == adaptive.loops[0]
 
         # a list of prompts, a seed, a stop string
         seeded = reference(model_and_tokenizer, "the", max_tokens=5, temperature=0.9, seed=7)
@@ -231,6 +240,10 @@ def test_greedy_completions_among_16_concurrent_requests_equal_generate_alone(
     ({"prompt": "To be", "stream": "yes"}, 400, ["stream", "boolean"]),
     ({"prompt": "To be", "stop": ["a", "b", "c", "d", "e"]}, 400, ["stop="]),
     ({"prompt": "To be", "adaptive_threshold": -1}, 400, ["adaptive_threshold"]),
+    ({"prompt": "To be", "adaptive_prompt": True}, 400, ["adaptive_prompt=True needs an "
+                                                          "adaptive_threshold"]),
+    ({"prompt": "To be", "adaptive_threshold": 0.1, "adaptive_criterion": "kl",
+      "adaptive_prompt": True}, 400, ["adaptive_prompt=True with adaptive_criterion='kl'"]),
     # issue 22: D1 (a float32 overflow once broke every later request) and D2 (500s)
     ({"prompt": "hi", "max_tokens": 3, "temperature": 1e39}, 400, ["temperature=1e+39"]),
     ('{"prompt": "hi", "max_tokens": 3, "temperature": Infinity}', 400, ["temperature"]),
@@ -275,6 +288,10 @@ def test_full_queue_gets_429_and_metrics_count_it(model_and_tokenizer):
                  if line.startswith("loopedlm_generated_tokens_total")]
     assert float(generated[0].split()[-1]) >= 2
     assert "loopedlm_loops_spent_total" in metrics
+    counters = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith(("loopedlm_prompt_tokens_total", "loopedlm_prompt_loops"))}
+    assert counters["loopedlm_prompt_loops_spent_total"] == \
+        model_and_tokenizer[0].config.n_loops * counters["loopedlm_prompt_tokens_total"] > 0
 
 
 def test_a_client_that_disconnects_frees_its_slot(model_and_tokenizer):

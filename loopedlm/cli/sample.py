@@ -32,6 +32,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop,
                  adaptive_threshold=args.adaptive_threshold,
                  adaptive_criterion=args.adaptive_criterion, min_loops=args.min_loops,
+                 adaptive_prompt=args.adaptive_prompt or None,
                  draft_loops=args.draft_loops, draft_tokens=args.draft_tokens,
                  cache_slots=args.cache_slots, slot_policy=args.slot_policy,
                  compile=False if args.compile == "none" else args.compile)
@@ -123,6 +124,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--min-loops", type=int, default=None,
                    help="never stop before this many loops (default: 2; 1 for gate and "
                         "kl_previous)")
+    p.add_argument("--adaptive-prompt", action="store_true",
+                   help="the prompt's tokens stop looping by the same rule (state or gate; "
+                        "default: the prompt runs every loop)")
     p.add_argument("--draft-loops", type=int, default=None,
                    help="self-speculative decoding: the model at this many loops drafts tokens "
                         "that one pass at --n-loops verifies (the same output, faster)")

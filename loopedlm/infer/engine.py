@@ -1158,6 +1158,14 @@ class DecodeEngine:
             raise
         return [result for result in results if result is not None]  # (every one is set)
 
+    def prompt_loops(self, slot: int) -> int:
+        """The loops the prompt of the sequence in `slot` ran, summed over its tokens (n_loops
+        each, or fewer where it stops adaptively: `AdaptiveLoops.prompt`)."""
+        self._check_slot(slot)
+        if slot not in self.state.infos:
+            raise ValueError(f"slot {slot} is free: no prompt")
+        return self.state.infos[slot].prompt_loops
+
     def release(self, slot: int) -> None:
         """Free `slot` (its cache contents are simply overwritten by the next sequence)."""
         self._check_slot(slot)

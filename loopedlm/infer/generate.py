@@ -89,7 +89,8 @@ class GenerationOptions:
     stop: token id(s) or single-token string(s); a row ends when it samples one.
     adaptive_threshold / adaptive_criterion ("state" | "kl" | "kl_previous" | "gate"; None:
         the model's own) / min_loops (None: the criterion's earliest): adaptive loops
-        (`AdaptiveLoops`).
+        (`AdaptiveLoops`); adaptive_prompt: the prompt's tokens stop by the same rule
+        (`state` and `gate`; default False: the prompt runs every loop).
     cache_slots / slot_policy: shared cache slots (`loop_slot_map`).
     draft_loops / draft_tokens: self-speculative decoding (`SequenceParams`): the model at
         draft_loops loops drafts draft_tokens tokens that one pass at n_loops verifies; the
@@ -110,6 +111,7 @@ class GenerationOptions:
     adaptive_threshold: float | None = None
     adaptive_criterion: str | None = None
     min_loops: int | None = None
+    adaptive_prompt: bool = False
     draft_loops: int | None = None
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
     cache_slots: int | None = None
@@ -133,8 +135,12 @@ class GenerationOptions:
 
     def sequence_params(self, stop_ids: set[int]) -> SequenceParams:
         """The per-row settings of every prompt (checked: a bad value raises ValueError)."""
+        if self.adaptive_prompt is not False and self.adaptive_threshold is None:
+            raise ValueError(f"adaptive_prompt={self.adaptive_prompt!r} needs an "
+                             f"adaptive_threshold (the exit rule the prompt's tokens follow)")
         adaptive = None if self.adaptive_threshold is None else AdaptiveLoops(
-            self.adaptive_threshold, self.adaptive_criterion, self.min_loops)
+            self.adaptive_threshold, self.adaptive_criterion, self.min_loops,
+            self.adaptive_prompt)
         return SequenceParams(
             n_loops=self.n_loops,
             sampling=SamplingParams(self.temperature, self.top_k, self.top_p, self.seed),
@@ -287,8 +293,8 @@ def generate(model: LoopedGPT, prompts: Any, *, tokenizer: Any = None,
         add_bos=False), or a list of token ids, or a list of such lists. Prompts of
         different lengths are batched, each in its own cache slot with its own positions.
     options: the fields of `GenerationOptions` (n_loops, max_tokens, temperature, top_k,
-        top_p, seed, stop, adaptive_threshold, adaptive_criterion, min_loops, draft_loops,
-        draft_tokens, cache_slots, slot_policy, add_bos, dtype, compile).
+        top_p, seed, stop, adaptive_threshold, adaptive_criterion, min_loops, adaptive_prompt,
+        draft_loops, draft_tokens, cache_slots, slot_policy, add_bos, dtype, compile).
     engine: a `DecodeEngine` of this model to reuse across calls (large enough for the
         prompts, their lengths and n_loops): no new cache, cast copy or CUDA-graph
         capture per call. Without it each call builds its own.

@@ -74,6 +74,11 @@ class SlotEngine(Protocol):
         """Forget the sequence in `slot`; the slot is free again."""
         ...
 
+    def prompt_loops(self, slot: int) -> int:
+        """The loops the prompt of the sequence in `slot` ran, summed over its tokens (fewer
+        than n_loops each where it stops adaptively)."""
+        ...
+
 
 class QueueFull(Exception):
     """The waiting queue cannot take these sequences (HTTP 429)."""
@@ -127,6 +132,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     loops: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
+    prompt_loops: int = 0  # the loops its prompt ran, summed over its tokens, once started
     finish_reason: str | None = None
     id: int = field(default_factory=itertools.count().__next__)
 
@@ -165,8 +171,8 @@ class Scheduler:
         self.engine_error: str | None = None  # the last failure, until a step succeeds
         self._next_check = 0.0  # when to run the canary of a failing engine (monotonic)
         # totals for /metrics
-        self.stats = dict(steps=0, tokens=0, loops=0, prompt_tokens=0, sequences=0,
-                          failed_steps=0)
+        self.stats = dict(steps=0, tokens=0, loops=0, prompt_tokens=0, prompt_loops=0,
+                          sequences=0, failed_steps=0)
         self.finished: dict[str, int] = {}
 
     # ---- any thread ---------------------------------------------------------------------
@@ -314,9 +320,7 @@ class Scheduler:
                 self._failed("a prefill", error)
                 self._end(sequence, "error")
         for slot, sequence in started.items():
-            self.running[slot] = sequence
-            self.stats["prompt_tokens"] += len(sequence.prompt)
-            self.stats["sequences"] += 1
+            self._started(slot, sequence)
             self._deliver_or_fail(slot, tokens[slot], loops[slot], logprobs.get(slot))
         return [slot for slot in started if slot in self.running]
 
@@ -332,11 +336,17 @@ class Scheduler:
             self.engine.release(slot)  # whatever the engine did, the slot is free again
             self._end(sequence, "error")
             return False
-        self.running[slot] = sequence
-        self.stats["prompt_tokens"] += len(sequence.prompt)
-        self.stats["sequences"] += 1
+        self._started(slot, sequence)
         self._deliver_or_fail(slot, tokens[slot], loops[slot], logprobs.get(slot))
         return slot in self.running
+
+    def _started(self, slot: int, sequence: Sequence) -> None:
+        """`sequence` runs in `slot`, its prompt prefilled: counted."""
+        self.running[slot] = sequence
+        sequence.prompt_loops = self.engine.prompt_loops(slot)
+        self.stats["prompt_tokens"] += len(sequence.prompt)
+        self.stats["prompt_loops"] += sequence.prompt_loops
+        self.stats["sequences"] += 1
 
     def _step(self, joined: list[int]) -> None:
         """One engine step for the running sequences; `joined`: the slots admitted just

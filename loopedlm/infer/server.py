@@ -10,7 +10,8 @@ Endpoints (FastAPI + uvicorn):
   default the model's), `adaptive_threshold` (stop looping a token once its loop state
   changes less than this, or for Ouro once its exit gate's cumulative probability reaches
   it; n_loops is then the most it may use), `adaptive_criterion` (`state`, `kl`,
-  `kl_previous`, `gate`; default the model's own), `draft_loops` (self-speculative
+  `kl_previous`, `gate`; default the model's own), `adaptive_prompt` (the prompt's tokens
+  stop by the same rule, `state` or `gate`; default false), `draft_loops` (self-speculative
   decoding: the model at this many loops drafts tokens that n_loops verifies; same output),
   `return_loops` (also list the loops spent on every token), `timeout` (seconds, at most
   the server's). Every choice reports `mean_loops` (and `loops` when asked). Finish
@@ -128,6 +129,7 @@ class CompletionRequest(BaseModel):
     n_loops: int | None = Field(None, ge=1)
     adaptive_threshold: float | None = Field(None, ge=0)
     adaptive_criterion: str | None = None
+    adaptive_prompt: bool = False
     draft_loops: int | None = Field(None, ge=1)
     return_loops: bool = False
     timeout: float | None = Field(None, gt=0)
@@ -360,6 +362,8 @@ class ServerMetrics:
         yield sequences
         for key, name, doc in (
                 ("prompt_tokens", "loopedlm_prompt_tokens", "prompt tokens prefilled"),
+                ("prompt_loops", "loopedlm_prompt_loops_spent", "loops spent on prompt tokens "
+                                                                "(adaptive prompts: fewer)"),
                 ("tokens", "loopedlm_generated_tokens", "tokens generated"),
                 ("loops", "loopedlm_loops_spent", "loops spent on generated tokens (a token "
                                                   "at N loops counts N)"),
@@ -486,8 +490,12 @@ class CompletionServer:
         try:
             sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p,
                                       seed=body.seed)
+            if body.adaptive_prompt and body.adaptive_threshold is None:
+                raise ValueError("adaptive_prompt=True needs an adaptive_threshold (the exit "
+                                 "rule the prompt's tokens follow)")
             adaptive = None if body.adaptive_threshold is None \
-                else AdaptiveLoops(body.adaptive_threshold, body.adaptive_criterion).resolved(
+                else AdaptiveLoops(body.adaptive_threshold, body.adaptive_criterion,
+                                   prompt=body.adaptive_prompt).resolved(
                     self.model.exit_gate is not None)
             check_draft_loops(body.draft_loops, self.model.config.loops(body.n_loops))
             return SequenceParams(n_loops=body.n_loops, sampling=sampling, adaptive=adaptive,
