@@ -151,6 +151,31 @@ def test_prompts_prefilled_together_equal_each_alone_and_decoding_goes_on_exactl
     assert loops_together[0] < 6 * len(prompts[0])
 
 
+@pytest.mark.parametrize("layout", ["flat", "padded"])
+@torch.no_grad()
+def test_prompts_prefilled_together_equal_their_tokens_fed_one_by_one(layout, monkeypatch):
+    """Several prompts in one pass, in either layout of the tokens still looping: all rows'
+    tokens as one sequence (each attending over its own row's keys among all rows'), or each
+    row's padded to the longest: every row's last logits and loops are the reference
+    decoder's."""
+    import loopedlm.infer.adaptive_prompt as adaptive_prompt
+
+    monkeypatch.setattr(adaptive_prompt, "FLAT_MASK_LIMIT", 1 << 30 if layout == "flat" else 0)
+    model = tiny_model(6, std=0.3, loop_mode="flt", window_pattern="SL", depth=3)
+    prompts = [ids(model.config.vocab_size, n, seed=20 + n) for n in (12, 5, 9, 1)]
+
+    def check(adaptive):
+        engine = DecodeEngine(model, max_batch=4, max_loops=6, compile=False)
+        params = SequenceParams(n_loops=6, sampling=GREEDY, adaptive=adaptive)
+        results = engine.prefill_many([(i, p, params) for i, p in enumerate(prompts)])
+        for slot, (prompt, logits) in enumerate(zip(prompts, results, strict=True)):
+            theirs, loops = fed_one_by_one(model, prompt, 6, adaptive)
+            torch.testing.assert_close(logits, theirs[-1], atol=1e-4, rtol=0)
+            assert engine.prompt_loops(slot) == int(loops.sum())
+
+    _spread_thresholds(model, prompts[0], 6, "state", check)
+
+
 @torch.no_grad()
 def test_a_prompt_prefilled_in_chunks_equals_one_chunk():
     model = tiny_model(5, std=0.3, loop_mode="flt")

@@ -17,7 +17,7 @@ are gathered (padded to the row with the most), and only they are computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,32 +25,34 @@ import torch
 from loopedlm.infer.cache import StaticKVCache, TokenWrites
 from loopedlm.infer.exits import EXIT_CRITERIA, LoopSignals, rows_converged, update_exit_cdf
 from loopedlm.infer.options import CRITERIA
-from loopedlm.model.attention import AttentionPlan
+from loopedlm.model.attention import AttentionPlan, attention_masks, rotary_at
 from loopedlm.model.gpt import LoopedGPT, LoopInputs
 
 
 def adaptive_prefill(model: LoopedGPT, cache: StaticKVCache, slots: torch.Tensor,
                      tokens: torch.Tensor, inputs: LoopInputs, lengths: Sequence[int],
-                     start: int, n_loops: int, settings: Sequence[Any],
-                     gathered_plan: Callable[[torch.Tensor, TokenWrites], AttentionPlan],
+                     start: int, n_loops: int, settings: Sequence[Any], *, dtype: torch.dtype,
+                     fused: list[torch.Tensor | None] | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill the prompts `tokens` (R, W) of rows `slots` (R,) adaptively, right-padded, at
     positions start .. start + W - 1. `inputs`: the plain prefill's (`LoopedGPT.prepare` under
     its plan and cache writer), for the loops that every token runs; `lengths`: each row's
     real tokens; `settings`: each row's resolved `AdaptiveLoops` (criterion `state` or `gate`,
-    min_loops set); a token runs at most `n_loops` loops. `gathered_plan(pos, writer)`: the
-    attention plan of a pass whose queries sit at positions pos (R, T), with that writer.
+    min_loops set); a token runs at most `n_loops` loops. `dtype`, `fused`: the decode
+    engine's (its attention plans' RoPE and mask dtype, its fused projections).
 
     Returns the state each token stopped with (R, W, d) and the loops it ran (R, W) (past a
-    row's end: zeros). One or two host syncs per loop (which tokens still loop)."""
+    row's end: zeros). Two host syncs per loop (which tokens still loop)."""
     rows, width = tokens.shape
     device = tokens.device
+    n_keys = start + width
     valid = torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
     threshold = torch.tensor([s.threshold for s in settings], dtype=torch.float32,
                              device=device)[:, None].expand(rows, width)
     criteria = torch.tensor([CRITERIA.index(s.criterion) for s in settings],
                             device=device)[:, None].expand(rows, width)
-    earliest = torch.tensor([s.min_loops for s in settings], device=device)[:, None]
+    earliest = torch.tensor([s.min_loops for s in settings], device=device)[:, None].expand(
+        rows, width)
     used = sorted({CRITERIA.index(s.criterion) for s in settings})
     gated = any(EXIT_CRITERIA[s.criterion].needs_gate for s in settings)
     looping = valid.clone()
@@ -63,34 +65,33 @@ def adaptive_prefill(model: LoopedGPT, cache: StaticKVCache, slots: torch.Tensor
     for loop in range(n_loops):
         last, count = loop, loop + 1
         if loop == 0 or torch.equal(looping, valid):  # every token loops: the plain pass
-            order, live, before = None, valid, previous
+            pick: _Pick = _All(valid)
+            before = previous
             h = model.loop_state(model.loop(inputs, previous, loop))
         else:  # the tokens that stopped hold their last loop's keys in this loop's entries
             stopped = (valid & ~looping).nonzero(as_tuple=True)
             cache.copy_loop(loop - 1, [loop], slots[stopped[0]], start + stopped[1])
-            counts = looping.sum(1)
-            order = torch.sort((~looping).to(torch.int8), dim=1, stable=True).indices
-            order = order[:, : int(counts.max())]  # each row's looping tokens first, in order
-            live = torch.arange(order.size(1), device=device)[None] < counts[:, None]
-            pos = start + order
-            writer = TokenWrites(cache, slots, pos, live, start + width)
-            looped = model.prepare(tokens.gather(1, order), plan=gathered_plan(pos, writer))
-            before = _gather(previous, order)
-            h = model.loop_state(model.loop(looped, before, loop))
+            pick = _choose(looping, model.config.d_model, n_keys)
+            pos = start + pick.positions
+            writer = TokenWrites(cache, slots, pick.rows, pos, pick.live, n_keys,
+                                 flat=isinstance(pick, _Flat))
+            plan = pick.plan(model, pos, n_keys, writer, dtype, fused)
+            before = pick.take(previous)
+            h = model.loop_state(model.loop(model.prepare(pick.take(tokens), plan=plan),
+                                            before, loop))
         if gated:
-            cdf, rest = update_exit_cdf(_gather(exit_cdf, order), _gather(remaining, order),
+            cdf, rest = update_exit_cdf(pick.take(exit_cdf), pick.take(remaining),
                                         model.exit_probability(h))
-            exit_cdf, remaining = _scatter(exit_cdf, order, cdf), _scatter(remaining, order, rest)
-        signals = LoopSignals(loop, h, before,
-                              exit_cdf=_gather(exit_cdf, order) if gated else None)
-        converged = rows_converged(signals, _gather(criteria, order), _gather(threshold, order),
-                                   used)
-        stop = live & ((converged & (count >= earliest)) | (count >= n_loops))
-        previous = h if order is None else _scatter(previous, order, torch.where(
-            live[..., None], h, before))
-        final = _scatter(final, order, torch.where(stop[..., None], h, _gather(final, order)))
-        spent = _scatter(spent, order, torch.where(stop, count, _gather(spent, order)))
-        looping = _scatter(looping, order, _gather(looping, order) & ~stop)
+            exit_cdf, remaining = pick.put(exit_cdf, cdf), pick.put(remaining, rest)
+        signals = LoopSignals(loop, h, before, exit_cdf=pick.take(exit_cdf) if gated else None)
+        converged = rows_converged(signals, pick.take(criteria), pick.take(threshold), used)
+        live = pick.live
+        stop = live & ((converged & (count >= pick.take(earliest))) | (count >= n_loops))
+        previous = h if previous is None or isinstance(pick, _All) else pick.put(
+            previous, torch.where(live[..., None], h, before))
+        final = pick.put(final, torch.where(stop[..., None], h, pick.take(final)))
+        spent = pick.put(spent, torch.where(stop, count, pick.take(spent)))
+        looping = pick.put(looping, pick.take(looping) & ~stop)
         if not bool(looping.any()):
             break
     if last + 1 < n_loops:  # the loops no token ran: every token's keys of the last one
@@ -98,22 +99,116 @@ def adaptive_prefill(model: LoopedGPT, cache: StaticKVCache, slots: torch.Tensor
     return final, spent
 
 
-def _gather(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    """Rows' entries (R, W[, d]) at their positions `order` (R, T) (None: all, in order)."""
-    if order is None:
+class _Pick:
+    """The tokens of a loop's pass, as a (R', T) layout over the prompt's (R, W) tokens:
+    `take` gathers (R, W[, d]) entries into it, `put` writes values of it back (out of
+    place), `live` (R', T) marks the looping tokens among them, `rows` (R', T) and
+    `positions` (R', T) say which row and column of the prompt each is."""
+
+    live: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def put(self, t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plan(self, model: LoopedGPT, pos: torch.Tensor, n_keys: int, writer: TokenWrites,
+             dtype: torch.dtype, fused: Any) -> AttentionPlan:
+        raise NotImplementedError
+
+
+class _All(_Pick):
+    """Every token, as the plain prefill's pass lays them out."""
+
+    def __init__(self, valid: torch.Tensor):
+        self.live = valid
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
         return t
-    if t.dim() == 3:
-        return t.gather(1, order[..., None].expand(-1, -1, t.size(-1)))
-    return t.gather(1, order)
 
-
-def _scatter(t: torch.Tensor, order: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
-    """`t` (R, W[, d]) with `values` (R, T[, d]) at positions `order` (None: all of them)."""
-    if order is None:
+    def put(self, t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return values
-    if t.dim() == 3:
-        return t.scatter(1, order[..., None].expand(-1, -1, t.size(-1)), values)
-    return t.scatter(1, order, values)
+
+
+class _Padded(_Pick):
+    """Each row's looping tokens, in order, right-padded to the row with the most by tokens
+    of its own that stopped (or lie past its end), which write nothing: attention stays per
+    row, over that row's keys."""
+
+    def __init__(self, looping: torch.Tensor, counts: torch.Tensor, most: int):
+        order = torch.sort((~looping).to(torch.int8), dim=1, stable=True).indices[:, :most]
+        self.order, self.positions = order, order
+        self.live = torch.arange(most, device=order.device)[None] < counts[:, None]
+        self.rows = torch.arange(order.size(0), device=order.device)[:, None].expand_as(order)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3:
+            return t.gather(1, self.order[..., None].expand(-1, -1, t.size(-1)))
+        return t.gather(1, self.order)
+
+    def put(self, t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 3:
+            return t.scatter(1, self.order[..., None].expand(-1, -1, t.size(-1)), values)
+        return t.scatter(1, self.order, values)
+
+    def plan(self, model: LoopedGPT, pos: torch.Tensor, n_keys: int, writer: TokenWrites,
+             dtype: torch.dtype, fused: Any) -> AttentionPlan:
+        cos, sin = rotary_at(model.cos, model.sin, pos)
+        masks = attention_masks(model.config, pos, n_keys, dtype=dtype)
+        return AttentionPlan(cos.to(dtype), sin.to(dtype), masks, writer, fused)
+
+
+class _Flat(_Pick):
+    """Every looping token of every row as one sequence (1, n) whose queries attend over
+    the keys of all rows side by side (R * n_keys), each masked to its own row's: no
+    padding, at the price of attention scores over every row's keys."""
+
+    def __init__(self, looping: torch.Tensor):
+        rows, columns = looping.nonzero(as_tuple=True)
+        self.index = (rows, columns)
+        self.rows, self.positions = rows[None], columns[None]
+        self.live = torch.ones_like(self.rows, dtype=torch.bool)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.index][None]
+
+    def put(self, t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return t.index_put(self.index, values[0])
+
+    def plan(self, model: LoopedGPT, pos: torch.Tensor, n_keys: int, writer: TokenWrites,
+             dtype: torch.dtype, fused: Any) -> AttentionPlan:
+        cos, sin = rotary_at(model.cos, model.sin, pos)
+        n_rows = writer.slots.size(0)
+        key_row = torch.arange(n_rows, device=pos.device).repeat_interleave(n_keys)
+        key_pos = torch.arange(n_keys, device=pos.device).repeat(n_rows)
+        q_row, q_pos = self.rows[0][:, None], pos[0][:, None]
+        seen = (key_row[None] == q_row) & (key_pos[None] <= q_pos)
+        masks = {}
+        for window in set(model.config.window_sizes()):
+            allowed = seen if window is None else seen & ((q_pos - key_pos[None]) < window)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
+            masks[window] = (mask.masked_fill_(~allowed, float("-inf"))[None, None], False)
+        return AttentionPlan(cos.to(dtype), sin.to(dtype), masks, writer, fused)
+
+
+def _choose(looping: torch.Tensor, d_model: int, n_keys: int) -> _Pick:
+    """The cheaper layout of the looping tokens (R, W) for one loop: padded per row, or flat
+    (`_Flat`) where its attention over every row's keys costs less than the padding's
+    projections and MLPs (per token about 12 d multiply-adds per unit of d against 4 per
+    key), and its mask stays small."""
+    counts = looping.sum(1)
+    n_rows, most, n = looping.size(0), int(counts.max()), int(counts.sum())
+    flat = n * (12 * d_model + 4 * n_rows * n_keys)
+    padded = n_rows * most * (12 * d_model + 4 * n_keys)
+    if flat < padded and n * n_rows * n_keys <= FLAT_MASK_LIMIT:
+        return _Flat(looping)
+    return _Padded(looping, counts, most)
+
+
+FLAT_MASK_LIMIT = 1 << 22  # mask entries of a flat pass (16 MiB in fp32)
 
 
 __all__ = ["adaptive_prefill"]

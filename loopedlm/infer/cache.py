@@ -224,26 +224,34 @@ class PromptWrites:
 
 class TokenWrites:
     """A `CacheWriter` for one loop of an adaptive prompt's pass over the tokens still looping
-    (`loopedlm.infer.adaptive_prompt`): row r of the pass is slot slots[r], its queries at
-    positions pos[r] (R, T), of which those `live` write their keys and values (the others
-    pad the row to the pass's width: tokens of it that stopped, or past its end, which write
-    nothing). Each row attends over its slot's keys at positions [0, n_keys), read back from
-    the cache, where the tokens that stopped hold the keys of their last loop."""
+    (`loopedlm.infer.adaptive_prompt`): query (i, j) of the pass is a token of the prompt in
+    cache row slots[rows[i, j]] at position pos[i, j]; those `live` write their keys and
+    values (the others pad a row to the pass's width and write nothing). Attention reads each
+    prompt row's keys at positions [0, n_keys) back from the cache, where the tokens that
+    stopped hold the keys of their last loop: per row (the pass's rows are the prompt's), or,
+    `flat`, every row's side by side as one row (the pass is one sequence of tokens from all
+    rows, each masked to its own row's keys)."""
 
-    def __init__(self, cache: StaticKVCache, slots: torch.Tensor, pos: torch.Tensor,
-                 live: torch.Tensor, n_keys: int):
-        self.cache, self.slots, self.pos, self.n_keys = cache, slots, pos, n_keys
-        self.live = live[..., None, None]
+    def __init__(self, cache: StaticKVCache, slots: torch.Tensor, rows: torch.Tensor,
+                 pos: torch.Tensor, live: torch.Tensor, n_keys: int, *, flat: bool = False):
+        self.cache, self.slots, self.pos, self.n_keys, self.flat = cache, slots, pos, n_keys, flat
+        self.at = slots[rows]
+        self.live = None if flat else live[..., None, None]
 
     def insert(self, loop: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> Entry:
         k_all, v_all = self.cache.entry(loop, layer)
         if self.cache.writes(loop, layer):
-            rows = self.slots[:, None]  # (R, T, H, D) at (row, position)
-            k_all[rows, :, self.pos] = torch.where(self.live, k.transpose(1, 2),
-                                                   k_all[rows, :, self.pos])
-            v_all[rows, :, self.pos] = torch.where(self.live, v.transpose(1, 2),
-                                                   v_all[rows, :, self.pos])
-        return k_all[self.slots, :, : self.n_keys], v_all[self.slots, :, : self.n_keys]
+            for new, store in ((k, k_all), (v, v_all)):
+                new = new.transpose(1, 2)  # (rows, T, H, D), as store[at, :, pos] reads
+                if self.live is not None:
+                    new = torch.where(self.live, new, store[self.at, :, self.pos])
+                store[self.at, :, self.pos] = new
+        keys, values = k_all[self.slots, :, : self.n_keys], v_all[self.slots, :, : self.n_keys]
+        if self.flat:  # (1, H, rows * n_keys, D)
+            rows, heads, _, dim = keys.shape
+            keys = keys.transpose(0, 1).reshape(1, heads, rows * self.n_keys, dim)
+            values = values.transpose(0, 1).reshape(1, heads, rows * self.n_keys, dim)
+        return keys, values
 
 
 class StepWrites:

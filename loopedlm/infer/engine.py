@@ -60,7 +60,6 @@ from loopedlm.infer.cache import (
     PromptWrites,
     StaticKVCache,
     StepWrites,
-    TokenWrites,
     loop_slot_map,
 )
 from loopedlm.infer.exits import (
@@ -1678,13 +1677,8 @@ class DecodeEngine:
         rows, width = idx.shape
         lengths = [width] * rows if lengths is None else lengths
         if adaptive[0] is not None:
-            n_keys = start + width
-
-            def plan(pos: torch.Tensor, writer: TokenWrites) -> AttentionPlan:
-                return self._plan(pos, n_keys, cache=writer)
-
             return adaptive_prefill(self.model, self.cache, slots, idx, inputs, lengths, start,
-                                    n_loops, adaptive, plan)
+                                    n_loops, adaptive, dtype=self.dtype, fused=self.fused)
         previous = None
         for loop in range(n_loops):
             previous = self.model.loop_state(self.model.loop(inputs, previous, loop))
