@@ -84,7 +84,8 @@ from loopedlm.infer.warm import WARMUP_ENV, markers_dir, package_state
 GREEDY = SamplingParams(temperature=0)
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 clock = CLOCKS["wall"]  # set by --clock
-SECTIONS = ("table", "server", "adaptive", "speculative", "targets", "compile", "quality")
+SECTIONS = ("table", "server", "adaptive", "prefill", "speculative", "targets", "compile",
+            "quality")
 
 
 # ---- the naive baseline ------------------------------------------------------------------
@@ -366,10 +367,10 @@ def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
         if mode == "auto":  # (a server's engine holds its prompts and outputs, + 2)
             build_packages(model, clients, n_loops, args.prompt + args.server_tokens + 2)
         rates: dict[str, list[float]] = {kind: [] for kind in kinds}
-        loops, prompt_loops = {}, {}
+        loops, prompt_loops, compiled = {}, {}, {}
         for _ in range(args.server_rounds):
             for kind, params in kinds.items():
-                rate, loops[kind], prompt_loops[kind], compiled = serve_rate(
+                rate, loops[kind], prompt_loops[kind], compiled[kind] = serve_rate(
                     model, prompts, params, clients, args.requests, args.server_tokens, mode)
                 rates[kind].append(rate)
         plain = statistics.median(rates["all at N=12"])
@@ -379,8 +380,43 @@ def server_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
             versus = "" if kind == "all at N=12" else \
                 f"{rate / plain:.2f}x, rounds {min(ratios):.2f}-{max(ratios):.2f}x; target >= 2.5x; "
             print(f"compile={mode!r:<8} {kind:<20} {rate:>9.1f} tok/s  loops/token "
-                  f"{loops[kind]:.2f}, prompt {prompt_loops[kind]:.2f}  ({versus}{compiled} "
+                  f"{loops[kind]:.2f}, prompt {prompt_loops[kind]:.2f}  ({versus}{compiled[kind]} "
                   f"step variant(s) compiled or packaged)", flush=True)
+
+
+@torch.no_grad()
+def prefill_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
+    """Prefilling `--clients` prompts together (`add_many`, the server's admission), every
+    loop against adaptive prompts (`AdaptiveLoops(prompt=True)`), at each `--prefill-lengths`."""
+    n_loops, batch = 12, args.clients
+    threshold, _ = choose_threshold(args, model, held_out)
+    print(f"\n== prefill: {batch} held-out prompts together (add_many), N={n_loops}, "
+          f"state < {threshold:g}, {args.adaptive_rounds} rounds alternated (the first dropped)")
+    kinds = {"every loop": SequenceParams(n_loops=n_loops, sampling=GREEDY,
+                                          adaptive=AdaptiveLoops(threshold, "state")),
+             "adaptive prompt": SequenceParams(n_loops=n_loops, sampling=GREEDY,
+                                               adaptive=AdaptiveLoops(threshold, "state",
+                                                                      prompt=True))}
+    for length in args.prefill_lengths:
+        prompts = held_out[:batch, :length]
+        engine = DecodeEngine(model, max_batch=batch, max_loops=n_loops, compile=False,
+                              max_len=prompts.size(1) + 2)
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        loops = {}
+        for round_ in range(args.adaptive_rounds):
+            for kind, params in kinds.items():
+                engine.reset()
+                start = clock()
+                engine.add_many([(i, prompts[i].tolist(), params) for i in range(batch)])
+                if round_:
+                    times[kind].append(clock() - start)
+                loops[kind] = sum(engine.prompt_loops(i) for i in range(batch)) / prompts.numel()
+        plain, adaptive = (statistics.median(times[kind]) for kind in kinds)
+        ratios = [p / a for p, a in zip(*times.values(), strict=True)]
+        print(f"{prompts.size(1):>4} tokens each: every loop {plain * 1e3:7.1f} ms, adaptive "
+              f"prompt {adaptive * 1e3:7.1f} ms ({loops['adaptive prompt']:.2f} loops/token): "
+              f"{plain / adaptive:.2f}x faster (rounds {min(ratios):.2f}-{max(ratios):.2f}x)",
+              flush=True)
 
 
 def speculative_section(args, model: LoopedGPT, held_out: torch.Tensor) -> None:
@@ -800,6 +836,8 @@ def main() -> None:
                         help="server section: rounds of each kind, alternated (the median)")
     parser.add_argument("--adaptive-mean", type=float, default=3.0)
     parser.add_argument("--adaptive-rounds", type=int, default=7)
+    parser.add_argument("--prefill-lengths", type=int, nargs="*", default=[24, 64],
+                        help="prompt tokens of the prefill section (at most --eval-len)")
     parser.add_argument("--server-compile", nargs="*", default=["auto", "loop", False],
                         type=lambda x: False if x == "False" else x,
                         help="the engines' compile in the server section (auto: the default; "
@@ -841,7 +879,8 @@ def main() -> None:
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s), "
           f"torch {torch.__version__}, timed by the {args.clock} clock")
-    needs_model = {"table", "server", "adaptive", "speculative", "quality"} & set(args.sections)
+    needs_model = {"table", "server", "adaptive", "prefill", "speculative",
+                   "quality"} & set(args.sections)
     if needs_model:
         model, held_out, source = trained_model(args)
         print(f"model: {source}")
@@ -851,6 +890,8 @@ def main() -> None:
         server_section(args, model, held_out)
     if "adaptive" in args.sections:
         adaptive_section(args, model, held_out)
+    if "prefill" in args.sections:
+        prefill_section(args, model, held_out)
     if "speculative" in args.sections:
         speculative_section(args, model, held_out)
     if "targets" in args.sections:
