@@ -283,3 +283,74 @@ def test_cli_train_and_info(tmp_path, capsys):
     assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "10",
                  "--out", str(tmp_path / "tok2")]) == 2
     assert "vocab_size" in capsys.readouterr().err and not (tmp_path / "tok2").exists()
+
+
+# ---- incremental decoding (a stream's text) -------------------------------------------------
+class _Bytes:
+    """One token per byte, decoded as UTF-8 with replacement (invalid runs included)."""
+
+    vocab_size = 256
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class _Metaspace:
+    """SentencePiece-style pieces: a leading '▁' is a space, dropped at the text's start."""
+
+    pieces = ["▁the", "▁cat", "s", "▁", "at", ".", "▁日本", "語", "<s>"]
+    vocab_size = len(pieces)
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+
+class _Reversed:
+    """Not additive at all: the whole text reversed."""
+
+    vocab_size = 256
+
+    def decode(self, ids):
+        return _Bytes().decode(ids)[::-1]
+
+
+@pytest.mark.parametrize("which", ["bpe", "qwen3", "bytes", "words", "metaspace", "reversed"])
+def test_incremental_text_is_the_whole_decode_at_every_token(request, which):
+    """A stream's text, decoded from its tail only, equals decoding every token so far, after
+    each token: multi-byte characters split over tokens, invalid bytes, special tokens, a
+    word vocabulary's spaces, SentencePiece's leading space, and a tokenizer that is not
+    additive at all (decoded whole)."""
+    from loopedlm.data.tokenizer import IncrementalText, WordTokenizer
+
+    tokenizers = {"bytes": _Bytes, "metaspace": _Metaspace, "reversed": _Reversed,
+                  "words": lambda: WordTokenizer(["to", "be", "or", "not"])}
+    tok = tokenizers[which]() if which in tokenizers else request.getfixturevalue(which)
+    gen = torch.Generator().manual_seed(0)
+    texts = [t for t in EDGE_CASES if t and len(t) < 200]
+    for case in range(40):
+        if case < len(texts) and hasattr(tok, "encode"):  # real text, and random ids
+            ids = tok.encode(texts[case])
+        else:
+            ids = torch.randint(0, tok.vocab_size, (60,), generator=gen).tolist()
+        stream = IncrementalText(tok)
+        for n in range(1, len(ids) + 1):
+            assert stream.text(ids[:n]) == tok.decode(ids[:n]), (which, case, n)
+
+
+def test_incremental_text_decodes_each_token_a_bounded_number_of_times(bpe):
+    """The point of it: a long stream decodes each token a few times, not once per later
+    token (which made serving quadratic in the output length)."""
+    from loopedlm.data.tokenizer import IncrementalText
+
+    decoded = []
+
+    class Counting:
+        def decode(self, ids):
+            decoded.append(len(ids))
+            return bpe.decode(ids)
+
+    ids = bpe.encode(" ".join(["To be, or not to be, that is the question."] * 40))
+    stream = IncrementalText(Counting())
+    for n in range(1, len(ids) + 1):
+        stream.text(ids[:n])
+    assert len(ids) > 300 and sum(decoded) <= 4 * len(ids)

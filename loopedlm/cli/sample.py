@@ -20,6 +20,7 @@ from loopedlm.infer.options import (
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from loopedlm.data.runs import load_run
+    from loopedlm.data.tokenizer import IncrementalText
     from loopedlm.infer.generate import stream, strip_trailing_spaces
 
     device = decoding_device(args.device)
@@ -42,7 +43,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outputs: list[list[int]] = [[] for _ in prompts]
     spent: list[int] = []
-    shown = ""
+    shown, shown_text = "", IncrementalText(tokenizer)
     events = stream(model, prompts, tokenizer=tokenizer, **options)
     first = next(events, None)  # validates every option before anything is printed
     if len(prompts) == 1:
@@ -55,7 +56,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 spent.append(event.loops[r])
         if len(prompts) == 1:
             # print the new text as it comes; hold back an incomplete UTF-8 character
-            text = tokenizer.decode(outputs[0])
+            text = shown_text.text(outputs[0])
             if not text.endswith("\ufffd"):
                 sys.stdout.write(text[len(shown):])
                 sys.stdout.flush()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from loopedlm.common.validation import is_int
+from loopedlm.data.tokenizer import IncrementalText
 from loopedlm.infer.engine import SequenceParams, StepOutput
 from loopedlm.infer.sampling import SamplingParams
 
@@ -145,6 +146,7 @@ class Sequence:
         self._loops_sent = 0    # tokens whose loops were already sent
         self._logprobs_sent = 0  # tokens whose logprobs were already sent
         self._cut = False       # the text was cut at a stop string
+        self._detokenizer: IncrementalText | None = None  # set once it runs
 
     @property
     def text(self) -> str:
@@ -343,6 +345,7 @@ class Scheduler:
     def _started(self, slot: int, sequence: Sequence) -> None:
         """`sequence` runs in `slot`, its prompt prefilled: counted."""
         self.running[slot] = sequence
+        sequence._detokenizer = IncrementalText(self.tokenizer)
         sequence.prompt_loops = self.engine.prompt_loops(slot)
         self.stats["prompt_tokens"] += len(sequence.prompt)
         self.stats["prompt_loops"] += sequence.prompt_loops
@@ -433,7 +436,7 @@ class Scheduler:
         sequence.loops.append(loops)
         self.stats["tokens"] += 1
         self.stats["loops"] += loops
-        text = self.tokenizer.decode(sequence.tokens)
+        text = sequence._detokenizer.text(sequence.tokens)  # decode(tokens), from its tail
         sequence._text = text
         cut = find_stop(text, sequence.stop, sequence._text_sent)
         if cut is not None:
