@@ -232,11 +232,29 @@ def _records_without_timings(run_dir: Path) -> list[dict]:
     return records
 
 
+def _same_records(got: list[dict], expected: list[dict], rel: float) -> None:
+    """The same records (steps and keys), their numbers within `rel`, the rest equal."""
+    assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in expected]
+    for g, e in zip(got, expected, strict=True):
+        for key in e:
+            numbers = isinstance(e[key], float) or (isinstance(e[key], list) and all(
+                isinstance(x, float) for x in e[key]))
+            same = g[key] == pytest.approx(e[key], rel=rel) if numbers else g[key] == e[key]
+            assert same, (g["step"], key, g[key], e[key])
+
+
+# the golden log was written on one CPU; another's kernels (AVX-512 against AVX2 matmuls)
+# round differently: up to 8e-5 relative on a sub-block's gradient norm, measured
+GOLDEN_REL = 1e-3
+
+
 @pytest.mark.parametrize("log_every", [1, 2])
 def test_logged_figures_are_unchanged_by_reading_them_once_per_interval(tmp_path, log_every,
                                                                       caplog):
     """Every figure of log.jsonl equals what the per-step reads wrote (apart from the
-    timings); with log_every=2 the records are those of steps 2 and 4, plus step 3, whose
+    timings): to the last bits against a run reading every step in this process, and,
+    within other CPUs' rounding, against the golden log written before the reads were
+    deferred. With log_every=2 the records are those of steps 2 and 4, plus step 3, whose
     collapse flag is written whatever the interval. The head's backend is logged once."""
     with caplog.at_level("INFO"):
         train(_four_step_config(tmp_path / "run", log_every=log_every), data=SyntheticData(),
@@ -245,16 +263,17 @@ def test_logged_figures_are_unchanged_by_reading_them_once_per_interval(tmp_path
     before = [json.loads(x) for x in
               (Path(__file__).parent / "fixtures" / "train-4-steps-log.jsonl").read_text()
               .splitlines()]
-    expected = [r for r in before if "loss" not in r or r["step"] % log_every == 0
+
+    def kept(records: list[dict]) -> list[dict]:
+        return [r for r in records if "loss" not in r or r["step"] % log_every == 0
                 or "collapse_flags" in r]
+
     got = _records_without_timings(tmp_path / "run")
-    assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in expected]
-    for g, e in zip(got, expected, strict=True):
-        for key in e:
-            numbers = isinstance(e[key], float) or (isinstance(e[key], list) and all(
-                isinstance(x, float) for x in e[key]))
-            same = g[key] == pytest.approx(e[key], rel=1e-6) if numbers else g[key] == e[key]
-            assert same, (g["step"], key, g[key], e[key])
+    _same_records(got, kept(before), GOLDEN_REL)
+    if log_every > 1:
+        train(_four_step_config(tmp_path / "every", log_every=1), data=SyntheticData(),
+              tokenizer=FakeTokenizer())
+        _same_records(got, kept(_records_without_timings(tmp_path / "every")), 1e-12)
 
 
 @pytest.fixture
