@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,6 +103,34 @@ def test_auto_runs_a_built_package_from_the_first_step_with_the_eager_tokens(hom
     auto.reset()
     eager = decode(engine_of(model, compile=False), ids, steps)
     assert decode(auto, ids, steps) == eager
+
+
+@torch.no_grad()
+def test_packages_no_run_used_for_30_days_are_pruned_and_a_loaded_one_is_kept(home, built):
+    """The warming process deletes the packages, markers and logs that nothing built, wrote
+    or loaded for 30 days (each change to loopedlm's source makes a new set); loading a
+    package marks it used. Locks and the files of a variant used recently stay."""
+    path = warm.package_path(built[1])
+    month = 31 * 24 * 3600
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime - month))
+    marker = path.with_suffix(".json")
+    os.utime(marker, (marker.stat().st_atime, marker.stat().st_mtime - month))
+    engine = engine_of(make_model(std=0.3))
+    decode(engine, prompt(1, 5), 2)  # loads the package: used now
+    assert engine.packaged_steps == 1 and time.time() - path.stat().st_mtime < 600
+    folder, old = warm.markers_dir(), time.time() - month
+    stale = [folder / f"{'a' * 32}{suffix}" for suffix in (".pt2", ".json", ".log")]
+    recent = [folder / f"{'b' * 32}.pt2", folder / f"{'b' * 32}.json"]
+    lock = folder / f"{'c' * 32}.lock"
+    for file in [*stale, *recent, lock]:
+        file.write_text("x")
+    for file in [*stale, recent[0], lock]:
+        os.utime(file, (old, old))
+    assert warm.prune() == 3
+    assert not any(file.exists() for file in stale)
+    assert all(file.exists() for file in [*recent, lock, path, marker])
+    for file in [*recent, lock]:
+        file.unlink()
 
 
 @torch.no_grad()

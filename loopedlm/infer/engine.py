@@ -91,6 +91,7 @@ from loopedlm.infer.warm import (
     compile_pays,
     package_path,
     package_state,
+    prune,
     record,
     start_warming,
     warm_seconds,
@@ -2099,6 +2100,9 @@ def warm_main(argv: list[str] | None = None) -> int:
         os.nice(10)
     try:
         spec = WarmSpec.from_json(sys.stdin.read())
+        pruned = prune()
+        if pruned:
+            log.info("deleted %d package file(s) and marker(s) unused for 30 days", pruned)
         torch.set_num_threads(1)
         model = LoopedGPT.from_config(ModelConfig.from_dict(spec.config), seed=0).eval()
         engine = DecodeEngine(model, max_batch=spec.max_batch,

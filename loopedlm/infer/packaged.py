@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from loopedlm.infer.warm import touch
+
 log = logging.getLogger(__name__)
 
 # a `loopedlm.infer.engine.DecodeEngine` and one of its `StepKey`s: the engine imports this
@@ -219,13 +221,16 @@ class StepPackage:
 
 def load(path: Path, engine: DecodeEngine) -> StepPackage | None:
     """The package at `path` bound to the engine, or None (it does not load: the step runs
-    without it)."""
+    without it). A package loaded is marked used (`loopedlm.infer.warm.touch`), so that the
+    warming process's `prune` keeps it."""
     try:
-        return StepPackage(path, engine)
+        package = StepPackage(path, engine)
     except Exception as error:  # a package is only ever an optimisation
         log.warning("decode engine: the packaged step %s does not load (%s): decoding "
                     "without it", path, error)
         return None
+    touch(path)
+    return package
 
 
 __all__ = ["StepPackage", "build", "load", "step_inputs", "loop_inputs", "input_shapes",

@@ -19,11 +19,13 @@ So the engine's `compile="auto"` on a CPU:
 
 `LOOPEDLM_COMPILE_WARMUP=0` turns the warming process off. The markers live beside the
 caches they describe (`$TORCHINDUCTOR_CACHE_DIR/loopedlm_warm`), so clearing the caches
-clears them too.
+clears them too. A warming process first deletes the packages and markers that no run has
+built or loaded for 30 days (`prune`): each change to loopedlm's source makes a new set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -54,6 +56,9 @@ DEFAULT_WARM_SECONDS = 10.0
 PROCESS = "import sys; from loopedlm.infer.engine import warm_main; sys.exit(warm_main())"
 # a lock older than this belongs to a warming process that died: it may be taken over
 STALE_LOCK_SECONDS = 3600.0
+# a package, marker or log not built, loaded or written for this long is deleted by the next
+# warming process (`prune`): every change to loopedlm's source or torch makes a new set
+PRUNE_AFTER_SECONDS = 30 * 24 * 3600.0
 
 
 def compile_pays(steps: float, eager_seconds: float, compile_seconds: float) -> bool:
@@ -161,6 +166,39 @@ def record(spec: WarmSpec, warm_seconds: float | None = None, failed: bool = Fal
                                "spec": dataclasses.asdict(spec),
                                "written": time.time()}, default=str))
     os.replace(tmp, path)
+
+
+def prune(max_age: float = PRUNE_AFTER_SECONDS, now: float | None = None) -> int:
+    """Delete what this folder holds of the variants none of whose files (the package, its
+    marker, the warming log) was written or used for `max_age` seconds (a package's time is
+    touched each time one is loaded: `touch`); a lock is left alone. The files deleted.
+    Never raises: a file another process removes or holds is skipped."""
+    now = time.time() if now is None else now
+    newest: dict[str, float] = {}
+    files: dict[str, list[Path]] = {}
+    try:
+        for path in markers_dir().iterdir():
+            if path.suffix in (".pt2", ".json", ".log") and ".tmp" not in path.name:
+                stem = path.name.split(".")[0]
+                with contextlib.suppress(OSError):
+                    newest[stem] = max(newest.get(stem, 0.0), path.stat().st_mtime)
+                    files.setdefault(stem, []).append(path)
+    except OSError:
+        return 0
+    deleted = 0
+    for stem, paths in files.items():
+        if now - newest[stem] > max_age:
+            for path in paths:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    deleted += 1
+    return deleted
+
+
+def touch(path: Path) -> None:
+    """Mark a package used now (what `prune` keeps); never raises."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def warming_enabled() -> bool:
