@@ -11,8 +11,9 @@ token's own trajectory (its embedding, its previous state) is its own. So a prom
 prefilled this way leaves the cache, and the logits, that feeding it token by token leaves,
 up to the rounding of batched arithmetic, and a row's result does not depend on the others
 of its pass. While every token still loops the pass is the plain prefill's (same plan,
-same writer: threshold 0 gives its bits); once some have stopped, each row's looping tokens
-are gathered (padded to the row with the most), and only they are computed.
+same writer: threshold 0 gives its bits); once some have stopped, only the looping tokens
+are computed, gathered per row (padded to the row with the most) or as one flat sequence
+over every row's keys, whichever costs less (`_choose`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def adaptive_prefill(model: LoopedGPT, cache: StaticKVCache, slots: torch.Tensor
     engine's (its attention plans' RoPE and mask dtype, its fused projections).
 
     Returns the state each token stopped with (R, W, d) and the loops it ran (R, W) (past a
-    row's end: zeros). Two host syncs per loop (which tokens still loop)."""
+    row's end: zeros). A few host syncs per loop (which tokens still loop, and where)."""
     rows, width = tokens.shape
     device = tokens.device
     n_keys = start + width
