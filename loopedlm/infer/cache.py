@@ -117,14 +117,17 @@ class StaticKVCache:
         return self.nbytes() // (self.max_batch * self.max_len)
 
     def fill_skipped_loops(self, last: torch.Tensor, pos: torch.Tensor,
-                           tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Rows [0, B) of the batch (`last` and `pos` (B,) tensors: no host sync): give row
-        r's loops after `last[r]` the keys/values that loop wrote at pos[r] (-1: the row has
-        nothing to fill). These are the loops an adaptive row skipped (`AdaptiveLoops`: a
-        converged state means the next loop would write nearly the same keys, and copying
-        them costs nothing).
+                           tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           rows: torch.Tensor | None = None) -> None:
+        """Rows [0, B) of the batch (`last` and `pos` (B,) tensors: no host sync; `rows`:
+        the cache rows they are, if not those): give row r's loops after `last[r]` the
+        keys/values that loop wrote at pos[r] (-1: the row has nothing to fill). These are
+        the loops an adaptive token skipped (`AdaptiveLoops`: a converged state means the
+        next loop would write nearly the same keys, and copying them costs nothing).
         Once per decode step, for every row that stopped early (a row that stopped writes
-        no keys, so its fill may wait for the step's end). Every (slot, row, head) vector at
+        no keys, so its fill may wait for the step's end); in an adaptive prompt's prefill,
+        after each loop, for its tokens that stopped there (several per cache row, at
+        their positions: `loopedlm.infer.adaptive_prompt`). Every (slot, row, head) vector at
         the rows' positions is gathered and scattered through flat indices, itself where
         there is nothing to copy: one read and one write per store with entries of its own
         per loop, whatever loops the rows stopped at, from tables made once (host lists of
@@ -138,7 +141,7 @@ class StaticKVCache:
         device = stores[0].device
         source, skipped = self.fill_tables(device) if tables is None else tables
         at = last + 1  # the tables' row 0 is "nothing to fill"
-        rows = torch.arange(last.size(0), device=device)
+        rows = torch.arange(last.size(0), device=device) if rows is None else rows
         # flat index of the vector (slot, row, head 0, pos) of each (slot, row): (S, R)
         base = (torch.arange(n_slots, device=device)[:, None] * batch + rows) * heads * length \
             + pos
@@ -150,26 +153,6 @@ class StaticKVCache:
         for store in stores:
             flat = store.view(-1, dim)
             flat.index_copy_(0, writes, flat.index_select(0, reads))
-
-    def copy_loop(self, source: int, loops: range | list[int], slots: torch.Tensor,
-                  pos: torch.Tensor | slice) -> None:
-        """Give each of `loops` the keys/values that loop `source` holds at rows `slots` and
-        positions `pos` (a tensor of the same length as `slots`: one position each; or a
-        slice: those positions of every row), in every layer with entries of its own per
-        cache slot (a loop sharing `source`'s slot already holds them). How an adaptive
-        prompt's tokens that stopped looping get the entries of the loops they skip
-        (`loopedlm.infer.adaptive_prompt`)."""
-        index = (slots, slice(None), pos)
-        for layer, (keys, _) in enumerate(self.stores):
-            if keys.size(0) == 1:  # a single entry, which every loop reads
-                continue
-            k_from, v_from = self.entry(source, layer)
-            for loop in loops:
-                if self.slot_of_loop[loop] == self.slot_of_loop[source]:
-                    continue
-                k_to, v_to = self.entry(loop, layer)
-                k_to[index] = k_from[index]
-                v_to[index] = v_from[index]
 
     def fill_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """`fill_skipped_loops`'s tables, by a row's last loop + 1 (row 0: none): the cache

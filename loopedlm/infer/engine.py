@@ -96,7 +96,7 @@ from loopedlm.infer.warm import (
     start_warming,
     warm_seconds,
 )
-from loopedlm.model.attention import AttentionPlan, attention_masks, rotary_at
+from loopedlm.model.attention import AttentionPlan, Masks, attention_masks, rotary_at
 from loopedlm.model.config import ModelConfig, check_token_ids
 from loopedlm.model.gpt import LoopedGPT, LoopInputs
 
@@ -644,14 +644,18 @@ class SlotState:
 # ---- the passes: a plan, one loop of a decode step, the fixed-loop step ---------------------------
 def pass_plan(model: LoopedGPT, slots: torch.Tensor, n_keys: int, dtype: torch.dtype, *,
               from_start: bool = False, cache: Any = None,
-              fused: list[torch.Tensor | None] | None = None) -> AttentionPlan:
+              fused: list[torch.Tensor | None] | None = None,
+              masks: Masks | None = None) -> AttentionPlan:
     """The plan of a decoding pass whose queries sit at positions `slots` (B|1, T) over key
     positions [0, n_keys), built once per pass for every layer and loop: the RoPE tables in
     the weights' dtype (the model keeps them in bf16, as nanochat, and an fp32 stream would
     promote them in every multiply; converting once is exact), the masks additive (SDPA
-    would convert a boolean mask in every layer) and the fused projections."""
+    would convert a boolean mask in every layer; `masks`: a pass's own, as given) and the
+    fused projections."""
     cos, sin = rotary_at(model.cos, model.sin, slots)
-    masks = attention_masks(model.config, slots, n_keys, from_start=from_start, dtype=dtype)
+    if masks is None:
+        masks = attention_masks(model.config, slots, n_keys, from_start=from_start,
+                                dtype=dtype)
     return AttentionPlan(cos.to(dtype), sin.to(dtype), masks, cache, fused)
 
 
@@ -1150,7 +1154,8 @@ class DecodeEngine:
                     [prompt_exits(params) for _, _, _, params in group])
                 for (i, slot, idx, params), row, loops in zip(group, logits, spent, strict=True):
                     opened.append(slot)
-                    self._open(slot, params, idx.size(1), loops)
+                    self._open(slot, params, idx.size(1))
+                    self._prompt_ran(slot, loops[: idx.size(1)])
                     results[i] = row
         except BaseException:
             for slot in opened:
@@ -1245,12 +1250,11 @@ class DecodeEngine:
         logits, spent = self._chunk_logits(slot, idx, start, settings.n_loops,
                                            prompt_exits(settings))
         if info is None:
-            self._open(slot, params, end, spent)
+            self._open(slot, params, end)
         else:
             info.length = end
             self.state.pos[slot] = end
-            info.prompt_loops += int(spent.sum())
-            info.last_loops = int(spent[-1])
+        self._prompt_ran(slot, spent)
         return logits
 
     def _check_room(self, start: int, end: int) -> None:
@@ -1261,16 +1265,19 @@ class DecodeEngine:
                              f"longer than the context (" + (f"the engine's max_len={limit}"
                              if limit else f"sequence_len={self.config.sequence_len}") + ")")
 
-    def _open(self, slot: int, params: SequenceParams, length: int,
-              loops: torch.Tensor) -> None:
-        """Open `slot` for a sequence whose prompt of `length` tokens is in the cache, having
-        run `loops` loops each (length,)."""
+    def _open(self, slot: int, params: SequenceParams, length: int) -> None:
+        """Open `slot` for a sequence whose prompt of `length` tokens is in the cache."""
         if self.state.open(slot, params):
             self._steps.clear()
         info = self.state.infos[slot]
         info.start = info.length = length
-        info.prompt_loops, info.last_loops = int(loops[:length].sum()), int(loops[length - 1])
         self.state.pos[slot] = length
+
+    def _prompt_ran(self, slot: int, loops: torch.Tensor) -> None:
+        """Count the loops (T,) that the prompt tokens just prefilled into `slot` ran."""
+        info = self.state.infos[slot]
+        info.prompt_loops += int(loops.sum())
+        info.last_loops = int(loops[-1])
 
     # ---- the decode step ----------------------------------------------------------------------
     def _variants_allowed(self) -> Any:
@@ -1629,9 +1636,9 @@ class DecodeEngine:
 
     # ---- the passes: a prefill chunk, a fixed-loop step, an adaptive step ----------------------
     def _plan(self, slots: torch.Tensor, n_keys: int, *, from_start: bool = False,
-              cache: Any = None) -> AttentionPlan:
+              cache: Any = None, masks: Masks | None = None) -> AttentionPlan:
         return pass_plan(self.model, slots, n_keys, self.dtype, from_start=from_start,
-                         cache=cache, fused=self.fused)
+                         cache=cache, fused=self.fused, masks=masks)
 
     def _chunk_logits(self, slot: int, ids: torch.Tensor, start: int, n_loops: int,
                       adaptive: AdaptiveLoops | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1678,8 +1685,8 @@ class DecodeEngine:
         rows, width = idx.shape
         lengths = [width] * rows if lengths is None else lengths
         if adaptive[0] is not None:
-            return adaptive_prefill(self.model, self.cache, slots, idx, inputs, lengths, start,
-                                    n_loops, adaptive, dtype=self.dtype, fused=self.fused)
+            return adaptive_prefill(self.model, self.cache, slots, inputs, lengths, start,
+                                    n_loops, adaptive, self._plan)
         previous = None
         for loop in range(n_loops):
             previous = self.model.loop_state(self.model.loop(inputs, previous, loop))
