@@ -161,6 +161,18 @@ class AdaptiveLoops:
                              f"is not allowed: a prompt stops by {list(PROMPT_CRITERIA)} (the "
                              f"others read every token's logits at every loop)")
 
+    @classmethod
+    def given(cls, threshold: float | None, criterion: str | None = None,
+              min_loops: int | None = None, prompt: bool = False) -> AdaptiveLoops | None:
+        """The adaptive loops a request's settings ask for: None without a threshold (every
+        loop; then `prompt`, which needs one, is refused with its value)."""
+        if threshold is None:
+            if prompt is not False:
+                raise ValueError(f"adaptive_prompt={prompt!r} needs an adaptive_threshold "
+                                 f"(the exit rule the prompt's tokens follow)")
+            return None
+        return cls(threshold, criterion, min_loops, prompt)
+
     def resolved(self, has_exit_gate: bool) -> AdaptiveLoops:
         """These settings for a model (`has_exit_gate`): criterion and min_loops filled, and
         checked against it."""

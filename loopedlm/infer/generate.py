@@ -135,12 +135,8 @@ class GenerationOptions:
 
     def sequence_params(self, stop_ids: set[int]) -> SequenceParams:
         """The per-row settings of every prompt (checked: a bad value raises ValueError)."""
-        if self.adaptive_prompt is not False and self.adaptive_threshold is None:
-            raise ValueError(f"adaptive_prompt={self.adaptive_prompt!r} needs an "
-                             f"adaptive_threshold (the exit rule the prompt's tokens follow)")
-        adaptive = None if self.adaptive_threshold is None else AdaptiveLoops(
-            self.adaptive_threshold, self.adaptive_criterion, self.min_loops,
-            self.adaptive_prompt)
+        adaptive = AdaptiveLoops.given(self.adaptive_threshold, self.adaptive_criterion,
+                                       self.min_loops, self.adaptive_prompt)
         return SequenceParams(
             n_loops=self.n_loops,
             sampling=SamplingParams(self.temperature, self.top_k, self.top_p, self.seed),

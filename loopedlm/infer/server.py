@@ -490,13 +490,9 @@ class CompletionServer:
         try:
             sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p,
                                       seed=body.seed)
-            if body.adaptive_prompt and body.adaptive_threshold is None:
-                raise ValueError("adaptive_prompt=True needs an adaptive_threshold (the exit "
-                                 "rule the prompt's tokens follow)")
-            adaptive = None if body.adaptive_threshold is None \
-                else AdaptiveLoops(body.adaptive_threshold, body.adaptive_criterion,
-                                   prompt=body.adaptive_prompt).resolved(
-                    self.model.exit_gate is not None)
+            adaptive = AdaptiveLoops.given(body.adaptive_threshold, body.adaptive_criterion,
+                                           prompt=body.adaptive_prompt)
+            adaptive = adaptive and adaptive.resolved(self.model.exit_gate is not None)
             check_draft_loops(body.draft_loops, self.model.config.loops(body.n_loops))
             return SequenceParams(n_loops=body.n_loops, sampling=sampling, adaptive=adaptive,
                                   draft_loops=body.draft_loops, logprobs=body.logprobs)
